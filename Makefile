@@ -1,0 +1,44 @@
+# fastattn — the two commands: `make demo` and `make test`. Everything else builds on them.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+# Several pytest/benchmark processes on 2 cores: keep torch from oversubscribing.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: help venv build test test-fast bench demo gpu-check clean
+
+help:
+	@echo "make demo       run the main job on the CPU (today: the cross-entropy benchmark table)"
+	@echo "make test       venv + torch + triton + build both extensions + the CPU test suite"
+	@echo "make bench      CPU benchmarks against PyTorch (CSV + PNG under benchmarks/out/)"
+	@echo "make gpu-check  on a GPU machine: build CUDA, GPU tests, GPU benchmarks (OUT=dir)"
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Builds fastattn._C always and fastattn._cuda whenever nvcc and a CUDA torch are present.
+build: venv
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest tests -m "not gpu" -q -p no:cacheprovider
+
+bench: build
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=min,median,max,rounds \
+		--benchmark-sort=name
+
+demo: build
+	$(PY) -m benchmarks.demo
+
+# For a bare GPU machine with torch and triton preinstalled (no venv, no network).
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info fastattn/*.so benchmarks/out

@@ -1,0 +1,102 @@
+"""CPU benchmarks of the cross-entropy family against PyTorch eager and torch.compile.
+
+Rates: cross-entropy moves 3 x logits bytes (read twice, gradient written once) whoever runs
+it, so GB/s compares like with like; linear cross-entropy is 3 matmuls of 2*T*H*V FLOPs each
+(forward logits, d input, d weight).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+N, V = 4096, 32768                 # tokens x vocab for cross_entropy / token_logprobs
+T, H = 4096, 512                   # tokens x hidden for linear_cross_entropy (vocab V)
+
+
+def _ce_case():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(N, V, generator=g) * 2
+    target = torch.randint(0, V, (N,), generator=g)
+    return base, target
+
+
+def _eager_ce(x, t):
+    return F.cross_entropy(x, t)
+
+
+_compiled_ce = torch.compile(_eager_ce)
+
+CE_IMPLS = {
+    "fastattn": fastattn.cross_entropy,
+    "torch eager": _eager_ce,
+    "torch.compile": _compiled_ce,
+}
+
+
+@pytest.mark.parametrize("impl", list(CE_IMPLS))
+def test_cross_entropy_fwd_bwd(measure, impl):
+    base, target = _ce_case()
+    loss_fn = CE_IMPLS[impl]
+
+    def step(x):
+        loss_fn(x, target).backward()
+
+    measure(f"cross_entropy fwd+bwd {N}x{V} fp32", impl, step,
+            lambda: (base.clone().requires_grad_(),), work=3 * base.numel() * 4, unit="GB/s")
+
+
+def _eager_logprobs(x, t):
+    return torch.log_softmax(x, -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+
+
+LOGPROB_IMPLS = {
+    "fastattn": fastattn.token_logprobs,
+    "torch eager": _eager_logprobs,
+    "torch.compile": torch.compile(_eager_logprobs),
+}
+
+
+@pytest.mark.parametrize("impl", list(LOGPROB_IMPLS))
+def test_token_logprobs_fwd_bwd(measure, impl):
+    base, target = _ce_case()
+    fn = LOGPROB_IMPLS[impl]
+    weights = torch.randn(N)
+
+    def step(x):
+        (fn(x, target) * weights).sum().backward()
+
+    measure(f"token_logprobs fwd+bwd {N}x{V} fp32", impl, step,
+            lambda: (base.clone().requires_grad_(),), work=3 * base.numel() * 4, unit="GB/s")
+
+
+def _eager_linear_ce(h, w, t):
+    return F.cross_entropy(F.linear(h, w), t)
+
+
+LINEAR_IMPLS = {
+    "fastattn": fastattn.linear_cross_entropy,
+    "torch eager": _eager_linear_ce,
+    "torch.compile": torch.compile(_eager_linear_ce),
+}
+
+
+@pytest.mark.parametrize("impl", list(LINEAR_IMPLS))
+def test_linear_cross_entropy_fwd_bwd(measure, impl):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / H ** 0.5
+    target = torch.randint(0, V, (T,), generator=g)
+    fn = LINEAR_IMPLS[impl]
+
+    def setup():
+        return hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+
+    def step(h, w):
+        fn(h, w, target).backward()
+
+    measure(f"linear_cross_entropy fwd+bwd {T}x{H}->{V} fp32", impl, step,
+            setup, work=3 * 2 * T * H * V, unit="TFLOP/s", rounds=3)

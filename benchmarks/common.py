@@ -1,0 +1,159 @@
+"""Shared benchmark helpers: CPU peak-memory measurement, result table, CSV and PNG output."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+OUT_DIR = Path(os.environ.get("FASTATTN_BENCH_OUT", Path(__file__).resolve().parent / "out"))
+
+
+@dataclass
+class Result:
+    case: str            # what is measured, e.g. "cross_entropy fwd+bwd 4096x32768 fp32"
+    impl: str            # "fastattn[cpu]", "torch eager", "torch.compile", ...
+    median_ms: float
+    work: float = 0.0    # bytes or FLOPs moved per call, per the case's formula
+    unit: str = ""       # "GB/s" or "TFLOP/s"
+    peak_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        scale = 1e9 if self.unit == "GB/s" else 1e12
+        return self.work / (self.median_ms * 1e-3) / scale if self.work else 0.0
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def cpu_peak_mb(fn) -> float | None:
+    """Peak resident memory added while ``fn()`` runs, in MB (Linux only, else None).
+
+    Writing 5 to /proc/self/clear_refs resets the kernel's high-water mark (VmHWM) to the current
+    RSS, so VmHWM after the call minus RSS before it is the call's peak footprint: every tensor it
+    allocated and touched, including temporaries freed before it returned.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kb("VmRSS")
+    except OSError:
+        fn()
+        return None
+    fn()
+    return (_status_kb("VmHWM") - before) / 1024
+
+
+def environment() -> dict:
+    info = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "-"
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    else:
+        cpu = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                m = re.search(r"model name\s*:\s*(.+)", f.read())
+                cpu = m.group(1).strip() if m else cpu
+        except OSError:
+            pass
+        info["device"] = f"{cpu} ({os.cpu_count()} cores)"
+    return info
+
+
+def ratios(results: list[Result], baseline: str = "torch eager") -> dict[int, float]:
+    """speedup of each result against the baseline impl of the same case (same run)."""
+    base = {r.case: r.median_ms for r in results if r.impl == baseline}
+    return {i: base[r.case] / r.median_ms for i, r in enumerate(results) if r.case in base}
+
+
+def table(results: list[Result], baseline: str = "torch eager") -> str:
+    sp = ratios(results, baseline)
+    base_mem = {r.case: r.peak_mb for r in results if r.impl == baseline}
+    rows = [("case", "impl", "median ms", "rate", "peak MB", f"speedup vs {baseline}", "mem vs base")]
+    for i, r in enumerate(results):
+        mem_ratio = ""
+        if r.peak_mb is not None and base_mem.get(r.case):
+            mem_ratio = f"{r.peak_mb / base_mem[r.case]:.2f}x"
+        rows.append((r.case, r.impl, f"{r.median_ms:.2f}",
+                     f"{r.rate:.1f} {r.unit}" if r.work else "",
+                     "" if r.peak_mb is None else f"{r.peak_mb:.0f}",
+                     f"{sp[i]:.2f}x" if i in sp else "", mem_ratio))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write(results: list[Result], stem: str, baseline: str = "torch eager",
+          out_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write ``<stem>.csv`` and ``<stem>.png`` (time and peak memory per case and impl)."""
+    out_dir = Path(out_dir or OUT_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    sp = ratios(results, baseline)
+    csv_path = out_dir / f"{stem}.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "impl", "median_ms", "rate", "unit", "peak_mb", "speedup_vs_eager",
+                    *env.keys()])
+        for i, r in enumerate(results):
+            w.writerow([r.case, r.impl, f"{r.median_ms:.4f}", f"{r.rate:.3f}", r.unit,
+                        "" if r.peak_mb is None else f"{r.peak_mb:.1f}",
+                        f"{sp[i]:.3f}" if i in sp else "", *env.values()])
+    png_path = out_dir / f"{stem}.png"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return csv_path, png_path
+    cases = list(dict.fromkeys(r.case for r in results))
+    impls = list(dict.fromkeys(r.impl for r in results))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.2 + 0.9 * len(cases)))
+    height = 0.8 / len(impls)
+    for j, impl in enumerate(impls):
+        for ax, attr in zip(axes, ("median_ms", "peak_mb")):
+            ys, xs = [], []
+            for c, case in enumerate(cases):
+                match = [r for r in results if r.case == case and r.impl == impl]
+                if match and getattr(match[0], attr) is not None:
+                    ys.append(c + j * height)
+                    xs.append(getattr(match[0], attr))
+            ax.barh(ys, xs, height=height, label=impl)
+    for ax, label in zip(axes, ("median time (ms, lower is better)", "peak memory (MB)")):
+        ax.set_yticks([c + 0.4 - height / 2 for c in range(len(cases))])
+        ax.set_yticklabels(cases, fontsize=8)
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+    axes[1].set_yticklabels([])
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"fastattn vs PyTorch — {env['device']}, torch {env['torch']}, {env['date']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return csv_path, png_path

@@ -1,0 +1,156 @@
+"""GPU benchmarks for `make gpu-check` (H200 targets in the issues): fastattn against PyTorch
+eager and torch.compile, same process, same inputs, CUDA-event timing (triton.testing.do_bench).
+
+Rates: memory-bound ops in GB/s against the device-to-device copy bandwidth measured here
+(copy moves 2 x bytes: read + write); cross-entropy counts 3 x logits bytes (read, read,
+write the gradient); linear cross-entropy counts 3 matmuls of 2*T*H*V FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from benchmarks.common import Result, environment, table, write
+
+
+def bench_ms(fn, rep_ms=400):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
+
+
+def peak_mb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def copy_bandwidth() -> Result:
+    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")   # 2 GiB, far beyond L2
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return Result("device copy 2 GiB", "torch copy_", ms, 2 * src.numel(), "GB/s")
+
+
+def _backend_fn(fn, backend):
+    def run(*args):
+        with fastattn.use_backend(backend):
+            return fn(*args)
+    return run
+
+
+def cross_entropy_cases(results, n=16384, v=131072):
+    x = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda")
+    case = f"cross_entropy fwd+bwd {n}x{v} bf16"
+    eager = lambda x, t: F.cross_entropy(x, t)           # noqa: E731
+    impls = {
+        "fastattn[cuda]": _backend_fn(fastattn.cross_entropy, "cuda"),
+        "fastattn[triton]": _backend_fn(fastattn.cross_entropy, "triton"),
+        "torch eager": eager,
+        "torch.compile": torch.compile(eager),
+    }
+    for name, fn in impls.items():
+        def step():
+            x.grad = None
+            fn(x, t).backward()
+        _record(results, case, name, step, 3 * x.numel() * x.element_size(), "GB/s")
+    del x
+
+
+def token_logprobs_cases(results, n=16384, v=131072):
+    x = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda")
+    w = torch.randn(n, device="cuda")
+    case = f"token_logprobs fwd+bwd {n}x{v} bf16"
+    eager = lambda x, t: torch.log_softmax(x.float(), -1).gather(-1, t[:, None]).squeeze(-1)  # noqa
+    impls = {
+        "fastattn[cuda]": _backend_fn(fastattn.token_logprobs, "cuda"),
+        "fastattn[triton]": _backend_fn(fastattn.token_logprobs, "triton"),
+        "torch eager": eager,
+        "torch.compile": torch.compile(eager),
+    }
+    for name, fn in impls.items():
+        def step():
+            x.grad = None
+            (fn(x, t) * w).sum().backward()
+        _record(results, case, name, step, 3 * x.numel() * x.element_size(), "GB/s")
+    del x
+
+
+def linear_cross_entropy_cases(results, n=16384, h=4096, v=131072):
+    x = (torch.randn(n, h, device="cuda")).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(v, h, device="cuda") / h ** 0.5).to(torch.bfloat16).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda")
+    case = f"linear_cross_entropy fwd+bwd {n}x{h}->{v} bf16"
+    eager = lambda x, w, t: F.cross_entropy(F.linear(x, w), t)      # noqa: E731
+    impls = {
+        "fastattn": fastattn.linear_cross_entropy,
+        "torch eager": eager,
+        "torch.compile": torch.compile(eager),
+    }
+    for name, fn in impls.items():
+        def step():
+            x.grad = w.grad = None
+            fn(x, w, t).backward()
+        _record(results, case, name, step, 3 * 2 * n * h * v, "TFLOP/s")
+
+
+def _record(results, case, impl, step, work, unit):
+    try:
+        step()                                   # compile / autotune outside the timing
+        ms = bench_ms(step)
+        mem = peak_mb(step)
+        results.append(Result(case, impl, ms, work, unit, mem))
+    except Exception as exc:  # report and go on: one failing impl must not hide the others
+        traceback.print_exc()
+        results.append(Result(case, f"{impl} FAILED: {type(exc).__name__}", float("nan")))
+    finally:
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/gpu"))
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_bench: no CUDA device", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    scale = 8 if args.quick else 1
+    copy = copy_bandwidth()
+    results: list[Result] = [copy]
+    cross_entropy_cases(results, n=16384 // scale)
+    token_logprobs_cases(results, n=16384 // scale)
+    linear_cross_entropy_cases(results, n=16384 // scale)
+    env = environment()
+    env["copy_GBps"] = round(copy.rate, 1)
+    env["seconds"] = round(time.time() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write(results, "gpu_results", out_dir=args.out)
+    (args.out / "gpu_env.json").write_text(json.dumps(env, indent=2))
+    print(", ".join(f"{k}: {v}" for k, v in env.items()))
+    for r in results:
+        if r.unit == "GB/s" and r is not copy and r.work:
+            r.extra["of_copy"] = r.rate / copy.rate
+    print(table(results))
+    for r in results:
+        if "of_copy" in r.extra:
+            print(f"  {r.case} [{r.impl}]: {100 * r.extra['of_copy']:.0f}% of copy bandwidth")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

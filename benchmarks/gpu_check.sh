@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# make gpu-check — for a bare GPU machine with torch and triton preinstalled and no network:
+# builds the CUDA extension, runs the tests marked `gpu`, runs the GPU benchmarks, and prints a
+# short table last. Full logs and results (CSV, PNG, JSON, junit XML) go to $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out/gpu}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export FASTATTN_CUDA=1 FASTATTN_CUDA_ARCHS="${FASTATTN_CUDA_ARCHS:-9.0a}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}" PYTHONUNBUFFERED=1
+t0=$(date +%s)
+stamp() { echo "== $1 ($(( $(date +%s) - t0 )) s)"; }
+
+stamp "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
+  | tee "$OUT/nvidia_smi.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+  | tee "$OUT/versions.txt"
+
+stamp "build (FASTATTN_CUDA_ARCHS=$FASTATTN_CUDA_ARCHS)"
+if ! $PY -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "gpu-check: build failed"; exit 1
+fi
+$PY -c "import fastattn; [print(f'  {k:9s} {v}') for k, v in fastattn.backends().items()]" \
+  | tee -a "$OUT/versions.txt"
+
+stamp "gpu tests"
+timeout 300 $PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+  >"$OUT/gpu_tests.log" 2>&1
+tests_rc=$?
+grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
+tests_line=$(tail -1 "$OUT/gpu_tests.log")
+
+stamp "gpu benchmarks"
+timeout 330 $PY -m benchmarks.gpu_bench --out "$OUT" ${GPU_BENCH_ARGS:-} >"$OUT/gpu_bench.log" 2>&1
+bench_rc=$?
+grep -E "Error|Traceback" "$OUT/gpu_bench.log" | head -10
+
+stamp "done"
+echo "gpu tests: $tests_line (exit $tests_rc); benchmarks exit $bench_rc"
+sed -n '/^date:/,$p' "$OUT/gpu_bench.log"
+exit $(( tests_rc != 0 || bench_rc != 0 ))

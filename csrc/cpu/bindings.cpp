@@ -1,0 +1,168 @@
+// The one pybind11 binding file of fastattn._C (C++ CPU kernels).
+//
+// Every function exposed here validates its inputs with TORCH_CHECK (these functions are
+// callable directly, not only through the ops' front doors), then calls the kernel declared in
+// ops.h with the GIL released. Messages name the argument, what was expected and what was given.
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <sstream>
+#include <string>
+
+#include "ops.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fastattn._C: ", name, " must be a CPU tensor, got device ",
+              t.device());
+}
+
+// A 1-D contiguous (n,) tensor of the given dtype on the CPU.
+void check_vector(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t n) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == dtype, "fastattn._C: ", name, " must have dtype ", dtype,
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fastattn._C: ", name, " must have shape (", n,
+              ",), got ", shape_str(t));
+  TORCH_CHECK(t.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
+              t.strides());
+}
+
+// logits: 2-D (R, C), C >= 1, a floating dtype the kernels handle, class dimension contiguous.
+void check_logits(const at::Tensor& logits) {
+  check_cpu(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2, "fastattn._C: logits must be 2-D (rows, classes), got shape ",
+              shape_str(logits));
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              "fastattn._C: logits must be float32, float16, bfloat16 or float64, got ", dt);
+  TORCH_CHECK(logits.size(1) >= 1, "fastattn._C: logits must have at least 1 class, got shape ",
+              shape_str(logits));
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1,
+              "fastattn._C: logits must be contiguous along the class dimension (stride(1) == 1), "
+              "got strides ",
+              logits.strides());
+}
+
+// grad: (R, C) in the logits dtype, class dimension contiguous, rows not overlapping (rows are
+// written in parallel). It may be logits itself.
+void check_grad(const at::Tensor& grad, const at::Tensor& logits) {
+  check_cpu(grad, "grad");
+  TORCH_CHECK(grad.scalar_type() == logits.scalar_type(), "fastattn._C: grad must have the "
+              "logits dtype ", logits.scalar_type(), ", got ", grad.scalar_type());
+  TORCH_CHECK(grad.sizes() == logits.sizes(), "fastattn._C: grad must have the logits shape ",
+              shape_str(logits), ", got ", shape_str(grad));
+  TORCH_CHECK(grad.stride(1) == 1 || grad.size(1) == 1,
+              "fastattn._C: grad must be contiguous along the class dimension (stride(1) == 1), "
+              "got strides ",
+              grad.strides());
+  TORCH_CHECK(grad.size(0) <= 1 || grad.stride(0) >= grad.size(1),
+              "fastattn._C: grad rows must not overlap (stride(0) >= classes = ", grad.size(1),
+              "), got strides ", grad.strides());
+}
+
+at::ScalarType acc_dtype_of(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& grad,
+                             const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+                             double label_smoothing, double z_loss) {
+  check_logits(logits);
+  const int64_t R = logits.size(0), C = logits.size(1);
+  check_vector(target, "target", at::kLong, R);
+  if (weight.has_value()) check_vector(*weight, "weight", at::kFloat, C);
+  if (grad.has_value()) check_grad(*grad, logits);
+  if (grad_scale.has_value()) {
+    check_cpu(*grad_scale, "grad_scale");
+    TORCH_CHECK(grad_scale->scalar_type() == at::kFloat,
+                "fastattn._C: grad_scale must have dtype float32, got ",
+                grad_scale->scalar_type());
+    TORCH_CHECK(grad_scale->numel() == 1,
+                "fastattn._C: grad_scale must be a 0-dim (one-element) tensor, got shape ",
+                shape_str(*grad_scale));
+  }
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "fastattn._C: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(std::isfinite(z_loss), "fastattn._C: z_loss must be finite, got ", z_loss);
+  return fastattn::cpu::cross_entropy_fwd(logits, target, weight, grad, grad_scale, ignore_index,
+                                          label_smoothing, z_loss);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits,
+                                                                  const at::Tensor& target,
+                                                                  int64_t ignore_index,
+                                                                  double inv_temperature,
+                                                                  bool with_entropy) {
+  check_logits(logits);
+  check_vector(target, "target", at::kLong, logits.size(0));
+  TORCH_CHECK(std::isfinite(inv_temperature),
+              "fastattn._C: inv_temperature must be finite, got ", inv_temperature);
+  return fastattn::cpu::token_logprobs_fwd(logits, target, ignore_index, inv_temperature,
+                                           with_entropy);
+}
+
+void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                        const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
+                        const std::optional<at::Tensor>& grad_entropy, const at::Tensor& grad,
+                        int64_t ignore_index, double inv_temperature) {
+  check_logits(logits);
+  const int64_t R = logits.size(0);
+  const auto acc = acc_dtype_of(logits);
+  check_vector(target, "target", at::kLong, R);
+  check_vector(lse, "lse", acc, R);
+  check_vector(grad_logp, "grad_logp", acc, R);
+  TORCH_CHECK(entropy.has_value() == grad_entropy.has_value(),
+              "fastattn._C: entropy and grad_entropy must be both given or both None, got "
+              "entropy ",
+              entropy.has_value() ? "given" : "None", " and grad_entropy ",
+              grad_entropy.has_value() ? "given" : "None");
+  if (entropy.has_value()) {
+    check_vector(*entropy, "entropy", acc, R);
+    check_vector(*grad_entropy, "grad_entropy", acc, R);
+  }
+  check_grad(grad, logits);
+  TORCH_CHECK(std::isfinite(inv_temperature),
+              "fastattn._C: inv_temperature must be finite, got ", inv_temperature);
+  fastattn::cpu::token_logprobs_bwd(logits, target, lse, entropy, grad_logp, grad_entropy, grad,
+                                    ignore_index, inv_temperature);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastattn C++ CPU kernels (see fastattn/ops/<op>/reference.py for the semantics)";
+
+  m.def("cross_entropy_fwd", &cross_entropy_fwd,
+        "Per-row cross-entropy loss (R,); writes d loss / d logits * grad_scale into grad if "
+        "given (grad may be logits itself)",
+        py::arg("logits"), py::arg("target"), py::arg("weight"), py::arg("grad"),
+        py::arg("grad_scale"), py::arg("ignore_index"), py::arg("label_smoothing"),
+        py::arg("z_loss"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("token_logprobs_fwd", &token_logprobs_fwd,
+        "(logp, entropy, lse) per row for s = logits * inv_temperature; entropy is empty "
+        "unless with_entropy",
+        py::arg("logits"), py::arg("target"), py::arg("ignore_index"),
+        py::arg("inv_temperature"), py::arg("with_entropy"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("token_logprobs_bwd", &token_logprobs_bwd,
+        "Writes the gradient of sum(grad_logp * logp + grad_entropy * entropy) w.r.t. logits "
+        "into grad (grad may be logits itself)",
+        py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("entropy"),
+        py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad"), py::arg("ignore_index"),
+        py::arg("inv_temperature"), py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,648 @@
+// CPU kernels of the cross-entropy family: cross_entropy_fwd, token_logprobs_fwd/_bwd.
+//
+// The math, gradients and conventions are those of fastattn/ops/cross_entropy/reference.py
+// (the oracle); this file only says how it is computed fast.
+//
+// Work split: one row (C classes) is the unit; rows are spread over threads with
+// at::parallel_for. Within a row everything is a streaming loop over C, so each row is read
+// from DRAM once: the first pass pulls it into the private L2 (a 32768-class fp32 row is
+// 128 KB, L2 is 1-2 MB per core) and later passes re-read it from there. DRAM traffic per call
+// is one read of the logits plus, with a gradient, one write of the gradient (plus the
+// write-allocate read of that line) -- versus ~5 full (R, C) passes for eager PyTorch
+// (log_softmax, its output, the dense nll gradient, log_softmax_backward in and out).
+//
+// Speed without -march=native: the row loops are written so GCC auto-vectorises them
+// (kLanes-wide independent accumulators instead of a serial reduction, an exp made of plain
+// arithmetic and bit casts, branch-free half/bfloat16 conversions), and the row-range
+// functions are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) with target_clones;
+// the loader picks one at run time from the CPU's features. Math is in acc = float32 for
+// float32/float16/bfloat16 (float64 for float64), as in the reference.
+
+#include "ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+// Runtime ISA dispatch (GNU ifunc). GCC >= 12 is where target_clones on function templates with
+// the x86-64-vN level names was tested; elsewhere the functions are built once for the
+// compiler's default target.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    __GNUC__ >= 12
+#define FA_ROW_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FA_ROW_KERNEL
+#endif
+
+// Helpers are force-inlined into the cloned row functions, so they get compiled for each
+// clone's instruction set (a call would run the baseline build of the helper).
+#if defined(__GNUC__)
+#define FA_INLINE inline __attribute__((always_inline))
+#else
+#define FA_INLINE inline
+#endif
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+// Sixteen independent accumulators: one AVX-512 register of floats, two AVX2 registers, or
+// four SSE registers. Without them a max/sum is a serial dependency chain that GCC may not
+// reorder (that would need -ffast-math, which also breaks inf/NaN handling).
+constexpr int64_t kLanes = 16;
+
+// A task should carry at least this many elements (~10 us of work) to be worth a thread; a
+// single row of a large vocabulary is already one task, so small R still fills both cores.
+constexpr int64_t kMinElementsPerTask = 32768;
+
+template <typename To, typename From>
+FA_INLINE To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different size");
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// ---- float16 / bfloat16 <-> float32, branch-free so that loops over them vectorise ---------
+
+FA_INLINE float half_bits_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t expo = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  // Normal: rebias the exponent from 15 to 127 (+112) and widen the mantissa 10 -> 23 bits.
+  const uint32_t normal = sign | ((expo + 112u) << 23) | (mant << 13);
+  // Inf / NaN keep the all-ones exponent and the payload.
+  const uint32_t inf_nan = sign | 0x7f800000u | (mant << 13);
+  // Subnormal: value = mant * 2^-24, exact in float32.
+  const uint32_t subnormal = sign | bit_cast<uint32_t>(static_cast<float>(mant) * 0x1p-24f);
+  return bit_cast<float>(expo == 0 ? subnormal : (expo == 31 ? inf_nan : normal));
+}
+
+// Round to nearest, ties to even, like c10::Half.
+FA_INLINE uint16_t float_to_half_bits(float f) {
+  const uint32_t bits = bit_cast<uint32_t>(f);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t mag = bits & 0x7fffffffu;
+  // |f| >= 65520 (half-way between the largest half, 65504, and 2^16) rounds to inf;
+  // NaN becomes a quiet NaN.
+  const uint32_t huge = mag > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // |f| < 2^-14 is a half subnormal, a multiple of 2^-24: in 0.5f + |f| the float32 ulp is
+  // 2^-24, so the FPU's own round-to-nearest-even does the rounding, and the bits above 0.5f
+  // are the half's mantissa (0x400 when it rounds up to the smallest normal, also correct).
+  const uint32_t subnormal = bit_cast<uint32_t>(bit_cast<float>(mag) + 0.5f) - 0x3f000000u;
+  // Normal: rebias 127 -> 15 and drop 13 mantissa bits, adding 0xfff plus the lowest kept bit
+  // so that exact ties round to even; a carry into the exponent is the correct round-up.
+  const uint32_t normal = (mag - (112u << 23) + 0xfffu + ((mag >> 13) & 1u)) >> 13;
+  const uint32_t out = mag >= 0x477ff000u ? huge : (mag < 0x38800000u ? subnormal : normal);
+  return static_cast<uint16_t>(out | sign);
+}
+
+FA_INLINE float bf16_bits_to_float(uint16_t h) {
+  return bit_cast<float>(static_cast<uint32_t>(h) << 16);
+}
+
+// Round to nearest, ties to even, like c10::BFloat16; NaN stays a (quiet) NaN.
+FA_INLINE uint16_t float_to_bf16_bits(float f) {
+  const uint32_t bits = bit_cast<uint32_t>(f);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+  return static_cast<uint16_t>(f != f ? quiet_nan : rounded);
+}
+
+// Storage type of each logits dtype and its conversion to / from the accumulation type.
+// Half and bfloat16 are handled as raw uint16_t bits so the loops see plain integers.
+template <typename scalar_t>
+struct Elem {  // float, double
+  using raw = scalar_t;
+  using acc = scalar_t;
+  static FA_INLINE acc load(raw v) { return v; }
+  static FA_INLINE raw store(acc v) { return v; }
+};
+template <>
+struct Elem<c10::Half> {
+  using raw = uint16_t;
+  using acc = float;
+  static FA_INLINE acc load(raw v) { return half_bits_to_float(v); }
+  static FA_INLINE raw store(acc v) { return float_to_half_bits(v); }
+};
+template <>
+struct Elem<c10::BFloat16> {
+  using raw = uint16_t;
+  using acc = float;
+  static FA_INLINE acc load(raw v) { return bf16_bits_to_float(v); }
+  static FA_INLINE raw store(acc v) { return float_to_bf16_bits(v); }
+};
+
+template <typename scalar_t>
+using acc_of = typename Elem<scalar_t>::acc;
+template <typename scalar_t>
+using raw_of = typename Elem<scalar_t>::raw;
+
+// ---- exp -----------------------------------------------------------------------------------
+
+// exp(x) for float32 from arithmetic only, so that a loop calling it vectorises.
+//   x = n ln2 + r, n = round(x / ln2), |r| <= ln2 / 2; ln2 is split in a high part with 9
+//   significant bits (n * hi is exact for |n| <= 2^15) and a low correction, so r carries no
+//   cancellation error. e^r = sum_{k<=7} r^k / k!: the truncation error is
+//   (ln2/2)^8 / 8! ~ 5e-9 relative, < 0.05 ulp; the result is within ~1 ulp of exp over the
+//   whole range (checked against float64 exp).
+//   2^n is built from exponent bits in two halves, 2^(n - n/2) * 2^(n/2), so that results
+//   below FLT_MIN come out as correctly scaled subnormals instead of garbage bits.
+//   x < -104 (incl. -inf) gives 0 (e^-104 < half the smallest subnormal); x > 88.8 (incl. inf)
+//   gives inf via the multiply overflowing; NaN propagates through r.
+FA_INLINE float exp_acc(float x) {
+  x = x < -104.0f ? -104.0f : x;
+  x = x > 88.8f ? 88.8f : x;
+  // Adding 1.5 * 2^23 rounds x / ln2 to an integer held in the low mantissa bits.
+  const float shifter = 0x1.8p23f;
+  const float kn = x * 1.44269504088896341f + shifter;
+  const int32_t n = bit_cast<int32_t>(kn) - bit_cast<int32_t>(shifter);
+  const float nf = kn - shifter;
+  float r = x - nf * 0.693359375f;  // ln2 hi = 355 / 512
+  r = r - nf * -2.12194440e-4f;     // ln2 - hi
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t n_lo = n >> 1;  // n in [-150, 128]: both factors stay normal floats
+  const int32_t n_hi = n - n_lo;
+  const float scale_lo = bit_cast<float>(static_cast<uint32_t>(n_lo + 127) << 23);
+  const float scale_hi = bit_cast<float>(static_cast<uint32_t>(n_hi + 127) << 23);
+  const float e = p * scale_lo * scale_hi;
+  return x <= -104.0f ? 0.0f : e;
+}
+
+// float64 logits are a correctness path, not a speed path: libm's exp.
+FA_INLINE double exp_acc(double x) { return std::exp(x); }
+
+// ---- row reductions ------------------------------------------------------------------------
+
+template <typename T>
+FA_INLINE T lanes_max(const T (&v)[kLanes]) {
+  T m = v[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+template <typename T>
+FA_INLINE T lanes_sum(const T (&v)[kLanes]) {
+  T s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+// max_j scale * x_j. A NaN element is skipped here but turns the exp sum (and so lse) NaN.
+template <typename scalar_t>
+FA_INLINE acc_of<scalar_t> row_max(const raw_of<scalar_t>* x, int64_t n, acc_of<scalar_t> scale) {
+  using E = Elem<scalar_t>;
+  using acc_t = acc_of<scalar_t>;
+  acc_t mx[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) mx[l] = -std::numeric_limits<acc_t>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const acc_t v = E::load(x[j + l]) * scale;
+      mx[l] = v > mx[l] ? v : mx[l];
+    }
+  }
+  for (; j < n; ++j) {
+    const acc_t v = E::load(x[j]) * scale;
+    mx[0] = v > mx[0] ? v : mx[0];
+  }
+  return lanes_max(mx);
+}
+
+// sum_j w_j x_j (w = nullptr: all ones), for the label-smoothing term. Accumulates in acc_t.
+template <typename scalar_t>
+FA_INLINE acc_of<scalar_t> row_weighted_sum(const raw_of<scalar_t>* x, const float* w,
+                                            int64_t n) {
+  using E = Elem<scalar_t>;
+  using acc_t = acc_of<scalar_t>;
+  acc_t s[kLanes] = {};
+  int64_t j = 0;
+  if (w == nullptr) {
+    for (; j + kLanes <= n; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) s[l] += E::load(x[j + l]);
+    for (; j < n; ++j) s[0] += E::load(x[j]);
+  } else {
+    for (; j + kLanes <= n; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l)
+        s[l] += static_cast<acc_t>(w[j + l]) * E::load(x[j + l]);
+    for (; j < n; ++j) s[0] += static_cast<acc_t>(w[j]) * E::load(x[j]);
+  }
+  return lanes_sum(s);
+}
+
+// sum_j e_j with e_j = exp(scale * x_j - m); also stores e_j into e_out when it is given
+// (the gradient pass then needs no second exp), and accumulates sum_j e_j (scale x_j - m)
+// into *shifted_dot when it is given (entropy). e_out is scratch, never aliased with x.
+template <typename scalar_t>
+FA_INLINE acc_of<scalar_t> row_sum_exp(const raw_of<scalar_t>* x, int64_t n,
+                                       acc_of<scalar_t> scale, acc_of<scalar_t> m,
+                                       acc_of<scalar_t>* e_out, acc_of<scalar_t>* shifted_dot) {
+  using E = Elem<scalar_t>;
+  using acc_t = acc_of<scalar_t>;
+  acc_t s[kLanes] = {};
+  int64_t j = 0;
+  if (e_out != nullptr) {
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const acc_t e = exp_acc(E::load(x[j + l]) * scale - m);
+        e_out[j + l] = e;
+        s[l] += e;
+      }
+    }
+    for (; j < n; ++j) {
+      const acc_t e = exp_acc(E::load(x[j]) * scale - m);
+      e_out[j] = e;
+      s[0] += e;
+    }
+  } else if (shifted_dot != nullptr) {
+    acc_t d[kLanes] = {};
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const acc_t y = E::load(x[j + l]) * scale - m;
+        const acc_t e = exp_acc(y);
+        s[l] += e;
+        // exp(y) = 0 for y = -inf: skip the product, which would be 0 * -inf = NaN.
+        d[l] += e > 0 ? e * y : acc_t(0);
+      }
+    }
+    for (; j < n; ++j) {
+      const acc_t y = E::load(x[j]) * scale - m;
+      const acc_t e = exp_acc(y);
+      s[0] += e;
+      d[0] += e > 0 ? e * y : acc_t(0);
+    }
+    *shifted_dot = lanes_sum(d);
+  } else {
+    for (; j + kLanes <= n; j += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) s[l] += exp_acc(E::load(x[j + l]) * scale - m);
+    for (; j < n; ++j) s[0] += exp_acc(E::load(x[j]) * scale - m);
+  }
+  return lanes_sum(s);
+}
+
+template <typename scalar_t>
+FA_INLINE void fill_row(raw_of<scalar_t>* g, int64_t n, acc_of<scalar_t> v) {
+  const raw_of<scalar_t> r = Elem<scalar_t>::store(v);
+  for (int64_t j = 0; j < n; ++j) g[j] = r;
+}
+
+template <typename acc_t>
+constexpr acc_t quiet_nan() {
+  return std::numeric_limits<acc_t>::quiet_NaN();
+}
+
+// ---- cross_entropy_fwd ---------------------------------------------------------------------
+
+template <typename scalar_t>
+struct CeArgs {
+  using raw = typename Elem<scalar_t>::raw;
+  using acc = typename Elem<scalar_t>::acc;
+  const raw* logits;
+  int64_t logits_row_stride;
+  const int64_t* target;
+  const float* weight;  // nullptr: all ones
+  raw* grad;            // nullptr: no gradient
+  int64_t grad_row_stride;
+  acc* loss;
+  int64_t n_classes;
+  int64_t ignore_index;
+  acc eps;         // label smoothing
+  acc z_loss;      // lam
+  acc weight_sum;  // W = sum_j w_j (C without weights)
+  acc grad_scale;  // 1 when none was given
+};
+
+// Rows [begin, end). Per row: pass 1 max (+ pass 1b sum_j w_j z_j when eps != 0), pass 2
+// e_j = exp(z_j - max) and their sum (e_j kept in the scratch row when a gradient is wanted),
+// pass 3 the gradient from e_j, then the target column rewritten. All passes after the first
+// hit L2. With grad aliasing logits, z_t is read before pass 3 and pass 3 reads z only
+// through the scratch copy, so every logit is read before its slot is overwritten.
+template <typename scalar_t>
+FA_ROW_KERNEL void cross_entropy_rows(const CeArgs<scalar_t>& a, int64_t begin, int64_t end,
+                                      typename CeArgs<scalar_t>::acc* scratch) {
+  using E = Elem<scalar_t>;
+  using raw = typename E::raw;
+  using acc = typename E::acc;
+  const int64_t C = a.n_classes;
+  const acc eps = a.eps;
+  const acc inv_c = acc(1) / static_cast<acc>(C);
+
+  for (int64_t r = begin; r < end; ++r) {
+    const raw* x = a.logits + r * a.logits_row_stride;
+    raw* g = a.grad != nullptr ? a.grad + r * a.grad_row_stride : nullptr;
+    const int64_t t = a.target[r];
+    if (t == a.ignore_index) {
+      a.loss[r] = 0;
+      if (g != nullptr) fill_row<scalar_t>(g, C, acc(0));
+      continue;
+    }
+    if (t < 0 || t >= C) {  // the front door rejects these; never index with them
+      a.loss[r] = quiet_nan<acc>();
+      if (g != nullptr) fill_row<scalar_t>(g, C, quiet_nan<acc>());
+      continue;
+    }
+
+    const acc m = row_max<scalar_t>(x, C, acc(1));
+    const acc wz = eps != 0 ? row_weighted_sum<scalar_t>(x, a.weight, C) : acc(0);
+    const acc z_t = E::load(x[t]);
+    const acc sum_e = row_sum_exp<scalar_t>(x, C, acc(1), m, g != nullptr ? scratch : nullptr,
+                                            nullptr);
+    const acc lse = m + std::log(sum_e);
+    const acc w_t = a.weight != nullptr ? static_cast<acc>(a.weight[t]) : acc(1);
+
+    // loss = (1 - eps) w_t (lse - z_t) + eps / C sum_j w_j (lse - z_j) + lam lse^2.
+    // The eps and lam terms are skipped when their coefficient is 0, so that an inf in them
+    // (a -inf logit makes sum_j w_j z_j = -inf) does not turn the loss into 0 * inf = NaN.
+    acc loss = (1 - eps) * w_t * (lse - z_t);
+    if (eps != 0) loss += eps * inv_c * (a.weight_sum * lse - wz);
+    if (a.z_loss != 0) loss += a.z_loss * lse * lse;
+    a.loss[r] = loss;
+    if (g == nullptr) continue;
+
+    // g_j = [p_j (( 1 - eps) w_t + eps W / C + 2 lam lse) - eps w_j / C] * scale, with
+    // p_j = e_j / sum_e, folded into g_j = e_j * pcoef - shift_j; the target column's
+    // -(1 - eps) w_t is applied afterwards.
+    const acc coef = (1 - eps) * w_t + eps * a.weight_sum * inv_c + 2 * a.z_loss * lse;
+    const acc pcoef = coef / sum_e * a.grad_scale;
+    const acc* e = scratch;
+    if (eps == 0) {
+      for (int64_t j = 0; j < C; ++j) g[j] = E::store(e[j] * pcoef);
+    } else if (a.weight == nullptr) {
+      const acc shift = eps * inv_c * a.grad_scale;
+      for (int64_t j = 0; j < C; ++j) g[j] = E::store(e[j] * pcoef - shift);
+    } else {
+      const acc wscale = eps * inv_c * a.grad_scale;
+      for (int64_t j = 0; j < C; ++j)
+        g[j] = E::store(e[j] * pcoef - wscale * static_cast<acc>(a.weight[j]));
+    }
+    const acc g_t = (e[t] / sum_e * coef - eps * w_t * inv_c - (1 - eps) * w_t) * a.grad_scale;
+    g[t] = E::store(g_t);
+  }
+}
+
+// ---- token_logprobs_fwd --------------------------------------------------------------------
+
+template <typename scalar_t>
+struct TokFwdArgs {
+  using raw = typename Elem<scalar_t>::raw;
+  using acc = typename Elem<scalar_t>::acc;
+  const raw* logits;
+  int64_t logits_row_stride;
+  const int64_t* target;
+  acc* logp;
+  acc* entropy;  // nullptr: not wanted
+  acc* lse;
+  int64_t n_classes;
+  int64_t ignore_index;
+  acc inv_temperature;
+};
+
+// Per row, s = z / T: pass 1 max_j s_j, pass 2 sum_j e_j and (entropy) sum_j e_j (s_j - m),
+// e_j = exp(s_j - m). Then lse = m + log sum e and
+//   entropy = lse - sum_j p_j s_j = log(sum e) - sum_j e_j (s_j - m) / sum e,
+// the shifted form, which has no cancellation between lse and E[s] for large logits.
+// s_j is recomputed as z_j * (1/T) in acc, exactly as the reference rounds it.
+template <typename scalar_t>
+FA_ROW_KERNEL void token_logprobs_fwd_rows(const TokFwdArgs<scalar_t>& a, int64_t begin,
+                                           int64_t end) {
+  using E = Elem<scalar_t>;
+  using raw = typename E::raw;
+  using acc = typename E::acc;
+  const int64_t C = a.n_classes;
+  const acc inv_t = a.inv_temperature;
+  for (int64_t r = begin; r < end; ++r) {
+    const raw* x = a.logits + r * a.logits_row_stride;
+    const acc m = row_max<scalar_t>(x, C, inv_t);
+    acc shifted_dot = 0;
+    const acc sum_e = row_sum_exp<scalar_t>(x, C, inv_t, m, nullptr,
+                                            a.entropy != nullptr ? &shifted_dot : nullptr);
+    const acc log_sum = std::log(sum_e);
+    const acc lse = m + log_sum;
+    a.lse[r] = lse;  // the true lse even for ignored rows (backward may use it)
+
+    const int64_t t = a.target[r];
+    acc logp = 0, ent = 0;
+    if (t != a.ignore_index) {
+      if (t < 0 || t >= C) {
+        logp = ent = quiet_nan<acc>();
+      } else {
+        logp = E::load(x[t]) * inv_t - lse;
+        ent = log_sum - shifted_dot / sum_e;
+      }
+    }
+    a.logp[r] = logp;
+    if (a.entropy != nullptr) a.entropy[r] = ent;
+  }
+}
+
+// ---- token_logprobs_bwd --------------------------------------------------------------------
+
+template <typename scalar_t>
+struct TokBwdArgs {
+  using raw = typename Elem<scalar_t>::raw;
+  using acc = typename Elem<scalar_t>::acc;
+  const raw* logits;
+  int64_t logits_row_stride;
+  const int64_t* target;
+  const acc* lse;
+  const acc* entropy;       // nullptr together with grad_entropy
+  const acc* grad_logp;
+  const acc* grad_entropy;  // nullptr: no entropy term
+  raw* grad;
+  int64_t grad_row_stride;
+  int64_t n_classes;
+  int64_t ignore_index;
+  acc inv_temperature;
+};
+
+// One pass per row: p_j = exp(s_j - lse) from the saved lse (no max / sum passes), and
+//   g_j = (1/T) p_j (-g_logp - g_ent (s_j - E[s])),   E[s] = lse - entropy,
+// plus (1/T) g_logp at the target, written after the pass from the s_t read before it
+// (grad may alias logits; the pass itself reads x_j just before writing g_j).
+// Traffic: one read of the logits and one write of the gradient per element.
+template <typename scalar_t>
+FA_ROW_KERNEL void token_logprobs_bwd_rows(const TokBwdArgs<scalar_t>& a, int64_t begin,
+                                           int64_t end) {
+  using E = Elem<scalar_t>;
+  using raw = typename E::raw;
+  using acc = typename E::acc;
+  const int64_t C = a.n_classes;
+  const acc inv_t = a.inv_temperature;
+  for (int64_t r = begin; r < end; ++r) {
+    const raw* x = a.logits + r * a.logits_row_stride;
+    raw* g = a.grad + r * a.grad_row_stride;
+    const int64_t t = a.target[r];
+    if (t == a.ignore_index) {
+      fill_row<scalar_t>(g, C, acc(0));
+      continue;
+    }
+    if (t < 0 || t >= C) {
+      fill_row<scalar_t>(g, C, quiet_nan<acc>());
+      continue;
+    }
+    const acc lse = a.lse[r];
+    const acc gl = a.grad_logp[r];
+    const acc s_t = E::load(x[t]) * inv_t;
+    if (a.grad_entropy == nullptr) {
+      const acc c = -gl * inv_t;
+      for (int64_t j = 0; j < C; ++j) g[j] = E::store(exp_acc(E::load(x[j]) * inv_t - lse) * c);
+      const acc p_t = exp_acc(s_t - lse);
+      g[t] = E::store(inv_t * gl * (1 - p_t));
+    } else {
+      const acc ge = a.grad_entropy[r];
+      const acc mean_s = lse - a.entropy[r];
+      const acc c = -inv_t;
+      for (int64_t j = 0; j < C; ++j) {
+        const acc s = E::load(x[j]) * inv_t;
+        const acc p = exp_acc(s - lse);
+        // p = 0 (s = -inf, a masked class): skip the product, which would be 0 * inf = NaN.
+        g[j] = E::store(p > 0 ? c * p * (gl + ge * (s - mean_s)) : acc(0));
+      }
+      const acc p_t = exp_acc(s_t - lse);
+      const acc g_t = p_t > 0 ? gl - p_t * (gl + ge * (s_t - mean_s)) : gl;
+      g[t] = E::store(inv_t * g_t);
+    }
+  }
+}
+
+int64_t grain_for(int64_t n_classes) {
+  return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, n_classes));
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename scalar_t>
+typename Elem<scalar_t>::raw* raw_ptr(const at::Tensor& t) {
+  return reinterpret_cast<typename Elem<scalar_t>::raw*>(t.data_ptr<scalar_t>());
+}
+
+}  // namespace
+
+at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& grad,
+                             const std::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+                             double label_smoothing, double z_loss) {
+  const int64_t R = logits.size(0);
+  const int64_t C = logits.size(1);
+  at::Tensor loss = at::empty({R}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  if (R == 0) return loss;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "fastattn::cross_entropy_fwd", [&] {
+        using acc = typename Elem<scalar_t>::acc;
+        CeArgs<scalar_t> a;
+        a.logits = raw_ptr<scalar_t>(logits);
+        a.logits_row_stride = logits.stride(0);
+        a.target = target.data_ptr<int64_t>();
+        a.weight = weight.has_value() ? weight->data_ptr<float>() : nullptr;
+        const bool with_grad = grad.has_value();
+        a.grad = with_grad ? raw_ptr<scalar_t>(*grad) : nullptr;
+        a.grad_row_stride = with_grad ? grad->stride(0) : 0;
+        a.loss = loss.data_ptr<acc>();
+        a.n_classes = C;
+        a.ignore_index = ignore_index;
+        a.eps = static_cast<acc>(label_smoothing);
+        a.z_loss = static_cast<acc>(z_loss);
+        double w_sum = static_cast<double>(C);
+        if (a.weight != nullptr) {
+          w_sum = 0;
+          for (int64_t j = 0; j < C; ++j) w_sum += a.weight[j];
+        }
+        a.weight_sum = static_cast<acc>(w_sum);
+        a.grad_scale = grad_scale.has_value() ? static_cast<acc>(*grad_scale->data_ptr<float>())
+                                              : acc(1);
+        at::parallel_for(0, R, grain_for(C), [&](int64_t begin, int64_t end) {
+          // The e_j row of pass 2 (C * 4 bytes, L2-resident), one per task.
+          std::vector<acc> scratch(with_grad ? C : 0);
+          cross_entropy_rows<scalar_t>(a, begin, end, scratch.data());
+        });
+      });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits,
+                                                                  const at::Tensor& target,
+                                                                  int64_t ignore_index,
+                                                                  double inv_temperature,
+                                                                  bool with_entropy) {
+  const int64_t R = logits.size(0);
+  const int64_t C = logits.size(1);
+  const auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
+  at::Tensor logp = at::empty({R}, opts);
+  at::Tensor entropy = at::empty({with_entropy ? R : 0}, opts);
+  at::Tensor lse = at::empty({R}, opts);
+  if (R == 0) return {logp, entropy, lse};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "fastattn::token_logprobs_fwd", [&] {
+        using acc = typename Elem<scalar_t>::acc;
+        TokFwdArgs<scalar_t> a;
+        a.logits = raw_ptr<scalar_t>(logits);
+        a.logits_row_stride = logits.stride(0);
+        a.target = target.data_ptr<int64_t>();
+        a.logp = logp.data_ptr<acc>();
+        a.entropy = with_entropy ? entropy.data_ptr<acc>() : nullptr;
+        a.lse = lse.data_ptr<acc>();
+        a.n_classes = C;
+        a.ignore_index = ignore_index;
+        a.inv_temperature = static_cast<acc>(inv_temperature);
+        at::parallel_for(0, R, grain_for(C), [&](int64_t begin, int64_t end) {
+          token_logprobs_fwd_rows<scalar_t>(a, begin, end);
+        });
+      });
+  return {logp, entropy, lse};
+}
+
+void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& lse,
+                        const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
+                        const std::optional<at::Tensor>& grad_entropy, const at::Tensor& grad,
+                        int64_t ignore_index, double inv_temperature) {
+  const int64_t R = logits.size(0);
+  const int64_t C = logits.size(1);
+  if (R == 0) return;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "fastattn::token_logprobs_bwd", [&] {
+        using acc = typename Elem<scalar_t>::acc;
+        TokBwdArgs<scalar_t> a;
+        a.logits = raw_ptr<scalar_t>(logits);
+        a.logits_row_stride = logits.stride(0);
+        a.target = target.data_ptr<int64_t>();
+        a.lse = lse.data_ptr<acc>();
+        const bool with_entropy = grad_entropy.has_value();
+        a.entropy = with_entropy ? entropy->data_ptr<acc>() : nullptr;
+        a.grad_logp = grad_logp.data_ptr<acc>();
+        a.grad_entropy = with_entropy ? grad_entropy->data_ptr<acc>() : nullptr;
+        a.grad = raw_ptr<scalar_t>(grad);
+        a.grad_row_stride = grad.stride(0);
+        a.n_classes = C;
+        a.ignore_index = ignore_index;
+        a.inv_temperature = static_cast<acc>(inv_temperature);
+        at::parallel_for(0, R, grain_for(C), [&](int64_t begin, int64_t end) {
+          token_logprobs_bwd_rows<scalar_t>(a, begin, end);
+        });
+      });
+}
+
+}  // namespace cpu
+}  // namespace fastattn

@@ -1,0 +1,27 @@
+"""fastattn: fused Triton, CUDA and C++ kernels for training transformers.
+
+Public API re-exports only; each op lives in ``fastattn/ops/<op>/``.
+"""
+
+from ._backends import BackendError, BackendStatus, backends, use_backend
+from .ops.cross_entropy import (
+    cross_entropy,
+    linear_cross_entropy,
+    linear_token_logprobs,
+    token_logprobs,
+)
+from . import nn  # noqa: E402  (after the ops it wraps)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "BackendStatus",
+    "backends",
+    "use_backend",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "token_logprobs",
+    "linear_token_logprobs",
+    "nn",
+]

@@ -1,0 +1,203 @@
+"""Backend registry: which implementations exist here, which one an op call runs.
+
+Backends: ``triton`` (GPU, or CPU tensors under ``TRITON_INTERPRET=1``), ``cuda`` (the compiled
+``fastattn._cuda``), ``cpu`` (the compiled ``fastattn._C``) and ``reference`` (pure PyTorch: the
+test oracle and the fallback, runs everywhere). PyTorch's dispatcher already routes an op to its
+CPU or CUDA registration; inside that, ``select`` picks the backend:
+
+* ``auto`` (default): on CPU tensors ``cpu``, falling back to ``reference`` with a one-time
+  warning if the C++ extension cannot be loaded or built; on CUDA tensors the op's preferred
+  order (the faster measured kernel first); ``reference`` for dtypes no kernel supports.
+* a name forced with ``use_backend(name)`` (a context manager, thread- and task-local) or the
+  ``FASTATTN_BACKEND`` environment variable: that backend or a ``BackendError`` saying why not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator, Mapping
+
+import torch
+
+from . import _ext
+
+NAMES = ("triton", "cuda", "cpu", "reference")
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastattn_backend", default=None)
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot run this call; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.available
+
+    def __str__(self) -> str:
+        return f"{'available' if self.available else 'unavailable'}: {self.reason}"
+
+
+def _triton_interpret() -> bool:
+    # Triton reads the variable when a kernel is decorated; fastattn imports its Triton modules
+    # lazily, at the first call that runs them, so the variable at call time is the one in force.
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def _cuda_device_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def status(name: str) -> BackendStatus:
+    """Whether backend ``name`` can run on this machine, and why (not) — may build an extension."""
+    _check_name(name, allow_auto=False)
+    if name == "reference":
+        return BackendStatus(True, "pure PyTorch; every device and dtype (slow)")
+    if name == "triton":
+        version = _triton_version()
+        if version is None:
+            return BackendStatus(False, "triton is not installed (pip install triton)")
+        if _triton_interpret():
+            return BackendStatus(True, f"triton {version} in the interpreter (TRITON_INTERPRET=1): "
+                                       "runs on CPU tensors, slowly; for tests")
+        if (gpu := _cuda_device_name()) is not None:
+            return BackendStatus(True, f"triton {version} on {gpu}")
+        return BackendStatus(False, "no CUDA device; set TRITON_INTERPRET=1 before importing "
+                                    "fastattn to run Triton kernels on CPU tensors (interpreter)")
+    if name == "cuda" and _cuda_device_name() is None:
+        return BackendStatus(False, "no CUDA device (torch.cuda.is_available() is False)")
+    return _extension_status(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_status(kind: str) -> BackendStatus:
+    try:
+        module = _ext.load(kind)
+    except _ext.ExtensionUnavailable as exc:
+        return BackendStatus(False, str(exc))
+    where = getattr(module, "__file__", "?")
+    if kind == "cpu":
+        return BackendStatus(True, f"C++ kernels ({where}), {torch.get_num_threads()} threads")
+    return BackendStatus(True, f"CUDA kernels ({where}) on {_cuda_device_name()}")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Every backend with whether it is available here and why (not)."""
+    return {name: status(name) for name in NAMES}
+
+
+def _check_name(name: str, allow_auto: bool = True) -> None:
+    valid = NAMES + (("auto",) if allow_auto else ())
+    if name not in valid:
+        raise ValueError(f"unknown fastattn backend {name!r}; expected one of {', '.join(valid)}")
+
+
+def requested() -> str:
+    """The backend asked for in this context: use_backend(), else $FASTATTN_BACKEND, else auto."""
+    name = _override.get()
+    if name is None:
+        name = os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto"
+        if name not in NAMES + ("auto",):
+            raise BackendError(f"FASTATTN_BACKEND={name!r} is not a backend; expected one of "
+                               f"auto, {', '.join(NAMES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run fastattn ops inside the block on backend ``name`` (or ``"auto"``).
+
+    Raises ``BackendError`` at once if the backend cannot run on this machine at all.
+    """
+    _check_name(name)
+    if name != "auto" and not (st := status(name)):
+        raise BackendError(f"backend {name!r} is not available: {st.reason}")
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+_warned_fallback = False
+
+
+def _runs_on(name: str, device: torch.device) -> str | None:
+    """None if backend ``name`` can take tensors on ``device``, else why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        return None if device.type == "cpu" else f"it takes CPU tensors, got {device.type} tensors"
+    if name == "cuda":
+        return None if device.type == "cuda" else f"it takes CUDA tensors, got {device.type} tensors"
+    if device.type == "cuda" or (device.type == "cpu" and _triton_interpret()):
+        return None
+    return f"it takes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device.type} tensors"
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, *,
+           cuda_order: tuple[str, ...], dtypes: Mapping[str, tuple[torch.dtype, ...]]) -> str:
+    """The backend that runs ``op`` on ``device``/``dtype`` under the current request.
+
+    ``cuda_order`` is the op's preference on CUDA tensors; ``dtypes`` maps each kernel backend to
+    the input dtypes it supports (``reference`` supports all).
+    """
+    global _warned_fallback
+    name = requested()
+
+    def supports(backend: str) -> bool:
+        return backend == "reference" or dtype in dtypes.get(backend, ())
+
+    if name != "auto":
+        if not (st := status(name)):
+            raise BackendError(f"{op}: backend {name!r} is not available: {st.reason}")
+        if (why := _runs_on(name, device)) is not None:
+            raise BackendError(f"{op}: backend {name!r} cannot run here: {why}; move the tensors "
+                               f"or choose another backend (fastattn.backends() lists them)")
+        if not supports(name):
+            raise BackendError(f"{op}: backend {name!r} does not support {dtype} inputs "
+                               f"(it supports {', '.join(map(str, dtypes.get(name, ())))}); "
+                               f"cast the inputs or use backend 'reference'")
+        return name
+
+    if device.type == "cpu":
+        if supports("cpu"):
+            if status("cpu"):
+                return "cpu"
+            if not _warned_fallback:
+                _warned_fallback = True
+                warnings.warn(f"fastattn: C++ CPU kernels unavailable ({status('cpu').reason}); "
+                              "falling back to the slow pure-PyTorch reference",
+                              RuntimeWarning, stacklevel=3)
+        return "reference"
+    if device.type == "cuda":
+        for backend in cuda_order:
+            if supports(backend) and status(backend):
+                return backend
+    return "reference"
+
+
+def implementation(name: str, package: str) -> ModuleType:
+    """The module holding backend ``name``'s kernels for the op package ``package``."""
+    if name in ("reference", "triton"):
+        return importlib.import_module(f"{package}.{name}")
+    return _ext.load(name)

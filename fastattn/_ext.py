@@ -1,0 +1,122 @@
+"""Loading the compiled extensions, building them on first use when they are missing.
+
+``fastattn._C`` (C++ CPU kernels) and ``fastattn._cuda`` (CUDA kernels) are normally built by
+``pip install``. When one cannot be imported (not built, built against another torch), it is
+compiled with ``torch.utils.cpp_extension.load`` (ninja) into a cache folder
+(``$FASTATTN_CACHE_DIR`` or ``~/.cache/fastattn``), once per torch/Python version; torch rebuilds
+it there when a source changes. ``FASTATTN_JIT=0`` turns the JIT build off.
+
+Nothing here raises at import: ``load`` raises ``ExtensionUnavailable`` with the reason, which
+the backend registry turns into a fallback (CPU) or a clear error (a backend asked for by name).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from . import _buildinfo
+
+KINDS = ("cpu", "cuda")
+_MODULE = {"cpu": _buildinfo.CPU_NAME, "cuda": _buildinfo.CUDA_NAME}
+_results: dict[str, ModuleType | BaseException] = {}
+_lock = threading.Lock()
+
+
+class ExtensionUnavailable(RuntimeError):
+    """A compiled fastattn module could neither be imported nor built; the message says why."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FASTATTN_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "fastattn"
+    )
+    tag = f"torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return Path(root) / tag
+
+
+def _cuda_build_blocker() -> str | None:
+    from torch.utils import cpp_extension
+
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is not a CUDA build"
+    if cpp_extension.CUDA_HOME is None:
+        return "nvcc not found (set CUDA_HOME or put nvcc on the PATH)"
+    return None
+
+
+def _jit_build(kind: str) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    sources = _buildinfo.sources(kind)
+    if not sources:
+        raise ExtensionUnavailable(f"no {kind} sources under {_buildinfo.csrc_root()}")
+    build_dir = cache_dir() / kind
+    build_dir.mkdir(parents=True, exist_ok=True)
+    name = _MODULE[kind].replace(".", "_")
+    print(f"fastattn: building {_MODULE[kind]} into {build_dir} (first use; about a minute)",
+          file=sys.stderr)
+    if kind == "cpu":
+        return cpp_extension.load(
+            name=name, sources=sources, build_directory=str(build_dir),
+            extra_cflags=_buildinfo.cpu_cflags(), extra_ldflags=_buildinfo.cpu_ldflags(),
+        )
+    return cpp_extension.load(
+        name=name, sources=sources, build_directory=str(build_dir),
+        extra_cflags=["-O3"], extra_cuda_cflags=_buildinfo.nvcc_flags(),
+    )
+
+
+def _load(kind: str) -> ModuleType:
+    try:
+        return importlib.import_module(_MODULE[kind])
+    except ImportError as exc:
+        import_error = exc
+    if kind == "cuda" and (blocker := _cuda_build_blocker()):
+        raise ExtensionUnavailable(f"{_MODULE[kind]} is not built and cannot be: {blocker}")
+    if os.environ.get("FASTATTN_JIT", "1") == "0":
+        raise ExtensionUnavailable(
+            f"{_MODULE[kind]} is not built ({import_error}) and FASTATTN_JIT=0 forbids building it"
+            " on first use; run `pip install --no-build-isolation .` in the fastattn checkout"
+        )
+    try:
+        return _jit_build(kind)
+    except Exception as exc:  # compiler missing, compile error, ...
+        first = str(exc).strip().splitlines()
+        raise ExtensionUnavailable(
+            f"{_MODULE[kind]} is not built ({import_error}) and building it failed: "
+            f"{first[-1] if first else type(exc).__name__}"
+        ) from exc
+
+
+def load(kind: str) -> ModuleType:
+    """The compiled module for ``kind`` ("cpu" or "cuda"), importing or building it once."""
+    if kind not in KINDS:
+        raise ValueError(f"extension kind must be one of {KINDS}, got {kind!r}")
+    with _lock:
+        if kind not in _results:
+            try:
+                _results[kind] = _load(kind)
+            except ExtensionUnavailable as exc:
+                _results[kind] = exc
+        result = _results[kind]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def is_built(kind: str) -> bool:
+    """Whether ``kind`` imports without building anything (cheap; used by ``backends()``)."""
+    if isinstance(_results.get(kind), ModuleType):
+        return True
+    try:
+        importlib.import_module(_MODULE[kind])
+        return True
+    except ImportError:
+        return False

@@ -1,0 +1,731 @@
+"""The cross-entropy family: registration, autograd, dispatch — the op's front door.
+
+Public functions (re-exported as ``fastattn.<name>``):
+
+* ``cross_entropy`` — ``F.cross_entropy`` for class-index targets, plus z-loss. The forward
+  kernel writes the loss *and* the gradient in one pass over the logits; backward only scales.
+* ``linear_cross_entropy`` — ``cross_entropy(linear(x, W, b), t)`` chunk by chunk over tokens,
+  never holding the (tokens x vocab) logits; gradients are produced in the forward.
+* ``token_logprobs`` / ``linear_token_logprobs`` — per-token log p(target) (and entropy) with
+  gradients, without a log-softmax tensor: the policy/reference log-probs of DPO, GRPO, PPO.
+
+Every kernel backend implements three row functions (see ``reference.py`` for the math and the
+conventions); this file checks arguments, flattens to rows, computes reductions and wires
+``torch.library`` custom ops (``fastattn::*``) with fake (meta) kernels and autograd formulas, so
+``torch.compile`` traces through them without a graph break.
+"""
+
+import math
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ... import _backends
+
+_PKG = __name__
+_CUDA_ORDER = ("cuda", "triton")
+_LOW = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = {"cpu": _LOW + (torch.float64,), "cuda": _LOW, "triton": _LOW}
+_REDUCTIONS = ("none", "mean", "sum")
+_DEVICES = ("cpu", "cuda")
+# A backward scale of exactly 1 (loss.backward() on a mean/sum) is skipped rather than paid for
+# with a full read+write of the gradient. On CUDA, knowing the scale is 1 costs a 4-byte
+# device-to-host read (a sync), which only pays off above this many gradient elements.
+_SKIP_SCALE_MIN_NUMEL = 1 << 22
+
+
+def _kernels(op: str, x: Tensor):
+    name = _backends.select(op, x.device, x.dtype, cuda_order=_CUDA_ORDER, dtypes=_DTYPES)
+    return _backends.implementation(name, _PKG)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (run in the public functions, before any op is called)
+# --------------------------------------------------------------------------------------------
+
+def _check_float(fn: str, name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{fn}: {name} must be a floating-point tensor "
+                        f"(float32, float16, bfloat16 or float64), got {t.dtype}")
+
+
+def _check_target(fn: str, target: Tensor) -> Tensor:
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"{fn}: target must hold class indices (an integer tensor), got "
+                        f"{target.dtype}; class-probability targets are not supported")
+    return target.long()
+
+
+def _check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all tensors must be on one device")
+
+
+def _check_options(fn: str, reduction: Optional[str], label_smoothing: Optional[float],
+                   ignore_index: int) -> None:
+    if reduction is not None and reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if label_smoothing is not None and not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _validate_targets(fn: str, target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """Every target must be ignore_index or in [0, C). One reduction over R ints; on CUDA it
+    syncs to report the bad entry (FASTATTN_CHECK_TARGETS=0 skips it there: kernels then give a
+    NaN loss for such rows instead of an error, and never read out of bounds)."""
+    if target.numel() == 0:
+        return
+    if target.device.type != "cpu" and os.environ.get("FASTATTN_CHECK_TARGETS", "1") == "0":
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{fn}: target[{i}] = {int(target[i])} is out of range: expected a class "
+                         f"index in [0, {n_classes}) or ignore_index={ignore_index}")
+
+
+# --------------------------------------------------------------------------------------------
+# The whole backward of the fused losses: a scale
+# --------------------------------------------------------------------------------------------
+
+def _scaled(grad: Tensor, scale: Tensor) -> Tensor:
+    """grad * scale, for a 0-dim scale or one per row of grad.
+
+    Eagerly, the gradient the forward produced is scaled in its own memory, and a scale of
+    exactly 1 (``loss.backward()``) is skipped. When traced (torch.compile, export) it is a plain
+    multiply the compiler fuses and places; branching on the value is impossible there anyway.
+    """
+    if scale.dim() == 1:
+        scale = scale.unsqueeze(-1)
+    if type(grad) is not Tensor or type(scale) is not Tensor or torch.compiler.is_compiling():
+        return grad * scale
+    if grad.numel() == 0:
+        return grad
+    if (scale.numel() == 1 and (grad.device.type == "cpu" or grad.numel() >= _SKIP_SCALE_MIN_NUMEL)
+            and scale.item() == 1):
+        return grad
+    return grad.mul_(scale.to(torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# fastattn::cross_entropy_fwd (+ an in-place variant that writes the gradient into the logits)
+# --------------------------------------------------------------------------------------------
+
+def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+             label_smoothing: float, z_loss: float, reduction: str,
+             grad: Optional[Tensor]) -> Tensor:
+    """Runs the row kernel on (R, C) logits and reduces; writes the gradient into ``grad``."""
+    n_rows, n_classes = logits.shape
+    _validate_targets(fn, target, n_classes, ignore_index)
+    weight32 = None if weight is None else weight.to(torch.float32).contiguous()
+    denominator = None
+    if reduction == "mean":
+        valid = target != ignore_index
+        if weight32 is None:
+            denominator = valid.sum(dtype=torch.float32)
+        else:
+            safe = torch.where(valid, target, torch.zeros_like(target))
+            denominator = (weight32[safe] * valid).sum()
+    grad_scale = None if (grad is None or denominator is None) else denominator.reciprocal()
+    if n_rows == 0:
+        rows = logits.new_zeros(0, dtype=_acc_dtype(logits.dtype))
+    else:
+        rows = _kernels(fn, logits).cross_entropy_fwd(
+            logits, target, weight32, grad, grad_scale, ignore_index, label_smoothing, z_loss)
+    if reduction == "none":
+        return rows.to(logits.dtype)
+    total = rows.sum()
+    if denominator is not None:
+        total = total / denominator
+    return total.to(logits.dtype)
+
+
+@torch.library.custom_op("fastattn::cross_entropy_fwd", mutates_args=(), device_types=_DEVICES)
+def _cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                       label_smoothing: float, z_loss: float, reduction: str,
+                       compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(loss, d loss / d logits) for (R, C) logits; the gradient is empty if not compute_grad."""
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
+    loss = _ce_rows("cross_entropy", logits, target, weight, ignore_index, label_smoothing,
+                    z_loss, reduction, grad)
+    return loss, grad if grad is not None else logits.new_empty(0)
+
+
+@_cross_entropy_fwd.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, reduction, compute_grad):
+    loss_shape = (logits.shape[0],) if reduction == "none" else ()
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad \
+        else logits.new_empty(0)
+    return logits.new_empty(loss_shape), grad
+
+
+def _ce_setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.compute_grad = inputs[-1]
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+
+
+def _ce_backward(ctx, grad_loss, _grad_of_grad):
+    if not ctx.compute_grad:
+        raise RuntimeError("fastattn::cross_entropy_fwd ran with compute_grad=False, so it holds "
+                           "no gradient; call fastattn.cross_entropy with grad enabled")
+    (grad,) = ctx.saved_tensors
+    return _scaled(grad, grad_loss), None, None, None, None, None, None, None
+
+
+_cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+
+
+@torch.library.custom_op("fastattn::cross_entropy_fwd_inplace", mutates_args=("logits",),
+                         device_types=_DEVICES)
+def _cross_entropy_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                               ignore_index: int, label_smoothing: float, z_loss: float,
+                               reduction: str) -> Tensor:
+    """Loss of (R, C) logits; overwrites the logits with d loss / d logits."""
+    return _ce_rows("cross_entropy", logits, target, weight, ignore_index, label_smoothing,
+                    z_loss, reduction, logits)
+
+
+@_cross_entropy_fwd_inplace.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, reduction):
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+
+
+class _CrossEntropyInplace(torch.autograd.Function):
+    """inplace_backward=True: the logits' memory receives their gradient (no second buffer).
+
+    A mutating op cannot carry a torch.library autograd formula, hence this Function. Autograd
+    will refuse (version counter) any other use of the logits that saved them for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, reduction):
+        loss = torch.ops.fastattn.cross_entropy_fwd_inplace(
+            logits, target, weight, ignore_index, label_smoothing, z_loss, reduction)
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return _scaled(grad, grad_loss), None, None, None, None, None, None
+
+
+def _rows_view(x: Tensor) -> Tensor:
+    """(N, C, d1, ...) or (N, C) or (C,) -> (R, C) with a contiguous class dimension."""
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    elif x.dim() > 2:
+        x = x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                  *, z_loss: float = 0.0, inplace_backward: bool = False) -> Tensor:
+    """Fused softmax cross-entropy with the semantics of ``torch.nn.functional.cross_entropy``.
+
+    Args:
+        input: logits ``(N, C)``, ``(N, C, d1, ...)`` or ``(C,)``; float32/float16/bfloat16 (math
+            in float32; float64 runs on the CPU kernel or the reference).
+        target: class indices ``(N,)``, ``(N, d1, ...)`` or ``()``; any integer dtype.
+        weight: optional class weights ``(C,)``.
+        ignore_index: targets equal to it contribute no loss and no gradient.
+        reduction: ``"mean"`` (divided by the summed weight of non-ignored targets), ``"sum"``
+            or ``"none"`` (shape of ``target``).
+        label_smoothing: in [0, 1], PyTorch's definition.
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` to each non-ignored token's loss (PaLM);
+            with ``"mean"`` it is divided by the same denominator as the rest.
+        inplace_backward: let the gradient overwrite ``input``'s memory (saves one logits-sized
+            buffer). Only for callers that never read ``input`` again.
+
+    One kernel pass computes the loss and, when a gradient will be needed, the gradient too; the
+    backward is a scale by ``grad_output`` (skipped when it is 1). Under ``torch.no_grad`` (or for
+    inputs that do not require grad) no gradient is computed or stored. Returns a tensor in
+    ``input``'s dtype.
+    """
+    fn = "cross_entropy"
+    _check_float(fn, "input", input)
+    target = _check_target(fn, target)
+    _check_options(fn, reduction, label_smoothing, ignore_index)
+    if not math.isfinite(z_loss) or z_loss < 0:
+        raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
+    if input.dim() == 0:
+        raise ValueError(f"{fn}: input must have a class dimension, got a 0-d tensor")
+    n_classes = input.shape[0] if input.dim() == 1 else input.shape[1]
+    expected = () if input.dim() == 1 else (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"{fn}: target shape {tuple(target.shape)} does not match input shape "
+                         f"{tuple(input.shape)}; expected target shape {expected}")
+    if weight is not None:
+        _check_float(fn, "weight", weight)
+        if tuple(weight.shape) != (n_classes,):
+            raise ValueError(f"{fn}: weight must have shape ({n_classes},) (one per class), "
+                             f"got {tuple(weight.shape)}")
+    _check_same_device(fn, input=input, target=target, weight=weight)
+    if n_classes == 0:
+        raise ValueError(f"{fn}: input has 0 classes")
+
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(f"{fn}: gradients with respect to weight are not supported; "
+                                  "pass weight.detach()")
+    logits = _rows_view(input)
+    rows_target = target.reshape(-1)
+    need_grad = torch.is_grad_enabled() and input.requires_grad
+    if need_grad and inplace_backward:
+        loss = _CrossEntropyInplace.apply(logits, rows_target, weight, ignore_index,
+                                          float(label_smoothing), float(z_loss), reduction)
+    else:
+        loss, _ = torch.ops.fastattn.cross_entropy_fwd(
+            logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
+            reduction, need_grad)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked linear + loss: the (tokens x vocab) logits exist one chunk at a time
+# --------------------------------------------------------------------------------------------
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+    """Rows per chunk so a chunk of logits is about as large as the hidden states themselves
+    (chunk * vocab ~= tokens * hidden), at least 64 rows so each matmul stays efficient."""
+    rows = math.ceil(n_tokens / max(1, math.ceil(vocab / max(hidden, 1))))
+    return max(1, min(n_tokens, max(64, rows)))
+
+
+def _accumulate_weight_grad(acc: Tensor, dlogits: Tensor, x: Tensor) -> None:
+    """acc (V, H) fp32 += dlogits^T @ x, with the products of half inputs summed in fp32."""
+    if dlogits.dtype == torch.float32:
+        acc.addmm_(dlogits.t(), x)
+    elif acc.device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        torch.ops.aten.addmm.dtype_out(acc, dlogits.t(), x, torch.float32, out=acc)
+    else:
+        acc.add_(torch.mm(dlogits.t(), x))
+
+
+def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
+                   row_fn, want_dx: bool, want_dw: bool):
+    """Shared loop: logits = x[s:e] @ W^T + b; ``row_fn(logits, s, e)`` may turn them into
+    d loss / d logits in place; then dx[s:e] = dlogits @ W, dW += dlogits^T x, db += sum."""
+    n_tokens = x.shape[0]
+    want_db = bias is not None and (want_dx or want_dw)
+    dx = torch.empty_like(x) if want_dx else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_dw else None
+    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if want_db else None
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        xc = x[start:end]
+        logits = F.linear(xc, weight, bias)
+        row_fn(logits, start, end)
+        if dx is not None:
+            torch.mm(logits, weight, out=dx[start:end])
+        if dw is not None:
+            _accumulate_weight_grad(dw, logits, xc)
+        if db is not None:
+            db.add_(logits.sum(0, dtype=torch.float32))
+    return (dx if dx is not None else x.new_empty(0),
+            dw.to(weight.dtype) if dw is not None else x.new_empty(0),
+            db.to(bias.dtype) if db is not None else x.new_empty(0))
+
+
+@torch.library.custom_op("fastattn::linear_cross_entropy_fwd", mutates_args=(),
+                         device_types=_DEVICES)
+def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                              ignore_index: int, label_smoothing: float, reduction: str,
+                              chunk_size: int, want_dx: bool,
+                              want_dw: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dx, dW, db) of cross_entropy(x @ W^T + b, target). For "mean"/"sum" the gradients
+    asked for are computed in this same pass; they are empty otherwise ("none" recomputes the
+    chunks in backward, see linear_cross_entropy_bwd)."""
+    fn = "linear_cross_entropy"
+    n_tokens = x.shape[0]
+    _validate_targets(fn, target, weight.shape[0], ignore_index)
+    need_grad = (want_dx or want_dw) and reduction != "none"
+    valid = target != ignore_index
+    denominator = valid.sum(dtype=torch.float32) if reduction == "mean" else None
+    grad_scale = denominator.reciprocal() if (need_grad and denominator is not None) else None
+    rows = torch.empty(n_tokens, dtype=_acc_dtype(x.dtype), device=x.device)
+    kernels = _kernels(fn, x)
+
+    def row_fn(logits, start, end):
+        rows[start:end] = kernels.cross_entropy_fwd(
+            logits, target[start:end], None, logits if need_grad else None, grad_scale,
+            ignore_index, label_smoothing, 0.0)
+
+    with torch.no_grad():
+        if need_grad:
+            dx, dw, db = _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw)
+        else:
+            for start in range(0, n_tokens, chunk_size):
+                end = min(start + chunk_size, n_tokens)
+                row_fn(F.linear(x[start:end], weight, bias), start, end)
+            dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if reduction == "none":
+        loss = rows
+    else:
+        loss = rows.sum() if denominator is None else rows.sum() / denominator
+    return loss.to(x.dtype), dx, dw, db
+
+
+@_linear_cross_entropy_fwd.register_fake
+def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, want_dx,
+      want_dw):
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else ())
+    if reduction == "none":
+        want_dx = want_dw = False
+    want_db = bias is not None and (want_dx or want_dw)
+    return (loss, torch.empty_like(x) if want_dx else x.new_empty(0),
+            torch.empty_like(weight) if want_dw else x.new_empty(0),
+            torch.empty_like(bias) if want_db else x.new_empty(0))
+
+
+@torch.library.custom_op("fastattn::linear_cross_entropy_bwd", mutates_args=(),
+                         device_types=_DEVICES)
+def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor,
+                              bias: Optional[Tensor], ignore_index: int, label_smoothing: float,
+                              chunk_size: int, want_dx: bool,
+                              want_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of reduction="none": recomputes each chunk's logits, scales row r by grad_loss[r]."""
+    kernels = _kernels("linear_cross_entropy", x)
+    scale = grad_loss.to(torch.float32)
+
+    def row_fn(logits, start, end):
+        kernels.cross_entropy_fwd(logits, target[start:end], None, logits, None, ignore_index,
+                                  label_smoothing, 0.0)
+        logits.mul_(scale[start:end].unsqueeze(1))
+
+    with torch.no_grad():
+        return _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw)
+
+
+@_linear_cross_entropy_bwd.register_fake
+def _(grad_loss, x, weight, target, bias, ignore_index, label_smoothing, chunk_size, want_dx,
+      want_dw):
+    want_db = bias is not None and (want_dx or want_dw)
+    return (torch.empty_like(x) if want_dx else x.new_empty(0),
+            torch.empty_like(weight) if want_dw else x.new_empty(0),
+            torch.empty_like(bias) if want_db else x.new_empty(0))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk, want_dx, want_dw = inputs
+    _, dx, dw, db = output
+    ctx.mark_non_differentiable(dx, dw, db)
+    ctx.reduction, ctx.ignore_index, ctx.label_smoothing, ctx.chunk = (
+        reduction, ignore_index, label_smoothing, chunk)
+    ctx.want = (want_dx, want_dw)
+    ctx.has_bias = bias is not None
+    if reduction == "none":
+        ctx.save_for_backward(x, weight, target, bias)
+    else:
+        ctx.save_for_backward(dx, dw, db)
+
+
+def _lce_backward(ctx, grad_loss, *_unused):
+    want_dx, want_dw = ctx.want
+    if ctx.reduction == "none":
+        x, weight, target, bias = ctx.saved_tensors
+        dx, dw, db = torch.ops.fastattn.linear_cross_entropy_bwd(
+            grad_loss, x, weight, target, bias, ctx.ignore_index, ctx.label_smoothing, ctx.chunk,
+            want_dx, want_dw)
+    else:
+        dx, dw, db = (_scaled(g, grad_loss) if g.numel() else g for g in ctx.saved_tensors)
+    return (dx if want_dx else None, dw if want_dw else None, None,
+            db if ctx.has_bias and db.numel() else None, None, None, None, None, None, None)
+
+
+_linear_cross_entropy_fwd.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                  chunk_size: Optional[int]) -> Tuple[Tensor, Tensor, int]:
+    _check_float(fn, "input", x)
+    _check_float(fn, "weight", weight)
+    target = _check_target(fn, target)
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: input must be (..., hidden), got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be (vocab, hidden), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{fn}: input hidden size {x.shape[-1]} does not match weight "
+                         f"{tuple(weight.shape)} (expected weight.shape[1] == {x.shape[-1]})")
+    if tuple(target.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"{fn}: target shape {tuple(target.shape)} must equal input shape "
+                         f"without its last dimension, {tuple(x.shape[:-1])}")
+    if bias is not None:
+        _check_float(fn, "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{fn}: input, weight and bias must share a dtype, got input {x.dtype}, "
+                        f"weight {weight.dtype}" + (f", bias {bias.dtype}" if bias is not None else ""))
+    _check_same_device(fn, input=x, weight=weight, target=target, bias=bias)
+    if weight.shape[0] == 0:
+        raise ValueError(f"{fn}: weight has 0 rows (vocab size 0)")
+    x2 = x.reshape(-1, x.shape[-1])
+    n_tokens = x2.shape[0]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n_tokens, weight.shape[1], weight.shape[0])
+    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    return x2, target.reshape(-1), max(1, min(chunk_size, max(n_tokens, 1)))
+
+
+def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
+                         bias: Optional[Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0, *,
+                         chunk_size: Optional[int] = None) -> Tensor:
+    """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the full logits.
+
+    ``input`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``, ``target`` ``input.shape[:-1]``.
+    The tokens are processed ``chunk_size`` rows at a time (default: a chunk of logits about the
+    size of ``input``): each chunk's logits are turned into their gradient in place by the fused
+    kernel, then ``d input`` and ``d weight`` (accumulated in float32) are taken from it, so for
+    ``"mean"``/``"sum"`` the gradients are ready after the forward and backward only scales them.
+    ``"none"`` recomputes the chunks in backward (its per-token grad_output is not known before).
+    """
+    fn = "linear_cross_entropy"
+    _check_options(fn, reduction, label_smoothing, ignore_index)
+    x2, t2, chunk = _check_linear(fn, input, weight, target, bias, chunk_size)
+    grad_on = torch.is_grad_enabled()
+    want_dx = grad_on and input.requires_grad
+    want_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
+    loss, *_ = torch.ops.fastattn.linear_cross_entropy_fwd(
+        x2, weight, t2, bias, ignore_index, float(label_smoothing), reduction, chunk,
+        want_dx, want_dw)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token log-probabilities (and entropy)
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastattn::token_logprobs_fwd", mutates_args=(), device_types=_DEVICES)
+def _token_logprobs_fwd(logits: Tensor, target: Tensor, ignore_index: int, inv_temperature: float,
+                        with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy, lse) per row of (R, V) logits, float32 (float64 for float64 logits)."""
+    _validate_targets("token_logprobs", target, logits.shape[1], ignore_index)
+    if logits.shape[0] == 0:
+        empty = logits.new_empty(0, dtype=_acc_dtype(logits.dtype))
+        return empty, empty.clone(), empty.clone()
+    logp, entropy, lse = _kernels("token_logprobs", logits).token_logprobs_fwd(
+        logits, target, ignore_index, inv_temperature, with_entropy)
+    return logp, entropy, lse
+
+
+@_token_logprobs_fwd.register_fake
+def _(logits, target, ignore_index, inv_temperature, with_entropy):
+    acc = _acc_dtype(logits.dtype)
+    rows = logits.shape[0]
+    return (logits.new_empty(rows, dtype=acc), logits.new_empty(rows if with_entropy else 0, dtype=acc),
+            logits.new_empty(rows, dtype=acc))
+
+
+@torch.library.custom_op("fastattn::token_logprobs_bwd", mutates_args=(), device_types=_DEVICES)
+def _token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor,
+                        target: Tensor, lse: Tensor, entropy: Tensor, ignore_index: int,
+                        inv_temperature: float) -> Tensor:
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if logits.shape[0]:
+        _kernels("token_logprobs", logits).token_logprobs_bwd(
+            logits, target, lse, entropy if grad_entropy is not None else None,
+            grad_logp.contiguous(), None if grad_entropy is None else grad_entropy.contiguous(),
+            grad, ignore_index, inv_temperature)
+    return grad
+
+
+@_token_logprobs_bwd.register_fake
+def _(grad_logp, grad_entropy, logits, target, lse, entropy, ignore_index, inv_temperature):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _tlp_setup_context(ctx, inputs, output):
+    logits, target, ignore_index, inv_temperature, _ = inputs
+    _, entropy, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.ignore_index, ctx.inv_temperature = ignore_index, inv_temperature
+    ctx.save_for_backward(logits, target, lse, entropy)
+
+
+def _tlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    logits, target, lse, entropy = ctx.saved_tensors
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None, None
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    grad = torch.ops.fastattn.token_logprobs_bwd(
+        grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
+        logits, target, lse, entropy, ctx.ignore_index, ctx.inv_temperature)
+    return grad, None, None, None, None
+
+
+_token_logprobs_fwd.register_autograd(_tlp_backward, setup_context=_tlp_setup_context)
+
+
+def _check_temperature(fn: str, temperature: float) -> float:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
+    return 1.0 / float(temperature)
+
+
+def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
+                   ignore_index: int = -100,
+                   return_entropy: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """log softmax(logits / temperature)[target] per token, never materialising the log-softmax.
+
+    ``logits`` is ``(..., vocab)`` and ``target`` ``logits.shape[:-1]``; the result has the shape of
+    ``target`` and is float32 (float64 for float64 logits). Tokens whose target is
+    ``ignore_index`` get 0 and no gradient. With ``return_entropy=True`` also returns the entropy
+    of softmax(logits / temperature) per token. The forward reads the logits once; the backward
+    reads them once more and writes their gradient.
+    """
+    fn = "token_logprobs"
+    _check_float(fn, "logits", logits)
+    target = _check_target(fn, target)
+    _check_options(fn, None, None, ignore_index)
+    inv_t = _check_temperature(fn, temperature)
+    if logits.dim() < 1 or tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"{fn}: target shape {tuple(target.shape)} must equal logits shape "
+                         f"without its last dimension, {tuple(logits.shape[:-1])}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{fn}: logits have 0 classes")
+    _check_same_device(fn, logits=logits, target=target)
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1 and rows.shape[-1] != 1:
+        rows = rows.contiguous()
+    logp, entropy, _ = torch.ops.fastattn.token_logprobs_fwd(
+        rows, target.reshape(-1), ignore_index, inv_t, return_entropy)
+    logp = logp.reshape(target.shape)
+    return (logp, entropy.reshape(target.shape)) if return_entropy else logp
+
+
+@torch.library.custom_op("fastattn::linear_token_logprobs_fwd", mutates_args=(),
+                         device_types=_DEVICES)
+def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
+                               ignore_index: int, inv_temperature: float, with_entropy: bool,
+                               chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    fn = "linear_token_logprobs"
+    _validate_targets(fn, target, weight.shape[0], ignore_index)
+    n_tokens = x.shape[0]
+    acc = _acc_dtype(x.dtype)
+    logp = torch.zeros(n_tokens, dtype=acc, device=x.device)
+    entropy = torch.zeros(n_tokens if with_entropy else 0, dtype=acc, device=x.device)
+    lse = torch.zeros(n_tokens, dtype=acc, device=x.device)
+    kernels = _kernels(fn, x)
+    with torch.no_grad():
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            lp, ent, ls = kernels.token_logprobs_fwd(F.linear(x[start:end], weight, bias),
+                                                     target[start:end], ignore_index,
+                                                     inv_temperature, with_entropy)
+            logp[start:end], lse[start:end] = lp, ls
+            if with_entropy:
+                entropy[start:end] = ent
+    return logp, entropy, lse
+
+
+@_linear_token_logprobs_fwd.register_fake
+def _(x, weight, target, bias, ignore_index, inv_temperature, with_entropy, chunk_size):
+    acc = _acc_dtype(x.dtype)
+    n = x.shape[0]
+    return (x.new_empty(n, dtype=acc), x.new_empty(n if with_entropy else 0, dtype=acc),
+            x.new_empty(n, dtype=acc))
+
+
+@torch.library.custom_op("fastattn::linear_token_logprobs_bwd", mutates_args=(),
+                         device_types=_DEVICES)
+def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], x: Tensor,
+                               weight: Tensor, target: Tensor, bias: Optional[Tensor], lse: Tensor,
+                               entropy: Tensor, ignore_index: int, inv_temperature: float,
+                               chunk_size: int, want_dx: bool,
+                               want_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    kernels = _kernels("linear_token_logprobs", x)
+    grad_logp = grad_logp.contiguous()
+    grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
+
+    def row_fn(logits, start, end):
+        kernels.token_logprobs_bwd(
+            logits, target[start:end], lse[start:end],
+            None if grad_entropy is None else entropy[start:end], grad_logp[start:end],
+            None if grad_entropy is None else grad_entropy[start:end], logits, ignore_index,
+            inv_temperature)
+
+    with torch.no_grad():
+        return _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw)
+
+
+@_linear_token_logprobs_bwd.register_fake
+def _(grad_logp, grad_entropy, x, weight, target, bias, lse, entropy, ignore_index,
+      inv_temperature, chunk_size, want_dx, want_dw):
+    want_db = bias is not None and (want_dx or want_dw)
+    return (torch.empty_like(x) if want_dx else x.new_empty(0),
+            torch.empty_like(weight) if want_dw else x.new_empty(0),
+            torch.empty_like(bias) if want_db else x.new_empty(0))
+
+
+def _ltlp_setup_context(ctx, inputs, output):
+    x, weight, target, bias, ignore_index, inv_temperature, _, chunk = inputs
+    _, entropy, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.args = (ignore_index, inv_temperature, chunk)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, target, bias, lse, entropy)
+
+
+def _ltlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
+    x, weight, target, bias, lse, entropy = ctx.saved_tensors
+    want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or (
+        ctx.has_bias and ctx.needs_input_grad[3])
+    if (grad_logp is None and grad_entropy is None) or not (want_dx or want_dw):
+        return None, None, None, None, None, None, None, None
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(lse)
+    dx, dw, db = torch.ops.fastattn.linear_token_logprobs_bwd(
+        grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
+        x, weight, target, bias, lse, entropy, *ctx.args, want_dx, want_dw)
+    return (dx if want_dx else None, dw if ctx.needs_input_grad[1] else None, None,
+            db if ctx.has_bias and db.numel() else None, None, None, None, None)
+
+
+_linear_token_logprobs_fwd.register_autograd(_ltlp_backward, setup_context=_ltlp_setup_context)
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
+                          bias: Optional[Tensor] = None, *, temperature: float = 1.0,
+                          ignore_index: int = -100, return_entropy: bool = False,
+                          chunk_size: Optional[int] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """``token_logprobs(F.linear(hidden, weight, bias), target, ...)`` chunk by chunk.
+
+    ``hidden`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``; neither pass holds more than
+    one chunk of logits. Backward recomputes each chunk's logits (per-token grad_outputs, such as
+    DPO or PPO weights, are only known then) and accumulates ``d weight`` in float32.
+    """
+    fn = "linear_token_logprobs"
+    _check_options(fn, None, None, ignore_index)
+    inv_t = _check_temperature(fn, temperature)
+    x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size)
+    logp, entropy, _ = torch.ops.fastattn.linear_token_logprobs_fwd(
+        x2, weight, t2, bias, ignore_index, inv_t, return_entropy, chunk)
+    logp = logp.reshape(target.shape)
+    return (logp, entropy.reshape(target.shape)) if return_entropy else logp

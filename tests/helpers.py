@@ -1,0 +1,37 @@
+"""Shared test helpers: which (device, backend) pairs to test, tolerances, comparisons."""
+
+import pytest
+import torch
+
+GPU = pytest.mark.gpu
+
+# Every backend that can run on CPU tensors in CI (Triton through the interpreter). None of
+# them is skipped: a backend that fails to build or import must fail the suite.
+CPU_BACKENDS = [("cpu", "reference"), ("cpu", "cpu"), ("cpu", "triton")]
+GPU_BACKENDS = [pytest.param("cuda", b, marks=GPU, id=f"cuda-{b}") for b in ("cuda", "triton")]
+ALL_BACKENDS = [pytest.param(d, b, id=f"{d}-{b}") for d, b in CPU_BACKENDS] + GPU_BACKENDS
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Kernels do their math in float32 on inputs that are exact in every dtype; what differs between
+# dtypes is the rounding of the outputs written in the input's dtype (one ulp there).
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-12),
+    torch.float32: dict(rtol=2e-5, atol=2e-6),
+    torch.float16: dict(rtol=2e-3, atol=2e-5),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=2e-4),
+}
+
+
+def assert_close(actual, expected, dtype, what, scale=1.0):
+    """Compare with per-dtype tolerances; ``scale`` widens atol for values of larger magnitude."""
+    tol = dict(TOL[dtype])
+    tol["atol"] = tol["atol"] * scale
+    torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64),
+                               msg=lambda m: f"{what}: {m}", **tol)
+
+
+def skip_if_unsupported(device, backend, dtype):
+    """Float64 only runs on the cpu and reference backends (the others reject it loudly)."""
+    if dtype == torch.float64 and backend in ("cuda", "triton"):
+        pytest.skip("float64 is not a Triton/CUDA kernel dtype (tested to raise elsewhere)")

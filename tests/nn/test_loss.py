@@ -1,0 +1,52 @@
+"""fastattn.nn loss modules are drop-ins for their torch counterparts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(reduction="sum", ignore_index=3),
+    dict(reduction="none", label_smoothing=0.2),
+    dict(weight=torch.rand(12) + 0.5, label_smoothing=0.1),
+])
+def test_cross_entropy_loss_is_a_drop_in(kwargs):
+    ours = fastattn.nn.CrossEntropyLoss(**kwargs)
+    theirs = torch.nn.CrossEntropyLoss(**kwargs)
+    assert isinstance(ours, torch.nn.CrossEntropyLoss)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 12, 5, requires_grad=True)
+    t = torch.randint(0, 12, (2, 5))
+    a, b = ours(x, t), theirs(x, t)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a.sum(), x)[0]
+    gb = torch.autograd.grad(b.sum(), x)[0]
+    torch.testing.assert_close(ga, gb)
+
+
+def test_cross_entropy_loss_extras():
+    x = torch.randn(6, 9)
+    t = torch.randint(0, 9, (6,))
+    z = fastattn.nn.CrossEntropyLoss(z_loss=1e-2)(x, t)
+    expected = F.cross_entropy(x, t) + 1e-2 * torch.logsumexp(x, 1).square().mean()
+    torch.testing.assert_close(z, expected)
+    assert "z_loss=0.01" in repr(fastattn.nn.CrossEntropyLoss(z_loss=1e-2))
+
+
+def test_linear_cross_entropy_loss():
+    head = torch.nn.Linear(16, 50)
+    h = torch.randn(3, 4, 16, requires_grad=True)
+    t = torch.randint(0, 50, (3, 4))
+    loss_fn = fastattn.nn.LinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=5)
+    assert not list(loss_fn.parameters())
+    a = loss_fn(h, head.weight, t, head.bias)
+    b = F.cross_entropy(head(h).reshape(-1, 50), t.reshape(-1), label_smoothing=0.1)
+    torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad(a, (h, head.weight, head.bias))
+    gb = torch.autograd.grad(b, (h, head.weight, head.bias))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v)

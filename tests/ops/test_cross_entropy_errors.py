@@ -1,0 +1,73 @@
+"""Bad input to the cross-entropy family: a clear error naming the argument, never a crash."""
+
+import pytest
+import torch
+
+import fastattn
+
+X = torch.randn(4, 10)
+T = torch.tensor([1, 2, 3, 4])
+W = torch.randn(10, 6)
+H = torch.randn(4, 6)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: fastattn.cross_entropy(X, T.float()), TypeError, "target must hold class indices"),
+    (lambda: fastattn.cross_entropy(X.long(), T), TypeError, "input must be a floating-point"),
+    (lambda: fastattn.cross_entropy(X, T[:3]), ValueError, r"target shape \(3,\) does not match"),
+    (lambda: fastattn.cross_entropy(torch.tensor(1.0), T), ValueError, "class dimension"),
+    (lambda: fastattn.cross_entropy(X, torch.tensor([1, 2, 10, 0])), ValueError,
+     r"target\[2\] = 10 is out of range.*\[0, 10\)"),
+    (lambda: fastattn.cross_entropy(X, torch.tensor([1, -5, 0, 0])), ValueError,
+     r"target\[1\] = -5 is out of range"),
+    (lambda: fastattn.cross_entropy(X, T, reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda: fastattn.cross_entropy(X, T, label_smoothing=1.5), ValueError, "label_smoothing"),
+    (lambda: fastattn.cross_entropy(X, T, z_loss=-1.0), ValueError, "z_loss must be"),
+    (lambda: fastattn.cross_entropy(X, T, weight=torch.ones(9)), ValueError,
+     r"weight must have shape \(10,\)"),
+    (lambda: fastattn.cross_entropy(X, T.to("meta")), ValueError, "target is on meta"),
+    (lambda: fastattn.cross_entropy(X, T, ignore_index=1.5), TypeError, "ignore_index must be an int"),
+    (lambda: fastattn.linear_cross_entropy(H, W.t(), T), ValueError, "does not match weight"),
+    (lambda: fastattn.linear_cross_entropy(H, W, T[:2]), ValueError, "target shape"),
+    (lambda: fastattn.linear_cross_entropy(H, W.double(), T), TypeError, "must share a dtype"),
+    (lambda: fastattn.linear_cross_entropy(H, W, T, torch.zeros(3)), ValueError, "bias must have"),
+    (lambda: fastattn.linear_cross_entropy(H, W, T, chunk_size=0), ValueError, "chunk_size"),
+    (lambda: fastattn.linear_cross_entropy(H, W, torch.tensor([0, 1, 2, 99])), ValueError,
+     r"target\[3\] = 99 is out of range"),
+    (lambda: fastattn.token_logprobs(X, T, temperature=0.0), ValueError, "temperature must be"),
+    (lambda: fastattn.token_logprobs(X, T[:2]), ValueError, "target shape"),
+    (lambda: fastattn.token_logprobs(X, torch.tensor([0, 0, 0, 10])), ValueError, "out of range"),
+    (lambda: fastattn.linear_token_logprobs(H, W, T, temperature=-1), ValueError, "temperature"),
+])
+def test_clear_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_out_of_range_target_errors_on_every_backend(backend):
+    with fastattn.use_backend(backend), pytest.raises(ValueError, match="out of range"):
+        fastattn.cross_entropy(X, torch.tensor([0, 1, 2, 10]))
+
+
+def test_weight_gradient_is_refused():
+    with pytest.raises(NotImplementedError, match="weight"):
+        fastattn.cross_entropy(X, T, weight=torch.ones(10, requires_grad=True))
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_kernel_backend_rejects_float64(backend):
+    with fastattn.use_backend(backend), pytest.raises(fastattn.BackendError, match="float64"):
+        fastattn.cross_entropy(X.double(), T)
+
+
+def test_direct_kernel_calls_validate_inputs():
+    """The compiled functions check their inputs too (they are reachable from Python)."""
+    from fastattn import _ext
+    C = _ext.load("cpu")
+    with pytest.raises(RuntimeError, match="logits"):
+        C.cross_entropy_fwd(torch.randn(4, 10, 2), T, None, None, None, -100, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="target"):
+        C.cross_entropy_fwd(X, T.int(), None, None, None, -100, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="grad"):
+        C.cross_entropy_fwd(X, T, None, torch.empty(4, 9), None, -100, 0.0, 0.0)

@@ -1,0 +1,132 @@
+"""token_logprobs / linear_token_logprobs against float64 log_softmax, with entropy."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from tests.helpers import ALL_BACKENDS, DTYPES, GPU, assert_close
+
+
+def oracle(logits, target, temperature, ignore_index=-100):
+    s = logits / temperature
+    logp_all = torch.log_softmax(s, dim=-1)
+    valid = target != ignore_index
+    logp = logp_all.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * valid
+    return logp, entropy
+
+
+def make(shape, vocab, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, vocab, generator=g) * 3).to(dtype).to(device)
+    target = torch.randint(0, vocab, shape, generator=g).to(device)
+    target.view(-1)[1::5] = -100
+    return logits, target
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [1, 17, 4099])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("grads", ["logp", "entropy", "both"])
+def test_matches_float64(device, backend, dtype, vocab, temperature, grads):
+    logits, target = make((2, 6), vocab, dtype, device)
+    leaf = logits.clone().requires_grad_()
+    with fastattn.use_backend(backend):
+        logp, ent = fastattn.token_logprobs(leaf, target, temperature=temperature,
+                                            return_entropy=True)
+    ref_leaf = logits.double().requires_grad_()
+    ref_logp, ref_ent = oracle(ref_leaf, target, temperature)
+    assert logp.dtype == torch.float32 and logp.shape == target.shape
+    assert_close(logp, ref_logp, torch.float32, "logp", scale=20)
+    assert_close(ent, ref_ent, torch.float32, "entropy", scale=20)
+    g1, g2 = torch.randn_like(ref_logp), torch.randn_like(ref_logp)
+    ours = {"logp": (logp * g1.float()).sum(), "entropy": (ent * g2.float()).sum()}
+    theirs = {"logp": (ref_logp * g1).sum(), "entropy": (ref_ent * g2).sum()}
+    keys = ["logp", "entropy"] if grads == "both" else [grads]
+    with fastattn.use_backend(backend):
+        (grad,) = torch.autograd.grad(sum(ours[k] for k in keys), leaf)
+    (ref_grad,) = torch.autograd.grad(sum(theirs[k] for k in keys), ref_leaf)
+    assert grad.dtype == dtype
+    assert_close(grad, ref_grad, dtype, "grad", scale=10)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_without_entropy_and_strided(device, backend):
+    base, target = make((3,), 64, torch.float32, device)
+    logits = torch.randn(3, 100, device=device)[:, 10:74]      # row stride 100
+    leaf = logits.clone().requires_grad_()
+    with fastattn.use_backend(backend):
+        logp = fastattn.token_logprobs(leaf[:, :], target)
+        logp.sum().backward()
+    ref_leaf = logits.double().requires_grad_()
+    ref_logp, _ = oracle(ref_leaf, target, 1.0)
+    ref_logp.sum().backward()
+    assert_close(logp, ref_logp, torch.float32, "logp")
+    assert_close(leaf.grad, ref_leaf.grad, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_linear_matches_float64(device, backend, chunk_size):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 7, 16, generator=g).to(device)
+    w = (torch.randn(53, 16, generator=g) / 4).to(device)
+    b = (torch.randn(53, generator=g) * 0.1).to(device)
+    t = torch.randint(0, 53, (2, 7), generator=g).to(device)
+    t[1, 2] = -100
+    leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+    with fastattn.use_backend(backend):
+        logp, ent = fastattn.linear_token_logprobs(*leaves[:2], t, leaves[2], temperature=0.8,
+                                                   return_entropy=True, chunk_size=chunk_size)
+    ref_leaves = [v.double().requires_grad_() for v in (x, w, b)]
+    ref_logp, ref_ent = oracle(F.linear(*ref_leaves), t, 0.8)
+    assert_close(logp, ref_logp, torch.float32, "logp")
+    assert_close(ent, ref_ent, torch.float32, "entropy")
+    g1, g2 = torch.randn_like(ref_logp), torch.randn_like(ref_logp)
+    with fastattn.use_backend(backend):
+        ours = torch.autograd.grad((logp * g1.float()).sum() + (ent * g2.float()).sum(), leaves)
+    theirs = torch.autograd.grad((ref_logp * g1).sum() + (ref_ent * g2).sum(), ref_leaves)
+    for name, a, e in zip("xwb", ours, theirs):
+        assert_close(a, e, torch.float32, f"grad {name}", scale=10)
+
+
+def test_linear_frozen_weight_only_input_grad():
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(19, 8)
+    t = torch.randint(0, 19, (5,))
+    fastattn.linear_token_logprobs(x, w, t).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    oracle(F.linear(x64, w.double()), t, 1.0)[0].sum().backward()
+    assert_close(x.grad, x64.grad, torch.float32, "grad x")
+
+
+def test_cpu_kernel_training_shape():
+    logits, target = make((96,), 32000, torch.bfloat16, "cpu", seed=4)
+    leaf = logits.clone().requires_grad_()
+    with fastattn.use_backend("cpu"):
+        logp, ent = fastattn.token_logprobs(leaf, target, return_entropy=True)
+        (logp.sum() - 0.01 * ent.sum()).backward()
+    ref_leaf = logits.double().requires_grad_()
+    ref_logp, ref_ent = oracle(ref_leaf, target, 1.0)
+    (ref_logp.sum() - 0.01 * ref_ent.sum()).backward()
+    assert_close(logp, ref_logp, torch.float32, "logp", scale=20)
+    assert_close(ent, ref_ent, torch.float32, "entropy", scale=20)
+    assert_close(leaf.grad, ref_leaf.grad, torch.bfloat16, "grad")
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_large_vocab(backend):
+    logits, target = make((16,), 131072, torch.bfloat16, "cuda")
+    leaf = logits.clone().requires_grad_()
+    with fastattn.use_backend(backend):
+        logp, ent = fastattn.token_logprobs(leaf, target, temperature=0.9, return_entropy=True)
+        (logp.sum() + ent.sum()).backward()
+    ref_leaf = logits.double().requires_grad_()
+    ref_logp, ref_ent = oracle(ref_leaf, target, 0.9)
+    (ref_logp.sum() + ref_ent.sum()).backward()
+    assert_close(logp, ref_logp, torch.float32, "logp", scale=50)
+    assert_close(ent, ref_ent, torch.float32, "entropy", scale=50)
+    assert_close(leaf.grad, ref_leaf.grad, torch.bfloat16, "grad")

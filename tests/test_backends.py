@@ -1,0 +1,141 @@
+"""Backend registry: availability report, selection, overrides, fallbacks and their errors."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import _backends
+
+
+def test_backends_reports_every_backend_with_a_reason():
+    report = fastattn.backends()
+    assert set(report) == {"triton", "cuda", "cpu", "reference"}
+    for name, st in report.items():
+        assert isinstance(st, fastattn.BackendStatus) and st.reason, name
+    assert report["reference"] and report["cpu"], report
+    if not torch.cuda.is_available():
+        assert not report["cuda"] and "no CUDA device" in report["cuda"].reason
+
+
+def test_use_backend_is_scoped_and_validated():
+    assert _backends.requested() == "auto"
+    with fastattn.use_backend("reference"):
+        assert _backends.requested() == "reference"
+        with fastattn.use_backend("cpu"):
+            assert _backends.requested() == "cpu"
+        assert _backends.requested() == "reference"
+    assert _backends.requested() == "auto"
+    with pytest.raises(ValueError, match="unknown fastattn backend 'fast'"):
+        with fastattn.use_backend("fast"):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_impossible_backend_raises_at_once():
+    with pytest.raises(fastattn.BackendError, match="'cuda' is not available: no CUDA device"):
+        with fastattn.use_backend("cuda"):
+            pass
+
+
+def test_backend_for_wrong_device_raises(monkeypatch):
+    # pretend the CUDA backend exists: asking it to run CPU tensors must still fail clearly
+    monkeypatch.setattr(_backends, "status", lambda name: _backends.BackendStatus(True, "test"))
+    with _backends_override("cuda"), pytest.raises(fastattn.BackendError, match="takes CUDA tensors"):
+        fastattn.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def _backends_override(name):
+    token = _backends._override.set(name)
+
+    class _Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            _backends._override.reset(token)
+    return _Ctx()
+
+
+def test_auto_picks_cpu_kernel_on_cpu(monkeypatch):
+    seen = []
+    real = _backends.implementation
+    monkeypatch.setattr(_backends, "implementation",
+                        lambda name, pkg: seen.append(name) or real(name, pkg))
+    fastattn.cross_entropy(torch.randn(3, 5), torch.tensor([0, 1, 2]))
+    assert seen == ["cpu"]
+
+
+def _run(code, **env):
+    import os
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=600)
+
+
+def test_env_override_and_bad_value():
+    ok = _run("""
+        import torch, fastattn
+        from fastattn import _backends
+        assert _backends.requested() == "reference", _backends.requested()
+        print(fastattn.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1])).item())
+    """, FASTATTN_BACKEND="reference")
+    assert ok.returncode == 0, ok.stderr
+    bad = _run("""
+        import torch, fastattn
+        fastattn.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+    """, FASTATTN_BACKEND="gpu")
+    assert bad.returncode != 0 and "FASTATTN_BACKEND='gpu' is not a backend" in bad.stderr
+
+
+BLOCK_C = """
+    import sys, importlib.abc
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "fastattn._C":
+                raise ImportError("blocked for the test")
+    sys.meta_path.insert(0, Block())
+"""
+
+
+def test_missing_extension_without_jit_falls_back_with_one_warning():
+    res = _run(BLOCK_C + """
+        import warnings, torch, fastattn
+        import torch.nn.functional as F
+        print(fastattn.backends()["cpu"])
+        x, t = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            a = fastattn.cross_entropy(x, t)
+            b = fastattn.cross_entropy(x, t)
+        msgs = [str(w.message) for w in caught if "fastattn" in str(w.message)]
+        assert len(msgs) == 1 and "falling back" in msgs[0], msgs
+        torch.testing.assert_close(a, F.cross_entropy(x, t))
+        try:
+            with fastattn.use_backend("cpu"):
+                pass
+        except fastattn.BackendError as e:
+            print("ERR", e)
+    """, FASTATTN_JIT="0")
+    assert res.returncode == 0, res.stderr
+    assert "unavailable" in res.stdout and "FASTATTN_JIT=0" in res.stdout
+    assert "ERR backend 'cpu' is not available" in res.stdout
+
+
+def test_missing_extension_is_built_on_first_use(tmp_path):
+    """With fastattn._C not importable, the first CPU call compiles csrc/cpu into the cache."""
+    res = _run(BLOCK_C + """
+        import torch, fastattn
+        import torch.nn.functional as F
+        from fastattn import _ext
+        x, t = torch.randn(4, 7), torch.tensor([0, 1, 2, 3])
+        with fastattn.use_backend("cpu"):
+            a = fastattn.cross_entropy(x, t)
+        torch.testing.assert_close(a, F.cross_entropy(x, t))
+        print("MODULE", _ext.load("cpu").__file__)
+    """, FASTATTN_CACHE_DIR=str(tmp_path), MAX_JOBS="2")
+    assert res.returncode == 0, res.stderr
+    assert f"MODULE {tmp_path}" in res.stdout, res.stdout
