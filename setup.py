@@ -13,24 +13,25 @@ from pathlib import Path
 from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
-import torch
-from torch.utils import cpp_extension
-
 ROOT = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_buildinfo", ROOT / "fastattn" / "_buildinfo.py")
 info = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(info)
+info.use_cuda_home()  # before torch.utils.cpp_extension reads CUDA_HOME at import
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 
 def _want_cuda() -> bool:
     mode = os.environ.get("FASTATTN_CUDA", "auto").lower()
     if mode not in ("0", "1", "auto"):
         raise SystemExit(f"FASTATTN_CUDA must be 0, 1 or auto, got {mode!r}")
-    have = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    have = torch.version.cuda is not None and info.cuda_home() is not None
     if mode == "1" and not have:
         raise SystemExit(
             "FASTATTN_CUDA=1 but the CUDA extension cannot be built: "
-            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME} "
+            f"torch.version.cuda={torch.version.cuda}, CUDA toolkit={info.cuda_home()} "
             "(install a CUDA build of torch and put nvcc on the PATH)"
         )
     return have if mode == "auto" else mode == "1"

@@ -99,7 +99,7 @@ def table(results: list[Result], baseline: str = "torch eager") -> str:
         if r.peak_mb is not None and base_mem.get(r.case):
             mem_ratio = f"{r.peak_mb / base_mem[r.case]:.2f}x"
         rows.append((r.case, r.impl, f"{r.median_ms:.2f}",
-                     f"{r.rate:.1f} {r.unit}" if r.work else "",
+                     f"{r.rate:.3g} {r.unit}" if r.work else "",
                      "" if r.peak_mb is None else f"{r.peak_mb:.0f}",
                      f"{sp[i]:.2f}x" if i in sp else "", mem_ratio))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]

@@ -42,12 +42,10 @@ def cache_dir() -> Path:
 
 
 def _cuda_build_blocker() -> str | None:
-    from torch.utils import cpp_extension
-
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is not a CUDA build"
-    if cpp_extension.CUDA_HOME is None:
-        return "nvcc not found (set CUDA_HOME or put nvcc on the PATH)"
+    if _buildinfo.use_cuda_home() is None:
+        return "no CUDA toolkit found (set CUDA_HOME or put nvcc on the PATH)"
     return None
 
 

@@ -69,11 +69,12 @@ def test_auto_picks_cpu_kernel_on_cpu(monkeypatch):
     assert seen == ["cpu"]
 
 
-def _run(code, **env):
+def _run(code, prelude="", **env):
     import os
     full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, timeout=600)
+    source = textwrap.dedent(prelude) + textwrap.dedent(code)
+    return subprocess.run([sys.executable, "-c", source], capture_output=True, text=True,
+                          env=full_env, timeout=900)
 
 
 def test_env_override_and_bad_value():
@@ -102,7 +103,7 @@ BLOCK_C = """
 
 
 def test_missing_extension_without_jit_falls_back_with_one_warning():
-    res = _run(BLOCK_C + """
+    res = _run(prelude=BLOCK_C, code="""
         import warnings, torch, fastattn
         import torch.nn.functional as F
         print(fastattn.backends()["cpu"])
@@ -127,7 +128,7 @@ def test_missing_extension_without_jit_falls_back_with_one_warning():
 
 def test_missing_extension_is_built_on_first_use(tmp_path):
     """With fastattn._C not importable, the first CPU call compiles csrc/cpu into the cache."""
-    res = _run(BLOCK_C + """
+    res = _run(prelude=BLOCK_C, code="""
         import torch, fastattn
         import torch.nn.functional as F
         from fastattn import _ext

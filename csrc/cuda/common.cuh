@@ -169,8 +169,9 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // a exactly, true of +, fmaxf and any symmetric formula of them) and associative up to rounding;
 // then the xor butterfly leaves the *same bits* in every lane, so every thread of a warp/block
 // sees one identical result and no broadcast step is needed. Beware that nvcc contracts
-// a * b + c * d into fma(a, b, c * d), which is not symmetric: write such ops with __fmul_rn. T is any trivially copyable type
-// whose size is a multiple of 4 bytes (float, or a small struct of floats).
+// a * b + c * d into fma(a, b, c * d), which is not symmetric: write such ops with __fmul_rn.
+// T is any trivially copyable type whose size is a multiple of 4 bytes (float, or a small
+// struct of floats).
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 __device__ __forceinline__ T shfl_xor(const T& v, int lane_mask) {

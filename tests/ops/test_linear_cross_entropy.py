@@ -79,9 +79,10 @@ def test_no_grad_returns_loss_only():
 
 
 def test_default_chunk_bounds_memory():
-    # a chunk of logits is about the size of the hidden states, never below 64 rows
-    assert default_chunk_size(4096, 512, 32768) == 64
+    # a chunk of logits is about the size of the hidden states, never below 512 rows
+    assert default_chunk_size(4096, 512, 32768) == 512
     assert default_chunk_size(16384, 4096, 131072) == 512
+    assert default_chunk_size(65536, 4096, 32000) == 8389
     assert default_chunk_size(10, 512, 32768) == 10
 
 
