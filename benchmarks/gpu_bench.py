@@ -50,43 +50,29 @@ def _backend_fn(fn, backend):
     return run
 
 
-def cross_entropy_cases(results, n=16384, v=131072):
-    x = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
-    t = torch.randint(0, v, (n,), device="cuda")
-    case = f"cross_entropy fwd+bwd {n}x{v} bf16"
-    eager = lambda x, t: F.cross_entropy(x, t)           # noqa: E731
-    impls = {
-        "fastattn[cuda]": _backend_fn(fastattn.cross_entropy, "cuda"),
-        "fastattn[triton]": _backend_fn(fastattn.cross_entropy, "triton"),
-        "torch eager": eager,
-        "torch.compile": torch.compile(eager),
-    }
-    for name, fn in impls.items():
-        def step():
-            x.grad = None
-            fn(x, t).backward()
-        _record(results, case, name, step, 3 * x.numel() * x.element_size(), "GB/s")
-    del x
-
-
-def token_logprobs_cases(results, n=16384, v=131072):
+def _logits_cases(results, name, fastattn_fn, eager_fn, weighted, n, v):
+    """fwd+bwd of a per-token loss over (n, v) bf16 logits, every implementation on the same
+    tensors; ``weighted`` sums the per-token outputs with random weights (as DPO/PPO do)."""
     x = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
     t = torch.randint(0, v, (n,), device="cuda")
     w = torch.randn(n, device="cuda")
-    case = f"token_logprobs fwd+bwd {n}x{v} bf16"
-    eager = lambda x, t: torch.log_softmax(x.float(), -1).gather(-1, t[:, None]).squeeze(-1)  # noqa
     impls = {
-        "fastattn[cuda]": _backend_fn(fastattn.token_logprobs, "cuda"),
-        "fastattn[triton]": _backend_fn(fastattn.token_logprobs, "triton"),
-        "torch eager": eager,
-        "torch.compile": torch.compile(eager),
+        "fastattn[cuda]": _backend_fn(fastattn_fn, "cuda"),
+        "fastattn[triton]": _backend_fn(fastattn_fn, "triton"),
+        "torch eager": eager_fn,
+        "torch.compile": torch.compile(eager_fn),
     }
-    for name, fn in impls.items():
+    for impl, fn in impls.items():
         def step():
             x.grad = None
-            (fn(x, t) * w).sum().backward()
-        _record(results, case, name, step, 3 * x.numel() * x.element_size(), "GB/s")
-    del x
+            out = fn(x, t)
+            (out * w).sum().backward() if weighted else out.backward()
+        _record(results, f"{name} fwd+bwd {n}x{v} bf16", impl, step,
+                3 * x.numel() * x.element_size(), "GB/s")
+
+
+def _eager_logprobs(x, t):
+    return torch.log_softmax(x.float(), -1).gather(-1, t[:, None]).squeeze(-1)
 
 
 def linear_cross_entropy_cases(results, n=16384, h=4096, v=131072):
@@ -132,8 +118,10 @@ def main() -> int:
     scale = 8 if args.quick else 1
     copy = copy_bandwidth()
     results: list[Result] = [copy]
-    cross_entropy_cases(results, n=16384 // scale)
-    token_logprobs_cases(results, n=16384 // scale)
+    _logits_cases(results, "cross_entropy", fastattn.cross_entropy, F.cross_entropy, False,
+                  16384 // scale, 131072)
+    _logits_cases(results, "token_logprobs", fastattn.token_logprobs, _eager_logprobs, True,
+                  16384 // scale, 131072)
     linear_cross_entropy_cases(results, n=16384 // scale)
     env = environment()
     env["copy_GBps"] = round(copy.rate, 1)

@@ -9,6 +9,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "ops.h"
 
@@ -69,6 +70,22 @@ void check_grad(const at::Tensor& grad, const at::Tensor& logits) {
   TORCH_CHECK(grad.size(0) <= 1 || grad.stride(0) >= grad.size(1),
               "fastattn._C: grad rows must not overlap (stride(0) >= classes = ", grad.size(1),
               "), got strides ", grad.strides());
+  // In place is supported only as the very same view: a kernel reads each row of logits
+  // before writing the same row of grad, which says nothing about a row shifted against it.
+  const bool same_view = grad.data_ptr() == logits.data_ptr() && grad.strides() == logits.strides();
+  if (!same_view && grad.numel() > 0) {
+    const auto span = [](const at::Tensor& t) {
+      const auto* lo = static_cast<const char*>(t.data_ptr());
+      const int64_t n = (t.size(0) - 1) * t.stride(0) + t.size(1);
+      return std::make_pair(lo, lo + n * static_cast<int64_t>(t.element_size()));
+    };
+    const auto g = span(grad), l = span(logits);
+    TORCH_CHECK(g.second <= l.first || l.second <= g.first,
+                "fastattn._C: grad must be either logits itself (same data pointer and strides, "
+                "for an in-place backward) or not overlap it in memory; got grad strides ",
+                grad.strides(), " and logits strides ", logits.strides(),
+                " over overlapping memory");
+  }
 }
 
 at::ScalarType acc_dtype_of(const at::Tensor& logits) {
