@@ -30,7 +30,8 @@ test: build
 	$(PY) -m pytest tests -m "not gpu" -q -p no:cacheprovider
 
 bench: build
-	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-columns=min,median,max,rounds \
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider -o python_files="bench_*.py" \
+		--benchmark-columns=min,median,max,rounds \
 		--benchmark-sort=name
 
 demo: build

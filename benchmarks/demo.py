@@ -8,6 +8,7 @@ import pytest
 
 def main() -> int:
     return pytest.main(["benchmarks/bench_cross_entropy.py", "-q", "-p", "no:cacheprovider",
+                        "-o", "python_files=bench_*.py",
                         "-k", "cross_entropy_fwd_bwd and not linear",
                         "--benchmark-columns=min,median,max", "--benchmark-sort=name"])
 

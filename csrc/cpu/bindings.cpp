@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include <cmath>
 #include <optional>
 #include <sstream>
 #include <string>
