@@ -84,20 +84,32 @@ def environment() -> dict:
     return info
 
 
-def ratios(results: list[Result], baseline: str = "torch eager") -> dict[int, float]:
-    """speedup of each result against the baseline impl of the same case (same run)."""
-    base = {r.case: r.median_ms for r in results if r.impl == baseline}
-    return {i: base[r.case] / r.median_ms for i, r in enumerate(results) if r.case in base}
+BASELINES = ("torch eager", "torch fused")
 
 
-def table(results: list[Result], baseline: str = "torch eager") -> str:
-    sp = ratios(results, baseline)
-    base_mem = {r.case: r.peak_mb for r in results if r.impl == baseline}
-    rows = [("case", "impl", "median ms", "rate", "peak MB", f"speedup vs {baseline}", "mem vs base")]
+def _baselines(results: list[Result]) -> dict[str, Result]:
+    """Per case, the PyTorch result the others are compared with: eager, else fused."""
+    base: dict[str, Result] = {}
+    for name in reversed(BASELINES):
+        base.update({r.case: r for r in results if r.impl == name})
+    return base
+
+
+def ratios(results: list[Result]) -> dict[int, float]:
+    """Speedup of each result against its case's baseline (measured in the same run)."""
+    base = _baselines(results)
+    return {i: base[r.case].median_ms / r.median_ms for i, r in enumerate(results)
+            if r.case in base}
+
+
+def table(results: list[Result]) -> str:
+    sp = ratios(results)
+    base = _baselines(results)
+    rows = [("case", "impl", "median ms", "rate", "peak MB", "speedup vs base", "mem vs base")]
     for i, r in enumerate(results):
         mem_ratio = ""
-        if r.peak_mb is not None and base_mem.get(r.case):
-            mem_ratio = f"{r.peak_mb / base_mem[r.case]:.2f}x"
+        if r.peak_mb is not None and r.case in base and base[r.case].peak_mb:
+            mem_ratio = f"{r.peak_mb / base[r.case].peak_mb:.2f}x"
         rows.append((r.case, r.impl, f"{r.median_ms:.2f}",
                      f"{r.rate:.3g} {r.unit}" if r.work else "",
                      "" if r.peak_mb is None else f"{r.peak_mb:.0f}",
@@ -108,21 +120,22 @@ def table(results: list[Result], baseline: str = "torch eager") -> str:
     return "\n".join(lines)
 
 
-def write(results: list[Result], stem: str, baseline: str = "torch eager",
-          out_dir: Path | None = None) -> tuple[Path, Path]:
+def write(results: list[Result], stem: str, out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write ``<stem>.csv`` and ``<stem>.png`` (time and peak memory per case and impl)."""
     out_dir = Path(out_dir or OUT_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
-    sp = ratios(results, baseline)
+    sp = ratios(results)
+    base = _baselines(results)
     csv_path = out_dir / f"{stem}.csv"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["case", "impl", "median_ms", "rate", "unit", "peak_mb", "speedup_vs_eager",
-                    *env.keys()])
+        w.writerow(["case", "impl", "median_ms", "rate", "unit", "peak_mb", "baseline",
+                    "speedup_vs_baseline", *env.keys()])
         for i, r in enumerate(results):
             w.writerow([r.case, r.impl, f"{r.median_ms:.4f}", f"{r.rate:.3f}", r.unit,
                         "" if r.peak_mb is None else f"{r.peak_mb:.1f}",
+                        base[r.case].impl if r.case in base else "",
                         f"{sp[i]:.3f}" if i in sp else "", *env.values()])
     png_path = out_dir / f"{stem}.png"
     try:

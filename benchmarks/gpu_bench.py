@@ -93,6 +93,33 @@ def linear_cross_entropy_cases(results, n=16384, h=4096, v=131072):
         _record(results, case, name, step, 3 * 2 * n * h * v, "TFLOP/s")
 
 
+def adam_cases(results, total=1 << 30, n_tensors=200):
+    """One AdamW step over ~1B parameters in n_tensors tensors of mixed sizes: fp32 params, and
+    bf16 params with fp32 master weights. Bytes per parameter: fp32 28 (param, grad, m, v read;
+    param, m, v written); bf16 + master 32 (bf16 param and grad 2+2 read, master/m/v 12 read,
+    param 2 + master/m/v 12 written)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weights = torch.rand(n_tensors, generator=g, device="cuda") + 0.1
+    sizes = (weights / weights.sum() * total).long().clamp(min=1).tolist()
+    numel = sum(sizes)
+    for dtype, bytes_per, master in ((torch.float32, 28, False), (torch.bfloat16, 32, True)):
+        params = [torch.randn(n, device="cuda", dtype=dtype, generator=g).requires_grad_()
+                  for n in sizes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        case = f"AdamW step {numel / 1e9:.2f}B params {str(dtype).split('.')[-1]}" + (
+            " + fp32 master" if master else "")
+        impls = {"fastattn": lambda ps: fastattn.optim.AdamW(ps, lr=1e-4, master_weights=master)}
+        if not master:  # torch has no master-weight policy to compare with
+            impls["torch fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
+            impls["torch foreach"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)
+        for impl, make in impls.items():
+            opt = make(params)
+            _record(results, case, impl, opt.step, bytes_per * numel, "GB/s")
+            del opt
+        del params
+
+
 def _record(results, case, impl, step, work, unit):
     try:
         step()                                   # compile / autotune outside the timing
@@ -123,6 +150,7 @@ def main() -> int:
     _logits_cases(results, "token_logprobs", fastattn.token_logprobs, _eager_logprobs, True,
                   16384 // scale, 131072)
     linear_cross_entropy_cases(results, n=16384 // scale)
+    adam_cases(results, total=(1 << 30) // scale)
     env = environment()
     env["copy_GBps"] = round(copy.rate, 1)
     env["seconds"] = round(time.time() - t0, 1)

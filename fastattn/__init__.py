@@ -10,7 +10,7 @@ from .ops.cross_entropy import (
     linear_token_logprobs,
     token_logprobs,
 )
-from . import nn  # noqa: E402  (after the ops it wraps)
+from . import nn, optim  # noqa: E402  (after the ops they wrap)
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,5 @@ __all__ = [
     "token_logprobs",
     "linear_token_logprobs",
     "nn",
+    "optim",
 ]

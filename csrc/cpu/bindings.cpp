@@ -11,6 +11,7 @@
 #include <sstream>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "ops.h"
 
@@ -73,7 +74,8 @@ void check_grad(const at::Tensor& grad, const at::Tensor& logits) {
               "), got strides ", grad.strides());
   // In place is supported only as the very same view: a kernel reads each row of logits
   // before writing the same row of grad, which says nothing about a row shifted against it.
-  const bool same_view = grad.data_ptr() == logits.data_ptr() && grad.strides() == logits.strides();
+  const bool same_view = grad.data_ptr() == logits.data_ptr() &&
+                         (grad.size(0) <= 1 || grad.stride(0) == logits.stride(0));
   if (!same_view && grad.numel() > 0) {
     const auto span = [](const at::Tensor& t) {
       const auto* lo = static_cast<const char*>(t.data_ptr());
@@ -158,6 +160,99 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
                                     ignore_index, inv_temperature);
 }
 
+// ---- adam_step -----------------------------------------------------------------------------
+
+using TensorList = std::vector<at::Tensor>;
+
+// list[i]: on the CPU, contiguous, `numel` elements, one of the allowed dtypes.
+void check_adam_tensor(const at::Tensor& t, const char* list, size_t i, int64_t numel,
+                       bool allow_half_bf16, const char* allowed) {
+  TORCH_CHECK(t.defined(), "adam_step: ", list, "[", i, "] is an undefined tensor");
+  TORCH_CHECK(t.device().is_cpu(), "adam_step: ", list, "[", i,
+              "] must be a CPU tensor, got device ", t.device());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || (allow_half_bf16 && (dt == at::kHalf || dt == at::kBFloat16)),
+              "adam_step: ", list, "[", i, "] must be ", allowed, ", got ", dt);
+  TORCH_CHECK(t.is_contiguous(), "adam_step: ", list, "[", i,
+              "] must be contiguous, got shape ", shape_str(t), " with strides ", t.strides());
+  TORCH_CHECK(t.numel() == numel, "adam_step: ", list, "[", i, "] must have ", numel,
+              " elements (as params[", i, "]), got shape ", shape_str(t));
+}
+
+// A float32 one-element CPU tensor.
+void check_adam_scalar(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "adam_step: ", name, " is an undefined tensor");
+  TORCH_CHECK(t.device().is_cpu(), "adam_step: ", name, " must be a CPU tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "adam_step: ", name,
+              " must have dtype float32, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, "adam_step: ", name,
+              " must be a 0-dim (one-element) tensor, got shape ", shape_str(t));
+}
+
+void adam_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
+               const TensorList& exp_avg_sqs, const TensorList& max_exp_avg_sqs,
+               const TensorList& masters, const at::Tensor& step, const at::Tensor& lr,
+               double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+               bool amsgrad, bool maximize, const std::optional<at::Tensor>& inv_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  const size_t n = params.size();
+  const auto check_len = [n](const TensorList& list, const char* name) {
+    TORCH_CHECK(list.size() == n, "adam_step: ", name, " must have as many tensors as params (",
+                n, "), got ", list.size());
+  };
+  check_len(grads, "grads");
+  check_len(exp_avgs, "exp_avgs");
+  check_len(exp_avg_sqs, "exp_avg_sqs");
+  if (amsgrad) {
+    check_len(max_exp_avg_sqs, "max_exp_avg_sqs (amsgrad=True)");
+  } else {
+    TORCH_CHECK(max_exp_avg_sqs.empty(), "adam_step: max_exp_avg_sqs must be empty when "
+                "amsgrad=False, got ", max_exp_avg_sqs.size(), " tensors");
+  }
+  TORCH_CHECK(masters.empty() || masters.size() == n, "adam_step: masters must be empty (no "
+              "master weights) or have as many tensors as params (", n, "), got ",
+              masters.size());
+  check_adam_scalar(step, "step");
+  check_adam_scalar(lr, "lr");
+  if (inv_scale.has_value()) check_adam_scalar(*inv_scale, "inv_scale");
+  if (found_inf.has_value()) check_adam_scalar(*found_inf, "found_inf");
+  const float t = step.item<float>();
+  TORCH_CHECK(t >= 1.0f, "adam_step: step must be >= 1 (the step count after this step's "
+              "increment), got ", t);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "adam_step: beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "adam_step: beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), "adam_step: eps must be finite and >= 0, got ",
+              eps);
+  TORCH_CHECK(std::isfinite(weight_decay), "adam_step: weight_decay must be finite, got ",
+              weight_decay);
+
+  const auto mom_dtype = n > 0 ? exp_avgs[0].scalar_type() : at::kFloat;
+  TORCH_CHECK(mom_dtype == at::kFloat || mom_dtype == at::kBFloat16,
+              "adam_step: exp_avgs[0] must be float32 or bfloat16, got ", mom_dtype);
+  const auto check_mom = [&](const TensorList& list, const char* name, size_t i, int64_t numel) {
+    check_adam_tensor(list[i], name, i, numel, true, "float32 or bfloat16");
+    TORCH_CHECK(list[i].scalar_type() == mom_dtype, "adam_step: ", name, "[", i,
+                "] must have the dtype of exp_avgs[0] (", mom_dtype,
+                "): all moments of one call share a dtype; got ", list[i].scalar_type());
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t numel = params[i].defined() ? params[i].numel() : 0;
+    check_adam_tensor(params[i], "params", i, numel, true, "float32, float16 or bfloat16");
+    check_adam_tensor(grads[i], "grads", i, numel, true, "float32, float16 or bfloat16");
+    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "adam_step: grads[", i,
+                "] must have the dtype of params[", i, "] (", params[i].scalar_type(), "), got ",
+                grads[i].scalar_type());
+    check_mom(exp_avgs, "exp_avgs", i, numel);
+    check_mom(exp_avg_sqs, "exp_avg_sqs", i, numel);
+    if (amsgrad) check_mom(max_exp_avg_sqs, "max_exp_avg_sqs", i, numel);
+    if (!masters.empty()) check_adam_tensor(masters[i], "masters", i, numel, false, "float32");
+  }
+  fastattn::cpu::adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, step,
+                           lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize,
+                           inv_scale, found_inf);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -183,4 +278,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("entropy"),
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad"), py::arg("ignore_index"),
         py::arg("inv_temperature"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("adam_step", &adam_step,
+        "One Adam/AdamW step in place over lists of tensors (fastattn/ops/adam/reference.py); "
+        "writes nothing when found_inf is given and nonzero",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("step"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"), py::arg("inv_scale"),
+        py::arg("found_inf"), py::call_guard<py::gil_scoped_release>());
 }

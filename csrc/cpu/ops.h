@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastattn {
 namespace cpu {
@@ -39,6 +40,22 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
                         const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
                         const std::optional<at::Tensor>& grad_entropy, const at::Tensor& grad,
                         int64_t ignore_index, double inv_temperature);
+
+// ---- Adam / AdamW step (fastattn/ops/adam/reference.py) ---------------------------------
+// One step, in place, over lists of equal length; per index all tensors have the same numel
+// and are contiguous. params/grads float32, float16 or bfloat16 (a param and its grad share a
+// dtype); exp_avgs/exp_avg_sqs/max_exp_avg_sqs float32 or bfloat16, one dtype per call;
+// masters float32. max_exp_avg_sqs is empty unless amsgrad, masters empty unless master
+// weights are kept. step (the count after this step's increment, >= 1), lr, inv_scale and
+// found_inf are float32 one-element tensors; nothing is written when found_inf != 0.
+void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+               const std::vector<at::Tensor>& max_exp_avg_sqs,
+               const std::vector<at::Tensor>& masters, const at::Tensor& step,
+               const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
+               bool decoupled, bool amsgrad, bool maximize,
+               const std::optional<at::Tensor>& inv_scale,
+               const std::optional<at::Tensor>& found_inf);
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -12,6 +12,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "ops.h"
 
@@ -210,6 +211,114 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
                                     ignore_index, inv_temperature);
 }
 
+// ---- adam_step ------------------------------------------------------------------------------
+
+// Chunk indices inside the Adam kernel are int32 over 64K-element chunks.
+constexpr int64_t kMaxAdamNumel = int64_t{1} << 46;
+
+// A one-element float32 tensor on `device` (step, lr, inv_scale, found_inf): read by the kernel.
+void check_device_scalar(const char* op, const char* name, const at::Tensor& t,
+                         const at::Device& device) {
+  check_on_cuda(op, name, t);
+  TORCH_CHECK(t.device() == device, op, ": `", name, "` is on ", t.device(),
+              " but the parameters are on ", device,
+              " (it is read on the device, so it must live there)");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": `", name,
+              "` must be a float32 tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == 1, op, ": `", name, "` must hold one value (a 0-dim tensor), got shape ",
+              t.sizes());
+}
+
+// Element i of a tensor list: on `device`, `dtype`, the shape of params[i], contiguous, aligned.
+void check_adam_tensor(const char* op, const char* list, size_t i, const at::Tensor& t,
+                       const at::Tensor& param, at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(t.is_cuda() && t.device() == device, op, ": `", list, "[", i, "]` is on ",
+              t.device(), " but the parameters are on ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": `", list, "[", i, "]` must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), op, ": `", list, "[", i, "]` has shape ", t.sizes(),
+              " but `params[", i, "]` has shape ", param.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": `", list, "[", i,
+              "]` must be contiguous (the kernel walks it as a flat array), got strides ",
+              t.strides());
+  TORCH_CHECK(t.numel() == 0 ||
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % t.element_size() == 0,
+              op, ": `", list, "[", i, "]` data pointer is not aligned to its element size");
+}
+
+at::ScalarType check_adam_dtype(const char* op, const char* list, const at::Tensor& t,
+                                bool allow_half) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt != at::kDouble && !at::isComplexType(dt), op, ": ", dt, " `", list,
+              "` are not supported by the CUDA backend (float32, float16 or bfloat16 params; "
+              "float32 or bfloat16 moments); use the reference backend or view complex "
+              "parameters as real");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || (allow_half && dt == at::kHalf), op,
+              ": `", list, "` must be float32", allow_half ? ", float16" : "", " or bfloat16, got ",
+              dt);
+  return dt;
+}
+
+void adam_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+               std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+               std::vector<at::Tensor> max_exp_avg_sqs, std::vector<at::Tensor> masters,
+               const at::Tensor& step, const at::Tensor& lr, double beta1, double beta2,
+               double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
+               const std::optional<at::Tensor>& inv_scale,
+               const std::optional<at::Tensor>& found_inf) {
+  const char* op = "adam_step";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n, op,
+              ": `grads`, `exp_avgs` and `exp_avg_sqs` must have one tensor per parameter (",
+              n, "), got ", grads.size(), ", ", exp_avgs.size(), " and ", exp_avg_sqs.size());
+  TORCH_CHECK(max_exp_avg_sqs.size() == (amsgrad ? n : 0), op, ": `max_exp_avg_sqs` must have ",
+              amsgrad ? "one tensor per parameter" : "no tensors", " when amsgrad=",
+              amsgrad ? "True" : "False", ", got ", max_exp_avg_sqs.size(), " for ", n,
+              " parameters");
+  TORCH_CHECK(masters.empty() || masters.size() == n, op,
+              ": `masters` must be empty or have one tensor per parameter (", n, "), got ",
+              masters.size());
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": `beta1` must be in [0, 1), got ", beta1);
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": `beta2` must be in [0, 1), got ", beta2);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": `eps` must be finite and >= 0, got ", eps);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0, op,
+              ": `weight_decay` must be finite and >= 0, got ", weight_decay);
+  if (n == 0) return;
+
+  check_on_cuda(op, "params[0]", params[0]);
+  const at::Device device = params[0].device();
+  const auto pdt = check_adam_dtype(op, "params", params[0], /*allow_half=*/true);
+  const auto mdt = check_adam_dtype(op, "exp_avgs", exp_avgs[0], /*allow_half=*/false);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    check_adam_tensor(op, "params", i, p, p, pdt, device);
+    TORCH_CHECK(p.numel() < kMaxAdamNumel, op, ": `params[", i, "]` has ", p.numel(),
+                " elements, more than the supported 2^46");
+    check_adam_tensor(op, "grads", i, grads[i], p, pdt, device);
+    check_adam_tensor(op, "exp_avgs", i, exp_avgs[i], p, mdt, device);
+    check_adam_tensor(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, mdt, device);
+    if (amsgrad) check_adam_tensor(op, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], p, mdt, device);
+    if (!masters.empty()) check_adam_tensor(op, "masters", i, masters[i], p, at::kFloat, device);
+    TORCH_CHECK(p.numel() == 0 || (p.data_ptr() != grads[i].data_ptr() &&
+                                   p.data_ptr() != exp_avgs[i].data_ptr() &&
+                                   p.data_ptr() != exp_avg_sqs[i].data_ptr() &&
+                                   exp_avgs[i].data_ptr() != exp_avg_sqs[i].data_ptr()),
+                op, ": tensor ", i, " of `params`, `grads`, `exp_avgs`, `exp_avg_sqs` share "
+                "memory; each must be its own buffer");
+  }
+  check_device_scalar(op, "step", step, device);
+  check_device_scalar(op, "lr", lr, device);
+  if (inv_scale.has_value()) check_device_scalar(op, "inv_scale", *inv_scale, device);
+  if (found_inf.has_value()) check_device_scalar(op, "found_inf", *found_inf, device);
+
+  const c10::cuda::CUDAGuard guard(device);
+  fastattn::AdamLists lists{std::move(params),      std::move(grads),
+                            std::move(exp_avgs),    std::move(exp_avg_sqs),
+                            std::move(max_exp_avg_sqs), std::move(masters)};
+  fastattn::adam_step_cuda(lists, step, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad,
+                           maximize, inv_scale, found_inf);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -233,4 +342,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("entropy"),
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad"), py::arg("ignore_index"),
         py::arg("inv_temperature"), py::call_guard<py::gil_scoped_release>());
+  m.def("adam_step", &adam_step,
+        "One Adam/AdamW step in place over lists of tensors (math: "
+        "fastattn/ops/adam/reference.py); step, lr, inv_scale, found_inf are float32 0-dim "
+        "device tensors read by the kernel (no host sync, CUDA-graph capturable).",
+        py::arg("params"), py::arg("grads"), py::arg("exp_avgs"), py::arg("exp_avg_sqs"),
+        py::arg("max_exp_avg_sqs"), py::arg("masters"), py::arg("step"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+        py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"), py::arg("inv_scale"),
+        py::arg("found_inf"), py::call_guard<py::gil_scoped_release>());
 }

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace fastattn {
 
@@ -36,5 +37,25 @@ void token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& grad_entropy,
                              const at::Tensor& grad, int64_t ignore_index,
                              double inv_temperature);
+
+// ---- Adam/AdamW step (csrc/cuda/adam.cu); math in fastattn/ops/adam/reference.py. All tensors
+// contiguous, on one device, element-aligned; params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]
+// (and max_exp_avg_sqs[i] / masters[i] when those lists are non-empty) have the same numel.
+// params and grads share one dtype (fp32/fp16/bf16) across the call, the moment lists one dtype
+// (fp32/bf16), masters are fp32. max_exp_avg_sqs is non-empty iff amsgrad. Updated in place.
+struct AdamLists {
+  std::vector<at::Tensor> params;
+  std::vector<at::Tensor> grads;
+  std::vector<at::Tensor> exp_avgs;
+  std::vector<at::Tensor> exp_avg_sqs;
+  std::vector<at::Tensor> max_exp_avg_sqs;
+  std::vector<at::Tensor> masters;
+};
+
+// step, lr, inv_scale, found_inf: fp32 one-element tensors on the device, read by the kernel.
+void adam_step_cuda(const AdamLists& tensors, const at::Tensor& step, const at::Tensor& lr,
+                    double beta1, double beta2, double eps, double weight_decay, bool decoupled,
+                    bool amsgrad, bool maximize, const std::optional<at::Tensor>& inv_scale,
+                    const std::optional<at::Tensor>& found_inf);
 
 }  // namespace fastattn

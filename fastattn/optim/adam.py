@@ -1,0 +1,202 @@
+"""Drop-in fused Adam and AdamW.
+
+Same constructor, ``step(closure)``, ``zero_grad``, ``add_param_group`` and ``state_dict`` layout
+as ``torch.optim.Adam``/``AdamW`` (per-parameter ``step``, ``exp_avg``, ``exp_avg_sq`` and, with
+amsgrad, ``max_exp_avg_sq``), so a checkpoint of either loads into the other. Added:
+
+* ``master_weights=True``: fp16/bf16 parameters get an fp32 copy (state key ``master_param``)
+  that the step updates; the parameter receives its rounding.
+* ``moment_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` moments.
+* ``torch.amp.GradScaler`` support without a host sync: ``scaler.step(opt)`` hands the scale
+  and the inf flag to the kernel, which unscales on the fly and changes nothing (step counts
+  included) when the flag is set.
+
+Each step is one ``fastattn::adam_step_`` call per (device, dtype policy, step count) bucket of
+tensors; step counts and learning rates live on the device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ..ops import adam as _adam_op  # noqa: F401  (registers fastattn::adam_step_)
+
+_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Adam(torch.optim.Optimizer):
+    """Fused ``torch.optim.Adam`` (``decoupled_weight_decay=True`` gives AdamW).
+
+    ``foreach`` and ``fused`` are accepted for signature compatibility and ignored (this
+    optimizer is always fused); ``capturable`` is always true in effect (step and lr are device
+    tensors); ``differentiable=True`` is not supported.
+    """
+
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf to step()
+
+    def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3,
+                 betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 amsgrad: bool = False, *, foreach: Optional[bool] = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
+                 master_weights: bool = False, moment_dtype: torch.dtype = torch.float32):
+        name = type(self).__name__
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"{name}: lr as a Tensor must have one element, got shape "
+                                 f"{tuple(lr.shape)}")
+        elif not 0.0 <= lr:
+            raise ValueError(f"{name}: invalid learning rate {lr} (expected >= 0)")
+        if not 0.0 <= eps:
+            raise ValueError(f"{name}: invalid eps {eps} (expected >= 0)")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= float(beta) < 1.0:
+                raise ValueError(f"{name}: invalid beta parameter at index {i}: {beta} "
+                                 "(expected 0 <= beta < 1)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"{name}: invalid weight_decay {weight_decay} (expected >= 0)")
+        if differentiable:
+            raise NotImplementedError(f"{name}: differentiable=True is not supported by the "
+                                      "fused kernels; use torch.optim")
+        if moment_dtype not in _MOMENT_DTYPES:
+            raise ValueError(f"{name}: moment_dtype must be torch.float32 or torch.bfloat16, "
+                             f"got {moment_dtype}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=False, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay,
+                        master_weights=master_weights, moment_dtype=moment_dtype)
+        super().__init__(params, defaults)
+        # Parameters whose step counts are known to be equal share a key here (the number of
+        # steps attempted), so a step needs no device-to-host read to group them.
+        self._step_keys: dict[Tensor, int] = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_step_keys", {})
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        moment = group["moment_dtype"]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
+                                                   memory_format=torch.contiguous_format)
+            self._step_keys[p] = 0
+        if group["amsgrad"] and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
+                                                       memory_format=torch.contiguous_format)
+        if group["master_weights"] and p.dtype != torch.float32 and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32, copy=True)
+        if p not in self._step_keys:  # loaded state: read its count once
+            self._step_keys[p] = int(state["step"].item())
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a fastattn or torch.optim Adam/AdamW state dict.
+
+        torch's loader casts every state tensor to its parameter's dtype; fp32 moments and
+        master weights of low-precision parameters are restored at full precision after it.
+        """
+        originals = {pid: dict(s) for pid, s in state_dict["state"].items()}
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # groups saved by torch.optim lack our options
+            for key in ("master_weights", "moment_dtype", "decoupled_weight_decay"):
+                group.setdefault(key, self.defaults[key])
+        params = [p for g in self.param_groups for p in g["params"]]
+        groups = {p: g for g in self.param_groups for p in g["params"]}
+        for pid, p in zip(saved_ids, params):
+            if pid not in originals:
+                continue
+            group, state = groups[p], self.state[p]
+            for key, value in originals[pid].items():
+                if not isinstance(value, Tensor):
+                    continue
+                dtype = torch.float32 if key in ("step", "master_param") else group["moment_dtype"]
+                state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+            self._step_keys.pop(p, None)
+
+    # -- step --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            self._step_group(group, grad_scale, found_inf)
+        return loss
+
+    def _step_group(self, group: dict, grad_scale: Optional[Tensor],
+                    found_inf: Optional[Tensor]) -> None:
+        name = type(self).__name__
+        buckets: dict[tuple, list] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients")
+            if p.is_complex():
+                raise RuntimeError(f"{name}: complex parameters are not supported "
+                                   "(view them as real with torch.view_as_real)")
+            if p.dtype not in _PARAM_DTYPES:
+                raise RuntimeError(f"{name}: parameters must be float32, float16 or bfloat16, "
+                                   f"got {p.dtype}")
+            if not p.is_contiguous():
+                raise RuntimeError(f"{name}: parameters must be contiguous, got one of shape "
+                                   f"{tuple(p.shape)} with strides {p.stride()}")
+            state = self._init_state(p, group)
+            key = (p.device, p.dtype, "master_param" in state, self._step_keys[p])
+            buckets.setdefault(key, []).append(p)
+        beta1, beta2 = group["betas"]
+        for (device, _, has_master, count), params in buckets.items():
+            states = [self.state[p] for p in params]
+            steps = [s["step"] for s in states]
+            torch._foreach_add_(steps, 1)
+            lr = group["lr"]
+            lr = (lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor)
+                  else torch.full((), lr, dtype=torch.float32, device=device))
+            inv_scale = inf = None
+            if grad_scale is not None:
+                inv_scale = grad_scale.to(device=device, dtype=torch.float32).reciprocal()
+            if found_inf is not None:
+                inf = found_inf.to(device=device, dtype=torch.float32)
+            torch.ops.fastattn.adam_step_(
+                params, [p.grad.contiguous() for p in params],
+                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+                [s["master_param"] for s in states] if has_master else [],
+                steps[0], lr, float(beta1), float(beta2), float(group["eps"]),
+                float(group["weight_decay"]), bool(group["decoupled_weight_decay"]),
+                bool(group["amsgrad"]), bool(group["maximize"]), inv_scale, inf)
+            if inf is not None:  # a skipped step does not count
+                torch._foreach_sub_(steps, [inf] * len(steps))
+            for p in params:
+                self._step_keys[p] = count + 1
+
+
+class AdamW(Adam):
+    """Fused ``torch.optim.AdamW``: Adam with decoupled weight decay (default 1e-2)."""
+
+    def __init__(self, params: Iterable, lr: Union[float, Tensor] = 1e-3,
+                 betas: tuple = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None,
+                 master_weights: bool = False, moment_dtype: torch.dtype = torch.float32):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, master_weights=master_weights,
+                         moment_dtype=moment_dtype)

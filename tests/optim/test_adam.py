@@ -1,0 +1,216 @@
+"""fastattn.optim.Adam/AdamW against torch.optim on every backend: 20 steps, every flag."""
+
+import copy
+
+import pytest
+import torch
+
+import fastattn
+from tests.helpers import ALL_BACKENDS, GPU
+
+SIZES = [(1,), (17,), (33, 65)]
+
+
+def _params(device, dtype=torch.float32, sizes=SIZES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_()
+            for s in sizes]
+
+
+def _grads(params, step, scale=1.0):
+    g = torch.Generator().manual_seed(1000 + step)
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype)
+
+
+def _run(opt, params, steps=20, start=0):
+    for i in range(start, start + steps):
+        _grads(params, i)
+        opt.step()
+
+
+FLAGS = [
+    dict(),
+    dict(weight_decay=0.1),
+    dict(amsgrad=True, weight_decay=0.05),
+    dict(maximize=True),
+    dict(lr=torch.tensor(3e-3)),
+    dict(betas=(0.8, 0.95), eps=1e-6, amsgrad=True, maximize=True, weight_decay=0.02),
+]
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "-".join(f) or "default")
+def test_matches_torch_fp32(device, backend, cls, flags):
+    ours_p = _params(device)
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    kwargs = {"lr": 1e-2, **flags}
+    ours = getattr(fastattn.optim, cls)(ours_p, **kwargs)
+    ref = getattr(torch.optim, cls)(ref_p, foreach=False, **copy.deepcopy(kwargs))
+    with fastattn.use_backend(backend):
+        _run(ours, ours_p)
+    _run(ref, ref_p)
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for p, q in zip(ours_p, ref_p):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours.state[p][key], ref.state[q][key], rtol=1e-6, atol=1e-7)
+        assert ours.state[p]["step"].item() == ref.state[q]["step"].item() == 20
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_param_groups_and_missing_grads(device, backend):
+    a, b, c = _params(device, sizes=[(5,), (7,), (3,)])
+    ra, rb, rc = [p.detach().clone().requires_grad_() for p in (a, b, c)]
+    groups = lambda x, y, z: [{"params": [x, y]}, {"params": [z], "lr": 0.1, "weight_decay": 0.3}]
+    ours = fastattn.optim.AdamW(groups(a, b, c), lr=1e-2)
+    ref = torch.optim.AdamW(groups(ra, rb, rc), lr=1e-2, foreach=False)
+    with fastattn.use_backend(backend):
+        for i in range(6):
+            for o, ps in ((ours, (a, b, c)), (ref, (ra, rb, rc))):
+                _grads(ps, i)
+                if i % 2:
+                    ps[1].grad = None   # b skips odd steps: its step count falls behind
+                o.step()
+    for x, y in zip((a, b, c), (ra, rb, rc)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert ours.state[b]["step"].item() == 3
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_bf16_master_weights_track_fp32(device, backend):
+    fp32 = _params(device, sizes=[(257,)])
+    bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in fp32]
+    ref = torch.optim.AdamW(fp32, lr=1e-2, foreach=False)
+    ours = fastattn.optim.AdamW(bf16, lr=1e-2, master_weights=True)
+    with fastattn.use_backend(backend):
+        for i in range(20):
+            _grads(fp32, i)
+            for p, q in zip(bf16, fp32):
+                p.grad = q.grad.to(torch.bfloat16)
+            ref.step()
+            ours.step()
+    master = ours.state[bf16[0]]["master_param"]
+    assert master.dtype == torch.float32
+    # grads differ only by their bf16 rounding: the fp32 master stays within a few bf16 ulps
+    torch.testing.assert_close(master, fp32[0].detach(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(bf16[0].float(), master.to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_bf16_moments(device, backend):
+    params = _params(device, sizes=[(300,)])
+    ref_p = [p.detach().clone().requires_grad_() for p in params]
+    ours = fastattn.optim.Adam(params, lr=1e-2, moment_dtype=torch.bfloat16)
+    ref = torch.optim.Adam(ref_p, lr=1e-2, foreach=False)
+    with fastattn.use_backend(backend):
+        _run(ours, params, steps=10)
+    _run(ref, ref_p, steps=10)
+    assert ours.state[params[0]]["exp_avg"].dtype == torch.bfloat16
+    torch.testing.assert_close(params[0], ref_p[0], rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("src,dst", [("torch", "fastattn"), ("fastattn", "torch")])
+def test_state_dict_round_trip_resumes_identically(src, dst):
+    make = {"torch": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, foreach=False),
+            "fastattn": lambda ps: fastattn.optim.AdamW(ps, lr=1e-2, amsgrad=True)}
+    first = _params("cpu")
+    opt = make[src](first)
+    _run(opt, first, steps=5)
+    sd = copy.deepcopy(opt.state_dict())
+    # a twin of each side resumes from the same checkpoint; both must take the same next steps
+    resumed = [p.detach().clone().requires_grad_() for p in first]
+    twin = [p.detach().clone().requires_grad_() for p in first]
+    opt_b = make[dst](resumed)
+    opt_b.load_state_dict(sd)
+    opt_t = make[src](twin)
+    opt_t.load_state_dict(copy.deepcopy(sd))
+    _run(opt_b, resumed, steps=3, start=5)
+    _run(opt_t, twin, steps=3, start=5)
+    for a, b in zip(resumed, twin):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    keys = set(opt_b.state_dict()["state"][0])
+    assert {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"} <= keys
+
+
+def test_grad_scaler_skips_inf_step_and_lowers_scale():
+    params = _params("cpu", sizes=[(9,)])
+    before = params[0].detach().clone()
+    opt = fastattn.optim.Adam(params, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    loss = (params[0] * torch.tensor(float("inf"))).sum()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(params[0].detach(), before)
+    assert scaler.get_scale() < 2.0 ** 8
+    assert opt.state[params[0]]["step"].item() == 0
+    # a finite step afterwards equals torch's unscaled step
+    ref_p = [params[0].detach().clone().requires_grad_()]
+    ref = torch.optim.Adam(ref_p, lr=1e-2, foreach=False)
+    opt.zero_grad()
+    (params[0] * 3).sum().mul(scaler.get_scale()).backward()
+    scaler.step(opt)
+    (ref_p[0] * 3).sum().backward()
+    ref.step()
+    torch.testing.assert_close(params[0], ref_p[0], rtol=1e-6, atol=1e-7)
+
+
+def test_odd_sizes_and_noncontiguous_grads():
+    params = _params("cpu", sizes=[(1,), (17,), (2 ** 20 + 3,)])
+    ref_p = [p.detach().clone().requires_grad_() for p in params]
+    ours = fastattn.optim.AdamW(params, lr=1e-3)
+    ref = torch.optim.AdamW(ref_p, lr=1e-3, foreach=False)
+    for i in range(3):
+        for o, ps in ((ours, params), (ref, ref_p)):
+            _grads(ps, i)
+            o.step()
+    big = torch.randn(4, 17)
+    params[1].grad = big.t()[:, 1]          # a strided view of another tensor
+    ref_p[1].grad = big.t()[:, 1].contiguous()
+    for p, q in zip((params[0], params[2]), (ref_p[0], ref_p[2])):
+        p.grad = q.grad = None
+    ours.step()
+    ref.step()
+    for a, b in zip(params, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda p: setattr(p, "grad", p.detach().to_sparse()), "sparse gradients"),
+])
+def test_clear_errors(bad, match):
+    p = torch.zeros(4, requires_grad=True)
+    opt = fastattn.optim.Adam([p])
+    bad(p)
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+
+
+def test_constructor_errors():
+    p = [torch.zeros(2, requires_grad=True)]
+    with pytest.raises(ValueError, match="learning rate"):
+        fastattn.optim.Adam(p, lr=-1)
+    with pytest.raises(ValueError, match="beta parameter at index 1"):
+        fastattn.optim.Adam(p, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="moment_dtype"):
+        fastattn.optim.Adam(p, moment_dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="complex"):
+        z = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+        z.grad = torch.ones_like(z)
+        fastattn.optim.Adam([z]).step()
+
+
+@GPU
+def test_gpu_step_has_no_host_sync():
+    params = _params("cuda", sizes=[(1 << 20,), (4097,)])
+    opt = fastattn.optim.AdamW(params, lr=1e-3)
+    _grads(params, 0)
+    opt.step()                       # state init reads nothing back either
+    _grads(params, 1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
