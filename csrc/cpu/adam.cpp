@@ -32,6 +32,7 @@
 // is correct but scalar (its FMAs are libm calls); every x86 CPU since 2013 takes v3 or v4.
 
 #include "ops.h"
+#include "simd.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,26 +43,6 @@
 #include <cstring>
 #include <vector>
 
-// Runtime ISA dispatch (GNU ifunc), as in cross_entropy.cpp; built once for the compiler's
-// default target elsewhere.
-#if defined(FA_ADAM_KERNEL)
-// set on the command line
-#elif defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
-    __GNUC__ >= 12
-#define FA_ADAM_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FA_ADAM_KERNEL
-#endif
-
-// Helpers must be inlined into each clone to be compiled for its instruction set.
-#if defined(__GNUC__)
-#define FA_ADAM_INLINE inline __attribute__((always_inline))
-#define FA_ADAM_RESTRICT __restrict__
-#else
-#define FA_ADAM_INLINE inline
-#define FA_ADAM_RESTRICT
-#endif
-
 namespace fastattn {
 namespace cpu {
 namespace {
@@ -70,58 +51,6 @@ namespace {
 // time on one core, far above the cost of handing out a task, and small enough that a 1M
 // tensor gives 32 items to balance over the threads.
 constexpr int64_t kChunk = 32768;
-
-template <typename To, typename From>
-FA_ADAM_INLINE To bits_as(From from) {
-  static_assert(sizeof(To) == sizeof(From), "bits_as between types of different size");
-  To to;
-  std::memcpy(&to, &from, sizeof(To));
-  return to;
-}
-
-// ---- storage <-> float32, branch-free (integer selects) so the loop vectorises -------------
-// Half and bfloat16 are handled as their raw uint16_t bits. Rounding is to nearest, ties to
-// even, as in c10::Half / c10::BFloat16.
-
-FA_ADAM_INLINE float load_bf16(uint16_t h) { return bits_as<float>(static_cast<uint32_t>(h) << 16); }
-
-FA_ADAM_INLINE uint16_t store_bf16(float f) {
-  const uint32_t u = bits_as<uint32_t>(f);
-  // Adding 0x7fff plus the lowest kept bit rounds the 16 dropped bits to nearest even; a NaN
-  // gets its quiet bit set so that truncation cannot turn it into an infinity.
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t nan = (u >> 16) | 0x40u;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
-
-FA_ADAM_INLINE float load_half(uint16_t h) {
-  const uint32_t mag = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent+mantissa, f32 place
-  const uint32_t expo = mag & 0x0f800000u;
-  // Normal: rebias the exponent by 127 - 15. Inf/NaN (exponent 31): rebias by 2 * (127-15) so
-  // the exponent field becomes 255.
-  const uint32_t normal = mag + (112u << 23);
-  const uint32_t infnan = mag + (224u << 23);
-  // Zero / subnormal: mant * 2^-24 = (2^-14 + mant * 2^-24) - 2^-14, exact in float32.
-  const uint32_t sub = bits_as<uint32_t>(bits_as<float>(mag + (113u << 23)) - 0x1p-14f);
-  const uint32_t out = expo == 0x0f800000u ? infnan : (expo == 0 ? sub : normal);
-  return bits_as<float>(out | (static_cast<uint32_t>(h & 0x8000u) << 16));
-}
-
-FA_ADAM_INLINE uint16_t store_half(float f) {
-  const uint32_t u = bits_as<uint32_t>(f);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t mag = u & 0x7fffffffu;
-  // |f| >= 65520 rounds to inf (65520 is halfway between 65504 and 2^16); NaN stays NaN.
-  const uint32_t big = mag > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  // |f| < 2^-14: a half subnormal, a multiple of 2^-24. In 0.5f + |f| the float32 ulp is 2^-24,
-  // so the FPU rounds to nearest even for us and the bits above 0.5f are the half's mantissa.
-  const uint32_t sub = bits_as<uint32_t>(bits_as<float>(mag) + 0.5f) - 0x3f000000u;
-  // Normal: rebias 127 -> 15 and drop 13 mantissa bits, rounding to nearest even; a carry into
-  // the exponent is the correct round-up.
-  const uint32_t normal = (mag - (112u << 23) + 0xfffu + ((mag >> 13) & 1u)) >> 13;
-  const uint32_t out = mag >= 0x477ff000u ? big : (mag < 0x38800000u ? sub : normal);
-  return static_cast<uint16_t>(out | sign);
-}
 
 // sqrt(x) for x >= 0 (or NaN), from arithmetic only. std::sqrt cannot be used: under the
 // default -fmath-errno GCC guards every sqrtf with a branch to libm (errno for x < 0), which
@@ -134,10 +63,10 @@ FA_ADAM_INLINE uint16_t store_half(float f) {
 //   near-half-ulp cases (1 ulp). 11 vector operations, no branches.
 //   x < 2^-100 is scaled by 2^100 first (exact) and the root by 2^-50, so subnormals converge;
 //   0 -> 0 and NaN -> NaN fall out of the arithmetic, +inf is selected (inf - inf would be NaN).
-FA_ADAM_INLINE float sqrt_nonneg(float x) {
+FA_INLINE float sqrt_nonneg(float x) {
   const bool tiny = x < 0x1p-100f;
   const float xs = x * (tiny ? 0x1p100f : 1.0f);
-  float r = bits_as<float>(0x5f375a86u - (bits_as<uint32_t>(xs) >> 1));
+  float r = bit_cast<float>(0x5f375a86u - (bit_cast<uint32_t>(xs) >> 1));
   const float half_x = 0.5f * xs;
   r = r * (1.5f - half_x * r * r);
   r = r * (1.5f - half_x * r * r);
@@ -153,20 +82,20 @@ struct Io;
 template <>
 struct Io<float> {
   using raw = float;
-  static FA_ADAM_INLINE float load(float v) { return v; }
-  static FA_ADAM_INLINE float store(float v) { return v; }
+  static FA_INLINE float load(float v) { return v; }
+  static FA_INLINE float store(float v) { return v; }
 };
 template <>
 struct Io<c10::BFloat16> {
   using raw = uint16_t;
-  static FA_ADAM_INLINE float load(uint16_t v) { return load_bf16(v); }
-  static FA_ADAM_INLINE uint16_t store(float v) { return store_bf16(v); }
+  static FA_INLINE float load(uint16_t v) { return bf16_bits_to_float(v); }
+  static FA_INLINE uint16_t store(float v) { return float_to_bf16_bits(v); }
 };
 template <>
 struct Io<c10::Half> {
   using raw = uint16_t;
-  static FA_ADAM_INLINE float load(uint16_t v) { return load_half(v); }
-  static FA_ADAM_INLINE uint16_t store(float v) { return store_half(v); }
+  static FA_INLINE float load(uint16_t v) { return half_bits_to_float(v); }
+  static FA_INLINE uint16_t store(float v) { return float_to_half_bits(v); }
 };
 
 // Per-call constants, all float32 as the element math is.
@@ -201,12 +130,12 @@ struct Ptrs {
 // parameters (GCC ignores restrict on local pointer variables): without that, six streams need
 // a runtime alias check per pair, more than GCC versions a loop for, and it stays scalar.
 template <typename param_t, typename mom_t, bool kMaster, bool kAmsgrad, bool kL2>
-FA_ADAM_KERNEL void adam_range(typename Io<param_t>::raw* FA_ADAM_RESTRICT param,
-                               const typename Io<param_t>::raw* FA_ADAM_RESTRICT grad,
-                               typename Io<mom_t>::raw* FA_ADAM_RESTRICT m_,
-                               typename Io<mom_t>::raw* FA_ADAM_RESTRICT v_,
-                               typename Io<mom_t>::raw* FA_ADAM_RESTRICT vmax_,
-                               float* FA_ADAM_RESTRICT master, const Consts& k, int64_t begin,
+FA_ROW_KERNEL void adam_range(typename Io<param_t>::raw* FA_RESTRICT param,
+                               const typename Io<param_t>::raw* FA_RESTRICT grad,
+                               typename Io<mom_t>::raw* FA_RESTRICT m_,
+                               typename Io<mom_t>::raw* FA_RESTRICT v_,
+                               typename Io<mom_t>::raw* FA_RESTRICT vmax_,
+                               float* FA_RESTRICT master, const Consts& k, int64_t begin,
                                int64_t end) {
   using P = Io<param_t>;
   using M = Io<mom_t>;
