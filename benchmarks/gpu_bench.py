@@ -137,6 +137,9 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/gpu"))
     parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke test)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no new case after this many seconds (the rest is reported "
+                             "as skipped)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device", file=sys.stderr)
@@ -145,12 +148,20 @@ def main() -> int:
     scale = 8 if args.quick else 1
     copy = copy_bandwidth()
     results: list[Result] = [copy]
-    _logits_cases(results, "cross_entropy", fastattn.cross_entropy, F.cross_entropy, False,
-                  16384 // scale, 131072)
-    _logits_cases(results, "token_logprobs", fastattn.token_logprobs, _eager_logprobs, True,
-                  16384 // scale, 131072)
-    linear_cross_entropy_cases(results, n=16384 // scale)
-    adam_cases(results, total=(1 << 30) // scale)
+    cases = [  # most important first: a run cut short by the budget still answers the issues
+        ("cross_entropy", lambda: _logits_cases(results, "cross_entropy", fastattn.cross_entropy,
+                                                F.cross_entropy, False, 16384 // scale, 131072)),
+        ("linear_cross_entropy", lambda: linear_cross_entropy_cases(results, n=16384 // scale)),
+        ("adamw", lambda: adam_cases(results, total=(1 << 30) // scale)),
+        ("token_logprobs", lambda: _logits_cases(results, "token_logprobs",
+                                                 fastattn.token_logprobs, _eager_logprobs, True,
+                                                 16384 // scale, 131072)),
+    ]
+    for name, run in cases:
+        if time.time() - t0 > args.budget_s:
+            print(f"gpu_bench: skipped {name} (time budget of {args.budget_s:.0f} s spent)")
+            continue
+        run()
     env = environment()
     env["copy_GBps"] = round(copy.rate, 1)
     env["seconds"] = round(time.time() - t0, 1)

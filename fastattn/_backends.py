@@ -138,6 +138,18 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+@contextlib.contextmanager
+def restored(name: str) -> Iterator[None]:
+    """Re-enter a request recorded earlier (``requested()`` at forward time) — for backward
+    passes, which PyTorch runs on its own threads for CUDA tensors, where the context of the
+    forward's ``use_backend`` block is not set."""
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
 _warned_fallback = False
 
 

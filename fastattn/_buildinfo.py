@@ -13,7 +13,8 @@ from pathlib import Path
 
 CPU_NAME = "fastattn._C"
 CUDA_NAME = "fastattn._cuda"
-DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+# sm_80 code + its PTX (which the driver JIT-compiles for newer GPUs) and Hopper-specific sm_90a.
+DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
 
 
 def csrc_root() -> Path:

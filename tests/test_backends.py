@@ -140,3 +140,29 @@ def test_missing_extension_is_built_on_first_use(tmp_path):
     """, FASTATTN_CACHE_DIR=str(tmp_path), MAX_JOBS="2")
     assert res.returncode == 0, res.stderr
     assert f"MODULE {tmp_path}" in res.stdout, res.stdout
+
+
+def test_backward_on_another_thread_keeps_the_forward_backend(monkeypatch):
+    """CUDA backward runs on autograd's worker threads, outside the forward's use_backend block;
+    the backend asked for at forward time must still be the one that runs backward."""
+    import threading
+    seen = []
+    real = _backends.implementation
+    monkeypatch.setattr(_backends, "implementation",
+                        lambda name, pkg: seen.append(name) or real(name, pkg))
+    x = torch.randn(3, 11, requires_grad=True)
+    t = torch.tensor([0, 4, 9])
+    with fastattn.use_backend("reference"):
+        logp = fastattn.token_logprobs(x, t)
+    errors = []
+
+    def run_backward():
+        try:
+            logp.sum().backward()
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+    worker = threading.Thread(target=run_backward)
+    worker.start()
+    worker.join()
+    assert not errors, errors
+    assert seen == ["reference", "reference"], seen

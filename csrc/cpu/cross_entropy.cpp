@@ -47,7 +47,6 @@ constexpr int64_t kLanes = 16;
 // single row of a large vocabulary is already one task, so small R still fills both cores.
 constexpr int64_t kMinElementsPerTask = 32768;
 
-
 // Storage type of each logits dtype and its conversion to / from the accumulation type.
 // Half and bfloat16 are handled as raw uint16_t bits so the loops see plain integers.
 template <typename scalar_t>

@@ -71,13 +71,18 @@ class Adam(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay,
                         master_weights=master_weights, moment_dtype=moment_dtype)
         super().__init__(params, defaults)
-        # Parameters whose step counts are known to be equal share a key here (the number of
-        # steps attempted), so a step needs no device-to-host read to group them.
-        self._step_keys: dict[Tensor, int] = {}
+        # Parameters whose step counts are known to be equal share a key, so a step needs no
+        # device-to-host read to group them: ("v", n) for a count read from the device (state
+        # creation or loading), and a fresh integer for each bucket after each step — params
+        # that stepped together (or were skipped together by GradScaler) stay together, and
+        # different histories never merge.
+        self._step_keys: dict[Tensor, Any] = {}
+        self._fresh_key = 0
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_step_keys", {})
+        self.__dict__.setdefault("_fresh_key", 0)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -89,14 +94,14 @@ class Adam(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                    memory_format=torch.contiguous_format)
-            self._step_keys[p] = 0
+            self._step_keys[p] = ("v", 0)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                        memory_format=torch.contiguous_format)
         if group["master_weights"] and p.dtype != torch.float32 and "master_param" not in state:
             state["master_param"] = p.detach().to(torch.float32, copy=True)
         if p not in self._step_keys:  # loaded state: read its count once
-            self._step_keys[p] = int(state["step"].item())
+            self._step_keys[p] = ("v", int(state["step"].item()))
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -160,7 +165,7 @@ class Adam(torch.optim.Optimizer):
             key = (p.device, p.dtype, "master_param" in state, self._step_keys[p])
             buckets.setdefault(key, []).append(p)
         beta1, beta2 = group["betas"]
-        for (device, _, has_master, count), params in buckets.items():
+        for (device, _, has_master, _), params in buckets.items():
             states = [self.state[p] for p in params]
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
@@ -170,8 +175,8 @@ class Adam(torch.optim.Optimizer):
             inv_scale = inf = None
             if grad_scale is not None:
                 inv_scale = grad_scale.to(device=device, dtype=torch.float32).reciprocal()
-            if found_inf is not None:
-                inf = found_inf.to(device=device, dtype=torch.float32)
+            if found_inf is not None:  # GradScaler sums the flags of all devices: 0 or >= 1
+                inf = found_inf.to(device=device).ne(0).to(torch.float32)
             torch.ops.fastattn.adam_step_(
                 params, [p.grad.contiguous() for p in params],
                 [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
@@ -182,8 +187,9 @@ class Adam(torch.optim.Optimizer):
                 bool(group["amsgrad"]), bool(group["maximize"]), inv_scale, inf)
             if inf is not None:  # a skipped step does not count
                 torch._foreach_sub_(steps, [inf] * len(steps))
+            self._fresh_key += 1
             for p in params:
-                self._step_keys[p] = count + 1
+                self._step_keys[p] = self._fresh_key
 
 
 class AdamW(Adam):

@@ -214,3 +214,47 @@ def test_gpu_step_has_no_host_sync():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_found_inf_flag_summed_over_devices_skips_cleanly():
+    """GradScaler sums per-device inf flags: a 2.0 must skip once, not roll the count back twice."""
+    params = _params("cpu", sizes=[(5,)])
+    opt = fastattn.optim.Adam(params, lr=1e-2)
+    _grads(params, 0)
+    opt.step()
+    before = params[0].detach().clone()
+    opt.found_inf = torch.tensor(2.0)
+    _grads(params, 1)
+    opt.step()
+    del opt.found_inf
+    assert torch.equal(params[0].detach(), before)
+    assert opt.state[params[0]]["step"].item() == 1
+    _grads(params, 2)
+    opt.step()
+    assert torch.isfinite(params[0]).all() and opt.state[params[0]]["step"].item() == 2
+
+
+def test_params_with_different_histories_never_share_a_step_count():
+    """A skipped (inf) step and missing grads can leave params with equal numbers of attempted
+    steps but different true step counts; each must use its own bias correction."""
+    a, b = _params("cpu", sizes=[(4,), (4,)])
+    ra, rb = [p.detach().clone().requires_grad_() for p in (a, b)]
+    ours = fastattn.optim.Adam([a, b], lr=1e-2)
+    ref = torch.optim.Adam([ra, rb], lr=1e-2, foreach=False)
+    # step 1: only a has a grad, and the step is skipped (inf) -> a: 0 steps
+    a.grad = torch.ones(4)
+    ours.found_inf = torch.tensor(1.0)
+    ours.step()
+    del ours.found_inf
+    # step 2: only b has a grad -> b: 1 step; step 3: both -> a: 1, b: 2
+    a.grad, b.grad = None, torch.ones(4)
+    ours.step()
+    rb.grad = torch.ones(4)
+    ref.step()
+    a.grad, b.grad = torch.full((4,), 0.5), torch.full((4,), -2.0)
+    ra.grad, rb.grad = torch.full((4,), 0.5), torch.full((4,), -2.0)
+    ours.step()
+    ref.step()
+    assert ours.state[a]["step"].item() == 1 and ours.state[b]["step"].item() == 2
+    torch.testing.assert_close(a, ra, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b, rb, rtol=1e-6, atol=1e-7)

@@ -270,7 +270,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     One kernel pass computes the loss and, when a gradient will be needed, the gradient too; the
     backward is a scale by ``grad_output`` (skipped when it is 1). Under ``torch.no_grad`` (or for
     inputs that do not require grad) no gradient is computed or stored. Returns a tensor in
-    ``input``'s dtype.
+    ``input``'s dtype. Because backward scales the stored gradient in place, a second backward
+    through the same graph (``retain_graph=True``) raises autograd's in-place error; compute the
+    loss again instead.
     """
     fn = "cross_entropy"
     _check_float(fn, "input", input)
@@ -329,12 +331,16 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
 
 
 def _accumulate_weight_grad(acc: Tensor, dlogits: Tensor, x: Tensor) -> None:
-    """acc (V, H) fp32 += dlogits^T @ x, with the products of half inputs summed in fp32."""
-    if dlogits.dtype == torch.float32:
+    """acc (V, H) += dlogits^T @ x, acc in fp32 (fp64 for fp64), half products summed in fp32."""
+    if dlogits.dtype == acc.dtype:
         acc.addmm_(dlogits.t(), x)
-    elif acc.device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out"):
-        torch.ops.aten.addmm.dtype_out(acc, dlogits.t(), x, torch.float32, out=acc)
     else:
+        if acc.device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out"):
+            try:  # cuBLAS: half inputs, fp32 accumulator read and written in the same GEMM
+                torch.ops.aten.addmm.dtype_out(acc, dlogits.t(), x, torch.float32, out=acc)
+                return
+            except RuntimeError:  # releases whose dtype_out wants self in the input dtype
+                pass
         acc.add_(torch.mm(dlogits.t(), x))
 
 
@@ -345,8 +351,9 @@ def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int
     n_tokens = x.shape[0]
     want_db = bias is not None and (want_dx or want_dw)
     dx = torch.empty_like(x) if want_dx else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if want_dw else None
-    db = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) if want_db else None
+    acc = _acc_dtype(weight.dtype)
+    dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_dw else None
+    db = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_db else None
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
         xc = x[start:end]
@@ -357,7 +364,7 @@ def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int
         if dw is not None:
             _accumulate_weight_grad(dw, logits, xc)
         if db is not None:
-            db.add_(logits.sum(0, dtype=torch.float32))
+            db.add_(logits.sum(0, dtype=acc))
     return (dx if dx is not None else x.new_empty(0),
             dw.to(weight.dtype) if dw is not None else x.new_empty(0),
             db.to(bias.dtype) if db is not None else x.new_empty(0))
@@ -451,6 +458,7 @@ def _lce_setup_context(ctx, inputs, output):
         reduction, ignore_index, label_smoothing, chunk)
     ctx.want = (want_dx, want_dw)
     ctx.has_bias = bias is not None
+    ctx.backend = _backends.requested()
     if reduction == "none":
         ctx.save_for_backward(x, weight, target, bias)
     else:
@@ -463,9 +471,10 @@ def _lce_backward(ctx, grad_loss, *_unused):
         return (None,) * 10
     if ctx.reduction == "none":
         x, weight, target, bias = ctx.saved_tensors
-        dx, dw, db = torch.ops.fastattn.linear_cross_entropy_bwd(
-            grad_loss, x, weight, target, bias, ctx.ignore_index, ctx.label_smoothing, ctx.chunk,
-            want_dx, want_dw)
+        with _backends.restored(ctx.backend):
+            dx, dw, db = torch.ops.fastattn.linear_cross_entropy_bwd(
+                grad_loss, x, weight, target, bias, ctx.ignore_index, ctx.label_smoothing,
+                ctx.chunk, want_dx, want_dw)
     else:
         dx, dw, db = (_scaled(g, grad_loss) if g.numel() else g for g in ctx.saved_tensors)
     return (dx if want_dx else None, dw if want_dw else None, None,
@@ -584,6 +593,7 @@ def _tlp_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
     ctx.ignore_index, ctx.inv_temperature = ignore_index, inv_temperature
+    ctx.backend = _backends.requested()
     ctx.save_for_backward(logits, target, lse, entropy)
 
 
@@ -593,9 +603,10 @@ def _tlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
         return None, None, None, None, None
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
-    grad = torch.ops.fastattn.token_logprobs_bwd(
-        grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
-        logits, target, lse, entropy, ctx.ignore_index, ctx.inv_temperature)
+    with _backends.restored(ctx.backend):
+        grad = torch.ops.fastattn.token_logprobs_bwd(
+            grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
+            logits, target, lse, entropy, ctx.ignore_index, ctx.inv_temperature)
     return grad, None, None, None, None
 
 
@@ -710,6 +721,7 @@ def _ltlp_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.args = (ignore_index, inv_temperature, chunk)
     ctx.has_bias = bias is not None
+    ctx.backend = _backends.requested()
     ctx.save_for_backward(x, weight, target, bias, lse, entropy)
 
 
@@ -721,9 +733,10 @@ def _ltlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
         return None, None, None, None, None, None, None, None
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
-    dx, dw, db = torch.ops.fastattn.linear_token_logprobs_bwd(
-        grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
-        x, weight, target, bias, lse, entropy, *ctx.args, want_dx, want_dw)
+    with _backends.restored(ctx.backend):
+        dx, dw, db = torch.ops.fastattn.linear_token_logprobs_bwd(
+            grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
+            x, weight, target, bias, lse, entropy, *ctx.args, want_dx, want_dw)
     return (dx if want_dx else None, dw if ctx.needs_input_grad[1] else None, None,
             db if ctx.has_bias and db.numel() else None, None, None, None, None)
 
