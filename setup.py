@@ -1,6 +1,6 @@
 """Build fastattn: the C++ CPU extension always, the CUDA extension when nvcc and a CUDA torch exist.
 
-Environment: FASTATTN_CUDA=0|1|auto (default auto), FASTATTN_CUDA_ARCHS (default "8.0;9.0a"),
+Environment: FASTATTN_CUDA=0|1|auto (default auto), FASTATTN_CUDA_ARCHS (default "8.0+PTX;9.0a"),
 MAX_JOBS (parallel compile jobs, read by torch's ninja builder).
 Install into an environment that already has torch: pip install --no-build-isolation .
 """

@@ -6,7 +6,7 @@ import csv
 import os
 import platform
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 

@@ -29,9 +29,3 @@ def assert_close(actual, expected, dtype, what, scale=1.0):
     tol["atol"] = tol["atol"] * scale
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64),
                                msg=lambda m: f"{what}: {m}", **tol)
-
-
-def skip_if_unsupported(device, backend, dtype):
-    """Float64 only runs on the cpu and reference backends (the others reject it loudly)."""
-    if dtype == torch.float64 and backend in ("cuda", "triton"):
-        pytest.skip("float64 is not a Triton/CUDA kernel dtype (tested to raise elsewhere)")
