@@ -77,26 +77,6 @@ FA_INLINE float sqrt_nonneg(float x) {
   return xs == __builtin_inff() ? xs : root;
 }
 
-template <typename T>
-struct Io;
-template <>
-struct Io<float> {
-  using raw = float;
-  static FA_INLINE float load(float v) { return v; }
-  static FA_INLINE float store(float v) { return v; }
-};
-template <>
-struct Io<c10::BFloat16> {
-  using raw = uint16_t;
-  static FA_INLINE float load(uint16_t v) { return bf16_bits_to_float(v); }
-  static FA_INLINE uint16_t store(float v) { return float_to_bf16_bits(v); }
-};
-template <>
-struct Io<c10::Half> {
-  using raw = uint16_t;
-  static FA_INLINE float load(uint16_t v) { return half_bits_to_float(v); }
-  static FA_INLINE uint16_t store(float v) { return float_to_half_bits(v); }
-};
 
 // Per-call constants, all float32 as the element math is.
 struct Consts {
@@ -130,15 +110,15 @@ struct Ptrs {
 // parameters (GCC ignores restrict on local pointer variables): without that, six streams need
 // a runtime alias check per pair, more than GCC versions a loop for, and it stays scalar.
 template <typename param_t, typename mom_t, bool kMaster, bool kAmsgrad, bool kL2>
-FA_ROW_KERNEL void adam_range(typename Io<param_t>::raw* FA_RESTRICT param,
-                               const typename Io<param_t>::raw* FA_RESTRICT grad,
-                               typename Io<mom_t>::raw* FA_RESTRICT m_,
-                               typename Io<mom_t>::raw* FA_RESTRICT v_,
-                               typename Io<mom_t>::raw* FA_RESTRICT vmax_,
+FA_ROW_KERNEL void adam_range(typename Elem<param_t>::raw* FA_RESTRICT param,
+                               const typename Elem<param_t>::raw* FA_RESTRICT grad,
+                               typename Elem<mom_t>::raw* FA_RESTRICT m_,
+                               typename Elem<mom_t>::raw* FA_RESTRICT v_,
+                               typename Elem<mom_t>::raw* FA_RESTRICT vmax_,
                                float* FA_RESTRICT master, const Consts& k, int64_t begin,
                                int64_t end) {
-  using P = Io<param_t>;
-  using M = Io<mom_t>;
+  using P = Elem<param_t>;
+  using M = Elem<mom_t>;
   const Consts c = k;  // a local copy: the stores below cannot alias it
   for (int64_t i = begin; i < end; ++i) {
     float g = P::load(grad[i]) * c.grad_scale;
@@ -175,8 +155,8 @@ FA_ROW_KERNEL void adam_range(typename Io<param_t>::raw* FA_RESTRICT param,
 // Casts one index's pointers to their storage types and runs the loop over [begin, end).
 template <typename param_t, typename mom_t, bool kMaster, bool kAmsgrad, bool kL2>
 void adam_chunk(const Ptrs& ptrs, const Consts& k, int64_t begin, int64_t end) {
-  using praw = typename Io<param_t>::raw;
-  using mraw = typename Io<mom_t>::raw;
+  using praw = typename Elem<param_t>::raw;
+  using mraw = typename Elem<mom_t>::raw;
   adam_range<param_t, mom_t, kMaster, kAmsgrad, kL2>(
       static_cast<praw*>(ptrs.param), static_cast<const praw*>(ptrs.grad),
       static_cast<mraw*>(ptrs.m), static_cast<mraw*>(ptrs.v), static_cast<mraw*>(ptrs.vmax),

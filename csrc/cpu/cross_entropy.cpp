@@ -47,30 +47,6 @@ constexpr int64_t kLanes = 16;
 // single row of a large vocabulary is already one task, so small R still fills both cores.
 constexpr int64_t kMinElementsPerTask = 32768;
 
-// Storage type of each logits dtype and its conversion to / from the accumulation type.
-// Half and bfloat16 are handled as raw uint16_t bits so the loops see plain integers.
-template <typename scalar_t>
-struct Elem {  // float, double
-  using raw = scalar_t;
-  using acc = scalar_t;
-  static FA_INLINE acc load(raw v) { return v; }
-  static FA_INLINE raw store(acc v) { return v; }
-};
-template <>
-struct Elem<c10::Half> {
-  using raw = uint16_t;
-  using acc = float;
-  static FA_INLINE acc load(raw v) { return half_bits_to_float(v); }
-  static FA_INLINE raw store(acc v) { return float_to_half_bits(v); }
-};
-template <>
-struct Elem<c10::BFloat16> {
-  using raw = uint16_t;
-  using acc = float;
-  static FA_INLINE acc load(raw v) { return bf16_bits_to_float(v); }
-  static FA_INLINE raw store(acc v) { return float_to_bf16_bits(v); }
-};
-
 template <typename scalar_t>
 using acc_of = typename Elem<scalar_t>::acc;
 template <typename scalar_t>

@@ -3,6 +3,9 @@
 // selects instead of branches, so that loops over them auto-vectorise).
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -91,6 +94,30 @@ FA_INLINE uint16_t float_to_bf16_bits(float f) {
   const uint32_t quiet_nan = (bits >> 16) | 0x40u;
   return static_cast<uint16_t>(f != f ? quiet_nan : rounded);
 }
+
+// Storage type of each tensor dtype and its conversion to / from the accumulation type.
+// Half and bfloat16 are handled as raw uint16_t bits so the loops see plain integers.
+template <typename scalar_t>
+struct Elem {  // float, double
+  using raw = scalar_t;
+  using acc = scalar_t;
+  static FA_INLINE acc load(raw v) { return v; }
+  static FA_INLINE raw store(acc v) { return v; }
+};
+template <>
+struct Elem<c10::Half> {
+  using raw = uint16_t;
+  using acc = float;
+  static FA_INLINE acc load(raw v) { return half_bits_to_float(v); }
+  static FA_INLINE raw store(acc v) { return float_to_half_bits(v); }
+};
+template <>
+struct Elem<c10::BFloat16> {
+  using raw = uint16_t;
+  using acc = float;
+  static FA_INLINE acc load(raw v) { return bf16_bits_to_float(v); }
+  static FA_INLINE raw store(acc v) { return float_to_bf16_bits(v); }
+};
 
 }  // namespace cpu
 }  // namespace fastattn
