@@ -19,7 +19,14 @@ def _cases():
     W = torch.randn(33, 16, generator=g, requires_grad=True)
     b = torch.randn(33, generator=g, requires_grad=True)
     r = torch.randn(8, generator=g)
+    import fastattn.ops.adam  # noqa: F401  (registers fastattn::adam_step_)
+    ps = [torch.randn(5, generator=g), torch.randn(3, 4, generator=g)]
+    adam = ([p.clone() for p in ps], [torch.randn_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+            [torch.zeros_like(p) for p in ps], [], torch.tensor(1.0), torch.tensor(1e-3),
+            0.9, 0.999, 1e-8, 0.01, True, True, False, torch.tensor(0.5), torch.tensor(0.0))
     return [
+        ("adam", ops.adam_step_.default, adam),
         ("ce_mean", ops.cross_entropy_fwd.default, (x, t, None, -100, 0.1, 0.0, "mean", True)),
         ("ce_none_weight_z", ops.cross_entropy_fwd.default, (x, t, w, -100, 0.0, 1e-3, "none", True)),
         ("ce_nograd", ops.cross_entropy_fwd.default, (x.detach(), t, None, -100, 0.0, 0.0, "sum", False)),
