@@ -33,3 +33,24 @@ def test_adamw_step(measure, impl):
     state = _setup(IMPLS[impl])
     measure(f"AdamW step {N_TENSORS}x{NUMEL} fp32", impl, lambda opt: opt.step(),
             lambda: state, work=28 * N_TENSORS * NUMEL, unit="GB/s", rounds=10)
+
+
+# clip_grad_norm_ over the same 32 x 1M fp32 grads. Rate: 12 bytes per element (the norm reads
+# the grad, 4 B; the scale reads and writes it, 8 B). max_norm = 1 clips (the norm is ~5800),
+# so every implementation does both passes; the grads are reused across rounds (after the first
+# round the coefficient is ~1, the work the same).
+CLIP_IMPLS = {
+    "fastattn": lambda ps: fastattn.optim.clip_grad_norm_(ps, 1.0),
+    "torch foreach": lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True),
+    "torch for-loop": lambda ps: torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=False),
+}
+
+
+@pytest.mark.parametrize("impl", list(CLIP_IMPLS))
+def test_clip_grad_norm(measure, impl):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.zeros(NUMEL).requires_grad_() for _ in range(N_TENSORS)]
+    for p in params:
+        p.grad = torch.randn(NUMEL, generator=g)
+    measure(f"clip_grad_norm_ {N_TENSORS}x{NUMEL} fp32", impl, CLIP_IMPLS[impl],
+            lambda: (params,), work=12 * N_TENSORS * NUMEL, unit="GB/s", rounds=10)

@@ -21,13 +21,13 @@ class Result:
     impl: str            # "fastattn[cpu]", "torch eager", "torch.compile", ...
     median_ms: float
     work: float = 0.0    # bytes or FLOPs moved per call, per the case's formula
-    unit: str = ""       # "GB/s" or "TFLOP/s"
+    unit: str = ""       # "GB/s", "GFLOP/s" or "TFLOP/s"
     peak_mb: float | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
-        scale = 1e9 if self.unit == "GB/s" else 1e12
+        scale = 1e12 if self.unit == "TFLOP/s" else 1e9
         return self.work / (self.median_ms * 1e-3) / scale if self.work else 0.0
 
 
@@ -102,10 +102,16 @@ def ratios(results: list[Result]) -> dict[int, float]:
             if r.case in base}
 
 
+def _notes(r: Result) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in r.extra.items())
+
+
 def table(results: list[Result]) -> str:
     sp = ratios(results)
     base = _baselines(results)
-    rows = [("case", "impl", "median ms", "rate", "peak MB", "speedup vs base", "mem vs base")]
+    rows = [("case", "impl", "median ms", "rate", "peak MB", "speedup vs base", "mem vs base",
+             "notes")]
     for i, r in enumerate(results):
         mem_ratio = ""
         if r.peak_mb is not None and r.case in base and base[r.case].peak_mb:
@@ -113,7 +119,7 @@ def table(results: list[Result]) -> str:
         rows.append((r.case, r.impl, f"{r.median_ms:.2f}",
                      f"{r.rate:.3g} {r.unit}" if r.work else "",
                      "" if r.peak_mb is None else f"{r.peak_mb:.0f}",
-                     f"{sp[i]:.2f}x" if i in sp else "", mem_ratio))
+                     f"{sp[i]:.2f}x" if i in sp else "", mem_ratio, _notes(r)))
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -131,12 +137,12 @@ def write(results: list[Result], stem: str, out_dir: Path | None = None) -> tupl
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["case", "impl", "median_ms", "rate", "unit", "peak_mb", "baseline",
-                    "speedup_vs_baseline", *env.keys()])
+                    "speedup_vs_baseline", "notes", *env.keys()])
         for i, r in enumerate(results):
             w.writerow([r.case, r.impl, f"{r.median_ms:.4f}", f"{r.rate:.3f}", r.unit,
                         "" if r.peak_mb is None else f"{r.peak_mb:.1f}",
                         base[r.case].impl if r.case in base else "",
-                        f"{sp[i]:.3f}" if i in sp else "", *env.values()])
+                        f"{sp[i]:.3f}" if i in sp else "", _notes(r), *env.values()])
     png_path = out_dir / f"{stem}.png"
     try:
         import matplotlib

@@ -120,6 +120,196 @@ def adam_cases(results, total=1 << 30, n_tensors=200):
         del params
 
 
+def clip_grad_norm_cases(results, total=1 << 30, n_tensors=200):
+    """clip_grad_norm_ (2-norm, clipping) over ~1B fp32 and bf16 grads in n_tensors tensors of
+    mixed sizes. Bytes per element: 3 x element size (the norm reads the grad; the scale reads
+    and writes it). The grads are reused: after the first call the coefficient is ~1, the
+    traffic the same."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    weights = torch.rand(n_tensors, generator=g, device="cuda") + 0.1
+    sizes = (weights / weights.sum() * total).long().clamp(min=1).tolist()
+    numel = sum(sizes)
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.empty(1, device="cuda", dtype=dtype).requires_grad_() for _ in sizes]
+        for p, n in zip(params, sizes):
+            p.grad = torch.randn(n, device="cuda", dtype=dtype, generator=g)
+        case = f"clip_grad_norm_ {numel / 1e9:.2f}B {str(dtype).split('.')[-1]} grads"
+        impls = {
+            "fastattn[cuda]": _backend_fn(fastattn.optim.clip_grad_norm_, "cuda"),
+            "fastattn[triton]": _backend_fn(fastattn.optim.clip_grad_norm_, "triton"),
+            "torch foreach": lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True),
+        }
+        for impl, fn in impls.items():
+            _record(results, case, impl, lambda: fn(params, 1.0),
+                    3 * torch.tensor([], dtype=dtype).element_size() * numel, "GB/s")
+        del params
+
+
+def _sdpa_backend_fn(backend_name):
+    """F.scaled_dot_product_attention restricted to one of its kernels (None if unknown)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    backend = getattr(SDPBackend, backend_name, None)
+    if backend is None:
+        return None
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def _flex_fn():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    compiled = torch.compile(flex_attention)
+    masks = {}
+
+    def run(q, k, v, causal):
+        if not causal:
+            return compiled(q, k, v)
+        key = (q.shape[2], k.shape[2])
+        if key not in masks:
+            masks[key] = create_block_mask(lambda b, h, i, j: j <= i, None, None, *key,
+                                           device=q.device)
+        return compiled(q, k, v, block_mask=masks[key])
+    return run
+
+
+def attention_cases(results, deadline, tokens=16384, model_dim=2048,
+                    seqlens=(4096, 16384, 1024), head_dims=(128, 64)):
+    """Training attention, bf16, batch x seq = tokens, heads = model_dim / head_dim (the shapes
+    of FlashAttention's own benchmark). FLOPs: forward 4*B*H*S*S*D, halved when causal;
+    backward 2.5 x forward (5 products instead of 2); the backward time is fwd+bwd - fwd."""
+    impls = {"fastattn[triton]": lambda q, k, v, causal: fastattn.scaled_dot_product_attention(
+        q, k, v, is_causal=causal)}
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        fn = _sdpa_backend_fn(name)
+        if fn is not None:
+            impls[f"sdpa {name.split('_')[0].lower()}"] = fn
+    if (flex := _flex_fn()) is not None:
+        impls["flex_attention"] = flex
+    for d in head_dims:
+        for s in seqlens:
+            for causal in (False, True):
+                if time.time() > deadline:
+                    print(f"gpu_bench: skipped attention d={d} s={s} causal={causal} (budget)")
+                    continue
+                b, h = max(1, tokens // s), model_dim // d
+                q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+                           .requires_grad_() for _ in range(3))
+                dout = torch.randn_like(q)
+                fwd_flops = 4 * b * h * s * s * d / (2 if causal else 1)
+                case = f"attention d={d} s={s}{' causal' if causal else ''} bf16"
+                for impl, fn in impls.items():
+                    def fwd():
+                        with torch.no_grad():
+                            fn(q, k, v, causal)
+
+                    def fwd_bwd():
+                        q.grad = k.grad = v.grad = None
+                        fn(q, k, v, causal).backward(dout)
+                    n = len(results)
+                    _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
+                    _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops, "TFLOP/s")
+                    if len(results) == n + 2 and results[-1].median_ms == results[-1].median_ms:
+                        bwd_ms = results[-1].median_ms - results[-2].median_ms
+                        results.append(Result(f"{case} bwd", impl, bwd_ms, 2.5 * fwd_flops,
+                                              "TFLOP/s"))
+                del q, k, v, dout
+
+
+def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
+                 cache_lens=(8192, 32768)):
+    """One decode step (Sq = 1) against a bf16 KV cache, every sequence at the same length L so
+    SDPA can run the same problem. GB/s counts the K and V cache bytes read:
+    2 * B * Hkv * L * D * 2 (the queries and outputs are negligible)."""
+    for length in cache_lens:
+        if time.time() > deadline:
+            print(f"gpu_bench: skipped decode L={length} (budget)")
+            continue
+        q = torch.randn(batch, heads, 1, d, device="cuda", dtype=torch.bfloat16)
+        kc, vc = (torch.randn(batch, kv_heads, length, d, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(2))
+        lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        work = 2 * batch * kv_heads * length * d * 2
+        case = f"decode B={batch} H={heads}/{kv_heads} L={length} d={d} bf16"
+        impls = {
+            "fastattn[cuda]": _backend_fn(lambda: fastattn.decode_attention(q, kc, vc, lens), "cuda"),
+            "fastattn[triton]": _backend_fn(lambda: fastattn.decode_attention(q, kc, vc, lens),
+                                            "triton"),
+            "sdpa (repeat kv)": lambda: F.scaled_dot_product_attention(
+                q, kc.repeat_interleave(heads // kv_heads, 1),
+                vc.repeat_interleave(heads // kv_heads, 1)),
+        }
+        try:  # torch >= 2.5 reads the cache without repeating it
+            F.scaled_dot_product_attention(q[:1], kc[:1, :, :16], vc[:1, :, :16], enable_gqa=True)
+            impls["sdpa enable_gqa"] = lambda: F.scaled_dot_product_attention(q, kc, vc,
+                                                                              enable_gqa=True)
+        except TypeError:
+            pass
+        for impl, fn in impls.items():
+            _record(results, case, impl, fn, work, "GB/s")
+        del q, kc, vc
+
+
+def ffn_cases(results, deadline, tokens=16384):
+    """SwiGLU 4096 -> 11008 and GELU MLP 1024 -> 4096, bf16. FLOPs: 2*T*D*F per matmul; an MLP
+    has 2 matmuls forward and 4 backward, SwiGLU 3 and 6. Backward time = fwd+bwd - fwd."""
+    def eager_swiglu(x, wg, wu, wd):
+        return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+    def eager_mlp(x, w1, b1, w2, b2):
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+    blocks = [
+        ("SwiGLU", 4096, 11008, 3, eager_swiglu, fastattn.swiglu, False),
+        ("gelu MLP", 1024, 4096, 2, eager_mlp,
+         lambda x, w1, b1, w2, b2: fastattn.mlp(x, w1, b1, w2, b2), True),
+    ]
+    for label, d, f, n_mm, eager, ours, bias in blocks:
+        if time.time() > deadline:
+            print(f"gpu_bench: skipped {label} (budget)")
+            continue
+        g = torch.Generator(device="cuda").manual_seed(0)
+
+        def w(*shape, fan_in):
+            return (torch.randn(*shape, device="cuda", generator=g) * fan_in ** -0.5).to(
+                torch.bfloat16).requires_grad_()
+        x = torch.randn(tokens, d, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+        if bias:
+            params = [w(f, d, fan_in=d), w(f, fan_in=1e4), w(d, f, fan_in=f), w(d, fan_in=1e4)]
+        else:
+            params = [w(f, d, fan_in=d), w(f, d, fan_in=d), w(d, f, fan_in=f)]
+        dout = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        fwd_flops = n_mm * 2 * tokens * d * f
+        case = f"{label} {tokens}x{d}->{f} bf16"
+        impls = {"fastattn[cuda]": _backend_fn(ours, "cuda"),
+                 "fastattn[triton]": _backend_fn(ours, "triton"),
+                 "torch eager": eager, "torch.compile": torch.compile(eager)}
+        for impl, fn in impls.items():
+            def fwd():
+                with torch.no_grad():
+                    fn(x, *params)
+
+            def fwd_bwd():
+                for p in (x, *params):
+                    p.grad = None
+                fn(x, *params).backward(dout)
+            n = len(results)
+            _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
+            _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3 * fwd_flops, "TFLOP/s")
+            if len(results) == n + 2 and results[-1].median_ms == results[-1].median_ms:
+                results.append(Result(f"{case} bwd", impl,
+                                      results[-1].median_ms - results[-2].median_ms,
+                                      2 * fwd_flops, "TFLOP/s"))
+        del x, params, dout
+
+
 def _record(results, case, impl, step, work, unit):
     try:
         step()                                   # compile / autotune outside the timing
@@ -148,11 +338,18 @@ def main() -> int:
     scale = 8 if args.quick else 1
     copy = copy_bandwidth()
     results: list[Result] = [copy]
+    deadline = t0 + args.budget_s
     cases = [  # most important first: a run cut short by the budget still answers the issues
+        ("attention", lambda: attention_cases(
+            results, deadline, tokens=16384 // scale,
+            seqlens=(4096, 1024) if args.quick else (4096, 16384, 1024))),
+        ("decode_attention", lambda: decode_cases(results, deadline)),
+        ("ffn", lambda: ffn_cases(results, deadline, tokens=16384 // scale)),
         ("cross_entropy", lambda: _logits_cases(results, "cross_entropy", fastattn.cross_entropy,
                                                 F.cross_entropy, False, 16384 // scale, 131072)),
         ("linear_cross_entropy", lambda: linear_cross_entropy_cases(results, n=16384 // scale)),
         ("adamw", lambda: adam_cases(results, total=(1 << 30) // scale)),
+        ("clip_grad_norm", lambda: clip_grad_norm_cases(results, total=(1 << 30) // scale)),
         ("token_logprobs", lambda: _logits_cases(results, "token_logprobs",
                                                  fastattn.token_logprobs, _eager_logprobs, True,
                                                  16384 // scale, 131072)),

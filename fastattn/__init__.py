@@ -4,6 +4,13 @@ Public API re-exports only; each op lives in ``fastattn/ops/<op>/``.
 """
 
 from ._backends import BackendError, BackendStatus, backends, use_backend
+from .ops.attention import (
+    decode_attention,
+    flash_attention,
+    scaled_dot_product_attention,
+    varlen_attention,
+)
+from .ops.ffn import mlp, swiglu
 from .ops.cross_entropy import (
     cross_entropy,
     linear_cross_entropy,
@@ -19,6 +26,12 @@ __all__ = [
     "BackendStatus",
     "backends",
     "use_backend",
+    "scaled_dot_product_attention",
+    "flash_attention",
+    "varlen_attention",
+    "decode_attention",
+    "mlp",
+    "swiglu",
     "cross_entropy",
     "linear_cross_entropy",
     "token_logprobs",

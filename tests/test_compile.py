@@ -20,13 +20,51 @@ def _cases():
     b = torch.randn(33, generator=g, requires_grad=True)
     r = torch.randn(8, generator=g)
     import fastattn.ops.adam  # noqa: F401  (registers fastattn::adam_step_)
+    import fastattn.ops.grad_norm  # noqa: F401  (registers grad_norm, scale_grads_)
     ps = [torch.randn(5, generator=g), torch.randn(3, 4, generator=g)]
     adam = ([p.clone() for p in ps], [torch.randn_like(p) for p in ps],
             [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
             [torch.zeros_like(p) for p in ps], [], torch.tensor(1.0), torch.tensor(1e-3),
             0.9, 0.999, 1e-8, 0.01, True, True, False, torch.tensor(0.5), torch.tensor(0.0))
+    q = torch.randn(2, 4, 9, 16, generator=g, requires_grad=True)
+    kv = torch.randn(2, 2, 11, 16, generator=g, requires_grad=True)
+    bias = torch.randn(1, 1, 9, 11, generator=g).expand(2, 4, 9, 11)
+    out, lse = ops.attention_fwd(q.detach(), kv.detach(), kv.detach(), None, 0.25, 2, -1, 0, 0.0,
+                                 0.0, 0)
+    qv = torch.randn(12, 4, 16, generator=g, requires_grad=True)
+    kvv = torch.randn(15, 2, 16, generator=g, requires_grad=True)
+    cu_q = torch.tensor([0, 5, 12], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 15], dtype=torch.int32)
+    cache = torch.randn(2, 2, 20, 16, generator=g)
+    import fastattn.ops.ffn  # noqa: F401  (registers the FFN ops)
+    fx = torch.randn(6, 8, generator=g, requires_grad=True)
+    fw1 = torch.randn(12, 8, generator=g, requires_grad=True)
+    fb1 = torch.randn(12, generator=g, requires_grad=True)
+    fw2 = torch.randn(8, 12, generator=g, requires_grad=True)
+    fw3 = torch.randn(12, 8, generator=g, requires_grad=True)
+    fh = torch.randn(6, 12, generator=g)
+    fdo = torch.randn(6, 8, generator=g)
     return [
+        ("mlp", ops.mlp_fwd.default, (fx, fw1, fb1, fw2, None, "gelu")),
+        ("mlp_bwd", ops.mlp_bwd.default,
+         (fdo, fx.detach(), fw1.detach(), fh, fw2.detach(), "silu", True, False)),
+        ("swiglu", ops.swiglu_fwd.default, (fx, fw1, fw3, fw2, None, fb1, None, "silu")),
+        ("swiglu_bwd", ops.swiglu_bwd.default,
+         (fdo, fx.detach(), fw1.detach(), fw3.detach(), fw2.detach(), fh, fh * 2, "gelu_tanh",
+          False, True, True)),
+        ("attn", ops.attention_fwd.default, (q, kv, kv, None, 0.25, 2, -1, 0, 0.0, 0.0, 0)),
+        ("attn_bias_window_softcap_dropout", ops.attention_fwd.default,
+         (q, kv, kv, bias, 0.25, 0, 3, 2, 5.0, 0.2, 7)),
+        ("attn_bwd", ops.attention_bwd.default,
+         (torch.randn_like(out), q.detach(), kv.detach(), kv.detach(), out, lse, None, 0.25, 2,
+          -1, 0, 0.0, 0.0, 0)),
+        ("varlen", ops.varlen_attention_fwd.default, (qv, kvv, kvv, cu_q, cu_k, 7, 9, 0.25, True)),
+        ("decode", ops.decode_attention.default,
+         (q.detach()[:, :, :2], cache, cache, torch.tensor([7, 20], dtype=torch.int32), 0.25, 0)),
         ("adam", ops.adam_step_.default, adam),
+        ("grad_norm", ops.grad_norm.default, ([p.clone() for p in ps], 2.0)),
+        ("grad_norm_inf", ops.grad_norm.default, ([p.clone() for p in ps], float("inf"))),
+        ("scale_grads", ops.scale_grads_.default, ([p.clone() for p in ps], 1.0, torch.tensor(9.0))),
         ("ce_mean", ops.cross_entropy_fwd.default, (x, t, None, -100, 0.1, 0.0, "mean", True)),
         ("ce_none_weight_z", ops.cross_entropy_fwd.default, (x, t, w, -100, 0.0, 1e-3, "none", True)),
         ("ce_nograd", ops.cross_entropy_fwd.default, (x.detach(), t, None, -100, 0.0, 0.0, "sum", False)),
@@ -88,3 +126,50 @@ def test_compile_no_graph_break_counter():
     fn = torch.compile(lambda x, t: fastattn.cross_entropy(F.gelu(x), t, z_loss=1e-4))
     fn(x, t).backward()
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_compile_ffn_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    w1, w3 = (torch.randn(12, 8, generator=g, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(8, 12, generator=g, requires_grad=True)
+    b1 = torch.randn(12, generator=g, requires_grad=True)
+
+    def fn(x, w1, b1, w2, w3):
+        return (fastattn.mlp(x, w1, b1, w2, activation="relu2").sum()
+                + fastattn.swiglu(x, w1, w3, w2).sum())
+    eager = fn(x, w1, b1, w2, w3)
+    grads = torch.autograd.grad(eager, (x, w1, b1, w2, w3))
+    compiled = torch.compile(fn, fullgraph=True)(x, w1, b1, w2, w3)
+    cgrads = torch.autograd.grad(compiled, (x, w1, b1, w2, w3))
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(cgrads, grads):
+        torch.testing.assert_close(a, e)
+
+
+def _attention_fn(q, k, v, mask, qv, kv, cu_q, cu_k):
+    return (fastattn.flash_attention(q, k, v, causal=True, window=(5, -1), softcap=3.0).sum()
+            + fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).sum()
+            + fastattn.varlen_attention(qv, kv, kv, cu_q, cu_k, 7, 9, causal=True).sum())
+
+
+def test_compile_attention_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 9, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 11, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 11, 16, generator=g, requires_grad=True)
+    mask = torch.rand(9, 11, generator=g) > 0.2
+    qv = torch.randn(12, 4, 16, generator=g, requires_grad=True)
+    kv = torch.randn(15, 2, 16, generator=g, requires_grad=True)
+    cu_q = torch.tensor([0, 5, 12], dtype=torch.int32)
+    cu_k = torch.tensor([0, 9, 15], dtype=torch.int32)
+    args = (q, k, v, mask, qv, kv, cu_q, cu_k)
+    eager = _attention_fn(*args)
+    grads = torch.autograd.grad(eager, (q, k, v, qv, kv))
+    compiled = torch.compile(_attention_fn, fullgraph=True)(*args)
+    cgrads = torch.autograd.grad(compiled, (q, k, v, qv, kv))
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(cgrads, grads):
+        torch.testing.assert_close(a, e)

@@ -160,6 +160,64 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
                                     ignore_index, inv_temperature);
 }
 
+// ---- FFN elementwise kernels ---------------------------------------------------------------
+
+// t: CPU, 2-D, contiguous, float32/float16/bfloat16, the dtype and shape of ref (ref itself
+// when t is ref).
+void check_ffn_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                      const char* ref_name) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.dim() == 2, "fastattn._C: ", name, " must be 2-D (T, F), got shape ",
+              shape_str(t));
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "fastattn._C: ", name,
+              " must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(dt == ref.scalar_type(), "fastattn._C: ", name, " must have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", dt);
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fastattn._C: ", name, " must have the shape of ",
+              ref_name, " ", shape_str(ref), ", got ", shape_str(t));
+  TORCH_CHECK(t.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
+              t.strides());
+}
+
+void check_activation(const std::string& activation) {
+  TORCH_CHECK(activation == "gelu" || activation == "gelu_tanh" || activation == "relu" ||
+                  activation == "relu2" || activation == "silu",
+              "fastattn._C: unknown activation '", activation,
+              "'; valid: gelu, gelu_tanh, relu, relu2, silu");
+}
+
+at::Tensor act_fwd(const at::Tensor& h, const std::string& activation) {
+  check_ffn_tensor(h, "h", h, "h");
+  check_activation(activation);
+  return fastattn::cpu::act_fwd(h, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& da, const at::Tensor& h,
+                                           const std::string& activation) {
+  check_ffn_tensor(h, "h", h, "h");
+  check_ffn_tensor(da, "da", h, "h");
+  check_activation(activation);
+  return fastattn::cpu::act_bwd(da, h, activation);
+}
+
+at::Tensor glu_fwd(const at::Tensor& g, const at::Tensor& u, const std::string& activation) {
+  check_ffn_tensor(g, "g", g, "g");
+  check_ffn_tensor(u, "u", g, "g");
+  check_activation(activation);
+  return fastattn::cpu::glu_fwd(g, u, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_bwd(const at::Tensor& dm, const at::Tensor& g,
+                                                       const at::Tensor& u,
+                                                       const std::string& activation) {
+  check_ffn_tensor(g, "g", g, "g");
+  check_ffn_tensor(u, "u", g, "g");
+  check_ffn_tensor(dm, "dm", g, "g");
+  check_activation(activation);
+  return fastattn::cpu::glu_bwd(dm, g, u, activation);
+}
+
 // ---- adam_step -----------------------------------------------------------------------------
 
 using TensorList = std::vector<at::Tensor>;
@@ -253,6 +311,91 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
                            inv_scale, found_inf);
 }
 
+// ---- attention -------------------------------------------------------------------------------
+
+// q (B, H, Sq, D); k, v (B, Hkv, Sk, D) with H % Hkv == 0; one dtype; last dim contiguous.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
+    check_cpu(t, name);
+    TORCH_CHECK(t.dim() == 4, "fastattn._C: ", name, " must be 4-D (batch, heads, seq, head_dim), "
+                "got shape ", shape_str(t));
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "fastattn._C: ", name,
+                " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "fastattn._C: ", name,
+                " must be contiguous along head_dim (stride(3) == 1), got strides ", t.strides());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "fastattn._C: attention takes float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "fastattn._C: q, k, v must "
+              "have one batch size, got shapes ", shape_str(q), ", ", shape_str(k), ", ",
+              shape_str(v));
+  TORCH_CHECK(v.sizes() == k.sizes(), "fastattn._C: v must have the shape of k ", shape_str(k),
+              ", got ", shape_str(v));
+  TORCH_CHECK(k.size(3) == q.size(3) && q.size(3) >= 1, "fastattn._C: k must have q's head_dim ",
+              q.size(3), ", got ", k.size(3));
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "fastattn._C: the heads of q (",
+              q.size(1), ") must be a multiple of the heads of k and v (", k.size(1), ")");
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& q, const at::Tensor& k) {
+  if (!bias.has_value()) return;
+  check_cpu(*bias, "bias");
+  TORCH_CHECK(bias->scalar_type() == at::kFloat, "fastattn._C: bias must be float32, got ",
+              bias->scalar_type());
+  const std::vector<int64_t> want{q.size(0), q.size(1), q.size(2), k.size(2)};
+  TORCH_CHECK(bias->sizes() == at::IntArrayRef(want), "fastattn._C: bias must have shape (B, H, "
+              "Sq, Sk) = ", at::IntArrayRef(want), " (expand a broadcast one), got ",
+              shape_str(*bias));
+}
+
+void check_dropout(double dropout_p, int64_t seed) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastattn._C: dropout_p must be in [0, 1), "
+              "got ", dropout_p);
+  TORCH_CHECK(seed >= 0, "fastattn._C: seed must be >= 0, got ", seed);
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 double scale, int64_t diag, int64_t window_left,
+                                                 int64_t window_right, double softcap,
+                                                 double dropout_p, int64_t seed) {
+  check_qkv(q, k, v);
+  check_bias(bias, q, k);
+  check_dropout(dropout_p, seed);
+  return fastattn::cpu::attention_fwd(q, k, v, bias, scale, diag, window_left, window_right,
+                                      softcap, dropout_p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    double scale, int64_t diag, int64_t window_left, int64_t window_right, double softcap,
+    double dropout_p, int64_t seed) {
+  check_qkv(q, k, v);
+  check_bias(bias, q, k);
+  check_dropout(dropout_p, seed);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"}}) {
+    check_cpu(t, name);
+    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), "fastattn._C: ",
+                name, " must have q's shape ", shape_str(q), " and dtype ", q.scalar_type(),
+                ", got ", shape_str(t), " ", t.scalar_type());
+    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "fastattn._C: ", name,
+                " must be contiguous along head_dim, got strides ", t.strides());
+  }
+  check_cpu(lse, "lse");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "fastattn._C: lse must be float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2),
+              "fastattn._C: lse must have shape (B, H, Sq), got ", shape_str(lse));
+  TORCH_CHECK(lse.is_contiguous(), "fastattn._C: lse must be contiguous, got strides ",
+              lse.strides());
+  return fastattn::cpu::attention_bwd(dout, q, k, v, out, lse, bias, scale, diag, window_left,
+                                      window_right, softcap, dropout_p, seed);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -279,6 +422,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad"), py::arg("ignore_index"),
         py::arg("inv_temperature"), py::call_guard<py::gil_scoped_release>());
 
+  m.def("act_fwd", &act_fwd, "a = act(h), (T, F) in h's dtype (FFN kernel spec)",
+        py::arg("h"), py::arg("activation"), py::call_guard<py::gil_scoped_release>());
+  m.def("act_bwd", &act_bwd, "(dh, a) = (da * act'(h), act(h)) in one pass", py::arg("da"),
+        py::arg("h"), py::arg("activation"), py::call_guard<py::gil_scoped_release>());
+  m.def("glu_fwd", &glu_fwd, "m = act(g) * u", py::arg("g"), py::arg("u"),
+        py::arg("activation"), py::call_guard<py::gil_scoped_release>());
+  m.def("glu_bwd", &glu_bwd,
+        "(dg, du, m) = (dm * u * act'(g), dm * act(g), act(g) * u) in one pass", py::arg("dm"),
+        py::arg("g"), py::arg("u"), py::arg("activation"),
+        py::call_guard<py::gil_scoped_release>());
+
   m.def("adam_step", &adam_step,
         "One Adam/AdamW step in place over lists of tensors (fastattn/ops/adam/reference.py); "
         "writes nothing when found_inf is given and nonzero",
@@ -287,4 +441,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"), py::arg("inv_scale"),
         py::arg("found_inf"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("attention_fwd", &attention_fwd,
+        "Tiled flash-attention forward: (out, lse) (fastattn/ops/attention/reference.py)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"), py::arg("scale"),
+        py::arg("diag"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
+        py::arg("dropout_p"), py::arg("seed"), py::call_guard<py::gil_scoped_release>());
+  m.def("attention_bwd", &attention_bwd,
+        "Flash-attention backward: (dq, dk, dv) from the forward's out and lse",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("bias"), py::arg("scale"), py::arg("diag"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
+        py::arg("dropout_p"), py::arg("seed"), py::call_guard<py::gil_scoped_release>());
+
+  // grad_norm / scale_grads_ validate their inputs themselves (csrc/cpu/grad_norm.cpp).
+  m.def("grad_norm", &fastattn::cpu::grad_norm,
+        "Norm (2 or inf) of all tensors as one vector, float32 0-dim "
+        "(fastattn/ops/grad_norm/reference.py)",
+        py::arg("tensors"), py::arg("norm_type"), py::call_guard<py::gil_scoped_release>());
+  m.def("scale_grads_", &fastattn::cpu::scale_grads_,
+        "tensors *= min(max_norm / (total_norm + 1e-6), 1), in place",
+        py::arg("tensors"), py::arg("max_norm"), py::arg("total_norm"),
+        py::call_guard<py::gil_scoped_release>());
 }

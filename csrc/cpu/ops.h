@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -56,6 +57,50 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                bool decoupled, bool amsgrad, bool maximize,
                const std::optional<at::Tensor>& inv_scale,
                const std::optional<at::Tensor>& found_inf);
+
+// ---- total gradient norm and clipping (fastattn/ops/grad_norm/reference.py) -------------
+// These two validate their own inputs (TORCH_CHECK in grad_norm.cpp). tensors: contiguous
+// CPU tensors of one dtype, float32, float16 or bfloat16. grad_norm: norm_type 2 or inf; returns
+// the norm of all tensors as one vector, a float32 0-dim tensor (bitwise independent of the
+// thread count). scale_grads_: tensors *= min(max_norm / (total_norm + 1e-6), 1) in place;
+// total_norm a float32 one-element tensor.
+at::Tensor grad_norm(const std::vector<at::Tensor>& tensors, double norm_type);
+void scale_grads_(const std::vector<at::Tensor>& tensors, double max_norm,
+                  const at::Tensor& total_norm);
+
+// ---- FFN elementwise kernels (csrc/cpu/ffn.cpp; contract: the FFN kernel spec) ----------
+// Every tensor 2-D (T, F), contiguous, one dtype (float32, float16 or bfloat16); results are
+// fresh contiguous tensors in that dtype; math in float32. activation: "gelu", "gelu_tanh",
+// "relu", "relu2" or "silu" (anything else: TORCH_CHECK error).
+at::Tensor act_fwd(const at::Tensor& h, const std::string& activation);  // act(h)
+// (dh, a) = (da * act'(h), act(h)) in one pass.
+std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& da, const at::Tensor& h,
+                                           const std::string& activation);
+at::Tensor glu_fwd(const at::Tensor& g, const at::Tensor& u,
+                   const std::string& activation);  // act(g) * u
+// (dg, du, m) = (dm * u * act'(g), dm * act(g), act(g) * u) in one pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_bwd(const at::Tensor& dm, const at::Tensor& g,
+                                                       const at::Tensor& u,
+                                                       const std::string& activation);
+
+// ---- attention (fastattn/ops/attention/reference.py) ------------------------------------
+// q (B, H, Sq, D); k, v (B, Hkv, Sk, D), H % Hkv == 0, float32/float16/bfloat16, head_dim
+// contiguous; bias float32 (B, H, Sq, Sk) with any strides (0 = broadcast) or none.
+// Returns out (B, H, Sq, D) contiguous in q's dtype and lse (B, H, Sq) float32.
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 double scale, int64_t diag, int64_t window_left,
+                                                 int64_t window_right, double softcap,
+                                                 double dropout_p, int64_t seed);
+
+// dout and out shaped like q, lse (B, H, Sq) float32 contiguous as returned by attention_fwd.
+// Returns (dq, dk, dv), contiguous, in the input dtype. Deterministic for any thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    double scale, int64_t diag, int64_t window_left, int64_t window_right, double softcap,
+    double dropout_p, int64_t seed);
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -211,6 +211,85 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
                                     ignore_index, inv_temperature);
 }
 
+// ---- FFN elementwise kernels ----------------------------------------------------------------
+
+// t: CUDA on ref's device, 2-D, contiguous, fp32/fp16/bf16, ref's dtype and shape, aligned to
+// its element size.
+void check_ffn_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                      const char* ref_name) {
+  check_on_cuda(op, name, t);
+  TORCH_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", t.device(), " but `",
+              ref_name, "` is on ", ref.device());
+  TORCH_CHECK(t.dim() == 2, op, ": `", name, "` must be 2-D (T, F), got shape ", t.sizes());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": `", name,
+              "` must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(dt == ref.scalar_type(), op, ": `", name, "` must have the dtype of `", ref_name,
+              "` (", ref.scalar_type(), "), got ", dt);
+  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": `", name, "` must have the shape of `", ref_name,
+              "` ", ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": `", name, "` must be contiguous, got strides ",
+              t.strides());
+  check_elem_aligned(op, name, t);
+}
+
+void check_activation(const char* op, const std::string& activation) {
+  TORCH_CHECK(activation == "gelu" || activation == "gelu_tanh" || activation == "relu" ||
+                  activation == "relu2" || activation == "silu",
+              op, ": unknown activation '", activation,
+              "'; valid: gelu, gelu_tanh, relu, relu2, silu");
+}
+
+at::Tensor act_fwd(const at::Tensor& h, const std::string& activation) {
+  const char* op = "fastattn._cuda.act_fwd";
+  check_ffn_tensor(op, "h", h, h, "h");
+  check_activation(op, activation);
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor a = at::empty_like(h);
+  fastattn::act_fwd_cuda(h, activation, a);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& da, const at::Tensor& h,
+                                           const std::string& activation) {
+  const char* op = "fastattn._cuda.act_bwd";
+  check_ffn_tensor(op, "h", h, h, "h");
+  check_ffn_tensor(op, "da", da, h, "h");
+  check_activation(op, activation);
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor dh = at::empty_like(h);
+  at::Tensor a = at::empty_like(h);
+  fastattn::act_bwd_cuda(da, h, activation, dh, a);
+  return {dh, a};
+}
+
+at::Tensor glu_fwd(const at::Tensor& g, const at::Tensor& u, const std::string& activation) {
+  const char* op = "fastattn._cuda.glu_fwd";
+  check_ffn_tensor(op, "g", g, g, "g");
+  check_ffn_tensor(op, "u", u, g, "g");
+  check_activation(op, activation);
+  const c10::cuda::CUDAGuard guard(g.device());
+  at::Tensor m = at::empty_like(g);
+  fastattn::glu_fwd_cuda(g, u, activation, m);
+  return m;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_bwd(const at::Tensor& dm, const at::Tensor& g,
+                                                       const at::Tensor& u,
+                                                       const std::string& activation) {
+  const char* op = "fastattn._cuda.glu_bwd";
+  check_ffn_tensor(op, "g", g, g, "g");
+  check_ffn_tensor(op, "u", u, g, "g");
+  check_ffn_tensor(op, "dm", dm, g, "g");
+  check_activation(op, activation);
+  const c10::cuda::CUDAGuard guard(g.device());
+  at::Tensor dg = at::empty_like(g);
+  at::Tensor du = at::empty_like(g);
+  at::Tensor m = at::empty_like(g);
+  fastattn::glu_bwd_cuda(dm, g, u, activation, dg, du, m);
+  return {dg, du, m};
+}
+
 // ---- adam_step ------------------------------------------------------------------------------
 
 // Chunk indices inside the Adam kernel are int32 over 64K-element chunks.
@@ -319,6 +398,94 @@ void adam_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                            maximize, inv_scale, found_inf);
 }
 
+// ---- decode_attention -----------------------------------------------------------------------
+
+// k_cache / v_cache rows are read with 16-byte loads: base pointer and every stride must keep
+// each row 16-byte aligned.
+void check_decode_aligned(const char* op, const char* name, const at::Tensor& t) {
+  const int64_t e = t.element_size();
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || (t.stride(d) * e) % 16 == 0);
+  TORCH_CHECK(ok, op, ": `", name, "` rows must be 16-byte aligned (data pointer and strides ",
+              t.strides(), " multiples of 16 bytes) for the vectorised cache loads; pass a "
+              "contiguous cache or use the triton/reference backend");
+}
+
+std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                         const at::Tensor& v_cache,
+                                         const at::Tensor& cache_seqlens, double scale,
+                                         int64_t num_splits) {
+  const char* op = "decode_attention";
+  check_on_cuda(op, "q", q);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache},
+                                {"v_cache", v_cache},
+                                {"cache_seqlens", cache_seqlens}}) {
+    check_on_cuda(op, name, t);
+    TORCH_CHECK(t.device() == q.device(), op, ": `", name, "` is on ", t.device(),
+                " but `q` is on ", q.device());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": `q` must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, op,
+              ": `k_cache` and `v_cache` must have q's dtype ", dt, ", got ",
+              k_cache.scalar_type(), " and ", v_cache.scalar_type());
+  TORCH_CHECK(q.dim() == 4, op, ": `q` must be 4-D (B, H, Sq, D), got shape ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4, op, ": `k_cache` must be 4-D (B, Hkv, S_max, D), got shape ",
+              k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": `v_cache` must have the shape of "
+              "`k_cache` ", k_cache.sizes(), ", got ", v_cache.sizes());
+  const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D, op, ": `k_cache` ", k_cache.sizes(),
+              " does not match `q` ", q.sizes(), " in batch (dim 0) or head dim (dim 3)");
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": the number of query heads H = ", H,
+              " must be a multiple of the number of kv heads Hkv = ", Hkv);
+  TORCH_CHECK(D % 8 == 0 && D >= 16 && D <= 256, op, ": head dim ", D,
+              " is not supported by the CUDA kernel (multiples of 8 from 16 to 256); use the "
+              "triton or reference backend");
+  TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op,
+              ": q, k_cache and v_cache must have stride(-1) == 1, got strides ", q.strides(),
+              ", ", k_cache.strides(), ", ", v_cache.strides());
+  for (const at::Tensor* t : {&q, &k_cache, &v_cache}) {
+    for (int d = 0; d < 3; ++d) {
+      TORCH_CHECK(t->stride(d) >= 0, op, ": negative strides are not supported, got ",
+                  t->strides());
+    }
+  }
+  check_elem_aligned(op, "q", q);
+  check_decode_aligned(op, "k_cache", k_cache);
+  check_decode_aligned(op, "v_cache", v_cache);
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, op,
+              ": `cache_seqlens` must be int32, got ", cache_seqlens.scalar_type());
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, op,
+              ": `cache_seqlens` must have shape (", B, ",) (one length per batch), got ",
+              cache_seqlens.sizes());
+  TORCH_CHECK(cache_seqlens.stride(0) == 1 || B <= 1, op,
+              ": `cache_seqlens` must be contiguous, got stride ", cache_seqlens.stride(0));
+  TORCH_CHECK(std::isfinite(scale), op, ": `scale` must be finite, got ", scale);
+  TORCH_CHECK(num_splits >= 0, op, ": `num_splits` must be >= 0 (0 = heuristic), got ",
+              num_splits);
+  const int64_t M = (H / Hkv) * Sq;
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(S_max <= kIntMax && B * Hkv <= kIntMax && M <= 8 * int64_t{65535}, op,
+              ": sizes out of range (S_max < 2^31, B * Hkv < 2^31, (H / Hkv) * Sq < 524280), "
+              "got q ", q.sizes(), ", k_cache ", k_cache.sizes());
+
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t splits =
+      num_splits > 0 ? std::min(num_splits, fastattn::decode_attention_max_splits())
+                     : fastattn::decode_attention_num_splits(B, H, Hkv, Sq, S_max);
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({B, H, Sq, D}, q.options());
+  at::Tensor lse = at::empty({B, H, Sq}, f32);
+  at::Tensor o_part = at::empty({B * Hkv, splits, M, D}, f32);
+  at::Tensor lse_part = at::empty({B * Hkv, splits, M}, f32);
+  fastattn::decode_attention_cuda(q, k_cache, v_cache, cache_seqlens, scale, o_part, lse_part,
+                                  out, lse);
+  return {out, lse};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -342,6 +509,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("entropy"),
         py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("grad"), py::arg("ignore_index"),
         py::arg("inv_temperature"), py::call_guard<py::gil_scoped_release>());
+  m.def("act_fwd", &act_fwd, "a = act(h), (T, F) in h's dtype (FFN kernel spec)",
+        py::arg("h"), py::arg("activation"), py::call_guard<py::gil_scoped_release>());
+  m.def("act_bwd", &act_bwd, "(dh, a) = (da * act'(h), act(h)) in one pass", py::arg("da"),
+        py::arg("h"), py::arg("activation"), py::call_guard<py::gil_scoped_release>());
+  m.def("glu_fwd", &glu_fwd, "m = act(g) * u", py::arg("g"), py::arg("u"),
+        py::arg("activation"), py::call_guard<py::gil_scoped_release>());
+  m.def("glu_bwd", &glu_bwd,
+        "(dg, du, m) = (dm * u * act'(g), dm * act(g), act(g) * u) in one pass", py::arg("dm"),
+        py::arg("g"), py::arg("u"), py::arg("activation"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("adam_step", &adam_step,
         "One Adam/AdamW step in place over lists of tensors (math: "
         "fastattn/ops/adam/reference.py); step, lr, inv_scale, found_inf are float32 0-dim "
@@ -351,4 +528,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"), py::arg("inv_scale"),
         py::arg("found_inf"), py::call_guard<py::gil_scoped_release>());
+  // grad_norm / scale_grads_ validate their inputs themselves (csrc/cuda/grad_norm.cu).
+  m.def("grad_norm", &fastattn::grad_norm_cuda,
+        "Norm (2 or inf) of all tensors as one vector, float32 0-dim on their device "
+        "(fastattn/ops/grad_norm/reference.py); deterministic, no host sync.",
+        py::arg("tensors"), py::arg("norm_type"), py::call_guard<py::gil_scoped_release>());
+  m.def("scale_grads_", &fastattn::scale_grads_cuda,
+        "tensors *= min(max_norm / (total_norm + 1e-6), 1) in place; total_norm is read on the "
+        "device (no host sync).",
+        py::arg("tensors"), py::arg("max_norm"), py::arg("total_norm"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("decode_attention", &decode_attention,
+        "KV-cache decode attention (flash-decoding: split-KV kernel + combine); returns "
+        "[out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) fp32]. num_splits 0 = heuristic. "
+        "Contract: 'Decode' in the attention spec.",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cache_seqlens"),
+        py::arg("scale"), py::arg("num_splits"), py::call_guard<py::gil_scoped_release>());
 }

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace fastattn {
@@ -57,5 +58,44 @@ void adam_step_cuda(const AdamLists& tensors, const at::Tensor& step, const at::
                     double beta1, double beta2, double eps, double weight_decay, bool decoupled,
                     bool amsgrad, bool maximize, const std::optional<at::Tensor>& inv_scale,
                     const std::optional<at::Tensor>& found_inf);
+
+// ---- total gradient norm and clipping (csrc/cuda/grad_norm.cu); math in
+// fastattn/ops/grad_norm/reference.py. Validated in grad_norm.cu (TORCH_CHECK): tensors
+// non-empty, contiguous, one device and one dtype (fp32/fp16/bf16). grad_norm_cuda: norm_type 2
+// or inf, returns a float32 0-dim device tensor (bitwise reproducible). scale_grads_cuda:
+// tensors *= min(max_norm / (total_norm + 1e-6), 1) in place, total_norm a float32
+// one-element tensor on the same device, read by the kernel (no host sync).
+at::Tensor grad_norm_cuda(const std::vector<at::Tensor>& tensors, double norm_type);
+void scale_grads_cuda(const std::vector<at::Tensor>& tensors, double max_norm,
+                      const at::Tensor& total_norm);
+
+// ---- FFN elementwise kernels (csrc/cuda/ffn.cu); contract: the FFN kernel spec. Every tensor
+// (T, F) contiguous, one dtype (fp32/fp16/bf16), one device; outputs are distinct fresh tensors
+// shaped like the inputs. activation: gelu, gelu_tanh, relu, relu2 or silu (else TORCH_CHECK).
+void act_fwd_cuda(const at::Tensor& h, const std::string& activation,
+                  const at::Tensor& a);  // a = act(h)
+// dh = da * act'(h), a = act(h)
+void act_bwd_cuda(const at::Tensor& da, const at::Tensor& h, const std::string& activation,
+                  const at::Tensor& dh, const at::Tensor& a);
+void glu_fwd_cuda(const at::Tensor& g, const at::Tensor& u, const std::string& activation,
+                  const at::Tensor& m);  // m = act(g) * u
+// dg = dm * u * act'(g), du = dm * act(g), m = act(g) * u
+void glu_bwd_cuda(const at::Tensor& dm, const at::Tensor& g, const at::Tensor& u,
+                  const std::string& activation, const at::Tensor& dg, const at::Tensor& du,
+                  const at::Tensor& m);
+
+// ---- KV-cache decode attention (csrc/cuda/attention_decode.cu); contract: "Decode" in the
+// attention spec. q (B, H, Sq, D), k_cache/v_cache (B, Hkv, S_max, D) fp32/fp16/bf16 with
+// stride(-1) == 1 and 16-byte aligned rows, D % 8 == 0 in [16, 256]; cache_seqlens int32 (B,).
+// Workspace o_part (B * Hkv, splits, M, D) and lse_part (B * Hkv, splits, M) fp32 contiguous,
+// M = (H / Hkv) * Sq, 1 <= splits <= decode_attention_max_splits(); out (B, H, Sq, D) in q's
+// dtype and lse (B, H, Sq) fp32, contiguous.
+int64_t decode_attention_max_splits();
+// Split count for the current device: ~4 blocks per SM, >= 256 cache positions per split.
+int64_t decode_attention_num_splits(int64_t B, int64_t H, int64_t Hkv, int64_t Sq, int64_t S_max);
+void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                           double scale, const at::Tensor& o_part, const at::Tensor& lse_part,
+                           const at::Tensor& out, const at::Tensor& lse);
 
 }  // namespace fastattn

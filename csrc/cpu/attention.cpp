@@ -1,0 +1,557 @@
+// Flash attention on the CPU: tiled forward and backward that never hold an Sq x Sk matrix.
+//
+// The math and conventions are those of fastattn/ops/attention/reference.py (masking rule,
+// softcap, bias, the dropout hash, lse, fully masked rows). Here the block products go to the
+// BLAS torch links (MKL or OpenBLAS sgemm, single-threaded inside our parallel region) and everything between them — scaling, soft-capping, bias, masks, the
+// online softmax, dropout — runs in vectorised loops over the block in cache.
+//
+// Forward: one task per (batch, head, block of kBlockM queries). For each block of kBlockN keys
+// that some query of the block can see: S = Q K^T (kBlockM x kBlockN), the running max m and
+// sum l are updated (the output accumulator is rescaled by exp(m_old - m_new)), P = exp(S - m)
+// overwrites S and O += P V. At the end O /= l and lse = m + log l. Key blocks no query sees are
+// never touched (causal: about half of them), and a block needs element masks only where it
+// straddles the diagonal or the window edge.
+//
+// Backward (FlashAttention-2): one task per (batch, query head) owns that head's dQ, so no two
+// threads ever add into the same memory and the result does not depend on the thread count.
+// For each key block, over the query blocks that see it: recompute P = exp(S - lse) from the
+// saved lse, then dV += P~^T dO, dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K:
+// five block products, the minimum. With GQA the per-query-head dK/dV go to an fp32 buffer
+// that is summed over each group of heads afterwards.
+
+#include "ops.h"
+#include "simd.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+// Query and key block sizes. A kBlockM x kBlockN score block (32 KB in fp32 at 64 x 128) and
+// the kBlockN x D key/value blocks stay in L2 between the two products that use them; 64 rows
+// give MKL's sgemm micro-kernels a long enough M, and the 128-wide key block halves the number
+// of online-softmax rescales of the output accumulator compared with 64.
+constexpr int64_t kBlockM = 64;
+constexpr int64_t kBlockN = 128;
+constexpr int64_t kLanes = 16;  // independent accumulators, so max/sum loops vectorise
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---- block products ------------------------------------------------------------------------
+//
+// The products go to the Fortran BLAS sgemm that the torch library exports (MKL in the x86
+// wheels, OpenBLAS elsewhere), declared weak so that this extension still loads where it is
+// missing; there, and when FASTATTN_CPU_BLAS=0, a plain loop product runs instead (correct,
+// several times slower). Called from inside at::parallel_for, MKL runs single-threaded.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc) __attribute__((weak));
+
+bool use_blas() {
+  const char* env = std::getenv("FASTATTN_CPU_BLAS");
+  return sgemm_ != nullptr && !(env != nullptr && env[0] == '0');
+}
+
+// Row-major C (m x n) = alpha * op(A) op(B) + beta * C, with op(A) m x k and op(B) k x n.
+FA_ROW_KERNEL void gemm_loops(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                              float alpha, const float* a, int64_t lda, const float* b,
+                              int64_t ldb, float beta, float* c, int64_t ldc) {
+  std::vector<float> row(static_cast<size_t>(n));
+  for (int64_t i = 0; i < m; ++i) {
+    std::fill(row.begin(), row.end(), 0.f);
+    for (int64_t p = 0; p < k; ++p) {
+      const float aip = trans_a ? a[p * lda + i] : a[i * lda + p];
+      if (trans_b) {
+        for (int64_t j = 0; j < n; ++j) row[j] += aip * b[j * ldb + p];
+      } else {
+        const float* bp = b + p * ldb;
+        for (int64_t j = 0; j < n; ++j) row[j] += aip * bp[j];
+      }
+    }
+    float* ci = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) ci[j] = alpha * row[j] + (beta == 0.f ? 0.f : beta * ci[j]);
+  }
+}
+
+void gemm(bool blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+          int64_t ldc) {
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  if (!blas || std::max({m, n, k, lda, ldb, ldc}) > kIntMax) {
+    gemm_loops(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
+  // BLAS is column-major, where a row-major matrix reads as its transpose:
+  // C^T = op(B)^T op(A)^T, i.e. swap the operands and keep each one's transpose flag.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb);
+  const int ildc = static_cast<int>(ldc);
+  sgemm_(&tb, &ta, &in, &im, &ik, &alpha, b, &ildb, a, &ilda, &beta, c, &ildc);
+}
+
+// ---- dropout: the counter hash of reference.py, bit for bit ---------------------------------
+
+FA_INLINE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct Dropout {
+  float p = 0.f;
+  float inv_keep = 1.f;  // 1 / (1 - p)
+  uint32_t threshold = 0;
+  uint64_t seed = 0;
+  bool on() const { return p > 0.f; }
+  uint32_t key(int64_t bh) const {
+    return mix32(mix32(static_cast<uint32_t>(bh) ^ static_cast<uint32_t>(seed >> 32)) ^
+                 static_cast<uint32_t>(seed));
+  }
+};
+
+// x[c] *= keep(i, j0 + c) / (1 - p) for c < n.
+FA_ROW_KERNEL void apply_dropout(float* FA_RESTRICT x, int64_t n, uint32_t key, uint32_t row_base,
+                                 uint32_t threshold, float inv_keep) {
+  for (int64_t c = 0; c < n; ++c) {
+    const uint32_t r = mix32(mix32(row_base + static_cast<uint32_t>(c)) ^ key);
+    x[c] = r >= threshold ? x[c] * inv_keep : 0.f;
+  }
+}
+
+// ---- problem description ---------------------------------------------------------------------
+
+struct Problem {
+  int64_t B, H, Hkv, Sq, Sk, D;
+  float scale, softcap;
+  int64_t diag, window_left, window_right;
+  Dropout dropout;
+  bool blas = true;
+  const float* bias = nullptr;  // fp32, read through its strides (0 = broadcast)
+  int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;
+
+  int64_t group() const { return H / Hkv; }
+  // Visible keys of query i: [lo(i), hi(i)); both are non-decreasing in i.
+  int64_t lo(int64_t i) const {
+    return window_left < 0 ? 0 : std::max<int64_t>(0, i + diag - window_left);
+  }
+  int64_t hi(int64_t i) const {
+    return window_right < 0 ? Sk : std::min<int64_t>(Sk, i + diag + window_right + 1);
+  }
+};
+
+Problem describe(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& bias,
+                 double scale, int64_t diag, int64_t window_left, int64_t window_right,
+                 double softcap, double dropout_p, int64_t seed) {
+  Problem p;
+  p.blas = use_blas();
+  p.B = q.size(0);
+  p.H = q.size(1);
+  p.Sq = q.size(2);
+  p.D = q.size(3);
+  p.Hkv = k.size(1);
+  p.Sk = k.size(2);
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.diag = diag;
+  p.window_left = window_left;
+  p.window_right = window_right;
+  if (dropout_p > 0) {
+    p.dropout.p = static_cast<float>(dropout_p);
+    p.dropout.inv_keep = static_cast<float>(1.0 / (1.0 - dropout_p));
+    p.dropout.threshold =
+        static_cast<uint32_t>(std::min(std::floor(dropout_p * 4294967296.0), 4294967295.0));
+    p.dropout.seed = static_cast<uint64_t>(seed);
+  }
+  if (bias.has_value()) {
+    p.bias = bias->data_ptr<float>();
+    p.bias_sb = bias->stride(0);
+    p.bias_sh = bias->stride(1);
+    p.bias_si = bias->stride(2);
+    p.bias_sj = bias->stride(3);
+  }
+  return p;
+}
+
+// Rows of a (S, D) slice of a (B, H, S, D) tensor as fp32 with row stride *ld: the tensor's own
+// memory when it is fp32 already, else converted into buf.
+template <typename scalar_t>
+const float* rows_fp32(const scalar_t* src, int64_t row_stride, int64_t rows, int64_t d,
+                       std::vector<float>& buf, int64_t* ld) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    *ld = row_stride;
+    return src;
+  } else {
+    using E = Elem<scalar_t>;
+    buf.resize(static_cast<size_t>(rows * d));
+    const auto* raw = reinterpret_cast<const typename E::raw*>(src);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < d; ++c) buf[r * d + c] = E::load(raw[r * row_stride + c]);
+    *ld = d;
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+FA_INLINE void store_row(scalar_t* dst, const float* src, int64_t n, float mul) {
+  using E = Elem<scalar_t>;
+  auto* raw = reinterpret_cast<typename E::raw*>(dst);
+  for (int64_t c = 0; c < n; ++c) raw[c] = E::store(src[c] * mul);
+}
+
+// Scores of one block, in place: s = softcap * tanh(s / softcap) (t = tanh kept for backward
+// when asked), + bias, and -inf outside [cl, ch). s arrives already multiplied by scale.
+FA_ROW_KERNEL void finish_scores(float* FA_RESTRICT s, float* FA_RESTRICT t, int64_t n,
+                                 int64_t cl, int64_t ch, float softcap, const float* bias_row,
+                                 int64_t bias_sj) {
+  if (softcap > 0.f) {
+    const float inv = 1.f / softcap;
+    for (int64_t c = 0; c < n; ++c) {
+      const float th = std::tanh(s[c] * inv);
+      if (t != nullptr) t[c] = th;
+      s[c] = softcap * th;
+    }
+  }
+  if (bias_row != nullptr) {
+    if (bias_sj == 1) {
+      for (int64_t c = 0; c < n; ++c) s[c] += bias_row[c];
+    } else {
+      for (int64_t c = 0; c < n; ++c) s[c] += bias_row[c * bias_sj];
+    }
+  }
+  for (int64_t c = 0; c < std::min(cl, n); ++c) s[c] = kNegInf;
+  for (int64_t c = std::max<int64_t>(ch, 0); c < n; ++c) s[c] = kNegInf;
+}
+
+// Online-softmax step of one score row: returns the new running max m' = max(m, max_c s_c)
+// and overwrites s with exp(s - m'), their sum in *sum. With every score -inf so far
+// m' stays -inf and exp(s - 0) = 0 is used instead; a NaN score stays NaN through the sum.
+FA_ROW_KERNEL float softmax_step(float* FA_RESTRICT s, int64_t n, float m, float* sum) {
+  float lane_max[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = m;
+  const int64_t whole = n - n % kLanes;
+  for (int64_t c = 0; c < whole; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane_max[l] = s[c + l] > lane_max[l] ? s[c + l] : lane_max[l];
+  float mx = m;
+  for (int64_t l = 0; l < kLanes; ++l) mx = lane_max[l] > mx ? lane_max[l] : mx;
+  for (int64_t c = whole; c < n; ++c) mx = s[c] > mx ? s[c] : mx;
+  const float shift = mx == kNegInf ? 0.f : mx;
+  const Exp<float> exp_f = Exp<float>::make();
+  float lane_sum[kLanes] = {};
+  for (int64_t c = 0; c < whole; c += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float e = exp_f(s[c + l] - shift);
+      s[c + l] = e;
+      lane_sum[l] += e;
+    }
+  float total = 0.f;
+  for (int64_t c = whole; c < n; ++c) {
+    const float e = exp_f(s[c] - shift);
+    s[c] = e;
+    total += e;
+  }
+  for (int64_t l = 0; l < kLanes; ++l) total += lane_sum[l];
+  *sum = total;
+  return mx;
+}
+
+// P = exp(s - lse) for a row (0 for a fully masked row, lse = -inf).
+FA_ROW_KERNEL void probs_from_lse(float* FA_RESTRICT s, int64_t n, float lse) {
+  const Exp<float> exp_f = Exp<float>::make();
+  const float shift = lse == kNegInf ? std::numeric_limits<float>::infinity() : lse;
+  for (int64_t c = 0; c < n; ++c) s[c] = exp_f(s[c] - shift);
+}
+
+// dS = P * (dP - delta) [* (1 - t^2)], in place of dp.
+FA_ROW_KERNEL void score_grad(float* FA_RESTRICT dp, const float* FA_RESTRICT p,
+                              const float* FA_RESTRICT t, int64_t n, float delta) {
+  if (t != nullptr) {
+    for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] - delta) * (1.f - t[c] * t[c]);
+  } else {
+    for (int64_t c = 0; c < n; ++c) dp[c] = p[c] * (dp[c] - delta);
+  }
+}
+
+FA_ROW_KERNEL void scale_row(float* FA_RESTRICT x, int64_t n, float a) {
+  for (int64_t c = 0; c < n; ++c) x[c] *= a;
+}
+
+FA_ROW_KERNEL float dot_row(const float* FA_RESTRICT a, const float* FA_RESTRICT b, int64_t n) {
+  float acc = 0.f;
+  for (int64_t c = 0; c < n; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
+// ---- forward -------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void forward(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+             at::Tensor& out, at::Tensor& lse) {
+  const int64_t D = pr.D, group = pr.group();
+  const int64_t q_blocks = (pr.Sq + kBlockM - 1) / kBlockM;
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  float* lp = lse.data_ptr<float>();
+
+  at::parallel_for(0, pr.B * pr.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf, kbuf, vbuf;
+    std::vector<float> s(kBlockM * kBlockN), acc(kBlockM * D), row_max(kBlockM), row_sum(kBlockM);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_blocks, b = bh / pr.H, h = bh % pr.H, hk = h / group;
+      const int64_t i0 = (task % q_blocks) * kBlockM, m = std::min(kBlockM, pr.Sq - i0);
+      const int64_t j_begin = pr.lo(i0), j_end = pr.hi(i0 + m - 1);
+      const scalar_t* k_head = kp + b * k.stride(0) + hk * k.stride(1);
+      const scalar_t* v_head = vp + b * v.stride(0) + hk * v.stride(1);
+      const float* bias_head = pr.bias ? pr.bias + b * pr.bias_sb + h * pr.bias_sh : nullptr;
+      const uint32_t drop_key = pr.dropout.on() ? pr.dropout.key(bh) : 0;
+
+      int64_t ldq;
+      const float* qb = rows_fp32(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2),
+                                  q.stride(2), m, D, qbuf, &ldq);
+      std::fill(acc.begin(), acc.begin() + m * D, 0.f);
+      std::fill(row_max.begin(), row_max.end(), kNegInf);
+      std::fill(row_sum.begin(), row_sum.end(), 0.f);
+
+      for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
+        const int64_t n = std::min(kBlockN, j_end - j0);
+        int64_t ldk, ldv;
+        const float* kb = rows_fp32(k_head + j0 * k.stride(2), k.stride(2), n, D, kbuf, &ldk);
+        gemm(pr.blas, false, true, m, n, D, pr.scale, qb, ldq, kb, ldk, 0.f, s.data(), kBlockN);
+        for (int64_t r = 0; r < m; ++r) {
+          const int64_t i = i0 + r;
+          float* srow = s.data() + r * kBlockN;
+          const int64_t cl = pr.lo(i) - j0, ch = pr.hi(i) - j0;
+          if (pr.softcap > 0.f || bias_head != nullptr || cl > 0 || ch < n)
+            finish_scores(srow, nullptr, n, cl, ch, pr.softcap,
+                          bias_head ? bias_head + i * pr.bias_si + j0 * pr.bias_sj : nullptr,
+                          pr.bias_sj);
+          const float m_old = row_max[r];
+          float block_sum;
+          const float m_new = softmax_step(srow, n, m_old, &block_sum);
+          // Rescale what was accumulated under the old max (nothing yet when it was -inf).
+          if (m_new != m_old && m_old != kNegInf) {
+            const float alpha = std::exp(m_old - m_new);
+            row_sum[r] *= alpha;
+            scale_row(acc.data() + r * D, D, alpha);
+          }
+          row_sum[r] += block_sum;
+          row_max[r] = m_new;
+          if (pr.dropout.on())
+            apply_dropout(srow, n, drop_key,
+                          static_cast<uint32_t>(i) * static_cast<uint32_t>(pr.Sk) +
+                              static_cast<uint32_t>(j0),
+                          pr.dropout.threshold, pr.dropout.inv_keep);
+        }
+        const float* vb = rows_fp32(v_head + j0 * v.stride(2), v.stride(2), n, D, vbuf, &ldv);
+        gemm(pr.blas, false, false, m, D, n, 1.f, s.data(), kBlockN, vb, ldv, 1.f, acc.data(), D);
+      }
+
+      scalar_t* o_rows = op + (bh * pr.Sq + i0) * D;
+      float* l_rows = lp + bh * pr.Sq + i0;
+      for (int64_t r = 0; r < m; ++r) {
+        const float l = row_sum[r];
+        // l == 0: no visible key (fully masked row): output 0, lse -inf.
+        store_row(o_rows + r * D, acc.data() + r * D, D, l == 0.f ? 0.f : 1.f / l);
+        l_rows[r] = l == 0.f ? kNegInf : row_max[r] + std::log(l);
+      }
+    }
+  });
+}
+
+
+// ---- backward ------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
+              scalar_t* dk_out, scalar_t* dv_out, float* dk_part, float* dv_part) {
+  const int64_t D = pr.D, group = pr.group();
+  const bool keep_t = pr.softcap > 0.f;
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const scalar_t* dop = dout.data_ptr<scalar_t>();
+  const scalar_t* outp = out.data_ptr<scalar_t>();
+  const float* lp = lse.data_ptr<float>();
+  scalar_t* dqp = dq.data_ptr<scalar_t>();
+
+  at::parallel_for(0, pr.B * pr.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf, dobuf, kbuf, vbuf, obuf, delta(pr.Sq), dq_acc(pr.Sq * D);
+    std::vector<float> s(kBlockM * kBlockN), dp(kBlockM * kBlockN);
+    std::vector<float> pd(pr.dropout.on() ? kBlockM * kBlockN : 0);
+    std::vector<float> t(keep_t ? kBlockM * kBlockN : 0);
+    std::vector<float> dk_blk(kBlockN * D), dv_blk(kBlockN * D);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / pr.H, h = bh % pr.H, hk = h / group;
+      const uint32_t drop_key = pr.dropout.on() ? pr.dropout.key(bh) : 0;
+      const float* bias_head = pr.bias ? pr.bias + b * pr.bias_sb + h * pr.bias_sh : nullptr;
+      int64_t ldq, ldo, ldk, ldv, ldout;
+      const float* Q = rows_fp32(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), pr.Sq, D,
+                                 qbuf, &ldq);
+      const float* dO = rows_fp32(dop + b * dout.stride(0) + h * dout.stride(1), dout.stride(2),
+                                  pr.Sq, D, dobuf, &ldo);
+      const float* K = rows_fp32(kp + b * k.stride(0) + hk * k.stride(1), k.stride(2), pr.Sk, D,
+                                 kbuf, &ldk);
+      const float* V = rows_fp32(vp + b * v.stride(0) + hk * v.stride(1), v.stride(2), pr.Sk, D,
+                                 vbuf, &ldv);
+      const float* O = rows_fp32(outp + b * out.stride(0) + h * out.stride(1), out.stride(2),
+                                 pr.Sq, D, obuf, &ldout);
+      const float* L = lp + bh * pr.Sq;
+      // delta_i = dO_i . O_i = sum_j P~_ij dP~_ij: the softmax Jacobian's row term.
+      for (int64_t i = 0; i < pr.Sq; ++i) delta[i] = dot_row(dO + i * ldo, O + i * ldout, D);
+      std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+
+      for (int64_t j0 = 0; j0 < pr.Sk; j0 += kBlockN) {
+        const int64_t n = std::min(kBlockN, pr.Sk - j0);
+        // Queries that see some key of [j0, j0 + n): hi(i) > j0 and lo(i) < j0 + n.
+        const int64_t i_begin =
+            pr.window_right < 0 ? 0 : std::max<int64_t>(0, j0 - pr.diag - pr.window_right);
+        const int64_t i_end =
+            pr.window_left < 0 ? pr.Sq : std::min<int64_t>(pr.Sq, j0 + n - pr.diag + pr.window_left);
+        std::fill(dk_blk.begin(), dk_blk.begin() + n * D, 0.f);
+        std::fill(dv_blk.begin(), dv_blk.begin() + n * D, 0.f);
+        const float* Kj = K + j0 * ldk;
+        const float* Vj = V + j0 * ldv;
+
+        for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM) {
+          const int64_t m = std::min(kBlockM, i_end - i0);
+          const float* Qi = Q + i0 * ldq;
+          const float* dOi = dO + i0 * ldo;
+          gemm(pr.blas, false, true, m, n, D, pr.scale, Qi, ldq, Kj, ldk, 0.f, s.data(), kBlockN);
+          for (int64_t r = 0; r < m; ++r) {
+            const int64_t i = i0 + r;
+            float* srow = s.data() + r * kBlockN;
+            const int64_t cl = pr.lo(i) - j0, ch = pr.hi(i) - j0;
+            if (keep_t || bias_head != nullptr || cl > 0 || ch < n)
+              finish_scores(srow, keep_t ? t.data() + r * kBlockN : nullptr, n, cl, ch,
+                            pr.softcap,
+                            bias_head ? bias_head + i * pr.bias_si + j0 * pr.bias_sj : nullptr,
+                            pr.bias_sj);
+            probs_from_lse(srow, n, L[i]);
+            if (pr.dropout.on()) {
+              std::copy(srow, srow + n, pd.data() + r * kBlockN);
+              apply_dropout(pd.data() + r * kBlockN, n, drop_key,
+                            static_cast<uint32_t>(i) * static_cast<uint32_t>(pr.Sk) +
+                                static_cast<uint32_t>(j0),
+                            pr.dropout.threshold, pr.dropout.inv_keep);
+            }
+          }
+          const float* P_out = pr.dropout.on() ? pd.data() : s.data();
+          // dV_j += P~^T dO_i
+          gemm(pr.blas, true, false, n, D, m, 1.f, P_out, kBlockN, dOi, ldo, 1.f, dv_blk.data(), D);
+          // dP~ = dO_i V_j^T, then dS = P * (dP - delta) in place
+          gemm(pr.blas, false, true, m, n, D, 1.f, dOi, ldo, Vj, ldv, 0.f, dp.data(), kBlockN);
+          for (int64_t r = 0; r < m; ++r) {
+            float* dprow = dp.data() + r * kBlockN;
+            if (pr.dropout.on())
+              apply_dropout(dprow, n, drop_key,
+                            static_cast<uint32_t>(i0 + r) * static_cast<uint32_t>(pr.Sk) +
+                                static_cast<uint32_t>(j0),
+                            pr.dropout.threshold, pr.dropout.inv_keep);
+            score_grad(dprow, s.data() + r * kBlockN, keep_t ? t.data() + r * kBlockN : nullptr,
+                       n, delta[i0 + r]);
+          }
+          // dK_j += scale dS^T Q_i;  dQ_i += scale dS K_j
+          gemm(pr.blas, true, false, n, D, m, pr.scale, dp.data(), kBlockN, Qi, ldq, 1.f, dk_blk.data(), D);
+          gemm(pr.blas, false, false, m, D, n, pr.scale, dp.data(), kBlockN, Kj, ldk, 1.f,
+               dq_acc.data() + i0 * D, D);
+        }
+
+        const int64_t row0 = bh * pr.Sk + j0;  // in a (B, H, Sk, D) layout
+        if (dk_part != nullptr) {
+          std::copy(dk_blk.begin(), dk_blk.begin() + n * D, dk_part + row0 * D);
+          std::copy(dv_blk.begin(), dv_blk.begin() + n * D, dv_part + row0 * D);
+        } else {
+          for (int64_t r = 0; r < n; ++r) {
+            store_row(dk_out + (row0 + r) * D, dk_blk.data() + r * D, D, 1.f);
+            store_row(dv_out + (row0 + r) * D, dv_blk.data() + r * D, D, 1.f);
+          }
+        }
+      }
+      for (int64_t i = 0; i < pr.Sq; ++i)
+        store_row(dqp + (bh * pr.Sq + i) * D, dq_acc.data() + i * D, D, 1.f);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
+                                                 const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 double scale, int64_t diag, int64_t window_left,
+                                                 int64_t window_right, double softcap,
+                                                 double dropout_p, int64_t seed) {
+  const Problem pr =
+      describe(q, k, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed);
+  at::Tensor out = at::empty({pr.B, pr.H, pr.Sq, pr.D}, q.options());
+  at::Tensor lse = at::empty({pr.B, pr.H, pr.Sq}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "attention_fwd: float64 runs on the reference backend");
+    } else {
+      forward<scalar_t>(pr, q, k, v, out, lse);
+    }
+  });
+  return {out, lse};
+}
+
+}  // namespace cpu
+}  // namespace fastattn
+
+namespace fastattn {
+namespace cpu {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
+    double scale, int64_t diag, int64_t window_left, int64_t window_right, double softcap,
+    double dropout_p, int64_t seed) {
+  const Problem pr =
+      describe(q, k, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed);
+  at::Tensor dq = at::empty({pr.B, pr.H, pr.Sq, pr.D}, q.options());
+  const bool grouped = pr.H != pr.Hkv;
+  // Per-query-head dK/dV: straight into the outputs, or fp32 partials summed per kv group.
+  at::Tensor dk_part, dv_part, dk, dv;
+  if (grouped) {
+    dk_part = at::empty({pr.B, pr.H, pr.Sk, pr.D}, q.options().dtype(at::kFloat));
+    dv_part = at::empty_like(dk_part);
+  } else {
+    dk = at::empty({pr.B, pr.H, pr.Sk, pr.D}, k.options());
+    dv = at::empty({pr.B, pr.H, pr.Sk, pr.D}, v.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "attention_bwd: float64 runs on the reference backend");
+    } else {
+      backward<scalar_t>(pr, dout, q, k, v, out, lse, dq,
+                         grouped ? nullptr : dk.data_ptr<scalar_t>(),
+                         grouped ? nullptr : dv.data_ptr<scalar_t>(),
+                         grouped ? dk_part.data_ptr<float>() : nullptr,
+                         grouped ? dv_part.data_ptr<float>() : nullptr);
+    }
+  });
+  if (grouped) {
+    const int64_t g = pr.H / pr.Hkv;
+    dk = dk_part.view({pr.B, pr.Hkv, g, pr.Sk, pr.D}).sum(2).to(k.scalar_type());
+    dv = dv_part.view({pr.B, pr.Hkv, g, pr.Sk, pr.D}).sum(2).to(v.scalar_type());
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace cpu
+}  // namespace fastattn

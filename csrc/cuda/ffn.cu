@@ -1,0 +1,266 @@
+// CUDA elementwise kernels of the fused FFN (MLP and SwiGLU): act_fwd, act_bwd, glu_fwd,
+// glu_bwd. Contract (activations, derivatives, shapes): the FFN kernel spec; the matmuls around
+// them are cuBLAS (ATen). The formulas are those of csrc/cpu/ffn.cpp, which derives them.
+//
+// One kernel template serves all four: NIn input and NOut output arrays of n elements, each
+// element read once and written once (traffic per element, B bytes: act_fwd 2B, act_bwd 4B,
+// glu_fwd 3B, glu_bwd 6B). These kernels are bandwidth-bound (a few dozen FP32 instructions per
+// 2-6 B moved, against ~30 FLOP/B of an H100/H200), so accurate libdevice functions cost nothing
+// measurable and are used instead of the fast intrinsics:
+//   expf      (<= 2 ulp, CUDA Math API docs) for sigmoid and exp(-x^2/2); __expf's documented
+//             bound is 2 + floor(|1.173 x|) ulp (ex2.approx of a rounded x * log2 e), ~90 ulp
+//             at |x| = 80;
+//   normcdff  (<= 5 ulp) for Phi in gelu; 0.5 (1 + erff(x / sqrt 2)) would cancel to 0 for
+//             x << 0, where gelu(x) = x Phi(x) is still a normal float.
+// exp(-x^2/2) takes x^2 as hi + lo (lo = fma(x, x, -hi)): expf(-hi/2) (1 - lo/2), so the
+// rounding of x^2 (16 ulp of the result at |x| ~ 10) does not reach it.
+//
+// Access: every thread handles 16-byte vectors (4 fp32 or 8 fp16/bf16) in a grid-stride loop,
+// loads and stores with the evict-first hint (nothing is re-read); the < kN leftover elements and
+// tensors whose pointers are not all 16-byte aligned go through the scalar loop. Indices are
+// int64 (T * F can pass 2^31). Launch: 256 threads, at most 8 blocks per SM of work
+// (grid-stride beyond), on the current stream.
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "common.cuh"
+#include "ops.h"
+
+namespace fastattn {
+namespace {
+
+using dev::from_float;
+using dev::ld16_stream;
+using dev::Pack16;
+using dev::st16_stream;
+using dev::to_float;
+
+enum class Act { kGelu, kGeluTanh, kRelu, kRelu2, kSilu };
+
+Act parse_activation(const std::string& name) {
+  if (name == "gelu") return Act::kGelu;
+  if (name == "gelu_tanh") return Act::kGeluTanh;
+  if (name == "relu") return Act::kRelu;
+  if (name == "relu2") return Act::kRelu2;
+  if (name == "silu") return Act::kSilu;
+  TORCH_CHECK(false, "fastattn._cuda: unknown activation '", name,
+              "'; valid: gelu, gelu_tanh, relu, relu2, silu");
+}
+
+// s = sigmoid(x); one_minus = 1 - s, as e^-x s where s > 1/2 (no cancellation). x < -88.7:
+// e = inf, s = 0, one_minus = 1. NaN stays NaN.
+__device__ __forceinline__ float sigmoid(float x, float& one_minus) {
+  const float e = expf(-x);
+  const float s = 1.0f / (1.0f + e);
+  one_minus = e > 1.0f ? 1.0f - s : e * s;
+  return s;
+}
+
+// act(x), and d = act'(x) when With_grad.
+template <Act A, bool With_grad>
+__device__ __forceinline__ float activation(float x, float& d) {
+  if constexpr (A == Act::kGelu) {
+    const float cdf = normcdff(x);
+    if constexpr (With_grad) {
+      constexpr float kInvSqrt2Pi = 0.398942280401432678f;
+      const float x2 = x * x;
+      const float x2_lo = fmaf(x, x, -x2);
+      const float g = expf(-0.5f * x2) * fmaf(-0.5f, x2_lo, 1.0f);
+      d = cdf + x * (g * kInvSqrt2Pi);
+    }
+    return x * cdf;
+  } else if constexpr (A == Act::kGeluTanh) {
+    // 0.5 (1 + tanh(z / 2)) = sigmoid(z), z = 2 sqrt(2/pi) (x + 0.044715 x^3)
+    constexpr float k2 = 2 * 0.797884560802865356f;
+    constexpr float c = 0.044715f;
+    const float x2 = x * x;
+    float om;
+    const float s = sigmoid(x * (k2 + (k2 * c) * x2), om);
+    if constexpr (With_grad) d = s + x * (s * om) * (k2 + (3 * k2 * c) * x2);
+    return x * s;
+  } else if constexpr (A == Act::kRelu) {
+    if constexpr (With_grad) d = x <= 0.0f ? 0.0f : 1.0f;  // 0 at 0, 1 at NaN (as torch)
+    return 0.0f > x ? 0.0f : x;                            // NaN propagates
+  } else if constexpr (A == Act::kRelu2) {
+    const float r = 0.0f > x ? 0.0f : x;
+    if constexpr (With_grad) d = 2.0f * r;
+    return r * r;
+  } else {  // silu
+    float om;
+    const float s = sigmoid(x, om);
+    if constexpr (With_grad) d = s * (1.0f + x * om);
+    return x * s;
+  }
+}
+
+enum class Kind { kActFwd, kActBwd, kGluFwd, kGluBwd };
+
+template <Kind K>
+struct Arity;
+template <>
+struct Arity<Kind::kActFwd> {  // h -> a
+  static constexpr int kIn = 1, kOut = 1;
+};
+template <>
+struct Arity<Kind::kActBwd> {  // da, h -> dh, a
+  static constexpr int kIn = 2, kOut = 2;
+};
+template <>
+struct Arity<Kind::kGluFwd> {  // g, u -> m
+  static constexpr int kIn = 2, kOut = 1;
+};
+template <>
+struct Arity<Kind::kGluBwd> {  // dm, g, u -> dg, du, m
+  static constexpr int kIn = 3, kOut = 3;
+};
+
+template <Kind K, Act A>
+__device__ __forceinline__ void apply(const float (&in)[Arity<K>::kIn],
+                                      float (&out)[Arity<K>::kOut]) {
+  float d;
+  if constexpr (K == Kind::kActFwd) {
+    out[0] = activation<A, false>(in[0], d);
+  } else if constexpr (K == Kind::kActBwd) {
+    const float a = activation<A, true>(in[1], d);
+    out[0] = in[0] * d;
+    out[1] = a;
+  } else if constexpr (K == Kind::kGluFwd) {
+    out[0] = activation<A, false>(in[0], d) * in[1];
+  } else {
+    const float a = activation<A, true>(in[1], d);
+    out[0] = in[0] * in[2] * d;
+    out[1] = in[0] * a;
+    out[2] = a * in[2];
+  }
+}
+
+template <typename T, int N>
+struct Ptrs {
+  T* p[N];
+};
+
+constexpr int kThreads = 256;
+constexpr int kBlocksPerSm = 8;
+
+// Vectors [0, nvec) of kN elements, then the scalar elements [nvec * kN, n).
+template <typename T, Kind K, Act A>
+__global__ void __launch_bounds__(kThreads)
+    ffn_elementwise_kernel(Ptrs<const T, Arity<K>::kIn> in, Ptrs<T, Arity<K>::kOut> out,
+                           int64_t n, int64_t nvec) {
+  constexpr int kIn = Arity<K>::kIn, kOut = Arity<K>::kOut;
+  constexpr int kN = Pack16<T>::kN;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t v = tid; v < nvec; v += stride) {
+    float x[kIn][kN];
+#pragma unroll
+    for (int j = 0; j < kIn; ++j) Pack16<T>::unpack(ld16_stream(in.p[j] + v * kN), x[j]);
+    float y[kOut][kN];
+#pragma unroll
+    for (int e = 0; e < kN; ++e) {
+      float xi[kIn], yi[kOut];
+#pragma unroll
+      for (int j = 0; j < kIn; ++j) xi[j] = x[j][e];
+      apply<K, A>(xi, yi);
+#pragma unroll
+      for (int j = 0; j < kOut; ++j) y[j][e] = yi[j];
+    }
+#pragma unroll
+    for (int j = 0; j < kOut; ++j) st16_stream(out.p[j] + v * kN, Pack16<T>::pack(y[j]));
+  }
+  for (int64_t i = nvec * kN + tid; i < n; i += stride) {
+    float xi[kIn], yi[kOut];
+#pragma unroll
+    for (int j = 0; j < kIn; ++j) xi[j] = to_float(in.p[j][i]);
+    apply<K, A>(xi, yi);
+#pragma unroll
+    for (int j = 0; j < kOut; ++j) out.p[j][i] = from_float<T>(yi[j]);
+  }
+}
+
+int sm_count() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+template <typename T, Kind K, Act A>
+void launch(const at::Tensor* const (&in)[Arity<K>::kIn],
+            const at::Tensor* const (&out)[Arity<K>::kOut]) {
+  constexpr int kIn = Arity<K>::kIn, kOut = Arity<K>::kOut;
+  constexpr int kN = Pack16<T>::kN;
+  const int64_t n = in[0]->numel();
+  if (n == 0) return;
+  Ptrs<const T, kIn> pin;
+  Ptrs<T, kOut> pout;
+  bool aligned = true;
+  for (int j = 0; j < kIn; ++j) {
+    pin.p[j] = static_cast<const T*>(in[j]->data_ptr());
+    aligned = aligned && reinterpret_cast<uintptr_t>(pin.p[j]) % 16 == 0;
+  }
+  for (int j = 0; j < kOut; ++j) {
+    pout.p[j] = static_cast<T*>(out[j]->data_ptr());
+    aligned = aligned && reinterpret_cast<uintptr_t>(pout.p[j]) % 16 == 0;
+  }
+  const int64_t nvec = aligned ? n / kN : 0;
+  const int64_t items = nvec + (n - nvec * kN);
+  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
+  const int blocks = static_cast<int>(std::min<int64_t>(max_blocks, (items + kThreads - 1) / kThreads));
+  ffn_elementwise_kernel<T, K, A>
+      <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(pin, pout, n, nvec);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <Kind K>
+void dispatch(const std::string& activation, const at::Tensor* const (&in)[Arity<K>::kIn],
+              const at::Tensor* const (&out)[Arity<K>::kOut]) {
+  const Act act = parse_activation(activation);
+  const auto with_act = [&](auto dtype_tag) {
+    using T = decltype(dtype_tag);
+    switch (act) {
+      case Act::kGelu: return launch<T, K, Act::kGelu>(in, out);
+      case Act::kGeluTanh: return launch<T, K, Act::kGeluTanh>(in, out);
+      case Act::kRelu: return launch<T, K, Act::kRelu>(in, out);
+      case Act::kRelu2: return launch<T, K, Act::kRelu2>(in, out);
+      case Act::kSilu: return launch<T, K, Act::kSilu>(in, out);
+    }
+  };
+  switch (in[0]->scalar_type()) {
+    case at::kFloat: return with_act(float{});
+    case at::kHalf: return with_act(__half{});
+    case at::kBFloat16: return with_act(__nv_bfloat16{});
+    default:
+      TORCH_CHECK(false, "fastattn._cuda: FFN kernels take float32, float16 or bfloat16, got ",
+                  in[0]->scalar_type());
+  }
+}
+
+}  // namespace
+
+void act_fwd_cuda(const at::Tensor& h, const std::string& activation, const at::Tensor& a) {
+  dispatch<Kind::kActFwd>(activation, {&h}, {&a});
+}
+
+void act_bwd_cuda(const at::Tensor& da, const at::Tensor& h, const std::string& activation,
+                  const at::Tensor& dh, const at::Tensor& a) {
+  dispatch<Kind::kActBwd>(activation, {&da, &h}, {&dh, &a});
+}
+
+void glu_fwd_cuda(const at::Tensor& g, const at::Tensor& u, const std::string& activation,
+                  const at::Tensor& m) {
+  dispatch<Kind::kGluFwd>(activation, {&g, &u}, {&m});
+}
+
+void glu_bwd_cuda(const at::Tensor& dm, const at::Tensor& g, const at::Tensor& u,
+                  const std::string& activation, const at::Tensor& dg, const at::Tensor& du,
+                  const at::Tensor& m) {
+  dispatch<Kind::kGluBwd>(activation, {&dm, &g, &u}, {&dg, &du, &m});
+}
+
+}  // namespace fastattn

@@ -1,0 +1,50 @@
+"""Drop-in FFN blocks whose parameters are plain nn.Linear modules (optimizers, FSDP and
+checkpoints see nothing unusual), running fastattn's fused MLP / SwiGLU."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.ffn import mlp, swiglu
+
+
+class MLP(nn.Module):
+    """``fc2(act(fc1(x)))`` with the hidden activation recomputed in backward (only the
+    pre-activation is kept). activation: "gelu", "gelu_tanh", "relu", "relu2" or "silu"."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self.activation = activation
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                   activation=self.activation)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP, ``down_proj(act(gate_proj(x)) * up_proj(x))``, with the submodule names of
+    transformers' LlamaMLP so its state_dict loads as is. ``activation="gelu_tanh"`` is GeGLU."""
+
+    def __init__(self, dim: int, hidden_dim: int, bias: bool = False, activation: str = "silu",
+                 device=None, dtype=None):
+        super().__init__()
+        self.activation = activation
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(dim, hidden_dim, **kw)
+        self.up_proj = nn.Linear(dim, hidden_dim, **kw)
+        self.down_proj = nn.Linear(hidden_dim, dim, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight,
+                      activation=self.activation, b_gate=self.gate_proj.bias,
+                      b_up=self.up_proj.bias, b_down=self.down_proj.bias)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"

@@ -1,0 +1,488 @@
+"""Attention: registration, autograd and dispatch (the op's front door).
+
+Public functions
+----------------
+``scaled_dot_product_attention``  the signature and semantics of
+    ``torch.nn.functional.scaled_dot_product_attention`` (top-left causal, boolean or additive
+    masks broadcastable to (B, H, Sq, Sk), ``enable_gqa``), so it can be swapped in by name.
+``flash_attention``  the full-featured entry point: GQA/MQA, sliding window, soft-capping,
+    dropout, the fp32 log-sum-exp as an output; causal is bottom-right aligned, as in
+    FlashAttention (the same as top-left when Sq == Sk).
+``varlen_attention``  packed sequences without padding (cu_seqlens), FlashAttention's varlen.
+``decode_attention``  new query tokens against a KV cache of per-sequence length (split-KV).
+
+Conventions: see ``reference.py``. A query row that can see no key (fully masked) gets output
+0, log-sum-exp -inf and zero gradients, never NaN (PyTorch's SDPA returns NaN there). Inputs
+with NaN give NaN, as in PyTorch. The log-sum-exp is returned detached: no gradient flows
+through it. The backward pass is deterministic on every backend (no atomics), so
+``deterministic=True`` costs nothing.
+
+Custom ops: ``fastattn::attention_fwd`` / ``_bwd``, ``fastattn::varlen_attention_fwd`` / ``_bwd``
+and ``fastattn::decode_attention`` (inference, no autograd).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ... import _backends
+from . import reference
+
+_PKG = __name__
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+# Dense and varlen attention: Triton is the GPU kernel, the C++ one the CPU kernel. Decode has
+# a CUDA split-KV kernel and a Triton one; CUDA is preferred where its shape limits allow.
+_DENSE_DTYPES = {"cpu": _FLOAT, "triton": _FLOAT}
+_DENSE_CUDA_ORDER = ("triton",)
+_DECODE_DTYPES = {"cpu": _FLOAT, "triton": _FLOAT, "cuda": _FLOAT}
+_DECODE_CUDA_ORDER = ("cuda", "triton")
+
+
+def _impl(op: str, x: Tensor, dtypes, cuda_order) -> tuple[str, object]:
+    name = _backends.select(op, x.device, x.dtype, cuda_order=cuda_order, dtypes=dtypes)
+    return name, _backends.implementation(name, _PKG)
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _last_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense attention: fastattn::attention_fwd / attention_bwd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fastattn::attention_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
+                  diag: int, window_left: int, window_right: int, softcap: float,
+                  dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(out, lse) of attention in the kernel contract of reference.py (validated inputs)."""
+    _, impl = _impl("attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
+    return impl.attention_fwd(q, k, v, bias, scale, diag, window_left, window_right, softcap,
+                              dropout_p, seed)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed):
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype)))
+
+
+@torch.library.custom_op("fastattn::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  bias: Optional[Tensor], scale: float, diag: int, window_left: int,
+                  window_right: int, softcap: float, dropout_p: float,
+                  seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the forward's out and lse."""
+    _, impl = _impl("attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
+    return impl.attention_bwd(_last_contiguous(dout), q, k, v, out, lse, bias, scale, diag,
+                              window_left, window_right, softcap, dropout_p, seed)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, bias, scale, diag, window_left, window_right, softcap, dropout_p,
+      seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, bias, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias)
+    ctx.params = params
+    # Backward may run on another thread (CUDA), outside the caller's use_backend block.
+    ctx.backend = _backends.requested()
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, dout, dlse):
+    # dlse is ignored: the public functions return lse detached.
+    if dout is None:
+        return (None,) * 11
+    q, k, v, out, lse, bias = ctx.saved_tensors
+    with _backends.restored(ctx.backend):
+        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, bias, *ctx.params)
+    return (dq, dk, dv) + (None,) * 8
+
+
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed sequences: fastattn::varlen_attention_fwd / _bwd
+# ---------------------------------------------------------------------------------------------
+
+def _varlen_impl(q: Tensor):
+    name, impl = _impl("varlen_attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
+    if name == "cpu":  # no native varlen kernel: one dense call per sequence
+        return (lambda *a: reference.varlen_fwd(*a, dense_fwd=impl.attention_fwd),
+                lambda *a: reference.varlen_bwd(*a, dense_bwd=impl.attention_bwd))
+    return impl.varlen_fwd, impl.varlen_bwd
+
+
+@torch.library.custom_op("fastattn::varlen_attention_fwd", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
+                         cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                         scale: float, causal: bool) -> tuple[Tensor, Tensor]:
+    return _varlen_impl(q)[0](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              scale, causal)
+
+
+@varlen_attention_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("fastattn::varlen_attention_bwd", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                         cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                         max_seqlen_k: int, scale: float,
+                         causal: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _varlen_impl(q)[1](_last_contiguous(dout), q, k, v, out, lse, cu_seqlens_q,
+                              cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal)
+
+
+@varlen_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+      causal):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *params = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.params = params
+    ctx.backend = _backends.requested()
+    ctx.set_materialize_grads(False)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    if dout is None:
+        return (None,) * 9
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    with _backends.restored(ctx.backend):
+        dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
+    return (dq, dk, dv) + (None,) * 6
+
+
+varlen_attention_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache decoding: fastattn::decode_attention
+# ---------------------------------------------------------------------------------------------
+
+def _cuda_decode_supports(q: Tensor, k_cache: Tensor) -> Optional[str]:
+    """None if the CUDA decode kernel takes these shapes, else why not."""
+    d = q.shape[-1]
+    if d % 8 or not 16 <= d <= 256:
+        return f"head_dim {d} (it takes multiples of 8 from 16 to 256)"
+    for name, t in (("k_cache", k_cache),):
+        if t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
+            return f"{name} rows that are not 16-byte aligned"
+    return None
+
+
+@torch.library.custom_op("fastattn::decode_attention", mutates_args=(),
+                         device_types=("cpu", "cuda"))
+def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                        scale: float, num_splits: int) -> tuple[Tensor, Tensor]:
+    name, impl = _impl("decode_attention", q, _DECODE_DTYPES, _DECODE_CUDA_ORDER)
+    if name == "cuda":
+        why = _cuda_decode_supports(q, k_cache) or _cuda_decode_supports(q, v_cache)
+        if why is None:
+            out, lse = impl.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+            return out, lse
+        if _backends.requested() == "cuda":
+            raise _backends.BackendError(f"decode_attention: backend 'cuda' does not support {why}; "
+                                         f"use backend 'triton'")
+        impl = _backends.implementation("triton", _PKG)
+        name = "triton"
+    if name == "triton":
+        from . import triton_decode
+        return triton_decode.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+    if name == "cpu":
+        return reference.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits,
+                                    dense_fwd=impl.attention_fwd)
+    return reference.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
+
+
+@decode_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks and mask handling (shared by the public functions)
+# ---------------------------------------------------------------------------------------------
+
+def _check_float(fn: str, **tensors: Tensor) -> None:
+    first_name, first = next(iter(tensors.items()))
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != first.dtype:
+            raise TypeError(f"{fn}: {name} must have the dtype of {first_name} ({first.dtype}), "
+                            f"got {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{fn}: {name} must be on the device of {first_name} "
+                             f"({first.device}), got {t.device}")
+
+
+def _check_qkv4(fn: str, q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> None:
+    _check_float(fn, q=q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape "
+                             f"{tuple(t.shape)}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"{fn}: q, k, v must have one batch size, got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{fn}: v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}"
+                         + (" (a value head_dim different from the query's is not supported)"
+                            if k.shape[:3] == v.shape[:3] else ""))
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"{fn}: k must have q's head_dim {q.shape[3]}, got {k.shape[3]}")
+    if q.shape[3] == 0:
+        raise ValueError(f"{fn}: head_dim must be at least 1, got shape {tuple(q.shape)}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{fn}: the heads of q ({hq}) must be a multiple of the heads of k and "
+                         f"v ({hkv})")
+    if hq != hkv and not gqa:
+        raise ValueError(f"{fn}: q has {hq} heads but k and v have {hkv}; pass enable_gqa=True "
+                         f"for grouped-query attention")
+
+
+def _check_scale(fn: str, scale: Optional[float], head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale must be finite, got {scale}")
+    return scale
+
+
+def _check_dropout(fn: str, dropout_p: float) -> float:
+    dropout_p = float(dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+    return dropout_p
+
+
+def _draw_seed(dropout_p: float) -> int:
+    # From the CPU generator: no device sync; torch.manual_seed makes it reproducible.
+    if dropout_p == 0.0:
+        return 0
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
+
+
+def _mask_to_bias(fn: str, mask: Tensor, query: Tensor, key: Tensor, q4_shape) -> Tensor:
+    """An SDPA attn_mask (bool: True = attend; float: added to the scores) as the kernels'
+    fp32 additive bias of shape (B, H, Sq, Sk): converted at the mask's own size, then
+    broadcast with stride 0 (never materialised at full size)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.device != query.device:
+        raise ValueError(f"{fn}: attn_mask must be on the query's device ({query.device}), got "
+                         f"{mask.device}")
+    if mask.requires_grad:
+        raise ValueError(f"{fn}: an attn_mask that requires grad is not supported (the kernels "
+                         f"give no gradient to it); detach it, or use "
+                         f"torch.nn.functional.scaled_dot_product_attention")
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        bias = bias.masked_fill(~mask, float("-inf"))
+    elif mask.is_floating_point():
+        bias = mask.to(torch.float32)
+    else:
+        raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {mask.dtype}")
+    full = tuple(query.shape[:-1]) + (key.shape[-2],)  # (..., [heads,] L, S)
+    try:
+        bias = bias.expand(full)
+    except RuntimeError:
+        raise ValueError(f"{fn}: attn_mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"{full}") from None
+    return bias.reshape(q4_shape)
+
+
+def _run_dense(q, k, v, bias, scale, diag, window_left, window_right, softcap, dropout_p):
+    q, k, v = (_last_contiguous(x) for x in (q, k, v))
+    seed = _draw_seed(dropout_p)
+    return attention_fwd(q, k, v, bias, scale, diag, window_left, window_right, softcap,
+                         dropout_p, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
+                                 attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    query ``(..., Hq, L, E)``, key/value ``(..., H, S, E)`` (3-D inputs are one head);
+    ``attn_mask`` boolean (True = take part) or additive float, broadcastable to
+    ``(..., Hq, L, S)``; ``is_causal`` is top-left aligned (query i sees keys j <= i) and cannot
+    be combined with a mask, as in PyTorch. Dropout is applied whenever ``dropout_p > 0``, as in
+    PyTorch (pass ``dropout_p if self.training else 0.0``). Differences: a query row with no
+    visible key returns 0 (PyTorch returns NaN); value's head dim must equal the query's; the
+    mask gets no gradient.
+    """
+    fn = "scaled_dot_product_attention"
+    _check_float(fn, query=query, key=key, value=value)
+    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"{fn}: query, key and value must have one rank >= 3 "
+                         f"(..., heads, seq, head_dim), got shapes {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}")
+    if attn_mask is not None and is_causal:
+        raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as in PyTorch)")
+    dropout_p = _check_dropout(fn, dropout_p)
+    lead = query.shape[:-3] if query.dim() > 3 else ()
+    if query.dim() == 3:
+        q, k, v = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+    else:
+        if key.shape[:-3] != lead or value.shape[:-3] != lead:
+            raise ValueError(f"{fn}: query, key and value must share their batch dimensions, got "
+                             f"shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        q, k, v = (x.reshape((-1,) + tuple(x.shape[-3:])) for x in (query, key, value))
+    _check_qkv4(fn, q, k, v, gqa=enable_gqa)
+    scale = _check_scale(fn, scale, q.shape[-1])
+    bias = None
+    if attn_mask is not None:
+        bias = _mask_to_bias(fn, attn_mask, query, key, q.shape[:3] + (k.shape[2],))
+    out, _ = _run_dense(q, k, v, bias, scale, 0, -1, 0 if is_causal else -1, 0.0, dropout_p)
+    return out.view(query.shape[:-1] + (q.shape[-1],))
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                    scale: Optional[float] = None, window: Sequence[int] = (-1, -1),
+                    softcap: float = 0.0, dropout_p: float = 0.0, return_lse: bool = False,
+                    deterministic: bool = False):
+    """Fused attention with FlashAttention's features, in the SDPA layout.
+
+    q ``(B, H, Sq, D)``, k and v ``(B, Hkv, Sk, D)`` with Hkv dividing H (GQA; MQA when
+    Hkv = 1). ``causal``: bottom-right aligned like FlashAttention (query i sees keys
+    j <= i + Sk - Sq; the same as PyTorch's top-left when Sq == Sk). ``window = (left, right)``:
+    query i sees keys in [i + Sk - Sq - left, i + Sk - Sq + right], -1 meaning unbounded;
+    ``causal`` sets right = 0. ``softcap > 0`` caps the scores to ``softcap * tanh(s / softcap)``
+    (Gemma 2). ``dropout_p`` drops attention probabilities (counter-based RNG seeded from
+    torch's generator; backward regenerates the mask). With ``return_lse`` returns
+    ``(out, lse)``, lse ``(B, H, Sq)`` fp32 (natural log, -inf for rows that see no key),
+    detached. ``deterministic``: accepted for FlashAttention compatibility; every fastattn
+    backward is deterministic already.
+    """
+    fn = "flash_attention"
+    _check_qkv4(fn, q, k, v, gqa=True)
+    scale = _check_scale(fn, scale, q.shape[-1])
+    dropout_p = _check_dropout(fn, dropout_p)
+    try:
+        left, right = (int(w) for w in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"{fn}: window must be a pair of ints (left, right), got {window!r}") from None
+    if left < -1 or right < -1:
+        raise ValueError(f"{fn}: window sizes must be >= 0, or -1 for unbounded, got {window!r}")
+    if causal:
+        right = 0
+    softcap = float(softcap)
+    if not (softcap >= 0.0 and math.isfinite(softcap)):
+        raise ValueError(f"{fn}: softcap must be >= 0 (0 disables it), got {softcap}")
+    del deterministic  # always deterministic
+    out, lse = _run_dense(q, k, v, None, scale, k.shape[2] - q.shape[2], left, right, softcap,
+                          dropout_p)
+    return (out, lse.detach()) if return_lse else out
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     scale: Optional[float] = None) -> Tensor:
+    """Attention over packed sequences with no padding (FlashAttention's varlen interface).
+
+    q ``(total_q, H, D)``, k and v ``(total_k, Hkv, D)``; ``cu_seqlens_q/k`` int32 ``(N + 1,)``
+    prefix sums of the sequence lengths (starting at 0, ending at total), on q's device;
+    ``max_seqlen_q/k`` the longest lengths. Sequence n's queries attend only to its own keys;
+    ``causal`` is bottom-right aligned per sequence. Returns ``(total_q, H, D)``.
+    """
+    fn = "varlen_attention"
+    _check_float(fn, q=q, k=k, v=v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{fn}: {name} must be 3-D (total_tokens, heads, head_dim), got shape "
+                             f"{tuple(t.shape)}")
+    _check_qkv4(fn, q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
+                v.unsqueeze(0).transpose(1, 2), gqa=True)
+    for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
+                            ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
+        if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+            raise TypeError(f"{fn}: {name} must be an int32 tensor (num_seqs + 1,), got "
+                            f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__} "
+                            f"{tuple(cu.shape) if isinstance(cu, Tensor) else ''}")
+        if cu.device != q.device:
+            raise ValueError(f"{fn}: {name} must be on q's device ({q.device}), got {cu.device}")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must describe the same number of "
+                         f"sequences, got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    # Cheap on the CPU; on a GPU it would cost a sync (callers own the values there), and in
+    # a compiled graph it would be data-dependent control flow.
+    if q.device.type == "cpu" and not _compiling():
+        for name, cu, total, mx in (("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q),
+                                    ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k)):
+            lens = cu.diff()
+            if cu[0] != 0 or cu[-1] != total or bool((lens < 0).any()):
+                raise ValueError(f"{fn}: {name} must rise from 0 to the token count {total}, got "
+                                 f"{cu.tolist()}")
+            if int(lens.max()) > mx:
+                raise ValueError(f"{fn}: max_seqlen ({mx}) is smaller than the longest sequence "
+                                 f"in {name} ({int(lens.max())})")
+    scale = _check_scale(fn, scale, q.shape[-1])
+    q, k, v = (_last_contiguous(x) for x in (q, k, v))
+    out, _ = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                  int(max_seqlen_k), scale, bool(causal))
+    return out
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *,
+                     scale: Optional[float] = None, num_splits: int = 0) -> Tensor:
+    """Attention of a few new query tokens against a KV cache (flash-decoding, split over the
+    cache length so that a small batch still fills the GPU). Inference only: no autograd.
+
+    q ``(B, H, Sq, D)``; ``k_cache``, ``v_cache`` ``(B, Hkv, S_max, D)`` with Hkv dividing H;
+    ``cache_seqlens`` int32 ``(B,)``: the valid cache positions of each sequence, counting the
+    Sq new tokens (already written to the cache). New token i of sequence b sees positions
+    ``j <= L_b - Sq + i``. ``num_splits`` 0 picks the split count from the device.
+    """
+    fn = "decode_attention"
+    _check_qkv4(fn, q, k_cache, v_cache, gqa=True)
+    if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32 \
+            or cache_seqlens.shape != (q.shape[0],):
+        raise TypeError(f"{fn}: cache_seqlens must be an int32 tensor of shape ({q.shape[0]},), "
+                        f"got {cache_seqlens.dtype if isinstance(cache_seqlens, Tensor) else type(cache_seqlens).__name__}"
+                        f" {tuple(cache_seqlens.shape) if isinstance(cache_seqlens, Tensor) else ''}")
+    if cache_seqlens.device != q.device:
+        raise ValueError(f"{fn}: cache_seqlens must be on q's device ({q.device}), got "
+                         f"{cache_seqlens.device}")
+    if int(num_splits) < 0:
+        raise ValueError(f"{fn}: num_splits must be >= 0 (0 = automatic), got {num_splits}")
+    scale = _check_scale(fn, scale, q.shape[-1])
+    q, k_cache, v_cache = (_last_contiguous(x) for x in (q, k_cache, v_cache))
+    out, _ = decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale, int(num_splits))
+    return out

@@ -1,0 +1,561 @@
+"""Triton GEMMs with the FFN's elementwise work fused into their epilogues.
+
+The math contract (activations, their derivatives, MLP and SwiGLU forward/backward) is the
+shared FFN spec; reference.py spells it out in PyTorch. Every kernel computes one tile family
+of C = A B^T (A (M, K), B (N, K), any strides), fp32 accumulators, and differs only in what
+its epilogue reads and writes:
+
+    kernel / launcher        GEMM                 epilogue reads      epilogue writes
+    linear_act               h = x W1^T (+ b1)    b1 (N)              h, a = act(h)
+    matmul (plain)           c = a b^T            -                   c
+    matmul_act_grad          da = dout W2         h                   dh = da act'(h), a = act(h)
+    matmul_glu_grad          dm = dout Wd         g, u                dg = dm u act'(g),
+                                                                      du = dm act(g), m = act(g) u
+    linear_glu (2 accums)    g = x Wg^T,          -                   g, u, m = act(g) u
+                             u = x Wu^T
+
+Why fuse: with T x F activations of e bytes, an unfused MLP forward writes h (T F e) from
+the GEMM, then an elementwise pass reads h and writes a (2 T F e more); linear_act writes h
+and a straight from registers, saving the T F e re-read and a launch. In the backward the
+separate pass would re-read da and h and write dh and a (4 T F e); matmul_act_grad never
+writes da, so it moves 3 T F e (h in, dh and a out) instead of 5 T F e. For SwiGLU forward
+the shared x tile is loaded once for both gate and up (the A operand traffic halves against
+two GEMMs), and m is produced without re-reading g and u (3 T F e written instead of
+2 T F e written + 2 T F e read + T F e written). matmul_glu_grad moves 5 T F e (g, u in;
+dg, du, m out) instead of 8 T F e (dm written and read back, plus the same 5).
+
+a and m are computed from the *rounded* h (resp. g, u) that is stored, so the forward's a
+and the backward's recomputed a are bitwise the same values (the saved tensor is what the
+backward sees).
+
+Tiling: a 1-D grid of cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) programs, ordered in groups of
+GROUP_M tile rows: consecutive programs share the same B column tiles and a small set of A
+row tiles, so while a group runs its operands stay in L2 (for 16384 x 4096 -> 11008 bf16,
+one group of 8 x 128 rows reads 8 MB of A and cycles through B, instead of every program
+streaming all of B from HBM). The K loop is software-pipelined by the compiler (num_stages
+shared-memory buffers; wgmma on Hopper, mma on Ampere). Rows past M and columns past N are
+clamped with a modulo (they read valid memory and are never stored), so the loop body only
+masks K, and not even that when K is a multiple of BLOCK_K (EVEN_K).
+"""
+
+# No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
+# strings that Triton 3.0's interpreter does not recognise as constexpr.
+import contextlib
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2", "silu")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The interpreter runs every program as numpy calls: 16 is the smallest tile tl.dot accepts,
+# and the test shapes (3, 40) -> 97 span several tiles in each of M, N and K.
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning
+# ---------------------------------------------------------------------------------------------
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+# Half precision (bf16/fp16), one accumulator. 128 x 256 x 64 with 8 warps (two warpgroups,
+# 128 fp32 accumulator registers per thread) and 3 stages of 48 KB shared memory is the usual
+# Hopper sweet spot at LLM sizes; 128 x 128 variants cover ragged N and the backward kernels
+# whose epilogue holds extra tiles (h, or g and u) next to the accumulator; 64-wide tiles are
+# for few tokens, where 128-row tiles would be mostly masked.
+_HALF_CONFIGS = [
+    _cfg(128, 256, 64, 8, 3),
+    _cfg(256, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 128, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+]
+# fp32 with "ieee" products runs on CUDA cores, not tensor cores; 32-deep K tiles keep the
+# 4-byte operands of a stage at the half configs' shared-memory footprint.
+_FP32_CONFIGS = [
+    _cfg(128, 128, 32, 8, 3),
+    _cfg(128, 64, 32, 4, 3),
+    _cfg(64, 64, 32, 4, 4),
+]
+# Two accumulators (gate, up): 128 x 256 would need 256 accumulator registers per thread, so
+# the widest tile is 128 x 128 (2 x 64 registers per thread at 8 warps) with the x tile shared.
+_GLU_HALF_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3),
+    _cfg(128, 128, 64, 8, 4),
+    _cfg(128, 64, 64, 4, 4),
+    _cfg(64, 128, 64, 4, 4),
+    _cfg(64, 64, 64, 4, 4),
+]
+_GLU_FP32_CONFIGS = [
+    _cfg(128, 64, 32, 8, 3),
+    _cfg(64, 64, 32, 4, 3),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    # Tiles much taller / wider than the (power-of-two bucketed) problem only add masked work;
+    # the dtype picks the K depth family. At least one config always survives.
+    args = {**named_args, **kwargs}
+    m, n = args["M_BUCKET"], args["N_BUCKET"]
+    fp32 = args["PRECISION"] == "ieee"
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if (bk == 32) != fp32:
+            continue
+        if (m <= 64 and bm > 64) or (n <= 64 and bn > 64):
+            continue
+        kept.append(c)
+    return kept or [_cfg(64, 64, 32 if fp32 else 64, 4, 3)]
+
+
+_TUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "EPI", "HAS_BIAS"]
+
+
+def _tuned(configs):
+    def wrap(kernel):
+        if INTERPRET:
+            return kernel
+        return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+
+    return wrap
+
+
+def _even_k(args):
+    return args["K"] % args["BLOCK_K"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations (fp32 in, fp32 out)
+# ---------------------------------------------------------------------------------------------
+#   gelu       y = x Phi(x),                       y' = Phi(x) + x phi(x)
+#              Phi(x) = (1 + erf(x / sqrt 2)) / 2,  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+#   gelu_tanh  y = x (1 + t) / 2,  t = tanh(c (x + k x^3)),  c = sqrt(2 / pi), k = 0.044715
+#              y' = (1 + t) / 2 + x (1 - t^2) c (1 + 3 k x^2) / 2
+#   relu       y = max(x, 0),                      y' = [x > 0]   (0 at 0, as torch)
+#   relu2      y = max(x, 0)^2,                    y' = 2 max(x, 0)
+#   silu       y = x s,  s = 1 / (1 + exp(-x)),    y' = s (1 + x (1 - s))
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1]: no overflow for large |x| and
+    # no cancellation near 0.
+    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _sigmoid(x):
+    # exp(-x) overflows to inf for x < -88: 1 / inf = 0, the right limit.
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == "gelu":
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACT == "gelu_tanh":
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        y = 0.5 * x * (1.0 + t)
+    elif ACT == "relu":
+        y = tl.maximum(x, 0.0)
+    elif ACT == "relu2":
+        r = tl.maximum(x, 0.0)
+        y = r * r
+    else:  # silu
+        y = x * _sigmoid(x)
+    return y
+
+
+@triton.jit
+def _act_and_grad(x, ACT: tl.constexpr):
+    """(act(x), act'(x)), sharing the transcendental between the two."""
+    if ACT == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
+        y = x * cdf
+        dy = cdf + x * pdf
+    elif ACT == "gelu_tanh":
+        x2 = x * x
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x2 * x))
+        y = 0.5 * x * (1.0 + t)
+        dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x2)
+    elif ACT == "relu":
+        y = tl.maximum(x, 0.0)
+        dy = tl.where(x > 0.0, 1.0, 0.0)
+    elif ACT == "relu2":
+        r = tl.maximum(x, 0.0)
+        y = r * r
+        dy = 2.0 * r
+    else:  # silu
+        s = _sigmoid(x)
+        y = x * s
+        dy = s * (1.0 + x * (1.0 - s))
+    return y, dy
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared tile helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    # Grouped ordering: programs walk GROUP_M tile rows down a tile column before moving right,
+    # so a group's A rows and B columns are reused from L2.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _operand_rows(pid, size, BLOCK: tl.constexpr):
+    # Rows past the end wrap to valid rows (their results are never stored), so operand loads
+    # need no row mask; int64 so that offset * stride cannot overflow past 2^31 elements.
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    return (offs % size).to(tl.int64)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr):
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+# ---------------------------------------------------------------------------------------------
+# One accumulator: plain matmul, linear + activation, matmul + activation gradient, GLU grad
+# ---------------------------------------------------------------------------------------------
+
+
+@_tuned(_HALF_CONFIGS + _FP32_CONFIGS)
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _gemm_kernel(
+    A,
+    B,
+    Bias,
+    E1,
+    E2,
+    O1,
+    O2,
+    O3,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bn,
+    stride_bk,
+    stride_e1m,
+    stride_e1n,
+    stride_e2m,
+    stride_e2n,
+    M_BUCKET,
+    N_BUCKET,
+    K_BUCKET,
+    EPI: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """acc = A B^T (+ Bias) on one BLOCK_M x BLOCK_N tile, then by EPI:
+    "none"      O1 = acc                                         (plain matmul / linear)
+    "act"       O1 = acc, O2 = act(O1)                           (linear_act)
+    "act_grad"  E1 = h:      O1 = acc act'(h), O2 = act(h)       (matmul_act_grad)
+    "glu_grad"  E1 = g, E2 = u:  O1 = acc u act'(g), O2 = acc act(g), O3 = act(g) u
+    Outputs O* are contiguous (M, N); E* have their own strides.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows_a = _operand_rows(pid_m, M, BLOCK_M)
+    rows_b = _operand_rows(pid_n, N, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows_a[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None] * stride_bk + rows_b[None, :] * stride_bn
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = _dot(a, b, acc, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    om = offs_m.to(tl.int64)[:, None]
+    on = offs_n.to(tl.int64)[None, :]
+    out = om * N + on
+    dtype = O1.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+
+    if EPI == "none":
+        tl.store(O1 + out, acc.to(dtype), mask=mask)
+    elif EPI == "act":
+        h = acc.to(dtype)
+        tl.store(O1 + out, h, mask=mask)
+        tl.store(O2 + out, _act(h.to(tl.float32), ACT).to(dtype), mask=mask)
+    elif EPI == "act_grad":
+        h = tl.load(E1 + om * stride_e1m + on * stride_e1n, mask=mask, other=0.0).to(tl.float32)
+        a, da_dh = _act_and_grad(h, ACT)
+        tl.store(O1 + out, (acc * da_dh).to(dtype), mask=mask)
+        tl.store(O2 + out, a.to(dtype), mask=mask)
+    else:  # "glu_grad"
+        g = tl.load(E1 + om * stride_e1m + on * stride_e1n, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(E2 + om * stride_e2m + on * stride_e2n, mask=mask, other=0.0).to(tl.float32)
+        ag, dag = _act_and_grad(g, ACT)
+        tl.store(O1 + out, (acc * u * dag).to(dtype), mask=mask)
+        tl.store(O2 + out, (acc * ag).to(dtype), mask=mask)
+        tl.store(O3 + out, (ag * u).to(dtype), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two accumulators: gate and up projections sharing the x tile
+# ---------------------------------------------------------------------------------------------
+
+
+@_tuned(_GLU_HALF_CONFIGS + _GLU_FP32_CONFIGS)
+@triton.heuristics({"EVEN_K": _even_k})
+@triton.jit
+def _glu_kernel(
+    A,
+    BG,
+    BU,
+    G,
+    U,
+    Mout,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_gn,
+    stride_gk,
+    stride_un,
+    stride_uk,
+    M_BUCKET,
+    N_BUCKET,
+    K_BUCKET,
+    EPI: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """g = A BG^T, u = A BU^T on one tile (one A load feeds both dots); writes g, u and
+    m = act(g) u, all contiguous (M, N). EPI / HAS_BIAS only complete the autotune key."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rows_a = _operand_rows(pid_m, M, BLOCK_M)
+    rows_b = _operand_rows(pid_n, N, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows_a[:, None] * stride_am + offs_k[None, :] * stride_ak
+    g_ptrs = BG + offs_k[:, None] * stride_gk + rows_b[None, :] * stride_gn
+    u_ptrs = BU + offs_k[:, None] * stride_uk + rows_b[None, :] * stride_un
+
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            bg = tl.load(g_ptrs)
+            bu = tl.load(u_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            bg = tl.load(g_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            bu = tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc_g = _dot(a, bg, acc_g, PRECISION)
+        acc_u = _dot(a, bu, acc_u, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        g_ptrs += BLOCK_K * stride_gk
+        u_ptrs += BLOCK_K * stride_uk
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    out = offs_m.to(tl.int64)[:, None] * N + offs_n.to(tl.int64)[None, :]
+    dtype = G.dtype.element_ty
+    g = acc_g.to(dtype)
+    u = acc_u.to(dtype)
+    tl.store(G + out, g, mask=mask)
+    tl.store(U + out, u, mask=mask)
+    tl.store(Mout + out, (_act(g.to(tl.float32), ACT) * u.to(tl.float32)).to(dtype), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def _on_device(x: Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensor's.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def _precision(dtype: torch.dtype) -> Optional[str]:
+    # fp32 inputs get fp32 products (tf32 would cost ~1e-3 relative error against an fp32
+    # reference); half-precision products are exact either way and None keeps the default.
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _config(kwargs: dict) -> dict:
+    return {**kwargs, **_INTERPRET_CONFIG} if INTERPRET else kwargs
+
+
+def _check_activation(activation: Optional[str], allow_none: bool) -> None:
+    if activation is None and allow_none:
+        return
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+
+
+def _check_2d(name: str, t: Tensor, dtype: torch.dtype, shape: Optional[Tuple[int, int]] = None) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must have dtype {dtype} like the first input, got {t.dtype}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"the triton FFN kernels take float32, float16 or bfloat16, got {dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _buckets(m: int, n: int, k: int) -> Tuple[int, int, int]:
+    return triton.next_power_of_2(max(m, 1)), triton.next_power_of_2(max(n, 1)), triton.next_power_of_2(max(k, 1))
+
+
+def _gemm(a: Tensor, b: Tensor, epi: str, activation: Optional[str], bias: Optional[Tensor] = None,
+          e1: Optional[Tensor] = None, e2: Optional[Tensor] = None, n_out: int = 1) -> Tuple[Tensor, ...]:  # fmt: skip
+    """C = a @ b^T with a (M, K), b (N, K) of any strides; returns n_out fresh (M, N) tensors."""
+    m, k = a.shape
+    n = b.shape[0]
+    outs = tuple(torch.empty((m, n), dtype=a.dtype, device=a.device) for _ in range(n_out))
+    if m == 0 or n == 0:
+        return outs
+    o1 = outs[0]
+    o2 = outs[1] if n_out > 1 else o1
+    o3 = outs[2] if n_out > 2 else o1
+    e1_arg = e1 if e1 is not None else o1
+    e2_arg = e2 if e2 is not None else o1
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    with _on_device(a):
+        _gemm_kernel[grid](
+            a, b, bias if bias is not None else o1, e1_arg, e2_arg, o1, o2, o3, m, n, k,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            e1_arg.stride(0), e1_arg.stride(1), e2_arg.stride(0), e2_arg.stride(1),
+            *_buckets(m, n, k),
+            **_config(dict(EPI=epi, ACT=activation or "none", HAS_BIAS=bias is not None,
+                           PRECISION=_precision(a.dtype))),
+        )  # fmt: skip
+    return outs
+
+
+def linear_act(
+    x: Tensor, w: Tensor, bias: Optional[Tensor], activation: Optional[str]
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """h = x w^T + bias (T, F) and a = act(h) from one kernel; a is None when activation is None.
+
+    x (T, D), w (F, D), bias (F,) or None; a is computed from h as stored (rounded).
+    """
+    _check_activation(activation, allow_none=True)
+    _check_2d("x", x, x.dtype)
+    _check_2d("w", w, x.dtype, (w.shape[0], x.shape[1]))
+    if bias is not None:
+        if bias.shape != (w.shape[0],) or bias.dtype != x.dtype:
+            raise ValueError(f"bias must be ({w.shape[0]},) of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+        bias = bias.contiguous()
+    if activation is None:
+        (h,) = _gemm(x, w, "none", None, bias=bias)
+        return h, None
+    h, a = _gemm(x, w, "act", activation, bias=bias, n_out=2)
+    return h, a
+
+
+def matmul_act_grad(dout: Tensor, w2: Tensor, h: Tensor, activation: str) -> Tuple[Tensor, Tensor]:
+    """da = dout w2 (dout (T, D), w2 (D, F)); returns dh = da act'(h) and a = act(h), (T, F)."""
+    _check_activation(activation, allow_none=False)
+    _check_2d("dout", dout, dout.dtype)
+    _check_2d("w2", w2, dout.dtype, (dout.shape[1], w2.shape[1]))
+    _check_2d("h", h, dout.dtype, (dout.shape[0], w2.shape[1]))
+    dh, a = _gemm(dout, w2.t(), "act_grad", activation, e1=h, n_out=2)
+    return dh, a
+
+
+def matmul_glu_grad(
+    dout: Tensor, w_down: Tensor, g: Tensor, u: Tensor, activation: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """dm = dout w_down (w_down (D, F)); returns dg = dm u act'(g), du = dm act(g), m = act(g) u."""
+    _check_activation(activation, allow_none=False)
+    _check_2d("dout", dout, dout.dtype)
+    _check_2d("w_down", w_down, dout.dtype, (dout.shape[1], w_down.shape[1]))
+    _check_2d("g", g, dout.dtype, (dout.shape[0], w_down.shape[1]))
+    _check_2d("u", u, dout.dtype, tuple(g.shape))
+    dg, du, m = _gemm(dout, w_down.t(), "glu_grad", activation, e1=g, e2=u, n_out=3)
+    return dg, du, m
+
+
+def matmul(a: Tensor, b_t: Tensor) -> Tensor:
+    """c = a @ b_t^T (a (M, K), b_t (N, K), any strides), contiguous (M, N) in a's dtype.
+
+    For the weight and input gradients: dW1 = matmul(dh.t(), x.t()), dx = matmul(dh, w1.t()).
+    """
+    _check_2d("a", a, a.dtype)
+    _check_2d("b_t", b_t, a.dtype, (b_t.shape[0], a.shape[1]))
+    (c,) = _gemm(a, b_t, "none", None)
+    return c
+
+
+def linear_glu(x: Tensor, w_gate: Tensor, w_up: Tensor, activation: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """g = x w_gate^T, u = x w_up^T (T, F) and m = act(g) u, from one kernel."""
+    _check_activation(activation, allow_none=False)
+    _check_2d("x", x, x.dtype)
+    _check_2d("w_gate", w_gate, x.dtype, (w_gate.shape[0], x.shape[1]))
+    _check_2d("w_up", w_up, x.dtype, tuple(w_gate.shape))
+    m_, k = x.shape
+    n = w_gate.shape[0]
+    g, u, m = (torch.empty((m_, n), dtype=x.dtype, device=x.device) for _ in range(3))
+    if m_ == 0 or n == 0:
+        return g, u, m
+    grid = lambda meta: (triton.cdiv(m_, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    with _on_device(x):
+        _glu_kernel[grid](
+            x, w_gate, w_up, g, u, m, m_, n, k,
+            x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
+            *_buckets(m_, n, k),
+            **_config(dict(EPI="glu", ACT=activation, HAS_BIAS=False, PRECISION=_precision(x.dtype))),
+        )  # fmt: skip
+    return g, u, m

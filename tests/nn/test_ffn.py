@@ -1,0 +1,73 @@
+"""fastattn.nn.MLP / SwiGLU against the eager modules they replace, same state_dict."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastattn
+
+
+class LlamaStyleMLP(nn.Module):
+    """The eager block SwiGLU replaces (transformers' LlamaMLP layout)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _run(mod, x):
+    x = x.detach().clone().requires_grad_()
+    out = mod(x)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+    grads = {n: p.grad.clone() for n, p in mod.named_parameters()}
+    return out.detach(), x.grad, grads
+
+
+def _assert_same(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a[1], b[1], rtol=1e-5, atol=1e-5)
+    assert a[2].keys() == b[2].keys()
+    for name in a[2]:
+        torch.testing.assert_close(a[2][name], b[2][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_swiglu_loads_a_llama_mlp(backend):
+    torch.manual_seed(0)
+    eager = LlamaStyleMLP(40, 97)
+    ours = fastattn.nn.SwiGLU(40, 97)
+    ours.load_state_dict(eager.state_dict())          # same names, strict
+    x = torch.randn(2, 3, 40)
+    with fastattn.use_backend(backend):
+        _assert_same(_run(ours, x), _run(eager, x))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("activation,fn", [("gelu", F.gelu), ("relu", F.relu),
+                                           ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"))])
+def test_mlp_matches_fc2_act_fc1(backend, activation, fn):
+    torch.manual_seed(0)
+    ours = fastattn.nn.MLP(40, 97, activation=activation)
+    eager = nn.Module()
+    eager.fc1, eager.fc2 = nn.Linear(40, 97), nn.Linear(97, 40)
+    eager.load_state_dict(ours.state_dict())
+    eager.forward = lambda x: eager.fc2(fn(eager.fc1(x)))
+    x = torch.randn(3, 40)
+    with fastattn.use_backend(backend):
+        _assert_same(_run(ours, x), _run(eager, x))
+
+
+def test_parameters_are_plain_linears():
+    m = fastattn.nn.SwiGLU(8, 16, bias=True)
+    assert all(isinstance(c, nn.Linear) for c in m.children())
+    assert [n for n, _ in m.named_parameters()] == [
+        "gate_proj.weight", "gate_proj.bias", "up_proj.weight", "up_proj.bias",
+        "down_proj.weight", "down_proj.bias"]
+    assert [n for n, _ in fastattn.nn.MLP(8, 16).named_parameters()] == [
+        "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]

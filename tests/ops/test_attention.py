@@ -1,0 +1,405 @@
+"""fastattn attention front doors (SDPA, flash_attention, varlen, decode) on every backend.
+
+Numerics follow FlashAttention's rule: against a float64 reference, a backend's error is at most
+twice the error of plain PyTorch math in the same precision (plus a tiny atol for fp32), for the
+output and for dq, dk, dv, with a random output gradient. Kernel-level Triton tests live in
+test_attention_triton.py / test_attention_decode.py.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn.ops import attention as attn_ops
+from fastattn.ops.attention import reference as ref
+from tests.helpers import ALL_BACKENDS, GPU
+
+# The interpreter is slow: Triton gets the smaller cases here, all of them on a GPU.
+FAST_BACKENDS = [p for p in ALL_BACKENDS if p.id != "cpu-triton"]
+
+
+def _dev(device):
+    return torch.device(device)
+
+
+def _qkv(b, h, hkv, sq, sk, d, dtype, device, seed=0, transposed=False):
+    g = torch.Generator().manual_seed(seed)
+    def make(heads, s):
+        if transposed:  # (B, S, H, D) memory viewed as (B, H, S, D): non-contiguous
+            return torch.randn(b, s, heads, d, generator=g).to(device, dtype).transpose(1, 2)
+        return torch.randn(b, heads, s, d, generator=g).to(device, dtype)
+    return make(h, sq), make(hkv, sk), make(hkv, sk)
+
+
+def _grads(fn, q, k, v, dout):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def _reference(q, k, v, dout, upcast=True, **kw):
+    """Outputs and gradients of reference.attention_fwd (float64 when given float64)."""
+    params = dict(bias=None, diag=0, window_left=-1, window_right=-1, softcap=0.0,
+                  dropout_p=0.0, seed=0, scale=q.shape[-1] ** -0.5)
+    params.update(kw)
+
+    def fn(q, k, v):
+        return ref.attention_fwd(q, k, v, params["bias"], params["scale"], params["diag"],
+                                 params["window_left"], params["window_right"],
+                                 params["softcap"], params["dropout_p"], params["seed"],
+                                 upcast=upcast)[0]
+    return _grads(fn, q, k, v, dout)
+
+
+def _check_fa_rule(ours, exact, baseline, dtype, what):
+    """Each of ours vs exact (float64) within 2x baseline's error (+ a floor for fp32)."""
+    names = ("out", "dq", "dk", "dv")
+    for name, o, e, b in zip(names, ours, exact, baseline):
+        o, e, b = o.double(), e.double(), b.double()
+        assert torch.isfinite(o).all(), f"{what} {name}: non-finite values"
+        err = (o - e).abs().max().item()
+        base = (b - e).abs().max().item()
+        floor = 1e-5 * max(1.0, e.abs().max().item()) if dtype == torch.float32 else 1e-6
+        assert err <= 2 * base + floor, f"{what} {name}: error {err:.3g} > 2 x PyTorch's {base:.3g}"
+
+
+CASES = [
+    # b, h, hkv, sq, sk, d, causal, window, softcap
+    (1, 1, 1, 1, 1, 16, False, (-1, -1), 0.0),
+    (3, 8, 2, 17, 97, 40, True, (-1, -1), 0.0),       # GQA 8:2, bottom-right causal
+    (1, 8, 1, 97, 17, 80, True, (-1, -1), 0.0),       # MQA; Sq > Sk: early rows fully masked
+    (1, 2, 2, 130, 130, 64, False, (32, 8), 0.0),     # sliding window
+    (3, 2, 1, 97, 130, 128, False, (-1, -1), 30.0),   # softcap
+    (1, 4, 2, 130, 97, 16, True, (40, -1), 5.0),      # causal + window + softcap
+]
+
+
+def _fa_params():
+    """Every (backend, dtype, case), except on the Triton interpreter: no bf16 there (it cannot
+    run a bf16 tl.dot) and only the small cases (it is slow); the GPU runs all of them."""
+    out = []
+    for bp in ALL_BACKENDS:
+        device, backend = bp.values
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for i, case in enumerate(CASES):
+                b, h, hkv, sq, sk, d = case[:6]
+                if device == "cpu" and backend == "triton" and (
+                        dtype == torch.bfloat16 or sq * sk * d > 17 * 97 * 64):
+                    continue
+                out.append(pytest.param(device, backend, dtype, case, marks=bp.marks,
+                                        id=f"{bp.id}-{str(dtype)[6:]}-case{i}"))
+    return out
+
+
+@pytest.mark.parametrize("device,backend,dtype,case", _fa_params())
+def test_flash_attention_matches_reference(device, backend, dtype, case):
+    b, h, hkv, sq, sk, d, causal, window, softcap = case
+    torch.manual_seed(1)
+    q, k, v = _qkv(b, h, hkv, sq, sk, d, dtype, device, transposed=(case[0] == 3))
+    dout = torch.randn(b, h, sq, d).to(device, dtype)
+    left, right = window
+    kw = dict(diag=sk - sq, window_left=left, window_right=0 if causal else right,
+              softcap=softcap)
+    with fastattn.use_backend(backend):
+        ours = _grads(lambda q, k, v: fastattn.flash_attention(
+            q, k, v, causal=causal, window=window, softcap=softcap), q, k, v, dout)
+    exact = _reference(*(x.double() for x in (q, k, v, dout)), **kw)
+    if dtype == torch.float32:
+        for name, o, e in zip(("out", "dq", "dk", "dv"), ours, exact):
+            torch.testing.assert_close(o.double(), e, rtol=2e-5, atol=2e-5, msg=name)
+    else:
+        baseline = _reference(q.cpu(), k.cpu(), v.cpu(), dout.cpu(), upcast=False, **kw)
+        _check_fa_rule([x.cpu() for x in ours], exact, baseline, dtype, f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("device,backend", FAST_BACKENDS)
+def test_lse_and_fully_masked_rows(device, backend):
+    # Sq > Sk, bottom-right causal: queries 0..Sq-Sk-1 see no key.
+    q, k, v = _qkv(2, 4, 2, 20, 7, 16, torch.float32, device)
+    with fastattn.use_backend(backend):
+        out, lse = fastattn.flash_attention(q, k, v, causal=True, return_lse=True)
+    exp_out, exp_lse = ref.attention_fwd(q.double(), k.double(), v.double(), None, 0.25, -13, -1,
+                                         0, 0.0, 0.0, 0)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 20) and not lse.requires_grad
+    assert torch.isneginf(lse[:, :, :13]).all() and (out[:, :, :13] == 0).all()
+    torch.testing.assert_close(out.double(), exp_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse.double(), exp_lse, rtol=2e-5, atol=2e-5)
+    # and zero gradients for them, never NaN
+    q.requires_grad_()
+    with fastattn.use_backend(backend):
+        fastattn.flash_attention(q, k, v, causal=True).sum().backward()
+    assert torch.isfinite(q.grad).all() and (q.grad[:, :, :13] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_nan_input_propagates(device, backend):
+    q, k, v = _qkv(1, 2, 2, 17, 17, 16, torch.float32, device)
+    q[0, 1, 3, 0] = float("nan")
+    with fastattn.use_backend(backend):
+        out = fastattn.flash_attention(q, k, v, causal=True)
+    assert torch.isnan(out[0, 1, 3]).all()
+    assert torch.isfinite(out[0, 0]).all() and torch.isfinite(out[0, 1, :3]).all()
+
+
+# ---- scaled_dot_product_attention: the drop-in ----------------------------------------------
+
+def _sdpa_masks(b, h, sq, sk, device):
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand(b, 1, sq, sk, generator=g) > 0.3
+    keep[..., 0] = True  # every row keeps a key: PyTorch would give NaN rows otherwise
+    padding = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+    padding[0, ..., sk // 2:] = False
+    return {
+        "bool-broadcast": keep.to(device),
+        "additive-2d": torch.randn(sq, sk, generator=g).to(device),
+        "key-padding": padding.to(device),
+        "additive-full": torch.randn(b, h, sq, sk, generator=g).to(device),
+    }
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("mask", ["none", "causal", "bool-broadcast", "additive-2d",
+                                  "key-padding", "additive-full"])
+def test_sdpa_matches_torch(device, backend, mask):
+    b, h, sq, sk, d = 2, 3, 17, 33, 16
+    q, k, v = _qkv(b, h, h, sq, sk, d, torch.float32, device, transposed=True)
+    dout = torch.randn(b, h, sq, d).to(device)
+    kw = {}
+    if mask == "causal":
+        kw["is_causal"] = True
+    elif mask != "none":
+        kw["attn_mask"] = _sdpa_masks(b, h, sq, sk, device)[mask]
+    with fastattn.use_backend(backend):
+        ours = _grads(lambda q, k, v: fastattn.scaled_dot_product_attention(q, k, v, **kw),
+                      q, k, v, dout)
+    theirs = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw), q, k, v, dout)
+    for name, o, t in zip(("out", "dq", "dk", "dv"), ours, theirs):
+        torch.testing.assert_close(o, t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", FAST_BACKENDS)
+def test_sdpa_gqa_scale_and_3d(device, backend):
+    q, k, v = _qkv(2, 8, 2, 9, 12, 16, torch.float32, device)
+    expect = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                            scale=0.3)
+    with fastattn.use_backend(backend):
+        got = fastattn.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True)
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+        # 3-D inputs: (N, L, E), one head
+        got3 = fastattn.scaled_dot_product_attention(q[:, 0], q[:, 1], q[:, 2], is_causal=True)
+    torch.testing.assert_close(
+        got3, F.scaled_dot_product_attention(q[:, 0], q[:, 1], q[:, 2], is_causal=True),
+        rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", FAST_BACKENDS)
+def test_sdpa_fully_masked_row_is_zero(device, backend):
+    q, k, v = _qkv(1, 2, 2, 5, 6, 16, torch.float32, device)
+    mask = torch.ones(5, 6, dtype=torch.bool, device=device)
+    mask[2] = False
+    with fastattn.use_backend(backend):
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert (out[:, :, 2] == 0).all()
+    torch.testing.assert_close(out[:, :, [0, 1, 3, 4]],
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, :, [0, 1, 3, 4]])
+
+
+# ---- dropout --------------------------------------------------------------------------------
+
+def test_dropout_keep_mask_statistics():
+    keep = ref.dropout_keep(123456789, 2, 3, 64, 96, 0.25)
+    frac = keep.double().mean().item()
+    assert abs(frac - 0.75) < 0.01
+    # different seeds and heads give different masks
+    assert not torch.equal(keep[0, 0], keep[0, 1])
+    assert not torch.equal(keep, ref.dropout_keep(123456790, 2, 3, 64, 96, 0.25))
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_dropout_matches_reference_mask(device, backend):
+    q, k, v = _qkv(2, 2, 1, 17, 40, 16, torch.float32, device)
+    dout = torch.randn(2, 2, 17, 16).to(device)
+    seed, p = 2 ** 40 + 12345, 0.3
+    args = (None, 0.25, 23, -1, 0, 0.0, p, seed)
+
+    def run(q, k, v):
+        return attn_ops.attention_fwd(q, k, v, *args)[0]
+    with fastattn.use_backend(backend):
+        ours = _grads(run, q, k, v, dout)
+    exact = _reference(*(x.double() for x in (q, k, v, dout)), scale=0.25, diag=23,
+                       window_right=0, dropout_p=p, seed=seed)
+    for name, o, e in zip(("out", "dq", "dk", "dv"), ours, exact):
+        torch.testing.assert_close(o.double(), e, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_dropout_seeded_by_torch_generator():
+    q, k, v = _qkv(1, 2, 2, 8, 8, 16, torch.float32, "cpu")
+    torch.manual_seed(5)
+    a = fastattn.flash_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(5)
+    b = fastattn.flash_attention(q, k, v, dropout_p=0.5)
+    c = fastattn.flash_attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---- determinism and the large CPU case -----------------------------------------------------
+
+def test_cpu_backward_is_deterministic_across_thread_counts():
+    q, k, v = _qkv(2, 4, 2, 70, 70, 32, torch.float32, "cpu")
+    dout = torch.randn(2, 4, 70, 32)
+    fn = lambda q, k, v: fastattn.flash_attention(q, k, v, causal=True)  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        first = _grads(fn, q, k, v, dout)
+        torch.set_num_threads(1)
+        second = _grads(fn, q, k, v, dout)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_backward_is_bitwise_deterministic(dtype):
+    q, k, v = _qkv(2, 8, 2, 1000, 1000, 128, dtype, "cuda")
+    dout = torch.randn_like(q)
+    fn = lambda q, k, v: fastattn.flash_attention(q, k, v, causal=True, deterministic=True)  # noqa: E731
+    first, second = _grads(fn, q, k, v, dout), _grads(fn, q, k, v, dout)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_cpu_kernel_at_benchmark_shape():
+    q, k, v = _qkv(4, 8, 8, 512, 512, 64, torch.float32, "cpu")
+    dout = torch.randn(4, 8, 512, 64)
+    with fastattn.use_backend("cpu"):
+        ours = _grads(lambda q, k, v: fastattn.flash_attention(q, k, v, causal=True), q, k, v, dout)
+    exact = _reference(*(x.double() for x in (q, k, v, dout)), window_right=0)
+    for name, o, e in zip(("out", "dq", "dk", "dv"), ours, exact):
+        torch.testing.assert_close(o.double(), e, rtol=1e-4, atol=5e-5, msg=name)
+
+
+def test_cpu_kernel_without_blas(monkeypatch):
+    """The loop-product fallback (for torch builds that export no sgemm)."""
+    monkeypatch.setenv("FASTATTN_CPU_BLAS", "0")
+    q, k, v = _qkv(1, 2, 1, 33, 40, 24, torch.float32, "cpu")
+    dout = torch.randn(1, 2, 33, 24)
+    with fastattn.use_backend("cpu"):
+        ours = _grads(lambda q, k, v: fastattn.flash_attention(q, k, v, causal=True, softcap=3.0),
+                      q, k, v, dout)
+    exact = _reference(*(x.double() for x in (q, k, v, dout)), diag=7, window_right=0, softcap=3.0)
+    for name, o, e in zip(("out", "dq", "dk", "dv"), ours, exact):
+        torch.testing.assert_close(o.double(), e, rtol=2e-5, atol=2e-5, msg=name)
+
+
+# ---- varlen and decode ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_equals_separate_sequences(device, backend, causal):
+    lens_q, lens_k = [1, 17, 40], [5, 17, 33]
+    h, hkv, d = 4, 2, 16
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(sum(lens_q), h, d, generator=g).to(device)
+    k = torch.randn(sum(lens_k), hkv, d, generator=g).to(device)
+    v = torch.randn(sum(lens_k), hkv, d, generator=g).to(device)
+    dout = torch.randn_like(q)
+    cu_q = torch.tensor([0, 1, 18, 58], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 5, 22, 55], dtype=torch.int32, device=device)
+    with fastattn.use_backend(backend):
+        got = _grads(lambda q, k, v: fastattn.varlen_attention(q, k, v, cu_q, cu_k, 40, 33,
+                                                               causal=causal), q, k, v, dout)
+    qs = q.split(lens_q)
+    ks, vs, dos = k.split(lens_k), v.split(lens_k), dout.split(lens_q)
+    for n in range(3):
+        one = [x.transpose(0, 1).unsqueeze(0) for x in (qs[n], ks[n], vs[n], dos[n])]
+        exp = _reference(*(x.double() for x in one), diag=lens_k[n] - lens_q[n],
+                         window_right=0 if causal else -1)
+        exp = [x[0].transpose(0, 1) for x in exp]
+        parts = [got[0].split(lens_q)[n], got[1].split(lens_q)[n], got[2].split(lens_k)[n],
+                 got[3].split(lens_k)[n]]
+        for name, o, e in zip(("out", "dq", "dk", "dv"), parts, exp):
+            torch.testing.assert_close(o.double(), e, rtol=2e-5, atol=2e-5, msg=f"seq{n} {name}")
+
+
+DECODE_BACKENDS = ALL_BACKENDS
+
+
+@pytest.mark.parametrize("device,backend", DECODE_BACKENDS)
+@pytest.mark.parametrize("sq", [1, 3])
+def test_decode_equals_full_attention_over_the_cache(device, backend, sq):
+    b, h, hkv, s_max, d = 3, 4, 2, 80, 32
+    q, kc, vc = _qkv(b, h, hkv, sq, s_max, d, torch.float32, device)
+    lens = torch.tensor([sq, 80, 41], dtype=torch.int32, device=device)
+    with fastattn.use_backend(backend):
+        got = fastattn.decode_attention(q, kc, vc, lens)
+    for i, length in enumerate(lens.tolist()):
+        exp = ref.attention_fwd(q[i:i + 1].double(), kc[i:i + 1, :, :length].double(),
+                                vc[i:i + 1, :, :length].double(), None, d ** -0.5,
+                                length - sq, -1, 0, 0.0, 0.0, 0)[0]
+        torch.testing.assert_close(got[i:i + 1].double(), exp, rtol=2e-5, atol=2e-5)
+
+
+# ---- errors ---------------------------------------------------------------------------------
+
+def test_bad_inputs_give_clear_errors():
+    q, k, v = _qkv(2, 4, 2, 5, 6, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        fastattn.flash_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="head_dim"):
+        fastattn.flash_attention(q, k[..., :8], v[..., :8])
+    with pytest.raises(TypeError, match="dtype of q"):
+        fastattn.flash_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="device"):
+        fastattn.flash_attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="multiple of the heads"):
+        fastattn.flash_attention(q[:, :3], k, v)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        fastattn.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(ValueError, match="does not broadcast"):
+        fastattn.scaled_dot_product_attention(q, k, k, attn_mask=torch.ones(5, 7, dtype=torch.bool),
+                                              enable_gqa=True)
+    with pytest.raises(TypeError, match="bool or floating"):
+        fastattn.scaled_dot_product_attention(q, k, k, attn_mask=torch.ones(5, 6, dtype=torch.int64),
+                                              enable_gqa=True)
+    with pytest.raises(ValueError, match="either attn_mask or is_causal"):
+        fastattn.scaled_dot_product_attention(q, k, k, attn_mask=torch.ones(5, 6, dtype=torch.bool),
+                                              is_causal=True, enable_gqa=True)
+    with pytest.raises(ValueError, match="dropout_p"):
+        fastattn.flash_attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match="window"):
+        fastattn.flash_attention(q, k, v, window=(-2, 0))
+    with pytest.raises(ValueError, match="softcap"):
+        fastattn.flash_attention(q, k, v, softcap=-1.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        fastattn.flash_attention(q.long(), k.long(), v.long())
+    with pytest.raises(ValueError, match="value head_dim"):
+        fastattn.scaled_dot_product_attention(q, k, torch.randn(2, 2, 6, 8), enable_gqa=True)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    qv = torch.randn(5, 4, 16)
+    with pytest.raises(TypeError, match="int32"):
+        fastattn.varlen_attention(qv, qv, qv, cu.long(), cu, 3, 3)
+    with pytest.raises(ValueError, match="rise from 0"):
+        fastattn.varlen_attention(qv, qv, qv, torch.tensor([0, 2, 4], dtype=torch.int32), cu, 3, 3)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        fastattn.varlen_attention(qv, qv, qv, cu, cu, 2, 3)
+    with pytest.raises(TypeError, match="cache_seqlens"):
+        fastattn.decode_attention(q, k, v, torch.tensor([3, 4]))
+
+
+def test_mask_requiring_grad_is_refused():
+    q, k, v = _qkv(1, 2, 2, 4, 4, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="requires grad"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(4, 4, requires_grad=True))
+
+
+def test_forced_cuda_backend_for_dense_attention_says_why():
+    q, k, v = _qkv(1, 2, 2, 4, 4, 16, torch.float32, "cpu")
+    with pytest.raises(fastattn.BackendError):
+        with fastattn.use_backend("cuda"):
+            fastattn.flash_attention(q, k, v)

@@ -1,0 +1,276 @@
+"""Triton FlashAttention kernels against a naive float64 implementation of the attention spec.
+
+On a machine without a GPU these run under TRITON_INTERPRET=1 (tests/conftest.py) with 16 x 16
+tiles, so Sq = 97 gives seven tiles per row and exercises the edge/interior split of the masks.
+"""
+
+import math
+
+import pytest
+import torch
+
+from fastattn.ops.attention import triton as fa_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+M32 = 0xFFFFFFFF
+TOL = {torch.float32: 2e-4, torch.float16: 2e-2}
+
+
+# ----------------------------------------------------------------------------- naive oracle
+
+
+def _mul32(x, c):
+    # (x * c) mod 2**32 in int64 without overflow: x = hi * 2**16 + lo, and only the low
+    # 16 bits of hi * c survive the shift by 16.
+    lo = x & 0xFFFF
+    hi = x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & M32
+
+
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x):
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def keep_mask(B, H, Sq, Sk, p, seed):
+    bh = torch.arange(B * H, dtype=torch.int64).view(B, H, 1, 1)
+    key = _mix32(_mix32(bh ^ (seed >> 32)) ^ (seed & M32))
+    idx = (torch.arange(Sq, dtype=torch.int64)[:, None] * Sk + torch.arange(Sk, dtype=torch.int64)[None, :]) & M32
+    threshold = min(math.floor(p * 2**32), 2**32 - 1)
+    return _mix32(_mix32(idx) ^ key) >= threshold
+
+
+def naive(q, k, v, dout, bias=None, scale=None, diag=0, wl=-1, wr=-1, softcap=0.0, dropout_p=0.0, seed=0):
+    """out, lse, dq, dk, dv in float64, by materialising the Sq x Sk scores (spec formulas)."""
+    q, k, v, dout = (x.detach().double().cpu() for x in (q, k, v, dout))
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    g = H // Hkv
+    scale = D**-0.5 if scale is None else scale
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    raw = q @ kk.transpose(-1, -2) * scale
+    t = torch.tanh(raw / softcap) if softcap > 0 else None
+    s = softcap * t if softcap > 0 else raw
+    if bias is not None:
+        s = s + bias.double().cpu()
+    i = torch.arange(Sq)[:, None]
+    j = torch.arange(Sk)[None, :]
+    vis = torch.ones(Sq, Sk, dtype=torch.bool)
+    if wl >= 0:
+        vis &= j >= i + diag - wl
+    if wr >= 0:
+        vis &= j <= i + diag + wr
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    z = keep_mask(B, H, Sq, Sk, dropout_p, seed).double() / (1 - dropout_p) if dropout_p > 0 else 1.0
+    out = (p * z) @ vv
+    delta = (dout * out).sum(-1, keepdim=True)
+    ds = p * ((dout @ vv.transpose(-1, -2)) * z - delta)
+    if softcap > 0:
+        ds = ds * (1 - t * t)
+    dq = scale * ds @ kk
+    dk = (scale * ds.transpose(-1, -2) @ q).view(B, Hkv, g, Sk, D).sum(2)
+    dv = ((p * z).transpose(-1, -2) @ dout).view(B, Hkv, g, Sk, D).sum(2)
+    return out, lse, dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check(name, got, ref, dtype):
+    got = got.detach().double().cpu()
+    assert got.shape == ref.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err = (got - ref).abs().max().item() if ref.numel() else 0.0
+    bound = TOL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 0.0)
+    assert err <= bound, f"{name}: max error {err:.3e} > {bound:.3e}"
+
+
+def _check_lse(got, ref):
+    got = got.detach().double().cpu()
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref)), "lse: -inf rows differ"
+    fin = torch.isfinite(ref)
+    assert torch.isfinite(got[fin]).all()
+    torch.testing.assert_close(got[fin], ref[fin], atol=1e-4, rtol=1e-4)
+
+
+def _qkv(B, H, Hkv, Sq, Sk, D, dtype, transposed=False):
+    def make(h, s):
+        if transposed:  # (B, S, H, D) storage seen as (B, H, S, D): strides (S*H*D, D, H*D, 1)
+            return torch.randn(B, s, h, D, dtype=dtype, device=DEVICE).transpose(1, 2)
+        return torch.randn(B, h, s, D, dtype=dtype, device=DEVICE)
+
+    return make(H, Sq), make(Hkv, Sk), make(Hkv, Sk), make(H, Sq)
+
+
+def _run(q, k, v, dout, bias=None, scale=None, diag=0, wl=-1, wr=-1, softcap=0.0, dropout_p=0.0, seed=0):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    args = (bias, scale, diag, wl, wr, softcap, dropout_p, seed)
+    out, lse = fa_triton.attention_fwd(q, k, v, *args)
+    dq, dk, dv = fa_triton.attention_bwd(dout, q, k, v, out, lse, *args)
+    return out, lse, dq, dk, dv
+
+
+def _compare(got, ref, dtype):
+    out, lse, dq, dk, dv = got
+    assert out.is_contiguous() and dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+    assert lse.dtype == torch.float32 and out.dtype == dtype and dq.dtype == dtype
+    _check("out", out, ref[0], dtype)
+    _check_lse(lse, ref[1])
+    for name, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:]):
+        _check(name, g, r, dtype)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_hash_matches_python_ints():
+    xs = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xDEADBEEF, M32]
+    assert _mix32(torch.tensor(xs, dtype=torch.int64)).tolist() == [_mix32_int(x) for x in xs]
+
+
+def test_keep_mask_matches_the_library_reference():
+    # Two independent codings of the spec's hash: this file's and fastattn's reference.py.
+    from fastattn.ops.attention import reference
+    for seed in (0, 77, 2**33 + 5):
+        assert torch.equal(keep_mask(2, 3, 9, 31, 0.3, seed).view(2, 3, 9, 31),
+                           reference.dropout_keep(seed, 2, 3, 9, 31, 0.3))
+
+
+def test_naive_gradients_match_autograd():
+    # The oracle's hand-written backward (the spec's formulas) against autograd of its forward.
+    torch.manual_seed(1)
+    B, H, Hkv, Sq, Sk, D = 1, 4, 2, 9, 11, 8
+    q, k, v, dout = (x.double().requires_grad_() for x in _qkv(B, H, Hkv, Sq, Sk, D, torch.float32))
+    bias = torch.randn(1, H, Sq, Sk, dtype=torch.float64)
+    kw = dict(bias=bias, scale=0.7, diag=2, wl=6, wr=1, softcap=2.0, dropout_p=0.25, seed=12345)
+    out, lse, dq, dk, dv = naive(q, k, v, dout, **kw)
+
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = 2.0 * torch.tanh(q @ kk.transpose(-1, -2) * 0.7 / 2.0) + bias
+    i, j = torch.arange(Sq)[:, None], torch.arange(Sk)[None, :]
+    s = s.masked_fill(~((j >= i + 2 - 6) & (j <= i + 2 + 1)), float("-inf"))
+    z = keep_mask(B, H, Sq, Sk, 0.25, 12345).double() / 0.75
+    ref_out = (torch.softmax(s, -1) * z) @ vv
+    ref_out.backward(dout.detach())
+    torch.testing.assert_close(out, ref_out.detach())
+    for got, leaf in ((dq, q), (dk, k), (dv, v)):
+        torch.testing.assert_close(got, leaf.grad)
+
+
+# (dtype, B, H, Hkv, Sq, Sk, D, transposed, mask kwargs)
+CASES = {
+    "plain_mha_d64": (torch.float32, 1, 2, 2, 97, 97, 64, False, {}),
+    "causal_tl_gqa_sq_gt_sk_d40": (torch.float32, 2, 4, 2, 97, 17, 40, False, dict(diag=0, wr=0)),
+    "causal_br_mqa_sq_lt_sk_d80_strided": (torch.float32, 1, 4, 1, 17, 97, 80, True, dict(diag=80, wr=0)),
+    "window_softcap_d16": (torch.float32, 1, 2, 1, 97, 97, 16, False, dict(wl=20, wr=5, softcap=1.5, scale=1.0)),
+    "left_window_only": (torch.float32, 1, 2, 2, 97, 40, 16, False, dict(diag=-30, wl=7)),
+    "causal_br_sq_gt_sk_masked_rows": (torch.float32, 1, 2, 2, 97, 17, 16, False, dict(diag=17 - 97, wr=0)),
+    "sq1_sk1": (torch.float32, 2, 2, 1, 1, 1, 16, False, {}),
+    "sq1_sk97_causal_br": (torch.float32, 1, 4, 2, 1, 97, 40, False, dict(diag=96, wr=0)),
+    "fp16_causal_br_gqa_d80_strided": (torch.float16, 1, 4, 2, 97, 97, 80, True, dict(diag=0, wr=0)),
+    "fp16_window_softcap_d40": (torch.float16, 1, 2, 2, 17, 97, 40, False, dict(diag=80, wl=33, wr=3, softcap=3.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_backward(case):
+    dtype, B, H, Hkv, Sq, Sk, D, transposed, kw = CASES[case]
+    q, k, v, dout = _qkv(B, H, Hkv, Sq, Sk, D, dtype, transposed)
+    if transposed:
+        assert not q.is_contiguous() and q.stride(-1) == 1
+    _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), dtype)
+
+
+def test_random_windows():
+    # Tile-range arithmetic (skipped, edge and interior tiles) for arbitrary diag / window pairs,
+    # including ones that leave whole rows or whole key tiles invisible.
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(12):
+        sq, sk = (int(x) for x in torch.randint(1, 70, (2,), generator=gen))
+        diag = int(torch.randint(-sq, sk + 1, (1,), generator=gen))
+        wl, wr = (int(x) - 1 for x in torch.randint(0, 40, (2,), generator=gen))
+        q, k, v, dout = _qkv(1, 2, 1, sq, sk, 16, torch.float32)
+        kw = dict(diag=diag, wl=wl, wr=wr)
+        _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), torch.float32)
+
+
+def test_bias_broadcast_with_masked_rows():
+    B, H, Hkv, Sq, Sk, D = 2, 2, 1, 33, 97, 40
+    q, k, v, dout = _qkv(B, H, Hkv, Sq, Sk, D, torch.float32)
+    # (B, 1, Sq, Sk) seen through a head stride of 0, with scattered -inf, row 5 all -inf in
+    # batch 0 and row 6 all -inf except one key that the causal mask hides.
+    base = torch.randn(B, 1, Sq, Sk, device=DEVICE)
+    base[torch.rand(B, 1, Sq, Sk, device=DEVICE) < 0.2] = float("-inf")
+    base[0, 0, 5] = float("-inf")
+    base[1, 0, 6] = float("-inf")
+    base[1, 0, 6, Sk - 1] = 0.0
+    bias = base.expand(B, H, Sq, Sk)
+    assert bias.stride(1) == 0
+    kw = dict(bias=bias, diag=Sk - Sq, wr=0)
+    got = _run(q, k, v, dout, **kw)
+    ref = naive(q, k, v, dout, **kw)
+    assert torch.isneginf(ref[1][0, :, 5]).all() and torch.isneginf(ref[1][1, :, 6]).all()
+    _compare(got, ref, torch.float32)
+    assert (got[0][0, :, 5] == 0).all() and (got[2][0, :, 5] == 0).all()
+
+
+def test_dropout_exact_mask_and_deterministic_backward():
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 97, 40, 32
+    q, k, v, dout = _qkv(B, H, Hkv, Sq, Sk, D, torch.float32)
+    kw = dict(dropout_p=0.3, seed=(0xABCDEF12 << 32) | 0x9ABCDEF1, diag=Sk - Sq, wr=0, wl=50)
+    got = _run(q, k, v, dout, **kw)
+    # A single flipped keep bit moves out by p_ij v_j / 0.7 (~1e-2 here): far above tolerance.
+    _compare(got, naive(q, k, v, dout, **kw), torch.float32)
+    args = (got[0], got[1], None, D**-0.5, Sk - Sq, 50, 0, 0.0, 0.3, kw["seed"])
+    again = fa_triton.attention_bwd(dout, q, k, v, *args)
+    for a, b in zip(got[2:], again):
+        assert torch.equal(a, b)
+    other = fa_triton.attention_fwd(q, k, v, None, D**-0.5, Sk - Sq, 50, 0, 0.0, 0.3, kw["seed"] + 1)[0]
+    assert not torch.equal(other, got[0])
+
+
+def _pack(xs):
+    return torch.cat([x[0].transpose(0, 1) for x in xs], 0)  # (1, h, s, D) -> (total, h, D)
+
+
+@pytest.mark.parametrize(
+    "dtype,causal,lens_q,lens_k",
+    [
+        (torch.float32, True, (1, 17, 40), (5, 17, 29)),
+        (torch.float16, False, (17, 1, 40), (17, 40, 1)),
+    ],
+)
+def test_varlen_equals_per_sequence(dtype, causal, lens_q, lens_k):
+    H, Hkv, D = 4, 2, 40
+    seqs = [_qkv(1, H, Hkv, sq, sk, D, dtype) for sq, sk in zip(lens_q, lens_k)]
+    q, k, v, dout = (_pack([s[n] for s in seqs]) for n in range(4))
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    scale = D**-0.5
+    meta = (cu_q, cu_k, max(lens_q), max(lens_k), scale, causal)
+    out, lse = fa_triton.varlen_fwd(q, k, v, *meta)
+    assert out.shape == q.shape and lse.shape == (H, q.shape[0])
+    dq, dk, dv = fa_triton.varlen_bwd(dout, q, k, v, out, lse, *meta)
+    for n, (sq, sk) in enumerate(zip(lens_q, lens_k)):
+        kw = dict(diag=sk - sq, wr=0) if causal else {}
+        ref = naive(*seqs[n], **kw)
+        rq = slice(cu_q[n].item(), cu_q[n + 1].item())
+        rk = slice(cu_k[n].item(), cu_k[n + 1].item())
+        _check("out", out[rq].transpose(0, 1)[None], ref[0], dtype)
+        _check_lse(lse[:, rq][None], ref[1])
+        _check("dq", dq[rq].transpose(0, 1)[None], ref[2], dtype)
+        _check("dk", dk[rk].transpose(0, 1)[None], ref[3], dtype)
+        _check("dv", dv[rk].transpose(0, 1)[None], ref[4], dtype)

@@ -1,0 +1,160 @@
+"""fastattn.mlp / fastattn.swiglu on every backend against float64 references, forward and
+every gradient, plus what autograd keeps for backward."""
+
+import pytest
+import torch
+
+import fastattn
+from fastattn.ops.ffn import reference as ref
+from tests.helpers import ALL_BACKENDS, GPU
+
+ACTS = list(ref.ACTIVATIONS)
+
+
+def _tensors(shape_x, d, hidden, d_out, dtype, device, bias, seed=0, transposed_x=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+    x = make(*shape_x[:-1], d)
+    if transposed_x:  # a non-contiguous view with the same values
+        x = x.transpose(0, -2).contiguous().transpose(0, -2)
+    w1 = make(hidden, d, scale=d ** -0.5)
+    w2 = make(d_out, hidden, scale=hidden ** -0.5)
+    w3 = make(hidden, d, scale=d ** -0.5)
+    b1 = make(hidden) if bias else None
+    b2 = make(d_out) if bias else None
+    b3 = make(hidden) if bias else None
+    return x, w1, b1, w2, b2, w3, b3
+
+
+def _grads(fn, tensors, dout):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    out.backward(dout)
+    return [out.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def _tol(dtype):
+    return {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
+            torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
+
+
+def _compare(ours, exact, dtype, names):
+    for name, o, e in zip(names, ours, exact):
+        if e is None:
+            assert o is None, name
+            continue
+        torch.testing.assert_close(o.double(), e, msg=name, **_tol(dtype))
+
+
+def _dtypes(device, backend):
+    if device == "cpu" and backend == "triton":
+        return [torch.float32]          # the interpreter: fp32 only (no bf16 tl.dot)
+    return [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("activation", ACTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_matches_float64(device, backend, activation, bias):
+    for dtype in _dtypes(device, backend):
+        x, w1, b1, w2, b2, _, _ = _tensors((3, 5, 40), 40, 97, 40, dtype, device, bias,
+                                           transposed_x=True)
+        dout = torch.randn(3, 5, 40).to(device, dtype)
+        tensors = (x, w1, b1, w2, b2)
+        with fastattn.use_backend(backend):
+            ours = _grads(lambda *t: fastattn.mlp(*t, activation=activation), tensors, dout)
+        exact = _grads(lambda *t: ref.mlp(*t, activation=activation),
+                       [t.double() if t is not None else None for t in tensors], dout.double())
+        _compare(ours, exact, dtype, ("out", "dx", "dw1", "db1", "dw2", "db2"))
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu2"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_matches_float64(device, backend, activation, bias):
+    for dtype in _dtypes(device, backend):
+        x, wg, bg, wd, bd, wu, bu = _tensors((33, 64), 64, 130, 48, dtype, device, bias)
+        dout = torch.randn(33, 48).to(device, dtype)
+        tensors = (x, wg, wu, wd, bg, bu, bd)
+
+        def ours_fn(x, wg, wu, wd, bg, bu, bd):
+            return fastattn.swiglu(x, wg, wu, wd, activation=activation, b_gate=bg, b_up=bu,
+                                   b_down=bd)
+
+        def ref_fn(x, wg, wu, wd, bg, bu, bd):
+            return ref.swiglu(x, wg, wu, wd, activation, bg, bu, bd)
+        with fastattn.use_backend(backend):
+            ours = _grads(ours_fn, tensors, dout)
+        exact = _grads(ref_fn, [t.double() if t is not None else None for t in tensors],
+                       dout.double())
+        _compare(ours, exact, dtype, ("out", "dx", "dw_gate", "dw_up", "dw_down", "db_gate",
+                                      "db_up", "db_down"))
+
+
+def _saved_bytes(fn):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total, out
+
+
+@pytest.mark.parametrize("block", ["mlp", "swiglu"])
+def test_keeps_only_what_backward_cannot_recompute(block):
+    t, d, hidden = 64, 32, 96
+    x, w1, b1, w2, b2, w3, _ = _tensors((t, d), d, hidden, d, torch.float32, "cpu", True)
+    for p in (x, w1, b1, w2, b2, w3):
+        p.requires_grad_()
+    if block == "mlp":
+        ours, _ = _saved_bytes(lambda: fastattn.mlp(x, w1, b1, w2, b2))
+        eager, _ = _saved_bytes(lambda: ref.mlp(x, w1, b1, w2, b2))
+        inputs, hidden_tensors = (x, w1, w2), 1          # + h
+    else:
+        ours, _ = _saved_bytes(lambda: fastattn.swiglu(x, w1, w3, w2))
+        eager, _ = _saved_bytes(lambda: ref.swiglu(x, w1, w3, w2))
+        inputs, hidden_tensors = (x, w1, w3, w2), 2      # + g, u
+    # the inputs (kept by reference, no copy) and the hidden tensors backward cannot recompute
+    assert ours == sum(p.numel() * 4 for p in inputs) + hidden_tensors * t * hidden * 4
+    assert ours < eager
+
+
+def test_bad_inputs_give_clear_errors():
+    x, w1, b1, w2, b2, w3, _ = _tensors((4, 8), 8, 16, 8, torch.float32, "cpu", True)
+    with pytest.raises(ValueError, match="unknown activation"):
+        fastattn.mlp(x, w1, b1, w2, b2, activation="tanh")
+    with pytest.raises(ValueError, match="w1 must be"):
+        fastattn.mlp(x, w1.t(), b1, w2, b2)
+    with pytest.raises(ValueError, match="w2 must be"):
+        fastattn.mlp(x, w1, b1, w2[:, :5], b2)
+    with pytest.raises(ValueError, match="b1 must be"):
+        fastattn.mlp(x, w1, b1[:3], w2, b2)
+    with pytest.raises(TypeError, match="dtype"):
+        fastattn.mlp(x, w1.double(), b1, w2, b2)
+    with pytest.raises(ValueError, match="device"):
+        fastattn.mlp(x, w1.to("meta"), b1, w2, b2)
+    with pytest.raises(ValueError, match="w_up must have"):
+        fastattn.swiglu(x, w1, w1[:5], w2)
+    with pytest.raises(TypeError, match="floating-point"):
+        fastattn.mlp(x.long(), w1, b1, w2, b2)
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_bf16_large(backend):
+    x, w1, _, w2, _, w3, _ = _tensors((2048, 1024), 1024, 2816, 1024, torch.bfloat16, "cuda", False)
+    dout = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    tensors = (x, w1, w3, w2)
+    with fastattn.use_backend(backend):
+        ours = _grads(lambda *t: fastattn.swiglu(*t), tensors, dout)
+    exact = _grads(lambda *t: ref.swiglu(*t), [t.float() for t in tensors], dout.float())
+    lowp = _grads(lambda *t: ref.swiglu(*t), tensors, dout)  # eager bf16: the rule's baseline
+    for name, o, e, b in zip(("out", "dx", "dwg", "dwu", "dwd"), ours, exact, lowp):
+        err = (o.float() - e).abs().max().item()
+        base = (b.float() - e).abs().max().item()
+        assert err <= 2 * base + 1e-3, f"{name}: {err} > 2 x eager bf16 {base}"

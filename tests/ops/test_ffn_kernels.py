@@ -1,0 +1,227 @@
+"""Elementwise FFN kernels (act_fwd / act_bwd / glu_fwd / glu_bwd, FFN kernel spec) of the C++
+CPU and CUDA extensions against float64 torch: F.gelu, F.gelu(approximate="tanh"), relu,
+relu^2, F.silu, derivatives by torch.autograd in float64 on the same (dtype-rounded) inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastattn import _ext
+
+ACTS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "relu2": lambda x: F.relu(x).square(),
+    "silu": F.silu,
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# 3 * 1013 = 3039 elements: not a multiple of any vector width (4, 8, 16, 32 lanes).
+SHAPES = [(1, 1), (1, 17), (97, 130), (3, 1013)]
+# The results are the float32 math rounded once to the dtype: half an ulp of the dtype plus a
+# few float32 ulp. atol covers results that underflow (and gelu_tanh's float32 z, whose
+# rounding moves sigmoid(z) by ~|z| * 1e-7 relative where the value is already < 1e-4).
+TOL = {
+    torch.float32: dict(rtol=1e-6, atol=1e-9),
+    torch.float16: dict(rtol=1e-3, atol=1e-7),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-7),
+}
+# Derivatives have zeros where two O(1) terms cancel (gelu' = Phi(x) + x phi(x) at x = -0.75,
+# silu' at -1.28): there the error is a few float32 ulp of those terms, not of the result.
+GRAD_ATOL = 5e-7
+SPECIALS = [0.0, -0.0, 30.0, -30.0, 1e-30, -1e-30, 1e-3, -1e-3, 1.0, -1.0, 5.0, -5.0, 10.0,
+            -10.0, 20.0, -20.0, 0.5, -0.5, 3.0, -3.0, 8.0, -8.0]
+
+
+def _inputs(shape, dtype, n_in):
+    """n_in tensors: the pre-activation first (wide range, specials in front), then gradients /
+    u as N(0, 1) (!= 1)."""
+    n = shape[0] * shape[1]
+    x = torch.randn(n, dtype=torch.float64) * 6
+    spec = torch.tensor(SPECIALS, dtype=torch.float64)[:n]
+    x[: spec.numel()] = spec
+    out = [x.view(shape).to(dtype)]
+    out += [torch.randn(shape, dtype=torch.float64).to(dtype) for _ in range(n_in - 1)]
+    return out
+
+
+def _ref(act, x):
+    """(act(x), act'(x)) in float64 from a tensor of any dtype."""
+    xd = x.detach().double().requires_grad_(True)
+    y = ACTS[act](xd)
+    (d,) = torch.autograd.grad(y.sum(), xd)
+    return y.detach(), d
+
+
+def _close(got, want, dtype, what, grad=False):
+    assert got.dtype == dtype, what
+    tol = dict(TOL[dtype])
+    if grad:
+        tol["atol"] = max(tol["atol"], GRAD_ATOL)
+    torch.testing.assert_close(got.double(), want, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}", **tol)
+
+
+def _check_all(mod, device, act, dtype, shape):
+    x, da, u = _inputs(shape, dtype, 3)
+    a_ref, d_ref = _ref(act, x)
+    dad, ud = da.double(), u.double()
+    xdev, dadev, udev = x.to(device), da.to(device), u.to(device)
+
+    _close(mod.act_fwd(xdev, act).cpu(), a_ref, dtype, "act_fwd a")
+    dh, a = mod.act_bwd(dadev, xdev, act)
+    _close(dh.cpu(), dad * d_ref, dtype, "act_bwd dh", grad=True)
+    _close(a.cpu(), a_ref, dtype, "act_bwd a")
+
+    # glu with g = x, u, dm = da
+    _close(mod.glu_fwd(xdev, udev, act).cpu(), a_ref * ud, dtype, "glu_fwd m")
+    dg, du, m = mod.glu_bwd(dadev, xdev, udev, act)
+    _close(dg.cpu(), dad * ud * d_ref, dtype, "glu_bwd dg", grad=True)
+    _close(du.cpu(), dad * a_ref, dtype, "glu_bwd du")
+    _close(m.cpu(), a_ref * ud, dtype, "glu_bwd m")
+
+
+def _check_sweep(mod, device, act, dtype):
+    """Every activation over a dense sweep of [-30, 30] (value and derivative)."""
+    x = torch.linspace(-30, 30, 6001, dtype=torch.float64).to(dtype).view(1, -1)
+    ones = torch.ones_like(x)
+    a_ref, d_ref = _ref(act, x)
+    dh, a = mod.act_bwd(ones.to(device), x.to(device), act)
+    _close(a.cpu(), a_ref, dtype, "sweep a")
+    _close(dh.cpu(), d_ref, dtype, "sweep act'", grad=True)
+
+
+def _check_nonfinite(mod, device, act, dtype):
+    """NaN propagates like torch; +-inf give torch's float64 values (derivatives at inf are
+    checked for relu / relu2 only: torch's autograd gives NaN for the others)."""
+    vals = [float("nan"), float("inf"), -float("inf"), 0.0, 1.0, -1.0, float("nan")]
+    x = torch.tensor(vals, dtype=dtype).view(1, -1)
+    da = torch.full_like(x, 0.75)
+    a_ref, d_ref = _ref(act, x)
+    dh, a = mod.act_bwd(da.to(device), x.to(device), act)
+    _close(mod.act_fwd(x.to(device), act).cpu(), a_ref, dtype, "act_fwd nonfinite")
+    _close(a.cpu(), a_ref, dtype, "act_bwd a nonfinite")
+    finite_or_nan = ~torch.isinf(x.double()) if act not in ("relu", "relu2") else torch.ones_like(
+        x, dtype=torch.bool)
+    _close(dh.cpu()[finite_or_nan], (0.75 * d_ref)[finite_or_nan], dtype, "act_bwd dh nonfinite",
+           grad=True)
+    dg, du, m = mod.glu_bwd(da.to(device), x.to(device), torch.ones_like(x).to(device), act)
+    nan = torch.isnan(x)
+    assert torch.isnan(m.cpu()[nan]).all() and torch.isnan(du.cpu()[nan]).all()
+    if act != "relu":  # torch's relu backward passes the gradient through at NaN
+        assert torch.isnan(dg.cpu()[nan]).all()
+
+
+# ---- CPU ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpu_mod():
+    return _ext.load("cpu")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACTS))
+def test_cpu_kernels(cpu_mod, act, dtype, shape):
+    _check_all(cpu_mod, "cpu", act, dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACTS))
+def test_cpu_sweep(cpu_mod, act, dtype):
+    _check_sweep(cpu_mod, "cpu", act, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACTS))
+def test_cpu_nonfinite(cpu_mod, act, dtype):
+    _check_nonfinite(cpu_mod, "cpu", act, dtype)
+
+
+def test_cpu_relu_derivative_at_zero(cpu_mod):
+    x = torch.tensor([[0.0, -0.0, 1e-38, -1e-38]])
+    dh, _ = cpu_mod.act_bwd(torch.ones_like(x), x, "relu")
+    assert dh.tolist() == [[0.0, 0.0, 1.0, 0.0]]
+    dh, _ = cpu_mod.act_bwd(torch.ones_like(x), x, "relu2")
+    assert dh[0, :2].tolist() == [0.0, 0.0]
+
+
+def test_cpu_multithreaded_large(cpu_mod):
+    """A size that spans several parallel_for chunks, with a ragged end."""
+    x, da, u = _inputs((7, 33333), torch.bfloat16, 3)
+    a_ref, d_ref = _ref("silu", x)
+    dg, du, m = cpu_mod.glu_bwd(da, x, u, "silu")
+    _close(dg, da.double() * u.double() * d_ref, torch.bfloat16, "dg", grad=True)
+    _close(m, a_ref * u.double(), torch.bfloat16, "m")
+
+
+def _bad_calls(mod, device):
+    x = torch.randn(4, 6, device=device)
+    return [
+        (lambda: mod.act_fwd(x, "tanh"), "valid: gelu, gelu_tanh, relu, relu2, silu"),
+        (lambda: mod.act_fwd(x.double(), "gelu"), "float32, float16 or bfloat16"),
+        (lambda: mod.act_fwd(x.view(-1), "gelu"), "2-D"),
+        (lambda: mod.act_fwd(x.t(), "gelu"), "contiguous"),
+        (lambda: mod.act_bwd(x[:3], x, "gelu"), "shape"),
+        (lambda: mod.act_bwd(x.half(), x, "gelu"), "dtype"),
+        (lambda: mod.glu_fwd(x, x.half(), "silu"), "dtype"),
+        (lambda: mod.glu_bwd(x, x, x[:, :5].contiguous(), "silu"), "shape"),
+        (lambda: mod.glu_bwd(x, x, x, "swish"), "valid"),
+    ]
+
+
+def test_cpu_errors(cpu_mod):
+    for call, match in _bad_calls(cpu_mod, "cpu"):
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CPU tensor"):
+            cpu_mod.act_fwd(torch.randn(2, 2, device="cuda"), "gelu")
+
+
+# ---- CUDA --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cuda_mod():
+    return _ext.load("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", SHAPES + [(4096, 4099)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACTS))
+def test_cuda_kernels(cuda_mod, act, dtype, shape):
+    _check_all(cuda_mod, "cuda", act, dtype, shape)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACTS))
+def test_cuda_sweep(cuda_mod, act, dtype):
+    _check_sweep(cuda_mod, "cuda", act, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", list(ACTS))
+def test_cuda_nonfinite(cuda_mod, act, dtype):
+    _check_nonfinite(cuda_mod, "cuda", act, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_unaligned(cuda_mod):
+    """Inputs starting one element past a 16-byte boundary take the scalar path."""
+    for dtype in DTYPES:
+        base = _inputs((1, 3 * 1013 + 1), dtype, 2)
+        x, u = (t.view(-1)[1:].view(3, 1013).cuda() for t in base)  # storage offset 1
+        a_ref, _ = _ref("gelu", x.cpu())
+        _close(cuda_mod.glu_fwd(x, u, "gelu").cpu(), a_ref * u.cpu().double(), dtype, "unaligned")
+
+
+@pytest.mark.gpu
+def test_cuda_errors(cuda_mod):
+    for call, match in _bad_calls(cuda_mod, "cuda"):
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        cuda_mod.act_fwd(torch.randn(2, 2), "gelu")

@@ -1,0 +1,291 @@
+"""Triton FFN GEMM kernels (fastattn/ops/ffn/triton.py) against float64 PyTorch.
+
+Without a GPU these run under TRITON_INTERPRET=1 (tests/conftest.py) with 16 x 16 x 16 tiles:
+(3, 40) -> 97 has a ragged M, N and K (K = 40 takes the masked K loop), (33, 64) -> 130 has
+ragged M and N and an exact K (the unmasked EVEN_K loop). Activation derivatives come from
+torch.autograd on float64, so the kernels' hand-written derivatives are checked independently.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastattn.ops.ffn import triton as ffn_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ACTS = ["gelu", "gelu_tanh", "relu", "relu2", "silu"]
+DTYPES = [torch.float32, torch.float16]
+# Values are O(1) to O(10); fp16 results are rounded once to a 2^-11 relative step.
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=1e-2)}
+
+
+# ----------------------------------------------------------------------------- float64 oracle
+
+
+def act64(name, x):
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "relu2":
+        return F.relu(x) ** 2
+    if name == "silu":
+        return F.silu(x)
+    raise AssertionError(name)
+
+
+def act_vjp64(name, x, grad):
+    """(act(x), grad * act'(x)) in float64, the derivative by autograd."""
+    x = x.detach().double().cpu().requires_grad_(True)
+    y = act64(name, x)
+    (dx,) = torch.autograd.grad(y, x, grad.double().cpu())
+    return y.detach(), dx
+
+
+def d64(t):
+    return t.detach().double().cpu()
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def make(rows, cols, dtype, layout, scale=1.0):
+    """(rows, cols) tensor with the given memory layout:
+    contiguous; transposed (a .t() view, unit stride on dim 0); sliced (row stride > cols)."""
+    if layout == "transposed":
+        t = (torch.randn(cols, rows) * scale).to(dtype).t()
+    elif layout == "sliced":
+        t = (torch.randn(rows, cols + 7) * scale).to(dtype)[:, 3 : 3 + cols]
+    else:
+        t = (torch.randn(rows, cols) * scale).to(dtype)
+    return t.to(DEVICE)
+
+
+def check(out, ref, dtype):
+    assert out.dtype == dtype
+    assert out.is_contiguous()
+    torch.testing.assert_close(d64(out), ref, **TOL[dtype])
+
+
+# (T, D, F, layout, bias): ragged everything, then exact K, both with a view each.
+CASES = [
+    pytest.param(3, 40, 97, "contiguous", True, id="3x40-97-contig-bias"),
+    pytest.param(33, 64, 130, "transposed", False, id="33x64-130-transposed"),
+    pytest.param(33, 64, 130, "sliced", True, id="33x64-130-sliced-bias"),
+]
+GRAD_CASES = [
+    pytest.param(3, 40, 97, "contiguous", id="3x40-97-contig"),
+    pytest.param(33, 64, 130, "transposed", id="33x64-130-transposed"),
+    pytest.param(17, 48, 33, "sliced", id="17x48-33-sliced"),
+]
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("T,D,Fh,layout,with_bias", CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", [None] + ACTS)
+def test_linear_act(T, D, Fh, layout, with_bias, dtype, activation):
+    x = make(T, D, dtype, layout)
+    w = make(Fh, D, dtype, layout, scale=D**-0.5)
+    bias = make(1, Fh, dtype, "contiguous").view(Fh) if with_bias else None
+    h, a = ffn_triton.linear_act(x, w, bias, activation)
+    h_ref = d64(x) @ d64(w).T + (d64(bias) if with_bias else 0.0)
+    check(h, h_ref, dtype)
+    if activation is None:
+        assert a is None
+    else:
+        check(a, act64(activation, h_ref), dtype)
+        # a is act of the stored h: the backward's recomputation from the saved h matches it.
+        # (to one rounding step of a: the fp32 erf / exp differ from float64 in the last bits).
+        step = dict(atol=1e-4, rtol=2.0**-10) if dtype == torch.float16 else dict(atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(d64(a), act64(activation, d64(h)).to(dtype).double(), **step)
+
+
+@pytest.mark.parametrize("T,D,Fh,layout,_", CASES[:2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTS)
+def test_linear_glu(T, D, Fh, layout, _, dtype, activation):
+    x = make(T, D, dtype, layout)
+    wg = make(Fh, D, dtype, layout, scale=D**-0.5)
+    wu = make(Fh, D, dtype, "sliced" if layout == "transposed" else layout, scale=D**-0.5)
+    g, u, m = ffn_triton.linear_glu(x, wg, wu, activation)
+    g_ref = d64(x) @ d64(wg).T
+    u_ref = d64(x) @ d64(wu).T
+    check(g, g_ref, dtype)
+    check(u, u_ref, dtype)
+    check(m, act64(activation, g_ref) * u_ref, dtype)
+
+
+# ----------------------------------------------------------------------------- backward epilogues
+
+
+@pytest.mark.parametrize("T,D,Fh,layout", GRAD_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTS)
+def test_matmul_act_grad(T, D, Fh, layout, dtype, activation):
+    dout = make(T, D, dtype, layout)  # grad_output != 1
+    w2 = make(D, Fh, dtype, layout, scale=Fh**-0.5)
+    h = make(T, Fh, dtype, layout, scale=2.0)
+    h[0, :5] = 0.0  # relu / relu2 derivative at exactly 0
+    dh, a = ffn_triton.matmul_act_grad(dout, w2, h, activation)
+    da = d64(dout) @ d64(w2)
+    a_ref, dh_ref = act_vjp64(activation, h, da)
+    check(dh, dh_ref, dtype)
+    check(a, a_ref, dtype)
+
+
+@pytest.mark.parametrize("T,D,Fh,layout", GRAD_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTS)
+def test_matmul_glu_grad(T, D, Fh, layout, dtype, activation):
+    dout = make(T, D, dtype, layout)
+    wd = make(D, Fh, dtype, layout, scale=Fh**-0.5)
+    g = make(T, Fh, dtype, layout, scale=2.0)
+    g[0, :5] = 0.0
+    u = make(T, Fh, dtype, "contiguous")
+    dg, du, m = ffn_triton.matmul_glu_grad(dout, wd, g, u, activation)
+    dm = d64(dout) @ d64(wd)
+    g64 = d64(g).requires_grad_(True)
+    u64 = d64(u).requires_grad_(True)
+    m_ref = act64(activation, g64) * u64
+    dg_ref, du_ref = torch.autograd.grad(m_ref, (g64, u64), dm)
+    check(dg, dg_ref, dtype)
+    check(du, du_ref, dtype)
+    check(m, m_ref.detach(), dtype)
+
+
+# ----------------------------------------------------------------------------- plain matmul
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["dW", "dx", "sliced", "ragged-k"])
+def test_matmul(dtype, case):
+    T, D, Fh = 33, 40, 97
+    dh = make(T, Fh, dtype, "contiguous", scale=0.5)
+    if case == "dW":  # dW1 = dh^T x: both operands are transposed views
+        x = make(T, D, dtype, "contiguous")
+        a, b_t = dh.t(), x.t()
+    elif case == "dx":  # dx = dh W1: W1 (F, D) seen as b_t = W1^T (D, F)
+        w1 = make(Fh, D, dtype, "contiguous", scale=D**-0.5)
+        a, b_t = dh, w1.t()
+    elif case == "sliced":
+        a, b_t = make(T, Fh, dtype, "sliced"), make(D, Fh, dtype, "sliced")
+    else:
+        a, b_t = make(5, 23, dtype, "transposed"), make(70, 23, dtype, "contiguous")
+    c = ffn_triton.matmul(a, b_t)
+    check(c, d64(a) @ d64(b_t).T, dtype)
+
+
+def test_full_mlp_backward_matches_autograd():
+    """The five launchers chained as the front door does reproduce autograd's MLP gradients."""
+    T, D, Fh = 9, 40, 97
+    x = make(T, D, torch.float32, "contiguous")
+    w1 = make(Fh, D, torch.float32, "contiguous", D**-0.5)
+    b1 = make(1, Fh, torch.float32, "contiguous").view(Fh)
+    w2, dout = make(D, Fh, torch.float32, "contiguous", Fh**-0.5), make(T, D, torch.float32, "contiguous")
+    h, _ = ffn_triton.linear_act(x, w1, b1, "silu")
+    dh, a = ffn_triton.matmul_act_grad(dout, w2, h, "silu")
+    grads = dict(
+        dw2=ffn_triton.matmul(dout.t(), a.t()),
+        dw1=ffn_triton.matmul(dh.t(), x.t()),
+        dx=ffn_triton.matmul(dh, w1.t()),
+    )
+    x64, w164, b164, w264 = (d64(t).requires_grad_(True) for t in (x, w1, b1, w2))
+    out = F.linear(F.silu(F.linear(x64, w164, b164)), w264)
+    dx, dw1, dw2 = torch.autograd.grad(out, (x64, w164, w264), d64(dout))
+    for name, ref in (("dx", dx), ("dw1", dw1), ("dw2", dw2)):
+        torch.testing.assert_close(d64(grads[name]), ref, atol=1e-4, rtol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------- edges and errors
+
+
+def test_zero_tokens():
+    x = torch.empty(0, 40, device=DEVICE)
+    w = torch.randn(97, 40, device=DEVICE)
+    h, a = ffn_triton.linear_act(x, w, None, "gelu")
+    assert h.shape == (0, 97) and a.shape == (0, 97)
+    g, u, m = ffn_triton.linear_glu(x, w, w, "silu")
+    assert g.shape == u.shape == m.shape == (0, 97)
+
+
+def test_errors():
+    x = torch.randn(3, 40, device=DEVICE)
+    w = torch.randn(97, 40, device=DEVICE)
+    with pytest.raises(ValueError, match="valid: gelu, gelu_tanh, relu, relu2, silu"):
+        ffn_triton.linear_act(x, w, None, "tanh")
+    with pytest.raises(ValueError, match="dtype"):
+        ffn_triton.linear_act(x, w.half(), None, "gelu")
+    with pytest.raises(ValueError, match="shape"):
+        ffn_triton.linear_act(x, w[:, :39], None, "gelu")
+    with pytest.raises(ValueError, match="valid"):
+        ffn_triton.matmul_act_grad(x, w.t(), torch.randn(3, 97, device=DEVICE), None)
+
+
+# ----------------------------------------------------------------------------- GPU, bf16
+
+
+def _close_as_pytorch(ours, pytorch, ref, name):
+    """Our max error <= 2x PyTorch's (same bf16 inputs, same precision) + 1% of a bf16 step."""
+    ref = ref.double()
+    err = (ours.double() - ref).abs().max().item()
+    err_pt = (pytorch.double() - ref).abs().max().item()
+    slack = 2.0**-8 * 0.01 * ref.abs().max().item()
+    assert err <= 2 * err_pt + slack, f"{name}: error {err:.3g} vs PyTorch {err_pt:.3g}"
+
+
+def _vjp(activation, x, grad):
+    x = x.detach().requires_grad_(True)
+    y = act64(activation, x)
+    (dx,) = torch.autograd.grad(y, x, grad.to(x.dtype))
+    return y.detach(), dx
+
+
+GPU_SHAPE = (2048, 1024, 2816)  # (T, D, F): many 128 x 256 tiles, ragged in no dimension
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu2", "silu"])
+def test_bf16_large_gpu(activation):
+    """bf16 at an LLM-like shape (compiled kernels, autotuned configs): each output's error
+    against float64 (from the same bf16 inputs) is at most twice eager PyTorch's in bf16."""
+    T, D, Fh = GPU_SHAPE
+    bf = torch.bfloat16
+    x = make(T, D, bf, "contiguous")
+    w1 = make(Fh, D, bf, "contiguous", D**-0.5)
+    wu = make(Fh, D, bf, "contiguous", D**-0.5)
+    b1 = make(1, Fh, bf, "contiguous").view(Fh)
+    w2 = make(D, Fh, bf, "transposed", Fh**-0.5)
+    dout = make(T, D, bf, "contiguous")
+    x64, w164, wu64, b164, w264, dout64 = (t.double() for t in (x, w1, wu, b1, w2, dout))
+
+    h, a = ffn_triton.linear_act(x, w1, b1, activation)
+    h_pt = F.linear(x, w1, b1)
+    _close_as_pytorch(h, h_pt, x64 @ w164.T + b164, "h")
+    _close_as_pytorch(a, act64(activation, h), act64(activation, h.double()), "a")
+
+    dh, a2 = ffn_triton.matmul_act_grad(dout, w2, h, activation)
+    assert torch.equal(a, a2)
+    _, dh_pt = _vjp(activation, h, dout @ w2)
+    _, dh_ref = _vjp(activation, h.double(), dout64 @ w264)
+    _close_as_pytorch(dh, dh_pt, dh_ref, "dh")
+
+    for name, (p, q) in {"dW1": (dh.t(), x.t()), "dx": (dh, w1.t()), "dW2": (dout.t(), a.t())}.items():
+        _close_as_pytorch(ffn_triton.matmul(p, q), p @ q.t(), p.double() @ q.double().t(), name)
+
+    g, u, m = ffn_triton.linear_glu(x, w1, wu, activation)
+    _close_as_pytorch(g, x @ w1.t(), x64 @ w164.T, "g")
+    _close_as_pytorch(u, x @ wu.t(), x64 @ wu64.T, "u")
+    _close_as_pytorch(m, act64(activation, g) * u, act64(activation, g.double()) * u.double(), "m")
+
+    dg, du, m2 = ffn_triton.matmul_glu_grad(dout, w2, g, u, activation)
+    assert torch.equal(m, m2)
+    dm_pt, dm_ref = dout @ w2, dout64 @ w264
+    ag_pt, dg_pt = _vjp(activation, g, dm_pt * u)
+    ag_ref, dg_ref = _vjp(activation, g.double(), dm_ref * u.double())
+    _close_as_pytorch(dg, dg_pt, dg_ref, "dg")
+    _close_as_pytorch(du, dm_pt * ag_pt, dm_ref * ag_ref, "du")
