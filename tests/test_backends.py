@@ -166,3 +166,30 @@ def test_backward_on_another_thread_keeps_the_forward_backend(monkeypatch):
     worker.join()
     assert not errors, errors
     assert seen == ["reference", "reference"], seen
+
+
+def test_autocast_runs_the_ops_in_the_autocast_dtype():
+    """Inside torch.autocast the fused ops get their matmul inputs in the autocast dtype (custom
+    ops get no autocast treatment of their own); losses stay fp32 as autocast's policy says."""
+    import fastattn
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 8, 16, generator=g, requires_grad=True)
+    x = torch.randn(6, 16, generator=g, requires_grad=True)
+    w1 = torch.randn(32, 16, generator=g, requires_grad=True)
+    w2 = torch.randn(16, 32, generator=g, requires_grad=True)
+    head = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fastattn.flash_attention(q, q, q, causal=True)
+        y = fastattn.mlp(x, w1, None, w2)
+        s = fastattn.swiglu(x, w1, w1, w2)
+        loss = fastattn.linear_cross_entropy(y, head, t)
+        logp = fastattn.linear_token_logprobs(y, head, t)
+    assert out.dtype == y.dtype == s.dtype == torch.bfloat16
+    assert loss.dtype == logp.dtype == torch.float32
+    expect = torch.nn.functional.cross_entropy(y.float() @ head.bfloat16().float().t(), t)
+    torch.testing.assert_close(loss, expect, rtol=2e-2, atol=2e-2)
+    (loss + out.float().sum() + s.float().sum()).backward()
+    assert q.grad.dtype == x.grad.dtype == w1.grad.dtype == head.grad.dtype == torch.float32
+    # outside autocast the loss is in the input's dtype, as F.cross_entropy's
+    assert fastattn.linear_cross_entropy(x.bfloat16(), head.bfloat16(), t).dtype == torch.bfloat16

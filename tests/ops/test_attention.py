@@ -403,3 +403,15 @@ def test_forced_cuda_backend_for_dense_attention_says_why():
     with pytest.raises(fastattn.BackendError):
         with fastattn.use_backend("cuda"):
             fastattn.flash_attention(q, k, v)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("b,sq,sk", [(0, 4, 4), (1, 0, 4), (1, 4, 0)])
+def test_empty_shapes(device, backend, b, sq, sk):
+    q = torch.randn(b, 2, sq, 16, device=device, requires_grad=True)
+    k = torch.randn(b, 2, sk, 16, device=device, requires_grad=True)
+    with fastattn.use_backend(backend):
+        out = fastattn.flash_attention(q, k, k)
+        out.sum().backward()
+    assert out.shape == (b, 2, sq, 16) and (out == 0).all()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape

@@ -158,3 +158,11 @@ def test_gpu_bf16_large(backend):
         err = (o.float() - e).abs().max().item()
         base = (b.float() - e).abs().max().item()
         assert err <= 2 * base + 1e-3, f"{name}: {err} > 2 x eager bf16 {base}"
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_zero_tokens(device, backend):
+    x, w1, b1, w2, b2, w3, _ = _tensors((0, 8), 8, 16, 8, torch.float32, device, True)
+    with fastattn.use_backend(backend):
+        assert fastattn.mlp(x, w1, b1, w2, b2).shape == (0, 8)
+        assert fastattn.swiglu(x, w1, w3, w2).shape == (0, 8)

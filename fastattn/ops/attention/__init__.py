@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ... import _backends
+from ... import _autocast, _backends
 from . import reference
 
 _PKG = __name__
@@ -70,6 +70,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale
                   dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
     """(out, lse) of attention in the kernel contract of reference.py (validated inputs)."""
     _, impl = _impl("attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
+    if q.numel() == 0 or k.numel() == 0:  # nothing to launch: zeros / -inf by definition
+        impl = reference
     return impl.attention_fwd(q, k, v, bias, scale, diag, window_left, window_right, softcap,
                               dropout_p, seed)
 
@@ -86,6 +88,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from the forward's out and lse."""
     _, impl = _impl("attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
+    if q.numel() == 0 or k.numel() == 0:
+        impl = reference
     return impl.attention_bwd(_last_contiguous(dout), q, k, v, out, lse, bias, scale, diag,
                               window_left, window_right, softcap, dropout_p, seed)
 
@@ -123,8 +127,10 @@ attention_fwd.register_autograd(_attention_backward, setup_context=_attention_se
 # Packed sequences: fastattn::varlen_attention_fwd / _bwd
 # ---------------------------------------------------------------------------------------------
 
-def _varlen_impl(q: Tensor):
+def _varlen_impl(q: Tensor, k: Tensor):
     name, impl = _impl("varlen_attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
+    if q.numel() == 0 or k.numel() == 0:
+        return reference.varlen_fwd, reference.varlen_bwd
     if name == "cpu":  # no native varlen kernel: one dense call per sequence
         return (lambda *a: reference.varlen_fwd(*a, dense_fwd=impl.attention_fwd),
                 lambda *a: reference.varlen_bwd(*a, dense_bwd=impl.attention_bwd))
@@ -136,7 +142,7 @@ def _varlen_impl(q: Tensor):
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          scale: float, causal: bool) -> tuple[Tensor, Tensor]:
-    return _varlen_impl(q)[0](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+    return _varlen_impl(q, k)[0](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                               scale, causal)
 
 
@@ -151,7 +157,7 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float,
                          causal: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _varlen_impl(q)[1](_last_contiguous(dout), q, k, v, out, lse, cu_seqlens_q,
+    return _varlen_impl(q, k)[1](_last_contiguous(dout), q, k, v, out, lse, cu_seqlens_q,
                               cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal)
 
 
@@ -202,6 +208,8 @@ def _cuda_decode_supports(q: Tensor, k_cache: Tensor) -> Optional[str]:
 def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                         scale: float, num_splits: int) -> tuple[Tensor, Tensor]:
     name, impl = _impl("decode_attention", q, _DECODE_DTYPES, _DECODE_CUDA_ORDER)
+    if q.numel() == 0 or k_cache.numel() == 0:
+        return reference.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
     if name == "cuda":
         why = _cuda_decode_supports(q, k_cache) or _cuda_decode_supports(q, v_cache)
         if why is None:
@@ -349,6 +357,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     mask gets no gradient.
     """
     fn = "scaled_dot_product_attention"
+    if isinstance(query, Tensor):
+        query, key, value = _autocast.cast(query.device.type, query, key, value)
     _check_float(fn, query=query, key=key, value=value)
     if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
         raise ValueError(f"{fn}: query, key and value must have one rank >= 3 "
@@ -392,6 +402,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     backward is deterministic already.
     """
     fn = "flash_attention"
+    if isinstance(q, Tensor):
+        q, k, v = _autocast.cast(q.device.type, q, k, v)
     _check_qkv4(fn, q, k, v, gqa=True)
     scale = _check_scale(fn, scale, q.shape[-1])
     dropout_p = _check_dropout(fn, dropout_p)
@@ -423,6 +435,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     ``causal`` is bottom-right aligned per sequence. Returns ``(total_q, H, D)``.
     """
     fn = "varlen_attention"
+    if isinstance(q, Tensor):
+        q, k, v = _autocast.cast(q.device.type, q, k, v)
     _check_float(fn, q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 3:
@@ -471,6 +485,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     ``j <= L_b - Sq + i``. ``num_splits`` 0 picks the split count from the device.
     """
     fn = "decode_attention"
+    if isinstance(q, Tensor):
+        q, k_cache, v_cache = _autocast.cast(q.device.type, q, k_cache, v_cache)
     _check_qkv4(fn, q, k_cache, v_cache, gqa=True)
     if not isinstance(cache_seqlens, Tensor) or cache_seqlens.dtype != torch.int32 \
             or cache_seqlens.shape != (q.shape[0],):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import _backends
+from ... import _autocast, _backends
 
 _PKG = __name__
 _CUDA_ORDER = ("cuda", "triton")
@@ -406,13 +406,15 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
         loss = rows
     else:
         loss = rows.sum() if denominator is None else rows.sum() / denominator
-    return loss.to(x.dtype), dx, dw, db
+    # In the accumulation dtype: the public function rounds it to the input dtype, except under
+    # autocast, where (as F.cross_entropy there) the loss stays fp32.
+    return loss, dx, dw, db
 
 
 @_linear_cross_entropy_fwd.register_fake
 def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, want_dx,
       want_dw):
-    loss = x.new_empty((x.shape[0],) if reduction == "none" else ())
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=_acc_dtype(x.dtype))
     if reduction == "none":
         want_dx = want_dw = False
     want_db = bias is not None and (want_dx or want_dw)
@@ -534,6 +536,9 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     """
     fn = "linear_cross_entropy"
     _check_options(fn, reduction, label_smoothing, ignore_index)
+    autocast = isinstance(input, Tensor) and _autocast.dtype(input.device.type) is not None
+    if autocast:
+        input, weight, bias = _autocast.cast(input.device.type, input, weight, bias)
     x2, t2, chunk = _check_linear(fn, input, weight, target, bias, chunk_size)
     grad_on = torch.is_grad_enabled()
     want_dx = grad_on and input.requires_grad
@@ -541,6 +546,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     loss, *_ = torch.ops.fastattn.linear_cross_entropy_fwd(
         x2, weight, t2, bias, ignore_index, float(label_smoothing), reduction, chunk,
         want_dx, want_dw)
+    if not autocast:
+        loss = loss.to(input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -757,6 +764,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     fn = "linear_token_logprobs"
     _check_options(fn, None, None, ignore_index)
     inv_t = _check_temperature(fn, temperature)
+    if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
+        hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)
     x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size)
     logp, entropy, _ = torch.ops.fastattn.linear_token_logprobs_fwd(
         x2, weight, t2, bias, ignore_index, inv_t, return_entropy, chunk)

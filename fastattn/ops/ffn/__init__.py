@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import _backends
+from ... import _autocast, _backends
 from . import reference
 from .reference import ACTIVATIONS
 
@@ -246,6 +246,8 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Te
     x ``(..., D)``; w1 ``(F, D)``, w2 ``(D_out, F)`` in nn.Linear layout; biases optional.
     activation: "gelu" (erf), "gelu_tanh", "relu", "relu2" (squared ReLU) or "silu".
     """
+    if isinstance(x, Tensor):
+        x, w1, b1, w2, b2 = _autocast.cast(x.device.type, x, w1, b1, w2, b2)
     _check("mlp", x, activation, {"w1": (w1, x.shape[-1]), "w2": (w2, w1.shape[0])},
            {"b1": (b1, w1), "b2": (b2, w2)})
     lead = x.shape[:-1]
@@ -261,6 +263,9 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, *, activatio
 
     x ``(..., D)``; w_gate, w_up ``(F, D)``; w_down ``(D_out, F)``; optional biases.
     """
+    if isinstance(x, Tensor):
+        x, w_gate, w_up, w_down, b_gate, b_up, b_down = _autocast.cast(
+            x.device.type, x, w_gate, w_up, w_down, b_gate, b_up, b_down)
     _check("swiglu", x, activation,
            {"w_gate": (w_gate, x.shape[-1]), "w_up": (w_up, x.shape[-1]),
             "w_down": (w_down, w_gate.shape[0])},

@@ -1,0 +1,497 @@
+"""The reference GPT: one file, read top to bottom (config, presets, blocks, model, generation).
+
+Two backends run the same parameters:
+
+* ``"fastattn"``: attention through ``fastattn.flash_attention`` (``fastattn.decode_attention``
+  for the KV-cache decode step), the FFN through the fused forward of ``fastattn.nn.MLP`` /
+  ``fastattn.nn.SwiGLU``, the loss through ``fastattn.linear_cross_entropy`` (the
+  ``tokens x vocab`` logits are never held), ``fastattn.optim.AdamW``.
+* ``"torch"``: ``F.scaled_dot_product_attention``, the same FFN submodules called eagerly,
+  ``F.cross_entropy(F.linear(...))``, ``torch.optim.AdamW``.
+
+Norms and rotary embeddings are plain PyTorch on both. ``set_backend`` switches kernels only:
+the state_dict is the same, so a checkpoint of one backend loads into the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastattn
+from fastattn.nn import MLP, SwiGLU
+
+BACKENDS = ("fastattn", "torch")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
+ROPE_BASE = 10000.0
+NORM_EPS = 1e-5
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    try:
+        have = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    except ValueError:
+        return True
+    return have >= (major, minor)
+
+
+# F.scaled_dot_product_attention(..., enable_gqa=True) exists from torch 2.5.
+_SDPA_HAS_GQA = _torch_at_least(2, 5)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and presets
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None   # None = n_head; fewer = grouped-query attention
+    d_model: int = 256
+    d_ff: Optional[int] = None        # None = 4*d_model (gelu), 8/3*d_model up to a multiple of 64
+    vocab_size: int = 8192
+    max_seq_len: int = 256
+    norm: str = "layernorm"           # "layernorm" | "rmsnorm"
+    mlp: str = "gelu"                 # "gelu" | "swiglu"
+    positions: str = "learned"        # "learned" | "rope"
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    bias: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":  # same parameter count as 4*d with three matrices (Llama)
+            return 64 * math.ceil(8 * self.d_model / 3 / 64)
+        return 4 * self.d_model
+
+    def validate(self) -> None:
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+
+        for name in ("n_layer", "n_head", "d_model", "vocab_size", "max_seq_len"):
+            positive_int(name)
+        for name in ("n_kv_head", "d_ff"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        for name, allowed in (("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
+            if getattr(self, name) not in allowed:
+                choices = ", ".join(map(repr, allowed))
+                raise ValueError(f"GPTConfig.{name} must be one of {choices}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"GPTConfig: d_model ({self.d_model}) must be divisible by n_head "
+                             f"({self.n_head})")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be divisible by n_kv_head "
+                             f"({self.kv_heads})")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"GPTConfig: rope needs an even head_dim, got d_model / n_head = "
+                             f"{self.head_dim}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("tie_embeddings", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # 3.4M parameters (2.6M of them the tied embedding): trains on 2 CPU cores in minutes.
+    "tiny": GPTConfig(n_layer=4, n_head=4, d_model=192, max_seq_len=256, vocab_size=8192),
+    # GPT-2 small (vocab 50257 padded to a multiple of 64): 124M parameters, 85M non-embedding.
+    "gpt2-124m": GPTConfig(n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
+                           vocab_size=50304, norm="layernorm", mlp="gelu", positions="learned",
+                           bias=True),
+    # Llama's block at small scale: RMSNorm, SwiGLU, RoPE, 8 query heads sharing 2 kv heads.
+    "llama-style-small": GPTConfig(n_layer=8, n_head=8, n_kv_head=2, d_model=512,
+                                   max_seq_len=1024, vocab_size=8192, norm="rmsnorm",
+                                   mlp="swiglu", positions="rope", bias=False),
+}
+
+
+def config(preset: str, **overrides) -> GPTConfig:
+    """A copy of ``PRESETS[preset]`` with fields replaced by ``overrides`` (validated)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown GPT preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown GPTConfig field(s) {', '.join(unknown)}; fields are "
+                         f"{', '.join(sorted(fields))}")
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown GPT backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return backend
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embedding (rotate-half convention)
+# --------------------------------------------------------------------------------------------
+
+class Rotary(nn.Module):
+    """Rotates each (x_i, x_{i+D/2}) pair of a head by angle pos * base^(-2i/D):
+    x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[D/2:], x[:D/2])."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = ROPE_BASE):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)                      # (S, D)
+        # Not persistent: derived from the config, so the state_dict stays parameters only.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, pos: int) -> Tensor:
+        """x (B, H, T, D) at positions pos .. pos + T - 1."""
+        T = x.shape[-2]
+        cos = self.cos[pos:pos + T].to(x.dtype)
+        sin = self.sin[pos:pos + T].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------------
+
+class KVCache:
+    """One layer's keys and values, (B, Hkv, S_max, D), filled left to right by generate()."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int):
+        self.shape = (batch, n_kv_head, max_len, head_dim)
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+
+    def write(self, k: Tensor, v: Tensor, pos: int) -> None:
+        if self.k is None:  # allocated on first use: dtype as produced (autocast or not)
+            self.k = k.new_zeros(self.shape)
+            self.v = v.new_zeros(self.shape)
+        self.k[:, :, pos:pos + k.shape[2]] = k
+        self.v[:, :, pos:pos + v.shape[2]] = v
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, is_causal: bool = False,
+          attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """F.scaled_dot_product_attention with k/v of fewer heads (GQA: query head h reads kv head
+    h // (H / Hkv))."""
+    if k.shape[1] != q.shape[1]:
+        if _SDPA_HAS_GQA:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                  is_causal=is_causal, enable_gqa=True)
+        group = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                          is_causal=is_causal)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.dropout = cfg.dropout
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.bias)
+        self.proj = nn.Linear(q_dim, cfg.d_model, bias=cfg.bias)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, backend: str, rotary: Optional[Rotary], pos: int = 0,
+                cache: Optional[KVCache] = None) -> Tensor:
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)       # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = rotary(q, pos), rotary(k, pos)
+        p = self.dropout if self.training else 0.0
+
+        if cache is not None:
+            cache.write(k, v, pos)
+        if cache is None or pos == 0:
+            # Training, or the prefill of generate(): the new tokens only see each other.
+            if backend == "fastattn":
+                y = fastattn.flash_attention(q, k, v, causal=True, dropout_p=p)
+            else:
+                y = _sdpa(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            # Decode: the T new tokens against the filled cache (positions < pos + T).
+            length = pos + T
+            if backend == "fastattn":
+                seqlens = torch.full((B,), length, dtype=torch.int32, device=q.device)
+                y = fastattn.decode_attention(q, cache.k, cache.v, seqlens)
+            else:
+                k_all, v_all = cache.k[:, :, :length], cache.v[:, :, :length]
+                mask = None
+                if T > 1:  # new token i sees keys j <= pos + i (bottom-right causal)
+                    mask = torch.ones(T, length, dtype=torch.bool, device=q.device).tril(pos)
+                y = _sdpa(q, k_all, v_all, attn_mask=mask)
+
+        y = y.transpose(1, 2).reshape(B, T, q_dim)
+        return self.resid_drop(self.proj(y))
+
+
+# --------------------------------------------------------------------------------------------
+# Feed-forward: the fastattn.nn modules own the parameters on both backends
+# --------------------------------------------------------------------------------------------
+
+def feed_forward(ffn: nn.Module, x: Tensor, backend: str) -> Tensor:
+    if backend == "torch":  # eager, through the same nn.Linear submodules
+        if isinstance(ffn, SwiGLU):
+            return ffn.down_proj(F.silu(ffn.gate_proj(x)) * ffn.up_proj(x))
+        return ffn.fc2(F.gelu(ffn.fc1(x)))
+    return ffn(x)  # the fused op (it follows torch.autocast itself)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
+    return nn.LayerNorm(cfg.d_model, eps=NORM_EPS, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        else:
+            self.mlp = MLP(cfg.d_model, cfg.ffn_dim, activation="gelu", bias=cfg.bias)
+        self.mlp_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, backend: str, rotary: Optional[Rotary], pos: int = 0,
+                cache: Optional[KVCache] = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), backend, rotary, pos, cache)
+        return x + self.mlp_drop(feed_forward(self.mlp, self.norm2(x), backend))
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, backend: str = "fastattn"):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.backend = _check_backend(backend)
+
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model) \
+            if config.positions == "learned" else None
+        self.rotary = Rotary(config.head_dim, config.max_seq_len) \
+            if config.positions == "rope" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+        # GPT-2 init: N(0, 0.02) everywhere; the projections that write into the residual
+        # stream get 0.02 / sqrt(2 n_layer), so the stream's variance stays O(1) with depth
+        # (each block adds two such terms).
+        self.apply(self._init_weights)
+        resid_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for block in self.blocks:
+            out = block.mlp.down_proj if config.mlp == "swiglu" else block.mlp.fc2
+            for lin in (block.attn.proj, out):
+                nn.init.normal_(lin.weight, mean=0.0, std=resid_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_backend(self, name: str) -> "GPT":
+        """Switch kernels (the parameters are untouched). Returns self."""
+        self.backend = _check_backend(name)
+        return self
+
+    # ---- forward ---------------------------------------------------------------------------
+
+    def _check_idx(self, idx, name: str = "idx", pos: int = 0) -> None:
+        if not isinstance(idx, Tensor):
+            raise TypeError(f"GPT: {name} must be a torch.Tensor of token ids, got "
+                            f"{type(idx).__name__}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"GPT: {name} must hold int64 (or int32) token ids, got {idx.dtype}")
+        if idx.dim() != 2:
+            raise ValueError(f"GPT: {name} must be 2-D (batch, seq_len), got shape "
+                             f"{tuple(idx.shape)}")
+        if idx.shape[1] < 1:
+            raise ValueError(f"GPT: {name} must hold at least one token per row, got shape "
+                             f"{tuple(idx.shape)}")
+        if pos + idx.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"GPT: sequence length {pos + idx.shape[1]} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+
+    def _hidden(self, idx: Tensor, pos: int = 0,
+                caches: Optional[list[KVCache]] = None) -> Tensor:
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(pos, pos + idx.shape[1], device=idx.device))
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, self.backend, self.rotary, pos, None if caches is None else caches[i])
+        return self.norm_f(x)
+
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """(B, T, d_model) after the final norm: the input of lm_head (for log-prob losses)."""
+        self._check_idx(idx)
+        return self._hidden(idx)
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *,
+                ignore_index: int = -100) -> Tensor:
+        """Logits (B, T, vocab) without targets; with targets (B, T), the mean cross-entropy
+        over the tokens whose target is not ``ignore_index``."""
+        self._check_idx(idx)
+        if targets is not None:
+            if not isinstance(targets, Tensor) or targets.dtype not in (torch.int64, torch.int32):
+                got = targets.dtype if isinstance(targets, Tensor) else type(targets).__name__
+                raise TypeError(f"GPT: targets must be an int64 (or int32) tensor, got {got}")
+            if targets.shape != idx.shape:
+                raise ValueError(f"GPT: targets must have the shape of idx {tuple(idx.shape)}, got "
+                                 f"{tuple(targets.shape)}")
+        h = self._hidden(idx)
+        if targets is None:
+            return self.lm_head(h)
+        h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1).long()
+        if self.backend == "fastattn":  # never materialises the (tokens x vocab) logits
+            return fastattn.linear_cross_entropy(h2, self.lm_head.weight, t2,
+                                                 ignore_index=ignore_index)
+        return F.cross_entropy(F.linear(h2, self.lm_head.weight), t2,
+                               ignore_index=ignore_index)
+
+    # ---- generation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Append ``max_new_tokens`` tokens to idx (B, T): the prompt is prefilled into a KV
+        cache of size T + max_new_tokens, then each new token is one decode step.
+        temperature 0 is greedy; top_k keeps the k most likely tokens; ``generator`` seeds the
+        sampling."""
+        self._check_idx(idx)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise ValueError(f"GPT.generate: max_new_tokens must be an int >= 0, got "
+                             f"{max_new_tokens!r}")
+        B, T = idx.shape
+        total = T + max_new_tokens
+        if total > self.config.max_seq_len:
+            raise ValueError(f"GPT.generate: prompt ({T}) + max_new_tokens ({max_new_tokens}) = "
+                             f"{total} exceeds max_seq_len {self.config.max_seq_len}")
+        if not (isinstance(temperature, (int, float)) and temperature >= 0
+                and math.isfinite(temperature)):
+            raise ValueError(f"GPT.generate: temperature must be a finite number >= 0, got "
+                             f"{temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                                  or top_k < 1):
+            raise ValueError(f"GPT.generate: top_k must be None or an int >= 1, got {top_k!r}")
+        if max_new_tokens == 0:
+            return idx
+
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            cfg = self.config
+            caches = [KVCache(B, cfg.kv_heads, total, cfg.head_dim) for _ in range(cfg.n_layer)]
+            out = [idx]
+            logits = self.lm_head(self._hidden(idx, 0, caches)[:, -1])            # prefill
+            for step in range(max_new_tokens):
+                nxt = self._sample(logits, temperature, top_k, generator).to(idx.dtype)
+                out.append(nxt)
+                if step + 1 < max_new_tokens:
+                    logits = self.lm_head(self._hidden(nxt, T + step, caches)[:, -1])  # decode
+            return torch.cat(out, dim=1)
+        finally:
+            self.train(was_training)
+
+    @staticmethod
+    def _sample(logits: Tensor, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> Tensor:
+        """logits (B, V) -> next token ids (B, 1)."""
+        logits = logits.float()
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1, generator=generator)
+
+    # ---- training helpers ------------------------------------------------------------------
+
+    def configure_optimizer(self, lr: float, weight_decay: float,
+                            betas: tuple = (0.9, 0.95)) -> torch.optim.Optimizer:
+        """AdamW with weight decay on the >= 2-D weights (matmuls, embeddings) and none on
+        biases and norm gains."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        if self.backend == "fastattn":
+            return fastattn.optim.AdamW(groups, lr=lr, betas=betas)
+        on_cuda = bool(params) and params[0].device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True if on_cuda else None)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (a tied lm_head counted once). non_embedding drops the token and
+        position embeddings and an untied lm_head (the output embedding)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L d T, where
+        N counts the weights used in matmuls: the non-embedding parameters plus the lm_head
+        (vocab x d_model), and 12 L d T is the attention score and value matmuls (T = seq_len,
+        not halved for the causal mask)."""
+        cfg = self.config
+        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
+        return 6.0 * n + 12.0 * cfg.n_layer * cfg.d_model * seq_len
