@@ -26,14 +26,14 @@ $PY -c "import fastattn; [print(f'  {k:9s} {v}') for k, v in fastattn.backends()
   | tee -a "$OUT/versions.txt"
 
 stamp "gpu tests (FASTATTN_AUTOTUNE=0: one pruned config per shape)"
-FASTATTN_AUTOTUNE=0 timeout 120 $PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+FASTATTN_AUTOTUNE=0 timeout 150 $PY -m pytest tests -m gpu -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
   >"$OUT/gpu_tests.log" 2>&1
 tests_rc=$?
 grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
 tests_line=$(tail -1 "$OUT/gpu_tests.log")
 
 stamp "gpu benchmarks"
-timeout 200 $PY -m benchmarks.gpu_bench --out "$OUT" --budget-s 160 ${GPU_BENCH_ARGS:-} \
+timeout 180 $PY -m benchmarks.gpu_bench --out "$OUT" --budget-s 150 ${GPU_BENCH_ARGS:-} \
   >"$OUT/gpu_bench.log" 2>&1
 bench_rc=$?
 grep -E "Error|Traceback" "$OUT/gpu_bench.log" | head -10

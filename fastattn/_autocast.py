@@ -32,9 +32,10 @@ def dtype(device_type: str) -> Optional[torch.dtype]:
 
 
 def cast(device_type: str, *tensors: Optional[Tensor]) -> tuple:
-    """The tensors in the autocast dtype when autocast is on (floating ones only), else as given."""
+    """The tensors in the autocast dtype when autocast is on (fp32/fp16/bf16 ones), else as given."""
     target = dtype(device_type)
     if target is None:
         return tensors
-    return tuple(t.to(target) if isinstance(t, Tensor) and t.is_floating_point() else t
-                 for t in tensors)
+    # autocast's eligibility rule: floating point but not float64
+    return tuple(t.to(target) if isinstance(t, Tensor) and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)

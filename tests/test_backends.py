@@ -191,5 +191,7 @@ def test_autocast_runs_the_ops_in_the_autocast_dtype():
     torch.testing.assert_close(loss, expect, rtol=2e-2, atol=2e-2)
     (loss + out.float().sum() + s.float().sum()).backward()
     assert q.grad.dtype == x.grad.dtype == w1.grad.dtype == head.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is not autocast-eligible
+        assert fastattn.mlp(x.double(), w1.double(), None, w2.double()).dtype == torch.float64
     # outside autocast the loss is in the input's dtype, as F.cross_entropy's
     assert fastattn.linear_cross_entropy(x.bfloat16(), head.bfloat16(), t).dtype == torch.bfloat16

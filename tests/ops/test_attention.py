@@ -415,3 +415,54 @@ def test_empty_shapes(device, backend, b, sq, sk):
         out.sum().backward()
     assert out.shape == (b, 2, sq, 16) and (out == 0).all()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+@pytest.mark.parametrize("q_shape,kv_shape", [
+    ((2, 3, 5, 8), (1, 3, 7, 8)),       # batch broadcast
+    ((2, 2, 3, 5, 8), (1, 3, 7, 8)),    # 5-D query, 4-D key/value
+    ((3, 5, 8), (1, 7, 8)),             # 3-D, broadcast first dimension
+    ((2, 4, 5, 8), (2, 1, 7, 8)),       # one kv head: broadcasting, no enable_gqa needed
+    ((2, 3, 5, 8), (2, 3, 0, 8)),       # no keys
+    ((2, 3, 0, 8), (2, 3, 4, 8)),       # no queries
+    ((2, 0, 5, 8), (2, 0, 4, 8)),       # no heads
+])
+def test_sdpa_broadcasting_and_empty_like_torch(q_shape, kv_shape):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(q_shape, generator=g)
+    k, v = torch.randn(kv_shape, generator=g), torch.randn(kv_shape, generator=g)
+    mask = torch.rand(q_shape[-2], kv_shape[-2], generator=g) > 0.3
+    mask[:, :1] = True
+    for kw in ({}, {"is_causal": True}, {"attn_mask": mask}):
+        ours = fastattn.scaled_dot_product_attention(q, k, v, **kw)
+        theirs = F.scaled_dot_product_attention(q, k, v, **kw)
+        assert ours.shape == theirs.shape
+        if kv_shape[-2] > 0:  # with no keys PyTorch returns NaN, fastattn 0 (documented)
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_strided_length_tensors(device, backend):
+    """cu_seqlens / cache_seqlens given as non-contiguous views are read correctly."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(58, 2, 16, generator=g).to(device)
+    cu = torch.tensor([[0, 9], [1, 9], [18, 9], [58, 9]], dtype=torch.int32, device=device)[:, 0]
+    with fastattn.use_backend(backend):
+        got = fastattn.varlen_attention(q, q, q, cu, cu, 40, 40, causal=True)
+    with fastattn.use_backend("reference"):
+        exp = fastattn.varlen_attention(q, q, q, cu.contiguous(), cu.contiguous(), 40, 40,
+                                        causal=True)
+    torch.testing.assert_close(got, exp, rtol=2e-5, atol=2e-5)
+    qd, kc = _qkv(3, 2, 2, 1, 40, 16, torch.float32, device)[:2]
+    lens = torch.tensor([[10, 99], [25, 99], [40, 99]], dtype=torch.int32, device=device)[:, 0]
+    with fastattn.use_backend(backend):
+        got = fastattn.decode_attention(qd, kc, kc, lens)
+    with fastattn.use_backend("reference"):
+        exp = fastattn.decode_attention(qd, kc, kc, lens.contiguous())
+    torch.testing.assert_close(got, exp, rtol=2e-5, atol=2e-5)
+
+
+def test_decode_lengths_out_of_range_raise_on_cpu():
+    q, kc = _qkv(2, 2, 2, 2, 10, 16, torch.float32, "cpu")[:2]
+    for bad in ([1, 5], [5, 11]):
+        with pytest.raises(ValueError, match="cache_seqlens must lie in"):
+            fastattn.decode_attention(q, kc, kc, torch.tensor(bad, dtype=torch.int32))

@@ -192,14 +192,21 @@ varlen_attention_fwd.register_autograd(_varlen_backward, setup_context=_varlen_s
 # KV-cache decoding: fastattn::decode_attention
 # ---------------------------------------------------------------------------------------------
 
-def _cuda_decode_supports(q: Tensor, k_cache: Tensor) -> Optional[str]:
-    """None if the CUDA decode kernel takes these shapes, else why not."""
+def _cuda_decode_supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Optional[str]:
+    """None if the CUDA decode kernel takes these inputs (the checks of its binding), else why
+    not; the Triton kernel takes the rest."""
     d = q.shape[-1]
     if d % 8 or not 16 <= d <= 256:
         return f"head_dim {d} (it takes multiples of 8 from 16 to 256)"
-    for name, t in (("k_cache", k_cache),):
-        if t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
-            return f"{name} rows that are not 16-byte aligned"
+    if (q.shape[1] // k_cache.shape[1]) * q.shape[2] > 8 * 65535:
+        return "more than 524280 query rows per kv head"
+    if k_cache.shape[2] >= 2 ** 31:
+        return "caches of 2^31 positions or more"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        step = 16 // t.element_size() if name != "q" else 1
+        if t.data_ptr() % (16 if name != "q" else t.element_size()) or any(
+                s % step for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
+            return f"{name} rows that are not {16 if name != 'q' else t.element_size()}-byte aligned"
     return None
 
 
@@ -211,7 +218,7 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqle
     if q.numel() == 0 or k_cache.numel() == 0:
         return reference.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
     if name == "cuda":
-        why = _cuda_decode_supports(q, k_cache) or _cuda_decode_supports(q, v_cache)
+        why = _cuda_decode_supports(q, k_cache, v_cache)
         if why is None:
             out, lse = impl.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
             return out, lse
@@ -271,10 +278,10 @@ def _check_qkv4(fn: str, q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> None:
     if q.shape[3] == 0:
         raise ValueError(f"{fn}: head_dim must be at least 1, got shape {tuple(q.shape)}")
     hq, hkv = q.shape[1], k.shape[1]
-    if hkv == 0 or hq % hkv:
+    if (hkv == 0 and hq != 0) or (hkv and hq % hkv):
         raise ValueError(f"{fn}: the heads of q ({hq}) must be a multiple of the heads of k and "
                          f"v ({hkv})")
-    if hq != hkv and not gqa:
+    if hq != hkv and hkv != 1 and not gqa:  # one kv head is plain broadcasting in PyTorch
         raise ValueError(f"{fn}: q has {hq} heads but k and v have {hkv}; pass enable_gqa=True "
                          f"for grouped-query attention")
 
@@ -302,14 +309,15 @@ def _draw_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
 
 
-def _mask_to_bias(fn: str, mask: Tensor, query: Tensor, key: Tensor, q4_shape) -> Tensor:
+def _mask_to_bias(fn: str, mask: Tensor, device: torch.device, full: tuple,
+                  q4_shape) -> Tensor:
     """An SDPA attn_mask (bool: True = attend; float: added to the scores) as the kernels'
     fp32 additive bias of shape (B, H, Sq, Sk): converted at the mask's own size, then
-    broadcast with stride 0 (never materialised at full size)."""
+    broadcast with stride 0 to ``full`` (never materialised at full size) and flattened."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.device != query.device:
-        raise ValueError(f"{fn}: attn_mask must be on the query's device ({query.device}), got "
+    if mask.device != device:
+        raise ValueError(f"{fn}: attn_mask must be on the query's device ({device}), got "
                          f"{mask.device}")
     if mask.requires_grad:
         raise ValueError(f"{fn}: an attn_mask that requires grad is not supported (the kernels "
@@ -322,7 +330,6 @@ def _mask_to_bias(fn: str, mask: Tensor, query: Tensor, key: Tensor, q4_shape) -
         bias = mask.to(torch.float32)
     else:
         raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {mask.dtype}")
-    full = tuple(query.shape[:-1]) + (key.shape[-2],)  # (..., [heads,] L, S)
     try:
         bias = bias.expand(full)
     except RuntimeError:
@@ -348,7 +355,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  enable_gqa: bool = False) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
-    query ``(..., Hq, L, E)``, key/value ``(..., H, S, E)`` (3-D inputs are one head);
+    query ``(..., Hq, L, E)``, key/value ``(..., H, S, E)``, the batch dimensions ``...``
+    broadcasting as in PyTorch (a 3-D input's first dimension plays the heads' part);
     ``attn_mask`` boolean (True = take part) or additive float, broadcastable to
     ``(..., Hq, L, S)``; ``is_causal`` is top-left aligned (query i sees keys j <= i) and cannot
     be combined with a mask, as in PyTorch. Dropout is applied whenever ``dropout_p > 0``, as in
@@ -360,28 +368,33 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     if isinstance(query, Tensor):
         query, key, value = _autocast.cast(query.device.type, query, key, value)
     _check_float(fn, query=query, key=key, value=value)
-    if query.dim() < 3 or key.dim() != query.dim() or value.dim() != query.dim():
-        raise ValueError(f"{fn}: query, key and value must have one rank >= 3 "
+    if min(query.dim(), key.dim(), value.dim()) < 3:
+        raise ValueError(f"{fn}: query, key and value must have rank >= 3 "
                          f"(..., heads, seq, head_dim), got shapes {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
     if attn_mask is not None and is_causal:
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as in PyTorch)")
     dropout_p = _check_dropout(fn, dropout_p)
-    lead = query.shape[:-3] if query.dim() > 3 else ()
-    if query.dim() == 3:
-        q, k, v = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-    else:
-        if key.shape[:-3] != lead or value.shape[:-3] != lead:
-            raise ValueError(f"{fn}: query, key and value must share their batch dimensions, got "
-                             f"shapes {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
-        q, k, v = (x.reshape((-1,) + tuple(x.shape[-3:])) for x in (query, key, value))
+    # Dimension -3 is the heads (the batch of a 3-D input); those before it broadcast as in
+    # PyTorch and are flattened into one batch dimension (a copy only where broadcast).
+    try:
+        lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"{fn}: the batch dimensions of query, key and value do not broadcast, "
+                         f"got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
+                         f"{tuple(value.shape)}") from None
+    batch = math.prod(lead)
+    q, k, v = (x.expand(tuple(lead) + tuple(x.shape[-3:])).reshape((batch,) + tuple(x.shape[-3:]))
+               for x in (query, key, value))
     _check_qkv4(fn, q, k, v, gqa=enable_gqa)
     scale = _check_scale(fn, scale, q.shape[-1])
     bias = None
     if attn_mask is not None:
-        bias = _mask_to_bias(fn, attn_mask, query, key, q.shape[:3] + (k.shape[2],))
+        bias = _mask_to_bias(fn, attn_mask, q.device,
+                             tuple(lead) + (q.shape[1], q.shape[2], k.shape[2]),
+                             q.shape[:3] + (k.shape[2],))
     out, _ = _run_dense(q, k, v, bias, scale, 0, -1, 0 if is_causal else -1, 0.0, dropout_p)
-    return out.view(query.shape[:-1] + (q.shape[-1],))
+    return out.view(tuple(lead) + tuple(out.shape[1:]))
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
@@ -469,6 +482,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                  f"in {name} ({int(lens.max())})")
     scale = _check_scale(fn, scale, q.shape[-1])
     q, k, v = (_last_contiguous(x) for x in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     out, _ = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                   int(max_seqlen_k), scale, bool(causal))
     return out
@@ -481,8 +495,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
 
     q ``(B, H, Sq, D)``; ``k_cache``, ``v_cache`` ``(B, Hkv, S_max, D)`` with Hkv dividing H;
     ``cache_seqlens`` int32 ``(B,)``: the valid cache positions of each sequence, counting the
-    Sq new tokens (already written to the cache). New token i of sequence b sees positions
-    ``j <= L_b - Sq + i``. ``num_splits`` 0 picks the split count from the device.
+    Sq new tokens (already written to the cache), so Sq <= L_b <= S_max. New token i of sequence
+    b sees positions ``j <= L_b - Sq + i``. ``num_splits`` 0 picks the split count from the
+    device. On the CPU out-of-range lengths raise; on a GPU checking them would cost a sync, so
+    the kernels clamp them to [0, S_max] (they never read outside the cache).
     """
     fn = "decode_attention"
     if isinstance(q, Tensor):
@@ -498,7 +514,14 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
                          f"{cache_seqlens.device}")
     if int(num_splits) < 0:
         raise ValueError(f"{fn}: num_splits must be >= 0 (0 = automatic), got {num_splits}")
+    if q.device.type == "cpu" and not _compiling() and cache_seqlens.numel():
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < q.shape[2] or hi > k_cache.shape[2]:
+            raise ValueError(f"{fn}: cache_seqlens must lie in [Sq, S_max] = [{q.shape[2]}, "
+                             f"{k_cache.shape[2]}] (they count the new tokens), got "
+                             f"{cache_seqlens.tolist()}")
     scale = _check_scale(fn, scale, q.shape[-1])
     q, k_cache, v_cache = (_last_contiguous(x) for x in (q, k_cache, v_cache))
+    cache_seqlens = cache_seqlens.contiguous()
     out, _ = decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale, int(num_splits))
     return out

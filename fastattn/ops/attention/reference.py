@@ -106,7 +106,7 @@ def visible(sq: int, sk: int, diag: int, window_left: int, window_right: int,
 
 
 def _expand_kv(x: Tensor, heads: int) -> Tensor:
-    return x.repeat_interleave(heads // x.shape[1], dim=1)
+    return x if x.shape[1] in (0, heads) else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
 def _scores(q, k, bias, scale, diag, window_left, window_right, softcap, acc):
@@ -157,6 +157,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: f
 
 def _group_sum(dx: Tensor, kv_heads: int) -> Tensor:
     b, h, s, d = dx.shape
+    if kv_heads == h:
+        return dx
     return dx.view(b, kv_heads, h // kv_heads, s, d).sum(2)
 
 

@@ -50,6 +50,9 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# FASTATTN_AUTOTUNE=0: the first config the pruning keeps, no timing (test runs; see
+# fastattn/ops/attention/triton.py).
+AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2", "silu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -118,7 +121,8 @@ def _prune(configs, named_args, **kwargs):
         if (m <= 64 and bm > 64) or (n <= 64 and bn > 64):
             continue
         kept.append(c)
-    return kept or [_cfg(64, 64, 32 if fp32 else 64, 4, 3)]
+    kept = kept or [_cfg(64, 64, 32 if fp32 else 64, 4, 3)]
+    return kept if AUTOTUNE else kept[:1]
 
 
 _TUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "EPI", "HAS_BIAS"]
