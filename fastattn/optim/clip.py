@@ -4,7 +4,9 @@ Same arguments, result and side effects: returns the total norm of all gradients
 vector) as a 0-dim tensor on the first gradient's device, in the dtype torch returns (the
 promotion of the gradient dtypes), and multiplies every gradient in place by
 min(max_norm / (total_norm + 1e-6), 1). The multiply always happens, so there is no host sync
-unless ``error_if_nonfinite=True`` (which has to read the norm).
+unless ``error_if_nonfinite=True`` (which has to read the norm). For fp16/bf16 gradients the
+norm is accumulated in fp32 (torch rounds per-tensor norms to the gradient dtype first), so it
+can differ from torch's in the last bits of that dtype: it is the more accurate of the two.
 
 Gradients are grouped by (device, dtype) as torch groups them; each group costs one
 ``fastattn::grad_norm`` and one ``fastattn::scale_grads_`` call (one fused pass each, see
