@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 .PHONY: help venv build test test-fast bench demo gpu-check clean
 
 help:
-	@echo "make demo       run the main job on the CPU (today: the cross-entropy benchmark table)"
+	@echo "make demo       pretrain the tiny GPT on the embedded corpus with torch and fastattn, side by side"
 	@echo "make test       venv + torch + triton + build both extensions + the CPU test suite"
 	@echo "make bench      CPU benchmarks against PyTorch (CSV + PNG under benchmarks/out/)"
 	@echo "make gpu-check  on a GPU machine: build CUDA, GPU tests, GPU benchmarks (OUT=dir)"

@@ -84,11 +84,12 @@ def environment() -> dict:
     return info
 
 
-BASELINES = ("torch eager", "torch fused")
+BASELINES = ("torch eager", "torch fused", "torch foreach")
 
 
 def _baselines(results: list[Result]) -> dict[str, Result]:
-    """Per case, the PyTorch result the others are compared with: eager, else fused."""
+    """Per case, the PyTorch result the others are compared with: eager, else fused, else
+    foreach (clip_grad_norm_, whose fused form torch does not have)."""
     base: dict[str, Result] = {}
     for name in reversed(BASELINES):
         base.update({r.case: r for r in results if r.impl == name})
