@@ -24,7 +24,20 @@ from torch import Tensor
 
 from ..ops import adam as _adam_op  # noqa: F401  (registers fastattn::adam_step_)
 
+def _is_dtensor(t) -> bool:
+    """Whether t is a torch.distributed DTensor (FSDP2's parameters), without importing
+    torch.distributed where it is not built."""
+    cls = type(t)
+    return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+
+
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+
+def _moment_dtype(group: dict) -> torch.dtype:
+    value = group["moment_dtype"]  # a name; torch.dtype in groups saved before it was one
+    return value if isinstance(value, torch.dtype) else getattr(torch, value)
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -69,7 +82,10 @@ class Adam(torch.optim.Optimizer):
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=False, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay,
-                        master_weights=master_weights, moment_dtype=moment_dtype)
+                        master_weights=master_weights,
+                        # a name, not a torch.dtype: state dicts stay plain data (torch's
+                        # distributed checkpointing refuses dtype objects in param_groups)
+                        moment_dtype=_DTYPE_NAMES[moment_dtype])
         super().__init__(params, defaults)
         # Parameters whose step counts are known to be equal share a key, so a step needs no
         # device-to-host read to group them: ("v", n) for a count read from the device (state
@@ -88,7 +104,7 @@ class Adam(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
-        moment = group["moment_dtype"]
+        moment = _moment_dtype(group)
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.contiguous_format)
@@ -125,7 +141,7 @@ class Adam(torch.optim.Optimizer):
             for key, value in originals[pid].items():
                 if not isinstance(value, Tensor):
                     continue
-                dtype = torch.float32 if key in ("step", "master_param") else group["moment_dtype"]
+                dtype = torch.float32 if key in ("step", "master_param") else _moment_dtype(group)
                 state[key] = value.to(device=p.device, dtype=dtype, copy=True)
             self._step_keys.pop(p, None)
 
@@ -142,6 +158,14 @@ class Adam(torch.optim.Optimizer):
         for group in self.param_groups:
             self._step_group(group, grad_scale, found_inf)
         return loss
+
+    @staticmethod
+    def _local(t: Tensor) -> Tensor:
+        """The tensor the kernel updates: a DTensor's local shard (FSDP2), else the tensor.
+
+        Adam is elementwise, so each rank stepping its own shard of the parameter, gradient and
+        moments is the whole step; the state stays DTensor for distributed checkpoints."""
+        return t.to_local() if _is_dtensor(t) else t
 
     def _step_group(self, group: dict, grad_scale: Optional[Tensor],
                     found_inf: Optional[Tensor]) -> None:
@@ -177,11 +201,12 @@ class Adam(torch.optim.Optimizer):
                 inv_scale = grad_scale.to(device=device, dtype=torch.float32).reciprocal()
             if found_inf is not None:  # GradScaler sums the flags of all devices: 0 or >= 1
                 inf = found_inf.to(device=device).ne(0).to(torch.float32)
+            local = self._local
             torch.ops.fastattn.adam_step_(
-                params, [p.grad.contiguous() for p in params],
-                [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-                [s["master_param"] for s in states] if has_master else [],
+                [local(p) for p in params], [local(p.grad).contiguous() for p in params],
+                [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
+                [local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else [],
+                [local(s["master_param"]) for s in states] if has_master else [],
                 steps[0], lr, float(beta1), float(beta2), float(group["eps"]),
                 float(group["weight_decay"]), bool(group["decoupled_weight_decay"]),
                 bool(group["amsgrad"]), bool(group["maximize"]), inv_scale, inf)

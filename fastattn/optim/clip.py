@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..ops import grad_norm as _op
+from .adam import _is_dtensor
 from ..ops.grad_norm import reference as _ref
 
 _KERNEL_DEVICES = ("cpu", "cuda")
@@ -111,6 +112,10 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
                              "torch.nn.utils.clip_grad_norm_ for them")
         if not g.is_floating_point():
             raise TypeError(f"{name}: gradients must be floating point, got {g.dtype}")
+    if any(_is_dtensor(g) for g in grads):
+        # FSDP2 shards: the norm needs a reduction across ranks, which DTensor's own ops do, so
+        # torch's implementation runs as is (no fused kernel for sharded gradients yet).
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
     first = grads[0].device
     out_dtype = grads[0].dtype
     for g in grads[1:]:

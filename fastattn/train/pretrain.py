@@ -545,18 +545,10 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     raw = GPT(cfg, backend=args.backend).to(device)
     model = _wrap(raw, dist_info, device)
     opt = raw.configure_optimizer(args.lr, args.weight_decay)
-    if args.backend == "fastattn" and dist_info.kind != "fsdp":
+    if args.backend == "fastattn":   # under FSDP2 both work on the DTensor shards
         from ..optim import clip_grad_norm_
     else:
         from torch.nn.utils import clip_grad_norm_
-    if dist_info.kind == "fsdp" and not type(opt).__module__.startswith("torch."):
-        # FSDP2 parameters are DTensor shards, and fastattn's fused AdamW and clipping kernels
-        # have no DTensor sharding rules; torch's AdamW takes the same groups and hyperparameters
-        # (the model's kernels still run fastattn's: FSDP gathers plain tensors for forward).
-        opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
-                                 for g in opt.param_groups], lr=args.lr,
-                                betas=opt.param_groups[0]["betas"],
-                                eps=opt.param_groups[0]["eps"])
     fwd = torch.compile(model) if args.compile else model
 
     start = 0
