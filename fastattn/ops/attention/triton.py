@@ -142,6 +142,25 @@ def _dropout_key(bh, seed_lo, seed_hi):
 
 
 @triton.jit
+def _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, diag, IS_VARLEN: tl.constexpr):
+    """(first query row, first query row as int64, first key row as int64, Sq, Sk, diag) of
+    batch entry b: from cu_seqlens for packed sequences (bottom-right causal per sequence),
+    else the dense problem's own."""
+    q_start = 0
+    row_q = 0
+    row_k = 0
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        seqlen_q = tl.load(CuQ + b + 1) - q_start
+        k_start = tl.load(CuK + b)
+        seqlen_k = tl.load(CuK + b + 1) - k_start
+        diag = seqlen_k - seqlen_q
+        row_q = q_start.to(tl.int64)
+        row_k = k_start.to(tl.int64)
+    return q_start, row_q, row_k, seqlen_q, seqlen_k, diag
+
+
+@triton.jit
 def _keep(rows, cols, seqlen_k, key, threshold):
     # int32 products wrap, so the bitcast gives i * Sk + j mod 2**32 as the spec asks;
     # r = mix32(mix32(i * Sk + j) ^ key(bh)) (reference.py).
@@ -371,17 +390,8 @@ def _fwd_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_start = 0
-    row_q = 0
-    row_k = 0
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-        diag = seqlen_k - seqlen_q
-        row_q = q_start.to(tl.int64)
-        row_k = k_start.to(tl.int64)
+    q_start, row_q, row_k, seqlen_q, seqlen_k, diag = _sequence(
+        CuQ, CuK, b, seqlen_q, seqlen_k, diag, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
@@ -636,17 +646,8 @@ def _bwd_dkdv_kernel(
     pid_bhk = tl.program_id(1)
     b = pid_bhk // HKV
     hk = pid_bhk % HKV
-    q_start = 0
-    row_q = 0
-    row_k = 0
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-        diag = seqlen_k - seqlen_q
-        row_q = q_start.to(tl.int64)
-        row_k = k_start.to(tl.int64)
+    q_start, row_q, row_k, seqlen_q, seqlen_k, diag = _sequence(
+        CuQ, CuK, b, seqlen_q, seqlen_k, diag, IS_VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen_k:
         return
@@ -823,17 +824,8 @@ def _bwd_dq_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    q_start = 0
-    row_q = 0
-    row_k = 0
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        seqlen_q = tl.load(CuQ + b + 1) - q_start
-        k_start = tl.load(CuK + b)
-        seqlen_k = tl.load(CuK + b + 1) - k_start
-        diag = seqlen_k - seqlen_q
-        row_q = q_start.to(tl.int64)
-        row_k = k_start.to(tl.int64)
+    q_start, row_q, row_k, seqlen_q, seqlen_k, diag = _sequence(
+        CuQ, CuK, b, seqlen_q, seqlen_k, diag, IS_VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen_q:
         return
