@@ -4,6 +4,7 @@
     python -m fastattn.train pretrain --preset tiny --max-steps 400 --out out/tiny --resume
     torchrun --standalone --nproc_per_node 2 -m fastattn.train pretrain --dist ddp ...
     python -m fastattn.train bench --preset tiny --steps 10 --out out/bench
+    python -m fastattn.train sft|dpo|grpo --init out/tiny --out out/sft --max-steps 300
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from .align import add_align_args, dpo, grpo, sft
 from .pretrain import CheckpointError, add_bench_args, add_pretrain_args, bench, pretrain
 
 
@@ -40,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=_HelpFormatter)
     add_bench_args(b)
     b.set_defaults(run=bench)
+    for name, run, what in (("sft", sft, "supervised fine-tuning on the addition task"),
+                            ("dpo", dpo, "DPO on preference pairs sampled from --init"),
+                            ("grpo", grpo, "GRPO with the addition verifier as reward")):
+        a = sub.add_parser(name, help=what, formatter_class=_HelpFormatter)
+        add_align_args(a, name)
+        a.set_defaults(run=run)
     return parser
 
 

@@ -1,0 +1,542 @@
+"""Alignment loops on the reference GPT with a verifiable task (``tasks.AdditionTask``):
+supervised fine-tuning, DPO on honestly sampled preference pairs, and GRPO.
+
+    python -m fastattn.train sft  --init out/pretrain --out out/sft  --max-steps 300
+    python -m fastattn.train dpo  --init out/sft      --out out/dpo  --max-steps 100
+    python -m fastattn.train grpo --init out/sft      --out out/grpo --max-steps 50
+
+Each stage loads ``INIT/ckpt.pt`` (a pretraining checkpoint or an earlier stage's), rebuilds the
+same tokenizer from the corpus recorded in it, and writes ``OUT/summary.json`` (the pretraining
+keys plus ``eval_accuracy``: greedy exact match on held-out prompts), ``OUT/log.jsonl`` and
+``OUT/ckpt.pt`` (same format as pretraining, written atomically by ``save_checkpoint``).
+
+Log-probs. A sequence is prompt + completion, and only completion tokens (the answer and its
+end-of-text token) count: ``mask[b, t]`` is 1 where target ``ids[b, t + 1]`` is a completion
+token. On the fastattn backend the per-token log-probs come from
+``fastattn.linear_token_logprobs(h[:, :-1], lm_head.weight, ids[:, 1:])``, which never holds the
+(tokens x vocab) logits; on the torch backend from log_softmax + gather over ``F.linear``.
+
+Batches are right-padded with the end-of-text token (causal attention: padding after a sequence
+cannot change its log-probs, and the mask drops the padding's own targets). Padding-free packing
+with ``varlen_attention`` is not done yet.
+
+Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
+    SFT   -sum_{b,t} m l / sum_{b,t} m                          (mean over answer tokens)
+    DPO   -log sigmoid(beta [(L_c - L_c^ref) - (L_r - L_r^ref)]),  L = sum_t m l
+          (Rafailov et al. 2023); L^ref computed once from the frozen initial (SFT) model
+    GRPO  A_i = (r_i - mean_g r) / (std_g r + 1e-4) within a prompt's group of G samples,
+          rho_t = exp(l_t - l_t^old),
+          J_i = (1/|o_i|) sum_t m_t [min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta k3_t],
+          k3_t = exp(l^ref_t - l_t) - (l^ref_t - l_t) - 1  (Schulman's unbiased, >= 0 KL
+          estimator), loss = -mean_i J_i (Shao et al. 2024); ``--ppo-epochs`` updates per batch
+          of samples, so from the second on rho != 1 and the clip acts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import tasks
+from .pretrain import (CKPT_FORMAT, CKPT_NAME, CheckpointError, _json_args, _rng_state,
+                       _seed_all, _versions, load_checkpoint, lr_at, peak_memory_bytes,
+                       resolve_device, save_checkpoint)
+
+STAGES = ("sft", "dpo", "grpo")
+PAD_MULTIPLE = 8
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probs and losses
+
+
+def token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) token ids -> (B, T-1) log p(ids[:, t+1] | ids[:, :t+1]), at least fp32."""
+    h = model.hidden_states(ids)[:, :-1, :]
+    target = ids[:, 1:]
+    if model.backend == "fastattn":
+        import fastattn
+        return fastattn.linear_token_logprobs(h, model.lm_head.weight, target)
+    logits = F.linear(h, model.lm_head.weight)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B,) sum of the completion tokens' log-probs."""
+    return (token_logprobs(model, ids) * mask).sum(dim=-1)
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return -(logp * mask).sum() / mask.sum().clamp_min(1)
+
+
+def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    margin = beta * ((chosen - ref_chosen) - (rejected - ref_rejected))
+    return -F.logsigmoid(margin).mean()
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """(P, G) rewards -> (P, G) advantages normalised within each prompt's group."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True, unbiased=False)
+    return (rewards - mean) / (std + eps)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
+              adv: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2,
+              beta: float = 0.04) -> tuple[torch.Tensor, dict]:
+    """logp, old_logp, ref_logp, mask (N, T); adv (N,). Returns the loss and statistics."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv.unsqueeze(-1)
+    surrogate = torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    d = ref_logp - logp
+    kl = torch.exp(d) - d - 1
+    n = mask.sum(dim=-1).clamp_min(1)
+    per_seq = ((surrogate - beta * kl) * mask).sum(dim=-1) / n
+    loss = -per_seq.mean()
+    with torch.no_grad():
+        total = mask.sum().clamp_min(1)
+        clipped = ((ratio - 1).abs() > clip_eps).float()
+        stats = {"kl": float((kl * mask).sum() / total),
+                 "clip_frac": float((clipped * mask).sum() / total)}
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Batches and sampling
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int,
+              device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, T) and the completion mask (B, T-1) over targets: token j of
+    sequence b (j >= starts[b]) is target position j - 1. T is rounded up to ``multiple``:
+    the loops pass 8, so a run sees few distinct shapes (the fastattn CPU/Triton kernels are
+    specialised per shape, and each new one costs a build on first use)."""
+    T = max(len(s) for s in seqs)
+    T = -(-T // multiple) * multiple
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T - 1)
+    for b, (s, st) in enumerate(zip(seqs, starts)):
+        ids[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, st - 1:len(s) - 1] = 1.0
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample(model, corpus, problems: Sequence[tasks.Problem], n: int, *, temperature: float,
+           max_new: int, generator: Optional[torch.Generator], batch: int = 256
+           ) -> list[list[list[int]]]:
+    """``n`` completions per problem (token ids, cut after the first end-of-text token, which
+    is kept). Prompts of one token length are generated together (generate takes no padding)."""
+    device = next(model.parameters()).device
+    out: list[list[list[int]]] = [[] for _ in problems]
+    groups: dict[int, list[int]] = {}
+    prompts = [tasks.encode(corpus, p.prompt) for p in problems]
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    for length in sorted(groups):
+        rows = [i for i in groups[length] for _ in range(n)]
+        for lo in range(0, len(rows), batch):
+            chunk = rows[lo:lo + batch]
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            gen = model.generate(idx, max_new, temperature=temperature, generator=generator)
+            for i, row in zip(chunk, gen[:, length:].tolist()):
+                if corpus.eos_id in row:
+                    row = row[:row.index(corpus.eos_id) + 1]
+                out[i].append(row)
+    return out
+
+
+def evaluate(model, corpus, task: tasks.AdditionTask) -> dict:
+    """Greedy decoding: exact-match accuracy and mean reward on the held-out splits (eval,
+    eval_long) and, labelled as such, on the pair-building / GRPO prompts (pairs: what DPO and
+    GRPO optimise on, so not held out for them)."""
+    result = {}
+    for split, key in (("eval", "eval"), ("eval_long", "eval_long"), ("pairs", "pairs")):
+        problems = task.split(split)
+        if not problems:
+            result[f"{key}_accuracy"] = result[f"{key}_reward"] = None
+            continue
+        comps = sample(model, corpus, problems, 1, temperature=0.0,
+                       max_new=task.max_answer_tokens, generator=None)
+        rewards = [tasks.reward(tasks.completion_text(corpus, c[0]), p.answer)
+                   for p, c in zip(problems, comps)]
+        result[f"{key}_accuracy"] = sum(r == 1.0 for r in rewards) / len(rewards)
+        result[f"{key}_reward"] = sum(rewards) / len(rewards)
+        if split == "eval":
+            result["eval_examples"] = [p.prompt + tasks.completion_text(corpus, c[0])
+                                       for p, c in zip(problems[:4], comps[:4])]
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--init", required=True,
+                   help="folder (or ckpt.pt) of the checkpoint to start from: pretraining "
+                   "for sft, sft for dpo / grpo")
+    p.add_argument("--out", default=f"out/{stage}", help="output folder")
+    p.add_argument("--backend", choices=("fastattn", "torch"), default="fastattn")
+    p.add_argument("--max-steps", type=int, default={"sft": 300, "dpo": 100, "grpo": 50}[stage],
+                   help="optimizer steps (GRPO: sampling rounds, each --ppo-epochs steps)")
+    p.add_argument("--seed", type=int, default=0, help="seeds batches, sampling and dropout")
+    p.add_argument("--lr", type=float, default={"sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4}[stage])
+    p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (default lr/10)")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
+    p.add_argument("--batch-size", type=int, default={"sft": 32, "dpo": 32, "grpo": 16}[stage],
+                   help="sequences (sft), pairs (dpo) or prompts (grpo) per step")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--cache-dir", default=None,
+                   help="tokenizer cache (default: the one recorded in the init checkpoint)")
+    p.add_argument("--digits", type=int, default=None,
+                   help="addition operands below 10**digits (default: the init checkpoint's "
+                   "task, else 2)")
+    p.add_argument("--n-train", type=int, default=None, help="SFT problems (default 200)")
+    p.add_argument("--n-pairs", type=int, default=None,
+                   help="pair-building / GRPO prompts (default 400)")
+    p.add_argument("--n-eval", type=int, default=None, help="held-out problems (default 200)")
+    p.add_argument("--task-seed", type=int, default=None, help="seed of the problem sets (0)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations "
+                   "(0 = before and after training only)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    if stage in ("dpo", "grpo"):
+        p.add_argument("--beta", type=float, default=0.1 if stage == "dpo" else 0.04,
+                       help="DPO temperature / GRPO KL coefficient")
+        p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    if stage == "dpo":
+        p.add_argument("--k", type=int, default=8, help="samples per pair-building prompt")
+    if stage == "grpo":
+        p.add_argument("--group-size", type=int, default=8, help="G samples per prompt")
+        p.add_argument("--ppo-epochs", type=int, default=2,
+                       help="updates per batch of samples (old log-probs fixed)")
+        p.add_argument("--clip-eps", type=float, default=0.2, help="ratio clip")
+
+
+# --------------------------------------------------------------------------------------------
+# The stages
+
+
+def _task(args, ckpt: dict) -> tasks.AdditionTask:
+    saved = ckpt.get("task") or {}
+    kw = {"digits": args.digits, "n_train": args.n_train, "n_pairs": args.n_pairs,
+          "n_eval": args.n_eval, "seed": args.task_seed}
+    fields = {f.name: f.default for f in dataclasses.fields(tasks.AdditionTask)}
+    return tasks.AdditionTask(**{k: (v if v is not None else saved.get(k, fields[k]))
+                                 for k, v in kw.items()} |
+                              {"n_eval_long": saved.get("n_eval_long", fields["n_eval_long"])})
+
+
+def _corpus(args, ckpt: dict):
+    from .data import Corpus
+    info = ckpt.get("corpus") or {k: ckpt.get("args", {}).get(k)
+                                  for k in ("data", "vocab_size", "cache_dir")}
+    if args.cache_dir is not None:
+        info["cache_dir"] = args.cache_dir
+    corpus = Corpus.build(info.get("data"), vocab_size=info.get("vocab_size") or 8192,
+                          cache_dir=info.get("cache_dir"))
+    return corpus, info
+
+
+def run_stage(args: argparse.Namespace, stage: str) -> dict:
+    from ..models.gpt import GPT, GPTConfig
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    for name in ("max_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    device = resolve_device(args.device)
+    init = Path(args.init)
+    ckpt_path = init / CKPT_NAME if init.is_dir() else init
+    ckpt = load_checkpoint(ckpt_path)
+    corpus, corpus_info = _corpus(args, ckpt)
+    cfg = GPTConfig(**ckpt["config"])
+    if cfg.vocab_size != corpus.vocab_size:
+        raise CheckpointError(f"{ckpt_path}: vocabulary {cfg.vocab_size} but the rebuilt "
+                              f"tokenizer has {corpus.vocab_size}")
+    task = _task(args, ckpt)
+    need = 2 * (task.digits + 1) + 3 + task.max_answer_tokens
+    if need > cfg.max_seq_len:
+        raise ValueError(f"{task.digits}-digit problems (and the longer eval ones) need "
+                         f"{need} tokens; the model's max_seq_len is {cfg.max_seq_len}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    _seed_all(args.seed)
+    model = GPT(cfg, backend=args.backend).to(device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ckpt_path} does not fit its own config: {e}") from e
+    ref = None
+    if stage in ("dpo", "grpo"):
+        ref = copy.deepcopy(model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    opt = model.configure_optimizer(args.lr, args.weight_decay)
+    if args.backend == "fastattn":
+        from ..optim import clip_grad_norm_
+    else:
+        from torch.nn.utils import clip_grad_norm_
+    min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    rng = random.Random(f"{stage}/{args.seed}")
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+
+    log_f = open(out / "log.jsonl", "w")
+
+    def log(record: dict) -> None:
+        log_f.write(json.dumps(record) + "\n")
+        log_f.flush()
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.max_steps, desc=f"{stage}/{args.backend}", dynamic_ncols=True)
+
+    def do_eval(step: int) -> dict:
+        r = evaluate(model, corpus, task)
+        log({"kind": "eval", "step": step, **r})
+        if bar is not None:
+            bar.write(f"{stage} step {step}: eval accuracy {r['eval_accuracy']:.3f} "
+                      f"(longer: {r['eval_long_accuracy']:.3f}), reward {r['eval_reward']:.3f}")
+        return r
+
+    eos = corpus.eos_id
+    extra: dict = {}
+    history: dict = {"train": [], "eval": []}
+    first_eval = do_eval(0)
+    history["eval"].append((0, first_eval["eval_accuracy"]))
+
+    # --- stage-specific data -----------------------------------------------------------------
+    if stage == "sft":
+        data = [(tasks.encode(corpus, p.prompt), tasks.encode(corpus, p.answer) + [eos])
+                for p in task.train]
+    elif stage == "dpo":
+        t0 = time.perf_counter()
+        data, pair_stats = build_pairs(ref, corpus, task, args.k, args.temperature, gen)
+        extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
+        log({"kind": "pairs", **pair_stats})
+        if bar is not None:
+            bar.write(f"dpo: {pair_stats['pairs']} pairs from {pair_stats['prompts']} prompts; "
+                      f"best-of-{args.k} accuracy {pair_stats['best_of_k_accuracy']:.3f}, "
+                      f"sample accuracy {pair_stats['sample_accuracy']:.3f}")
+        if not data:
+            raise ValueError("no preference pairs: every prompt's K samples scored the same; "
+                             "raise --k or --temperature")
+        ref_c, ref_r = _ref_logprobs(ref, data, eos, device)
+    else:
+        prompts = task.pairs
+
+    # --- the loop ----------------------------------------------------------------------------
+    model.train()
+    step_times, tokens_seen = [], 0
+    run_t0 = time.perf_counter()
+    opt_steps = 0
+    total_opt_steps = args.max_steps * (args.ppo_epochs if stage == "grpo" else 1)
+    for it in range(args.max_steps):
+        t0 = time.perf_counter()
+        record: dict = {"kind": "train", "step": it + 1}
+
+        def optimizer_step(loss: torch.Tensor) -> float:
+            nonlocal opt_steps
+            lr = lr_at(opt_steps, args.lr, min_lr, args.warmup_steps, total_opt_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss.backward()
+            if args.clip > 0:
+                clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            opt_steps += 1
+            return lr
+
+        if stage == "sft":
+            batch = [data[rng.randrange(len(data))] for _ in range(args.batch_size)]
+            ids, mask = pad_batch([p + c for p, c in batch], [len(p) for p, _ in batch], eos,
+                                  device, PAD_MULTIPLE)
+            loss = sft_loss(token_logprobs(model, ids), mask)
+            record["lr"] = optimizer_step(loss)
+            record["loss"] = float(loss.detach())
+            tokens_seen += ids.numel()
+        elif stage == "dpo":
+            pick = [rng.randrange(len(data)) for _ in range(args.batch_size)]
+            seqs = [data[i]["chosen"] for i in pick] + [data[i]["rejected"] for i in pick]
+            starts = [data[i]["start"] for i in pick] * 2
+            ids, mask = pad_batch(seqs, starts, eos, device, PAD_MULTIPLE)
+            lp = sequence_logprobs(model, ids, mask)
+            B = len(pick)
+            idx = torch.tensor(pick, device=device)
+            loss = dpo_loss(lp[:B], lp[B:], ref_c[idx], ref_r[idx], args.beta)
+            record["lr"] = optimizer_step(loss)
+            with torch.no_grad():
+                margin = args.beta * ((lp[:B] - ref_c[idx]) - (lp[B:] - ref_r[idx]))
+            record.update(loss=float(loss.detach()), margin=float(margin.mean()),
+                          pref_accuracy=float((margin > 0).float().mean()))
+            tokens_seen += ids.numel()
+        else:
+            probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
+            G = args.group_size
+            comps = sample(model, corpus, probs, G, temperature=args.temperature,
+                           max_new=task.max_answer_tokens, generator=gen)
+            rewards = torch.tensor([[tasks.reward(tasks.completion_text(corpus, c), p.answer)
+                                     for c in cs] for p, cs in zip(probs, comps)])
+            adv = group_advantages(rewards).reshape(-1).to(device)
+            seqs, starts = [], []
+            for p, cs in zip(probs, comps):
+                pr = tasks.encode(corpus, p.prompt)
+                for c in cs:
+                    seqs.append(pr + c)
+                    starts.append(len(pr))
+            ids, mask = pad_batch(seqs, starts, eos, device, PAD_MULTIPLE)
+            with torch.no_grad():
+                old = token_logprobs(model, ids)
+                ref_lp = token_logprobs(ref, ids)
+            stats = {}
+            for _ in range(args.ppo_epochs):
+                loss, stats = grpo_loss(token_logprobs(model, ids), old, ref_lp, adv, mask,
+                                        args.clip_eps, args.beta)
+                record["lr"] = optimizer_step(loss)
+            record.update(loss=float(loss.detach()), reward=float(rewards.mean()),
+                          accuracy=float((rewards == 1.0).float().mean()), **stats)
+            tokens_seen += ids.numel() * (1 + args.ppo_epochs)
+        dt = time.perf_counter() - t0
+        step_times.append(dt)
+        record["step_time_s"] = dt
+        history["train"].append((it + 1, record["loss"]))
+        log(record)
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"{stage} loss is {record['loss']} at step {it + 1}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(f"loss {record['loss']:.4f}"
+                                + (f" | reward {record['reward']:.3f}" if "reward" in record
+                                   else ""))
+        if args.eval_every > 0 and (it + 1) % args.eval_every == 0 and it + 1 < args.max_steps:
+            r = do_eval(it + 1)
+            history["eval"].append((it + 1, r["eval_accuracy"]))
+        model.train()
+    train_s = time.perf_counter() - run_t0
+    final = do_eval(args.max_steps)
+    history["eval"].append((args.max_steps, final["eval_accuracy"]))
+    if bar is not None:
+        bar.close()
+    log_f.close()
+
+    args_json = _json_args(args)
+    task_json = dataclasses.asdict(task)
+    save_checkpoint(out / CKPT_NAME, {
+        "format": CKPT_FORMAT, "stage": stage, "step": args.max_steps, "model":
+        {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(), "rng": [_rng_state(device)], "config": ckpt["config"],
+        "preset": ckpt.get("preset"), "backend": args.backend, "args": args_json,
+        "history": {"train": [list(x) for x in history["train"]],
+                    "eval": [list(x) for x in history["eval"]]},
+        "corpus": corpus_info, "task": task_json, "init": str(ckpt_path),
+        "torch": str(torch.__version__)})
+
+    timed = step_times[1:] if len(step_times) > 1 else step_times
+    summary = {
+        "stage": stage, "init": str(ckpt_path),
+        "preset": ckpt.get("preset"), "backend": args.backend, "compile": False,
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "dist": "none", "world_size": 1,
+        "params": model.num_params(), "params_total": model.num_params(non_embedding=False),
+        "config": ckpt["config"], "seq_len": None, "batch_size": args.batch_size,
+        "grad_accum": 1, "tokens_per_step": None,
+        "steps": args.max_steps, "steps_this_run": len(step_times), "resumed_from": None,
+        "tokens_per_s": tokens_seen / train_s if train_s > 0 else None,
+        "step_time_median_s": statistics.median(timed) if timed else None,
+        "train_time_s": train_s, "mfu": None,
+        "optimizer": f"{type(opt).__module__}.{type(opt).__name__}",
+        "clip_grad_norm": f"{clip_grad_norm_.__module__}.{clip_grad_norm_.__name__}",
+        "peak_flops_bf16": None, "flops_per_token": None,
+        "initial_loss": history["train"][0][1] if history["train"] else None,
+        "final_loss": history["train"][-1][1] if history["train"] else None,
+        "val_loss": None,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                             else "process RSS high-water mark (VmHWM)"),
+        "initial_eval_accuracy": first_eval["eval_accuracy"],
+        "initial_eval_reward": first_eval["eval_reward"],
+        **{k: v for k, v in final.items()},
+        "task": task_json, **extra,
+        **_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seed": args.seed, "sample": None, "args": args_json,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def build_pairs(policy, corpus, task: tasks.AdditionTask, k: int, temperature: float,
+                generator: torch.Generator) -> tuple[list[dict], dict]:
+    """K samples per pair-building prompt from the frozen policy; per prompt, the best- and the
+    worst-scoring samples make a pair when the best scores strictly higher. The gold answer is
+    only used by the verifier, never inserted."""
+    if k < 2 or temperature <= 0:
+        raise ValueError("pair building needs --k >= 2 and --temperature > 0")
+    problems = task.pairs
+    comps = sample(policy, corpus, problems, k, temperature=temperature,
+                   max_new=task.max_answer_tokens, generator=generator)
+    pairs, best_hits, sample_hits, n = [], 0, 0, 0
+    for p, cs in zip(problems, comps):
+        scores = [tasks.reward(tasks.completion_text(corpus, c), p.answer) for c in cs]
+        best_hits += max(scores) == 1.0
+        sample_hits += sum(s == 1.0 for s in scores)
+        n += len(scores)
+        hi = max(range(k), key=lambda i: scores[i])
+        lo = min(range(k), key=lambda i: scores[i])
+        if scores[hi] > scores[lo]:
+            prompt = tasks.encode(corpus, p.prompt)
+            pairs.append({"chosen": prompt + cs[hi], "rejected": prompt + cs[lo],
+                          "start": len(prompt)})
+    stats = {"prompts": len(problems), "pairs": len(pairs), "k": k,
+             "best_of_k_accuracy": best_hits / max(1, len(problems)),
+             "sample_accuracy": sample_hits / max(1, n)}
+    return pairs, stats
+
+
+@torch.no_grad()
+def _ref_logprobs(ref, pairs: list[dict], eos: int, device, batch: int = 128):
+    chosen, rejected = [], []
+    for lo in range(0, len(pairs), batch):
+        chunk = pairs[lo:lo + batch]
+        for key, dst in (("chosen", chosen), ("rejected", rejected)):
+            ids, mask = pad_batch([p[key] for p in chunk], [p["start"] for p in chunk], eos,
+                                  device, PAD_MULTIPLE)
+            dst.append(sequence_logprobs(ref, ids, mask))
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def sft(args):
+    return run_stage(args, "sft")
+
+
+def dpo(args):
+    return run_stage(args, "dpo")
+
+
+def grpo(args):
+    return run_stage(args, "grpo")
