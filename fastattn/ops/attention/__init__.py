@@ -202,11 +202,11 @@ def _cuda_decode_supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Option
         return "more than 524280 query rows per kv head"
     if k_cache.shape[2] >= 2 ** 31:
         return "caches of 2^31 positions or more"
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        step = 16 // t.element_size() if name != "q" else 1
-        if t.data_ptr() % (16 if name != "q" else t.element_size()) or any(
-                s % step for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
-            return f"{name} rows that are not {16 if name != 'q' else t.element_size()}-byte aligned"
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):  # 16-byte vector loads
+        e = t.element_size()
+        if t.data_ptr() % 16 or any(s * e % 16 for s, n in zip(t.stride()[:-1], t.shape[:-1])
+                                    if n > 1):
+            return f"{name} rows that are not 16-byte aligned"
     return None
 
 
