@@ -5,6 +5,8 @@
     torchrun --standalone --nproc_per_node 2 -m fastattn.train pretrain --dist ddp ...
     python -m fastattn.train bench --preset tiny --steps 10 --out out/bench
     python -m fastattn.train sft|dpo|grpo --init out/tiny --out out/sft --max-steps 300
+    python -m fastattn.train rm  --init out/sft --out out/rm
+    python -m fastattn.train ppo --init out/sft --reward-model out/rm --out out/ppo
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from .align import add_align_args, dpo, grpo, sft
+from .align import add_align_args, dpo, grpo, ppo, rm, sft
 from .pretrain import CheckpointError, add_bench_args, add_pretrain_args, bench, pretrain
 
 
@@ -44,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(run=bench)
     for name, run, what in (("sft", sft, "supervised fine-tuning on the addition task"),
                             ("dpo", dpo, "DPO on preference pairs sampled from --init"),
-                            ("grpo", grpo, "GRPO with the addition verifier as reward")):
+                            ("grpo", grpo, "GRPO with the addition verifier as reward"),
+                            ("rm", rm, "reward model (Bradley-Terry) on pairs sampled from "
+                             "--init"),
+                            ("ppo", ppo, "PPO against a reward model (verifier logged)")):
         a = sub.add_parser(name, help=what, formatter_class=_HelpFormatter)
         add_align_args(a, name)
         a.set_defaults(run=run)

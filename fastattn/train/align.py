@@ -4,6 +4,8 @@ supervised fine-tuning, DPO on honestly sampled preference pairs, and GRPO.
     python -m fastattn.train sft  --init out/pretrain --out out/sft  --max-steps 300
     python -m fastattn.train dpo  --init out/sft      --out out/dpo  --max-steps 100
     python -m fastattn.train grpo --init out/sft      --out out/grpo --max-steps 50
+    python -m fastattn.train rm   --init out/sft      --out out/rm   --max-steps 100
+    python -m fastattn.train ppo  --init out/sft --reward-model out/rm --out out/ppo
 
 Each stage loads ``INIT/ckpt.pt`` (a pretraining checkpoint or an earlier stage's), rebuilds the
 same tokenizer from the corpus recorded in it, and writes ``OUT/summary.json`` (the pretraining
@@ -30,6 +32,14 @@ Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
           k3_t = exp(l^ref_t - l_t) - (l^ref_t - l_t) - 1  (Schulman's unbiased, >= 0 KL
           estimator), loss = -mean_i J_i (Shao et al. 2024); ``--ppo-epochs`` updates per batch
           of samples, so from the second on rho != 1 and the clip acts.
+    RM    -log sigmoid(r_c - r_r), r = head(h at the last completion token) on the SFT trunk;
+          pairs from ``build_pairs``, ``--holdout`` of them held out (summary ``pair_accuracy``;
+          ``train_pair_accuracy`` on the rest). The checkpoint stores the head as
+          ``reward_head`` next to ``model``; rm writes no eval_accuracy (its LM head is unused).
+    PPO   r_t = -beta (l_t - l^ref_t) + RM score at the last completion slot; GAE (``gae``);
+          ``ppo_loss``: clipped policy loss + vf_coef x clipped value loss, value head
+          (``value_head`` in the checkpoint) on the policy's trunk. Logs ``rm_reward`` and the
+          verifier's ``verifier_reward`` each step (a widening gap is reward hacking).
 """
 
 from __future__ import annotations
@@ -56,7 +66,8 @@ from .pretrain import (CKPT_FORMAT, CKPT_NAME, CheckpointError, _json_args, _rng
                        _seed_all, _versions, load_checkpoint, lr_at, peak_memory_bytes,
                        resolve_device, save_checkpoint)
 
-STAGES = ("sft", "dpo", "grpo")
+STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
+HEAD_KEYS = {"rm": "reward_head", "ppo": "value_head"}    # checkpoint key of the scalar head
 PAD_MULTIPLE = 8
 
 
@@ -66,7 +77,13 @@ PAD_MULTIPLE = 8
 
 def token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     """(B, T) token ids -> (B, T-1) log p(ids[:, t+1] | ids[:, :t+1]), at least fp32."""
-    h = model.hidden_states(ids)[:, :-1, :]
+    return logprobs_from_hidden(model, model.hidden_states(ids), ids)
+
+
+def logprobs_from_hidden(model, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``token_logprobs`` from hidden states (B, T, d) already computed (PPO reuses them for the
+    value head)."""
+    h = h[:, :-1, :]
     target = ids[:, 1:]
     if model.backend == "fastattn":
         import fastattn
@@ -117,6 +134,54 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         stats = {"kl": float((kl * mask).sum() / total),
                  "clip_frac": float((clipped * mask).sum() / total)}
     return loss, stats
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Reward-model loss -mean log sigmoid(r_c - r_r); d/dr_c = -sigmoid(r_r - r_c) / N."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over (N, T) token slots; ``mask`` marks the completion
+    (contiguous), and the step after its last slot is terminal (value 0). Returns advantages and
+    returns (advantage + value), both 0 outside the mask.
+        delta_t = r_t + gamma m_{t+1} V_{t+1} - V_t,   A_t = delta_t + gamma lam m_{t+1} A_{t+1}"""
+    T = rewards.shape[-1]
+    adv = torch.zeros_like(rewards)
+    nxt_a = torch.zeros_like(rewards[..., 0])
+    nxt_v = torch.zeros_like(rewards[..., 0])
+    nxt_m = torch.zeros_like(rewards[..., 0])
+    for t in range(T - 1, -1, -1):
+        delta = rewards[..., t] + gamma * nxt_m * nxt_v - values[..., t]
+        a = (delta + gamma * lam * nxt_m * nxt_a) * mask[..., t]
+        adv[..., t] = a
+        nxt_a, nxt_v, nxt_m = a, values[..., t], mask[..., t]
+    return adv, (adv + values) * mask
+
+
+def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
+             values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+             mask: torch.Tensor, clip_eps: float = 0.2, value_clip: float = 0.2,
+             vf_coef: float = 0.5) -> tuple[torch.Tensor, dict]:
+    """All (N, T); means over the masked tokens of the batch.
+        policy  -min(rho A, clip(rho, 1-eps, 1+eps) A),  rho = exp(l - l_old)
+        value   0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)
+        loss    policy + vf_coef value"""
+    total = mask.sum().clamp_min(1)
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    pg = -(surrogate * mask).sum() / total
+    v_clipped = old_values + (values - old_values).clamp(-value_clip, value_clip)
+    vf = 0.5 * (torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2)
+                * mask).sum() / total
+    with torch.no_grad():
+        stats = {"pg_loss": float(pg), "vf_loss": float(vf),
+                 "clip_frac": float((((ratio - 1).abs() > clip_eps).float() * mask).sum()
+                                    / total),
+                 "vf_clip_frac": float((((values - old_values).abs() > value_clip).float()
+                                        * mask).sum() / total)}
+    return pg + vf_coef * vf, stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,19 +258,22 @@ def evaluate(model, corpus, task: tasks.AdditionTask) -> dict:
 def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--init", required=True,
                    help="folder (or ckpt.pt) of the checkpoint to start from: pretraining "
-                   "for sft, sft for dpo / grpo")
+                   "for sft, sft for dpo / grpo / rm / ppo")
     p.add_argument("--out", default=f"out/{stage}", help="output folder")
     p.add_argument("--backend", choices=("fastattn", "torch"), default="fastattn")
-    p.add_argument("--max-steps", type=int, default={"sft": 300, "dpo": 100, "grpo": 50}[stage],
-                   help="optimizer steps (GRPO: sampling rounds, each --ppo-epochs steps)")
+    p.add_argument("--max-steps", type=int, default={"sft": 300, "dpo": 100, "grpo": 50, "rm": 100,
+                                                  "ppo": 50}[stage],
+                   help="optimizer steps (GRPO, PPO: sampling rounds, each --ppo-epochs steps)")
     p.add_argument("--seed", type=int, default=0, help="seeds batches, sampling and dropout")
-    p.add_argument("--lr", type=float, default={"sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4}[stage])
+    p.add_argument("--lr", type=float, default={"sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4,
+                                                 "rm": 3e-4, "ppo": 1e-4}[stage])
     p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (default lr/10)")
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
-    p.add_argument("--batch-size", type=int, default={"sft": 32, "dpo": 32, "grpo": 16}[stage],
-                   help="sequences (sft), pairs (dpo) or prompts (grpo) per step")
+    p.add_argument("--batch-size", type=int, default={"sft": 32, "dpo": 32, "grpo": 16, "rm": 32,
+                                                     "ppo": 32}[stage],
+                   help="sequences (sft), pairs (dpo, rm) or prompts (grpo, ppo) per step")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--cache-dir", default=None,
                    help="tokenizer cache (default: the one recorded in the init checkpoint)")
@@ -220,17 +288,31 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations "
                    "(0 = before and after training only)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-    if stage in ("dpo", "grpo"):
-        p.add_argument("--beta", type=float, default=0.1 if stage == "dpo" else 0.04,
-                       help="DPO temperature / GRPO KL coefficient")
+    if stage in ("dpo", "grpo", "ppo"):
+        p.add_argument("--beta", type=float,
+                       default={"dpo": 0.1, "grpo": 0.04, "ppo": 0.05}[stage],
+                       help="DPO temperature / GRPO, PPO KL coefficient")
+    if stage in ("dpo", "grpo", "rm", "ppo"):
         p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    if stage == "dpo":
+    if stage in ("dpo", "rm"):
         p.add_argument("--k", type=int, default=8, help="samples per pair-building prompt")
+    if stage == "rm":
+        p.add_argument("--holdout", type=float, default=0.2,
+                       help="fraction of the pairs held out for pair_accuracy")
     if stage == "grpo":
         p.add_argument("--group-size", type=int, default=8, help="G samples per prompt")
-        p.add_argument("--ppo-epochs", type=int, default=2,
+    if stage in ("grpo", "ppo"):
+        p.add_argument("--ppo-epochs", type=int, default=2 if stage == "grpo" else 4,
                        help="updates per batch of samples (old log-probs fixed)")
         p.add_argument("--clip-eps", type=float, default=0.2, help="ratio clip")
+    if stage == "ppo":
+        p.add_argument("--reward-model", required=True,
+                       help="folder (or ckpt.pt) of an rm checkpoint")
+        p.add_argument("--value-clip", type=float, default=0.2,
+                       help="value clip around the old values")
+        p.add_argument("--vf-coef", type=float, default=0.5, help="value-loss weight")
+        p.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
+        p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,11 +371,29 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {ckpt_path} does not fit its own config: {e}") from e
     ref = None
-    if stage in ("dpo", "grpo"):
+    if stage in ("dpo", "grpo", "ppo"):
         ref = copy.deepcopy(model).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
+    # rm: the reward head (GPT init); ppo: the value head (zero init: values start at 0), both
+    # on the trunk being trained, and the frozen reward model.
+    head = None
+    if stage in ("rm", "ppo"):
+        head = torch.nn.Linear(cfg.d_model, 1).to(device)
+        if stage == "rm":
+            GPT._init_weights(head)
+        else:
+            torch.nn.init.zeros_(head.weight)
+            torch.nn.init.zeros_(head.bias)
+    if stage == "ppo":
+        rm_model, rm_head, rm_path = _load_reward_model(args.reward_model, cfg, args.backend,
+                                                        device)
     opt = model.configure_optimizer(args.lr, args.weight_decay)
+    params = list(model.parameters())
+    if head is not None:
+        opt.add_param_group({"params": [head.weight], "weight_decay": args.weight_decay})
+        opt.add_param_group({"params": [head.bias], "weight_decay": 0.0})
+        params += list(head.parameters())
     if args.backend == "fastattn":
         from ..optim import clip_grad_norm_
     else:
@@ -313,7 +413,16 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=args.max_steps, desc=f"{stage}/{args.backend}", dynamic_ncols=True)
 
+    eval_key = "pair_accuracy" if stage == "rm" else "eval_accuracy"
+
     def do_eval(step: int) -> dict:
+        if stage == "rm":
+            r = rm_evaluate(model, head, held, eos, device)
+            log({"kind": "eval", "step": step, **r})
+            if bar is not None:
+                bar.write(f"rm step {step}: held-out pair accuracy {r['pair_accuracy']:.3f}, "
+                          f"loss {r['pair_loss']:.4f}")
+            return r
         r = evaluate(model, corpus, task)
         log({"kind": "eval", "step": step, **r})
         if bar is not None:
@@ -323,9 +432,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
 
     eos = corpus.eos_id
     extra: dict = {}
-    history: dict = {"train": [], "eval": []}
-    first_eval = do_eval(0)
-    history["eval"].append((0, first_eval["eval_accuracy"]))
+    history: dict = {"train": [], "eval": [], "ppo": []}
+    if stage != "rm":
+        first_eval = do_eval(0)
 
     # --- stage-specific data -----------------------------------------------------------------
     if stage == "sft":
@@ -344,15 +453,33 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             raise ValueError("no preference pairs: every prompt's K samples scored the same; "
                              "raise --k or --temperature")
         ref_c, ref_r = _ref_logprobs(ref, data, eos, device)
+    elif stage == "rm":
+        if not 0 < args.holdout < 1:
+            raise ValueError("--holdout must be in (0, 1)")
+        t0 = time.perf_counter()
+        pairs, pair_stats = build_pairs(model, corpus, task, args.k, args.temperature, gen)
+        if len(pairs) < 2:
+            raise ValueError(f"{len(pairs)} preference pairs: the reward model needs >= 2 (one "
+                             "held out); raise --k, --temperature or --n-pairs")
+        order = list(range(len(pairs)))
+        random.Random(f"rm-holdout/{args.seed}").shuffle(order)
+        n_held = min(len(pairs) - 1, max(1, round(args.holdout * len(pairs))))
+        held = [pairs[i] for i in order[:n_held]]
+        data = [pairs[i] for i in order[n_held:]]
+        pair_stats.update(train_pairs=len(data), heldout_pairs=len(held))
+        extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
+        log({"kind": "pairs", **pair_stats})
+        first_eval = do_eval(0)
     else:
         prompts = task.pairs
+    history["eval"].append((0, first_eval[eval_key]))
 
     # --- the loop ----------------------------------------------------------------------------
     model.train()
     step_times, tokens_seen = [], 0
     run_t0 = time.perf_counter()
     opt_steps = 0
-    total_opt_steps = args.max_steps * (args.ppo_epochs if stage == "grpo" else 1)
+    total_opt_steps = args.max_steps * (args.ppo_epochs if stage in ("grpo", "ppo") else 1)
     for it in range(args.max_steps):
         t0 = time.perf_counter()
         record: dict = {"kind": "train", "step": it + 1}
@@ -364,7 +491,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                 group["lr"] = lr
             loss.backward()
             if args.clip > 0:
-                clip_grad_norm_(model.parameters(), args.clip)
+                clip_grad_norm_(params, args.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             opt_steps += 1
@@ -393,6 +520,25 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             record.update(loss=float(loss.detach()), margin=float(margin.mean()),
                           pref_accuracy=float((margin > 0).float().mean()))
             tokens_seen += ids.numel()
+        elif stage == "rm":
+            pick = [rng.randrange(len(data)) for _ in range(args.batch_size)]
+            seqs = [data[i]["chosen"] for i in pick] + [data[i]["rejected"] for i in pick]
+            ids, _ = pad_batch(seqs, [data[i]["start"] for i in pick] * 2, eos, device,
+                               PAD_MULTIPLE)
+            r = reward_scores(model, head, ids, [len(s) - 1 for s in seqs])
+            B = len(pick)
+            loss = bradley_terry_loss(r[:B], r[B:])
+            record["lr"] = optimizer_step(loss)
+            with torch.no_grad():
+                margin = r[:B] - r[B:]
+            record.update(loss=float(loss.detach()), margin=float(margin.mean()),
+                          pref_accuracy=float((margin > 0).float().mean()))
+            tokens_seen += ids.numel()
+        elif stage == "ppo":
+            record.update(_ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task,
+                                    prompts, rng, gen, optimizer_step))
+            history["ppo"].append(record)
+            tokens_seen += record.pop("tokens")
         else:
             probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
             G = args.group_size
@@ -437,7 +583,15 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         model.train()
     train_s = time.perf_counter() - run_t0
     final = do_eval(args.max_steps)
-    history["eval"].append((args.max_steps, final["eval_accuracy"]))
+    history["eval"].append((args.max_steps, final[eval_key]))
+    if stage == "rm":
+        extra["train_pair_accuracy"] = rm_evaluate(model, head, data, eos, device)[
+            "pair_accuracy"]
+        extra["initial_pair_accuracy"] = first_eval["pair_accuracy"]
+    if stage == "ppo":
+        last = next(r for r in reversed(history["ppo"]))
+        extra.update(reward_model=str(rm_path), final_rm_reward=last["rm_reward"],
+                     final_verifier_reward=last["verifier_reward"])
     if bar is not None:
         bar.close()
     log_f.close()
@@ -452,7 +606,10 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         "history": {"train": [list(x) for x in history["train"]],
                     "eval": [list(x) for x in history["eval"]]},
         "corpus": corpus_info, "task": task_json, "init": str(ckpt_path),
-        "torch": str(torch.__version__)})
+        "torch": str(torch.__version__),
+        **({} if head is None else {HEAD_KEYS[stage]: {k: v.detach().cpu() for k, v in
+                                                       head.state_dict().items()}}),
+        **({"reward_model": str(rm_path)} if stage == "ppo" else {})})
 
     timed = step_times[1:] if len(step_times) > 1 else step_times
     summary = {
@@ -478,8 +635,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         "peak_memory_bytes": peak_memory_bytes(device),
         "peak_memory_kind": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                              else "process RSS high-water mark (VmHWM)"),
-        "initial_eval_accuracy": first_eval["eval_accuracy"],
-        "initial_eval_reward": first_eval["eval_reward"],
+        "initial_eval_accuracy": first_eval.get("eval_accuracy"),
+        "initial_eval_reward": first_eval.get("eval_reward"),
         **{k: v for k, v in final.items()},
         "task": task_json, **extra,
         **_versions(),
@@ -530,6 +687,109 @@ def _ref_logprobs(ref, pairs: list[dict], eos: int, device, batch: int = 128):
     return torch.cat(chosen), torch.cat(rejected)
 
 
+def reward_scores(model, head, ids: torch.Tensor, last: Sequence[int]) -> torch.Tensor:
+    """(B,) scalar rewards: ``head`` on the final hidden state at position ``last[b]`` (the
+    completion's last token: its end-of-text token, or the last one sampled)."""
+    h = model.hidden_states(ids)
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    pos = torch.as_tensor(list(last), device=ids.device)
+    return head(h[rows, pos]).squeeze(-1).float()
+
+
+@torch.no_grad()
+def rm_evaluate(model, head, pairs: list[dict], eos: int, device, batch: int = 128) -> dict:
+    """Pairwise accuracy (r_chosen > r_rejected; ties count as wrong) and Bradley-Terry loss."""
+    was = model.training
+    model.eval()
+    margins = []
+    for lo in range(0, len(pairs), batch):
+        chunk = pairs[lo:lo + batch]
+        seqs = [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk]
+        ids, _ = pad_batch(seqs, [p["start"] for p in chunk] * 2, eos, device, PAD_MULTIPLE)
+        r = reward_scores(model, head, ids, [len(q) - 1 for q in seqs])
+        margins.append(r[:len(chunk)] - r[len(chunk):])
+    model.train(was)
+    m = torch.cat(margins)
+    return {"pair_accuracy": float((m > 0).float().mean()),
+            "pair_loss": float(-F.logsigmoid(m).mean())}
+
+
+def _load_reward_model(path, cfg, backend: str, device):
+    from ..models.gpt import GPT, GPTConfig
+    path = Path(path)
+    path = path / CKPT_NAME if path.is_dir() else path
+    ck = load_checkpoint(path)
+    if HEAD_KEYS["rm"] not in ck:
+        raise CheckpointError(f"{path} holds no {HEAD_KEYS['rm']!r} (stage "
+                              f"{ck.get('stage')!r}); train one with `fastattn-train rm`")
+    rm_cfg = GPTConfig(**ck["config"])
+    if rm_cfg.vocab_size != cfg.vocab_size or rm_cfg.d_model != cfg.d_model:
+        raise CheckpointError(f"{path}: reward model vocabulary {rm_cfg.vocab_size} / d_model "
+                              f"{rm_cfg.d_model} do not match the policy's")
+    rm = GPT(rm_cfg, backend=backend).to(device)
+    head = torch.nn.Linear(rm_cfg.d_model, 1).to(device)
+    try:
+        rm.load_state_dict(ck["model"])
+        head.load_state_dict(ck[HEAD_KEYS["rm"]])
+    except RuntimeError as e:
+        raise CheckpointError(f"reward model {path} does not fit its own config: {e}") from e
+    for mod in (rm, head):
+        mod.eval()
+        for p in mod.parameters():
+            p.requires_grad_(False)
+    return rm, head, path
+
+
+def _ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, prompts, rng, gen,
+              optimizer_step) -> dict:
+    """One PPO round: one completion per prompt, per-token rewards
+        r_t = -beta (l_t^old - l_t^ref) + [t is the last completion slot] RM(prompt + completion),
+    GAE, advantages whitened over the batch's completion tokens, ``--ppo-epochs`` full-batch
+    updates. The verifier's reward is only logged (a growing RM - verifier gap is hacking)."""
+    device = next(model.parameters()).device
+    eos = corpus.eos_id
+    probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
+    comps = sample(model, corpus, probs, 1, temperature=args.temperature,
+                   max_new=task.max_answer_tokens, generator=gen)
+    seqs, starts = [], []
+    for p, cs in zip(probs, comps):
+        pr = tasks.encode(corpus, p.prompt)
+        seqs.append(pr + cs[0])
+        starts.append(len(pr))
+    verifier = torch.tensor([tasks.reward(tasks.completion_text(corpus, cs[0]), p.answer)
+                             for p, cs in zip(probs, comps)])
+    ids, mask = pad_batch(seqs, starts, eos, device, PAD_MULTIPLE)
+    rows = torch.arange(len(seqs), device=device)
+    last_slot = torch.tensor([len(q) - 2 for q in seqs], device=device)
+    with torch.no_grad():
+        h = model.hidden_states(ids)
+        old = logprobs_from_hidden(model, h, ids)
+        old_v = head(h[:, :-1]).squeeze(-1).float()
+        ref_lp = token_logprobs(ref, ids)
+        score = reward_scores(rm_model, rm_head, ids, (last_slot + 1).tolist())
+        kl = (old - ref_lp) * mask
+        rewards = -args.beta * kl
+        rewards[rows, last_slot] += score
+        adv, ret = gae(rewards, old_v * mask, mask, args.gamma, args.lam)
+        n = mask.sum().clamp_min(1)
+        mean = adv.sum() / n
+        std = (((adv - mean) ** 2 * mask).sum() / n).sqrt()
+        adv = (adv - mean) / (std + 1e-8) * mask
+    stats, rec = {}, {}
+    for _ in range(args.ppo_epochs):
+        h = model.hidden_states(ids)
+        loss, stats = ppo_loss(logprobs_from_hidden(model, h, ids), old, adv,
+                               head(h[:, :-1]).squeeze(-1).float(), old_v, ret, mask,
+                               args.clip_eps, args.value_clip, args.vf_coef)
+        rec["lr"] = optimizer_step(loss)
+    rec.update(loss=float(loss.detach()), reward=float(score.mean()),
+               rm_reward=float(score.mean()), verifier_reward=float(verifier.mean()),
+               accuracy=float((verifier == 1.0).float().mean()),
+               kl=float(kl.sum(-1).mean()), value=float((old_v * mask).sum() / n), **stats,
+               tokens=ids.numel() * (3 + args.ppo_epochs))
+    return rec
+
+
 def sft(args):
     return run_stage(args, "sft")
 
@@ -540,3 +800,11 @@ def dpo(args):
 
 def grpo(args):
     return run_stage(args, "grpo")
+
+
+def rm(args):
+    return run_stage(args, "rm")
+
+
+def ppo(args):
+    return run_stage(args, "ppo")
