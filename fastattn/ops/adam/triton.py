@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_common import cast_for as _cast_for
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 BLOCK = 4096
@@ -51,20 +53,6 @@ def _one_minus_exp(x):
     poly = poly * x + 0.5
     poly = poly * x + 1.0
     return tl.where(x > -0.5, -x * poly, 1.0 - tl.exp(x))
-
-
-@triton.jit
-def _cast_for(x, ptr):
-    # fp32 -> the element type of ptr, round-to-nearest-even as torch's .to() does. For bf16
-    # the rounding is done here on the bits (add 0x7fff plus the lowest kept bit, clear the
-    # low half; NaN and inf survive) so that the final cast is exact: the GPU's cvt.rn would
-    # round the same way, but the interpreter truncates fp32 -> bf16.
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        bits = (bits >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit

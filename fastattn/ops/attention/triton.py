@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_common import tanh as _tanh
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTATTN_AUTOTUNE=0 runs the first config the shape pruning keeps instead of timing them all:
 # for test runs, where every new shape would otherwise cost a round of compiles.
@@ -166,15 +168,6 @@ def _keep(rows, cols, seqlen_k, key, threshold):
     # r = mix32(mix32(i * Sk + j) ^ key(bh)) (reference.py).
     idx = (rows * seqlen_k + cols).to(tl.uint32, bitcast=True)
     return _mix32(_mix32(idx) ^ key) >= threshold.to(tl.uint32, bitcast=True)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1]: no overflow and no cancellation
-    # near 0 (1 - 2 / (exp(2x) + 1) loses the relative precision there).
-    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0.0, -t, t)
 
 
 @triton.jit

@@ -49,6 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_common import tanh as _tanh
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTATTN_AUTOTUNE=0: the first config the pruning keeps, no timing (test runs; see
 # fastattn/ops/attention/triton.py).
@@ -151,15 +153,6 @@ def _even_k(args):
 #   relu       y = max(x, 0),                      y' = [x > 0]   (0 at 0, as torch)
 #   relu2      y = max(x, 0)^2,                    y' = 2 max(x, 0)
 #   silu       y = x s,  s = 1 / (1 + exp(-x)),    y' = s (1 + x (1 - s))
-
-
-@triton.jit
-def _tanh(x):
-    # tanh(|x|) = (1 - e) / (1 + e), e = exp(-2|x|) in (0, 1]: no overflow for large |x| and
-    # no cancellation near 0.
-    e = tl.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0.0, -t, t)
 
 
 @triton.jit

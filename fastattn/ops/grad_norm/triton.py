@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_common import cast_for as _cast_for
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 BLOCK = 4096
@@ -95,18 +97,6 @@ def _final_kernel(partial_ptr, out_ptr, n_partials, INF_NORM: tl.constexpr,
         tl.store(out_ptr, tl.max(acc, axis=0).to(tl.float32, bitcast=True))
     else:
         tl.store(out_ptr, tl.sqrt(tl.sum(acc, axis=0)).to(tl.float32))
-
-
-@triton.jit
-def _cast_for(x, ptr):
-    # fp32 -> ptr's element type, round-to-nearest-even like torch. bf16 is rounded here on
-    # the bits (the interpreter truncates fp32 -> bf16; the GPU's cvt.rn rounds the same way).
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        bits = (bits >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
