@@ -296,6 +296,9 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
         p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     if stage in ("dpo", "rm"):
         p.add_argument("--k", type=int, default=8, help="samples per pair-building prompt")
+        p.add_argument("--min-chosen-reward", type=float, default=0.0,
+                       help="keep a pair only if its chosen sample scores at least this "
+                            "(1.0: only exactly right answers are chosen)")
     if stage == "rm":
         p.add_argument("--holdout", type=float, default=0.2,
                        help="fraction of the pairs held out for pair_accuracy")
@@ -442,7 +445,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                 for p in task.train]
     elif stage == "dpo":
         t0 = time.perf_counter()
-        data, pair_stats = build_pairs(ref, corpus, task, args.k, args.temperature, gen)
+        data, pair_stats = build_pairs(ref, corpus, task, args.k, args.temperature, gen,
+                                       min_chosen=args.min_chosen_reward)
         extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
         log({"kind": "pairs", **pair_stats})
         if bar is not None:
@@ -457,7 +461,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         if not 0 < args.holdout < 1:
             raise ValueError("--holdout must be in (0, 1)")
         t0 = time.perf_counter()
-        pairs, pair_stats = build_pairs(model, corpus, task, args.k, args.temperature, gen)
+        pairs, pair_stats = build_pairs(model, corpus, task, args.k, args.temperature, gen,
+                                        min_chosen=args.min_chosen_reward)
         if len(pairs) < 2:
             raise ValueError(f"{len(pairs)} preference pairs: the reward model needs >= 2 (one "
                              "held out); raise --k, --temperature or --n-pairs")
@@ -648,10 +653,10 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
 
 
 def build_pairs(policy, corpus, task: tasks.AdditionTask, k: int, temperature: float,
-                generator: torch.Generator) -> tuple[list[dict], dict]:
+                generator: torch.Generator, min_chosen: float = 0.0) -> tuple[list[dict], dict]:
     """K samples per pair-building prompt from the frozen policy; per prompt, the best- and the
-    worst-scoring samples make a pair when the best scores strictly higher. The gold answer is
-    only used by the verifier, never inserted."""
+    worst-scoring samples make a pair when the best scores strictly higher and at least
+    ``min_chosen``. The gold answer is only used by the verifier, never inserted."""
     if k < 2 or temperature <= 0:
         raise ValueError("pair building needs --k >= 2 and --temperature > 0")
     problems = task.pairs
@@ -665,7 +670,7 @@ def build_pairs(policy, corpus, task: tasks.AdditionTask, k: int, temperature: f
         n += len(scores)
         hi = max(range(k), key=lambda i: scores[i])
         lo = min(range(k), key=lambda i: scores[i])
-        if scores[hi] > scores[lo]:
+        if scores[hi] > scores[lo] and scores[hi] >= min_chosen:
             prompt = tasks.encode(corpus, p.prompt)
             pairs.append({"chosen": prompt + cs[hi], "rejected": prompt + cs[lo],
                           "start": len(prompt)})
