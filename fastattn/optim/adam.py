@@ -24,6 +24,11 @@ from torch import Tensor
 
 from ..ops import adam as _adam_op  # noqa: F401  (registers fastattn::adam_step_)
 
+_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _is_dtensor(t) -> bool:
     """Whether t is a torch.distributed DTensor (FSDP2's parameters), without importing
     torch.distributed where it is not built."""
@@ -31,14 +36,9 @@ def _is_dtensor(t) -> bool:
     return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
 
 
-_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-
-
 def _moment_dtype(group: dict) -> torch.dtype:
     value = group["moment_dtype"]  # a name; torch.dtype in groups saved before it was one
     return value if isinstance(value, torch.dtype) else getattr(torch, value)
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class Adam(torch.optim.Optimizer):
