@@ -160,14 +160,25 @@ struct Exp<float> {
   // at all (measured 5-8x slower on AVX2).
   static FA_INLINE Exp make() { return Exp{opaque(-104.0f), opaque(88.8f)}; }
 
-  FA_INLINE float operator()(float x) const {
+  FA_INLINE float operator()(float x) const { return sum(x, 0.0f); }
+
+  // max(x, lo): where exp has already reached 0. Lets a caller form exp(x) * x without the
+  // NaN of 0 * -inf at a masked (-inf) class, with no select that could block vectorising.
+  FA_INLINE float floor(float x) const { return lo > x ? lo : x; }
+
+  // exp(x + x_lo) for an unevaluated sum with |x_lo| <= ~2^-11 |x| (e.g. -a^2/2 split into
+  // an exact product and its correction): x - n * ln2_hi is exact, so x_lo joins the reduced
+  // argument r without the rounding of x + x_lo, which at |x| ~ 80 alone would cost 10 ulp.
+  // operator()(x) is sum(x, 0). |r| grows by at most |x_lo|.
+  FA_INLINE float sum(float x, float x_lo) const {
     x = lo > x ? lo : x;
     x = hi < x ? hi : x;
-    // Adding 1.5 * 2^23 rounds x / ln2 to an integer held in the low mantissa bits.
     const float shifter = 0x1.8p23f;
-    const float kn = x * 1.44269504088896341f + shifter;
+    // Adding 1.5 * 2^23 rounds x / ln2 to an integer held in the low mantissa bits.
+    const float kn = (x + x_lo) * 1.44269504088896341f + shifter;
     const float nf = kn - shifter;
     float r = x - nf * 0.693359375f;  // ln2 hi = 355 / 512
+    r = r + x_lo;
     r = r - nf * -2.12194440e-4f;     // ln2 - hi
     float p = 2 * 0x1.6bd908p-10f;    // 2 e^r
     p = p * r + 2 * 0x1.1239b0p-7f;
@@ -177,35 +188,6 @@ struct Exp<float> {
     p = p * r + 2.0f;
     p = p * r + 2.0f;
     // n - 1 + 127, from the integer in kn's low bits; n in [-150, 128]
-    int32_t biased = bit_cast<int32_t>(kn) - (bit_cast<int32_t>(shifter) - 126);
-    biased = biased < 0 ? 0 : biased;
-    return p * bit_cast<float>(static_cast<uint32_t>(biased) << 23);
-  }
-
-  // max(x, lo): where exp has already reached 0. Lets a caller form exp(x) * x without the
-  // NaN of 0 * -inf at a masked (-inf) class, with no select that could block vectorising.
-  FA_INLINE float floor(float x) const { return lo > x ? lo : x; }
-
-  // exp(x + x_lo) for an unevaluated sum with |x_lo| <= ~2^-11 |x| (e.g. -a^2/2 split into
-  // an exact product and its correction): x - n * ln2_hi is exact, so x_lo joins the reduced
-  // argument r without the rounding of x + x_lo, which at |x| ~ 80 alone would cost 10 ulp.
-  // Same polynomial and clamps as operator(); |r| grows by at most |x_lo|.
-  FA_INLINE float sum(float x, float x_lo) const {
-    x = lo > x ? lo : x;
-    x = hi < x ? hi : x;
-    const float shifter = 0x1.8p23f;
-    const float kn = (x + x_lo) * 1.44269504088896341f + shifter;
-    const float nf = kn - shifter;
-    float r = x - nf * 0.693359375f;
-    r = r + x_lo;
-    r = r - nf * -2.12194440e-4f;
-    float p = 2 * 0x1.6bd908p-10f;
-    p = p * r + 2 * 0x1.1239b0p-7f;
-    p = p * r + 2 * 0x1.555682p-5f;
-    p = p * r + 2 * 0x1.555492p-3f;
-    p = p * r + 2 * 0x1.fffffep-2f;
-    p = p * r + 2.0f;
-    p = p * r + 2.0f;
     int32_t biased = bit_cast<int32_t>(kn) - (bit_cast<int32_t>(shifter) - 126);
     biased = biased < 0 ? 0 : biased;  // (255 past the top is inf: the right overflow)
     return p * bit_cast<float>(static_cast<uint32_t>(biased) << 23);
