@@ -47,6 +47,23 @@ timeout 180 $PY -m benchmarks.gpu_bench --out "$OUT" --budget-s 150 ${GPU_BENCH_
 bench_rc=$?
 grep -E "Error|Traceback" "$OUT/gpu_bench.log" | head -10
 
+# One DPO and one GRPO step phase by phase (gpt2-124m, synthetic tokens: no corpus needed),
+# torch eager against fastattn, if at least 2.5 minutes of the 8 are left.
+left=$(( 465 - ($(date +%s) - t0) ))
+if [ "$left" -gt 150 ]; then
+  stamp "alignment steps, gpt2-124m: DPO then GRPO (${left} s left)"
+  timeout 60 $PY -m fastattn.train bench --stage dpo --preset gpt2-124m --device cuda \
+    --batch-size 8 --prompt-len 256 --completion-len 256 --steps 5 --warmup 2 \
+    --out "$OUT/dpo_bench" >"$OUT/dpo_bench.log" 2>&1
+  echo "dpo bench exit $?"
+  timeout 90 $PY -m fastattn.train bench --stage grpo --preset gpt2-124m --device cuda \
+    --batch-size 8 --group-size 8 --prompt-len 128 --completion-len 128 --steps 3 --warmup 1 \
+    --out "$OUT/grpo_bench" >"$OUT/grpo_bench.log" 2>&1
+  echo "grpo bench exit $?"
+else
+  stamp "alignment steps skipped (${left} s left)"
+fi
+
 # The end-to-end training step (gpt2-124m, seq 1024, bf16 autocast) in whatever time is left of
 # the 8 minutes: torch eager, fastattn, then torch.compile (slowest to warm up) last.
 left=$(( 465 - ($(date +%s) - t0) ))
@@ -65,5 +82,7 @@ fi
 stamp "done"
 echo "gpu tests: $tests_line (exit $tests_rc); benchmarks exit $bench_rc"
 sed -n '/^date:/,$p' "$OUT/gpu_bench.log"
-[ -f "$OUT/train_bench.log" ] && grep -E "^\|" "$OUT/train_bench.log"
+for f in dpo_bench grpo_bench train_bench; do
+  [ -f "$OUT/$f.log" ] && grep -E "^\||^\(step|failed" "$OUT/$f.log"
+done
 exit $(( tests_rc != 0 || bench_rc != 0 ))

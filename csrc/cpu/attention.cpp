@@ -18,6 +18,11 @@
 // saved lse, then dV += P~^T dO, dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K:
 // five block products, the minimum. With GQA the per-query-head dK/dV go to an fp32 buffer
 // that is summed over each group of heads afterwards.
+//
+// Packed sequences (varlen) run through the same two kernels: batch entry b is then sequence b
+// of the packed (total, H, D) tensors, with its own lengths and bottom-right diagonal
+// (Problem::sequence) and its rows found through cu_seqlens (head_rows). The forward grid is
+// sized by the longest sequence; blocks past a shorter one's end are skipped.
 
 #include "ops.h"
 #include "simd.h"
@@ -82,10 +87,51 @@ FA_ROW_KERNEL void gemm_loops(bool trans_a, bool trans_b, int64_t m, int64_t n, 
   }
 }
 
+// Products with a handful of rows (KV-cache decoding: one new query per sequence), where a BLAS
+// call costs more than its arithmetic: direct loops over contiguous rows, kLanes partial sums.
+constexpr int64_t kSmallM = 4;
+
+FA_ROW_KERNEL void gemm_small_m(bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                                const float* a, int64_t lda, const float* b, int64_t ldb,
+                                float beta, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float* FA_RESTRICT ai = a + i * lda;
+    float* FA_RESTRICT ci = c + i * ldc;
+    if (trans_b) {  // c_ij = alpha a_i . b_j + beta c_ij
+      for (int64_t j = 0; j < n; ++j) {
+        const float* FA_RESTRICT bj = b + j * ldb;
+        float part[kLanes] = {};
+        int64_t p = 0;
+        for (; p + kLanes <= k; p += kLanes)
+          for (int64_t l = 0; l < kLanes; ++l) part[l] += ai[p + l] * bj[p + l];
+        float acc = 0.f;
+        for (int64_t l = 0; l < kLanes; ++l) acc += part[l];
+        for (; p < k; ++p) acc += ai[p] * bj[p];
+        ci[j] = alpha * acc + (beta == 0.f ? 0.f : beta * ci[j]);
+      }
+    } else {  // c_i = alpha sum_p a_ip b_p + beta c_i: axpy over the rows of B
+      if (beta == 0.f) {
+        std::fill(ci, ci + n, 0.f);
+      } else if (beta != 1.f) {
+        for (int64_t j = 0; j < n; ++j) ci[j] *= beta;
+      }
+      for (int64_t p = 0; p < k; ++p) {
+        const float s = alpha * ai[p];
+        const float* FA_RESTRICT bp = b + p * ldb;
+        for (int64_t j = 0; j < n; ++j) ci[j] += s * bp[j];
+      }
+    }
+  }
+}
+
 void gemm(bool blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
           int64_t ldc) {
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  if (!trans_a && m <= kSmallM) {
+    gemm_small_m(trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    return;
+  }
   if (!blas || std::max({m, n, k, lda, ldb, ldc}) > kIntMax) {
     gemm_loops(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
@@ -141,6 +187,21 @@ struct Problem {
   bool blas = true;
   const float* bias = nullptr;  // fp32, read through its strides (0 = broadcast)
   int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;
+  // Packed sequences: batch entry b is tokens [cu_q[b], cu_q[b + 1]) of q and
+  // [cu_k[b], cu_k[b + 1]) of k and v; Sq, Sk are then the longest lengths. Null when dense.
+  const int32_t* cu_q = nullptr;
+  const int32_t* cu_k = nullptr;
+
+  // The problem of batch entry b alone: itself when dense, else that sequence's lengths with
+  // its causal diagonal aligned bottom-right (FlashAttention's varlen convention).
+  Problem sequence(int64_t b) const {
+    if (cu_q == nullptr) return *this;
+    Problem s = *this;
+    s.Sq = cu_q[b + 1] - cu_q[b];
+    s.Sk = cu_k[b + 1] - cu_k[b];
+    s.diag = s.Sk - s.Sq;
+    return s;
+  }
 
   int64_t group() const { return H / Hkv; }
   // Visible keys of query i: [lo(i), hi(i)); both are non-decreasing in i.
@@ -183,6 +244,23 @@ Problem describe(const at::Tensor& q, const at::Tensor& k, const std::optional<a
     p.bias_sj = bias->stride(3);
   }
   return p;
+}
+
+// The rows of batch entry b, head h in a tensor laid out (B, H, S, D), or (total, H, D) when
+// packed (cu: the prefix sums of its token axis): element offset of row 0 and the row stride.
+struct HeadRows {
+  int64_t offset, ld;
+};
+
+FA_INLINE HeadRows head_rows(const at::Tensor& t, const int32_t* cu, int64_t b, int64_t h) {
+  if (cu != nullptr) return {cu[b] * t.stride(0) + h * t.stride(1), t.stride(0)};
+  return {b * t.stride(0) + h * t.stride(1), t.stride(2)};
+}
+
+// Offset of the lse of row 0 of (b, h); rows are consecutive: lse is (B, H, Sq) contiguous, or
+// (H, total_q) when packed.
+FA_INLINE int64_t lse_rows(const at::Tensor& lse, const int32_t* cu_q, int64_t b, int64_t h) {
+  return cu_q != nullptr ? h * lse.stride(0) + cu_q[b] : b * lse.stride(0) + h * lse.stride(1);
 }
 
 // Rows of a (S, D) slice of a (B, H, S, D) tensor as fp32 with row stride *ld: the tensor's own
@@ -300,7 +378,7 @@ template <typename scalar_t>
 void forward(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
              at::Tensor& out, at::Tensor& lse) {
   const int64_t D = pr.D, group = pr.group();
-  const int64_t q_blocks = (pr.Sq + kBlockM - 1) / kBlockM;
+  const int64_t q_blocks = (pr.Sq + kBlockM - 1) / kBlockM;  // of the longest sequence if packed
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
   const scalar_t* vp = v.data_ptr<scalar_t>();
@@ -312,16 +390,20 @@ void forward(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const 
     std::vector<float> s(kBlockM * kBlockN), acc(kBlockM * D), row_max(kBlockM), row_sum(kBlockM);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / pr.H, h = bh % pr.H, hk = h / group;
-      const int64_t i0 = (task % q_blocks) * kBlockM, m = std::min(kBlockM, pr.Sq - i0);
-      const int64_t j_begin = pr.lo(i0), j_end = pr.hi(i0 + m - 1);
-      const scalar_t* k_head = kp + b * k.stride(0) + hk * k.stride(1);
-      const scalar_t* v_head = vp + b * v.stride(0) + hk * v.stride(1);
+      const Problem sp = pr.sequence(b);
+      const int64_t i0 = (task % q_blocks) * kBlockM;
+      if (i0 >= sp.Sq) continue;  // past the end of a shorter packed sequence
+      const int64_t m = std::min(kBlockM, sp.Sq - i0);
+      const int64_t j_begin = sp.lo(i0), j_end = sp.hi(i0 + m - 1);
+      const HeadRows qr = head_rows(q, pr.cu_q, b, h), kr = head_rows(k, pr.cu_k, b, hk);
+      const HeadRows vr = head_rows(v, pr.cu_k, b, hk), outr = head_rows(out, pr.cu_q, b, h);
+      const scalar_t* k_head = kp + kr.offset;
+      const scalar_t* v_head = vp + vr.offset;
       const float* bias_head = pr.bias ? pr.bias + b * pr.bias_sb + h * pr.bias_sh : nullptr;
       const uint32_t drop_key = pr.dropout.on() ? pr.dropout.key(bh) : 0;
 
       int64_t ldq;
-      const float* qb = rows_fp32(qp + b * q.stride(0) + h * q.stride(1) + i0 * q.stride(2),
-                                  q.stride(2), m, D, qbuf, &ldq);
+      const float* qb = rows_fp32(qp + qr.offset + i0 * qr.ld, qr.ld, m, D, qbuf, &ldq);
       std::fill(acc.begin(), acc.begin() + m * D, 0.f);
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
@@ -329,12 +411,12 @@ void forward(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const 
       for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockN) {
         const int64_t n = std::min(kBlockN, j_end - j0);
         int64_t ldk, ldv;
-        const float* kb = rows_fp32(k_head + j0 * k.stride(2), k.stride(2), n, D, kbuf, &ldk);
+        const float* kb = rows_fp32(k_head + j0 * kr.ld, kr.ld, n, D, kbuf, &ldk);
         gemm(pr.blas, false, true, m, n, D, pr.scale, qb, ldq, kb, ldk, 0.f, s.data(), kBlockN);
         for (int64_t r = 0; r < m; ++r) {
           const int64_t i = i0 + r;
           float* srow = s.data() + r * kBlockN;
-          const int64_t cl = pr.lo(i) - j0, ch = pr.hi(i) - j0;
+          const int64_t cl = sp.lo(i) - j0, ch = sp.hi(i) - j0;
           if (pr.softcap > 0.f || bias_head != nullptr || cl > 0 || ch < n)
             finish_scores(srow, nullptr, n, cl, ch, pr.softcap,
                           bias_head ? bias_head + i * pr.bias_si + j0 * pr.bias_sj : nullptr,
@@ -356,16 +438,16 @@ void forward(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const 
                               static_cast<uint32_t>(j0),
                           pr.dropout.threshold, pr.dropout.inv_keep);
         }
-        const float* vb = rows_fp32(v_head + j0 * v.stride(2), v.stride(2), n, D, vbuf, &ldv);
+        const float* vb = rows_fp32(v_head + j0 * vr.ld, vr.ld, n, D, vbuf, &ldv);
         gemm(pr.blas, false, false, m, D, n, 1.f, s.data(), kBlockN, vb, ldv, 1.f, acc.data(), D);
       }
 
-      scalar_t* o_rows = op + (bh * pr.Sq + i0) * D;
-      float* l_rows = lp + bh * pr.Sq + i0;
+      scalar_t* o_rows = op + outr.offset + i0 * outr.ld;
+      float* l_rows = lp + lse_rows(lse, pr.cu_q, b, h) + i0;
       for (int64_t r = 0; r < m; ++r) {
         const float l = row_sum[r];
         // l == 0: no visible key (fully masked row): output 0, lse -inf.
-        store_row(o_rows + r * D, acc.data() + r * D, D, l == 0.f ? 0.f : 1.f / l);
+        store_row(o_rows + r * outr.ld, acc.data() + r * D, D, l == 0.f ? 0.f : 1.f / l);
         l_rows[r] = l == 0.f ? kNegInf : row_max[r] + std::log(l);
       }
     }
@@ -376,10 +458,16 @@ void forward(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const 
 // ---- backward ------------------------------------------------------------------------------
 
 template <typename scalar_t>
+// dk, dv: the outputs (H == Hkv), or fp32 per-query-head partials when partial; either way
+// laid out like q with Sk rows: (B, H, Sk, D), or (total_k, H, D) when packed.
 void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-              scalar_t* dk_out, scalar_t* dv_out, float* dk_part, float* dv_part) {
+              at::Tensor& dk, at::Tensor& dv, bool partial) {
   const int64_t D = pr.D, group = pr.group();
+  scalar_t* dk_out = partial ? nullptr : dk.data_ptr<scalar_t>();
+  scalar_t* dv_out = partial ? nullptr : dv.data_ptr<scalar_t>();
+  float* dk_part = partial ? dk.data_ptr<float>() : nullptr;
+  float* dv_part = partial ? dv.data_ptr<float>() : nullptr;
   const bool keep_t = pr.softcap > 0.f;
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -397,31 +485,33 @@ void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, co
     std::vector<float> dk_blk(kBlockN * D), dv_blk(kBlockN * D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / pr.H, h = bh % pr.H, hk = h / group;
+      // Sq, Sk, diag of this sequence when packed (buffers above are sized for the longest).
+      const Problem sp = pr.sequence(b);
       const uint32_t drop_key = pr.dropout.on() ? pr.dropout.key(bh) : 0;
       const float* bias_head = pr.bias ? pr.bias + b * pr.bias_sb + h * pr.bias_sh : nullptr;
+      const HeadRows qr = head_rows(q, pr.cu_q, b, h), dor = head_rows(dout, pr.cu_q, b, h);
+      const HeadRows kr = head_rows(k, pr.cu_k, b, hk), vr = head_rows(v, pr.cu_k, b, hk);
+      const HeadRows outr = head_rows(out, pr.cu_q, b, h), dqr = head_rows(dq, pr.cu_q, b, h);
+      const HeadRows dkr = head_rows(dk, pr.cu_k, b, h), dvr = head_rows(dv, pr.cu_k, b, h);
       int64_t ldq, ldo, ldk, ldv, ldout;
-      const float* Q = rows_fp32(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), pr.Sq, D,
-                                 qbuf, &ldq);
-      const float* dO = rows_fp32(dop + b * dout.stride(0) + h * dout.stride(1), dout.stride(2),
-                                  pr.Sq, D, dobuf, &ldo);
-      const float* K = rows_fp32(kp + b * k.stride(0) + hk * k.stride(1), k.stride(2), pr.Sk, D,
-                                 kbuf, &ldk);
-      const float* V = rows_fp32(vp + b * v.stride(0) + hk * v.stride(1), v.stride(2), pr.Sk, D,
-                                 vbuf, &ldv);
-      const float* O = rows_fp32(outp + b * out.stride(0) + h * out.stride(1), out.stride(2),
-                                 pr.Sq, D, obuf, &ldout);
-      const float* L = lp + bh * pr.Sq;
+      const float* Q = rows_fp32(qp + qr.offset, qr.ld, sp.Sq, D, qbuf, &ldq);
+      const float* dO = rows_fp32(dop + dor.offset, dor.ld, sp.Sq, D, dobuf, &ldo);
+      const float* K = rows_fp32(kp + kr.offset, kr.ld, sp.Sk, D, kbuf, &ldk);
+      const float* V = rows_fp32(vp + vr.offset, vr.ld, sp.Sk, D, vbuf, &ldv);
+      const float* O = rows_fp32(outp + outr.offset, outr.ld, sp.Sq, D, obuf, &ldout);
+      const float* L = lp + lse_rows(lse, pr.cu_q, b, h);
       // delta_i = dO_i . O_i = sum_j P~_ij dP~_ij: the softmax Jacobian's row term.
-      for (int64_t i = 0; i < pr.Sq; ++i) delta[i] = dot_row(dO + i * ldo, O + i * ldout, D);
-      std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+      for (int64_t i = 0; i < sp.Sq; ++i) delta[i] = dot_row(dO + i * ldo, O + i * ldout, D);
+      std::fill(dq_acc.begin(), dq_acc.begin() + sp.Sq * D, 0.f);
 
-      for (int64_t j0 = 0; j0 < pr.Sk; j0 += kBlockN) {
-        const int64_t n = std::min(kBlockN, pr.Sk - j0);
+      // Every key block is visited, even one no query sees: its dK, dV rows must be written (0).
+      for (int64_t j0 = 0; j0 < sp.Sk; j0 += kBlockN) {
+        const int64_t n = std::min(kBlockN, sp.Sk - j0);
         // Queries that see some key of [j0, j0 + n): hi(i) > j0 and lo(i) < j0 + n.
         const int64_t i_begin =
-            pr.window_right < 0 ? 0 : std::max<int64_t>(0, j0 - pr.diag - pr.window_right);
+            sp.window_right < 0 ? 0 : std::max<int64_t>(0, j0 - sp.diag - sp.window_right);
         const int64_t i_end =
-            pr.window_left < 0 ? pr.Sq : std::min<int64_t>(pr.Sq, j0 + n - pr.diag + pr.window_left);
+            sp.window_left < 0 ? sp.Sq : std::min<int64_t>(sp.Sq, j0 + n - sp.diag + sp.window_left);
         std::fill(dk_blk.begin(), dk_blk.begin() + n * D, 0.f);
         std::fill(dv_blk.begin(), dv_blk.begin() + n * D, 0.f);
         const float* Kj = K + j0 * ldk;
@@ -435,7 +525,7 @@ void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, co
           for (int64_t r = 0; r < m; ++r) {
             const int64_t i = i0 + r;
             float* srow = s.data() + r * kBlockN;
-            const int64_t cl = pr.lo(i) - j0, ch = pr.hi(i) - j0;
+            const int64_t cl = sp.lo(i) - j0, ch = sp.hi(i) - j0;
             if (keep_t || bias_head != nullptr || cl > 0 || ch < n)
               finish_scores(srow, keep_t ? t.data() + r * kBlockN : nullptr, n, cl, ch,
                             pr.softcap,
@@ -471,19 +561,20 @@ void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, co
                dq_acc.data() + i0 * D, D);
         }
 
-        const int64_t row0 = bh * pr.Sk + j0;  // in a (B, H, Sk, D) layout
-        if (dk_part != nullptr) {
-          std::copy(dk_blk.begin(), dk_blk.begin() + n * D, dk_part + row0 * D);
-          std::copy(dv_blk.begin(), dv_blk.begin() + n * D, dv_part + row0 * D);
-        } else {
-          for (int64_t r = 0; r < n; ++r) {
-            store_row(dk_out + (row0 + r) * D, dk_blk.data() + r * D, D, 1.f);
-            store_row(dv_out + (row0 + r) * D, dv_blk.data() + r * D, D, 1.f);
+        for (int64_t r = 0; r < n; ++r) {
+          const float* dk_row = dk_blk.data() + r * D;
+          const float* dv_row = dv_blk.data() + r * D;
+          if (partial) {
+            std::copy(dk_row, dk_row + D, dk_part + dkr.offset + (j0 + r) * dkr.ld);
+            std::copy(dv_row, dv_row + D, dv_part + dvr.offset + (j0 + r) * dvr.ld);
+          } else {
+            store_row(dk_out + dkr.offset + (j0 + r) * dkr.ld, dk_row, D, 1.f);
+            store_row(dv_out + dvr.offset + (j0 + r) * dvr.ld, dv_row, D, 1.f);
           }
         }
       }
-      for (int64_t i = 0; i < pr.Sq; ++i)
-        store_row(dqp + (bh * pr.Sq + i) * D, dq_acc.data() + i * D, D, 1.f);
+      for (int64_t i = 0; i < sp.Sq; ++i)
+        store_row(dqp + dqr.offset + i * dqr.ld, dq_acc.data() + i * D, D, 1.f);
     }
   });
 }
@@ -538,17 +629,104 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "attention_bwd: float64 runs on the reference backend");
     } else {
-      backward<scalar_t>(pr, dout, q, k, v, out, lse, dq,
-                         grouped ? nullptr : dk.data_ptr<scalar_t>(),
-                         grouped ? nullptr : dv.data_ptr<scalar_t>(),
-                         grouped ? dk_part.data_ptr<float>() : nullptr,
-                         grouped ? dv_part.data_ptr<float>() : nullptr);
+      backward<scalar_t>(pr, dout, q, k, v, out, lse, dq, grouped ? dk_part : dk,
+                         grouped ? dv_part : dv, grouped);
     }
   });
   if (grouped) {
     const int64_t g = pr.H / pr.Hkv;
     dk = dk_part.view({pr.B, pr.Hkv, g, pr.Sk, pr.D}).sum(2).to(k.scalar_type());
     dv = dv_part.view({pr.B, pr.Hkv, g, pr.Sk, pr.D}).sum(2).to(v.scalar_type());
+  }
+  return {dq, dk, dv};
+}
+
+// ---- packed sequences (varlen) ---------------------------------------------------------------
+
+namespace {
+
+// The longest sequence of prefix sums cu (N + 1,): sizes the task grid and the per-task buffers
+// (max_seqlen, validated by the binding to be at least this, may be a loose upper bound).
+int64_t longest(const at::Tensor& cu) {
+  const int32_t* c = cu.data_ptr<int32_t>();
+  int64_t mx = 0;
+  for (int64_t b = 0; b + 1 < cu.numel(); ++b) mx = std::max<int64_t>(mx, c[b + 1] - c[b]);
+  return mx;
+}
+
+// Batch entry b = sequence b; causal is a window (-1, 0) about each sequence's own diagonal.
+Problem describe_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
+                        const at::Tensor& cu_seqlens_k, double scale, bool causal) {
+  Problem p;
+  p.blas = use_blas();
+  p.B = cu_seqlens_q.numel() - 1;
+  p.H = q.size(1);
+  p.Hkv = k.size(1);
+  p.D = q.size(2);
+  p.scale = static_cast<float>(scale);
+  p.softcap = 0.f;
+  p.diag = 0;  // per sequence: Problem::sequence
+  p.window_left = -1;
+  p.window_right = causal ? 0 : -1;
+  p.Sq = longest(cu_seqlens_q);
+  p.Sk = longest(cu_seqlens_k);
+  p.cu_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_k = cu_seqlens_k.data_ptr<int32_t>();
+  return p;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/,
+    double scale, bool causal) {
+  const Problem pr = describe_varlen(q, k, cu_seqlens_q, cu_seqlens_k, scale, causal);
+  // Every token belongs to one sequence, so every row of out and lse gets written.
+  at::Tensor out = at::empty({q.size(0), pr.H, pr.D}, q.options());
+  at::Tensor lse = at::empty({pr.H, q.size(0)}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "varlen_attention_fwd", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "varlen_attention_fwd: float64 runs on the reference backend");
+    } else {
+      forward<scalar_t>(pr, q, k, v, out, lse);
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/,
+    double scale, bool causal) {
+  const Problem pr = describe_varlen(q, k, cu_seqlens_q, cu_seqlens_k, scale, causal);
+  const int64_t total_q = q.size(0), total_k = k.size(0);
+  at::Tensor dq = at::empty({total_q, pr.H, pr.D}, q.options());
+  const bool grouped = pr.H != pr.Hkv;
+  // As in attention_bwd: fp32 per-query-head partials (total_k, H, D) summed per kv group.
+  at::Tensor dk_part, dv_part, dk, dv;
+  if (grouped) {
+    dk_part = at::empty({total_k, pr.H, pr.D}, q.options().dtype(at::kFloat));
+    dv_part = at::empty_like(dk_part);
+  } else {
+    dk = at::empty({total_k, pr.H, pr.D}, k.options());
+    dv = at::empty({total_k, pr.H, pr.D}, v.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
+                                  "varlen_attention_bwd", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "varlen_attention_bwd: float64 runs on the reference backend");
+    } else {
+      backward<scalar_t>(pr, dout, q, k, v, out, lse, dq, grouped ? dk_part : dk,
+                         grouped ? dv_part : dv, grouped);
+    }
+  });
+  if (grouped) {
+    const int64_t g = pr.H / pr.Hkv;
+    dk = dk_part.view({total_k, pr.Hkv, g, pr.D}).sum(2).to(k.scalar_type());
+    dv = dv_part.view({total_k, pr.Hkv, g, pr.D}).sum(2).to(v.scalar_type());
   }
   return {dq, dk, dv};
 }

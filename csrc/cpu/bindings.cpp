@@ -396,6 +396,100 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
                                       window_right, softcap, dropout_p, seed);
 }
 
+// ---- packed sequences (varlen) -----------------------------------------------------------------
+
+// q (total_q, H, D); k, v (total_k, Hkv, D) with H % Hkv == 0; one dtype; last dim contiguous.
+void check_varlen_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
+    check_cpu(t, name);
+    TORCH_CHECK(t.dim() == 3, "fastattn._C: ", name, " must be 3-D (total_tokens, heads, "
+                "head_dim), got shape ", shape_str(t));
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "fastattn._C: ", name,
+                " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK(t.stride(2) == 1 || t.size(2) == 1, "fastattn._C: ", name,
+                " must be contiguous along head_dim (stride(2) == 1), got strides ", t.strides());
+  }
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "fastattn._C: varlen attention takes float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(v.sizes() == k.sizes(), "fastattn._C: v must have the shape of k ", shape_str(k),
+              ", got ", shape_str(v));
+  TORCH_CHECK(k.size(2) == q.size(2) && q.size(2) >= 1, "fastattn._C: k must have q's head_dim ",
+              q.size(2), ", got ", k.size(2));
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "fastattn._C: the heads of q (",
+              q.size(1), ") must be a multiple of the heads of k and v (", k.size(1), ")");
+}
+
+// cu: int32 (N + 1,) contiguous prefix sums rising from 0 to total, no sequence longer than
+// max_seqlen. The kernels index memory through these values, so they are checked here in full
+// (O(N), nothing next to the attention itself).
+void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
+  check_cpu(cu, name);
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "fastattn._C: ", name, " must be int32, got ",
+              cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, "fastattn._C: ", name,
+              " must have shape (num_seqs + 1,), got ", shape_str(cu));
+  TORCH_CHECK(cu.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
+              cu.strides());
+  const int32_t* c = cu.data_ptr<int32_t>();
+  const int64_t n = cu.size(0) - 1;
+  TORCH_CHECK(c[0] == 0 && c[n] == total, "fastattn._C: ", name, " must rise from 0 to the token "
+              "count ", total, ", got ", c[0], " ... ", c[n]);
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t len = static_cast<int64_t>(c[b + 1]) - c[b];
+    TORCH_CHECK(len >= 0, "fastattn._C: ", name, " must be non-decreasing, got ", c[b], " then ",
+                c[b + 1], " at index ", b);
+    TORCH_CHECK(len <= max_seqlen, "fastattn._C: max_seqlen (", max_seqlen, ") is smaller than "
+                "sequence ", b, " of ", name, " (length ", len, ")");
+  }
+}
+
+void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                  int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  check_varlen_qkv(q, k, v);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k);
+  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "fastattn._C: cu_seqlens_q and "
+              "cu_seqlens_k must describe the same number of sequences, got ",
+              cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    bool causal) {
+  check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  return fastattn::cpu::varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                             max_seqlen_k, scale, causal);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    bool causal) {
+  check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"}}) {
+    check_cpu(t, name);
+    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), "fastattn._C: ",
+                name, " must have q's shape ", shape_str(q), " and dtype ", q.scalar_type(),
+                ", got ", shape_str(t), " ", t.scalar_type());
+    TORCH_CHECK(t.stride(2) == 1 || t.size(2) == 1, "fastattn._C: ", name,
+                " must be contiguous along head_dim, got strides ", t.strides());
+  }
+  check_cpu(lse, "lse");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "fastattn._C: lse must be float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0),
+              "fastattn._C: lse must have shape (H, total_q) = (", q.size(1), ", ", q.size(0),
+              "), got ", shape_str(lse));
+  TORCH_CHECK(lse.is_contiguous(), "fastattn._C: lse must be contiguous, got strides ",
+              lse.strides());
+  return fastattn::cpu::varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                             max_seqlen_q, max_seqlen_k, scale, causal);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -453,6 +547,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lse"), py::arg("bias"), py::arg("scale"), py::arg("diag"),
         py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
         py::arg("dropout_p"), py::arg("seed"), py::call_guard<py::gil_scoped_release>());
+  m.def("varlen_attention_fwd", &varlen_attention_fwd,
+        "Flash-attention forward over packed sequences: (out (total_q, H, D), lse (H, total_q)) "
+        "(reference.py varlen_fwd)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+        py::arg("scale"), py::arg("causal"), py::call_guard<py::gil_scoped_release>());
+  m.def("varlen_attention_bwd", &varlen_attention_bwd,
+        "Flash-attention backward over packed sequences: (dq, dk, dv) from the forward's out "
+        "and lse",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("scale"), py::arg("causal"),
+        py::call_guard<py::gil_scoped_release>());
 
   // grad_norm / scale_grads_ validate their inputs themselves (csrc/cpu/grad_norm.cpp).
   m.def("grad_norm", &fastattn::cpu::grad_norm,

@@ -102,5 +102,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     double scale, int64_t diag, int64_t window_left, int64_t window_right, double softcap,
     double dropout_p, int64_t seed);
 
+// Packed sequences (reference.py varlen_fwd / varlen_bwd): q (total_q, H, D), k, v
+// (total_k, Hkv, D), head_dim contiguous; cu_seqlens_q/k int32 (N + 1,) contiguous, rising from
+// 0 to total_q/k; max_seqlen_q/k at least the longest sequence (the grid is sized by the actual
+// longest). causal is bottom-right per sequence; no bias, softcap, window or dropout.
+// Returns out (total_q, H, D) contiguous in q's dtype and lse (H, total_q) float32.
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    bool causal);
+
+// dout and out shaped like q, lse (H, total_q) float32 contiguous as returned by
+// varlen_attention_fwd. Returns (dq, dk, dv), contiguous, in the input dtype; rows with no
+// visible key (and keys no query sees) get zero gradients. Deterministic for any thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+    bool causal);
+
 }  // namespace cpu
 }  // namespace fastattn

@@ -167,11 +167,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: Tensor, pos: int) -> Tensor:
-        """x (B, H, T, D) at positions pos .. pos + T - 1."""
-        T = x.shape[-2]
-        cos = self.cos[pos:pos + T].to(x.dtype)
-        sin = self.sin[pos:pos + T].to(x.dtype)
+    def forward(self, x: Tensor, pos) -> Tensor:
+        """x (B, H, T, D) at positions pos .. pos + T - 1 (``pos`` an int), or at the positions
+        in ``pos`` (a (T,) tensor: packed sequences, each counting from 0)."""
+        if isinstance(pos, Tensor):
+            cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)
+        else:
+            T = x.shape[-2]
+            cos = self.cos[pos:pos + T].to(x.dtype)
+            sin = self.sin[pos:pos + T].to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
@@ -180,6 +184,25 @@ class Rotary(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Attention
 # --------------------------------------------------------------------------------------------
+
+@dataclass
+class Packed:
+    """Sequences packed back to back with no padding (``GPT.packed_hidden_states``):
+    ``cu_seqlens`` int32 (N + 1,) their boundaries, ``max_seqlen`` the longest, ``positions``
+    (total,) each token's position within its own sequence."""
+    cu_seqlens: Tensor
+    max_seqlen: int
+    positions: Tensor
+
+    def block_causal_mask(self) -> Tensor:
+        """(total, total) bool: token i sees token j iff both are in one sequence and j <= i."""
+        total = self.positions.shape[0]
+        lens = self.cu_seqlens.diff().long()
+        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens,
+                                      output_size=total)
+        return (seq[:, None] == seq[None, :]) & torch.ones(
+            total, total, dtype=torch.bool, device=seq.device).tril()
+
 
 class KVCache:
     """One layer's keys and values, (B, Hkv, S_max, D), filled left to right by generate()."""
@@ -223,7 +246,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, backend: str, rotary: Optional[Rotary], pos: int = 0,
-                cache: Optional[KVCache] = None) -> Tensor:
+                cache: Optional[KVCache] = None, packed: Optional[Packed] = None) -> Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split((q_dim, kv_dim, kv_dim), dim=-1)
@@ -231,19 +254,34 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rotary is not None:
-            q, k = rotary(q, pos), rotary(k, pos)
+            where = packed.positions if packed is not None else pos
+            q, k = rotary(q, where), rotary(k, where)
         p = self.dropout if self.training else 0.0
 
-        if cache is not None:
-            cache.write(k, v, pos)
-        if cache is None or pos == 0:
+        if packed is not None:
+            # B == 1: the sequences side by side, each attending causally to itself only.
+            if p > 0:
+                raise ValueError("GPT: attention dropout on packed sequences is not supported "
+                                 "(varlen_attention has none); use padded batches or "
+                                 "dropout=0")
+            if backend == "fastattn":
+                y = fastattn.varlen_attention(
+                    q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                    packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                    packed.max_seqlen, causal=True).unsqueeze(0).transpose(1, 2)
+            else:
+                y = _sdpa(q, k, v, attn_mask=packed.block_causal_mask())
+        elif cache is None or pos == 0:
             # Training, or the prefill of generate(): the new tokens only see each other.
+            if cache is not None:
+                cache.write(k, v, pos)
             if backend == "fastattn":
                 y = fastattn.flash_attention(q, k, v, causal=True, dropout_p=p)
             else:
                 y = _sdpa(q, k, v, is_causal=True, dropout_p=p)
         else:
             # Decode: the T new tokens against the filled cache (positions < pos + T).
+            cache.write(k, v, pos)
             length = pos + T
             if backend == "fastattn":
                 seqlens = torch.full((B,), length, dtype=torch.int32, device=q.device)
@@ -292,8 +330,8 @@ class Block(nn.Module):
         self.mlp_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, backend: str, rotary: Optional[Rotary], pos: int = 0,
-                cache: Optional[KVCache] = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), backend, rotary, pos, cache)
+                cache: Optional[KVCache] = None, packed: Optional[Packed] = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), backend, rotary, pos, cache, packed)
         return x + self.mlp_drop(feed_forward(self.mlp, self.norm2(x), backend))
 
 
@@ -362,20 +400,71 @@ class GPT(nn.Module):
             raise ValueError(f"GPT: sequence length {pos + idx.shape[1]} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
 
-    def _hidden(self, idx: Tensor, pos: int = 0,
-                caches: Optional[list[KVCache]] = None) -> Tensor:
+    def _hidden(self, idx: Tensor, pos: int = 0, caches: Optional[list[KVCache]] = None,
+                packed: Optional[Packed] = None) -> Tensor:
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(pos, pos + idx.shape[1], device=idx.device))
+            where = packed.positions if packed is not None else \
+                torch.arange(pos, pos + idx.shape[1], device=idx.device)
+            x = x + self.wpe(where)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, self.backend, self.rotary, pos, None if caches is None else caches[i])
+            x = block(x, self.backend, self.rotary, pos, None if caches is None else caches[i],
+                      packed)
         return self.norm_f(x)
 
     def hidden_states(self, idx: Tensor) -> Tensor:
         """(B, T, d_model) after the final norm: the input of lm_head (for log-prob losses)."""
         self._check_idx(idx)
         return self._hidden(idx)
+
+    def packed_hidden_states(self, ids: Tensor, cu_seqlens: Tensor,
+                             max_seqlen: Optional[int] = None) -> Tensor:
+        """Hidden states of sequences packed back to back with no padding: ``ids`` (total,) the
+        sequences' tokens one after another, ``cu_seqlens`` int32 (N + 1,) on ids' device the
+        prefix sums of their lengths (0 first, total last), ``max_seqlen`` the longest length
+        (computed from cu_seqlens, a device sync, when None). Returns (total, d_model): each
+        sequence's rows equal ``hidden_states`` of that sequence alone.
+
+        The fastattn backend attends with ``fastattn.varlen_attention`` (no compute or memory
+        spent on padding); the torch backend with SDPA and a block-diagonal causal mask (total^2
+        memory: meant for checking, plain PyTorch trains on padded batches)."""
+        if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32) \
+                or ids.dim() != 1:
+            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else \
+                type(ids).__name__
+            raise TypeError(f"GPT.packed_hidden_states: ids must be a 1-D int64 (or int32) "
+                            f"tensor of token ids, got {got}")
+        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 \
+                or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" \
+                if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
+            raise TypeError(f"GPT.packed_hidden_states: cu_seqlens must be a 1-D int32 tensor "
+                            f"(num_seqs + 1,), got {got}")
+        if cu_seqlens.device != ids.device:
+            raise ValueError(f"GPT.packed_hidden_states: cu_seqlens must be on ids' device "
+                             f"({ids.device}), got {cu_seqlens.device}")
+        total = ids.shape[0]
+        lens = cu_seqlens.diff()
+        if max_seqlen is None or ids.device.type == "cpu":   # host values: free on the CPU
+            cu_host = cu_seqlens.tolist()
+            lens_host = [b - a for a, b in zip(cu_host, cu_host[1:])]
+            if cu_host[0] != 0 or cu_host[-1] != total or min(lens_host) < 1:
+                raise ValueError(f"GPT.packed_hidden_states: cu_seqlens must rise strictly from "
+                                 f"0 to len(ids) = {total}, got {cu_host}")
+            longest = max(lens_host)
+            if max_seqlen is None:
+                max_seqlen = longest
+            elif max_seqlen < longest:
+                raise ValueError(f"GPT.packed_hidden_states: max_seqlen {max_seqlen} is less "
+                                 f"than the longest sequence ({longest})")
+        if max_seqlen > self.config.max_seq_len:
+            raise ValueError(f"GPT: sequence length {max_seqlen} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens.long(), output_size=total)
+        packed = Packed(cu_seqlens, int(max_seqlen),
+                        torch.arange(total, device=ids.device) - starts)
+        return self._hidden(ids.unsqueeze(0), packed=packed)[0]
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *,
                 ignore_index: int = -100) -> Tensor:
@@ -456,8 +545,15 @@ class GPT(nn.Module):
         if top_k is not None and top_k < logits.shape[-1]:
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, num_samples=1, generator=generator)
+        # Inverse-CDF sampling: one uniform number per row (torch.multinomial draws one
+        # exponential per vocabulary entry, which dominates a small model's decode step).
+        cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+        u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device,
+                       dtype=cdf.dtype) * cdf[:, -1:]
+        idx = torch.searchsorted(cdf, u, right=True)
+        # u rounded up to the total: the last token of nonzero probability
+        last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())
+        return torch.minimum(idx, last)
 
     # ---- training helpers ------------------------------------------------------------------
 

@@ -14,18 +14,25 @@ keys plus ``eval_accuracy``: greedy exact match on held-out prompts), ``OUT/log.
 
 Log-probs. A sequence is prompt + completion, and only completion tokens (the answer and its
 end-of-text token) count: ``mask[b, t]`` is 1 where target ``ids[b, t + 1]`` is a completion
-token. On the fastattn backend the per-token log-probs come from
-``fastattn.linear_token_logprobs(h[:, :-1], lm_head.weight, ids[:, 1:])``, which never holds the
-(tokens x vocab) logits; on the torch backend from log_softmax + gather over ``F.linear``.
+token, and only those slots' hidden states go through the LM head, on both backends. On the
+fastattn backend the sequences are packed with no padding (``GPT.packed_hidden_states``, which
+attends with ``fastattn.varlen_attention``) and the log-probs come from
+``fastattn.linear_token_logprobs`` (the tokens x vocab logits are never held); on the torch
+backend the batch is right-padded with the end-of-text token (causal attention: padding after a
+sequence cannot change it) and the log-probs come from log_softmax + gather over ``F.linear``.
+``Batch`` holds both layouts; ``completion_logprobs`` returns (B, T-1) either way.
 
-Batches are right-padded with the end-of-text token (causal attention: padding after a sequence
-cannot change its log-probs, and the mask drops the padding's own targets). Padding-free packing
-with ``varlen_attention`` is not done yet.
+Phases. Every step times its phases (generation, old / reference / policy log-probs,
+backward, optimizer) with ``Phases``: ``log.jsonl`` has them per step (``phase_s``) and
+``summary.json`` their totals (``phase_time_s``). ``fastattn-train bench --stage dpo|grpo``
+runs the same step functions on both backends side by side (``align_bench.py``).
 
 Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
     SFT   -sum_{b,t} m l / sum_{b,t} m                          (mean over answer tokens)
     DPO   -log sigmoid(beta [(L_c - L_c^ref) - (L_r - L_r^ref)]),  L = sum_t m l
-          (Rafailov et al. 2023); L^ref computed once from the frozen initial (SFT) model
+          (Rafailov et al. 2023); L^ref computed once from the frozen initial (SFT) model;
+          ``--rpo-alpha`` a adds a x (SFT loss on the chosen completions) (RPO: Pang et al.
+          2024 found plain DPO lowers the chosen log-probs too on reasoning tasks)
     GRPO  A_i = (r_i - mean_g r) / (std_g r + 1e-4) within a prompt's group of G samples,
           rho_t = exp(l_t - l_t^old),
           J_i = (1/|o_i|) sum_t m_t [min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta k3_t],
@@ -45,6 +52,7 @@ Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -62,8 +70,8 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks
-from .pretrain import (CKPT_FORMAT, CKPT_NAME, CheckpointError, _json_args, _rng_state,
-                       _seed_all, _versions, load_checkpoint, lr_at, peak_memory_bytes,
+from .pretrain import (CKPT_FORMAT, CKPT_NAME, CheckpointError, _autocast, _json_args,
+                       _rng_state, _seed_all, _versions, load_checkpoint, lr_at, peak_memory_bytes,
                        resolve_device, save_checkpoint)
 
 STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
@@ -75,16 +83,64 @@ PAD_MULTIPLE = 8
 # Log-probs and losses
 
 
-def token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) token ids -> (B, T-1) log p(ids[:, t+1] | ids[:, :t+1]), at least fp32."""
-    return logprobs_from_hidden(model, model.hidden_states(ids), ids)
+@dataclasses.dataclass
+class Batch:
+    """One step's sequences (prompt + completion, token ids), in both layouts the backends use.
+
+    ``ids`` (B, T) right-padded with the end-of-text token (T rounded up to ``PAD_MULTIPLE``),
+    ``mask`` (B, T-1) float, 1 where target ``ids[b, t+1]`` is a completion token; ``rows``,
+    ``cols`` (M,) those completion slots and ``targets`` (M,) their target ids; ``flat``
+    (total,), ``cu_seqlens`` int32 (B+1,) and ``max_len``: the same sequences packed back to
+    back with no padding."""
+    seqs: list
+    ids: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    flat: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.ids.numel()
+
+    @property
+    def tokens(self) -> int:
+        return self.flat.numel()
 
 
-def logprobs_from_hidden(model, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``token_logprobs`` from hidden states (B, T, d) already computed (PPO reuses them for the
-    value head)."""
-    h = h[:, :-1, :]
-    target = ids[:, 1:]
+def make_batch(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int, device,
+               multiple: int = 1) -> Batch:
+    ids, mask = pad_batch(seqs, starts, pad_id, "cpu", multiple)
+    rows, cols = mask.nonzero(as_tuple=True)
+    lengths = [len(s) for s in seqs]
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    on = (ids, mask, rows, cols, ids[rows, cols + 1], flat, torch.tensor(cu, dtype=torch.int32))
+    return Batch([list(s) for s in seqs], *(t.to(device) for t in on), max(lengths))
+
+
+def hidden_at(model, batch: Batch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(M, d_model) final hidden states of tokens ``(rows[m], cols[m])`` of ``batch``.
+
+    fastattn backend: the sequences packed with no padding (``GPT.packed_hidden_states``, i.e.
+    ``varlen_attention``); torch backend: the right-padded batch (plain PyTorch's way).
+    Causal attention makes both equal: padding after a sequence never reaches its tokens.
+    (varlen_attention has no dropout: a model training with attention dropout stays padded.)"""
+    if model.backend == "fastattn" and not (model.training and model.config.dropout > 0):
+        h = model.packed_hidden_states(batch.flat, batch.cu_seqlens, batch.max_len)
+        return h[batch.cu_seqlens[rows].long() + cols]
+    return model.hidden_states(batch.ids)[rows, cols]
+
+
+def lm_logprobs(model, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(M,) log p(target | hidden h (M, d)) under the LM head, at least fp32. fastattn:
+    ``linear_token_logprobs`` (never holds the M x vocab logits); torch: log_softmax + gather
+    over ``F.linear``."""
     if model.backend == "fastattn":
         import fastattn
         return fastattn.linear_token_logprobs(h, model.lm_head.weight, target)
@@ -94,9 +150,60 @@ def logprobs_from_hidden(model, h: torch.Tensor, ids: torch.Tensor) -> torch.Ten
     return torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
-def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B,) sum of the completion tokens' log-probs."""
-    return (token_logprobs(model, ids) * mask).sum(dim=-1)
+def _scatter(batch: Batch, values: torch.Tensor) -> torch.Tensor:
+    out = values.new_zeros(batch.mask.shape)
+    return out.index_put((batch.rows, batch.cols), values)
+
+
+def completion_logprobs(model, batch: Batch, value_head=None):
+    """(B, T-1) log-probs of the completion targets (0 elsewhere, like ``batch.mask``). Only the
+    completion slots go through the LM head, on both backends. With ``value_head``, also
+    returns the (B, T-1) values ``value_head(h)`` at the same slots (PPO)."""
+    h = hidden_at(model, batch, batch.rows, batch.cols)
+    logp = _scatter(batch, lm_logprobs(model, h, batch.targets))
+    if value_head is None:
+        return logp
+    return logp, _scatter(batch, value_head(h).squeeze(-1).float())
+
+
+def sequence_logprobs(model, batch: Batch) -> torch.Tensor:
+    """(B,) sum of each sequence's completion log-probs."""
+    return completion_logprobs(model, batch).sum(dim=-1)
+
+
+class Phases:
+    """Wall time (and, with ``memory``, peak memory) of the named phases of a step:
+    ``with phases("backward"): ...``. Time: the device is synchronised at both ends. Memory: the
+    peak above the memory in use when the phase starts; CUDA ``max_memory_allocated``, CPU the
+    process's resident-set high-water mark (reset through ``/proc/self/clear_refs``)."""
+
+    def __init__(self, device: torch.device, memory: bool = False):
+        self.device, self.memory = device, memory
+        self.times: dict = {}
+        self.peaks: dict = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        from .pretrain import _reset_cpu_peak, _sync
+        _sync(self.device)
+        base = None
+        if self.memory:
+            if self.device.type == "cuda":
+                base = torch.cuda.memory_allocated(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+            else:
+                base = _reset_cpu_peak()
+        t0 = time.perf_counter()
+        with torch.profiler.record_function(f"phase:{name}"):
+            yield
+        _sync(self.device)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        if base is not None:
+            peak = peak_memory_bytes(self.device) - base
+            self.peaks[name] = max(self.peaks.get(name, 0), peak)
+
+    def reset(self) -> None:
+        self.times, self.peaks = {}, {}
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -205,28 +312,37 @@ def pad_batch(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int,
 
 
 @torch.no_grad()
-def sample(model, corpus, problems: Sequence[tasks.Problem], n: int, *, temperature: float,
-           max_new: int, generator: Optional[torch.Generator], batch: int = 256
-           ) -> list[list[list[int]]]:
-    """``n`` completions per problem (token ids, cut after the first end-of-text token, which
-    is kept). Prompts of one token length are generated together (generate takes no padding)."""
+def sample_ids(model, prompts: Sequence[Sequence[int]], n: int, *, temperature: float,
+               max_new: int, eos: int, generator: Optional[torch.Generator], batch: int = 256
+               ) -> list[list[list[int]]]:
+    """``n`` completions per prompt (token ids, cut after the first ``eos``, which is kept).
+    Prompts of one length are generated together (``GPT.generate`` takes no padding)."""
     device = next(model.parameters()).device
-    out: list[list[list[int]]] = [[] for _ in problems]
+    out: list[list[list[int]]] = [[] for _ in prompts]
     groups: dict[int, list[int]] = {}
-    prompts = [tasks.encode(corpus, p.prompt) for p in problems]
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)
     for length in sorted(groups):
         rows = [i for i in groups[length] for _ in range(n)]
         for lo in range(0, len(rows), batch):
             chunk = rows[lo:lo + batch]
-            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            idx = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long,
+                               device=device)
             gen = model.generate(idx, max_new, temperature=temperature, generator=generator)
             for i, row in zip(chunk, gen[:, length:].tolist()):
-                if corpus.eos_id in row:
-                    row = row[:row.index(corpus.eos_id) + 1]
+                if eos in row:
+                    row = row[:row.index(eos) + 1]
                 out[i].append(row)
     return out
+
+
+def sample(model, corpus, problems: Sequence[tasks.Problem], n: int, *, temperature: float,
+           max_new: int, generator: Optional[torch.Generator], batch: int = 256
+           ) -> list[list[list[int]]]:
+    """``sample_ids`` for task problems."""
+    return sample_ids(model, [tasks.encode(corpus, p.prompt) for p in problems], n,
+                      temperature=temperature, max_new=max_new, eos=corpus.eos_id,
+                      generator=generator, batch=batch)
 
 
 def evaluate(model, corpus, task: tasks.AdditionTask) -> dict:
@@ -249,6 +365,99 @@ def evaluate(model, corpus, task: tasks.AdditionTask) -> dict:
             result["eval_examples"] = [p.prompt + tasks.completion_text(corpus, c[0])
                                        for p, c in zip(problems[:4], comps[:4])]
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# One step of each stage (the training loops and ``bench --stage`` run these)
+#
+# ``update(loss)`` runs backward, clipping and the optimizer step (phases "backward" and
+# "optimizer") and returns the learning rate; ``phases`` times the rest. Each returns the step's
+# log record, with "tokens": the tokens its forward passes processed.
+
+
+def sft_step(model, batch: Batch, update, phases: Phases) -> dict:
+    with phases("policy_logprobs"):
+        loss = sft_loss(completion_logprobs(model, batch), batch.mask)
+    lr = update(loss)
+    return {"lr": lr, "loss": float(loss.detach()), "tokens": batch.tokens}
+
+
+def dpo_step(model, batch: Batch, ref_chosen: Optional[torch.Tensor],
+             ref_rejected: Optional[torch.Tensor], beta: float, update, phases: Phases,
+             ref=None, rpo_alpha: float = 0.0) -> dict:
+    """``batch``: the B chosen sequences, then the B rejected ones. The reference log-probs are
+    given (computed once before training), or computed here from ``ref`` (on the fly).
+    ``rpo_alpha`` > 0 adds that times the chosen completions' mean per-token NLL (``sft_loss``
+    on them: RPO)."""
+    B = len(batch.seqs) // 2
+    tokens = batch.tokens
+    if ref is not None:
+        with torch.no_grad(), phases("ref_logprobs"):
+            lp_ref = sequence_logprobs(ref, batch)
+        ref_chosen, ref_rejected = lp_ref[:B], lp_ref[B:]
+        tokens *= 2
+    with phases("policy_logprobs"):
+        logp = completion_logprobs(model, batch)
+        lp = logp.sum(dim=-1)
+        loss = dpo_loss(lp[:B], lp[B:], ref_chosen, ref_rejected, beta)
+        if rpo_alpha > 0:
+            loss = loss + rpo_alpha * sft_loss(logp[:B], batch.mask[:B])
+    lr = update(loss)
+    with torch.no_grad():
+        margin = beta * ((lp[:B] - ref_chosen) - (lp[B:] - ref_rejected))
+    return {"lr": lr, "loss": float(loss.detach()), "margin": float(margin.mean()),
+            "pref_accuracy": float((margin > 0).float().mean()),
+            "chosen_logp": float(lp[:B].detach().mean()),
+            "rejected_logp": float(lp[B:].detach().mean()), "tokens": tokens}
+
+
+def rm_step(model, head, batch: Batch, update, phases: Phases) -> dict:
+    B = len(batch.seqs) // 2
+    with phases("policy_logprobs"):
+        r = reward_scores(model, head, batch)
+        loss = bradley_terry_loss(r[:B], r[B:])
+    lr = update(loss)
+    with torch.no_grad():
+        margin = r[:B] - r[B:]
+    return {"lr": lr, "loss": float(loss.detach()), "margin": float(margin.mean()),
+            "pref_accuracy": float((margin > 0).float().mean()), "tokens": batch.tokens}
+
+
+def grpo_step(model, ref, prompts: Sequence[Sequence[int]], score, args, *, max_new: int,
+              eos: int, generator, update, phases: Phases) -> dict:
+    """One GRPO round: ``args.group_size`` samples per prompt, ``score(completions)`` ->
+    (completions, rewards (P, G)), reference log-probs once, then ``args.ppo_epochs`` updates
+    on the batch. The old log-probs are the first update's own, detached: the policy has not
+    moved yet, so a separate no-grad forward would compute the same values. ``args`` also gives
+    temperature, clip_eps, beta."""
+    device = next(model.parameters()).device
+    G = args.group_size
+    with phases("generation"):
+        comps = sample_ids(model, prompts, G, temperature=args.temperature, max_new=max_new,
+                           eos=eos, generator=generator)
+    comps, rewards = score(comps)
+    adv = group_advantages(rewards).reshape(-1).to(device)
+    seqs, starts = [], []
+    for pr, cs in zip(prompts, comps):
+        for c in cs:
+            seqs.append(list(pr) + list(c))
+            starts.append(len(pr))
+    batch = make_batch(seqs, starts, eos, device, PAD_MULTIPLE)
+    with torch.no_grad(), phases("ref_logprobs"):
+        ref_lp = completion_logprobs(ref, batch)
+    stats, lr, old = {}, None, None
+    for _ in range(args.ppo_epochs):
+        with phases("policy_logprobs"):
+            logp = completion_logprobs(model, batch)
+            if old is None:
+                old = logp.detach()
+            loss, stats = grpo_loss(logp, old, ref_lp, adv, batch.mask, args.clip_eps,
+                                    args.beta)
+        lr = update(loss)
+    return {"lr": lr, "loss": float(loss.detach()), "reward": float(rewards.mean()),
+            "accuracy": float((rewards == 1.0).float().mean()), **stats,
+            "completion_tokens": int(batch.mask.sum()),
+            "tokens": batch.tokens * (1 + args.ppo_epochs)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +503,11 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
                        help="DPO temperature / GRPO, PPO KL coefficient")
     if stage in ("dpo", "grpo", "rm", "ppo"):
         p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    if stage == "dpo":
+        p.add_argument("--rpo-alpha", type=float, default=1.0,
+                       help="weight of an NLL term on the chosen completions (RPO, Pang et al. "
+                       "2024): without it DPO lowers the chosen log-probs as well and held-out "
+                       "accuracy does not improve on this task; 0 = plain DPO")
     if stage in ("dpo", "rm"):
         p.add_argument("--k", type=int, default=8, help="samples per pair-building prompt")
         p.add_argument("--min-chosen-reward", type=float, default=0.0,
@@ -482,94 +696,70 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     # --- the loop ----------------------------------------------------------------------------
     model.train()
     step_times, tokens_seen = [], 0
+    phases = Phases(device)
+    phase_totals: dict = {}
     run_t0 = time.perf_counter()
     opt_steps = 0
     total_opt_steps = args.max_steps * (args.ppo_epochs if stage in ("grpo", "ppo") else 1)
-    for it in range(args.max_steps):
-        t0 = time.perf_counter()
-        record: dict = {"kind": "train", "step": it + 1}
 
-        def optimizer_step(loss: torch.Tensor) -> float:
-            nonlocal opt_steps
-            lr = lr_at(opt_steps, args.lr, min_lr, args.warmup_steps, total_opt_steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
+    def update(loss: torch.Tensor) -> float:
+        """backward, clip, optimizer step at the schedule's lr; returns the lr."""
+        nonlocal opt_steps
+        lr = lr_at(opt_steps, args.lr, min_lr, args.warmup_steps, total_opt_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with phases("backward"):
             loss.backward()
+        with phases("optimizer"):
             if args.clip > 0:
                 clip_grad_norm_(params, args.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            opt_steps += 1
-            return lr
+        opt_steps += 1
+        return lr
 
-        if stage == "sft":
-            batch = [data[rng.randrange(len(data))] for _ in range(args.batch_size)]
-            ids, mask = pad_batch([p + c for p, c in batch], [len(p) for p, _ in batch], eos,
-                                  device, PAD_MULTIPLE)
-            loss = sft_loss(token_logprobs(model, ids), mask)
-            record["lr"] = optimizer_step(loss)
-            record["loss"] = float(loss.detach())
-            tokens_seen += ids.numel()
-        elif stage == "dpo":
-            pick = [rng.randrange(len(data)) for _ in range(args.batch_size)]
-            seqs = [data[i]["chosen"] for i in pick] + [data[i]["rejected"] for i in pick]
-            starts = [data[i]["start"] for i in pick] * 2
-            ids, mask = pad_batch(seqs, starts, eos, device, PAD_MULTIPLE)
-            lp = sequence_logprobs(model, ids, mask)
-            B = len(pick)
-            idx = torch.tensor(pick, device=device)
-            loss = dpo_loss(lp[:B], lp[B:], ref_c[idx], ref_r[idx], args.beta)
-            record["lr"] = optimizer_step(loss)
-            with torch.no_grad():
-                margin = args.beta * ((lp[:B] - ref_c[idx]) - (lp[B:] - ref_r[idx]))
-            record.update(loss=float(loss.detach()), margin=float(margin.mean()),
-                          pref_accuracy=float((margin > 0).float().mean()))
-            tokens_seen += ids.numel()
-        elif stage == "rm":
-            pick = [rng.randrange(len(data)) for _ in range(args.batch_size)]
-            seqs = [data[i]["chosen"] for i in pick] + [data[i]["rejected"] for i in pick]
-            ids, _ = pad_batch(seqs, [data[i]["start"] for i in pick] * 2, eos, device,
-                               PAD_MULTIPLE)
-            r = reward_scores(model, head, ids, [len(s) - 1 for s in seqs])
-            B = len(pick)
-            loss = bradley_terry_loss(r[:B], r[B:])
-            record["lr"] = optimizer_step(loss)
-            with torch.no_grad():
-                margin = r[:B] - r[B:]
-            record.update(loss=float(loss.detach()), margin=float(margin.mean()),
-                          pref_accuracy=float((margin > 0).float().mean()))
-            tokens_seen += ids.numel()
-        elif stage == "ppo":
-            record.update(_ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task,
-                                    prompts, rng, gen, optimizer_step))
-            history["ppo"].append(record)
-            tokens_seen += record.pop("tokens")
-        else:
-            probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
-            G = args.group_size
-            comps = sample(model, corpus, probs, G, temperature=args.temperature,
-                           max_new=task.max_answer_tokens, generator=gen)
-            rewards = torch.tensor([[tasks.reward(tasks.completion_text(corpus, c), p.answer)
-                                     for c in cs] for p, cs in zip(probs, comps)])
-            adv = group_advantages(rewards).reshape(-1).to(device)
-            seqs, starts = [], []
-            for p, cs in zip(probs, comps):
-                pr = tasks.encode(corpus, p.prompt)
-                for c in cs:
-                    seqs.append(pr + c)
-                    starts.append(len(pr))
-            ids, mask = pad_batch(seqs, starts, eos, device, PAD_MULTIPLE)
-            with torch.no_grad():
-                old = token_logprobs(model, ids)
-                ref_lp = token_logprobs(ref, ids)
-            stats = {}
-            for _ in range(args.ppo_epochs):
-                loss, stats = grpo_loss(token_logprobs(model, ids), old, ref_lp, adv, mask,
-                                        args.clip_eps, args.beta)
-                record["lr"] = optimizer_step(loss)
-            record.update(loss=float(loss.detach()), reward=float(rewards.mean()),
-                          accuracy=float((rewards == 1.0).float().mean()), **stats)
-            tokens_seen += ids.numel() * (1 + args.ppo_epochs)
+    for it in range(args.max_steps):
+        t0 = time.perf_counter()
+        phases.reset()
+        record: dict = {"kind": "train", "step": it + 1}
+        with _autocast(device):     # bf16 on CUDA, as in pretraining; fp32 on the CPU
+            if stage == "sft":
+                pick = [data[rng.randrange(len(data))] for _ in range(args.batch_size)]
+                batch = make_batch([p + c for p, c in pick], [len(p) for p, _ in pick], eos, device,
+                                   PAD_MULTIPLE)
+                record.update(sft_step(model, batch, update, phases))
+            elif stage in ("dpo", "rm"):
+                pick = [rng.randrange(len(data)) for _ in range(args.batch_size)]
+                batch = make_batch([data[i]["chosen"] for i in pick]
+                                   + [data[i]["rejected"] for i in pick],
+                                   [data[i]["start"] for i in pick] * 2, eos, device, PAD_MULTIPLE)
+                if stage == "dpo":
+                    idx = torch.tensor(pick, device=device)
+                    record.update(dpo_step(model, batch, ref_c[idx], ref_r[idx], args.beta, update,
+                                           phases, rpo_alpha=args.rpo_alpha))
+                else:
+                    record.update(rm_step(model, head, batch, update, phases))
+            elif stage == "ppo":
+                probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
+                record.update(ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task,
+                                       probs, gen, update, phases))
+                history["ppo"].append(record)
+            else:
+                probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
+
+                def score(comps, probs=probs):
+                    return comps, torch.tensor(
+                        [[tasks.reward(tasks.completion_text(corpus, c), p.answer) for c in cs]
+                         for p, cs in zip(probs, comps)])
+
+                record.update(grpo_step(
+                    model, ref, [tasks.encode(corpus, p.prompt) for p in probs], score, args,
+                    max_new=task.max_answer_tokens, eos=eos, generator=gen, update=update,
+                    phases=phases))
+        tokens_seen += record.pop("tokens")
+        record["phase_s"] = {k: round(v, 6) for k, v in phases.times.items()}
+        for k, v in phases.times.items():
+            phase_totals[k] = phase_totals.get(k, 0.0) + v
         dt = time.perf_counter() - t0
         step_times.append(dt)
         record["step_time_s"] = dt
@@ -630,7 +820,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         "steps": args.max_steps, "steps_this_run": len(step_times), "resumed_from": None,
         "tokens_per_s": tokens_seen / train_s if train_s > 0 else None,
         "step_time_median_s": statistics.median(timed) if timed else None,
-        "train_time_s": train_s, "mfu": None,
+        "train_time_s": train_s, "mfu": None, "phase_time_s": phase_totals,
         "optimizer": f"{type(opt).__module__}.{type(opt).__name__}",
         "clip_grad_norm": f"{clip_grad_norm_.__module__}.{clip_grad_norm_.__name__}",
         "peak_flops_bf16": None, "flops_per_token": None,
@@ -685,20 +875,20 @@ def _ref_logprobs(ref, pairs: list[dict], eos: int, device, batch: int = 128):
     chosen, rejected = [], []
     for lo in range(0, len(pairs), batch):
         chunk = pairs[lo:lo + batch]
-        for key, dst in (("chosen", chosen), ("rejected", rejected)):
-            ids, mask = pad_batch([p[key] for p in chunk], [p["start"] for p in chunk], eos,
-                                  device, PAD_MULTIPLE)
-            dst.append(sequence_logprobs(ref, ids, mask))
+        b = make_batch([p["chosen"] for p in chunk] + [p["rejected"] for p in chunk],
+                       [p["start"] for p in chunk] * 2, eos, device, PAD_MULTIPLE)
+        lp = sequence_logprobs(ref, b)
+        chosen.append(lp[:len(chunk)])
+        rejected.append(lp[len(chunk):])
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def reward_scores(model, head, ids: torch.Tensor, last: Sequence[int]) -> torch.Tensor:
-    """(B,) scalar rewards: ``head`` on the final hidden state at position ``last[b]`` (the
-    completion's last token: its end-of-text token, or the last one sampled)."""
-    h = model.hidden_states(ids)
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    pos = torch.as_tensor(list(last), device=ids.device)
-    return head(h[rows, pos]).squeeze(-1).float()
+def reward_scores(model, head, batch: Batch) -> torch.Tensor:
+    """(B,) scalar rewards: ``head`` on the final hidden state of each sequence's last token
+    (its end-of-text token, or the last one sampled)."""
+    rows = torch.arange(len(batch.seqs), device=batch.ids.device)
+    last = torch.tensor([len(q) - 1 for q in batch.seqs], device=batch.ids.device)
+    return head(hidden_at(model, batch, rows, last)).squeeze(-1).float()
 
 
 @torch.no_grad()
@@ -709,9 +899,9 @@ def rm_evaluate(model, head, pairs: list[dict], eos: int, device, batch: int = 1
     margins = []
     for lo in range(0, len(pairs), batch):
         chunk = pairs[lo:lo + batch]
-        seqs = [p["chosen"] for p in chunk] + [p["rejected"] for p in chunk]
-        ids, _ = pad_batch(seqs, [p["start"] for p in chunk] * 2, eos, device, PAD_MULTIPLE)
-        r = reward_scores(model, head, ids, [len(q) - 1 for q in seqs])
+        b = make_batch([p["chosen"] for p in chunk] + [p["rejected"] for p in chunk],
+                       [p["start"] for p in chunk] * 2, eos, device, PAD_MULTIPLE)
+        r = reward_scores(model, head, b)
         margins.append(r[:len(chunk)] - r[len(chunk):])
     model.train(was)
     m = torch.cat(margins)
@@ -745,17 +935,17 @@ def _load_reward_model(path, cfg, backend: str, device):
     return rm, head, path
 
 
-def _ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, prompts, rng, gen,
-              optimizer_step) -> dict:
+def ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, probs, generator,
+             update, phases: Phases) -> dict:
     """One PPO round: one completion per prompt, per-token rewards
         r_t = -beta (l_t^old - l_t^ref) + [t is the last completion slot] RM(prompt + completion),
     GAE, advantages whitened over the batch's completion tokens, ``--ppo-epochs`` full-batch
     updates. The verifier's reward is only logged (a growing RM - verifier gap is hacking)."""
     device = next(model.parameters()).device
     eos = corpus.eos_id
-    probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
-    comps = sample(model, corpus, probs, 1, temperature=args.temperature,
-                   max_new=task.max_answer_tokens, generator=gen)
+    with phases("generation"):
+        comps = sample(model, corpus, probs, 1, temperature=args.temperature,
+                       max_new=task.max_answer_tokens, generator=generator)
     seqs, starts = [], []
     for p, cs in zip(probs, comps):
         pr = tasks.encode(corpus, p.prompt)
@@ -763,35 +953,37 @@ def _ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, prompts, 
         starts.append(len(pr))
     verifier = torch.tensor([tasks.reward(tasks.completion_text(corpus, cs[0]), p.answer)
                              for p, cs in zip(probs, comps)])
-    ids, mask = pad_batch(seqs, starts, eos, device, PAD_MULTIPLE)
+    batch = make_batch(seqs, starts, eos, device, PAD_MULTIPLE)
+    mask = batch.mask
     rows = torch.arange(len(seqs), device=device)
     last_slot = torch.tensor([len(q) - 2 for q in seqs], device=device)
     with torch.no_grad():
-        h = model.hidden_states(ids)
-        old = logprobs_from_hidden(model, h, ids)
-        old_v = head(h[:, :-1]).squeeze(-1).float()
-        ref_lp = token_logprobs(ref, ids)
-        score = reward_scores(rm_model, rm_head, ids, (last_slot + 1).tolist())
+        with phases("old_logprobs"):
+            old, old_v = completion_logprobs(model, batch, head)
+        with phases("ref_logprobs"):
+            ref_lp = completion_logprobs(ref, batch)
+        with phases("reward_model"):
+            score = reward_scores(rm_model, rm_head, batch)
         kl = (old - ref_lp) * mask
         rewards = -args.beta * kl
         rewards[rows, last_slot] += score
-        adv, ret = gae(rewards, old_v * mask, mask, args.gamma, args.lam)
+        adv, ret = gae(rewards, old_v, mask, args.gamma, args.lam)
         n = mask.sum().clamp_min(1)
         mean = adv.sum() / n
         std = (((adv - mean) ** 2 * mask).sum() / n).sqrt()
         adv = (adv - mean) / (std + 1e-8) * mask
     stats, rec = {}, {}
     for _ in range(args.ppo_epochs):
-        h = model.hidden_states(ids)
-        loss, stats = ppo_loss(logprobs_from_hidden(model, h, ids), old, adv,
-                               head(h[:, :-1]).squeeze(-1).float(), old_v, ret, mask,
-                               args.clip_eps, args.value_clip, args.vf_coef)
-        rec["lr"] = optimizer_step(loss)
+        with phases("policy_logprobs"):
+            logp, values = completion_logprobs(model, batch, head)
+            loss, stats = ppo_loss(logp, old, adv, values, old_v, ret, mask, args.clip_eps,
+                                   args.value_clip, args.vf_coef)
+        rec["lr"] = update(loss)
     rec.update(loss=float(loss.detach()), reward=float(score.mean()),
                rm_reward=float(score.mean()), verifier_reward=float(verifier.mean()),
                accuracy=float((verifier == 1.0).float().mean()),
                kl=float(kl.sum(-1).mean()), value=float((old_v * mask).sum() / n), **stats,
-               tokens=ids.numel() * (3 + args.ppo_epochs))
+               tokens=batch.tokens * (3 + args.ppo_epochs))
     return rec
 
 

@@ -158,9 +158,22 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isolate", choices=("auto", "yes", "no"), default="auto",
                    help="run each variant in its own subprocess (auto: on CPU, so that the "
                    "peak-RSS of one variant is not hidden in memory freed by another)")
-    p.add_argument("--variants", default=",".join(BENCH_VARIANTS),
+    p.add_argument("--variants", default=None,
                    help="comma-separated subset of: " + ", ".join(BENCH_VARIANTS)
-                   + " (the first is the baseline of the ratios)")
+                   + " (the first is the baseline of the ratios; default: all; --stage sft / "
+                   "dpo / grpo: torch eager, fastattn)")
+    p.add_argument("--stage", choices=("pretrain", "sft", "dpo", "grpo"), default="pretrain",
+                   help="the step to time: pretraining, or one SFT / DPO / GRPO step phase by "
+                   "phase (fastattn/train/align_bench.py)")
+    p.add_argument("--prompt-len", type=int, default=32,
+                   help="--stage sft/dpo/grpo: longest prompt (tokens)")
+    p.add_argument("--completion-len", type=int, default=32,
+                   help="--stage sft/dpo/grpo: longest completion (tokens)")
+    p.add_argument("--group-size", type=int, default=8, help="--stage grpo: samples per prompt")
+    p.add_argument("--ppo-epochs", type=int, default=2,
+                   help="--stage grpo: updates per batch of samples")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="--stage dpo: temperature; grpo: KL coefficient")
     p.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
 
@@ -763,16 +776,10 @@ BENCH_VARIANTS = {            # name: (backend, compile)
 }
 
 
-def _bench_variant(args, corpus, name: str) -> dict:
+def bench_model(args, cfg, backend: str, device: torch.device):
+    """A benchmark variant's model (seeded), its optimizer and clipping function, and the
+    memory in use before they were built (the base its peak is measured from)."""
     from ..models.gpt import GPT
-    backend, compile_ = BENCH_VARIANTS[name]
-    device = resolve_device(args.device)
-    cfg = _model_config(args, corpus.vocab_size)
-    T, B = args.seq_len, args.batch_size
-    batches = [corpus.get_batch("train", B, T, step=i, seed=args.seed)
-               for i in range(args.warmup + args.steps)]
-    import gc
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -786,6 +793,26 @@ def _bench_variant(args, corpus, name: str) -> dict:
         from ..optim import clip_grad_norm_
     else:
         from torch.nn.utils import clip_grad_norm_
+    return model, opt, clip_grad_norm_, base
+
+
+def peak_since(device: torch.device, base: Optional[int]) -> Optional[int]:
+    """Peak memory above ``base`` (from ``bench_model``) since it was taken."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - base
+    return peak_memory_bytes(device) - base if base is not None else None
+
+
+def _bench_variant(args, corpus, name: str) -> dict:
+    backend, compile_ = BENCH_VARIANTS[name]
+    device = resolve_device(args.device)
+    cfg = _model_config(args, corpus.vocab_size)
+    T, B = args.seq_len, args.batch_size
+    batches = [corpus.get_batch("train", B, T, step=i, seed=args.seed)
+               for i in range(args.warmup + args.steps)]
+    import gc
+    gc.collect()
+    model, opt, clip_grad_norm_, base = bench_model(args, cfg, backend, device)
     fwd = torch.compile(model) if compile_ else model
     times, losses = [], []
     for i, (x, y) in enumerate(batches):
@@ -802,10 +829,7 @@ def _bench_variant(args, corpus, name: str) -> dict:
         losses.append(float(loss.detach()))
         _sync(device)
         times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - base
-    else:
-        peak = peak_memory_bytes(device) - base if base is not None else None
+    peak = peak_since(device, base)
     timed = times[args.warmup:]
     med = statistics.median(timed)
     return {"variant": name, "backend": backend, "compile": compile_,
@@ -816,6 +840,9 @@ def _bench_variant(args, corpus, name: str) -> dict:
 
 def bench(args: argparse.Namespace) -> dict:
     """Time the same training steps for every variant; print a table, write bench.json/.png."""
+    if args.stage != "pretrain":
+        from .align_bench import bench_stage
+        return bench_stage(args)
     device = resolve_device(args.device)
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
@@ -828,7 +855,8 @@ def bench(args: argparse.Namespace) -> dict:
     isolate = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    names = [n.strip() for n in (args.variants or ",".join(BENCH_VARIANTS)).split(",")
+             if n.strip()]
     unknown = [n for n in names if n not in BENCH_VARIANTS]
     if unknown or not names:
         raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from "

@@ -227,6 +227,27 @@ def test_generate_seeded_reproducible(backend):
     assert torch.equal(model.generate(prompt, 0), prompt)
 
 
+def test_sampling_follows_the_softmax():
+    """GPT._sample (inverse CDF): frequencies within 5 sigma of the softmax; top_k and -inf
+    logits never sampled; seeded."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 12) * 1.5
+    logits[:, 9:] = float("-inf")
+    p = torch.softmax(logits, dim=-1)
+    n = 40000
+    g = torch.Generator().manual_seed(1)
+    idx = GPT._sample(logits.repeat_interleave(n, dim=0), 1.0, None, g).view(3, n)
+    freq = torch.stack([torch.bincount(row, minlength=12) for row in idx]).double() / n
+    sigma = (p * (1 - p) / n).sqrt().double()
+    assert ((freq - p.double()).abs() <= 5 * sigma + 1e-12).all()
+    assert freq[:, 9:].eq(0).all()
+    top = GPT._sample(logits.repeat_interleave(500, dim=0), 0.7, 3, g).view(3, 500)
+    allowed = logits.topk(3, dim=-1).indices
+    assert all(set(row.tolist()) <= set(a.tolist()) for row, a in zip(top, allowed))
+    a = GPT._sample(logits, 1.0, None, torch.Generator().manual_seed(5))
+    assert torch.equal(a, GPT._sample(logits, 1.0, None, torch.Generator().manual_seed(5)))
+
+
 def test_presets_build_and_sizes():
     assert set(PRESETS) >= {"tiny", "gpt2-124m", "llama-style-small"}
     with torch.device("meta"):  # no memory, no init time

@@ -6,6 +6,7 @@ output and for dq, dk, dv, with a random output gradient. Kernel-level Triton te
 test_attention_triton.py / test_attention_decode.py.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -327,15 +328,130 @@ def test_varlen_equals_separate_sequences(device, backend, causal):
             torch.testing.assert_close(o.double(), e, rtol=2e-5, atol=2e-5, msg=f"seq{n} {name}")
 
 
+# The C++ varlen kernel: empty and one-token sequences on either side, lengths on both sides of
+# the 64-query and 128-key blocks, Sq > Sk (leading rows fully masked when causal) and Sq < Sk.
+VARLEN_LENS_Q = [0, 1, 63, 64, 65, 130, 1, 7, 3]
+VARLEN_LENS_K = [5, 1, 65, 0, 64, 130, 0, 140, 1]
+
+
+def _varlen_inputs(h, hkv, d, dtype, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    tq, tk = sum(VARLEN_LENS_Q), sum(VARLEN_LENS_K)
+    q, k, v = (torch.randn(t, n, d, generator=g).to(dtype) for t, n in ((tq, h), (tk, hkv), (tk, hkv)))
+    dout = torch.randn(tq, h, d, generator=g).to(dtype)
+    cu = [torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
+          for lens in (VARLEN_LENS_Q, VARLEN_LENS_K)]
+    return q, k, v, dout, cu[0], cu[1]
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _varlen_grads(q, k, v, dout, cu_q, cu_k, causal, backend="cpu", upcast=None):
+    """(out, dq, dk, dv) of varlen_attention on a backend, or of the reference's per-sequence
+    loop over reference.attention_fwd (upcast True/False) when upcast is given."""
+    mq, mk = max(VARLEN_LENS_Q), max(VARLEN_LENS_K)
+    if upcast is None:
+        with fastattn.use_backend(backend):
+            return _grads(lambda q, k, v: fastattn.varlen_attention(q, k, v, cu_q, cu_k, mq, mk,
+                                                                   causal=causal), q, k, v, dout)
+    dense = lambda *a: ref.attention_fwd(*a, upcast=upcast)  # noqa: E731
+    # One thread: the reference's many tiny ops would spend seconds synchronising on a busy box.
+    with _threads(1):
+        return _grads(lambda q, k, v: ref.varlen_fwd(q, k, v, cu_q, cu_k, mq, mk,
+                                                     q.shape[-1] ** -0.5, causal,
+                                                     dense_fwd=dense)[0], q, k, v, dout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("h,hkv", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_varlen_kernel_matches_reference(dtype, h, hkv, causal):
+    q, k, v, dout, cu_q, cu_k = _varlen_inputs(h, hkv, 24, dtype)
+    ours = _varlen_grads(q, k, v, dout, cu_q, cu_k, causal)
+    exact = _varlen_grads(*(x.double() for x in (q, k, v, dout)), cu_q, cu_k, causal, upcast=True)
+    if dtype == torch.float32:
+        for name, o, e in zip(("out", "dq", "dk", "dv"), ours, exact):
+            torch.testing.assert_close(o.double(), e, rtol=2e-5, atol=2e-5, msg=name)
+    else:
+        baseline = _varlen_grads(q, k, v, dout, cu_q, cu_k, causal, upcast=False)
+        _check_fa_rule(ours, exact, baseline, dtype, f"varlen {dtype}")
+    # Rows with no visible key: out 0, lse -inf, dq 0; keys no query sees: dk = dv = 0.
+    out, lse = attn_ops.varlen_attention_fwd(q, k, v, cu_q, cu_k, max(VARLEN_LENS_Q),
+                                             max(VARLEN_LENS_K), q.shape[-1] ** -0.5, causal)
+    with _threads(1):
+        _, exp_lse = ref.varlen_fwd(*(x.double() for x in (q, k, v)), cu_q, cu_k, 0, 0,
+                                    q.shape[-1] ** -0.5, causal)
+    assert lse.dtype == torch.float32 and lse.shape == (h, q.shape[0])
+    torch.testing.assert_close(lse.double(), exp_lse, rtol=1e-5, atol=1e-5)
+    masked = exp_lse[0] == float("-inf")
+    assert masked.any() and (lse[:, masked] == float("-inf")).all()
+    assert (out[masked] == 0).all() and (ours[1][masked] == 0).all()
+    unseen = torch.zeros(k.shape[0], dtype=torch.bool)
+    for n, (lq, lk) in enumerate(zip(VARLEN_LENS_Q, VARLEN_LENS_K)):
+        if lq == 0:
+            unseen[int(cu_k[n]):int(cu_k[n + 1])] = True
+    assert unseen.any() and (ours[2][unseen] == 0).all() and (ours[3][unseen] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_varlen_is_deterministic_across_thread_counts(dtype):
+    q, k, v, dout, cu_q, cu_k = _varlen_inputs(4, 2, 32, dtype, seed=5)
+    with _threads(2):
+        first = _varlen_grads(q, k, v, dout, cu_q, cu_k, causal=True)
+    with _threads(1):
+        second = _varlen_grads(q, k, v, dout, cu_q, cu_k, causal=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), name
+
+
+def test_cpu_varlen_kernel_checks_its_arguments():
+    """The C++ entry points index memory through cu_seqlens, so they validate it themselves."""
+    from fastattn import _C
+    q = torch.randn(5, 4, 16)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must be int32"):
+        _C.varlen_attention_fwd(q, q, q, cu.long(), cu, 3, 3, 0.25, False)
+    with pytest.raises(RuntimeError, match="cu_seqlens_k must be non-decreasing"):
+        _C.varlen_attention_fwd(q, q, q, cu, torch.tensor([0, 6, 5], dtype=torch.int32), 3, 6,
+                                0.25, False)
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must rise from 0 to the token count 5"):
+        _C.varlen_attention_fwd(q, q, q, torch.tensor([0, 2, 4], dtype=torch.int32), cu, 3, 3,
+                                0.25, False)
+    with pytest.raises(RuntimeError, match=r"max_seqlen \(2\) is smaller"):
+        _C.varlen_attention_fwd(q, q, q, cu, cu, 2, 3, 0.25, False)
+    with pytest.raises(RuntimeError, match="same number of sequences"):
+        _C.varlen_attention_fwd(q, q, q, cu, torch.tensor([0, 5], dtype=torch.int32), 3, 5,
+                                0.25, False)
+    with pytest.raises(RuntimeError, match="q must be 3-D"):
+        _C.varlen_attention_fwd(q[None], q, q, cu, cu, 3, 3, 0.25, False)
+    with pytest.raises(RuntimeError, match="float64 runs on the reference|float32, float16"):
+        _C.varlen_attention_fwd(q.double(), q.double(), q.double(), cu, cu, 3, 3, 0.25, False)
+    out, lse = _C.varlen_attention_fwd(q, q, q, cu, cu, 3, 3, 0.25, True)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \(H, total_q\)"):
+        _C.varlen_attention_bwd(out, q, q, q, out, lse.t(), cu, cu, 3, 3, 0.25, True)
+    with pytest.raises(RuntimeError, match="dout must have q's shape"):
+        _C.varlen_attention_bwd(out[:4], q, q, q, out, lse, cu, cu, 3, 3, 0.25, True)
+
+
 DECODE_BACKENDS = ALL_BACKENDS
 
 
 @pytest.mark.parametrize("device,backend", DECODE_BACKENDS)
 @pytest.mark.parametrize("sq", [1, 3])
 def test_decode_equals_full_attention_over_the_cache(device, backend, sq):
-    b, h, hkv, s_max, d = 3, 4, 2, 80, 32
+    # lengths: a run of equal ones (rows 2-3), a repeat apart from its twin (rows 1 and 5)
+    b, h, hkv, s_max, d = 6, 4, 2, 80, 32
     q, kc, vc = _qkv(b, h, hkv, sq, s_max, d, torch.float32, device)
-    lens = torch.tensor([sq, 80, 41], dtype=torch.int32, device=device)
+    lens = torch.tensor([sq, 80, 41, 41, 7, 80], dtype=torch.int32, device=device)
     with fastattn.use_backend(backend):
         got = fastattn.decode_attention(q, kc, vc, lens)
     for i, length in enumerate(lens.tolist()):

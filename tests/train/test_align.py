@@ -59,6 +59,16 @@ def test_pad_batch_mask():
     assert mask.tolist() == [[0, 1, 1], [1, 1, 0]]
 
 
+def test_make_batch_layouts():
+    b = align.make_batch([[5, 6, 7, 8], [5, 9, 3]], [2, 1], 0, "cpu", multiple=8)
+    assert b.ids.shape == (2, 8) and b.ids[1, 3:].eq(0).all()
+    assert b.rows.tolist() == [0, 0, 1, 1] and b.cols.tolist() == [1, 2, 0, 1]
+    assert b.targets.tolist() == [7, 8, 9, 3]
+    assert b.flat.tolist() == [5, 6, 7, 8, 5, 9, 3]
+    assert b.cu_seqlens.tolist() == [0, 4, 7] and b.cu_seqlens.dtype == torch.int32
+    assert b.max_len == 4 and b.tokens == 7 and b.padded_tokens == 16
+
+
 def test_sft_loss_masking():
     logp = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]], dtype=torch.float64,
                         requires_grad=True)
@@ -73,8 +83,9 @@ def test_sft_loss_is_cross_entropy_on_answer_tokens():
     torch.manual_seed(0)
     model = GPT(config("tiny", n_layer=1, d_model=32, n_head=2, vocab_size=40, max_seq_len=16),
                 backend="torch").double()
-    ids, mask = align.pad_batch([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]], [3, 2], 0, "cpu")
-    loss = align.sft_loss(align.token_logprobs(model, ids), mask)
+    batch = align.make_batch([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]], [3, 2], 0, "cpu")
+    ids, mask = batch.ids, batch.mask
+    loss = align.sft_loss(align.completion_logprobs(model, batch), mask)
     targets = ids[:, 1:].masked_fill(mask == 0, -100)
     logits = model(ids)[:, :-1]
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), targets.reshape(-1))
@@ -145,22 +156,71 @@ def test_grpo_loss_clip_and_kl():
 # fastattn vs torch log-probs
 
 
-def test_logprobs_backends_agree():
+@pytest.mark.parametrize("preset_kw", [
+    {},
+    {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1},
+])
+def test_logprobs_backends_agree(preset_kw):
+    """fastattn (packed, varlen_attention, linear_token_logprobs) against torch (padded, SDPA,
+    log_softmax): log-probs, values and every parameter's gradient, plus the packed torch path
+    (block-diagonal mask) against plain per-sequence forwards."""
     torch.manual_seed(1)
-    model = GPT(config("tiny", n_layer=2, d_model=64, n_head=2, vocab_size=97, max_seq_len=32),
-                backend="torch")
-    seqs = [torch.randint(1, 97, (n,)).tolist() for n in (17, 5, 12)]
-    ids, mask = align.pad_batch(seqs, [3, 2, 8], 0, "cpu")
+    model = GPT(config("tiny", n_layer=2, d_model=64, n_head=2, vocab_size=97, max_seq_len=32,
+                       **preset_kw), backend="torch")
+    head = torch.nn.Linear(64, 1)
+    seqs = [torch.randint(1, 97, (n,)).tolist() for n in (17, 5, 12, 2)]
+    batch = align.make_batch(seqs, [3, 2, 8, 1], 0, "cpu", multiple=8)
+    w = torch.randn(batch.mask.shape)
     out = {}
     for backend in ("torch", "fastattn"):
         model.set_backend(backend)
         model.zero_grad()
-        lp = align.sequence_logprobs(model, ids, mask)
-        (lp * torch.tensor([1.0, -0.5, 2.0])).sum().backward()
-        out[backend] = (lp.detach(), model.lm_head.weight.grad.clone(),
-                        model.blocks[0].attn.proj.weight.grad.clone())
+        head.zero_grad()
+        lp, val = align.completion_logprobs(model, batch, head)
+        assert lp[batch.mask == 0].eq(0).all() and val[batch.mask == 0].eq(0).all()
+        ((lp + 0.5 * val) * w).sum().backward()
+        seq = align.sequence_logprobs(model, batch).detach()
+        torch.testing.assert_close(seq, lp.detach().sum(-1))
+        out[backend] = [lp.detach(), val.detach(), head.weight.grad.clone()] + \
+            [p.grad.clone() for p in model.parameters()]
     for a, b in zip(out["torch"], out["fastattn"]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    # each sequence alone, no padding, full log_softmax: the same log-probs
+    model.set_backend("torch")
+    with torch.no_grad():
+        for i, (s, st) in enumerate(zip(seqs, [3, 2, 8, 1])):
+            ids = torch.tensor([s])
+            logp = torch.log_softmax(model(ids)[0, :-1], -1).gather(
+                -1, ids[0, 1:, None])[:, 0]
+            torch.testing.assert_close(out["fastattn"][0][i, st - 1:len(s) - 1],
+                                       logp[st - 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_hidden_states_match_and_errors():
+    torch.manual_seed(0)
+    model = GPT(config("tiny", n_layer=2, d_model=64, n_head=4, vocab_size=50, max_seq_len=16,
+                       positions="rope", n_kv_head=2), backend="fastattn")
+    seqs = [torch.randint(0, 50, (n,)) for n in (7, 1, 16, 4)]
+    flat = torch.cat(seqs)
+    cu = torch.tensor([0, 7, 8, 24, 28], dtype=torch.int32)
+    for backend in ("fastattn", "torch"):
+        model.set_backend(backend)
+        h = model.packed_hidden_states(flat, cu)
+        want = torch.cat([model.hidden_states(s[None])[0] for s in seqs])
+        torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rise strictly from 0"):
+        model.packed_hidden_states(flat, torch.tensor([0, 7, 7, 28], dtype=torch.int32))
+    with pytest.raises(ValueError, match="rise strictly from 0"):
+        model.packed_hidden_states(flat, torch.tensor([0, 7, 20], dtype=torch.int32))
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-D int32"):
+        model.packed_hidden_states(flat, cu.long())
+    with pytest.raises(TypeError, match="ids must be a 1-D"):
+        model.packed_hidden_states(flat[None], cu)
+    with pytest.raises(ValueError, match="max_seqlen 8 is less than"):
+        model.packed_hidden_states(flat, cu, max_seqlen=8)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model.packed_hidden_states(torch.zeros(20, dtype=torch.long),
+                                   torch.tensor([0, 20], dtype=torch.int32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,3 +405,45 @@ def test_ppo_run(chain):
     assert ckpt["stage"] == "ppo" and "value_head" in ckpt
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "sft"),
                  "--out", str(root / "bad")]) == 2      # an sft checkpoint has no reward head
+
+
+# --------------------------------------------------------------------------------------------
+# fastattn-train bench --stage sft|dpo|grpo
+
+BENCH_MODEL = ["--preset", "tiny", "--set", "n_layer=1", "--set", "d_model=32", "--set",
+               "n_head=2", "--vocab-size", "64", "--prompt-len", "6", "--completion-len", "6",
+               "--batch-size", "3"]
+
+
+@pytest.mark.parametrize("stage,isolate", [("sft", "yes"), ("dpo", "no"), ("grpo", "no")])
+def test_stage_bench(tmp_path, capsys, stage, isolate):
+    from fastattn.train.align_bench import PHASES
+    assert main(["bench", "--stage", stage, *BENCH_MODEL, "--group-size", "2", "--steps", "2",
+                 "--warmup", "1", "--isolate", isolate, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["results"]
+    assert [r["variant"] for r in rows] == ["torch eager", "fastattn"]
+    assert all("error" not in r for r in rows), rows
+    for r in rows:
+        assert set(r["phase_time_median_s"]) == set(PHASES[stage])
+        assert all(t > 0 for t in r["phase_time_median_s"].values())
+        assert r["step_time_median_s"] >= sum(r["phase_time_median_s"].values()) * 0.5
+        assert all(p >= 0 for p in r["phase_peak_bytes"].values())
+    assert rows[1]["speedup_vs_baseline"] > 0 and "logprob_phases_peak_ratio" in rows[1]
+    if stage != "grpo":   # same weights, same synthetic batches: the same losses
+        for x, y in zip(rows[0]["losses"], rows[1]["losses"]):
+            assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
+    out = capsys.readouterr().out
+    assert "| policy_logprobs" in out and "| step" in out
+
+
+def test_stage_bench_errors(tmp_path, capsys):
+    assert main(["bench", "--stage", "dpo", *BENCH_MODEL, "--completion-len", "300",
+                 "--out", str(tmp_path)]) == 2
+    assert "exceeds max_seq_len" in capsys.readouterr().err
+    assert main(["bench", "--stage", "grpo", *BENCH_MODEL, "--group-size", "0",
+                 "--out", str(tmp_path)]) == 2
+    assert "--group-size must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--stage", "dpo", *BENCH_MODEL, "--variants", "torch.compile",
+                 "--out", str(tmp_path)]) == 2
+    assert "unknown ['torch.compile']" in capsys.readouterr().err

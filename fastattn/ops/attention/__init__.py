@@ -131,9 +131,8 @@ def _varlen_impl(q: Tensor, k: Tensor):
     name, impl = _impl("varlen_attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
     if q.numel() == 0 or k.numel() == 0:
         return reference.varlen_fwd, reference.varlen_bwd
-    if name == "cpu":  # no native varlen kernel: one dense call per sequence
-        return (lambda *a: reference.varlen_fwd(*a, dense_fwd=impl.attention_fwd),
-                lambda *a: reference.varlen_bwd(*a, dense_bwd=impl.attention_bwd))
+    if name == "cpu":  # the C++ kernels take the op's arguments as they are
+        return impl.varlen_attention_fwd, impl.varlen_attention_bwd
     return impl.varlen_fwd, impl.varlen_bwd
 
 

@@ -189,8 +189,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
 # ---------------------------------------------------------------------------------------------
 # Packed sequences and KV-cache decoding, by running each sequence through a dense kernel.
-# ``dense_fwd`` / ``dense_bwd`` default to the functions above; backends without native varlen
-# or decode kernels (the C++ CPU one) pass their own dense kernels.
+# ``dense_fwd`` / ``dense_bwd`` default to the functions above; a backend without a native
+# decode kernel (the C++ CPU one: one dense call per distinct cache length) passes its own.
 # ---------------------------------------------------------------------------------------------
 
 def _seq_bounds(cu: Tensor) -> list[tuple[int, int]]:
@@ -240,13 +240,28 @@ def decode_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tenso
     """Queries are the last Sq of each sequence's L_b valid cache positions (bottom-right
     causal among them). ``num_splits`` is a GPU kernel's tuning knob, meaningless here."""
     sq, s_max = q.shape[2], k_cache.shape[2]
+    # One dense call per distinct length (generate() gives every row the same one): rows of a
+    # run [lo, hi) with one length are views; other rows of that length are gathered.
+    rows_of: dict = {}
+    for b, length in enumerate(cache_seqlens.tolist()):
+        rows_of.setdefault(max(0, min(int(length), s_max)), []).append(b)
+    if len(rows_of) == 1 and next(iter(rows_of)) > 0:   # one length: one call, no copies
+        length = next(iter(rows_of))
+        return dense_fwd(q, k_cache[:, :, :length], v_cache[:, :, :length], None, scale,
+                         length - sq, -1, 0, 0.0, 0.0, 0)
     out = q.new_zeros(q.shape)
     lse = q.new_full(q.shape[:3], float("-inf"), dtype=torch.promote_types(q.dtype, torch.float32))
-    for b, length in enumerate(cache_seqlens.tolist()):
-        length = max(0, min(int(length), s_max))
+    for length, rows in rows_of.items():
         if length == 0:
             continue  # nothing visible: out 0, lse -inf
-        o, l = dense_fwd(q[b:b + 1], k_cache[b:b + 1, :, :length], v_cache[b:b + 1, :, :length],
-                         None, scale, length - sq, -1, 0, 0.0, 0.0, 0)
-        out[b], lse[b] = o[0], l[0]
+        lo, hi = rows[0], rows[-1] + 1
+        if hi - lo == len(rows):
+            o, l = dense_fwd(q[lo:hi], k_cache[lo:hi, :, :length], v_cache[lo:hi, :, :length],
+                             None, scale, length - sq, -1, 0, 0.0, 0.0, 0)
+            out[lo:hi], lse[lo:hi] = o, l
+        else:
+            idx = torch.tensor(rows, device=q.device)
+            o, l = dense_fwd(q[idx], k_cache[idx, :, :length], v_cache[idx, :, :length],
+                             None, scale, length - sq, -1, 0, 0.0, 0.0, 0)
+            out[idx], lse[idx] = o, l
     return out, lse
