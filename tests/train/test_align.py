@@ -429,6 +429,8 @@ def test_stage_bench(tmp_path, capsys, stage, isolate):
         assert all(t > 0 for t in r["phase_time_median_s"].values())
         assert r["step_time_median_s"] >= sum(r["phase_time_median_s"].values()) * 0.5
         assert all(p >= 0 for p in r["phase_peak_bytes"].values())
+        # the run's peak spans every phase (each phase resets the peak counter)
+        assert r["peak_memory_bytes"] >= max(r["phase_peak_bytes"].values())
     assert rows[1]["speedup_vs_baseline"] > 0 and "logprob_phases_peak_ratio" in rows[1]
     if stage != "grpo":   # same weights, same synthetic batches: the same losses
         for x, y in zip(rows[0]["losses"], rows[1]["losses"]):
@@ -447,3 +449,5 @@ def test_stage_bench_errors(tmp_path, capsys):
     assert main(["bench", "--stage", "dpo", *BENCH_MODEL, "--variants", "torch.compile",
                  "--out", str(tmp_path)]) == 2
     assert "unknown ['torch.compile']" in capsys.readouterr().err
+    assert main(["dpo", "--init", str(tmp_path / "x"), "--rpo-alpha", "-1"]) == 2
+    assert "--rpo-alpha must be a finite number >= 0" in capsys.readouterr().err
