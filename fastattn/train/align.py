@@ -1,5 +1,5 @@
 """Alignment loops on the reference GPT with a verifiable task (``tasks.AdditionTask``):
-supervised fine-tuning, DPO on honestly sampled preference pairs, and GRPO.
+supervised fine-tuning, DPO on honestly sampled preference pairs, GRPO, a reward model and PPO.
 
     python -m fastattn.train sft  --init out/pretrain --out out/sft  --max-steps 300
     python -m fastattn.train dpo  --init out/sft      --out out/dpo  --max-steps 100
@@ -30,7 +30,8 @@ runs the same step functions on both backends side by side (``align_bench.py``).
 Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
     SFT   -sum_{b,t} m l / sum_{b,t} m                          (mean over answer tokens)
     DPO   -log sigmoid(beta [(L_c - L_c^ref) - (L_r - L_r^ref)]),  L = sum_t m l
-          (Rafailov et al. 2023); L^ref computed once from the frozen initial (SFT) model;
+          (Rafailov et al. 2023); L^ref from the frozen initial (SFT) model, computed once
+          for all pairs up front (or per batch with ``--ref-on-the-fly``);
           ``--rpo-alpha`` a adds a x (SFT loss on the chosen completions) (RPO: Pang et al.
           2024 found plain DPO lowers the chosen log-probs too on reasoning tasks)
     GRPO  A_i = (r_i - mean_g r) / (std_g r + 1e-4) within a prompt's group of G samples,
@@ -38,7 +39,8 @@ Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
           J_i = (1/|o_i|) sum_t m_t [min(rho_t A_i, clip(rho_t, 1-eps, 1+eps) A_i) - beta k3_t],
           k3_t = exp(l^ref_t - l_t) - (l^ref_t - l_t) - 1  (Schulman's unbiased, >= 0 KL
           estimator), loss = -mean_i J_i (Shao et al. 2024); ``--ppo-epochs`` updates per batch
-          of samples, so from the second on rho != 1 and the clip acts.
+          of samples, so from the second on rho != 1 and the clip acts; l^old is the first
+          update's own forward, detached (the policy has not moved yet: no extra forward).
     RM    -log sigmoid(r_c - r_r), r = head(h at the last completion token) on the SFT trunk;
           pairs from ``build_pairs``, ``--holdout`` of them held out (summary ``pair_accuracy``;
           ``train_pair_accuracy`` on the rest). The checkpoint stores the head as
@@ -513,6 +515,9 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
     if stage in ("dpo", "grpo", "rm", "ppo"):
         p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     if stage == "dpo":
+        p.add_argument("--ref-on-the-fly", action="store_true",
+                       help="compute the reference log-probs of each batch when it is used "
+                       "(one more forward per step) instead of once for all pairs up front")
         p.add_argument("--rpo-alpha", type=float, default=1.0,
                        help="weight of an NLL term on the chosen completions (RPO, Pang et al. "
                        "2024): without it DPO lowers the chosen log-probs as well and held-out "
@@ -681,8 +686,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         if not data:
             raise ValueError("no preference pairs: every prompt's K samples scored the same; "
                              "raise --k or --temperature")
-        with _autocast(device):     # as the policy's log-probs in the loop
-            ref_c, ref_r = _ref_logprobs(ref, data, eos, device)
+        if not args.ref_on_the_fly:
+            with _autocast(device):     # as the policy's log-probs in the loop
+                ref_c, ref_r = _ref_logprobs(ref, data, eos, device)
     elif stage == "rm":
         if not 0 < args.holdout < 1:
             raise ValueError("--holdout must be in (0, 1)")
@@ -748,8 +754,12 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                                    [data[i]["start"] for i in pick] * 2, eos, device, PAD_MULTIPLE)
                 if stage == "dpo":
                     idx = torch.tensor(pick, device=device)
-                    record.update(dpo_step(model, batch, ref_c[idx], ref_r[idx], args.beta, update,
-                                           phases, rpo_alpha=args.rpo_alpha))
+                    if args.ref_on_the_fly:
+                        record.update(dpo_step(model, batch, None, None, args.beta, update,
+                                               phases, ref=ref, rpo_alpha=args.rpo_alpha))
+                    else:
+                        record.update(dpo_step(model, batch, ref_c[idx], ref_r[idx], args.beta,
+                                               update, phases, rpo_alpha=args.rpo_alpha))
                 else:
                     record.update(rm_step(model, head, batch, update, phases))
             elif stage == "ppo":

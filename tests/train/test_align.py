@@ -271,6 +271,19 @@ def test_dpo_run(chain):
     assert s["pairs_reward"] > _summary(root / "sft")["pairs_reward"]
 
 
+def test_dpo_reference_on_the_fly_matches_precomputed(chain, tmp_path):
+    root, common = chain
+    losses = {}
+    for name, extra in (("once", []), ("fly", ["--ref-on-the-fly"])):
+        assert main(["dpo", "--init", str(root / "sft"), "--out", str(tmp_path / name), *common,
+                     "--max-steps", "3", "--n-eval", "4", *extra]) == 0
+        log = [json.loads(ln) for ln in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in log if r["kind"] == "train"]
+        phases = [r["phase_s"] for r in log if r["kind"] == "train"]
+        assert ("ref_logprobs" in phases[0]) == (name == "fly")
+    assert losses["once"] == pytest.approx(losses["fly"], rel=1e-4)
+
+
 def test_grpo_run(chain):
     root, common = chain
     assert main(["grpo", "--init", str(root / "sft"), "--out", str(root / "grpo"), *common,
