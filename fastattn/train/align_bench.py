@@ -31,7 +31,6 @@ timed steps; peaks their maximum. Autocast bf16 on CUDA, fp32 on the CPU.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -40,7 +39,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -187,6 +185,7 @@ def _run_child(args, name: str, out: Path, memory: bool) -> dict:
     """``run_variant`` in a fresh process (its peak memory is its own). The memory pass runs
     with glibc returning every block over 64 KiB to the system on free, so the RSS follows the
     live tensors (that slows allocation down, hence a separate pass for the times)."""
+    from .pretrain import run_variant_process
     fd, result = tempfile.mkstemp(prefix=".bench_", suffix=".json", dir=out)
     os.close(fd)
     env = dict(os.environ)
@@ -195,16 +194,8 @@ def _run_child(args, name: str, out: Path, memory: bool) -> dict:
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         fields.update(steps=min(args.steps, 2), warmup=min(args.warmup, 1))
     payload = json.dumps({**fields, "variant_name": name, "result": result, "memory": memory})
-    try:
-        proc = subprocess.run([sys.executable, "-m", "fastattn.train.align_bench", payload],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"variant subprocess failed (exit {proc.returncode}): "
-                               + proc.stderr.strip()[-2000:])
-        return json.loads(Path(result).read_text())
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(result)
+    return run_variant_process([sys.executable, "-m", "fastattn.train.align_bench", payload],
+                               result, env)
 
 
 def bench_stage(args) -> dict:

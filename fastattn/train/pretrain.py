@@ -914,8 +914,14 @@ def _bench_child(args, name: str, out: Path) -> dict:
         cmd += ["--data", args.data]
     if args.cache_dir is not None:
         cmd += ["--cache-dir", args.cache_dir]
+    return run_variant_process(cmd, result)
+
+
+def run_variant_process(cmd: list, result: str, env: Optional[dict] = None) -> dict:
+    """Run one benchmark variant's process, which writes its JSON to ``result`` (removed
+    after); a failure raises with the end of its stderr."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"variant subprocess failed (exit {proc.returncode}): "
                                + proc.stderr.strip()[-2000:])
