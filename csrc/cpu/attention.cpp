@@ -607,6 +607,37 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
 namespace fastattn {
 namespace cpu {
 
+namespace {
+
+// The backward of either layout: dK, dV have the per-query-head shape `shape` (heads at dim 1,
+// as q), written straight into the outputs, or with GQA into fp32 partials that are summed over
+// each group of kv heads afterwards.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
+    const Problem& pr, const char* name, const at::Tensor& dout, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    at::Tensor dq, std::vector<int64_t> shape) {
+  const bool grouped = pr.H != pr.Hkv;
+  const auto fp32 = q.options().dtype(at::kFloat);
+  at::Tensor dk = at::empty(shape, grouped ? fp32 : k.options());
+  at::Tensor dv = at::empty(shape, grouped ? fp32 : v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, name, ": float64 runs on the reference backend");
+    } else {
+      backward<scalar_t>(pr, dout, q, k, v, out, lse, dq, dk, dv, grouped);
+    }
+  });
+  if (grouped) {
+    shape[1] = pr.Hkv;
+    shape.insert(shape.begin() + 2, pr.H / pr.Hkv);
+    dk = dk.view(shape).sum(2).to(k.scalar_type());
+    dv = dv.view(shape).sum(2).to(v.scalar_type());
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,
@@ -614,31 +645,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     double dropout_p, int64_t seed) {
   const Problem pr =
       describe(q, k, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed);
-  at::Tensor dq = at::empty({pr.B, pr.H, pr.Sq, pr.D}, q.options());
-  const bool grouped = pr.H != pr.Hkv;
-  // Per-query-head dK/dV: straight into the outputs, or fp32 partials summed per kv group.
-  at::Tensor dk_part, dv_part, dk, dv;
-  if (grouped) {
-    dk_part = at::empty({pr.B, pr.H, pr.Sk, pr.D}, q.options().dtype(at::kFloat));
-    dv_part = at::empty_like(dk_part);
-  } else {
-    dk = at::empty({pr.B, pr.H, pr.Sk, pr.D}, k.options());
-    dv = at::empty({pr.B, pr.H, pr.Sk, pr.D}, v.options());
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "attention_bwd: float64 runs on the reference backend");
-    } else {
-      backward<scalar_t>(pr, dout, q, k, v, out, lse, dq, grouped ? dk_part : dk,
-                         grouped ? dv_part : dv, grouped);
-    }
-  });
-  if (grouped) {
-    const int64_t g = pr.H / pr.Hkv;
-    dk = dk_part.view({pr.B, pr.Hkv, g, pr.Sk, pr.D}).sum(2).to(k.scalar_type());
-    dv = dv_part.view({pr.B, pr.Hkv, g, pr.Sk, pr.D}).sum(2).to(v.scalar_type());
-  }
-  return {dq, dk, dv};
+  return run_backward(pr, "attention_bwd", dout, q, k, v, out, lse,
+                      at::empty({pr.B, pr.H, pr.Sq, pr.D}, q.options()),
+                      {pr.B, pr.H, pr.Sk, pr.D});
 }
 
 // ---- packed sequences (varlen) ---------------------------------------------------------------
@@ -702,33 +711,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
     const at::Tensor& cu_seqlens_k, int64_t /*max_seqlen_q*/, int64_t /*max_seqlen_k*/,
     double scale, bool causal) {
   const Problem pr = describe_varlen(q, k, cu_seqlens_q, cu_seqlens_k, scale, causal);
-  const int64_t total_q = q.size(0), total_k = k.size(0);
-  at::Tensor dq = at::empty({total_q, pr.H, pr.D}, q.options());
-  const bool grouped = pr.H != pr.Hkv;
-  // As in attention_bwd: fp32 per-query-head partials (total_k, H, D) summed per kv group.
-  at::Tensor dk_part, dv_part, dk, dv;
-  if (grouped) {
-    dk_part = at::empty({total_k, pr.H, pr.D}, q.options().dtype(at::kFloat));
-    dv_part = at::empty_like(dk_part);
-  } else {
-    dk = at::empty({total_k, pr.H, pr.D}, k.options());
-    dv = at::empty({total_k, pr.H, pr.D}, v.options());
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
-                                  "varlen_attention_bwd", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "varlen_attention_bwd: float64 runs on the reference backend");
-    } else {
-      backward<scalar_t>(pr, dout, q, k, v, out, lse, dq, grouped ? dk_part : dk,
-                         grouped ? dv_part : dv, grouped);
-    }
-  });
-  if (grouped) {
-    const int64_t g = pr.H / pr.Hkv;
-    dk = dk_part.view({total_k, pr.Hkv, g, pr.D}).sum(2).to(k.scalar_type());
-    dv = dv_part.view({total_k, pr.Hkv, g, pr.D}).sum(2).to(v.scalar_type());
-  }
-  return {dq, dk, dv};
+  return run_backward(pr, "varlen_attention_bwd", dout, q, k, v, out, lse,
+                      at::empty({q.size(0), pr.H, pr.D}, q.options()),
+                      {k.size(0), pr.H, pr.D});
 }
 
 }  // namespace cpu

@@ -57,13 +57,11 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import datetime
 import json
 import math
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -73,8 +71,8 @@ import torch.nn.functional as F
 
 from . import tasks
 from .pretrain import (CKPT_FORMAT, CKPT_NAME, CheckpointError, _autocast, _json_args,
-                       _rng_state, _seed_all, _versions, load_checkpoint, lr_at, peak_memory_bytes,
-                       resolve_device, save_checkpoint)
+                       _rng_state, _seed_all, load_checkpoint, lr_at, peak_memory_bytes,
+                       resolve_device, run_summary, save_checkpoint)
 
 STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
 HEAD_KEYS = {"rm": "reward_head", "ppo": "value_head"}    # checkpoint key of the scalar head
@@ -844,21 +842,11 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         "tokens_per_s": tokens_seen / train_s if train_s > 0 else None,
         "step_time_median_s": statistics.median(timed) if timed else None,
         "train_time_s": train_s, "mfu": None, "phase_time_s": phase_totals,
-        "optimizer": f"{type(opt).__module__}.{type(opt).__name__}",
-        "clip_grad_norm": f"{clip_grad_norm_.__module__}.{clip_grad_norm_.__name__}",
-        "peak_flops_bf16": None, "flops_per_token": None,
-        "initial_loss": history["train"][0][1] if history["train"] else None,
-        "final_loss": history["train"][-1][1] if history["train"] else None,
-        "val_loss": None,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "peak_memory_kind": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                             else "process RSS high-water mark (VmHWM)"),
+        "peak_flops_bf16": None, "flops_per_token": None, "val_loss": None,
+        **run_summary(opt, clip_grad_norm_, history, device),
         "initial_eval_accuracy": first_eval.get("eval_accuracy"),
         "initial_eval_reward": first_eval.get("eval_reward"),
-        **{k: v for k, v in final.items()},
-        "task": task_json, **extra,
-        **_versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **final, "task": task_json, **extra,
         "seed": args.seed, "sample": None, "args": args_json,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

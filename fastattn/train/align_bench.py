@@ -199,7 +199,7 @@ def _run_child(args, name: str, out: Path, memory: bool) -> dict:
 
 
 def bench_stage(args) -> dict:
-    from .pretrain import _versions, resolve_device
+    from .pretrain import _versions, resolve_device, run_bench_variants
     check_args(args)
     device = resolve_device(args.device)
     cfg = _config(args)
@@ -211,25 +211,21 @@ def bench_stage(args) -> dict:
     isolate = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for name in names:
-        print(f"bench --stage {args.stage}: {name} ...", file=sys.stderr, flush=True)
-        try:
-            if isolate:
-                r = _run_child(args, name, out, memory=False)
-                mem = _run_child(args, name, out, memory=True)
-                r.update(phase_peak_bytes=mem["phase_peak_bytes"],
-                         peak_memory_bytes=mem["peak_memory_bytes"], memory_measured=True)
-            else:
-                r = run_variant(args, name)
-            results.append(r)
-        except Exception as e:      # noqa: BLE001 - one failing variant is a row
-            results.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+
+    def run_one(name: str) -> dict:
+        if not isolate:
+            return run_variant(args, name)
+        r = _run_child(args, name, out, memory=False)
+        mem = _run_child(args, name, out, memory=True)
+        r.update(phase_peak_bytes=mem["phase_peak_bytes"],
+                 peak_memory_bytes=mem["peak_memory_bytes"], memory_measured=True)
+        return r
+
+    results = run_bench_variants(names, run_one, f"bench --stage {args.stage}")
     base = results[0]
     for r in results:
         if "error" in r or "error" in base:
             continue
-        r["speedup_vs_baseline"] = base["step_time_median_s"] / r["step_time_median_s"]
         r["phase_speedup"] = {n: (base["phase_time_median_s"][n] / t if t > 0 else None)
                               for n, t in r["phase_time_median_s"].items()}
         r["phase_memory_ratio"] = {n: (p / base["phase_peak_bytes"][n]

@@ -494,6 +494,23 @@ def _load_states(model, opt, ckpt: dict, dist_info: DistInfo, path: Path) -> Non
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {e}") from e
 
 
+def run_summary(opt, clip_grad_norm_, history: dict, device: torch.device) -> dict:
+    """The summary.json keys that every training run (pretraining, each alignment stage)
+    writes the same way: optimizer and clipping used, first and last loss, peak memory,
+    versions, date."""
+    return {
+        "optimizer": f"{type(opt).__module__}.{type(opt).__name__}",
+        "clip_grad_norm": f"{clip_grad_norm_.__module__}.{clip_grad_norm_.__name__}",
+        "initial_loss": history["train"][0][1] if history["train"] else None,
+        "final_loss": history["train"][-1][1] if history["train"] else None,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "peak_memory_kind": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                             else "process RSS high-water mark (VmHWM)"),
+        **_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
 def _plot_loss(history: dict, path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -746,17 +763,9 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         "train_time_s": train_s,
         "mfu": (flops_per_token * tokens_per_s / (peak_flops * dist_info.world_size)
                 if peak_flops and tokens_per_s else None),
-        "optimizer": f"{type(opt).__module__}.{type(opt).__name__}",
-        "clip_grad_norm": f"{clip_grad_norm_.__module__}.{clip_grad_norm_.__name__}",
         "peak_flops_bf16": peak_flops, "flops_per_token": flops_per_token,
-        "initial_loss": history["train"][0][1] if history["train"] else None,
-        "final_loss": history["train"][-1][1] if history["train"] else None,
         "val_loss": last_eval,
-        "peak_memory_bytes": peak_memory_bytes(device),
-        "peak_memory_kind": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                             else "process RSS high-water mark (VmHWM)"),
-        **_versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_summary(opt, clip_grad_norm_, history, device),
         "seed": args.seed, "sample": sample, "args": _json_args(args),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -861,23 +870,9 @@ def bench(args: argparse.Namespace) -> dict:
     if unknown or not names:
         raise ValueError(f"--variants: unknown {unknown or 'empty list'}; choose from "
                          f"{', '.join(BENCH_VARIANTS)}")
-    results = []
-    for name in names:
-        print(f"bench: {name} ...", file=sys.stderr, flush=True)
-        try:
-            if isolate:
-                results.append(_bench_child(args, name, out))
-            else:
-                results.append(_bench_variant(args, corpus, name))
-        except Exception as e:      # noqa: BLE001 - one failing variant (no compiler) is a row
-            results.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
-    base = results[0]
-    for r in results:
-        if "error" in r or "error" in base:
-            continue
-        r["speedup_vs_baseline"] = base["step_time_median_s"] / r["step_time_median_s"]
-        if r["peak_memory_bytes"] and base["peak_memory_bytes"]:
-            r["memory_vs_baseline"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
+    results = run_bench_variants(
+        names, lambda name: (_bench_child(args, name, out) if isolate
+                             else _bench_variant(args, corpus, name)), "bench")
     memory_how = ("torch.cuda.max_memory_allocated above the allocation before the model"
                   if device.type == "cuda" else
                   "rise of the process RSS high-water mark (clear_refs + VmHWM) over the "
@@ -896,6 +891,27 @@ def bench(args: argparse.Namespace) -> dict:
     print(format_bench_table(report))
     _plot_bench(report, out / "bench.png")
     return report
+
+
+def run_bench_variants(names: list, run_one, label: str) -> list:
+    """``run_one(name)`` for each variant (one that fails, e.g. without a compiler, becomes a row
+    with its error), then each one's ``speedup_vs_baseline`` (median step time) and
+    ``memory_vs_baseline`` (peak) against the first."""
+    results = []
+    for name in names:
+        print(f"{label}: {name} ...", file=sys.stderr, flush=True)
+        try:
+            results.append(run_one(name))
+        except Exception as e:      # noqa: BLE001 - one failing variant is a row
+            results.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+    base = results[0]
+    for r in results:
+        if "error" in r or "error" in base:
+            continue
+        r["speedup_vs_baseline"] = base["step_time_median_s"] / r["step_time_median_s"]
+        if r["peak_memory_bytes"] and base["peak_memory_bytes"]:
+            r["memory_vs_baseline"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
+    return results
 
 
 def _bench_child(args, name: str, out: Path) -> dict:
