@@ -6,13 +6,14 @@ export MAX_JOBS ?= 2
 # Several pytest/benchmark processes on 2 cores: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help venv build test test-fast bench demo gpu-check clean
+.PHONY: help venv build test test-fast bench demo gpu-check gpu-train-check clean
 
 help:
 	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~7 min, torch vs fastattn side by side"
 	@echo "make test       venv + torch + triton + build both extensions + the CPU test suite"
 	@echo "make bench      CPU benchmarks against PyTorch (CSV + PNG under benchmarks/out/)"
-	@echo "make gpu-check  on a GPU machine: build CUDA, GPU tests, GPU benchmarks (OUT=dir)"
+	@echo "make gpu-check  on a GPU machine: build CUDA, GPU tests, GPU op benchmarks, < 8 min (OUT=dir)"
+	@echo "make gpu-train-check  on a GPU machine: gpt2-124m training, DPO and GRPO steps, ~5 min"
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,9 @@ demo: build
 # For a bare GPU machine with torch and triton preinstalled (no venv, no network).
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+gpu-train-check:
+	bash benchmarks/gpu_check.sh --train
 
 clean:
 	rm -rf build *.egg-info fastattn/*.so benchmarks/out

@@ -166,7 +166,14 @@ def _flex_fn():
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
-    compiled = torch.compile(flex_attention)
+    import torch._dynamo
+
+    # One compiled graph per shape, causality and grad mode: raise dynamo's recompile limit so
+    # that none of them falls back to the unfused eager path (which holds the S x S scores).
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+    compiled = torch.compile(flex_attention, dynamic=False)
     masks = {}
 
     def run(q, k, v, causal):
@@ -180,47 +187,49 @@ def _flex_fn():
     return run
 
 
-def attention_cases(results, deadline, tokens=16384, model_dim=2048,
-                    seqlens=(4096, 16384, 1024), head_dims=(128, 64)):
+def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, flex=((128, 4096),)):
     """Training attention, bf16, batch x seq = tokens, heads = model_dim / head_dim (the shapes
     of FlashAttention's own benchmark). FLOPs: forward 4*B*H*S*S*D, halved when causal;
-    backward 2.5 x forward (5 products instead of 2); the backward time is fwd+bwd - fwd."""
+    backward 2.5 x forward (5 products instead of 2); the backward time is fwd+bwd - fwd.
+    ``shapes`` lists (head dim, seq len), each run causal and not; FlexAttention only at the
+    shapes in ``flex`` (each shape and grad mode is a fresh compile, ~20 s)."""
     impls = {"fastattn[triton]": lambda q, k, v, causal: fastattn.scaled_dot_product_attention(
         q, k, v, is_causal=causal)}
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         fn = _sdpa_backend_fn(name)
         if fn is not None:
             impls[f"sdpa {name.split('_')[0].lower()}"] = fn
-    if (flex := _flex_fn()) is not None:
-        impls["flex_attention"] = flex
-    for d in head_dims:
-        for s in seqlens:
-            for causal in (False, True):
-                if time.time() > deadline:
-                    print(f"gpu_bench: skipped attention d={d} s={s} causal={causal} (budget)")
+    if flex and (flex_fn := _flex_fn()) is not None:
+        impls["flex_attention"] = flex_fn
+    for d, s in shapes:
+        for causal in (False, True):
+            if time.time() > deadline:
+                print(f"gpu_bench: skipped attention d={d} s={s} causal={causal} (budget)")
+                continue
+            b, h = max(1, tokens // s), model_dim // d
+            q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+                       .requires_grad_() for _ in range(3))
+            dout = torch.randn_like(q)
+            fwd_flops = 4 * b * h * s * s * d / (2 if causal else 1)
+            case = f"attention d={d} s={s}{' causal' if causal else ''} bf16"
+            for impl, fn in impls.items():
+                if impl == "flex_attention" and (d, s) not in flex:
                     continue
-                b, h = max(1, tokens // s), model_dim // d
-                q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
-                           .requires_grad_() for _ in range(3))
-                dout = torch.randn_like(q)
-                fwd_flops = 4 * b * h * s * s * d / (2 if causal else 1)
-                case = f"attention d={d} s={s}{' causal' if causal else ''} bf16"
-                for impl, fn in impls.items():
-                    def fwd():
-                        with torch.no_grad():
-                            fn(q, k, v, causal)
+                def fwd():
+                    with torch.no_grad():
+                        fn(q, k, v, causal)
 
-                    def fwd_bwd():
-                        q.grad = k.grad = v.grad = None
-                        fn(q, k, v, causal).backward(dout)
-                    n = len(results)
-                    _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
-                    _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops, "TFLOP/s")
-                    if len(results) == n + 2 and results[-1].median_ms == results[-1].median_ms:
-                        bwd_ms = results[-1].median_ms - results[-2].median_ms
-                        results.append(Result(f"{case} bwd", impl, bwd_ms, 2.5 * fwd_flops,
-                                              "TFLOP/s"))
-                del q, k, v, dout
+                def fwd_bwd():
+                    q.grad = k.grad = v.grad = None
+                    fn(q, k, v, causal).backward(dout)
+                n = len(results)
+                _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
+                _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops, "TFLOP/s")
+                if len(results) == n + 2 and results[-1].median_ms == results[-1].median_ms:
+                    bwd_ms = results[-1].median_ms - results[-2].median_ms
+                    results.append(Result(f"{case} bwd", impl, bwd_ms, 2.5 * fwd_flops,
+                                          "TFLOP/s"))
+            del q, k, v, dout
 
 
 def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
@@ -316,6 +325,9 @@ def _record(results, case, impl, step, work, unit):
         ms = bench_ms(step)
         mem = peak_mb(step)
         results.append(Result(case, impl, ms, work, unit, mem))
+        r = results[-1]
+        print(f"  {case} [{impl}]: {ms:.3f} ms, {r.rate:.1f} {unit}, peak {mem:.0f} MiB",
+              flush=True)   # as it comes: a run cut off by its time limit still says this much
     except Exception as exc:  # report and go on: one failing impl must not hide the others
         traceback.print_exc()
         results.append(Result(case, f"{impl} FAILED: {type(exc).__name__}", float("nan")))
@@ -330,6 +342,8 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="start no new case after this many seconds (the rest is reported "
                              "as skipped)")
+    parser.add_argument("--cases", default=None,
+                        help="comma-separated case groups to run (default: all), e.g. attention,ffn")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device", file=sys.stderr)
@@ -339,10 +353,10 @@ def main() -> int:
     copy = copy_bandwidth()
     results: list[Result] = [copy]
     deadline = t0 + args.budget_s
+    failed: list[str] = []
     cases = [  # most important first: a run cut short by the budget still answers the issues
-        ("attention", lambda: attention_cases(
-            results, deadline, tokens=16384 // scale,
-            seqlens=(4096, 1024) if args.quick else (4096, 16384, 1024))),
+        ("attention", lambda: attention_cases(results, deadline, [(128, 4096)],
+                                              tokens=16384 // scale)),
         ("decode_attention", lambda: decode_cases(results, deadline)),
         ("ffn", lambda: ffn_cases(results, deadline, tokens=16384 // scale)),
         ("cross_entropy", lambda: _logits_cases(results, "cross_entropy", fastattn.cross_entropy,
@@ -353,15 +367,31 @@ def main() -> int:
         ("token_logprobs", lambda: _logits_cases(results, "token_logprobs",
                                                  fastattn.token_logprobs, _eager_logprobs, True,
                                                  16384 // scale, 131072)),
+        # the rest of the attention sweep (head dims 64 and 128, sequence 1k to 16k) last: the
+        # headline case of every op first, so that a short run still answers every issue
+        ("attention_sweep", lambda: attention_cases(
+            results, deadline, [(128, 16384), (128, 1024), (64, 4096), (64, 16384), (64, 1024)]
+            if not args.quick else [(128, 1024), (64, 1024)], tokens=16384 // scale, flex=())),
     ]
+    if args.cases:
+        wanted = set(args.cases.split(","))
+        if unknown := wanted - {name for name, _ in cases}:
+            parser.error(f"--cases: unknown {sorted(unknown)}; known: {[n for n, _ in cases]}")
+        cases = [(name, run) for name, run in cases if name in wanted]
     for name, run in cases:
         if time.time() - t0 > args.budget_s:
             print(f"gpu_bench: skipped {name} (time budget of {args.budget_s:.0f} s spent)")
             continue
-        run()
+        try:
+            run()
+        except Exception:  # one broken kernel must not cost the numbers of all the others
+            print(f"gpu_bench: {name} failed:", file=sys.stderr)
+            traceback.print_exc()
+            failed.append(name)
     env = environment()
     env["copy_GBps"] = round(copy.rate, 1)
     env["seconds"] = round(time.time() - t0, 1)
+    env["failed_cases"] = failed
     args.out.mkdir(parents=True, exist_ok=True)
     write(results, "gpu_results", out_dir=args.out)
     (args.out / "gpu_env.json").write_text(json.dumps(env, indent=2))
@@ -373,7 +403,9 @@ def main() -> int:
     for r in results:
         if "of_copy" in r.extra:
             print(f"  {r.case} [{r.impl}]: {100 * r.extra['of_copy']:.0f}% of copy bandwidth")
-    return 0
+    if failed:
+        print(f"gpu_bench: failed cases: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

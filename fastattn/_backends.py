@@ -185,6 +185,10 @@ def select(op: str, device: torch.device, dtype: torch.dtype, *,
         if (why := _runs_on(name, device)) is not None:
             raise BackendError(f"{op}: backend {name!r} cannot run here: {why}; move the tensors "
                                f"or choose another backend (fastattn.backends() lists them)")
+        if name != "reference" and name not in dtypes:
+            have = ", ".join([*dtypes, "reference"])
+            raise BackendError(f"{op}: backend {name!r} has no kernel for this op (backends "
+                               f"with one: {have}); choose one of those, or 'auto'")
         if not supports(name):
             raise BackendError(f"{op}: backend {name!r} does not support {dtype} inputs "
                                f"(it supports {', '.join(map(str, dtypes.get(name, ())))}); "

@@ -25,3 +25,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With FASTATTN_TEST_FAILURES set, append each failure's traceback to that file as it
+    happens (under pytest-xdist too): a run cut off by a time limit, as `make gpu-check`'s can
+    be, still tells why each test failed, not only that it did."""
+    path = os.environ.get("FASTATTN_TEST_FAILURES")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

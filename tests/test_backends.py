@@ -48,6 +48,18 @@ def test_backend_for_wrong_device_raises(monkeypatch):
         fastattn.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
 
 
+def test_backend_without_a_kernel_for_the_op_says_which_have_one():
+    dtypes = {"triton": (torch.float32,)}           # an op with a Triton kernel only
+    with _backends_override("cpu"), pytest.raises(
+            fastattn.BackendError, match=r"toy_op: backend 'cpu' has no kernel for this op "
+                                         r"\(backends with one: triton, reference\)"):
+        _backends.select("toy_op", torch.device("cpu"), torch.float32, cuda_order=("triton",),
+                         dtypes=dtypes)
+    with _backends_override("reference"):     # the reference serves every op
+        assert _backends.select("toy_op", torch.device("cpu"), torch.float32,
+                                cuda_order=("triton",), dtypes=dtypes) == "reference"
+
+
 def _backends_override(name):
     token = _backends._override.set(name)
 

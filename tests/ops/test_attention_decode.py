@@ -188,15 +188,21 @@ def test_decode_gpu_edge_cases(backend):
     assert torch.all(out[3] == 0) and torch.all(lse[3] == -math.inf)
 
 
+# One test per bad call: on the first H200 run a failing argument check crashed the worker
+# (segfault) instead of raising; separate tests tell which checks do that.
+_BAD_DECODE_CALLS = {
+    "head_dim": (lambda q, k, v, sl: (q[..., :60], k[..., :60], v[..., :60], sl), "head dim"),
+    "seqlens_dtype": (lambda q, k, v, sl: (q, k, v, sl.long()), "cache_seqlens"),
+    "heads": (lambda q, k, v, sl: (q[:, :3], k, v, sl), "Hkv"),
+    "q_on_cpu": (lambda q, k, v, sl: (q.cpu(), k, v, sl), "CUDA"),
+}
+
+
 @pytest.mark.gpu
-def test_decode_cuda_rejects_bad_inputs():
+@pytest.mark.parametrize("bad", list(_BAD_DECODE_CALLS))
+def test_decode_cuda_rejects_bad_inputs(bad):
     fn = _cuda_decode()
     q, k, v, sl = make_inputs(1, 4, 2, 1, 64, 8, [8], torch.float16)
-    with pytest.raises(RuntimeError, match="head dim"):
-        fn(q[..., :60], k[..., :60], v[..., :60], sl, 1.0, 0)
-    with pytest.raises(RuntimeError, match="cache_seqlens"):
-        fn(q, k, v, sl.long(), 1.0, 0)
-    with pytest.raises(RuntimeError, match="Hkv"):
-        fn(q[:, :3], k, v, sl, 1.0, 0)
-    with pytest.raises(RuntimeError, match="CUDA"):
-        fn(q.cpu(), k, v, sl, 1.0, 0)
+    make_args, match = _BAD_DECODE_CALLS[bad]
+    with pytest.raises(RuntimeError, match=match):
+        fn(*make_args(q, k, v, sl), 1.0, 0)

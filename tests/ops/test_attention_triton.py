@@ -274,3 +274,19 @@ def test_varlen_equals_per_sequence(dtype, causal, lens_q, lens_k):
         _check("dq", dq[rq].transpose(0, 1)[None], ref[2], dtype)
         _check("dk", dk[rk].transpose(0, 1)[None], ref[3], dtype)
         _check("dv", dv[rk].transpose(0, 1)[None], ref[4], dtype)
+
+
+@pytest.mark.skipif(not fa_triton.INTERPRET, reason="tile shapes are forced in the interpreter only")
+@pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16)])
+def test_unequal_tiles(monkeypatch, bm, bn):
+    """BLOCK_M != BLOCK_N, as the backward autotuning configs (32 x 128, 128 x 32) have on a GPU:
+    the tile-range arithmetic of every kernel (skipped, edge and interior tiles) with windows,
+    causal offsets and sequence lengths that are not multiples of either tile."""
+    monkeypatch.setitem(fa_triton._INTERPRET_BLOCKS, "BLOCK_M", bm)
+    monkeypatch.setitem(fa_triton._INTERPRET_BLOCKS, "BLOCK_N", bn)
+    gen = torch.Generator().manual_seed(11)
+    cases = [dict(diag=0, wr=0), dict(diag=-20, wr=0), dict(diag=30, wl=9, wr=4), {}]
+    for kw in cases:
+        sq, sk = (int(x) for x in torch.randint(20, 90, (2,), generator=gen))
+        q, k, v, dout = _qkv(1, 4, 2, sq, sk, 16, torch.float32)
+        _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), torch.float32)

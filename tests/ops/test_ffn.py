@@ -35,23 +35,31 @@ def _grads(fn, tensors, dout):
     return [out.detach()] + [t.grad if t is not None else None for t in leaves]
 
 
-def _tol(dtype):
-    return {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
-            torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
-
-
-def _compare(ours, exact, dtype, names):
-    for name, o, e in zip(names, ours, exact):
+def _compare(ours, exact, dtype, names, baseline):
+    """fp32: within a fixed tolerance of the float64 reference. fp16/bf16: FlashAttention's rule,
+    as for attention: our largest error at most twice that of PyTorch's own ops run in the same
+    precision on the same device (``baseline``), plus half an ulp of the largest value (both
+    round their outputs to the dtype). A fixed tolerance cannot do here: weight gradients sum
+    over tokens products of values rounded to bf16, and PyTorch's error on them exceeds 5%."""
+    for name, o, e, b in zip(names, ours, exact, baseline):
         if e is None:
             assert o is None, name
             continue
-        torch.testing.assert_close(o.double(), e, msg=name, **_tol(dtype))
+        o, e, b = o.double().cpu(), e.cpu(), b.double().cpu()
+        if dtype == torch.float32:
+            torch.testing.assert_close(o, e, msg=name, rtol=2e-5, atol=2e-5)
+            continue
+        assert torch.isfinite(o).all(), f"{name}: non-finite values"
+        err, base = (o - e).abs().max().item(), (b - e).abs().max().item()
+        floor = torch.finfo(dtype).eps / 2 * e.abs().max().item()
+        assert err <= 2 * base + floor, (
+            f"{name}: error {err:.3g} > 2 x PyTorch's {base:.3g} + {floor:.3g} ({dtype})")
 
 
 def _dtypes(device, backend):
     if device == "cpu" and backend == "triton":
         return [torch.float32]          # the interpreter: fp32 only (no bf16 tl.dot)
-    return [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
+    return [torch.float32, torch.bfloat16]
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
@@ -67,7 +75,8 @@ def test_mlp_matches_float64(device, backend, activation, bias):
             ours = _grads(lambda *t: fastattn.mlp(*t, activation=activation), tensors, dout)
         exact = _grads(lambda *t: ref.mlp(*t, activation=activation),
                        [t.double() if t is not None else None for t in tensors], dout.double())
-        _compare(ours, exact, dtype, ("out", "dx", "dw1", "db1", "dw2", "db2"))
+        baseline = _grads(lambda *t: ref.mlp(*t, activation=activation), tensors, dout)
+        _compare(ours, exact, dtype, ("out", "dx", "dw1", "db1", "dw2", "db2"), baseline)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
@@ -89,8 +98,9 @@ def test_swiglu_matches_float64(device, backend, activation, bias):
             ours = _grads(ours_fn, tensors, dout)
         exact = _grads(ref_fn, [t.double() if t is not None else None for t in tensors],
                        dout.double())
+        baseline = _grads(ref_fn, tensors, dout)
         _compare(ours, exact, dtype, ("out", "dx", "dw_gate", "dw_up", "dw_down", "db_gate",
-                                      "db_up", "db_down"))
+                                      "db_up", "db_down"), baseline)
 
 
 def _saved_bytes(fn):

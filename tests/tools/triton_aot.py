@@ -28,12 +28,12 @@ def _jit_function(kernel):
     return fn
 
 
-def compile_kernel(kernel, pointers, constants, target):
+def compile_kernel(kernel, pointers, constants, target, num_warps=4):
     fn = _jit_function(kernel)
     signature = {name: "constexpr" if name in constants else pointers.get(
         name, "fp32" if name in FLOAT_ARGS else "i32") for name in fn.arg_names}
     return triton.compile(ASTSource(fn, signature, constants), target=target,
-                          options={"num_warps": 4, "num_stages": 2})
+                          options={"num_warps": num_warps, "num_stages": 2})
 
 
 def main() -> int:
@@ -59,6 +59,14 @@ def main() -> int:
         compile_kernel(attn._bwd_preprocess, pointers,
                        dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), IS_VARLEN=varlen,
                             BLOCK_M=64), target)
+    # the backward's unequal-tile autotuning configs (128 rows held, 32 streamed), head dim 128
+    flags.update(HEAD_DIM=128, BLOCK_D=128, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_DROPOUT=False,
+                 IS_VARLEN=False, PRECISION=None)
+    for kernel, bm, bn in ((attn._bwd_dkdv_kernel, 32, 128), (attn._bwd_dq_kernel, 128, 32)):
+        compiled = compile_kernel(kernel, pointers, {**flags, "BLOCK_M": bm, "BLOCK_N": bn},
+                                  target, num_warps=8)
+        print(f"sm_{capability} fp16 d=128 {bm}x{bn} {_jit_function(kernel).__name__}: "
+              f"shared {compiled.metadata.shared} B")
     print("all kernels compiled")
     return 0
 

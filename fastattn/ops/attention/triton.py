@@ -71,7 +71,16 @@ def _configs():
         for bm, bn in ((32, 32), (32, 64), (64, 32))
         for s in (1, 2)
     ]
-    return main + small
+    # Backward only, head dims 64 to 128: the tile held in registers long and the streamed one
+    # short (FlashAttention-2's Triton backward on Hopper): dK/dV keeps 128 keys and streams 32
+    # queries, dQ keeps 128 queries and streams 32 keys.
+    unequal = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in ((32, 128), (128, 32))
+        for w in (4, 8)
+        for s in (2, 3)
+    ]
+    return main + small + unequal
 
 
 def _prune(kind):
@@ -89,6 +98,11 @@ def _prune(kind):
         kept = []
         for c in configs:
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if {bm, bn} == {32, 128}:
+                held = bn if kind == "dkdv" else bm
+                if kind != "fwd" and held == 128 and 64 <= d <= 128 and min(sq, sk) > 64:
+                    kept.append(c)
+                continue
             if (bm < 64 or bn < 64) and d < 256:
                 continue
             if d >= 256 and (bm > 64 or bn > 64):
