@@ -39,11 +39,14 @@ demo: build
 	$(PY) -m benchmarks.demo
 
 # For a bare GPU machine with torch and triton preinstalled (no venv, no network).
+# The GPU machine's cores, not the CI defaults exported above (GPU_MAX_JOBS overrides).
+GPU_ENV = env -u OMP_NUM_THREADS MAX_JOBS=$${GPU_MAX_JOBS:-$$(nproc)}
+
 gpu-check:
-	bash benchmarks/gpu_check.sh
+	$(GPU_ENV) bash benchmarks/gpu_check.sh
 
 gpu-train-check:
-	bash benchmarks/gpu_check.sh --train
+	$(GPU_ENV) bash benchmarks/gpu_check.sh --train
 
 clean:
 	rm -rf build *.egg-info fastattn/*.so benchmarks/out

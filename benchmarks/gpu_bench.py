@@ -225,7 +225,7 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                 n = len(results)
                 _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
                 _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops, "TFLOP/s")
-                if len(results) == n + 2 and results[-1].median_ms == results[-1].median_ms:
+                if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                     bwd_ms = results[-1].median_ms - results[-2].median_ms
                     results.append(Result(f"{case} bwd", impl, bwd_ms, 2.5 * fwd_flops,
                                           "TFLOP/s"))
@@ -312,7 +312,7 @@ def ffn_cases(results, deadline, tokens=16384):
             n = len(results)
             _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
             _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3 * fwd_flops, "TFLOP/s")
-            if len(results) == n + 2 and results[-1].median_ms == results[-1].median_ms:
+            if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                 results.append(Result(f"{case} bwd", impl,
                                       results[-1].median_ms - results[-2].median_ms,
                                       2 * fwd_flops, "TFLOP/s"))
@@ -326,7 +326,7 @@ def _record(results, case, impl, step, work, unit):
         mem = peak_mb(step)
         results.append(Result(case, impl, ms, work, unit, mem))
         r = results[-1]
-        print(f"  {case} [{impl}]: {ms:.3f} ms, {r.rate:.1f} {unit}, peak {mem:.0f} MiB",
+        print(f"result: {case} [{impl}]: {ms:.3f} ms, {r.rate:.1f} {unit}, peak {mem:.0f} MiB",
               flush=True)   # as it comes: a run cut off by its time limit still says this much
     except Exception as exc:  # report and go on: one failing impl must not hide the others
         traceback.print_exc()
@@ -345,6 +345,11 @@ def main() -> int:
     parser.add_argument("--cases", default=None,
                         help="comma-separated case groups to run (default: all), e.g. attention,ffn")
     args = parser.parse_args()
+    known = ("attention", "decode_attention", "ffn", "cross_entropy", "linear_cross_entropy",
+             "adamw", "clip_grad_norm", "token_logprobs", "attention_sweep")
+    wanted = {c.strip() for c in args.cases.split(",") if c.strip()} if args.cases else set(known)
+    if unknown := wanted - set(known):
+        parser.error(f"--cases: unknown {sorted(unknown)}; known: {', '.join(known)}")
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device", file=sys.stderr)
         return 2
@@ -373,11 +378,8 @@ def main() -> int:
             results, deadline, [(128, 16384), (128, 1024), (64, 4096), (64, 16384), (64, 1024)]
             if not args.quick else [(128, 1024), (64, 1024)], tokens=16384 // scale, flex=())),
     ]
-    if args.cases:
-        wanted = set(args.cases.split(","))
-        if unknown := wanted - {name for name, _ in cases}:
-            parser.error(f"--cases: unknown {sorted(unknown)}; known: {[n for n, _ in cases]}")
-        cases = [(name, run) for name, run in cases if name in wanted]
+    assert [name for name, _ in cases] == list(known), "keep `known` in step with `cases`"
+    cases = [(name, run) for name, run in cases if name in wanted]
     for name, run in cases:
         if time.time() - t0 > args.budget_s:
             print(f"gpu_bench: skipped {name} (time budget of {args.budget_s:.0f} s spent)")

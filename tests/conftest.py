@@ -32,6 +32,8 @@ def pytest_runtest_logreport(report):
     happens (under pytest-xdist too): a run cut off by a time limit, as `make gpu-check`'s can
     be, still tells why each test failed, not only that it did."""
     path = os.environ.get("FASTATTN_TEST_FAILURES")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return    # under xdist the controller gets every report too: write each failure once
     if path and report.failed:
         with open(path, "a") as f:
             f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -179,6 +179,18 @@ def test_cpu_errors(cpu_mod):
             cpu_mod.act_fwd(torch.randn(2, 2, device="cuda"), "gelu")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("i", range(len(_bad_calls(None, "cpu"))),
+                         ids=[m for _, m in _bad_calls(None, "cpu")])
+def test_cpu_errors_on_the_gpu_machine(cpu_mod, i):
+    """The same checks of the C++ CPU extension as built on the GPU machine: tells whether a
+    crash in the CUDA extension's checks (seen on the first H200 run) is that extension's or
+    every extension's built there."""
+    call, match = _bad_calls(cpu_mod, "cpu")[i]
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
 # ---- CUDA --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -221,7 +233,8 @@ def test_cuda_unaligned(cuda_mod):
 # One test per bad call: on the first H200 run a failing argument check crashed the worker
 # (segfault) at the third call instead of raising; separate tests tell which checks do that.
 @pytest.mark.gpu
-@pytest.mark.parametrize("i", range(len(_bad_calls(None, "cpu")) + 1))
+@pytest.mark.parametrize("i", range(len(_bad_calls(None, "cpu")) + 1),
+                         ids=[m for _, m in _bad_calls(None, "cpu")] + ["CPU tensor"])
 def test_cuda_errors(cuda_mod, i):
     calls = _bad_calls(cuda_mod, "cuda") + [
         (lambda: cuda_mod.act_fwd(torch.randn(2, 2), "gelu"), "CUDA tensor")]

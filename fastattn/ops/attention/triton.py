@@ -100,7 +100,8 @@ def _prune(kind):
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             if {bm, bn} == {32, 128}:
                 held = bn if kind == "dkdv" else bm
-                if kind != "fwd" and held == 128 and 64 <= d <= 128 and min(sq, sk) > 64:
+                if (kind != "fwd" and held == 128 and 64 <= d <= 128 and min(sq, sk) > 64
+                        and not (c.num_warps == 4 and d >= 128)):
                     kept.append(c)
                 continue
             if (bm < 64 or bn < 64) and d < 256:
