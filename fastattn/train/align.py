@@ -45,7 +45,11 @@ Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
           pairs from ``build_pairs``, ``--holdout`` of them held out (summary ``pair_accuracy``;
           ``train_pair_accuracy`` on the rest). The checkpoint stores the head as
           ``reward_head`` next to ``model``; rm writes no eval_accuracy (its LM head is unused).
-    PPO   r_t = -beta (l_t - l^ref_t) + RM score at the last completion slot; GAE (``gae``);
+    PPO   r_t = -beta (l_t - l^ref_t) + R at the last completion slot, R the RM's score, or,
+          for a completion that is not a number closed by end-of-text (``tasks.well_formed``: a
+          format check, like TRL's missing-EOS penalty), the batch's lowest RM score of an
+          answer less ``--format-penalty`` (without it the policy learned to answer nothing,
+          which the RM, never trained on empty answers, scored highest); GAE (``gae``);
           ``ppo_loss``: clipped policy loss + vf_coef x clipped value loss, value head
           (``value_head`` in the checkpoint) on the policy's trunk. Logs ``rm_reward`` and the
           verifier's ``verifier_reward`` each step (a widening gap is reward hacking).
@@ -542,6 +546,11 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
         p.add_argument("--vf-coef", type=float, default=0.5, help="value-loss weight")
         p.add_argument("--gamma", type=float, default=1.0, help="GAE discount")
         p.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+        p.add_argument("--format-penalty", type=float, default=1.0,
+                       help="a completion that is not an answer at all (not a non-empty number "
+                            "closed by end-of-text) gets the batch's lowest RM score of an "
+                            "answer, less this, instead of its own RM score: the RM never saw "
+                            "such completions and scores them arbitrarily (high, it turned out)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,6 +587,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if stage == "dpo" and not (math.isfinite(args.rpo_alpha) and args.rpo_alpha >= 0):
         raise ValueError(f"--rpo-alpha must be a finite number >= 0, got {args.rpo_alpha}")
+    if stage == "ppo" and not (math.isfinite(args.format_penalty) and args.format_penalty >= 0):
+        raise ValueError(f"--format-penalty must be a finite number >= 0, got "
+                         f"{args.format_penalty}")
     device = resolve_device(args.device)
     init = Path(args.init)
     ckpt_path = init / CKPT_NAME if init.is_dir() else init
@@ -975,9 +987,13 @@ def ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, probs, gen
             ref_lp = completion_logprobs(ref, batch)
         with phases("reward_model"):
             score = reward_scores(rm_model, rm_head, batch)
+        malformed = torch.tensor([not tasks.well_formed(cs[0], corpus) for cs in comps],
+                                 device=device)
+        answers = score[~malformed] if bool((~malformed).any()) else score
+        final = torch.where(malformed, answers.min() - args.format_penalty, score)
         kl = (old - ref_lp) * mask
         rewards = -args.beta * kl
-        rewards[rows, last_slot] += score
+        rewards[rows, last_slot] += final
         adv, ret = gae(rewards, old_v, mask, args.gamma, args.lam)
         n = mask.sum().clamp_min(1)
         mean = adv.sum() / n
@@ -990,8 +1006,10 @@ def ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, probs, gen
             loss, stats = ppo_loss(logp, old, adv, values, old_v, ret, mask, args.clip_eps,
                                    args.value_clip, args.vf_coef)
         rec["lr"] = update(loss)
-    rec.update(loss=float(loss.detach()), reward=float(score.mean()),
+    rec.update(loss=float(loss.detach()),
+               reward=float(final.mean()),
                rm_reward=float(score.mean()), verifier_reward=float(verifier.mean()),
+               malformed=float(malformed.float().mean()),
                accuracy=float((verifier == 1.0).float().mean()),
                kl=float(kl.sum(-1).mean()), value=float((old_v * mask).sum() / n), **stats,
                tokens=batch.tokens * (3 + args.ppo_epochs))

@@ -48,6 +48,16 @@ class Problem:
         return str(self.a + self.b)
 
 
+def well_formed(ids: Sequence[int], corpus) -> bool:
+    """Whether generated ids are an answer at all: a non-empty run of digits closed by the
+    end-of-text token. Says nothing about whether the answer is right (no gold answer used)."""
+    ids = list(ids)
+    if corpus.eos_id not in ids:
+        return False
+    text = completion_text(corpus, ids).strip()
+    return text.isascii() and text.isdigit()
+
+
 def reward(completion: str, answer: str) -> float:
     """1.0 if ``completion`` (text before the end-of-text token, surrounding spaces ignored)
     equals ``answer``; else ``PARTIAL_CREDIT`` x the fraction of digits right from the right."""

@@ -36,6 +36,22 @@ def test_reward():
     assert tasks.reward("abc", "936") == 0.0
 
 
+def test_well_formed_is_a_format_check_only():
+    class Chars:                       # one id per character; 0 is end-of-text
+        eos_id = 0
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+    c, enc = Chars(), (lambda s: [ord(ch) for ch in s])
+    assert tasks.well_formed(enc("936") + [0], c)
+    assert tasks.well_formed(enc("12") + [0] + enc("zz"), c)   # cut at end-of-text
+    assert tasks.well_formed(enc(" 7 ") + [0], c)              # spaces ignored, as reward does
+    assert not tasks.well_formed([0], c)                       # empty answer
+    assert not tasks.well_formed(enc("936"), c)                # never ended
+    assert not tasks.well_formed(enc("9a6") + [0], c)
+    assert not tasks.well_formed(enc("٣") + [0], c)            # a digit, but not an ASCII one
+
+
 def test_splits_deterministic_disjoint():
     for digits in (1, 3):
         t1, t2 = tasks.AdditionTask(digits=digits, seed=3), tasks.AdditionTask(digits=digits, seed=3)
@@ -414,10 +430,15 @@ def test_ppo_run(chain):
     for r in train:
         assert math.isfinite(r["rm_reward"]) and 0 <= r["verifier_reward"] <= 1
         assert math.isfinite(r["vf_loss"]) and r["clip_frac"] >= 0
+        assert 0 <= r["malformed"] <= 1
+        if r["malformed"] == 0:        # otherwise the malformed ones get the batch's floor
+            assert r["reward"] == pytest.approx(r["rm_reward"], abs=1e-5)
     ckpt = torch.load(root / "ppo" / "ckpt.pt", weights_only=True)
     assert ckpt["stage"] == "ppo" and "value_head" in ckpt
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "sft"),
                  "--out", str(root / "bad")]) == 2      # an sft checkpoint has no reward head
+    assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm"),
+                 "--out", str(root / "bad"), "--format-penalty", "-1"]) == 2
 
 
 # --------------------------------------------------------------------------------------------
