@@ -187,18 +187,23 @@ def _flex_fn():
     return run
 
 
-def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, flex=((128, 4096),)):
+def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, flex=(),
+                    others=True):
     """Training attention, bf16, batch x seq = tokens, heads = model_dim / head_dim (the shapes
     of FlashAttention's own benchmark). FLOPs: forward 4*B*H*S*S*D, halved when causal;
     backward 2.5 x forward (5 products instead of 2); the backward time is fwd+bwd - fwd.
     ``shapes`` lists (head dim, seq len), each run causal and not; FlexAttention only at the
-    shapes in ``flex`` (each shape and grad mode is a fresh compile, ~20 s)."""
-    impls = {"fastattn[triton]": lambda q, k, v, causal: fastattn.scaled_dot_product_attention(
-        q, k, v, is_causal=causal)}
-    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
-        fn = _sdpa_backend_fn(name)
-        if fn is not None:
-            impls[f"sdpa {name.split('_')[0].lower()}"] = fn
+    shapes in ``flex`` (each shape and grad mode is a fresh compile, ~20 s); ``others=False``
+    times FlexAttention alone (the fastattn and SDPA rows of those shapes come from an earlier
+    call, so that its compiles do not hold up the other ops)."""
+    impls = {}
+    if others:
+        impls["fastattn[triton]"] = lambda q, k, v, causal: (
+            fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            fn = _sdpa_backend_fn(name)
+            if fn is not None:
+                impls[f"sdpa {name.split('_')[0].lower()}"] = fn
     if flex and (flex_fn := _flex_fn()) is not None:
         impls["flex_attention"] = flex_fn
     for d, s in shapes:
@@ -346,7 +351,7 @@ def main() -> int:
                         help="comma-separated case groups to run (default: all), e.g. attention,ffn")
     args = parser.parse_args()
     known = ("attention", "decode_attention", "ffn", "cross_entropy", "linear_cross_entropy",
-             "adamw", "clip_grad_norm", "token_logprobs", "attention_sweep")
+             "adamw", "clip_grad_norm", "token_logprobs", "flex_attention", "attention_sweep")
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()} if args.cases else set(known)
     if unknown := wanted - set(known):
         parser.error(f"--cases: unknown {sorted(unknown)}; known: {', '.join(known)}")
@@ -372,11 +377,15 @@ def main() -> int:
         ("token_logprobs", lambda: _logits_cases(results, "token_logprobs",
                                                  fastattn.token_logprobs, _eager_logprobs, True,
                                                  16384 // scale, 131072)),
-        # the rest of the attention sweep (head dims 64 and 128, sequence 1k to 16k) last: the
-        # headline case of every op first, so that a short run still answers every issue
+        # FlexAttention at the headline shape (its compiles take ~40 s), then the rest of the
+        # attention sweep (head dims 64 and 128, sequence 1k to 16k) last: the headline case of
+        # every op first, so that a short run still answers every issue
+        ("flex_attention", lambda: attention_cases(results, deadline, [(128, 4096)],
+                                                   tokens=16384 // scale, flex=((128, 4096),),
+                                                   others=False)),
         ("attention_sweep", lambda: attention_cases(
             results, deadline, [(128, 16384), (128, 1024), (64, 4096), (64, 16384), (64, 1024)]
-            if not args.quick else [(128, 1024), (64, 1024)], tokens=16384 // scale, flex=())),
+            if not args.quick else [(128, 1024), (64, 1024)], tokens=16384 // scale)),
     ]
     assert [name for name, _ in cases] == list(known), "keep `known` in step with `cases`"
     cases = [(name, run) for name, run in cases if name in wanted]

@@ -115,7 +115,7 @@ gpu_files="tests/ops/test_attention.py tests/ops/test_attention_triton.py
 par=""; $PY -c "import xdist" 2>/dev/null && par="-n 12"
 $PY -c "import pytest_timeout" 2>/dev/null && par="$par --timeout=90"
 : >"$OUT/gpu_test_failures.txt"
-tests_s=$(limit 180 120) || tests_s=10     # keep two minutes for the benchmarks
+tests_s=$(limit 150 150) || tests_s=10     # keep 150 s for the benchmarks
 FASTATTN_TEST_FAILURES="$OUT/gpu_test_failures.txt" FASTATTN_AUTOTUNE=0 timeout "$tests_s" \
   $PY -m pytest $gpu_files -m gpu -v -p no:cacheprovider $par --tb=short -rfE \
   --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1

@@ -473,6 +473,24 @@ def test_stage_bench(tmp_path, capsys, stage, isolate):
     assert "| policy_logprobs" in out and "| step" in out
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo"])
+def test_stage_steps_under_bf16_autocast(monkeypatch, stage):
+    """What runs on a GPU (every step under bf16 autocast, backward and optimizer outside it),
+    here with the CPU's autocast: both backends run each stage's step, the fastattn ops take
+    bf16 activations against fp32 weights, and SFT / DPO give the same losses on both (the
+    second step's: DPO's first is log 2 whatever the model)."""
+    from fastattn.train import align_bench, pretrain
+    monkeypatch.setattr(pretrain, "_autocast",
+                        lambda device: torch.autocast(device.type, dtype=torch.bfloat16))
+    args = build_parser().parse_args(["bench", "--stage", stage, *BENCH_MODEL, "--group-size",
+                                      "2", "--steps", "2", "--warmup", "0"])
+    losses = [align_bench.run_variant(args, name, memory=False)["losses"][-1]
+              for name in ("torch eager", "fastattn")]
+    assert all(math.isfinite(x) for x in losses), losses
+    if stage != "grpo":                # grpo samples in bf16: the samples may differ
+        assert losses[0] == pytest.approx(losses[1], rel=2e-2, abs=1e-3)
+
+
 def test_stage_bench_errors(tmp_path, capsys):
     assert main(["bench", "--stage", "dpo", *BENCH_MODEL, "--completion-len", "300",
                  "--out", str(tmp_path)]) == 2
