@@ -411,7 +411,8 @@ def test_rm_run(chain):
     train = [r["loss"] for r in _log(root / "rm") if r["kind"] == "train"]
     assert sum(train[-10:]) < sum(train[:10])
     ckpt = torch.load(root / "rm" / "ckpt.pt", weights_only=True)
-    assert ckpt["stage"] == "rm" and ckpt["reward_head"]["weight"].shape == (1, 64)
+    assert ckpt["stage"] == "rm" and ckpt["reward_head"]["linear.weight"].shape == (1, 64)
+    assert ckpt["reward_head"]["logp_weight"].shape == ()
 
 
 def test_ppo_run(chain):
