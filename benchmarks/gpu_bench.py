@@ -206,6 +206,9 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                 impls[f"sdpa {name.split('_')[0].lower()}"] = fn
     if flex and (flex_fn := _flex_fn()) is not None:
         impls["flex_attention"] = flex_fn
+    if not impls:
+        print("gpu_bench: no attention implementation to time (FlexAttention unavailable?)")
+        return
     for d, s in shapes:
         for causal in (False, True):
             if time.time() > deadline:

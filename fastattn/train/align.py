@@ -44,15 +44,16 @@ Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
     RM    -log sigmoid(r_c - r_r), r = w . h + b + a * (mean log-prob of the completion under
           the RM's own LM head), h the final hidden state of the last answer token, on the SFT
           trunk (``RewardHead``; a starts at 1: on the demo's pairs that feature alone ranks
-          68% of the held-out pairs right, a head on h alone reached 58%); pairs from
+          68% of the held-out pairs right, where a head on the end-of-text token's hidden
+          state alone reached 53-58%); pairs from
           ``build_pairs``, ``--holdout`` of them held out (summary ``pair_accuracy``;
           ``train_pair_accuracy`` on the rest). The checkpoint stores the head as
           ``reward_head`` next to ``model``; rm writes no eval_accuracy.
     PPO   r_t = -beta (l_t - l^ref_t) + R at the last completion slot, R the RM's score, or,
           for a completion that is not a number closed by end-of-text (``tasks.well_formed``: a
           format check, like TRL's missing-EOS penalty), the batch's lowest RM score of an
-          answer less ``--format-penalty`` (without it the policy learned to answer nothing,
-          which the RM, never trained on empty answers, scored highest); GAE (``gae``);
+          answer less ``--format-penalty`` (``format_floor``; without it the policy learned to
+          answer nothing, which the RM, which saw few empty answers, scored highest); GAE;
           ``ppo_loss``: clipped policy loss + vf_coef x clipped value loss, value head
           (``value_head`` in the checkpoint) on the policy's trunk. Logs ``rm_reward`` and the
           verifier's ``verifier_reward`` each step (a widening gap is reward hacking).
@@ -925,10 +926,14 @@ def reward_scores(model, head: RewardHead, batch: Batch) -> torch.Tensor:
     of each sequence's last completion slot (the last answer token, whose target is the
     end-of-text token or the last one sampled), plus ``head.logp_weight`` times the mean
     log-prob of the completion."""
+    n_slots = batch.mask.sum(-1)
+    if bool((n_slots == 0).any()):
+        raise ValueError("reward_scores: every sequence needs a completion of at least one "
+                         "token (its end-of-text)")
     logp, values = completion_logprobs(model, batch, head.linear)
     rows = torch.arange(len(batch.seqs), device=batch.ids.device)
     last = torch.tensor([len(q) - 2 for q in batch.seqs], device=batch.ids.device)
-    mean_logp = logp.sum(-1) / batch.mask.sum(-1).clamp_min(1)
+    mean_logp = logp.sum(-1) / n_slots
     return values[rows, last] + head.logp_weight * mean_logp
 
 
@@ -963,6 +968,10 @@ def _load_reward_model(path, cfg, backend: str, device):
         raise CheckpointError(f"{path}: reward model vocabulary {rm_cfg.vocab_size} / d_model "
                               f"{rm_cfg.d_model} do not match the policy's")
     rm = GPT(rm_cfg, backend=backend).to(device)
+    if set(ck[HEAD_KEYS["rm"]]) == {"weight", "bias"}:
+        raise CheckpointError(f"{path}: a reward model from before RewardHead (a linear head on "
+                              f"the end-of-text token's hidden state alone); retrain it with "
+                              f"`fastattn-train rm`")
     head = RewardHead(rm_cfg.d_model).to(device)
     try:
         rm.load_state_dict(ck["model"])
@@ -976,12 +985,24 @@ def _load_reward_model(path, cfg, backend: str, device):
     return rm, head, path
 
 
+def format_floor(score: torch.Tensor, malformed: torch.Tensor, penalty: float) -> torch.Tensor:
+    """PPO's final reward per completion: the RM's ``score``, except that a completion that is
+    not an answer at all (``malformed``) gets the lowest score of a well-formed answer in the
+    batch (of all, if none is) less ``penalty``. The RM has seen few or no such completions and
+    may score them anywhere: it scored empty answers highest."""
+    answers = score[~malformed] if bool((~malformed).any()) else score
+    return torch.where(malformed, answers.min() - penalty, score)
+
+
 def ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, probs, generator,
              update, phases: Phases) -> dict:
     """One PPO round: one completion per prompt, per-token rewards
-        r_t = -beta (l_t^old - l_t^ref) + [t is the last completion slot] RM(prompt + completion),
-    GAE, advantages whitened over the batch's completion tokens, ``--ppo-epochs`` full-batch
-    updates. The verifier's reward is only logged (a growing RM - verifier gap is hacking)."""
+        r_t = -beta (l_t^old - l_t^ref) + [t is the last completion slot] R,
+    R from ``format_floor`` (the RM's score, or the floor for a completion that is not an
+    answer), GAE, advantages whitened over the batch's completion tokens, ``--ppo-epochs``
+    full-batch updates. The verifier's reward is only logged (a growing gap between
+    ``rm_reward``, the RM's mean score of the well-formed answers, and ``verifier_reward`` is
+    hacking); ``reward`` is the mean R, ``malformed`` the share floored."""
     device = next(model.parameters()).device
     eos = corpus.eos_id
     with phases("generation"):
@@ -1007,8 +1028,7 @@ def ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, probs, gen
             score = reward_scores(rm_model, rm_head, batch)
         malformed = torch.tensor([not tasks.well_formed(cs[0], corpus) for cs in comps],
                                  device=device)
-        answers = score[~malformed] if bool((~malformed).any()) else score
-        final = torch.where(malformed, answers.min() - args.format_penalty, score)
+        final = format_floor(score, malformed, args.format_penalty)
         kl = (old - ref_lp) * mask
         rewards = -args.beta * kl
         rewards[rows, last_slot] += final
@@ -1026,7 +1046,9 @@ def ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, probs, gen
         rec["lr"] = update(loss)
     rec.update(loss=float(loss.detach()),
                reward=float(final.mean()),
-               rm_reward=float(score.mean()), verifier_reward=float(verifier.mean()),
+               rm_reward=float(score[~malformed].mean() if bool((~malformed).any())
+                               else score.mean()),
+               verifier_reward=float(verifier.mean()),
                malformed=float(malformed.float().mean()),
                accuracy=float((verifier == 1.0).float().mean()),
                kl=float(kl.sum(-1).mean()), value=float((old_v * mask).sum() / n), **stats,

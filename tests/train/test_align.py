@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastattn.models.gpt import GPT, config
+from fastattn.models.gpt import GPT, GPTConfig, config
 from fastattn.train import align, tasks
 from fastattn.train.__main__ import build_parser, main
 
@@ -210,6 +210,43 @@ def test_logprobs_backends_agree(preset_kw):
                 -1, ids[0, 1:, None])[:, 0]
             torch.testing.assert_close(out["fastattn"][0][i, st - 1:len(s) - 1],
                                        logp[st - 1:], rtol=1e-5, atol=1e-5)
+
+
+def test_reward_scores_per_sequence_and_backends():
+    """r = linear(h at the last answer token) + a * mean completion log-prob, each sequence
+    computed alone and unpadded; both backends agree; an empty completion is an error."""
+    torch.manual_seed(2)
+    model = GPT(config("tiny", n_layer=2, d_model=64, n_head=2, vocab_size=97, max_seq_len=32),
+                backend="torch").eval()
+    head = align.RewardHead(64)
+    with torch.no_grad():
+        head.logp_weight.fill_(0.7)
+    seqs = [torch.randint(1, 97, (n,)).tolist() for n in (9, 4, 13)]
+    starts = [5, 3, 2]
+    batch = align.make_batch(seqs, starts, 0, "cpu", multiple=8)
+    want = []
+    with torch.no_grad():
+        for s, st in zip(seqs, starts):
+            ids = torch.tensor([s])
+            h = model.hidden_states(ids)[0]
+            logp = torch.log_softmax(model.lm_head(h[:-1]), -1).gather(-1, ids[0, 1:, None])[:, 0]
+            want.append(head.linear(h[len(s) - 2]).squeeze() + 0.7 * logp[st - 1:].mean())
+        for backend in ("torch", "fastattn"):
+            model.set_backend(backend)
+            torch.testing.assert_close(align.reward_scores(model, head, batch),
+                                       torch.stack(want), rtol=1e-5, atol=1e-5)
+        empty = align.make_batch([seqs[0], [5, 6, 7]], [5, 3], 0, "cpu", multiple=8)
+        with pytest.raises(ValueError, match="at least one token"):
+            align.reward_scores(model, head, empty)
+
+
+def test_format_floor():
+    score = torch.tensor([0.5, 3.0, -1.0, 7.0])
+    bad = torch.tensor([False, True, False, True])
+    assert align.format_floor(score, bad, 1.0).tolist() == [0.5, -2.0, -1.0, -2.0]
+    assert align.format_floor(score, torch.zeros(4, dtype=torch.bool), 1.0).equal(score)
+    # none well-formed: the floor is under the lowest score of all
+    assert align.format_floor(score, torch.ones(4, dtype=torch.bool), 0.5).tolist() == [-1.5] * 4
 
 
 def test_packed_hidden_states_match_and_errors():
@@ -440,6 +477,12 @@ def test_ppo_run(chain):
                  "--out", str(root / "bad")]) == 2      # an sft checkpoint has no reward head
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm"),
                  "--out", str(root / "bad"), "--format-penalty", "-1"]) == 2
+    old = torch.load(root / "rm" / "ckpt.pt", weights_only=True)     # a pre-RewardHead head
+    old["reward_head"] = {"weight": torch.zeros(1, 64), "bias": torch.zeros(1)}
+    torch.save(old, root / "old_rm.pt")
+    with pytest.raises(align.CheckpointError, match="from before RewardHead"):
+        align._load_reward_model(root / "old_rm.pt", GPTConfig(**old["config"]), "torch",
+                                 torch.device("cpu"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,16 +520,22 @@ def test_stage_bench(tmp_path, capsys, stage, isolate):
 @pytest.mark.parametrize("stage", ["sft", "dpo", "grpo"])
 def test_stage_steps_under_bf16_autocast(monkeypatch, stage):
     """What runs on a GPU (every step under bf16 autocast, backward and optimizer outside it),
-    here with the CPU's autocast: both backends run each stage's step, the fastattn ops take
-    bf16 activations against fp32 weights, and SFT / DPO give the same losses on both (the
-    second step's: DPO's first is log 2 whatever the model)."""
+    here with the CPU's autocast: both backends run each stage's step with their matmuls in
+    bf16, and SFT / DPO give the same losses on both (the second step's: DPO's first is log 2
+    whatever the model)."""
     from fastattn.train import align_bench, pretrain
     monkeypatch.setattr(pretrain, "_autocast",
                         lambda device: torch.autocast(device.type, dtype=torch.bfloat16))
+    seen = []                          # autocast state inside the steps' forward passes
+    hidden_at = align.hidden_at
+    monkeypatch.setattr(align, "hidden_at", lambda *a: seen.append(
+        torch.is_autocast_enabled("cpu") if hasattr(torch, "get_autocast_dtype")
+        else torch.is_autocast_cpu_enabled()) or hidden_at(*a))
     args = build_parser().parse_args(["bench", "--stage", stage, *BENCH_MODEL, "--group-size",
                                       "2", "--steps", "2", "--warmup", "0"])
     losses = [align_bench.run_variant(args, name, memory=False)["losses"][-1]
               for name in ("torch eager", "fastattn")]
+    assert seen and all(seen), seen
     assert all(math.isfinite(x) for x in losses), losses
     if stage != "grpo":                # grpo samples in bf16: the samples may differ
         assert losses[0] == pytest.approx(losses[1], rel=2e-2, abs=1e-3)
