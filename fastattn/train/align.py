@@ -553,8 +553,9 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
         p.add_argument("--format-penalty", type=float, default=1.0,
                        help="a completion that is not an answer at all (not a non-empty number "
                             "closed by end-of-text) gets the batch's lowest RM score of an "
-                            "answer, less this, instead of its own RM score: the RM never saw "
-                            "such completions and scores them arbitrarily (high, it turned out)")
+                            "answer, less this, instead of its own RM score: the RM has seen "
+                            "few or none of them and may score them anywhere (it scored empty "
+                            "answers highest)")
 
 
 # --------------------------------------------------------------------------------------------
