@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # make gpu-check — for a bare GPU machine with torch and triton preinstalled and no network:
 # builds the CUDA extension, runs the tests marked `gpu`, runs the op benchmarks (headline case
-# of every op first, then FlexAttention and the attention sweep), and prints a short table last, in under 8
-# minutes. Full logs and results (CSV, PNG, JSON, junit XML, failure tracebacks) go to $OUT.
+# of every op first, then FlexAttention and the attention sweep), and prints a short table last,
+# in under 8 minutes. Full logs and results (CSV, PNG, JSON, junit XML, failure tracebacks) go to $OUT.
 #
 # make gpu-train-check (this script with --train) — builds, then times one training step of
 # gpt2-124m (torch eager, fastattn, torch.compile) and one DPO and one GRPO step phase by phase,
