@@ -46,7 +46,8 @@ Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
           trunk (``RewardHead``; a starts at 1: on the demo's pairs that feature alone ranks
           68% of the held-out pairs right, where a head on the end-of-text token's hidden
           state alone reached 53-58%); pairs from
-          ``build_pairs``, ``--holdout`` of them held out (summary ``pair_accuracy``;
+          ``build_pairs`` (``--pairing``), the pairs of ``--holdout`` of the prompts held out
+          (summary ``pair_accuracy``;
           ``train_pair_accuracy`` on the rest). The checkpoint stores the head as
           ``reward_head`` next to ``model``; rm writes no eval_accuracy.
     PPO   r_t = -beta (l_t - l^ref_t) + R at the last completion slot, R the RM's score, or,
@@ -533,9 +534,13 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
         p.add_argument("--min-chosen-reward", type=float, default=0.0,
                        help="keep a pair only if its chosen sample scores at least this "
                             "(1.0: only exactly right answers are chosen)")
+        p.add_argument("--pairing", choices=("extremes", "all"), default="extremes",
+                       help="pairs per prompt: its best and worst sample (extremes), or every "
+                            "two distinct samples that score differently (all)")
     if stage == "rm":
         p.add_argument("--holdout", type=float, default=0.2,
-                       help="fraction of the pairs held out for pair_accuracy")
+                       help="fraction of the pair-building prompts whose pairs are held out "
+                            "for pair_accuracy")
     if stage == "grpo":
         p.add_argument("--group-size", type=int, default=8, help="G samples per prompt")
     if stage in ("grpo", "ppo"):
@@ -693,7 +698,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     elif stage == "dpo":
         t0 = time.perf_counter()
         data, pair_stats = build_pairs(ref, corpus, task, args.k, args.temperature, gen,
-                                       min_chosen=args.min_chosen_reward)
+                                       min_chosen=args.min_chosen_reward,
+                                       pairing=args.pairing)
         extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
         log({"kind": "pairs", **pair_stats})
         if bar is not None:
@@ -711,15 +717,23 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             raise ValueError("--holdout must be in (0, 1)")
         t0 = time.perf_counter()
         pairs, pair_stats = build_pairs(model, corpus, task, args.k, args.temperature, gen,
-                                        min_chosen=args.min_chosen_reward)
+                                        min_chosen=args.min_chosen_reward,
+                                        pairing=args.pairing)
         if len(pairs) < 2:
             raise ValueError(f"{len(pairs)} preference pairs: the reward model needs >= 2 (one "
                              "held out); raise --k, --temperature or --n-pairs")
-        order = list(range(len(pairs)))
-        random.Random(f"rm-holdout/{args.seed}").shuffle(order)
-        n_held = min(len(pairs) - 1, max(1, round(args.holdout * len(pairs))))
-        held = [pairs[i] for i in order[:n_held]]
-        data = [pairs[i] for i in order[n_held:]]
+        # held out by prompt: with --pairing all a prompt gives several pairs that share
+        # samples, and a split by pair would score the RM on samples it trained on
+        prompt_ids = sorted({q["prompt"] for q in pairs})
+        if len(prompt_ids) < 2:
+            raise ValueError(f"preference pairs from {len(prompt_ids)} prompt: the reward model "
+                             "needs pairs from >= 2 prompts (one held out); raise --k, "
+                             "--temperature or --n-pairs")
+        random.Random(f"rm-holdout/{args.seed}").shuffle(prompt_ids)
+        n_held = min(len(prompt_ids) - 1, max(1, round(args.holdout * len(prompt_ids))))
+        held_ids = set(prompt_ids[:n_held])
+        held = [q for q in pairs if q["prompt"] in held_ids]
+        data = [q for q in pairs if q["prompt"] not in held_ids]
         pair_stats.update(train_pairs=len(data), heldout_pairs=len(held))
         extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
         log({"kind": "pairs", **pair_stats})
@@ -873,28 +887,46 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
 
 
 def build_pairs(policy, corpus, task: tasks.AdditionTask, k: int, temperature: float,
-                generator: torch.Generator, min_chosen: float = 0.0) -> tuple[list[dict], dict]:
-    """K samples per pair-building prompt from the frozen policy; per prompt, the best- and the
-    worst-scoring samples make a pair when the best scores strictly higher and at least
-    ``min_chosen``. The gold answer is only used by the verifier, never inserted."""
+                generator: torch.Generator, min_chosen: float = 0.0,
+                pairing: str = "extremes") -> tuple[list[dict], dict]:
+    """K samples per pair-building prompt from the frozen policy, scored by the verifier.
+    ``pairing="extremes"``: per prompt, the best- and the worst-scoring sample make one pair;
+    ``"all"``: every two distinct samples with different scores make a pair (up to K^2/4 per
+    prompt: more comparisons from the same samples). Either way the chosen one scores strictly
+    higher and at least ``min_chosen``. Each pair records its prompt's index (``"prompt"``) so
+    that a held-out split can keep a prompt's pairs together. The gold answer is only used by
+    the verifier, never inserted."""
     if k < 2 or temperature <= 0:
         raise ValueError("pair building needs --k >= 2 and --temperature > 0")
+    if pairing not in ("extremes", "all"):
+        raise ValueError(f"pairing must be 'extremes' or 'all', got {pairing!r}")
     problems = task.pairs
     comps = sample(policy, corpus, problems, k, temperature=temperature,
                    max_new=task.max_answer_tokens, generator=generator)
     pairs, best_hits, sample_hits, n = [], 0, 0, 0
-    for p, cs in zip(problems, comps):
+    for i, (p, cs) in enumerate(zip(problems, comps)):
         scores = [tasks.reward(tasks.completion_text(corpus, c), p.answer) for c in cs]
         best_hits += max(scores) == 1.0
         sample_hits += sum(s == 1.0 for s in scores)
         n += len(scores)
-        hi = max(range(k), key=lambda i: scores[i])
-        lo = min(range(k), key=lambda i: scores[i])
-        if scores[hi] > scores[lo] and scores[hi] >= min_chosen:
-            prompt = tasks.encode(corpus, p.prompt)
-            pairs.append({"chosen": prompt + cs[hi], "rejected": prompt + cs[lo],
-                          "start": len(prompt)})
-    stats = {"prompts": len(problems), "pairs": len(pairs), "k": k,
+        prompt = tasks.encode(corpus, p.prompt)
+        if pairing == "extremes":
+            hi = max(range(k), key=lambda j: scores[j])
+            lo = min(range(k), key=lambda j: scores[j])
+            chosen = [(hi, lo)] if scores[hi] > scores[lo] else []
+        else:
+            # one sample per distinct completion, in sampling order
+            first = {}
+            for j, c in enumerate(cs):
+                first.setdefault(tuple(c), j)
+            uniq = sorted(first.values())
+            chosen = [(a, b) for a in uniq for b in uniq if scores[a] > scores[b]]
+        for hi, lo in chosen:
+            if scores[hi] >= min_chosen:
+                pairs.append({"chosen": prompt + cs[hi], "rejected": prompt + cs[lo],
+                              "start": len(prompt), "prompt": i})
+    stats = {"prompts": len(problems), "pairs": len(pairs), "k": k, "pairing": pairing,
+             "prompts_with_pairs": len({q["prompt"] for q in pairs}),
              "best_of_k_accuracy": best_hits / max(1, len(problems)),
              "sample_accuracy": sample_hits / max(1, n)}
     return pairs, stats

@@ -538,7 +538,14 @@ def pretrain(args: argparse.Namespace) -> dict:
 
     dist_info = init_distributed(args.dist, args.device)
     try:
-        return _pretrain(args, dist_info, GPT)
+        summary = _pretrain(args, dist_info, GPT)
+        if dist_info.kind != "none":
+            # Every rank reaches teardown together: a rank that tore its process group down while
+            # rank 0 was still sampling aborted once in CI (gloo, "terminate called without an
+            # active exception"). Only on success: after a failure torchrun stops the others.
+            import torch.distributed as tdist
+            tdist.barrier()
+        return summary
     finally:
         if dist_info.kind != "none":
             import torch.distributed as tdist

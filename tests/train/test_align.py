@@ -68,6 +68,62 @@ def test_splits_deterministic_disjoint():
 # Losses against hand-computed float64 values
 
 
+class _CharCorpus:
+    """One id per character (ord), end-of-text 0: what tasks.encode / completion_text need."""
+    eos_id = 0
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize("pairing", ["extremes", "all"])
+def test_build_pairs(monkeypatch, pairing):
+    """Pairs from fixed samples: extremes gives best vs worst, all gives every two distinct
+    samples that score differently (duplicates once); chosen always scores higher; the gold
+    answer is never inserted; min_chosen filters on the chosen sample's score."""
+    corpus = _CharCorpus()
+    task = tasks.AdditionTask(digits=1, n_train=1, n_pairs=3, n_eval=1)
+    answers = [p.answer for p in task.pairs]
+    wrong = lambda a: "".join(str((int(ch) + 1) % 10) for ch in a)  # noqa: E731  (no digit right)
+    texts = [
+        [answers[0], "", answers[0], wrong(answers[0])],   # right twice, empty, wrong
+        [wrong(answers[1])] * 4,                             # all the same: no pair
+        ["", "", "", answers[2]],                            # one right
+    ]
+    assert all(tasks.reward(wrong(a), a) == 0.0 for a in answers)
+    comps = [[corpus.encode(t) + [0] for t in ts] for ts in texts]
+    monkeypatch.setattr(align, "sample", lambda *a, **kw: comps)
+    pairs, stats = align.build_pairs(None, corpus, task, 4, 1.0, None, pairing=pairing)
+    by_prompt = {}
+    for q in pairs:
+        start = q["start"]
+        assert q["chosen"][:start] == q["rejected"][:start] == corpus.encode(task.pairs[q["prompt"]].prompt)
+        c = tasks.completion_text(corpus, q["chosen"][start:])
+        r = tasks.completion_text(corpus, q["rejected"][start:])
+        a = answers[q["prompt"]]
+        assert tasks.reward(c, a) > tasks.reward(r, a)
+        assert c in texts[q["prompt"]] and r in texts[q["prompt"]]
+        by_prompt.setdefault(q["prompt"], []).append((c, r))
+    a0, a2 = answers[0], answers[2]
+    if pairing == "extremes":
+        assert by_prompt == {0: [(a0, "")], 2: [(a2, "")]}
+    else:   # the duplicate right answer pairs once; wrong(a0) and "" both score 0: no pair
+        assert sorted(by_prompt[0]) == sorted([(a0, ""), (a0, wrong(a0))])
+        assert by_prompt[2] == [(a2, "")]
+        assert 1 not in by_prompt
+    assert stats["prompts_with_pairs"] == 2 and stats["pairs"] == len(pairs)
+    assert stats["best_of_k_accuracy"] == pytest.approx(2 / 3)
+    assert stats["sample_accuracy"] == pytest.approx(3 / 12)
+    pairs, _ = align.build_pairs(None, corpus, task, 4, 1.0, None, pairing=pairing,
+                                 min_chosen=1.1)
+    assert pairs == []
+    with pytest.raises(ValueError, match="pairing must be"):
+        align.build_pairs(None, corpus, task, 4, 1.0, None, pairing="best")
+
+
 def test_pad_batch_mask():
     ids, mask = align.pad_batch([[5, 6, 7, 8], [5, 9, 3]], [2, 1], 0, "cpu")
     assert ids.tolist() == [[5, 6, 7, 8], [5, 9, 3, 0]]
@@ -437,9 +493,11 @@ def _log(path):
 def test_rm_run(chain):
     root, common = chain
     assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
-                 "--max-steps", "40", "--lr", "1e-3", "--k", "8"]) == 0
+                 "--max-steps", "40", "--lr", "1e-3", "--k", "8", "--pairing", "all"]) == 0
     s = _summary(root / "rm")
     assert s["heldout_pairs"] >= 1 and s["train_pairs"] >= 1
+    assert s["pairing"] == "all" and s["heldout_pairs"] + s["train_pairs"] == s["pairs"]
+    assert s["pairs"] >= s["prompts_with_pairs"]
     for key in ("pair_accuracy", "train_pair_accuracy", "initial_pair_accuracy", "final_loss"):
         assert s[key] is not None, key
     # at this size (a few dozen pairs, ~10 held out) held-out accuracy is noisy; the training
