@@ -189,19 +189,37 @@ class Rotary(nn.Module):
 class Packed:
     """Sequences packed back to back with no padding (``GPT.packed_hidden_states``):
     ``cu_seqlens`` int32 (N + 1,) their boundaries, ``max_seqlen`` the longest, ``positions``
-    (total,) each token's position within its own sequence."""
+    (total,) each token's position within its own sequence.
+
+    Shared prefixes (``GPT.shared_prefix_hidden_states``): with ``kv_index`` (total_k,), the
+    keys and values of segment n are the packed tokens ``kv_index[cu_seqlens_k[n]:
+    cu_seqlens_k[n + 1]]`` (a prefix segment's tokens, then the segment's own), and its
+    queries the last ones among them (bottom-right causal)."""
     cu_seqlens: Tensor
     max_seqlen: int
     positions: Tensor
+    kv_index: Optional[Tensor] = None
+    cu_seqlens_k: Optional[Tensor] = None
+    max_seqlen_k: Optional[int] = None
+
+    def keys(self) -> tuple[Tensor, int]:
+        if self.kv_index is None:
+            return self.cu_seqlens, self.max_seqlen
+        return self.cu_seqlens_k, self.max_seqlen_k
 
     def block_causal_mask(self) -> Tensor:
-        """(total, total) bool: token i sees token j iff both are in one sequence and j <= i."""
+        """(total, total_k) bool: query i of segment n sees key j iff j is one of segment n's
+        keys and at most as far into them as i is into its queries, counted from the end."""
         total = self.positions.shape[0]
-        lens = self.cu_seqlens.diff().long()
-        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens,
-                                      output_size=total)
-        return (seq[:, None] == seq[None, :]) & torch.ones(
-            total, total, dtype=torch.bool, device=seq.device).tril()
+        cu_k, _ = self.keys()
+        lens_q, lens_k = self.cu_seqlens.diff().long(), cu_k.diff().long()
+        segs = torch.arange(lens_q.numel(), device=lens_q.device)
+        seg_q = torch.repeat_interleave(segs, lens_q, output_size=total)
+        seg_k = torch.repeat_interleave(segs, lens_k, output_size=int(cu_k[-1]))
+        pos_q = torch.arange(total, device=segs.device) - self.cu_seqlens.long()[seg_q]
+        pos_k = torch.arange(seg_k.numel(), device=segs.device) - cu_k.long()[seg_k]
+        last = pos_q + (lens_k - lens_q)[seg_q]          # the furthest key each query sees
+        return (seg_q[:, None] == seg_k[None, :]) & (pos_k[None, :] <= last[:, None])
 
 
 class KVCache:
@@ -264,11 +282,14 @@ class CausalSelfAttention(nn.Module):
                 raise ValueError("GPT: attention dropout on packed sequences is not supported "
                                  "(varlen_attention has none); use padded batches or "
                                  "dropout=0")
+            if packed.kv_index is not None:      # each segment's keys: a shared prefix + own
+                k, v = k[:, :, packed.kv_index], v[:, :, packed.kv_index]
             if backend == "fastattn":
+                cu_k, max_k = packed.keys()
                 y = fastattn.varlen_attention(
                     q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                    packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
-                    packed.max_seqlen, causal=True).unsqueeze(0).transpose(1, 2)
+                    packed.cu_seqlens, cu_k, packed.max_seqlen, max_k,
+                    causal=True).unsqueeze(0).transpose(1, 2)
             else:
                 y = _sdpa(q, k, v, attn_mask=packed.block_causal_mask())
         elif cache is None or pos == 0:
@@ -464,6 +485,55 @@ class GPT(nn.Module):
         starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens.long(), output_size=total)
         packed = Packed(cu_seqlens, int(max_seqlen),
                         torch.arange(total, device=ids.device) - starts)
+        return self._hidden(ids.unsqueeze(0), packed=packed)[0]
+
+    def shared_prefix_hidden_states(self, ids: Tensor, positions: Tensor, cu_seqlens: Tensor,
+                                    kv_index: Tensor, cu_seqlens_k: Tensor) -> Tensor:
+        """Hidden states of packed segments that may continue a shared prefix, each prefix
+        computed once: the alignment loops' layout for K completions of one prompt.
+
+        ``ids`` (total,) the segments' tokens back to back, ``positions`` (total,) each token's
+        position in its full sequence, ``cu_seqlens`` int32 (N + 1,) the segments' boundaries;
+        segment n attends to the packed tokens ``kv_index[cu_seqlens_k[n]:cu_seqlens_k[n+1]]``
+        (int64 ``kv_index``, int32 ``cu_seqlens_k``), which end with its own tokens (causal,
+        aligned at the end). A prompt is a segment whose keys are itself; a completion one whose
+        keys are its prompt's tokens followed by its own, with positions continuing the
+        prompt's. Returns (total, d_model), each row equal to ``hidden_states`` of its full
+        sequence at that position. Host-side checks read the index tensors (free on the CPU, a
+        device sync on a GPU)."""
+        fn = "GPT.shared_prefix_hidden_states"
+        for name, t, dtypes in (("ids", ids, (torch.int64, torch.int32)),
+                                ("positions", positions, (torch.int64,)),
+                                ("cu_seqlens", cu_seqlens, (torch.int32,)),
+                                ("kv_index", kv_index, (torch.int64,)),
+                                ("cu_seqlens_k", cu_seqlens_k, (torch.int32,))):
+            if not isinstance(t, Tensor) or t.dtype not in dtypes or t.dim() != 1:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"{fn}: {name} must be a 1-D {' or '.join(map(str, dtypes))} "
+                                f"tensor, got {got}")
+            if t.device != ids.device:
+                raise ValueError(f"{fn}: {name} must be on ids' device ({ids.device}), got "
+                                 f"{t.device}")
+        total = ids.shape[0]
+        cu_q, cu_k = cu_seqlens.tolist(), cu_seqlens_k.tolist()
+        lens_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
+        lens_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
+        if (positions.shape[0] != total or len(cu_q) != len(cu_k) or len(cu_q) < 2
+                or cu_q[0] != 0 or cu_q[-1] != total or cu_k[0] != 0
+                or cu_k[-1] != kv_index.shape[0] or min(lens_q) < 1
+                or any(lk < lq for lq, lk in zip(lens_q, lens_k))):
+            raise ValueError(f"{fn}: inconsistent layout: {total} ids, {positions.shape[0]} "
+                             f"positions, {kv_index.shape[0]} kv_index entries, cu_seqlens "
+                             f"{cu_q}, cu_seqlens_k {cu_k} (both must rise from 0, to len(ids) "
+                             f"and len(kv_index); every segment needs >= 1 token and at least as "
+                             f"many keys as tokens)")
+        if total and (int(kv_index.min()) < 0 or int(kv_index.max()) >= total):
+            raise ValueError(f"{fn}: kv_index must index ids (0 <= i < {total})")
+        if max(lens_k) > self.config.max_seq_len or int(positions.max()) >= \
+                self.config.max_seq_len or int(positions.min()) < 0:
+            raise ValueError(f"GPT: sequence length {max(lens_k)} (or a position) exceeds "
+                             f"max_seq_len {self.config.max_seq_len}")
+        packed = Packed(cu_seqlens, max(lens_q), positions, kv_index, cu_seqlens_k, max(lens_k))
         return self._hidden(ids.unsqueeze(0), packed=packed)[0]
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *,

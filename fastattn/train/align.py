@@ -16,7 +16,9 @@ Log-probs. A sequence is prompt + completion, and only completion tokens (the an
 end-of-text token) count: ``mask[b, t]`` is 1 where target ``ids[b, t + 1]`` is a completion
 token, and only those slots' hidden states go through the LM head, on both backends. On the
 fastattn backend the sequences are packed with no padding (``GPT.packed_hidden_states``, which
-attends with ``fastattn.varlen_attention``) and the log-probs come from
+attends with ``fastattn.varlen_attention``), a prompt that several sequences share (a DPO pair,
+a GRPO group) going through the model once (``SharedPrefixes``,
+``GPT.shared_prefix_hidden_states``), and the log-probs come from
 ``fastattn.linear_token_logprobs`` (the tokens x vocab logits are never held); on the torch
 backend the batch is right-padded with the end-of-text token (causal attention: padding after a
 sequence cannot change it) and the log-probs come from log_softmax + gather over ``F.linear``.
@@ -110,6 +112,7 @@ class Batch:
     flat: torch.Tensor
     cu_seqlens: torch.Tensor
     max_len: int
+    shared: Optional["SharedPrefixes"] = None
 
     @property
     def padded_tokens(self) -> int:
@@ -118,6 +121,72 @@ class Batch:
     @property
     def tokens(self) -> int:
         return self.flat.numel()
+
+
+@dataclasses.dataclass
+class SharedPrefixes:
+    """The batch with each distinct prompt computed once (``GPT.shared_prefix_hidden_states``):
+    the distinct prompts, then every sequence's completion, as packed segments; a completion
+    attends to its prompt's tokens and its own. ``prefix_at`` / ``suffix_at`` (B,): where
+    sequence b's prompt / completion starts in the packed tokens; ``starts`` (B,) its prompt
+    length."""
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    kv_index: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    prefix_at: torch.Tensor
+    suffix_at: torch.Tensor
+    starts: torch.Tensor
+
+    def index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Packed index of token ``cols[m]`` of sequence ``rows[m]``."""
+        st = self.starts[rows]
+        return torch.where(cols < st, self.prefix_at[rows] + cols,
+                           self.suffix_at[rows] + cols - st)
+
+    @staticmethod
+    def build(seqs: Sequence[Sequence[int]], starts: Sequence[int]) -> Optional["SharedPrefixes"]:
+        """None when no two sequences share a prompt (nothing to save) or a prompt or a
+        completion is empty."""
+        first: dict = {}
+        for s, st in zip(seqs, starts):
+            if not 1 <= st < len(s):
+                return None
+            first.setdefault(tuple(s[:st]), len(first))
+        if len(first) == len(seqs):
+            return None
+        ids, pos, cu_q, prefix_start = [], [], [0], []
+        for pre in first:                       # dicts keep insertion order
+            prefix_start.append(len(ids))
+            ids += pre
+            pos += range(len(pre))
+            cu_q.append(len(ids))
+        kv, cu_k = [], [0]
+        for at, pre in zip(prefix_start, first):
+            kv += range(at, at + len(pre))
+            cu_k.append(len(kv))
+        prefix_at, suffix_at = [], []
+        for s, st in zip(seqs, starts):
+            at = prefix_start[first[tuple(s[:st])]]
+            prefix_at.append(at)
+            suffix_at.append(len(ids))
+            kv += range(at, at + st)
+            kv += range(len(ids), len(ids) + len(s) - st)
+            cu_k.append(len(kv))
+            ids += s[st:]
+            pos += range(st, len(s))
+            cu_q.append(len(ids))
+        i32, i64 = torch.int32, torch.long
+        return SharedPrefixes(torch.tensor(ids, dtype=i64), torch.tensor(pos, dtype=i64),
+                              torch.tensor(cu_q, dtype=i32), torch.tensor(kv, dtype=i64),
+                              torch.tensor(cu_k, dtype=i32), torch.tensor(prefix_at, dtype=i64),
+                              torch.tensor(suffix_at, dtype=i64),
+                              torch.tensor(list(starts), dtype=i64))
+
+    def to(self, device) -> "SharedPrefixes":
+        return SharedPrefixes(*(getattr(self, f.name).to(device)
+                                for f in dataclasses.fields(self)))
 
 
 def make_batch(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int, device,
@@ -130,7 +199,9 @@ def make_batch(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int
         cu.append(cu[-1] + n)
     flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
     on = (ids, mask, rows, cols, ids[rows, cols + 1], flat, torch.tensor(cu, dtype=torch.int32))
-    return Batch([list(s) for s in seqs], *(t.to(device) for t in on), max(lengths))
+    shared = SharedPrefixes.build(seqs, starts)
+    return Batch([list(s) for s in seqs], *(t.to(device) for t in on), max(lengths),
+                 None if shared is None else shared.to(device))
 
 
 def hidden_at(model, batch: Batch, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -141,6 +212,11 @@ def hidden_at(model, batch: Batch, rows: torch.Tensor, cols: torch.Tensor) -> to
     Causal attention makes both equal: padding after a sequence never reaches its tokens.
     (varlen_attention has no dropout: a model training with attention dropout stays padded.)"""
     if model.backend == "fastattn" and not (model.training and model.config.dropout > 0):
+        if batch.shared is not None:
+            sh = batch.shared
+            h = model.shared_prefix_hidden_states(sh.ids, sh.positions, sh.cu_seqlens,
+                                                  sh.kv_index, sh.cu_seqlens_k)
+            return h[sh.index(rows, cols)]
         h = model.packed_hidden_states(batch.flat, batch.cu_seqlens, batch.max_len)
         return h[batch.cu_seqlens[rows].long() + cols]
     return model.hidden_states(batch.ids)[rows, cols]

@@ -232,16 +232,22 @@ def test_grpo_loss_clip_and_kl():
     {},
     {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1},
 ])
-def test_logprobs_backends_agree(preset_kw):
-    """fastattn (packed, varlen_attention, linear_token_logprobs) against torch (padded, SDPA,
-    log_softmax): log-probs, values and every parameter's gradient, plus the packed torch path
-    (block-diagonal mask) against plain per-sequence forwards."""
+@pytest.mark.parametrize("shared", [False, True], ids=["distinct-prompts", "shared-prompts"])
+def test_logprobs_backends_agree(preset_kw, shared):
+    """fastattn (packed, varlen_attention, linear_token_logprobs; with repeated prompts each
+    computed once) against torch (padded, SDPA, log_softmax): log-probs, values and every
+    parameter's gradient, plus each sequence alone with a full log_softmax."""
     torch.manual_seed(1)
     model = GPT(config("tiny", n_layer=2, d_model=64, n_head=2, vocab_size=97, max_seq_len=32,
                        **preset_kw), backend="torch")
     head = torch.nn.Linear(64, 1)
     seqs = [torch.randint(1, 97, (n,)).tolist() for n in (17, 5, 12, 2)]
-    batch = align.make_batch(seqs, [3, 2, 8, 1], 0, "cpu", multiple=8)
+    starts = [3, 2, 8, 1]
+    if shared:   # DPO / GRPO batches: completions of the same prompts
+        seqs += [seqs[0][:3] + [7, 8], seqs[2][:8] + [9], seqs[0][:3] + [4, 5, 6, 0]]
+        starts += [3, 8, 3]
+    batch = align.make_batch(seqs, starts, 0, "cpu", multiple=8)
+    assert (batch.shared is not None) == shared
     w = torch.randn(batch.mask.shape)
     out = {}
     for backend in ("torch", "fastattn"):
@@ -260,7 +266,7 @@ def test_logprobs_backends_agree(preset_kw):
     # each sequence alone, no padding, full log_softmax: the same log-probs
     model.set_backend("torch")
     with torch.no_grad():
-        for i, (s, st) in enumerate(zip(seqs, [3, 2, 8, 1])):
+        for i, (s, st) in enumerate(zip(seqs, starts)):
             ids = torch.tensor([s])
             logp = torch.log_softmax(model(ids)[0, :-1], -1).gather(
                 -1, ids[0, 1:, None])[:, 0]
@@ -330,6 +336,63 @@ def test_packed_hidden_states_match_and_errors():
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model.packed_hidden_states(torch.zeros(20, dtype=torch.long),
                                    torch.tensor([0, 20], dtype=torch.int32))
+
+
+def test_shared_prefix_layout_and_hidden_states():
+    """make_batch computes each repeated prompt once: the layout (segments, keys, positions,
+    the index of every token) and GPT.shared_prefix_hidden_states against each full sequence
+    alone, forward and backward, on both backends; bad layouts are refused."""
+    seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 6], [7, 8, 9], [1, 2, 3, 4, 4, 4], [7, 8, 1]]
+    starts = [3, 3, 2, 3, 2]
+    sh = align.make_batch(seqs, starts, 0, "cpu").shared
+    #          prompts: [1 2 3] [7 8]   completions: [4 5] [6] [9] [4 4 4] [1]
+    assert sh.ids.tolist() == [1, 2, 3, 7, 8, 4, 5, 6, 9, 4, 4, 4, 1]
+    assert sh.positions.tolist() == [0, 1, 2, 0, 1, 3, 4, 3, 2, 3, 4, 5, 2]
+    assert sh.cu_seqlens.tolist() == [0, 3, 5, 7, 8, 9, 12, 13]
+    assert sh.cu_seqlens_k.tolist() == [0, 3, 5, 10, 14, 17, 23, 26]
+    assert sh.kv_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 0, 1, 2, 7, 3, 4, 8,
+                                    0, 1, 2, 9, 10, 11, 3, 4, 12]
+    for b, s in enumerate(seqs):
+        idx = sh.index(torch.full((len(s),), b), torch.arange(len(s)))
+        assert sh.ids[idx].tolist() == s
+    # nothing shared, or an empty prompt / completion: the plain packed layout
+    assert align.make_batch([[1, 2, 3], [4, 5]], [1, 1], 0, "cpu").shared is None
+    assert align.make_batch([[1, 2, 3], [1, 2]], [2, 2], 0, "cpu").shared is None
+
+    torch.manual_seed(0)
+    model = GPT(config("tiny", n_layer=2, d_model=64, n_head=4, n_kv_head=2, vocab_size=50,
+                       max_seq_len=16, positions="rope"), backend="fastattn")
+    args = (sh.ids, sh.positions, sh.cu_seqlens, sh.kv_index, sh.cu_seqlens_k)
+    w = torch.randn(sh.ids.shape[0], 64)
+    for backend in ("fastattn", "torch"):
+        model.set_backend(backend)
+        model.zero_grad()
+        h = model.shared_prefix_hidden_states(*args)
+        (h * w).sum().backward()
+        got = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        want = torch.zeros_like(h)
+        for b, s in enumerate(seqs):
+            full = model.hidden_states(torch.tensor([s]))[0]
+            idx = sh.index(torch.full((len(s),), b), torch.arange(len(s)))
+            own = idx >= sh.suffix_at[b]          # each prompt token once, in its first row
+            first = [i for i in range(b + 1) if seqs[i][:starts[i]] == s[:starts[b]]][0] == b
+            keep = own | torch.tensor(first)
+            want[idx[keep]] = full[keep]
+            (full[keep] * w[idx[keep]]).sum().backward()
+        torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
+        for g, p in zip(got, model.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="kv_index must be a 1-D torch.int64"):
+        model.shared_prefix_hidden_states(*args[:3], sh.kv_index.int(), args[4])
+    with pytest.raises(ValueError, match="inconsistent layout"):
+        model.shared_prefix_hidden_states(*args[:4], sh.cu_seqlens_k[:-1])
+    with pytest.raises(ValueError, match="inconsistent layout"):    # fewer keys than queries
+        model.shared_prefix_hidden_states(*args[:4], sh.cu_seqlens)
+    with pytest.raises(ValueError, match="kv_index must index ids"):
+        model.shared_prefix_hidden_states(*args[:3], sh.kv_index + 13, args[4])
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model.shared_prefix_hidden_states(args[0], args[1] + 14, *args[2:])
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,9 +3,10 @@
 The math contract (masking rule, softcap, bias, dropout hash, lse, GQA, varlen) is the shared
 attention spec; reference.py spells it out in PyTorch.
 
-Forward, grid (cdiv(Sq, BLOCK_M), B*H): a program keeps one query tile Q_i in registers and
-streams the visible key/value tiles with an online softmax in base 2 (log2(e) is folded into
-the scale, so every exponential is one exp2). It writes out (B, H, Sq, D) and lse (B, H, Sq).
+Forward, grid (cdiv(Sq, BLOCK_M), B*H), query tiles launched last first (see _fwd_kernel):
+a program keeps one query tile Q_i in registers and streams the visible key/value tiles with
+an online softmax in base 2 (log2(e) is folded into the scale, so every exponential is one
+exp2). It writes out (B, H, Sq, D) and lse (B, H, Sq).
 HBM traffic per (b, h): Sq*D reads of Q, about (Sq/BLOCK_M)*Sk_visible*D*2 reads of K and V
 (served mostly from L2 across the programs of one head), Sq*D + Sq writes.
 
@@ -394,7 +395,10 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Query tiles in reverse: under a causal mask the last tiles see the most keys, and
+    # starting them first leaves the short ones for the tail of the launch. Tiles of one head
+    # stay adjacent in launch order, so its K/V are read from L2 while they run.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -828,7 +832,10 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Query tiles in reverse: under a causal mask the last tiles see the most keys, and
+    # starting them first leaves the short ones for the tail of the launch. Tiles of one head
+    # stay adjacent in launch order, so its K/V are read from L2 while they run.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
