@@ -310,11 +310,16 @@ def dpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Ten
     return -F.logsigmoid(margin).mean()
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """(P, G) rewards -> (P, G) advantages normalised within each prompt's group."""
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True, unbiased=False)
-    return (rewards - mean) / (std + eps)
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4,
+                     scale: bool = True) -> torch.Tensor:
+    """(P, G) rewards -> (P, G) advantages: each reward less its group's mean, divided by the
+    group's standard deviation when ``scale`` (GRPO; ``scale=False`` is Dr. GRPO's unscaled
+    advantage, Liu et al. 2025: a group whose rewards differ only by partial credit then moves
+    the policy as little as that difference, not as much as a right answer among wrong ones)."""
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return centered
+    return centered / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
@@ -337,9 +342,17 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, stats
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
-    """Reward-model loss -mean log sigmoid(r_c - r_r); d/dr_c = -sigmoid(r_r - r_c) / N."""
-    return -F.logsigmoid(r_chosen - r_rejected).mean()
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
+                       center: float = 0.0) -> torch.Tensor:
+    """Reward-model loss -mean log sigmoid(r_c - r_r); d/dr_c = -sigmoid(r_r - r_c) / N. With
+    ``center`` > 0, plus center * mean (r_c + r_r)^2 (Eisenstein et al. 2023, TRL's
+    center_rewards_coefficient): the pairwise loss fixes only differences within a prompt, and
+    this pulls every prompt's scores to zero mean, so that a consumer seeing one completion per
+    prompt (PPO) is not handed an arbitrary per-prompt offset."""
+    loss = -F.logsigmoid(r_chosen - r_rejected).mean()
+    if center:
+        loss = loss + center * (r_chosen + r_rejected).pow(2).mean()
+    return loss
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -505,11 +518,11 @@ def dpo_step(model, batch: Batch, ref_chosen: Optional[torch.Tensor],
             "rejected_logp": float(lp[B:].detach().mean()), "tokens": tokens}
 
 
-def rm_step(model, head, batch: Batch, update, phases: Phases) -> dict:
+def rm_step(model, head, batch: Batch, update, phases: Phases, center: float = 0.0) -> dict:
     B = len(batch.seqs) // 2
     with phases("policy_logprobs"):
         r = reward_scores(model, head, batch)
-        loss = bradley_terry_loss(r[:B], r[B:])
+        loss = bradley_terry_loss(r[:B], r[B:], center)
     lr = update(loss)
     with torch.no_grad():
         margin = r[:B] - r[B:]
@@ -530,7 +543,8 @@ def grpo_step(model, ref, prompts: Sequence[Sequence[int]], score, args, *, max_
         comps = sample_ids(model, prompts, G, temperature=args.temperature, max_new=max_new,
                            eos=eos, generator=generator)
     comps, rewards = score(comps)
-    adv = group_advantages(rewards).reshape(-1).to(device)
+    adv = group_advantages(rewards, scale=getattr(args, "scale_rewards", True)).reshape(-1)
+    adv = adv.to(device)
     seqs, starts = [], []
     for pr, cs in zip(prompts, comps):
         for c in cs:
@@ -614,11 +628,17 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
                        help="pairs per prompt: its best and worst sample (extremes), or every "
                             "two distinct samples that score differently (all)")
     if stage == "rm":
+        p.add_argument("--center-rewards", type=float, default=0.0,
+                       help="weight of mean (r_chosen + r_rejected)^2 added to the loss: zero-"
+                            "mean scores per prompt (TRL's center_rewards_coefficient; 0 = off)")
         p.add_argument("--holdout", type=float, default=0.2,
                        help="fraction of the pair-building prompts whose pairs are held out "
                             "for pair_accuracy")
     if stage == "grpo":
         p.add_argument("--group-size", type=int, default=8, help="G samples per prompt")
+        p.add_argument("--no-scale-rewards", dest="scale_rewards", action="store_false",
+                       help="advantages = reward - group mean, not divided by the group's "
+                            "standard deviation (Dr. GRPO)")
     if stage in ("grpo", "ppo"):
         p.add_argument("--ppo-epochs", type=int, default=2 if stage == "grpo" else 4,
                        help="updates per batch of samples (old log-probs fixed)")
@@ -791,6 +811,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     elif stage == "rm":
         if not 0 < args.holdout < 1:
             raise ValueError("--holdout must be in (0, 1)")
+        if not (math.isfinite(args.center_rewards) and args.center_rewards >= 0):
+            raise ValueError(f"--center-rewards must be a finite number >= 0, got "
+                             f"{args.center_rewards}")
         t0 = time.perf_counter()
         pairs, pair_stats = build_pairs(model, corpus, task, args.k, args.temperature, gen,
                                         min_chosen=args.min_chosen_reward,
@@ -868,7 +891,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                         record.update(dpo_step(model, batch, ref_c[idx], ref_r[idx], args.beta,
                                                update, phases, rpo_alpha=args.rpo_alpha))
                 else:
-                    record.update(rm_step(model, head, batch, update, phases))
+                    record.update(rm_step(model, head, batch, update, phases,
+                                          args.center_rewards))
             elif stage == "ppo":
                 probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
                 record.update(ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task,

@@ -188,6 +188,14 @@ def test_group_advantages():
     s = 0.5 / (0.5 + 1e-4)
     assert adv.tolist()[0] == pytest.approx([s, -s, -s, s], abs=1e-14)
     assert adv.tolist()[1] == [0.0] * 4          # no signal when the group agrees
+    # unscaled (Dr. GRPO): reward less the group mean, partial credit stays small
+    r = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.05, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    adv = align.group_advantages(r, scale=False)
+    assert adv.tolist()[0] == pytest.approx([0.5, -0.5, -0.5, 0.5], abs=1e-14)
+    assert adv.tolist()[1] == pytest.approx([0.0375, -0.0125, -0.0125, -0.0125], abs=1e-14)
+    std = math.sqrt((0.0375**2 + 3 * 0.0125**2) / 4)       # scaled: as large as a right answer
+    assert align.group_advantages(r).tolist()[1][0] == pytest.approx(0.0375 / (std + 1e-4),
+                                                                     abs=1e-12)
 
 
 def test_grpo_loss_clip_and_kl():
@@ -473,6 +481,9 @@ def test_cli_errors(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     args = build_parser().parse_args(["grpo", "--init", "x"])
     assert args.group_size == 8 and args.ppo_epochs == 2 and args.clip_eps == 0.2
+    assert args.scale_rewards is True
+    assert build_parser().parse_args(["grpo", "--init", "x", "--no-scale-rewards"]).scale_rewards \
+        is False
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,6 +502,15 @@ def test_bradley_terry_loss():
     g = [-2.5 / (1 + math.exp(x)) / 3 for x in d]
     assert rc.grad.tolist() == pytest.approx(g, abs=1e-14)
     assert rr.grad.tolist() == pytest.approx([-x for x in g], abs=1e-14)
+    # centering: + c * mean (r_c + r_r)^2, gradient 2 c (r_c + r_r) / N on both
+    rc.grad = rr.grad = None
+    loss = align.bradley_terry_loss(rc, rr, center=0.1)
+    s = [3.0, 0.0, 1.0]
+    assert loss.item() == pytest.approx(want + 0.1 * sum(x * x for x in s) / 3, abs=1e-14)
+    loss.backward()
+    g = [-1 / (1 + math.exp(x)) / 3 for x in d]
+    assert rc.grad.tolist() == pytest.approx([a + 0.2 * b / 3 for a, b in zip(g, s)], abs=1e-14)
+    assert rr.grad.tolist() == pytest.approx([-a + 0.2 * b / 3 for a, b in zip(g, s)], abs=1e-14)
 
 
 def test_gae_terminal_step():
@@ -553,10 +573,14 @@ def _log(path):
     return [json.loads(ln) for ln in (Path(path) / "log.jsonl").read_text().splitlines()]
 
 
-def test_rm_run(chain):
+def test_rm_run(chain, capsys):
     root, common = chain
+    assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm_bad"), *common,
+                 "--center-rewards", "-1"]) == 2
+    assert "--center-rewards must be a finite number >= 0" in capsys.readouterr().err
     assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
-                 "--max-steps", "40", "--lr", "1e-3", "--k", "8", "--pairing", "all"]) == 0
+                 "--max-steps", "40", "--lr", "1e-3", "--k", "8", "--pairing", "all",
+                 "--center-rewards", "0.01"]) == 0
     s = _summary(root / "rm")
     assert s["heldout_pairs"] >= 1 and s["train_pairs"] >= 1
     assert s["pairing"] == "all" and s["heldout_pairs"] + s["train_pairs"] == s["pairs"]
@@ -576,7 +600,8 @@ def test_rm_run(chain):
 def test_ppo_run(chain):
     root, common = chain
     if not (root / "rm" / "ckpt.pt").exists():
-        test_rm_run(chain)
+        main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
+              "--max-steps", "40", "--lr", "1e-3", "--k", "8"])
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm"),
                  "--out", str(root / "ppo"), *common, "--max-steps", "6", "--batch-size",
                  "16"]) == 0
