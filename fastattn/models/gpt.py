@@ -360,6 +360,19 @@ class Block(nn.Module):
 # The model
 # --------------------------------------------------------------------------------------------
 
+def _check_1d(fn: str, name: str, t, dtypes: tuple, device, what: str = "",
+              min_numel: int = 0) -> None:
+    """TypeError unless ``t`` is a 1-D tensor of one of ``dtypes`` with >= min_numel entries;
+    ValueError unless it is on ``device`` (None: any)."""
+    if not isinstance(t, Tensor) or t.dtype not in dtypes or t.dim() != 1 \
+            or t.numel() < min_numel:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{fn}: {name} must be a 1-D {names} tensor{what}, got {got}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{fn}: {name} must be on ids' device ({device}), got {t.device}")
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, backend: str = "fastattn"):
         super().__init__()
@@ -450,21 +463,10 @@ class GPT(nn.Module):
         The fastattn backend attends with ``fastattn.varlen_attention`` (no compute or memory
         spent on padding); the torch backend with SDPA and a block-diagonal causal mask (total^2
         memory: meant for checking, plain PyTorch trains on padded batches)."""
-        if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32) \
-                or ids.dim() != 1:
-            got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, Tensor) else \
-                type(ids).__name__
-            raise TypeError(f"GPT.packed_hidden_states: ids must be a 1-D int64 (or int32) "
-                            f"tensor of token ids, got {got}")
-        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype != torch.int32 \
-                or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            got = f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}" \
-                if isinstance(cu_seqlens, Tensor) else type(cu_seqlens).__name__
-            raise TypeError(f"GPT.packed_hidden_states: cu_seqlens must be a 1-D int32 tensor "
-                            f"(num_seqs + 1,), got {got}")
-        if cu_seqlens.device != ids.device:
-            raise ValueError(f"GPT.packed_hidden_states: cu_seqlens must be on ids' device "
-                             f"({ids.device}), got {cu_seqlens.device}")
+        fn = "GPT.packed_hidden_states"
+        _check_1d(fn, "ids", ids, (torch.int64, torch.int32), None, " of token ids")
+        _check_1d(fn, "cu_seqlens", cu_seqlens, (torch.int32,), ids.device, " (num_seqs + 1,)",
+                  min_numel=2)
         total = ids.shape[0]
         lens = cu_seqlens.diff()
         if max_seqlen is None or ids.device.type == "cpu":   # host values: free on the CPU
@@ -502,18 +504,12 @@ class GPT(nn.Module):
         sequence at that position. Host-side checks read the index tensors (free on the CPU, a
         device sync on a GPU)."""
         fn = "GPT.shared_prefix_hidden_states"
-        for name, t, dtypes in (("ids", ids, (torch.int64, torch.int32)),
-                                ("positions", positions, (torch.int64,)),
+        _check_1d(fn, "ids", ids, (torch.int64, torch.int32), None)
+        for name, t, dtypes in (("positions", positions, (torch.int64,)),
                                 ("cu_seqlens", cu_seqlens, (torch.int32,)),
                                 ("kv_index", kv_index, (torch.int64,)),
                                 ("cu_seqlens_k", cu_seqlens_k, (torch.int32,))):
-            if not isinstance(t, Tensor) or t.dtype not in dtypes or t.dim() != 1:
-                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
-                raise TypeError(f"{fn}: {name} must be a 1-D {' or '.join(map(str, dtypes))} "
-                                f"tensor, got {got}")
-            if t.device != ids.device:
-                raise ValueError(f"{fn}: {name} must be on ids' device ({ids.device}), got "
-                                 f"{t.device}")
+            _check_1d(fn, name, t, dtypes, ids.device)
         total = ids.shape[0]
         cu_q, cu_k = cu_seqlens.tolist(), cu_seqlens_k.tolist()
         lens_q = [b - a for a, b in zip(cu_q, cu_q[1:])]

@@ -391,7 +391,7 @@ def test_shared_prefix_layout_and_hidden_states():
         torch.testing.assert_close(h, want, rtol=1e-5, atol=1e-5)
         for g, p in zip(got, model.parameters()):
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
-    with pytest.raises(TypeError, match="kv_index must be a 1-D torch.int64"):
+    with pytest.raises(TypeError, match="kv_index must be a 1-D int64"):
         model.shared_prefix_hidden_states(*args[:3], sh.kv_index.int(), args[4])
     with pytest.raises(ValueError, match="inconsistent layout"):
         model.shared_prefix_hidden_states(*args[:4], sh.cu_seqlens_k[:-1])
