@@ -518,11 +518,13 @@ class GPT(nn.Module):
                 or cu_q[0] != 0 or cu_q[-1] != total or cu_k[0] != 0
                 or cu_k[-1] != kv_index.shape[0] or min(lens_q) < 1
                 or any(lk < lq for lq, lk in zip(lens_q, lens_k))):
+            short = lambda xs: str(xs) if len(xs) <= 12 else \
+                f"[{', '.join(map(str, xs[:6]))}, ..., {xs[-1]}] ({len(xs)} entries)"  # noqa: E731
             raise ValueError(f"{fn}: inconsistent layout: {total} ids, {positions.shape[0]} "
                              f"positions, {kv_index.shape[0]} kv_index entries, cu_seqlens "
-                             f"{cu_q}, cu_seqlens_k {cu_k} (both must rise from 0, to len(ids) "
-                             f"and len(kv_index); every segment needs >= 1 token and at least as "
-                             f"many keys as tokens)")
+                             f"{short(cu_q)}, cu_seqlens_k {short(cu_k)} (both must rise from 0, "
+                             f"to len(ids) and len(kv_index); every segment needs >= 1 token and "
+                             f"at least as many keys as tokens)")
         if total and (int(kv_index.min()) < 0 or int(kv_index.max()) >= total):
             raise ValueError(f"{fn}: kv_index must index ids (0 <= i < {total})")
         if max(lens_k) > self.config.max_seq_len or int(positions.max()) >= \

@@ -100,7 +100,8 @@ def test_build_pairs(monkeypatch, pairing):
     by_prompt = {}
     for q in pairs:
         start = q["start"]
-        assert q["chosen"][:start] == q["rejected"][:start] == corpus.encode(task.pairs[q["prompt"]].prompt)
+        prompt = corpus.encode(task.pairs[q["prompt"]].prompt)
+        assert q["chosen"][:start] == q["rejected"][:start] == prompt
         c = tasks.completion_text(corpus, q["chosen"][start:])
         r = tasks.completion_text(corpus, q["rejected"][start:])
         a = answers[q["prompt"]]
