@@ -215,7 +215,8 @@ class Packed:
         lens_q, lens_k = self.cu_seqlens.diff().long(), cu_k.diff().long()
         segs = torch.arange(lens_q.numel(), device=lens_q.device)
         seg_q = torch.repeat_interleave(segs, lens_q, output_size=total)
-        seg_k = torch.repeat_interleave(segs, lens_k, output_size=int(cu_k[-1]))
+        total_k = total if self.kv_index is None else self.kv_index.shape[0]
+        seg_k = torch.repeat_interleave(segs, lens_k, output_size=total_k)
         pos_q = torch.arange(total, device=segs.device) - self.cu_seqlens.long()[seg_q]
         pos_k = torch.arange(seg_k.numel(), device=segs.device) - cu_k.long()[seg_k]
         last = pos_q + (lens_k - lens_q)[seg_q]          # the furthest key each query sees
@@ -373,6 +374,39 @@ def _check_1d(fn: str, name: str, t, dtypes: tuple, device, what: str = "",
         raise ValueError(f"{fn}: {name} must be on ids' device ({device}), got {t.device}")
 
 
+def _check_shared_layout(fn: str, total: int, pos: list, cu_q: list, kv: list,
+                         cu_k: list) -> tuple[int, int]:
+    """The shared-prefix layout's contract on host values; returns the longest segment and key
+    list. Each segment's keys end with its own tokens, whose positions continue the keys
+    before them (so a completion's positions follow its prompt's)."""
+    def short(xs):
+        return str(xs) if len(xs) <= 12 else \
+            f"[{', '.join(map(str, xs[:6]))}, ..., {xs[-1]}] ({len(xs)} entries)"
+    if len(pos) != total or len(cu_q) != len(cu_k) or len(cu_q) < 2 or cu_q[0] != 0 \
+            or cu_q[-1] != total or cu_k[0] != 0 or cu_k[-1] != len(kv):
+        raise ValueError(f"{fn}: inconsistent layout: {total} ids, {len(pos)} positions, "
+                         f"{len(kv)} kv_index entries, cu_seqlens {short(cu_q)}, cu_seqlens_k "
+                         f"{short(cu_k)} (one of each per segment plus one, from 0 to len(ids) "
+                         f"and to len(kv_index))")
+    max_q = max_k = 0
+    for n in range(len(cu_q) - 1):
+        lq, lk = cu_q[n + 1] - cu_q[n], cu_k[n + 1] - cu_k[n]
+        if lq < 1 or lk < lq:
+            raise ValueError(f"{fn}: segment {n} has {lq} tokens and {lk} keys (needs >= 1 "
+                             f"token and at least as many keys as tokens)")
+        if kv[cu_k[n + 1] - lq:cu_k[n + 1]] != list(range(cu_q[n], cu_q[n + 1])):
+            raise ValueError(f"{fn}: segment {n}'s keys must end with its own tokens "
+                             f"{cu_q[n]}..{cu_q[n + 1] - 1}, got "
+                             f"{short(kv[cu_k[n + 1] - lq:cu_k[n + 1]])}")
+        if pos[cu_q[n]:cu_q[n + 1]] != list(range(lk - lq, lk)):
+            raise ValueError(f"{fn}: segment {n}'s positions must be {lk - lq}..{lk - 1} (after "
+                             f"its {lk - lq} other keys), got {short(pos[cu_q[n]:cu_q[n + 1]])}")
+        max_q, max_k = max(max_q, lq), max(max_k, lk)
+    if kv and (min(kv) < 0 or max(kv) >= total):
+        raise ValueError(f"{fn}: kv_index must index ids (0 <= i < {total})")
+    return max_q, max_k
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, backend: str = "fastattn"):
         super().__init__()
@@ -490,7 +524,9 @@ class GPT(nn.Module):
         return self._hidden(ids.unsqueeze(0), packed=packed)[0]
 
     def shared_prefix_hidden_states(self, ids: Tensor, positions: Tensor, cu_seqlens: Tensor,
-                                    kv_index: Tensor, cu_seqlens_k: Tensor) -> Tensor:
+                                    kv_index: Tensor, cu_seqlens_k: Tensor,
+                                    max_seqlen: Optional[int] = None,
+                                    max_seqlen_k: Optional[int] = None) -> Tensor:
         """Hidden states of packed segments that may continue a shared prefix, each prefix
         computed once: the alignment loops' layout for K completions of one prompt.
 
@@ -500,9 +536,11 @@ class GPT(nn.Module):
         (int64 ``kv_index``, int32 ``cu_seqlens_k``), which end with its own tokens (causal,
         aligned at the end). A prompt is a segment whose keys are itself; a completion one whose
         keys are its prompt's tokens followed by its own, with positions continuing the
-        prompt's. Returns (total, d_model), each row equal to ``hidden_states`` of its full
-        sequence at that position. Host-side checks read the index tensors (free on the CPU, a
-        device sync on a GPU)."""
+        prompt's. ``max_seqlen`` / ``max_seqlen_k``: the longest segment and key list (read
+        from the index tensors, a device sync on a GPU, when None). Returns (total, d_model),
+        each row equal to ``hidden_states`` of its full sequence at that position. The layout
+        is checked in full on the CPU (host values are free there) or when a maximum is not
+        given."""
         fn = "GPT.shared_prefix_hidden_states"
         _check_1d(fn, "ids", ids, (torch.int64, torch.int32), None)
         for name, t, dtypes in (("positions", positions, (torch.int64,)),
@@ -510,28 +548,21 @@ class GPT(nn.Module):
                                 ("kv_index", kv_index, (torch.int64,)),
                                 ("cu_seqlens_k", cu_seqlens_k, (torch.int32,))):
             _check_1d(fn, name, t, dtypes, ids.device)
-        total = ids.shape[0]
-        cu_q, cu_k = cu_seqlens.tolist(), cu_seqlens_k.tolist()
-        lens_q = [b - a for a, b in zip(cu_q, cu_q[1:])]
-        lens_k = [b - a for a, b in zip(cu_k, cu_k[1:])]
-        if (positions.shape[0] != total or len(cu_q) != len(cu_k) or len(cu_q) < 2
-                or cu_q[0] != 0 or cu_q[-1] != total or cu_k[0] != 0
-                or cu_k[-1] != kv_index.shape[0] or min(lens_q) < 1
-                or any(lk < lq for lq, lk in zip(lens_q, lens_k))):
-            short = lambda xs: str(xs) if len(xs) <= 12 else \
-                f"[{', '.join(map(str, xs[:6]))}, ..., {xs[-1]}] ({len(xs)} entries)"  # noqa: E731
-            raise ValueError(f"{fn}: inconsistent layout: {total} ids, {positions.shape[0]} "
-                             f"positions, {kv_index.shape[0]} kv_index entries, cu_seqlens "
-                             f"{short(cu_q)}, cu_seqlens_k {short(cu_k)} (both must rise from 0, "
-                             f"to len(ids) and len(kv_index); every segment needs >= 1 token and "
-                             f"at least as many keys as tokens)")
-        if total and (int(kv_index.min()) < 0 or int(kv_index.max()) >= total):
-            raise ValueError(f"{fn}: kv_index must index ids (0 <= i < {total})")
-        if max(lens_k) > self.config.max_seq_len or int(positions.max()) >= \
-                self.config.max_seq_len or int(positions.min()) < 0:
-            raise ValueError(f"GPT: sequence length {max(lens_k)} (or a position) exceeds "
-                             f"max_seq_len {self.config.max_seq_len}")
-        packed = Packed(cu_seqlens, max(lens_q), positions, kv_index, cu_seqlens_k, max(lens_k))
+        if max_seqlen is None or max_seqlen_k is None or ids.device.type == "cpu":
+            max_q, max_k = _check_shared_layout(fn, ids.shape[0], positions.tolist(),
+                                                cu_seqlens.tolist(), kv_index.tolist(),
+                                                cu_seqlens_k.tolist())
+            max_seqlen = max_q if max_seqlen is None else max_seqlen
+            max_seqlen_k = max_k if max_seqlen_k is None else max_seqlen_k
+            if max_seqlen < max_q or max_seqlen_k < max_k:
+                raise ValueError(f"{fn}: max_seqlen {max_seqlen} / max_seqlen_k {max_seqlen_k} "
+                                 f"are less than the longest segment ({max_q}) / key list "
+                                 f"({max_k})")
+        if max_seqlen_k > self.config.max_seq_len:
+            raise ValueError(f"GPT: sequence length {max_seqlen_k} exceeds max_seq_len "
+                             f"{self.config.max_seq_len}")
+        packed = Packed(cu_seqlens, int(max_seqlen), positions, kv_index, cu_seqlens_k,
+                        int(max_seqlen_k))
         return self._hidden(ids.unsqueeze(0), packed=packed)[0]
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *,

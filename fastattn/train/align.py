@@ -120,6 +120,8 @@ class Batch:
 
     @property
     def tokens(self) -> int:
+        """The sequences' tokens (a prompt shared by several counts once per sequence, as on
+        the torch backend, although ``shared`` runs it once)."""
         return self.flat.numel()
 
 
@@ -138,6 +140,8 @@ class SharedPrefixes:
     prefix_at: torch.Tensor
     suffix_at: torch.Tensor
     starts: torch.Tensor
+    max_seqlen: int = 0
+    max_seqlen_k: int = 0
 
     def index(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Packed index of token ``cols[m]`` of sequence ``rows[m]``."""
@@ -182,11 +186,14 @@ class SharedPrefixes:
                               torch.tensor(cu_q, dtype=i32), torch.tensor(kv, dtype=i64),
                               torch.tensor(cu_k, dtype=i32), torch.tensor(prefix_at, dtype=i64),
                               torch.tensor(suffix_at, dtype=i64),
-                              torch.tensor(list(starts), dtype=i64))
+                              torch.tensor(list(starts), dtype=i64),
+                              max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                              max(b - a for a, b in zip(cu_k, cu_k[1:])))
 
     def to(self, device) -> "SharedPrefixes":
-        return SharedPrefixes(*(getattr(self, f.name).to(device)
-                                for f in dataclasses.fields(self)))
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
+                                            for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def make_batch(seqs: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int, device,
@@ -215,7 +222,8 @@ def hidden_at(model, batch: Batch, rows: torch.Tensor, cols: torch.Tensor) -> to
         if batch.shared is not None:
             sh = batch.shared
             h = model.shared_prefix_hidden_states(sh.ids, sh.positions, sh.cu_seqlens,
-                                                  sh.kv_index, sh.cu_seqlens_k)
+                                                  sh.kv_index, sh.cu_seqlens_k, sh.max_seqlen,
+                                                  sh.max_seqlen_k)
             return h[sh.index(rows, cols)]
         h = model.packed_hidden_states(batch.flat, batch.cu_seqlens, batch.max_len)
         return h[batch.cu_seqlens[rows].long() + cols]
@@ -349,6 +357,9 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor,
     center_rewards_coefficient): the pairwise loss fixes only differences within a prompt, and
     this pulls every prompt's scores to zero mean, so that a consumer seeing one completion per
     prompt (PPO) is not handed an arbitrary per-prompt offset."""
+    if not (math.isfinite(center) and center >= 0):
+        raise ValueError(f"bradley_terry_loss: center must be a finite number >= 0, got "
+                         f"{center}")
     loss = -F.logsigmoid(r_chosen - r_rejected).mean()
     if center:
         loss = loss + center * (r_chosen + r_rejected).pow(2).mean()
@@ -821,18 +832,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         if len(pairs) < 2:
             raise ValueError(f"{len(pairs)} preference pairs: the reward model needs >= 2 (one "
                              "held out); raise --k, --temperature or --n-pairs")
-        # held out by prompt: with --pairing all a prompt gives several pairs that share
-        # samples, and a split by pair would score the RM on samples it trained on
-        prompt_ids = sorted({q["prompt"] for q in pairs})
-        if len(prompt_ids) < 2:
-            raise ValueError(f"preference pairs from {len(prompt_ids)} prompt: the reward model "
-                             "needs pairs from >= 2 prompts (one held out); raise --k, "
-                             "--temperature or --n-pairs")
-        random.Random(f"rm-holdout/{args.seed}").shuffle(prompt_ids)
-        n_held = min(len(prompt_ids) - 1, max(1, round(args.holdout * len(prompt_ids))))
-        held_ids = set(prompt_ids[:n_held])
-        held = [q for q in pairs if q["prompt"] in held_ids]
-        data = [q for q in pairs if q["prompt"] not in held_ids]
+        held, data = split_by_prompt(pairs, args.holdout, args.seed)
         pair_stats.update(train_pairs=len(data), heldout_pairs=len(held))
         extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
         log({"kind": "pairs", **pair_stats})
@@ -1030,6 +1030,23 @@ def build_pairs(policy, corpus, task: tasks.AdditionTask, k: int, temperature: f
              "best_of_k_accuracy": best_hits / max(1, len(problems)),
              "sample_accuracy": sample_hits / max(1, n)}
     return pairs, stats
+
+
+def split_by_prompt(pairs: list[dict], holdout: float, seed: int) -> tuple[list, list]:
+    """(held-out pairs, training pairs): the pairs of a seeded ``holdout`` fraction of the
+    prompts (at least one prompt each side). By prompt, not by pair: with ``pairing="all"`` a
+    prompt gives several pairs that share samples, and a split by pair would score the reward
+    model on samples it trained on."""
+    prompt_ids = sorted({q["prompt"] for q in pairs})
+    if len(prompt_ids) < 2:
+        raise ValueError(f"preference pairs from {len(prompt_ids)} prompt(s): the reward model "
+                         "needs pairs from >= 2 prompts (one held out); raise --k, "
+                         "--temperature or --n-pairs")
+    random.Random(f"rm-holdout/{seed}").shuffle(prompt_ids)
+    n_held = min(len(prompt_ids) - 1, max(1, round(holdout * len(prompt_ids))))
+    held_ids = set(prompt_ids[:n_held])
+    return ([q for q in pairs if q["prompt"] in held_ids],
+            [q for q in pairs if q["prompt"] not in held_ids])
 
 
 @torch.no_grad()

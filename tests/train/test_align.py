@@ -125,6 +125,19 @@ def test_build_pairs(monkeypatch, pairing):
         align.build_pairs(None, corpus, task, 4, 1.0, None, pairing="best")
 
 
+def test_split_by_prompt():
+    pairs = [{"prompt": p, "i": i} for i, p in enumerate([0, 0, 1, 2, 2, 2, 3, 4, 5, 5])]
+    held, data = align.split_by_prompt(pairs, 0.3, seed=0)
+    assert {q["prompt"] for q in held}.isdisjoint({q["prompt"] for q in data})
+    assert len({q["prompt"] for q in held}) == 2 and len(held) + len(data) == len(pairs)
+    assert align.split_by_prompt(pairs, 0.3, seed=0) == (held, data)       # seeded
+    # at least one prompt on each side
+    held, data = align.split_by_prompt(pairs, 0.99, seed=1)
+    assert len({q["prompt"] for q in data}) == 1
+    with pytest.raises(ValueError, match="pairs from 1 prompt"):
+        align.split_by_prompt(pairs[:2], 0.5, seed=0)
+
+
 def test_pad_batch_mask():
     ids, mask = align.pad_batch([[5, 6, 7, 8], [5, 9, 3]], [2, 1], 0, "cpu")
     assert ids.tolist() == [[5, 6, 7, 8], [5, 9, 3, 0]]
@@ -396,12 +409,29 @@ def test_shared_prefix_layout_and_hidden_states():
         model.shared_prefix_hidden_states(*args[:3], sh.kv_index.int(), args[4])
     with pytest.raises(ValueError, match="inconsistent layout"):
         model.shared_prefix_hidden_states(*args[:4], sh.cu_seqlens_k[:-1])
-    with pytest.raises(ValueError, match="inconsistent layout"):    # fewer keys than queries
-        model.shared_prefix_hidden_states(*args[:4], sh.cu_seqlens)
+    cu_k = sh.cu_seqlens_k.clone()
+    cu_k[1] = 2                                     # segment 0: 3 tokens, 2 keys
+    with pytest.raises(ValueError, match="segment 0 has 3 tokens and 2 keys"):
+        model.shared_prefix_hidden_states(*args[:4], cu_k)
+    kv = sh.kv_index.clone()
+    kv[8:10] = kv[8:10].flip(0)                     # segment 2's own keys, reversed
+    with pytest.raises(ValueError, match="segment 2's keys must end with its own tokens"):
+        model.shared_prefix_hidden_states(*args[:3], kv, args[4])
+    kv = sh.kv_index.clone()
+    kv[5:8] = torch.tensor([0, 1, 13])              # a prompt key past the tokens
     with pytest.raises(ValueError, match="kv_index must index ids"):
-        model.shared_prefix_hidden_states(*args[:3], sh.kv_index + 13, args[4])
-    with pytest.raises(ValueError, match="exceeds max_seq_len"):
-        model.shared_prefix_hidden_states(args[0], args[1] + 14, *args[2:])
+        model.shared_prefix_hidden_states(*args[:3], kv, args[4])
+    pos = sh.positions.clone()
+    pos[5] = 0                                      # a completion not continuing its prompt
+    with pytest.raises(ValueError, match="segment 2's positions must be 3..4"):
+        model.shared_prefix_hidden_states(args[0], pos, *args[2:])
+    with pytest.raises(ValueError, match="max_seqlen 2 / max_seqlen_k 6 are less than"):
+        model.shared_prefix_hidden_states(*args, max_seqlen=2, max_seqlen_k=6)
+    long = align.make_batch([list(range(1, 12)) + [1] * 6, list(range(1, 12)) + [2]], [11, 11],
+                            0, "cpu").shared
+    with pytest.raises(ValueError, match="sequence length 17 exceeds max_seq_len 16"):
+        model.shared_prefix_hidden_states(long.ids, long.positions, long.cu_seqlens,
+                                          long.kv_index, long.cu_seqlens_k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,6 +535,8 @@ def test_bradley_terry_loss():
     assert rr.grad.tolist() == pytest.approx([-x for x in g], abs=1e-14)
     # centering: + c * mean (r_c + r_r)^2, gradient 2 c (r_c + r_r) / N on both
     rc.grad = rr.grad = None
+    with pytest.raises(ValueError, match="center must be a finite number >= 0"):
+        align.bradley_terry_loss(rc, rr, center=-0.1)
     loss = align.bradley_terry_loss(rc, rr, center=0.1)
     s = [3.0, 0.0, 1.0]
     assert loss.item() == pytest.approx(want + 0.1 * sum(x * x for x in s) / 3, abs=1e-14)
@@ -601,8 +633,8 @@ def test_rm_run(chain, capsys):
 def test_ppo_run(chain):
     root, common = chain
     if not (root / "rm" / "ckpt.pt").exists():
-        main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
-              "--max-steps", "40", "--lr", "1e-3", "--k", "8"])
+        assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
+                     "--max-steps", "40", "--lr", "1e-3", "--k", "8"]) == 0
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm"),
                  "--out", str(root / "ppo"), *common, "--max-steps", "6", "--batch-size",
                  "16"]) == 0
