@@ -374,17 +374,16 @@ def _check_1d(fn: str, name: str, t, dtypes: tuple, device, what: str = "",
         raise ValueError(f"{fn}: {name} must be on ids' device ({device}), got {t.device}")
 
 
-def _check_shared_layout(fn: str, total: int, pos: list, cu_q: list, kv: list,
+def _check_shared_layout(fn: str, total: int, cu_q: list, kv: list,
                          cu_k: list) -> tuple[int, int]:
     """The shared-prefix layout's contract on host values; returns the longest segment and key
-    list. Each segment's keys end with its own tokens, whose positions continue the keys
-    before them (so a completion's positions follow its prompt's)."""
+    list. Each segment's keys end with its own tokens."""
     def short(xs):
         return str(xs) if len(xs) <= 12 else \
             f"[{', '.join(map(str, xs[:6]))}, ..., {xs[-1]}] ({len(xs)} entries)"
-    if len(pos) != total or len(cu_q) != len(cu_k) or len(cu_q) < 2 or cu_q[0] != 0 \
+    if len(cu_q) != len(cu_k) or len(cu_q) < 2 or cu_q[0] != 0 \
             or cu_q[-1] != total or cu_k[0] != 0 or cu_k[-1] != len(kv):
-        raise ValueError(f"{fn}: inconsistent layout: {total} ids, {len(pos)} positions, "
+        raise ValueError(f"{fn}: inconsistent layout: {total} ids, "
                          f"{len(kv)} kv_index entries, cu_seqlens {short(cu_q)}, cu_seqlens_k "
                          f"{short(cu_k)} (one of each per segment plus one, from 0 to len(ids) "
                          f"and to len(kv_index))")
@@ -398,9 +397,6 @@ def _check_shared_layout(fn: str, total: int, pos: list, cu_q: list, kv: list,
             raise ValueError(f"{fn}: segment {n}'s keys must end with its own tokens "
                              f"{cu_q[n]}..{cu_q[n + 1] - 1}, got "
                              f"{short(kv[cu_k[n + 1] - lq:cu_k[n + 1]])}")
-        if pos[cu_q[n]:cu_q[n + 1]] != list(range(lk - lq, lk)):
-            raise ValueError(f"{fn}: segment {n}'s positions must be {lk - lq}..{lk - 1} (after "
-                             f"its {lk - lq} other keys), got {short(pos[cu_q[n]:cu_q[n + 1]])}")
         max_q, max_k = max(max_q, lq), max(max_k, lk)
     if kv and (min(kv) < 0 or max(kv) >= total):
         raise ValueError(f"{fn}: kv_index must index ids (0 <= i < {total})")
@@ -523,35 +519,33 @@ class GPT(nn.Module):
                         torch.arange(total, device=ids.device) - starts)
         return self._hidden(ids.unsqueeze(0), packed=packed)[0]
 
-    def shared_prefix_hidden_states(self, ids: Tensor, positions: Tensor, cu_seqlens: Tensor,
+    def shared_prefix_hidden_states(self, ids: Tensor, cu_seqlens: Tensor,
                                     kv_index: Tensor, cu_seqlens_k: Tensor,
                                     max_seqlen: Optional[int] = None,
                                     max_seqlen_k: Optional[int] = None) -> Tensor:
         """Hidden states of packed segments that may continue a shared prefix, each prefix
         computed once: the alignment loops' layout for K completions of one prompt.
 
-        ``ids`` (total,) the segments' tokens back to back, ``positions`` (total,) each token's
-        position in its full sequence, ``cu_seqlens`` int32 (N + 1,) the segments' boundaries;
+        ``ids`` (total,) the segments' tokens back to back, ``cu_seqlens`` int32 (N + 1,) the
+        segments' boundaries;
         segment n attends to the packed tokens ``kv_index[cu_seqlens_k[n]:cu_seqlens_k[n+1]]``
         (int64 ``kv_index``, int32 ``cu_seqlens_k``), which end with its own tokens (causal,
         aligned at the end). A prompt is a segment whose keys are itself; a completion one whose
-        keys are its prompt's tokens followed by its own, with positions continuing the
-        prompt's. ``max_seqlen`` / ``max_seqlen_k``: the longest segment and key list (read
+        keys are its prompt's tokens followed by its own; a token's position is its place
+        among its segment's keys (a completion's continue its prompt's). ``max_seqlen`` / ``max_seqlen_k``: the longest segment and key list (read
         from the index tensors, a device sync on a GPU, when None). Returns (total, d_model),
         each row equal to ``hidden_states`` of its full sequence at that position. The layout
         is checked in full on the CPU (host values are free there) or when a maximum is not
         given."""
         fn = "GPT.shared_prefix_hidden_states"
         _check_1d(fn, "ids", ids, (torch.int64, torch.int32), None)
-        for name, t, dtypes in (("positions", positions, (torch.int64,)),
-                                ("cu_seqlens", cu_seqlens, (torch.int32,)),
+        for name, t, dtypes in (("cu_seqlens", cu_seqlens, (torch.int32,)),
                                 ("kv_index", kv_index, (torch.int64,)),
                                 ("cu_seqlens_k", cu_seqlens_k, (torch.int32,))):
             _check_1d(fn, name, t, dtypes, ids.device)
         if max_seqlen is None or max_seqlen_k is None or ids.device.type == "cpu":
-            max_q, max_k = _check_shared_layout(fn, ids.shape[0], positions.tolist(),
-                                                cu_seqlens.tolist(), kv_index.tolist(),
-                                                cu_seqlens_k.tolist())
+            max_q, max_k = _check_shared_layout(fn, ids.shape[0], cu_seqlens.tolist(),
+                                                kv_index.tolist(), cu_seqlens_k.tolist())
             max_seqlen = max_q if max_seqlen is None else max_seqlen
             max_seqlen_k = max_k if max_seqlen_k is None else max_seqlen_k
             if max_seqlen < max_q or max_seqlen_k < max_k:
@@ -561,6 +555,14 @@ class GPT(nn.Module):
         if max_seqlen_k > self.config.max_seq_len:
             raise ValueError(f"GPT: sequence length {max_seqlen_k} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
+        # position = place among the segment's keys: its index in the segment plus the keys
+        # before its own (the prompt's, for a completion); no host sync
+        total = ids.shape[0]
+        lens_q, lens_k = cu_seqlens.diff().long(), cu_seqlens_k.diff().long()
+        seg = torch.repeat_interleave(torch.arange(lens_q.numel(), device=ids.device), lens_q,
+                                      output_size=total)
+        positions = (torch.arange(total, device=ids.device) - cu_seqlens.long()[seg]
+                     + (lens_k - lens_q)[seg])
         packed = Packed(cu_seqlens, int(max_seqlen), positions, kv_index, cu_seqlens_k,
                         int(max_seqlen_k))
         return self._hidden(ids.unsqueeze(0), packed=packed)[0]

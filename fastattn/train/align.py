@@ -133,7 +133,6 @@ class SharedPrefixes:
     sequence b's prompt / completion starts in the packed tokens; ``starts`` (B,) its prompt
     length."""
     ids: torch.Tensor
-    positions: torch.Tensor
     cu_seqlens: torch.Tensor
     kv_index: torch.Tensor
     cu_seqlens_k: torch.Tensor
@@ -160,11 +159,10 @@ class SharedPrefixes:
             first.setdefault(tuple(s[:st]), len(first))
         if len(first) == len(seqs):
             return None
-        ids, pos, cu_q, prefix_start = [], [], [0], []
+        ids, cu_q, prefix_start = [], [0], []
         for pre in first:                       # dicts keep insertion order
             prefix_start.append(len(ids))
             ids += pre
-            pos += range(len(pre))
             cu_q.append(len(ids))
         kv, cu_k = [], [0]
         for at, pre in zip(prefix_start, first):
@@ -179,11 +177,9 @@ class SharedPrefixes:
             kv += range(len(ids), len(ids) + len(s) - st)
             cu_k.append(len(kv))
             ids += s[st:]
-            pos += range(st, len(s))
             cu_q.append(len(ids))
         i32, i64 = torch.int32, torch.long
-        return SharedPrefixes(torch.tensor(ids, dtype=i64), torch.tensor(pos, dtype=i64),
-                              torch.tensor(cu_q, dtype=i32), torch.tensor(kv, dtype=i64),
+        return SharedPrefixes(torch.tensor(ids, dtype=i64), torch.tensor(cu_q, dtype=i32), torch.tensor(kv, dtype=i64),
                               torch.tensor(cu_k, dtype=i32), torch.tensor(prefix_at, dtype=i64),
                               torch.tensor(suffix_at, dtype=i64),
                               torch.tensor(list(starts), dtype=i64),
@@ -221,8 +217,8 @@ def hidden_at(model, batch: Batch, rows: torch.Tensor, cols: torch.Tensor) -> to
     if model.backend == "fastattn" and not (model.training and model.config.dropout > 0):
         if batch.shared is not None:
             sh = batch.shared
-            h = model.shared_prefix_hidden_states(sh.ids, sh.positions, sh.cu_seqlens,
-                                                  sh.kv_index, sh.cu_seqlens_k, sh.max_seqlen,
+            h = model.shared_prefix_hidden_states(sh.ids, sh.cu_seqlens, sh.kv_index,
+                                                  sh.cu_seqlens_k, sh.max_seqlen,
                                                   sh.max_seqlen_k)
             return h[sh.index(rows, cols)]
         h = model.packed_hidden_states(batch.flat, batch.cu_seqlens, batch.max_len)

@@ -361,7 +361,7 @@ def test_packed_hidden_states_match_and_errors():
 
 
 def test_shared_prefix_layout_and_hidden_states():
-    """make_batch computes each repeated prompt once: the layout (segments, keys, positions,
+    """make_batch computes each repeated prompt once: the layout (segments, keys,
     the index of every token) and GPT.shared_prefix_hidden_states against each full sequence
     alone, forward and backward, on both backends; bad layouts are refused."""
     seqs = [[1, 2, 3, 4, 5], [1, 2, 3, 6], [7, 8, 9], [1, 2, 3, 4, 4, 4], [7, 8, 1]]
@@ -369,7 +369,6 @@ def test_shared_prefix_layout_and_hidden_states():
     sh = align.make_batch(seqs, starts, 0, "cpu").shared
     #          prompts: [1 2 3] [7 8]   completions: [4 5] [6] [9] [4 4 4] [1]
     assert sh.ids.tolist() == [1, 2, 3, 7, 8, 4, 5, 6, 9, 4, 4, 4, 1]
-    assert sh.positions.tolist() == [0, 1, 2, 0, 1, 3, 4, 3, 2, 3, 4, 5, 2]
     assert sh.cu_seqlens.tolist() == [0, 3, 5, 7, 8, 9, 12, 13]
     assert sh.cu_seqlens_k.tolist() == [0, 3, 5, 10, 14, 17, 23, 26]
     assert sh.kv_index.tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 5, 6, 0, 1, 2, 7, 3, 4, 8,
@@ -384,7 +383,7 @@ def test_shared_prefix_layout_and_hidden_states():
     torch.manual_seed(0)
     model = GPT(config("tiny", n_layer=2, d_model=64, n_head=4, n_kv_head=2, vocab_size=50,
                        max_seq_len=16, positions="rope"), backend="fastattn")
-    args = (sh.ids, sh.positions, sh.cu_seqlens, sh.kv_index, sh.cu_seqlens_k)
+    args = (sh.ids, sh.cu_seqlens, sh.kv_index, sh.cu_seqlens_k)
     w = torch.randn(sh.ids.shape[0], 64)
     for backend in ("fastattn", "torch"):
         model.set_backend(backend)
@@ -406,32 +405,28 @@ def test_shared_prefix_layout_and_hidden_states():
         for g, p in zip(got, model.parameters()):
             torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="kv_index must be a 1-D int64"):
-        model.shared_prefix_hidden_states(*args[:3], sh.kv_index.int(), args[4])
+        model.shared_prefix_hidden_states(*args[:2], sh.kv_index.int(), args[3])
     with pytest.raises(ValueError, match="inconsistent layout"):
-        model.shared_prefix_hidden_states(*args[:4], sh.cu_seqlens_k[:-1])
+        model.shared_prefix_hidden_states(*args[:3], sh.cu_seqlens_k[:-1])
     cu_k = sh.cu_seqlens_k.clone()
     cu_k[1] = 2                                     # segment 0: 3 tokens, 2 keys
     with pytest.raises(ValueError, match="segment 0 has 3 tokens and 2 keys"):
-        model.shared_prefix_hidden_states(*args[:4], cu_k)
+        model.shared_prefix_hidden_states(*args[:3], cu_k)
     kv = sh.kv_index.clone()
     kv[8:10] = kv[8:10].flip(0)                     # segment 2's own keys, reversed
     with pytest.raises(ValueError, match="segment 2's keys must end with its own tokens"):
-        model.shared_prefix_hidden_states(*args[:3], kv, args[4])
+        model.shared_prefix_hidden_states(*args[:2], kv, args[3])
     kv = sh.kv_index.clone()
     kv[5:8] = torch.tensor([0, 1, 13])              # a prompt key past the tokens
     with pytest.raises(ValueError, match="kv_index must index ids"):
-        model.shared_prefix_hidden_states(*args[:3], kv, args[4])
-    pos = sh.positions.clone()
-    pos[5] = 0                                      # a completion not continuing its prompt
-    with pytest.raises(ValueError, match="segment 2's positions must be 3..4"):
-        model.shared_prefix_hidden_states(args[0], pos, *args[2:])
+        model.shared_prefix_hidden_states(*args[:2], kv, args[3])
     with pytest.raises(ValueError, match="max_seqlen 2 / max_seqlen_k 6 are less than"):
         model.shared_prefix_hidden_states(*args, max_seqlen=2, max_seqlen_k=6)
     long = align.make_batch([list(range(1, 12)) + [1] * 6, list(range(1, 12)) + [2]], [11, 11],
                             0, "cpu").shared
     with pytest.raises(ValueError, match="sequence length 17 exceeds max_seq_len 16"):
-        model.shared_prefix_hidden_states(long.ids, long.positions, long.cu_seqlens,
-                                          long.kv_index, long.cu_seqlens_k)
+        model.shared_prefix_hidden_states(long.ids, long.cu_seqlens, long.kv_index,
+                                          long.cu_seqlens_k)
 
 
 # --------------------------------------------------------------------------------------------
