@@ -924,7 +924,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                                    else ""))
         if args.eval_every > 0 and (it + 1) % args.eval_every == 0 and it + 1 < args.max_steps:
             r = do_eval(it + 1)
-            history["eval"].append((it + 1, r["eval_accuracy"]))
+            history["eval"].append((it + 1, r[eval_key]))
         model.train()
     train_s = time.perf_counter() - run_t0
     final = do_eval(args.max_steps)

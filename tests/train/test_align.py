@@ -608,8 +608,11 @@ def test_rm_run(chain, capsys):
     assert "--center-rewards must be a finite number >= 0" in capsys.readouterr().err
     assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
                  "--max-steps", "40", "--lr", "1e-3", "--k", "8", "--pairing", "all",
-                 "--center-rewards", "0.01"]) == 0
+                 "--center-rewards", "0.01", "--eval-every", "20"]) == 0
     s = _summary(root / "rm")
+    evals = [r for r in _log(root / "rm") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 20, 40]      # before, mid-run, after
+    assert all(0.0 <= r["pair_accuracy"] <= 1.0 for r in evals)
     assert s["heldout_pairs"] >= 1 and s["train_pairs"] >= 1
     assert s["pairing"] == "all" and s["heldout_pairs"] + s["train_pairs"] == s["pairs"]
     assert s["pairs"] >= s["prompts_with_pairs"]
