@@ -51,7 +51,9 @@ Losses (per-token log-probs l_t, completion mask m_t, |o| = sum_t m_t):
           ``build_pairs`` (``--pairing``), the pairs of ``--holdout`` of the prompts held out
           (summary ``pair_accuracy``;
           ``train_pair_accuracy`` on the rest). The checkpoint stores the head as
-          ``reward_head`` next to ``model``; rm writes no eval_accuracy.
+          ``reward_head`` next to ``model``; rm writes no eval_accuracy but judges K samples
+          of the SFT policy per held-out problem (``rm_best_of_k``: the accuracy of its pick
+          against a random sample's, the best case for a policy optimised against it).
     PPO   r_t = -beta (l_t - l^ref_t) + R at the last completion slot, R the RM's score, or,
           for a completion that is not a number closed by end-of-text (``tasks.well_formed``: a
           format check, like TRL's missing-EOS penalty), the batch's lowest RM score of an
@@ -590,7 +592,7 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
                    help="optimizer steps (GRPO, PPO: sampling rounds, each --ppo-epochs steps)")
     p.add_argument("--seed", type=int, default=0, help="seeds batches, sampling and dropout")
     p.add_argument("--lr", type=float, default={"sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4,
-                                                 "rm": 3e-4, "ppo": 1e-4}[stage])
+                                                 "rm": 3e-4, "ppo": 3e-5}[stage])
     p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (default lr/10)")
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -614,8 +616,10 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     if stage in ("dpo", "grpo", "ppo"):
         p.add_argument("--beta", type=float,
-                       default={"dpo": 0.1, "grpo": 0.04, "ppo": 0.05}[stage],
-                       help="DPO temperature / GRPO, PPO KL coefficient")
+                       default={"dpo": 0.1, "grpo": 0.04, "ppo": 0.3}[stage],
+                       help="DPO temperature / GRPO, PPO KL coefficient (PPO: the policy "
+                            "tends to pi_ref exp(R / beta); with a reward model's logit-scale "
+                            "scores 0.3 gained and 0.1 followed its errors, on the demo's task)")
     if stage in ("dpo", "grpo", "rm", "ppo"):
         p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     if stage == "dpo":
@@ -631,11 +635,13 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
         p.add_argument("--min-chosen-reward", type=float, default=0.0,
                        help="keep a pair only if its chosen sample scores at least this "
                             "(1.0: only exactly right answers are chosen)")
-        p.add_argument("--pairing", choices=("extremes", "all"), default="extremes",
+        p.add_argument("--pairing", choices=("extremes", "all"),
+                       default="all" if stage == "rm" else "extremes",
                        help="pairs per prompt: its best and worst sample (extremes), or every "
-                            "two distinct samples that score differently (all)")
+                            "two distinct samples that score differently (all: more "
+                            "comparisons for a reward model from the same samples)")
     if stage == "rm":
-        p.add_argument("--center-rewards", type=float, default=0.0,
+        p.add_argument("--center-rewards", type=float, default=0.05,
                        help="weight of mean (r_chosen + r_rejected)^2 added to the loss: zero-"
                             "mean scores per prompt (TRL's center_rewards_coefficient; 0 = off)")
         p.add_argument("--holdout", type=float, default=0.2,
@@ -828,6 +834,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         if len(pairs) < 2:
             raise ValueError(f"{len(pairs)} preference pairs: the reward model needs >= 2 (one "
                              "held out); raise --k, --temperature or --n-pairs")
+        # the SFT policy's samples on the held-out problems, judged by the RM after training
+        candidates = eval_samples(model, corpus, task, args.k, args.temperature, args.seed + 1)
         held, data = split_by_prompt(pairs, args.holdout, args.seed)
         pair_stats.update(train_pairs=len(data), heldout_pairs=len(held))
         extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
@@ -933,6 +941,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         extra["train_pair_accuracy"] = rm_evaluate(model, head, data, eos, device)[
             "pair_accuracy"]
         extra["initial_pair_accuracy"] = first_eval["pair_accuracy"]
+        extra.update(rm_best_of_k(model, head, candidates, eos, device))
     if stage == "ppo":
         last = next(r for r in reversed(history["ppo"]))
         extra.update(reward_model=str(rm_path), final_rm_reward=last["rm_reward"],
@@ -1099,6 +1108,57 @@ def rm_evaluate(model, head, pairs: list[dict], eos: int, device, batch: int = 1
     m = torch.cat(margins)
     return {"pair_accuracy": float((m > 0).float().mean()),
             "pair_loss": float(-F.logsigmoid(m).mean())}
+
+
+def eval_samples(policy, corpus, task: tasks.AdditionTask, k: int, temperature: float,
+                 seed: int) -> list[dict]:
+    """``k`` samples of ``policy`` for each held-out eval problem (its own generator, so the
+    caller's random streams are untouched), each with the verifier's reward: the candidates
+    ``rm_best_of_k`` ranks."""
+    device = next(policy.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    problems = task.split("eval")
+    comps = sample(policy, corpus, problems, k, temperature=temperature,
+                   max_new=task.max_answer_tokens, generator=gen)
+    out = []
+    for p, cs in zip(problems, comps):
+        prompt = tasks.encode(corpus, p.prompt)
+        out.append({"seqs": [prompt + c for c in cs], "start": len(prompt),
+                    "rewards": [tasks.reward(tasks.completion_text(corpus, c), p.answer)
+                                for c in cs]})
+    return out
+
+
+@torch.no_grad()
+def rm_best_of_k(model, head, candidates: list[dict], eos: int, device,
+                 batch: int = 32) -> dict:
+    """Best-of-k with the reward model as the judge, on held-out problems: the exact-match
+    accuracy of the candidate it scores highest per problem (``rm_best_of_k_accuracy``),
+    beside a random sample's (``eval_sample_accuracy``) and an oracle's
+    (``eval_best_of_k_ceiling``: some candidate is right). What a policy optimised against the
+    reward model can gain shows here first: a judge no better than a random pick gives PPO
+    nothing to climb but its errors."""
+    was = model.training
+    model.eval()
+    picked, sampled, ceiling = 0, 0.0, 0
+    for lo in range(0, len(candidates), batch):
+        chunk = candidates[lo:lo + batch]
+        b = make_batch([q for c in chunk for q in c["seqs"]],
+                       [c["start"] for c in chunk for _ in c["seqs"]], eos, device,
+                       PAD_MULTIPLE)
+        r = reward_scores(model, head, b).float().cpu()
+        at = 0
+        for c in chunk:
+            n = len(c["seqs"])
+            exact = [x == 1.0 for x in c["rewards"]]
+            picked += exact[int(r[at:at + n].argmax())]
+            sampled += sum(exact) / n
+            ceiling += any(exact)
+            at += n
+    model.train(was)
+    n = max(1, len(candidates))
+    return {"rm_best_of_k_accuracy": picked / n, "eval_sample_accuracy": sampled / n,
+            "eval_best_of_k_ceiling": ceiling / n}
 
 
 def _load_reward_model(path, cfg, backend: str, device):

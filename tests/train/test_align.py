@@ -597,6 +597,23 @@ def test_ppo_loss_clip():
                                                         abs=1e-14)
 
 
+def test_rm_best_of_k_picks_the_top_score(monkeypatch):
+    """Per problem the candidate the reward model scores highest is judged; here the score is
+    the sequence's last token, so the picks are known: problem 0 picks its right answer,
+    problem 1 a wrong one (its right one scores lower), problem 2 has no right answer."""
+    cands = [{"seqs": [[5, 1], [5, 9], [5, 3]], "start": 1, "rewards": [0.0, 1.0, 0.2]},
+             {"seqs": [[6, 8], [6, 2]], "start": 1, "rewards": [0.5, 1.0]},
+             {"seqs": [[7, 4], [7, 6]], "start": 1, "rewards": [0.0, 0.3]}]
+    monkeypatch.setattr(align, "reward_scores",
+                        lambda model, head, b: torch.tensor([float(q[-1]) for q in b.seqs]))
+    model = torch.nn.Linear(1, 1)
+    got = align.rm_best_of_k(model, None, cands, eos=0, device="cpu", batch=2)
+    assert got["rm_best_of_k_accuracy"] == pytest.approx(1 / 3)
+    assert got["eval_sample_accuracy"] == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
+    assert got["eval_best_of_k_ceiling"] == pytest.approx(2 / 3)
+    assert model.training
+
+
 def _log(path):
     return [json.loads(ln) for ln in (Path(path) / "log.jsonl").read_text().splitlines()]
 
@@ -607,8 +624,8 @@ def test_rm_run(chain, capsys):
                  "--center-rewards", "-1"]) == 2
     assert "--center-rewards must be a finite number >= 0" in capsys.readouterr().err
     assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
-                 "--max-steps", "40", "--lr", "1e-3", "--k", "8", "--pairing", "all",
-                 "--center-rewards", "0.01", "--eval-every", "20"]) == 0
+                 "--max-steps", "40", "--lr", "1e-3", "--k", "8", "--center-rewards", "0.01",
+                 "--eval-every", "20"]) == 0
     s = _summary(root / "rm")
     evals = [r for r in _log(root / "rm") if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 20, 40]      # before, mid-run, after
@@ -623,6 +640,8 @@ def test_rm_run(chain, capsys):
     assert s["train_pair_accuracy"] > 0.5
     train = [r["loss"] for r in _log(root / "rm") if r["kind"] == "train"]
     assert sum(train[-10:]) < sum(train[:10])
+    for key in ("rm_best_of_k_accuracy", "eval_sample_accuracy"):
+        assert 0.0 <= s[key] <= s["eval_best_of_k_ceiling"] <= 1.0, key
     ckpt = torch.load(root / "rm" / "ckpt.pt", weights_only=True)
     assert ckpt["stage"] == "rm" and ckpt["reward_head"]["linear.weight"].shape == (1, 64)
     assert ckpt["reward_head"]["logp_weight"].shape == ()
