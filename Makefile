@@ -24,8 +24,14 @@ $(VENV)/.deps: requirements-dev.txt
 venv: $(VENV)/.deps
 
 # Builds fastattn._C always and fastattn._cuda whenever nvcc and a CUDA torch are present.
-build: venv
+# pip rebuilds every source each time (minutes, with CUDA), so only when a source changed.
+BUILT := $(VENV)/.built
+$(BUILT): $(VENV)/.deps setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
+	@ls fastattn/_C*.so >/dev/null 2>&1 || $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
 	$(PY) -m pytest tests -m "not gpu" -q -p no:cacheprovider
@@ -49,4 +55,4 @@ gpu-train-check:
 	$(GPU_ENV) bash benchmarks/gpu_check.sh --train
 
 clean:
-	rm -rf build *.egg-info fastattn/*.so benchmarks/out
+	rm -rf build *.egg-info fastattn/*.so benchmarks/out $(BUILT)

@@ -9,6 +9,8 @@ pretrain 5 steps -> SFT (held-out greedy accuracy rises from 0) -> DPO and GRPO 
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -679,6 +681,29 @@ def test_ppo_run(chain):
     with pytest.raises(align.CheckpointError, match="from before RewardHead"):
         align._load_reward_model(root / "old_rm.pt", GPTConfig(**old["config"]), "torch",
                                  torch.device("cpu"))
+
+
+def test_rm_kl_optimum_script(chain):
+    """benchmarks/rm_kl_optimum.py: with the verifier as the judge and a tiny beta, pi*'s mode is
+    a right answer whenever any sample is one, so that entry bounds every other."""
+    root, _ = chain
+    if not (root / "rm" / "ckpt.pt").exists():
+        assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"),
+                     "--no-progress", "--max-steps", "20", "--k", "8"]) == 0
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.rm_kl_optimum", "--policy",
+                           str(root / "sft"), "--reward-model", str(root / "rm"), "--samples",
+                           "8", "--betas", "0.001,0.3"], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {}
+    for line in proc.stdout.splitlines()[2:]:
+        beta, rm_acc, ver_acc = line.split()
+        rows[float(beta)] = (float(rm_acc.rstrip("%")), float(ver_acc.rstrip("%")))
+    assert set(rows) == {0.001, 0.3, math.inf}
+    ceiling = rows[0.001][1]
+    assert all(0 <= v <= ceiling for r in rows.values() for v in r)
+    assert ceiling > 0
 
 
 # --------------------------------------------------------------------------------------------
