@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 .PHONY: help venv build test test-fast bench demo gpu-check gpu-train-check clean
 
 help:
-	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~10 min, torch vs fastattn side by side"
+	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~12 min, torch vs fastattn side by side (DEMO_PPO=1: + reward model, PPO)"
 	@echo "make test       venv + torch + triton + build both extensions + the CPU test suite"
 	@echo "make bench      CPU benchmarks against PyTorch (CSV + PNG under benchmarks/out/)"
 	@echo "make gpu-check  on a GPU machine: build CUDA, GPU tests, GPU op benchmarks, < 8 min (OUT=dir)"
