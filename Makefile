@@ -6,7 +6,7 @@ export MAX_JOBS ?= 2
 # Several pytest/benchmark processes on 2 cores: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help venv build test test-fast bench demo gpu-check gpu-train-check clean
+.PHONY: help venv build rebuild test test-fast bench demo gpu-check gpu-train-check clean
 
 help:
 	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~12 min, torch vs fastattn side by side (DEMO_PPO=1: + reward model, PPO)"
@@ -24,14 +24,20 @@ $(VENV)/.deps: requirements-dev.txt
 venv: $(VENV)/.deps
 
 # Builds fastattn._C always and fastattn._cuda whenever nvcc and a CUDA torch are present.
-# pip rebuilds every source each time (minutes, with CUDA), so only when a source changed.
+# pip rebuilds every source each time (minutes, with CUDA), so only when a source or the build
+# description changed; `make rebuild` after changing FASTATTN_CUDA / FASTATTN_CUDA_ARCHS / nvcc.
 BUILT := $(VENV)/.built
-$(BUILT): $(VENV)/.deps setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+$(BUILT): $(VENV)/.deps setup.py pyproject.toml fastattn/_buildinfo.py \
+		$(shell find csrc -type f 2>/dev/null)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(BUILT)
 	@ls fastattn/_C*.so >/dev/null 2>&1 || $(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+rebuild:
+	rm -f $(BUILT)
+	$(MAKE) build
 
 test: build
 	$(PY) -m pytest tests -m "not gpu" -q -p no:cacheprovider

@@ -7,8 +7,9 @@ KL-regularised optimum on the held-out problems, estimated by sampling.
 PPO's objective E[R] - beta KL(pi || pi_ref) is maximised by pi* = pi_ref exp(R / beta) / Z.
 For each held-out problem this draws ``--samples`` completions from pi_ref (the policy PPO
 starts from), weighs each distinct one by its count times exp(R / beta), R the reward model's
-score (with PPO's format floor), and checks the heaviest: pi*'s most likely answer, which is
-what greedy decoding of a well-optimised policy returns. The same with the verifier's reward in
+score (with PPO's format floor, over the problem's distinct samples), and checks the
+heaviest: pi*'s most likely answer, roughly what greedy decoding of a well-optimised policy
+returns (greedy picks token by token). The same with the verifier's reward in
 place of R bounds what a perfect reward model would give; beta = inf is pi_ref's own most
 sampled answer. A reward model whose pi* is no better than pi_ref gives PPO nothing to gain,
 however it is tuned; the beta where pi* is best is the one to train with.

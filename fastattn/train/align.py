@@ -618,9 +618,9 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
         p.add_argument("--beta", type=float,
                        default={"dpo": 0.1, "grpo": 0.04, "ppo": 0.3}[stage],
                        help="DPO temperature / GRPO, PPO KL coefficient (PPO: the policy "
-                            "tends to pi_ref exp(R / beta); against the demo's reward models "
-                            "0.3 gained 5-6 points where 0.05-0.1 gained at most 2; see "
-                            "benchmarks/rm_kl_optimum.py)")
+                            "tends to pi_ref exp(R / beta); against the demo's stronger reward "
+                            "models 0.3 gained 2.6-6.4 points and 0.1 1.8, against a weaker one "
+                            "0.05-0.1 lost 2-5; see benchmarks/rm_kl_optimum.py)")
     if stage in ("dpo", "grpo", "rm", "ppo"):
         p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     if stage == "dpo":
@@ -682,9 +682,27 @@ def _task(args, ckpt: dict) -> tasks.AdditionTask:
     kw = {"digits": args.digits, "n_train": args.n_train, "n_pairs": args.n_pairs,
           "n_eval": args.n_eval, "seed": args.task_seed}
     fields = {f.name: f.default for f in dataclasses.fields(tasks.AdditionTask)}
-    return tasks.AdditionTask(**{k: (v if v is not None else saved.get(k, fields[k]))
+    task = tasks.AdditionTask(**{k: (v if v is not None else saved.get(k, fields[k]))
                                  for k, v in kw.items()} |
                               {"n_eval_long": saved.get("n_eval_long", fields["n_eval_long"])})
+    if not saved:
+        return task
+    # A stage may ask for other set sizes than its init checkpoint's (e.g. more pair prompts
+    # for a reward model), which re-cuts the problem pool: keep the problems the checkpoint
+    # trained or was evaluated on out of the new pair prompts, and refuse held-out problems it
+    # trained on.
+    base = tasks.AdditionTask(**{k: saved[k] for k in fields if k in saved})
+    if dataclasses.astuple(base) == dataclasses.astuple(task):
+        return task
+    trained = set(base.train)
+    leaked = sum(p in trained for p in task.eval)
+    if leaked:
+        raise ValueError(f"{leaked} of the {len(task.eval)} held-out problems are problems the "
+                         f"init checkpoint trained on (its task: {saved}); keep its --digits, "
+                         f"--n-train, --n-eval and --task-seed")
+    seen = trained | set(base.eval)
+    task.pairs = [p for p in task.pairs if p not in seen]
+    return task
 
 
 def _corpus(args, ckpt: dict):
@@ -835,11 +853,11 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         if len(pairs) < 2:
             raise ValueError(f"{len(pairs)} preference pairs: the reward model needs >= 2 (one "
                              "held out); raise --k, --temperature or --n-pairs")
-        # the SFT policy's samples on the held-out problems, judged by the RM after training
-        candidates = eval_samples(model, corpus, task, args.k, args.temperature, args.seed + 1)
         held, data = split_by_prompt(pairs, args.holdout, args.seed)
         pair_stats.update(train_pairs=len(data), heldout_pairs=len(held))
         extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
+        # the SFT policy's samples on the held-out problems, judged by the RM after training
+        candidates = eval_samples(model, corpus, task, args.k, args.temperature, args.seed + 1)
         log({"kind": "pairs", **pair_stats})
         first_eval = do_eval(0)
     else:
@@ -1126,19 +1144,24 @@ def eval_samples(policy, corpus, task: tasks.AdditionTask, k: int, temperature: 
         prompt = tasks.encode(corpus, p.prompt)
         out.append({"seqs": [prompt + c for c in cs], "start": len(prompt),
                     "rewards": [tasks.reward(tasks.completion_text(corpus, c), p.answer)
-                                for c in cs]})
+                                for c in cs],
+                    "malformed": [not tasks.well_formed(c, corpus) for c in cs]})
     return out
 
 
 @torch.no_grad()
 def rm_best_of_k(model, head, candidates: list[dict], eos: int, device,
-                 batch: int = 32) -> dict:
+                 batch: int = 32, format_penalty: float = 1.0) -> dict:
     """Best-of-k with the reward model as the judge, on held-out problems: the exact-match
-    accuracy of the candidate it scores highest per problem (``rm_best_of_k_accuracy``),
-    beside a random sample's (``eval_sample_accuracy``) and an oracle's
-    (``eval_best_of_k_ceiling``: some candidate is right). What a policy optimised against the
-    reward model can gain shows here first: a judge no better than a random pick gives PPO
-    nothing to climb but its errors."""
+    accuracy of the candidate it scores highest per problem (``rm_best_of_k_accuracy``; scores
+    through PPO's ``format_floor`` over the problem's candidates, so a non-answer is never
+    picked while an answer is there), beside a random sample's (``eval_sample_accuracy``) and
+    an oracle's (``eval_best_of_k_ceiling``: some candidate is right); all None without
+    candidates. What a policy optimised against the reward model can gain shows here first: a
+    judge no better than a random pick gives PPO nothing to climb but its errors."""
+    if not candidates:
+        return dict.fromkeys(("rm_best_of_k_accuracy", "eval_sample_accuracy",
+                              "eval_best_of_k_ceiling"))
     was = model.training
     model.eval()
     picked, sampled, ceiling = 0, 0.0, 0
@@ -1152,12 +1175,13 @@ def rm_best_of_k(model, head, candidates: list[dict], eos: int, device,
         for c in chunk:
             n = len(c["seqs"])
             exact = [x == 1.0 for x in c["rewards"]]
-            picked += exact[int(r[at:at + n].argmax())]
+            score = format_floor(r[at:at + n], torch.tensor(c["malformed"]), format_penalty)
+            picked += exact[int(score.argmax())]
             sampled += sum(exact) / n
             ceiling += any(exact)
             at += n
     model.train(was)
-    n = max(1, len(candidates))
+    n = len(candidates)
     return {"rm_best_of_k_accuracy": picked / n, "eval_sample_accuracy": sampled / n,
             "eval_best_of_k_ceiling": ceiling / n}
 

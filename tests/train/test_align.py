@@ -7,6 +7,8 @@ pretrain 5 steps -> SFT (held-out greedy accuracy rises from 0) -> DPO and GRPO 
 (greedy reward on the prompts they optimise on rises). Seeds are fixed.
 """
 
+import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -600,20 +602,53 @@ def test_ppo_loss_clip():
 
 
 def test_rm_best_of_k_picks_the_top_score(monkeypatch):
-    """Per problem the candidate the reward model scores highest is judged; here the score is
-    the sequence's last token, so the picks are known: problem 0 picks its right answer,
-    problem 1 a wrong one (its right one scores lower), problem 2 has no right answer."""
-    cands = [{"seqs": [[5, 1], [5, 9], [5, 3]], "start": 1, "rewards": [0.0, 1.0, 0.2]},
-             {"seqs": [[6, 8], [6, 2]], "start": 1, "rewards": [0.5, 1.0]},
-             {"seqs": [[7, 4], [7, 6]], "start": 1, "rewards": [0.0, 0.3]}]
+    """Per problem the candidate the reward model scores highest is judged, after PPO's format
+    floor; here the score is the sequence's last token, so the picks are known: problem 0
+    picks its right answer, problem 1 a wrong one (its right one scores lower), problem 2 has
+    no right answer, problem 3's top score is a non-answer, floored, so its right one wins."""
+    cands = [{"seqs": [[5, 1], [5, 9], [5, 3]], "start": 1, "rewards": [0.0, 1.0, 0.2],
+              "malformed": [False, False, False]},
+             {"seqs": [[6, 8], [6, 2]], "start": 1, "rewards": [0.5, 1.0],
+              "malformed": [False, False]},
+             {"seqs": [[7, 4], [7, 6]], "start": 1, "rewards": [0.0, 0.3],
+              "malformed": [False, False]},
+             {"seqs": [[8, 9], [8, 5]], "start": 1, "rewards": [0.0, 1.0],
+              "malformed": [True, False]}]
     monkeypatch.setattr(align, "reward_scores",
                         lambda model, head, b: torch.tensor([float(q[-1]) for q in b.seqs]))
     model = torch.nn.Linear(1, 1)
-    got = align.rm_best_of_k(model, None, cands, eos=0, device="cpu", batch=2)
-    assert got["rm_best_of_k_accuracy"] == pytest.approx(1 / 3)
-    assert got["eval_sample_accuracy"] == pytest.approx((1 / 3 + 1 / 2 + 0) / 3)
-    assert got["eval_best_of_k_ceiling"] == pytest.approx(2 / 3)
+    got = align.rm_best_of_k(model, None, cands, eos=0, device="cpu", batch=3)
+    assert got["rm_best_of_k_accuracy"] == pytest.approx(2 / 4)
+    assert got["eval_sample_accuracy"] == pytest.approx((1 / 3 + 1 / 2 + 0 + 1 / 2) / 4)
+    assert got["eval_best_of_k_ceiling"] == pytest.approx(3 / 4)
     assert model.training
+    assert align.rm_best_of_k(model, None, [], eos=0, device="cpu") == {
+        "rm_best_of_k_accuracy": None, "eval_sample_accuracy": None,
+        "eval_best_of_k_ceiling": None}
+
+
+def test_later_stage_task_keeps_the_checkpoint_problems_apart():
+    """A stage that asks for more pair prompts than its init checkpoint re-cuts the pool: the
+    checkpoint's training and held-out problems stay out of the new pair prompts, and held-out
+    problems the checkpoint trained on are refused."""
+    base = tasks.AdditionTask(digits=2, n_train=300, n_pairs=200, n_eval=100)
+    ckpt = {"task": dataclasses.asdict(base)}
+
+    def args(**kw):
+        return argparse.Namespace(**({"digits": None, "n_train": None, "n_pairs": None,
+                                      "n_eval": None, "task_seed": None} | kw))
+
+    same = align._task(args(), ckpt)
+    assert same.pairs == base.pairs and same.eval == base.eval and same.train == base.train
+    raw = tasks.AdditionTask(digits=2, n_train=300, n_pairs=2000, n_eval=100)
+    assert set(raw.pairs) & set(base.train)       # what re-cutting alone would leak
+    more = align._task(args(n_pairs=2000), ckpt)
+    assert more.eval == base.eval
+    assert not set(more.pairs) & (set(base.train) | set(base.eval))
+    assert set(more.pairs) == set(raw.pairs) - set(base.train)
+    with pytest.raises(ValueError, match="held-out problems are problems the init checkpoint "
+                                         "trained on"):
+        align._task(args(n_eval=1000), ckpt)
 
 
 def _log(path):
