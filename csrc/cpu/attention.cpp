@@ -132,7 +132,11 @@ void gemm(bool blas, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
     gemm_small_m(trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }
-  if (!blas || std::max({m, n, k, lda, ldb, ldc}) > kIntMax) {
+  // BLAS wants each leading dimension at least the row length it steps over; a caller's
+  // tensor can have less (stride 0 from expand(), rows that overlap): the loops take any.
+  const bool ld_ok = lda >= std::max<int64_t>(1, trans_a ? m : k) &&
+                     ldb >= std::max<int64_t>(1, trans_b ? k : n) && ldc >= std::max<int64_t>(1, n);
+  if (!blas || !ld_ok || std::max({m, n, k, lda, ldb, ldc}) > kIntMax) {
     gemm_loops(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     return;
   }

@@ -28,16 +28,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     state_dict and forward. The fused path runs when ``need_weights=False``; with
     ``need_weights=True`` (PyTorch's default) the attention weights must be materialised, so
     the call is served by PyTorch's implementation, as are ``add_bias_kv`` and
-    ``add_zero_attn``. Differences on the fused path: a query that may attend to no key returns
-    0 instead of NaN; ``is_causal=True`` (a hint in PyTorch that ``attn_mask`` is the causal
-    mask) applies the top-left causal mask directly when there is no key padding mask.
+    ``add_zero_attn``, and a float ``attn_mask`` or ``key_padding_mask`` that requires grad (a
+    learned bias: the fused kernels give no gradient to their bias). Differences on the fused
+    path: a query that may attend to no key returns 0 instead of NaN; ``is_causal=True`` (a hint
+    in PyTorch that ``attn_mask`` is the causal mask) applies the top-left causal mask directly
+    when there is no key padding mask; float masks are added in fp32 (the kernels' bias dtype),
+    also for float64 inputs.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        if need_weights or self.bias_k is not None or self.add_zero_attn:
+        learned_mask = torch.is_grad_enabled() and any(
+            m is not None and m.requires_grad for m in (attn_mask, key_padding_mask))
+        if need_weights or self.bias_k is not None or self.add_zero_attn or learned_mask:
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights,
@@ -46,6 +51,21 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             raise RuntimeError("MultiheadAttention: is_causal=True is a hint that attn_mask is the "
                                "causal mask; pass the mask too (as torch.nn.MultiheadAttention "
                                "requires)")
+        shapes = tuple(tuple(x.shape) for x in (query, key, value))
+        if not (query.dim() == key.dim() == value.dim() and query.dim() in (2, 3)):
+            raise ValueError(f"MultiheadAttention: query, key and value must all be 2-D "
+                             f"(unbatched) or all 3-D, got shapes {shapes[0]}, {shapes[1]}, "
+                             f"{shapes[2]}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise ValueError(f"MultiheadAttention: key and value must have the same sequence "
+                             f"length and batch size, got shapes {shapes[1]} and {shapes[2]}")
+        for name, x, want in (("query", query, self.embed_dim), ("key", key, self.kdim),
+                              ("value", value, self.vdim)):
+            if x.shape[-1] != want:
+                raise ValueError(f"MultiheadAttention: {name}'s last dimension must be "
+                                 f"{'embed_dim' if name == 'query' else name[0] + 'dim'} {want}, "
+                                 f"got shape {tuple(x.shape)}")
+        kpm_shape = None if key_padding_mask is None else tuple(key_padding_mask.shape)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -53,15 +73,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         elif self.batch_first:  # internally (seq, batch, embed), like PyTorch
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
-            raise ValueError(f"MultiheadAttention: query, key and value must be 2-D (unbatched) or "
-                             f"3-D, got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
-                             f"{tuple(value.shape)}")
         tgt_len, bsz, embed = query.shape
         src_len = key.shape[0]
-        if embed != self.embed_dim:
-            raise ValueError(f"MultiheadAttention: query's last dimension must be embed_dim "
-                             f"{self.embed_dim}, got {embed}")
+        if key.shape[1] != bsz:
+            raise ValueError(f"MultiheadAttention: query and key must have the same batch size, "
+                             f"got shapes {shapes[0]} and {shapes[1]}"
+                             + (" (batch_first=True)" if self.batch_first else ""))
         heads, head_dim = self.num_heads, self.head_dim
 
         if self._qkv_same_embed_dim:
@@ -96,8 +113,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             bias = m
         if key_padding_mask is not None:
             if key_padding_mask.shape != (bsz, src_len):
-                raise ValueError(f"MultiheadAttention: key_padding_mask must be {(bsz, src_len)}, "
-                                 f"got {tuple(key_padding_mask.shape)}")
+                want = (src_len,) if unbatched else (bsz, src_len)
+                raise ValueError(f"MultiheadAttention: key_padding_mask must be {want}, "
+                                 f"got {kpm_shape}")
             kpm = _additive(key_padding_mask, "key_padding_mask").view(bsz, 1, 1, src_len)
             bias = kpm if bias is None else bias + kpm
         if bias is not None:

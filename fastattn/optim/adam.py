@@ -9,7 +9,15 @@ amsgrad, ``max_exp_avg_sq``), so a checkpoint of either loads into the other. Ad
 * ``moment_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` moments.
 * ``torch.amp.GradScaler`` support without a host sync: ``scaler.step(opt)`` hands the scale
   and the inf flag to the kernel, which unscales on the fly and changes nothing (step counts
-  included) when the flag is set.
+  included) when the flag is set. As with torch's optimizers, the gradients are left unscaled
+  after a taken step (scaled, and non-finite, after a skipped one).
+
+Parameters of any layout are stepped (a parameter that is not contiguous, e.g. channels_last,
+through a contiguous copy). Checkpoints of older torch releases (integer ``step``, groups
+without ``maximize`` and the later options) load like they do into torch.optim. A master copy
+that no longer rounds to its parameter (the parameter was changed outside this optimizer, or
+the checkpoint went through an optimizer without master weights) is re-seeded from the
+parameter at the first step after ``load_state_dict``.
 
 Each step is one ``fastattn::adam_step_`` call per (device, dtype policy, step count) bucket of
 tensors; step counts and learning rates live on the device.
@@ -94,11 +102,26 @@ class Adam(torch.optim.Optimizer):
         # different histories never merge.
         self._step_keys: dict[Tensor, Any] = {}
         self._fresh_key = 0
+        # parameters whose loaded master copy is checked against them at their next step
+        self._check_master: set = set()
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_step_keys", {})
         self.__dict__.setdefault("_fresh_key", 0)
+        self.__dict__.setdefault("_check_master", set())
+        self._fill_group_defaults()
+        for p, st in self.state.items():  # torch < 1.12 kept the step count as a number
+            if "step" in st and not isinstance(st["step"], Tensor):
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32,
+                                          device=getattr(p, "device", None))
+
+    def _fill_group_defaults(self) -> None:
+        """Options a group saved by an older torch.optim (or by torch.optim at all) lacks."""
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key not in ("lr", "betas", "eps", "weight_decay", "amsgrad"):
+                    group.setdefault(key, value)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -114,8 +137,13 @@ class Adam(torch.optim.Optimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                        memory_format=torch.contiguous_format)
-        if group["master_weights"] and p.dtype != torch.float32 and "master_param" not in state:
-            state["master_param"] = p.detach().to(torch.float32, copy=True)
+        if group["master_weights"] and p.dtype != torch.float32:
+            master = state.get("master_param")
+            if master is None or (p in self._check_master
+                                  and not torch.equal(master.to(p.dtype), p.detach())):
+                state["master_param"] = p.detach().to(
+                    torch.float32, memory_format=torch.contiguous_format, copy=True)
+        self._check_master.discard(p)
         if p not in self._step_keys:  # loaded state: read its count once
             self._step_keys[p] = ("v", int(state["step"].item()))
         return state
@@ -129,9 +157,7 @@ class Adam(torch.optim.Optimizer):
         originals = {pid: dict(s) for pid, s in state_dict["state"].items()}
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:  # groups saved by torch.optim lack our options
-            for key in ("master_weights", "moment_dtype", "decoupled_weight_decay"):
-                group.setdefault(key, self.defaults[key])
+        self._fill_group_defaults()
         params = [p for g in self.param_groups for p in g["params"]]
         groups = {p: g for g in self.param_groups for p in g["params"]}
         for pid, p in zip(saved_ids, params):
@@ -139,11 +165,15 @@ class Adam(torch.optim.Optimizer):
                 continue
             group, state = groups[p], self.state[p]
             for key, value in originals[pid].items():
+                if key == "step" and not isinstance(value, Tensor):  # torch < 1.12: a number
+                    value = torch.tensor(float(value))
                 if not isinstance(value, Tensor):
                     continue
                 dtype = torch.float32 if key in ("step", "master_param") else _moment_dtype(group)
-                state[key] = value.to(device=p.device, dtype=dtype, copy=True)
+                state[key] = value.to(device=p.device, dtype=dtype,
+                                      memory_format=torch.contiguous_format, copy=True)
             self._step_keys.pop(p, None)
+            self._check_master.add(p)
 
     # -- step --------------------------------------------------------------------------------
 
@@ -182,9 +212,6 @@ class Adam(torch.optim.Optimizer):
             if p.dtype not in _PARAM_DTYPES:
                 raise RuntimeError(f"{name}: parameters must be float32, float16 or bfloat16, "
                                    f"got {p.dtype}")
-            if not p.is_contiguous():
-                raise RuntimeError(f"{name}: parameters must be contiguous, got one of shape "
-                                   f"{tuple(p.shape)} with strides {p.stride()}")
             state = self._init_state(p, group)
             key = (p.device, p.dtype, "master_param" in state, self._step_keys[p])
             buckets.setdefault(key, []).append(p)
@@ -202,14 +229,27 @@ class Adam(torch.optim.Optimizer):
             if found_inf is not None:  # GradScaler sums the flags of all devices: 0 or >= 1
                 inf = found_inf.to(device=device).ne(0).to(torch.float32)
             local = self._local
+            # the kernels step contiguous tensors (moments and master copies are kept so); a
+            # parameter of another layout is stepped through a contiguous copy
+            targets = [local(p) for p in params]
+            work = [t.contiguous() for t in targets]
+            grads = [local(p.grad) for p in params]
             torch.ops.fastattn.adam_step_(
-                [local(p) for p in params], [local(p.grad).contiguous() for p in params],
+                work, [g.contiguous() for g in grads],
                 [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
                 [local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else [],
                 [local(s["master_param"]) for s in states] if has_master else [],
                 steps[0], lr, float(beta1), float(beta2), float(group["eps"]),
                 float(group["weight_decay"]), bool(group["decoupled_weight_decay"]),
                 bool(group["amsgrad"]), bool(group["maximize"]), inv_scale, inf)
+            for t, w in zip(targets, work):
+                if w is not t:
+                    t.copy_(w)
+            if inv_scale is not None:
+                # leave the gradients unscaled, as torch's optimizers do under GradScaler (its
+                # unscale_, or the fused kernels' write-back); untouched when the step is skipped
+                factor = inv_scale if inf is None else torch.where(inf.bool(), 1.0, inv_scale)
+                torch._foreach_mul_(grads, factor)
             if inf is not None:  # a skipped step does not count
                 torch._foreach_sub_(steps, [inf] * len(steps))
             self._fresh_key += 1

@@ -104,3 +104,53 @@ def test_is_causal_needs_a_mask_like_torch():
     x = torch.randn(4, 2, 16)
     with pytest.raises(RuntimeError, match="is_causal"):
         ours(x, x, x, need_weights=False, is_causal=True)
+
+
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+def test_a_learned_float_mask_gets_torchs_gradient(which):
+    """A float mask that requires grad (a learned bias) is served by PyTorch's path, which
+    differentiates it; the fused kernels would silently give it no gradient."""
+    ours, theirs = _pair(8, 2, "cpu")
+    g = torch.Generator().manual_seed(3)
+    q, kv = torch.randn(4, 3, 8, generator=g), torch.randn(6, 3, 8, generator=g)
+    shape = (4, 6) if which == "attn_mask" else (3, 6)
+    mask0 = torch.randn(shape, generator=g)
+    grads, outs = [], []
+    for mod in (ours, theirs):
+        mask = mask0.clone().requires_grad_()
+        out, _ = mod(q, kv, kv, need_weights=False, **{which: mask})
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append(mask.grad)
+    assert grads[0] is not None and grads[0].abs().sum() > 0
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_bad_shapes_name_the_tensors(batch_first):
+    ours, _ = _pair(8, 2, "cpu", kdim=4, vdim=6, batch_first=batch_first)
+    def seq(length, batch, dim):
+        return torch.randn(batch, length, dim) if batch_first else torch.randn(length, batch, dim)
+    q, k, v = seq(5, 3, 8), seq(6, 3, 4), seq(6, 3, 6)
+    call = lambda *a, **kw: ours(*a, need_weights=False, **kw)
+    with pytest.raises(ValueError, match="same sequence length and batch size"):
+        call(q, k, seq(7, 3, 6))
+    with pytest.raises(ValueError, match="same sequence length and batch size"):
+        call(q, k, seq(6, 2, 6))
+    with pytest.raises(ValueError, match="query and key must have the same batch size"):
+        call(q, seq(6, 2, 4), seq(6, 2, 6))
+    with pytest.raises(ValueError, match="key's last dimension must be kdim 4"):
+        call(q, seq(6, 3, 8), v)
+    with pytest.raises(ValueError, match="value's last dimension must be vdim 6"):
+        call(q, k, seq(6, 3, 4))
+    with pytest.raises(ValueError, match="query's last dimension must be embed_dim 8"):
+        call(seq(5, 3, 4), k, v)
+    with pytest.raises(ValueError, match="must all be 2-D .* or all 3-D"):
+        call(q[0], k, v)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(3, 6\)"):
+        call(q, k, v, key_padding_mask=torch.zeros(3, 5, dtype=torch.bool))
+    # unbatched: the message gives the shape the caller passed, not an internal one
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(6,\), got \(1, 6\)"):
+        call(q[0] if batch_first else q[:, 0], k[0] if batch_first else k[:, 0],
+             v[0] if batch_first else v[:, 0], key_padding_mask=torch.zeros(1, 6, dtype=torch.bool))

@@ -597,3 +597,70 @@ def test_decode_lengths_out_of_range_raise_on_cpu():
     for bad in ([1, 5], [5, 11]):
         with pytest.raises(ValueError, match="cache_seqlens must lie in"):
             fastattn.decode_attention(q, kc, kc, torch.tensor(bad, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("device,backend", FAST_BACKENDS)
+@pytest.mark.parametrize("which", ["q", "kv"])
+def test_rows_that_share_memory_match_torch(device, backend, which):
+    """q/k/v whose sequence stride is below head_dim (expand()ed over the sequence: stride 0)
+    are valid torch tensors; the CPU kernel's BLAS calls cannot take such a leading dimension
+    and must not be handed one (they once returned wrong values, with only an MKL warning)."""
+    g = torch.Generator().manual_seed(7)
+    b, h, s, d = 1, 2, 70, 16
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for _ in range(3))
+    if which == "q":
+        q = torch.randn(b, h, 1, d, generator=g).expand(b, h, s, d)
+    else:
+        k = torch.randn(b, h, 1, d, generator=g).expand(b, h, s, d)
+        v = v[:, :, :1].expand(b, h, s, d)
+    q, k, v = (x.to(device) for x in (q, k, v))
+    dout = torch.randn(b, h, s, d, generator=g).to(device)
+    with fastattn.use_backend(backend):
+        ours = _grads(lambda *a: fastattn.scaled_dot_product_attention(*a, is_causal=True),
+                      q, k, v, dout)
+    exact = _grads(lambda *a: F.scaled_dot_product_attention(*a, is_causal=True),
+                   *(x.double() for x in (q, k, v)), dout.double())
+    for name, o, e in zip(("out", "dq", "dk", "dv"), ours, exact):
+        torch.testing.assert_close(o.double(), e, rtol=1e-4, atol=1e-5, msg=name)
+
+    # varlen over the same rows (tokens, heads, D) and decode against an expanded cache
+    cu = torch.tensor([0, 30, s], dtype=torch.int32, device=device)
+    tq, tk, tv = (x[0].transpose(0, 1) for x in (q, k, v))
+    with fastattn.use_backend(backend):
+        packed = fastattn.varlen_attention(tq, tk, tv, cu, cu, 40, 40, causal=True)
+    for lo, hi in ((0, 30), (30, s)):
+        want = F.scaled_dot_product_attention(q[:, :, lo:hi].double(), k[:, :, lo:hi].double(),
+                                              v[:, :, lo:hi].double(), is_causal=True)
+        torch.testing.assert_close(packed[lo:hi].transpose(0, 1).double(), want[0],
+                                   rtol=1e-4, atol=1e-5)
+    lens = torch.tensor([s], dtype=torch.int32, device=device)
+    with fastattn.use_backend(backend):
+        dec = fastattn.decode_attention(q[:, :, -1:], k, v, lens)
+    want = F.scaled_dot_product_attention(q[:, :, -1:].double(), k.double(), v.double())
+    torch.testing.assert_close(dec.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", FAST_BACKENDS)
+def test_a_window_past_every_key_is_unbounded(device, backend):
+    q, k, v = (x.to(device) for x in _qkv(1, 2, 2, 9, 13, 16, torch.float32, "cpu"))
+    with fastattn.use_backend(backend):
+        want = fastattn.flash_attention(q, k, v, causal=True)
+        for w in (13 + 9, 2 ** 40, 2 ** 63 - 3):
+            got = fastattn.flash_attention(q, k, v, causal=True, window=(w, w))
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=str(w))
+        full = fastattn.flash_attention(q, k, v)
+        torch.testing.assert_close(fastattn.flash_attention(q, k, v, window=(-1, 2 ** 63 - 3)),
+                                   full, rtol=0, atol=0)
+
+
+def test_window_and_varlen_messages_name_what_was_passed():
+    q, k, v = _qkv(1, 2, 2, 4, 4, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="pair of ints"):
+        fastattn.flash_attention(q, k, v, window=(1.5, 2))
+    cu_q = torch.tensor([0, 12], dtype=torch.int32)
+    cu_k = torch.tensor([0, 11], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"v must have the shape of k \(12, 2, 8\), got \(11, 2, 8\)"):
+        fastattn.varlen_attention(torch.randn(12, 2, 8), torch.randn(12, 2, 8),
+                                  torch.randn(11, 2, 8), cu_q, cu_q, 12, 12)
+    with pytest.raises(ValueError, match=r"head_dim must be at least 1, got shape \(11, 2, 0\)"):
+        fastattn.varlen_attention(*(torch.randn(11, 2, 0) for _ in range(3)), cu_k, cu_k, 11, 11)

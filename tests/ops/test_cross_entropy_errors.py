@@ -71,3 +71,41 @@ def test_direct_kernel_calls_validate_inputs():
         C.cross_entropy_fwd(X, T.int(), None, None, None, -100, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="grad"):
         C.cross_entropy_fwd(X, T, None, torch.empty(4, 9), None, -100, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_strided_and_expanded_targets_and_inputs_work_like_torch(backend):
+    """Valid torch tensors of any layout: a strided or expand()ed target, an expand()ed input
+    with inplace_backward (its rows share memory: the gradient cannot reuse it), and inputs
+    with no hidden features."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, generator=g)
+    strided = torch.randint(0, 5, (8,), generator=g)[::2]
+    expanded = torch.tensor([3]).expand(4)
+    w = torch.randn(6, 3, generator=g)
+    h = torch.randn(4, 3, generator=g)
+    with fastattn.use_backend(backend):
+        for t in (strided, expanded):
+            torch.testing.assert_close(fastattn.cross_entropy(x, t), F.cross_entropy(x, t))
+            torch.testing.assert_close(fastattn.token_logprobs(x, t),
+                                       F.log_softmax(x, -1).gather(-1, t[:, None])[:, 0])
+            torch.testing.assert_close(fastattn.linear_cross_entropy(h, w, t),
+                                       F.cross_entropy(h @ w.t(), t))
+            torch.testing.assert_close(
+                fastattn.linear_token_logprobs(h, w, t),
+                F.log_softmax(h @ w.t(), -1).gather(-1, t[:, None])[:, 0])
+        row = torch.randn(1, 5, generator=g)
+        for inplace in (False, True):
+            leaf = row.clone().requires_grad_()
+            loss = fastattn.cross_entropy(leaf.expand(4, 5), strided, inplace_backward=inplace)
+            loss.backward()
+            ref_leaf = row.clone().requires_grad_()
+            F.cross_entropy(ref_leaf.expand(4, 5), strided).backward()
+            torch.testing.assert_close(loss, F.cross_entropy(row.expand(4, 5), strided))
+            torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+        # no hidden features: logits are the bias alone
+        h0, w0, b0 = torch.randn(4, 0), torch.randn(6, 0), torch.randn(6, generator=g)
+        t = torch.tensor([0, 5, 2, 1])
+        torch.testing.assert_close(fastattn.linear_cross_entropy(h0, w0, t, bias=b0),
+                                   F.cross_entropy(F.linear(h0, w0, b0), t))

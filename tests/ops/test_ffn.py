@@ -19,9 +19,9 @@ def _tensors(shape_x, d, hidden, d_out, dtype, device, bias, seed=0, transposed_
     x = make(*shape_x[:-1], d)
     if transposed_x:  # a non-contiguous view with the same values
         x = x.transpose(0, -2).contiguous().transpose(0, -2)
-    w1 = make(hidden, d, scale=d ** -0.5)
+    w1 = make(hidden, d, scale=max(d, 1) ** -0.5)
     w2 = make(d_out, hidden, scale=hidden ** -0.5)
-    w3 = make(hidden, d, scale=d ** -0.5)
+    w3 = make(hidden, d, scale=max(d, 1) ** -0.5)
     b1 = make(hidden) if bias else None
     b2 = make(d_out) if bias else None
     b3 = make(hidden) if bias else None
@@ -152,6 +152,13 @@ def test_bad_inputs_give_clear_errors():
         fastattn.swiglu(x, w1, w1[:5], w2)
     with pytest.raises(TypeError, match="floating-point"):
         fastattn.mlp(x.long(), w1, b1, w2, b2)
+    # checked before anything reads their shapes
+    with pytest.raises(TypeError, match="w1 must be a tensor, got NoneType"):
+        fastattn.mlp(x, None, b1, w2, b2)
+    with pytest.raises(TypeError, match="w_gate must be a tensor, got NoneType"):
+        fastattn.swiglu(x, None, w3, w2)
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        fastattn.mlp(torch.tensor(1.0), w1, b1, w2, b2)
 
 
 @GPU
@@ -176,3 +183,18 @@ def test_zero_tokens(device, backend):
     with fastattn.use_backend(backend):
         assert fastattn.mlp(x, w1, b1, w2, b2).shape == (0, 8)
         assert fastattn.swiglu(x, w1, w3, w2).shape == (0, 8)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_zero_features(device, backend):
+    """D = 0 (x has no features): the hidden layer is its bias alone, as in torch."""
+    x, w1, b1, w2, b2, w3, b3 = _tensors((3, 0), 0, 16, 8, torch.float32, device, True)
+    with fastattn.use_backend(backend):
+        out = _grads(lambda *t: fastattn.mlp(*t), (x, w1, b1, w2, b2), torch.ones(3, 8, device=device))
+        glu = _grads(lambda *t: fastattn.swiglu(*t[:4], b_gate=t[4], b_up=t[5]),
+                     (x, w1, w3, w2, b1, b3), torch.ones(3, 8, device=device))
+    want = _grads(lambda *t: ref.mlp(*t), (x, w1, b1, w2, b2), torch.ones(3, 8, device=device))
+    want_glu = _grads(lambda *t: ref.swiglu(*t[:4], b_gate=t[4], b_up=t[5]),
+                      (x, w1, w3, w2, b1, b3), torch.ones(3, 8, device=device))
+    for o, e in zip(out + glu, want + want_glu):
+        torch.testing.assert_close(o, e, rtol=2e-5, atol=2e-5)

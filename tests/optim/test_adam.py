@@ -258,3 +258,113 @@ def test_params_with_different_histories_never_share_a_step_count():
     assert ours.state[a]["step"].item() == 1 and ours.state[b]["step"].item() == 2
     torch.testing.assert_close(a, ra, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(b, rb, rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_leaves_the_grads_unscaled_like_torch():
+    """After scaler.step the grads are unscaled, as torch.optim leaves them (its unscale_, or the
+    fused kernels' write-back); a skipped step leaves them non-finite, as torch does."""
+    ours_p = _params("cpu", sizes=[(5,), (3, 4)])
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    runs = [(fastattn.optim.AdamW(ours_p, lr=1e-2), ours_p),
+            (torch.optim.AdamW(ref_p, lr=1e-2, foreach=False), ref_p)]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in runs]
+    for step in range(3):
+        for (opt, ps), scaler in zip(runs, scalers):
+            opt.zero_grad()
+            loss = sum((p * p).sum() for p in ps) * (float("inf") if step == 1 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        for a, b in zip(ours_p, ref_p):
+            assert torch.isfinite(a.grad).all() == (step != 1)
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0, equal_nan=True)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "strided_slice"])
+def test_non_contiguous_parameters_step_like_torch(layout):
+    g = torch.Generator().manual_seed(5)
+    if layout == "channels_last":
+        base = torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        base = torch.randn(6, 7, generator=g).t()
+    else:
+        base = torch.randn(6, 8, generator=g)[:, ::2]  # a view into a larger tensor
+    ours_p = [base.requires_grad_()]
+    ref_p = [ours_p[0].detach().clone().requires_grad_()]
+    assert not ours_p[0].is_contiguous()
+    ours = fastattn.optim.AdamW(ours_p, lr=1e-2, amsgrad=True)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, amsgrad=True, foreach=False)
+    strides = ours_p[0].stride()
+    _run(ours, ours_p, steps=4)
+    _run(ref, ref_p, steps=4)
+    assert ours_p[0].stride() == strides  # stepped in place: the caller's tensor, its layout
+    torch.testing.assert_close(ours_p[0], ref_p[0], rtol=1e-6, atol=1e-7)
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        torch.testing.assert_close(ours.state[ours_p[0]][key], ref.state[ref_p[0]][key],
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoints_of_older_torch_releases_load():
+    """torch < 1.12 saved `step` as a number, < 1.11 groups without `maximize`: torch.optim
+    loads such checkpoints, so this optimizer must too."""
+    first = _params("cpu")
+    opt = torch.optim.Adam(first, lr=1e-2, foreach=False)
+    _run(opt, first, steps=3)
+    sd = copy.deepcopy(opt.state_dict())
+    for st in sd["state"].values():
+        st["step"] = int(st["step"].item())
+    for group in sd["param_groups"]:
+        for key in ("maximize", "foreach", "capturable", "differentiable", "fused",
+                    "decoupled_weight_decay"):
+            group.pop(key, None)
+    ours_p = [p.detach().clone().requires_grad_() for p in first]
+    ref_p = [p.detach().clone().requires_grad_() for p in first]
+    ours = fastattn.optim.Adam(ours_p, lr=1e-2)
+    ours.load_state_dict(copy.deepcopy(sd))
+    ref = torch.optim.Adam(ref_p, lr=1e-2, foreach=False)
+    ref.load_state_dict(copy.deepcopy(sd))
+    _run(ours, ours_p, steps=2, start=3)
+    _run(ref, ref_p, steps=2, start=3)
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert ours.state[ours_p[0]]["step"].item() == 5
+
+
+def test_a_master_copy_that_no_longer_matches_its_parameter_is_reseeded():
+    """A bf16 checkpoint that went through torch.optim (no master weights: it steps the bf16
+    parameter and carries `master_param` along untouched) must not pull the parameter back to
+    the stale master; a master that still rounds to its parameter is kept at full precision."""
+    params = _params("cpu", dtype=torch.bfloat16, sizes=[(64,)])
+    ours = fastattn.optim.AdamW(params, lr=1e-2, master_weights=True)
+    _run(ours, params, steps=3)
+    sd = copy.deepcopy(ours.state_dict())
+    master = sd["state"][0]["master_param"].clone()
+    assert not torch.equal(master, params[0].detach().float())  # it holds more than bf16
+
+    # the same checkpoint, the same parameter: the master is kept (resume is exact)
+    twin = [params[0].detach().clone().requires_grad_()]
+    resumed = fastattn.optim.AdamW(twin, lr=1e-2, master_weights=True)
+    resumed.load_state_dict(copy.deepcopy(sd))
+    _run(resumed, twin, steps=1, start=3)
+    _run(ours, params, steps=1, start=3)
+    assert torch.equal(twin[0], params[0])
+    assert torch.equal(resumed.state[twin[0]]["master_param"], ours.state[params[0]]["master_param"])
+
+    # through torch.optim: five bf16 steps, then back; loaded before the model's weights
+    moved = [params[0].detach().clone().requires_grad_()]
+    torch_opt = torch.optim.AdamW(moved, lr=1e-2, foreach=False)
+    torch_opt.load_state_dict(copy.deepcopy(ours.state_dict()))
+    _run(torch_opt, moved, steps=5, start=4)
+    fresh = [torch.zeros_like(moved[0]).requires_grad_()]
+    back = fastattn.optim.AdamW(fresh, lr=1e-8, master_weights=True)
+    back.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    for group in back.param_groups:
+        group["lr"] = 1e-8
+    with torch.no_grad():
+        fresh[0].copy_(moved[0])  # the model's weights loaded after the optimizer's state
+    fresh[0].grad = torch.zeros_like(fresh[0])
+    back.step()
+    torch.testing.assert_close(fresh[0], moved[0], rtol=0, atol=0)
+    assert torch.equal(back.state[fresh[0]]["master_param"].to(torch.bfloat16), moved[0].detach())

@@ -24,6 +24,7 @@ and ``fastattn::decode_attention`` (inference, no autograd).
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -259,23 +260,26 @@ def _check_float(fn: str, **tensors: Tensor) -> None:
                              f"({first.device}), got {t.device}")
 
 
-def _check_qkv4(fn: str, q: Tensor, k: Tensor, v: Tensor, gqa: bool) -> None:
+def _check_qkv4(fn: str, q: Tensor, k: Tensor, v: Tensor, gqa: bool,
+                shown: Optional[tuple] = None) -> None:
+    """q, k, v in the (B, H, S, D) layout. ``shown``: the caller's tensors, when q, k, v are
+    views of them in that layout (varlen's (tokens, H, D)), so that messages give their shapes."""
     _check_float(fn, q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{fn}: {name} must be 4-D (batch, heads, seq, head_dim), got shape "
                              f"{tuple(t.shape)}")
+    sq, sk, sv = (tuple(t.shape) for t in (shown or (q, k, v)))
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"{fn}: q, k, v must have one batch size, got shapes {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(f"{fn}: q, k, v must have one batch size, got shapes {sq}, {sk}, {sv}")
     if k.shape != v.shape:
-        raise ValueError(f"{fn}: v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}"
+        raise ValueError(f"{fn}: v must have the shape of k {sk}, got {sv}"
                          + (" (a value head_dim different from the query's is not supported)"
                             if k.shape[:3] == v.shape[:3] else ""))
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"{fn}: k must have q's head_dim {q.shape[3]}, got {k.shape[3]}")
     if q.shape[3] == 0:
-        raise ValueError(f"{fn}: head_dim must be at least 1, got shape {tuple(q.shape)}")
+        raise ValueError(f"{fn}: head_dim must be at least 1, got shape {sq}")
     hq, hkv = q.shape[1], k.shape[1]
     if (hkv == 0 and hq != 0) or (hkv and hq % hkv):
         raise ValueError(f"{fn}: the heads of q ({hq}) must be a multiple of the heads of k and "
@@ -420,13 +424,17 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     scale = _check_scale(fn, scale, q.shape[-1])
     dropout_p = _check_dropout(fn, dropout_p)
     try:
-        left, right = (int(w) for w in window)
+        left, right = (operator.index(w) for w in window)
     except (TypeError, ValueError):
         raise ValueError(f"{fn}: window must be a pair of ints (left, right), got {window!r}") from None
     if left < -1 or right < -1:
         raise ValueError(f"{fn}: window sizes must be >= 0, or -1 for unbounded, got {window!r}")
     if causal:
         right = 0
+    # a window reaching past every key is unbounded (and must not overflow the kernels' index
+    # arithmetic: i + (Sk - Sq) + right is computed in int64)
+    reach = q.shape[2] + k.shape[2]
+    left, right = (-1 if w >= reach else w for w in (left, right))
     softcap = float(softcap)
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         raise ValueError(f"{fn}: softcap must be >= 0 (0 disables it), got {softcap}")
@@ -455,7 +463,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             raise ValueError(f"{fn}: {name} must be 3-D (total_tokens, heads, head_dim), got shape "
                              f"{tuple(t.shape)}")
     _check_qkv4(fn, q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
-                v.unsqueeze(0).transpose(1, 2), gqa=True)
+                v.unsqueeze(0).transpose(1, 2), gqa=True, shown=(q, k, v))
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
                             ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
         if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:

@@ -300,9 +300,12 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         raise NotImplementedError(f"{fn}: gradients with respect to weight are not supported; "
                                   "pass weight.detach()")
     logits = _rows_view(input)
-    rows_target = target.reshape(-1)
+    rows_target = target.reshape(-1).contiguous()
     need_grad = torch.is_grad_enabled() and input.requires_grad
-    if need_grad and inplace_backward:
+    # rows that share memory (an expand()ed input) cannot each receive their own gradient:
+    # those take the out-of-place path (inplace_backward permits reuse; it does not demand it)
+    disjoint_rows = logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1]
+    if need_grad and inplace_backward and disjoint_rows:
         loss = _CrossEntropyInplace.apply(logits, rows_target, weight, ignore_index,
                                           float(label_smoothing), float(z_loss), reduction)
     else:
@@ -512,13 +515,13 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
     _check_same_device(fn, input=x, weight=weight, target=target, bias=bias)
     if weight.shape[0] == 0:
         raise ValueError(f"{fn}: weight has 0 rows (vocab size 0)")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     n_tokens = x2.shape[0]
     if chunk_size is None:
         chunk_size = default_chunk_size(n_tokens, weight.shape[1], weight.shape[0])
     elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    return x2, target.reshape(-1), max(1, min(chunk_size, max(n_tokens, 1)))
+    return x2, target.reshape(-1).contiguous(), max(1, min(chunk_size, max(n_tokens, 1)))
 
 
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
@@ -652,7 +655,7 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     if rows.stride(-1) != 1 and rows.shape[-1] != 1:
         rows = rows.contiguous()
     logp, entropy, _ = torch.ops.fastattn.token_logprobs_fwd(
-        rows, target.reshape(-1), ignore_index, inv_t, return_entropy)
+        rows, target.reshape(-1).contiguous(), ignore_index, inv_t, return_entropy)
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp
 

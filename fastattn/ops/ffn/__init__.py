@@ -213,6 +213,7 @@ swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 # ---------------------------------------------------------------------------------------------
 
 def _check(fn: str, x: Tensor, activation: str, weights: dict, biases: dict) -> None:
+    """weights: name -> (w, "x" or the name of the weight whose outputs w takes as inputs)."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{fn}: x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
@@ -221,9 +222,10 @@ def _check(fn: str, x: Tensor, activation: str, weights: dict, biases: dict) -> 
     if activation not in ACTIVATIONS:
         raise ValueError(f"{fn}: unknown activation {activation!r}; expected one of "
                          f"{', '.join(ACTIVATIONS)}")
-    for name, (w, in_features) in weights.items():
+    for name, (w, source) in weights.items():
         if not isinstance(w, Tensor):
             raise TypeError(f"{fn}: {name} must be a tensor, got {type(w).__name__}")
+        in_features = x.shape[-1] if source == "x" else weights[source][0].shape[0]
         if w.dim() != 2 or w.shape[1] != in_features:
             raise ValueError(f"{fn}: {name} must be (out_features, {in_features}) (nn.Linear "
                              f"layout), got shape {tuple(w.shape)}")
@@ -248,10 +250,10 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Te
     """
     if isinstance(x, Tensor):
         x, w1, b1, w2, b2 = _autocast.cast(x.device.type, x, w1, b1, w2, b2)
-    _check("mlp", x, activation, {"w1": (w1, x.shape[-1]), "w2": (w2, w1.shape[0])},
+    _check("mlp", x, activation, {"w1": (w1, "x"), "w2": (w2, "w1")},
            {"b1": (b1, w1), "b2": (b2, w2)})
     lead = x.shape[:-1]
-    out, _ = mlp_fwd(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, activation)
+    out, _ = mlp_fwd(x.reshape(lead.numel(), x.shape[-1]), w1, b1, w2, b2, activation)
     return out.view(*lead, w2.shape[0])
 
 
@@ -267,13 +269,12 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, *, activatio
         x, w_gate, w_up, w_down, b_gate, b_up, b_down = _autocast.cast(
             x.device.type, x, w_gate, w_up, w_down, b_gate, b_up, b_down)
     _check("swiglu", x, activation,
-           {"w_gate": (w_gate, x.shape[-1]), "w_up": (w_up, x.shape[-1]),
-            "w_down": (w_down, w_gate.shape[0])},
+           {"w_gate": (w_gate, "x"), "w_up": (w_up, "x"), "w_down": (w_down, "w_gate")},
            {"b_gate": (b_gate, w_gate), "b_up": (b_up, w_up), "b_down": (b_down, w_down)})
     if w_up.shape != w_gate.shape:
         raise ValueError(f"swiglu: w_up must have w_gate's shape {tuple(w_gate.shape)}, got "
                          f"{tuple(w_up.shape)}")
     lead = x.shape[:-1]
-    out, _, _ = swiglu_fwd(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down, b_gate, b_up, b_down,
+    out, _, _ = swiglu_fwd(x.reshape(lead.numel(), x.shape[-1]), w_gate, w_up, w_down, b_gate, b_up, b_down,
                            activation)
     return out.view(*lead, w_down.shape[0])
