@@ -147,7 +147,7 @@ def main() -> int:
         print("\n== 6. PPO from the SFT policy against the reward model ==", flush=True)
         _train("ppo", "--init", str(OUT / "sft"), "--reward-model", str(OUT / "rm"),
                "--out", str(OUT / "ppo"), "--max-steps", str(ppo_steps), "--lr", "3e-5",
-               "--warmup-steps", "60", *task)
+               "--warmup-steps", "60", "--batch-size", "8" if FAST else "64", *task)
         stages["PPO"] = (_summary(OUT / "ppo"), None)
 
     sft_acc = stages["SFT"][0]["eval_accuracy"]
