@@ -617,9 +617,9 @@ class GPT(nn.Module):
                                   or top_k < 1):
             raise ValueError(f"GPT.generate: top_k must be None or an int >= 1, got {top_k!r}")
         if max_new_tokens == 0:
-            return idx
+            return idx.clone()  # a new tensor, as for every other length
 
-        was_training = self.training
+        modes = {m: m.training for m in self.modules()}  # each module's own, restored after
         self.eval()  # no dropout while sampling
         try:
             cfg = self.config
@@ -633,7 +633,8 @@ class GPT(nn.Module):
                     logits = self.lm_head(self._hidden(nxt, T + step, caches)[:, -1])  # decode
             return torch.cat(out, dim=1)
         finally:
-            self.train(was_training)
+            for m, mode in modes.items():
+                m.training = mode
 
     @staticmethod
     def _sample(logits: Tensor, temperature: float, top_k: Optional[int],

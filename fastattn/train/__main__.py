@@ -16,7 +16,8 @@ import sys
 from typing import Optional, Sequence
 
 from .align import add_align_args, dpo, grpo, ppo, rm, sft
-from .pretrain import CheckpointError, add_bench_args, add_pretrain_args, bench, pretrain
+from .pretrain import (CheckpointError, TrainingInterrupted, add_bench_args, add_pretrain_args,
+                       bench, pretrain)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -62,7 +63,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     del args.run
     try:
         run(args)
-    except (CheckpointError, ValueError) as e:
+    except TrainingInterrupted as e:
+        print(f"fastattn-train {args.command}: {e}", file=sys.stderr)
+        return 130
+    except FloatingPointError as e:
+        print(f"fastattn-train {args.command}: error: {e} (training diverged: a lower --lr, "
+              f"a longer --warmup-steps or --clip; --resume restarts from the last checkpoint)",
+              file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError, OSError) as e:
         print(f"fastattn-train {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -427,6 +428,19 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint to resume from at {path}")
+    # torch.load does not check the zip members' CRCs: flipped bytes inside a tensor would load
+    # as silently different weights. Reading the file once more costs little next to a resume.
+    bad = None
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        bad = f"{type(e).__name__}: {e}"
+    if bad is not None:
+        raise CheckpointError(f"cannot read checkpoint {path}: {bad} fails its checksum (the file "
+                              f"is corrupt). Resume from another checkpoint or start without "
+                              f"--resume.")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:      # noqa: BLE001 - zip/pickle errors of every kind
@@ -439,6 +453,66 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a fastattn pretraining checkpoint (format "
                               f"{CKPT_FORMAT}); missing: {', '.join(missing) or 'format tag'}")
     return ckpt
+
+
+# Options that decide which batches come at which step: a resumed run must keep them, or it
+# would not continue the checkpoint's run. Those of the update rule may change (lowering --lr
+# after a spike is common practice); a warning says the run no longer repeats the original.
+_RESUME_KEEPS = ("seed", "seq_len", "batch_size", "grad_accum")
+_RESUME_WARNS = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "clip")
+
+
+def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str]) -> list:
+    """CheckpointError when this run's corpus or batch options differ from the checkpoint's;
+    returns warnings for changed update-rule options."""
+    theirs = ckpt.get("args", {})
+    diffs = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {theirs[k]!r})"
+             for k in _RESUME_KEEPS if k in theirs and theirs[k] != getattr(args, k)]
+    if ckpt.get("data_key") not in (None, data_key):
+        diffs.insert(0, f"--data {args.data!r} is not the corpus the checkpoint trained on "
+                        f"(checkpoint: {theirs.get('data')!r})")
+    if diffs:
+        raise CheckpointError(f"--resume {path}: this run differs from the checkpoint's in "
+                              + "; ".join(diffs) + ". Resume with the checkpoint's options, or "
+                              "start a new run in another --out.")
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {theirs[k]!r})"
+               for k in _RESUME_WARNS if k in theirs and theirs[k] != getattr(args, k)]
+    if not changed:
+        return []
+    return [f"resuming with " + ", ".join(changed) + ": the learning-rate schedule and updates "
+            f"from step {ckpt['step']} on differ from the original run's"]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped the run at a step boundary, after a checkpoint was written."""
+
+
+class _StopOnSignals:
+    """Turns SIGINT and SIGTERM into a flag the loop checks between steps (one process only: the
+    ranks of a distributed run could stop at different steps and deadlock in the checkpoint's
+    collectives). A second signal acts at once, as it would without this."""
+
+    def __init__(self, enabled: bool):
+        import signal
+        import threading
+        self.signum: Optional[int] = None
+        self._signal = signal
+        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._old: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+        self._signal.signal(signum, self._old.get(signum, self._signal.SIG_DFL))
+
+    def __enter__(self) -> "_StopOnSignals":
+        if self._enabled:
+            for sig in (self._signal.SIGINT, self._signal.SIGTERM):
+                self._old[sig] = self._signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            self._signal.signal(sig, old)
 
 
 def check_compatible(ckpt: dict, path: Path, config: dict, preset: str) -> None:
@@ -558,6 +632,15 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     for name in ("max_steps", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+    for name in ("eval_every", "eval_iters", "checkpoint_every", "warmup_steps", "sample_tokens",
+                 "clip", "weight_decay", "min_lr"):
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} (global) must be a multiple of the "
                          f"world size {dist_info.world_size}")
@@ -577,6 +660,17 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         ckpt_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
         ckpt = load_checkpoint(ckpt_path)
         check_compatible(ckpt, ckpt_path, cfg_dict, args.preset)
+        for warning in check_resume_args(ckpt, ckpt_path, args, corpus.meta.get("key")):
+            if main:
+                print(f"warning: {warning}", file=sys.stderr)
+        if int(ckpt["step"]) >= args.max_steps:
+            raise CheckpointError(f"--resume {ckpt_path}: the checkpoint is at step "
+                                  f"{int(ckpt['step'])}, already at --max-steps "
+                                  f"{args.max_steps}: nothing to train (its summary.json is "
+                                  f"kept); raise --max-steps to train further")
+    # the validation split must hold one sequence: found now, not after the training
+    if args.eval_iters > 0:
+        corpus.get_batch("val", 1, T, step=0, seed=args.seed)
 
     _seed_all(args.seed)            # same initial weights on every rank and every backend
     raw = GPT(cfg, backend=args.backend).to(device)
@@ -617,8 +711,15 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         log_path = out / "log.jsonl"
         kept = []
         if ckpt is not None and log_path.exists():   # drop lines past the checkpoint
-            kept = [ln for ln in log_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start]
+            for ln in log_path.read_text().splitlines():
+                try:
+                    record = json.loads(ln) if ln.strip() else None
+                except json.JSONDecodeError:      # a line cut short by a kill or a full disk
+                    print(f"warning: {log_path}: dropping an unreadable line {ln[:60]!r}",
+                          file=sys.stderr)
+                    continue
+                if record is not None and record.get("step", 0) <= start:
+                    kept.append(ln)
         log_f = open(log_path, "w")
         log_f.writelines(ln + "\n" for ln in kept)
         log_f.flush()
@@ -652,6 +753,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
             save_checkpoint(out / CKPT_NAME, {
                 "format": CKPT_FORMAT, "step": step, "model": model_sd, "optimizer": optim_sd,
                 "rng": states, "config": cfg_dict, "preset": args.preset,
+                "data_key": corpus.meta.get("key"),
                 "backend": args.backend, "args": _json_args(args),
                 "history": {"train": [list(x) for x in history["train"]],
                             "eval": [list(x) for x in history["eval"]]},
@@ -671,53 +773,68 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     last_eval: Optional[float] = None
     last_eval_step = -1
     run_t0 = time.perf_counter()
-    for it in range(start, end):
-        lr = lr_at(it, args.lr, min_lr, args.warmup_steps, args.max_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        _sync(device)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            x, y = corpus.get_batch("train", B, T, step=it * args.grad_accum + micro,
-                                    seed=args.seed, rank=dist_info.rank,
-                                    world_size=dist_info.world_size)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            no_sync = (dist_info.kind == "ddp" and micro < args.grad_accum - 1)
-            with (model.no_sync() if no_sync else contextlib.nullcontext()):
-                with _autocast(device):
-                    loss = fwd(x, y)
-                (loss / args.grad_accum).backward()
-            loss_sum += loss.detach().float()
-        if args.clip > 0:
-            clip_grad_norm_(raw.parameters(), args.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_value = float(_all_reduce_mean(loss_sum / args.grad_accum, dist_info))
-        _sync(device)
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        step = it + 1
-        tps = tokens_per_step / dt
-        mfu = (flops_per_token * tps / (peak_flops * dist_info.world_size)
-               if peak_flops else None)
-        history["train"].append((step, loss_value))
-        log({"kind": "train", "step": step, "loss": loss_value, "lr": lr, "step_time_s": dt,
-             "tokens_per_s": tps, "mfu": mfu})
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {step}")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"loss {loss_value:.4f} | {tps:,.0f} tok/s | mfu "
-                                + ("-" if mfu is None else f"{100 * mfu:.1f}%"))
-        if args.eval_iters > 0 and args.eval_every > 0 and step % args.eval_every == 0:
-            last_eval, last_eval_step = evaluate(), step
-            history["eval"].append((step, last_eval))
-            log({"kind": "eval", "step": step, "val_loss": last_eval})
+    stop = _StopOnSignals(enabled=dist_info.kind == "none")
+    interrupted = None
+    with stop:
+        for it in range(start, end):
+            lr = lr_at(it, args.lr, min_lr, args.warmup_steps, args.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            _sync(device)
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(args.grad_accum):
+                x, y = corpus.get_batch("train", B, T, step=it * args.grad_accum + micro,
+                                        seed=args.seed, rank=dist_info.rank,
+                                        world_size=dist_info.world_size)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                no_sync = (dist_info.kind == "ddp" and micro < args.grad_accum - 1)
+                with (model.no_sync() if no_sync else contextlib.nullcontext()):
+                    with _autocast(device):
+                        loss = fwd(x, y)
+                    (loss / args.grad_accum).backward()
+                loss_sum += loss.detach().float()
+            if args.clip > 0:
+                clip_grad_norm_(raw.parameters(), args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_value = float(_all_reduce_mean(loss_sum / args.grad_accum, dist_info))
+            _sync(device)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            step = it + 1
+            tps = tokens_per_step / dt
+            mfu = (flops_per_token * tps / (peak_flops * dist_info.world_size)
+                   if peak_flops else None)
+            history["train"].append((step, loss_value))
+            log({"kind": "train", "step": step, "loss": loss_value, "lr": lr, "step_time_s": dt,
+                 "tokens_per_s": tps, "mfu": mfu})
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {step}")
             if bar is not None:
-                bar.write(f"step {step}: val loss {last_eval:.4f}")
-        if args.checkpoint_every > 0 and step % args.checkpoint_every == 0 and step < end:
-            checkpoint(step)
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss_value:.4f} | {tps:,.0f} tok/s | mfu "
+                                    + ("-" if mfu is None else f"{100 * mfu:.1f}%"))
+            if args.eval_iters > 0 and args.eval_every > 0 and step % args.eval_every == 0:
+                last_eval, last_eval_step = evaluate(), step
+                history["eval"].append((step, last_eval))
+                log({"kind": "eval", "step": step, "val_loss": last_eval})
+                if bar is not None:
+                    bar.write(f"step {step}: val loss {last_eval:.4f}")
+            if args.checkpoint_every > 0 and step % args.checkpoint_every == 0 and step < end:
+                checkpoint(step)
+            if stop.signum is not None and step < end:
+                interrupted = step
+                break
+    if interrupted is not None:
+        checkpoint(interrupted)
+        if bar is not None:
+            bar.close()
+        if log_f is not None:
+            log_f.close()
+        name = {2: "SIGINT", 15: "SIGTERM"}.get(stop.signum, f"signal {stop.signum}")
+        raise TrainingInterrupted(f"{name}: stopped after step {interrupted}; checkpoint "
+                                  f"{out / CKPT_NAME} written; --resume continues the run")
     train_s = time.perf_counter() - run_t0
     final_step = max(start, end)
     if args.eval_iters > 0 and last_eval_step != final_step and end > start:

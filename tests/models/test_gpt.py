@@ -224,7 +224,13 @@ def test_generate_seeded_reproducible(backend):
     top1 = model.generate(prompt, 6, temperature=1.0, top_k=1,
                           generator=torch.Generator().manual_seed(3))
     assert torch.equal(top1, model.generate(prompt, 6, temperature=0))
-    assert torch.equal(model.generate(prompt, 0), prompt)
+    none = model.generate(prompt, 0)
+    assert torch.equal(none, prompt) and none.data_ptr() != prompt.data_ptr()  # a new tensor
+    # each module's own mode comes back, not the top-level one everywhere
+    model.blocks[0].eval()
+    model.generate(prompt, 2)
+    assert model.training and not model.blocks[0].training
+    assert all(m.training for m in model.blocks[1].modules())
 
 
 def test_sampling_follows_the_softmax():

@@ -225,3 +225,106 @@ def test_two_ranks_match_one_process(tmp_path, cache, dist):
     _pretrain(out, cache, "--max-steps", "5", "--eval-iters", "1", "--grad-accum", "2",
               "--resume")
     assert list(_losses(out)) == [1, 2, 3, 4, 5]
+
+
+def test_flipped_bytes_in_a_checkpoint_are_caught(tmp_path, cache):
+    """torch.load does not check the zip CRCs: flipped bytes inside a tensor would load as other
+    weights. load_checkpoint checks them."""
+    out = tmp_path / "run"
+    _pretrain(out, cache, "--max-steps", "2", "--eval-iters", "0")
+    ckpt = out / "ckpt.pt"
+    data = bytearray(ckpt.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        _pretrain(out, cache, "--max-steps", "3", "--eval-iters", "0", "--resume")
+
+
+def test_resume_refuses_other_batches_and_warns_on_other_updates(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    common = ["--max-steps", "4", "--eval-iters", "0"]
+    _pretrain(out, cache, *common, "--stop-after", "2")
+    for flag, value in (("--seed", "1"), ("--batch-size", "8"), ("--grad-accum", "2")):
+        with pytest.raises(CheckpointError, match=f"differs from the checkpoint's in {flag} "):
+            _pretrain(out, cache, *common, "--resume", flag, value)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2  # nothing was written
+    capsys.readouterr()
+    _pretrain(out, cache, *common, "--resume", "--lr", "1e-3")
+    assert "--lr 0.001 (checkpoint: 0.003)" in capsys.readouterr().err
+    # a finished run: nothing to train, and its summary is kept as it was
+    before = (out / "summary.json").read_text()
+    with pytest.raises(CheckpointError, match="nothing to train"):
+        _pretrain(out, cache, *common, "--resume")
+    assert (out / "summary.json").read_text() == before
+
+
+def test_resume_after_a_log_line_cut_short(tmp_path, cache):
+    out = tmp_path / "run"
+    common = ["--max-steps", "4", "--eval-iters", "0"]
+    _pretrain(out, cache, *common, "--stop-after", "2")
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')          # killed mid-write
+    _pretrain(out, cache, *common, "--resume")
+    assert list(_losses(out)) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--min-lr", "-0.01"), ("--eval-every", "-5"), ("--eval-iters", "-1"),
+    ("--checkpoint-every", "-1"), ("--clip", "-1"), ("--warmup-steps", "-1"),
+    ("--weight-decay", "-5"), ("--stop-after", "0"), ("--sample-tokens", "-5"), ("--lr", "inf"),
+    ("--lr", "0")])
+def test_out_of_range_options_are_refused(tmp_path, cache, flag, value):
+    with pytest.raises(ValueError, match=f"^{flag} must be"):
+        _pretrain(tmp_path, cache, "--max-steps", "1", flag, value)
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_a_validation_split_shorter_than_a_sequence_is_found_before_training(tmp_path, cache):
+    text = tmp_path / "short.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 40)
+    with pytest.raises(ValueError, match="val"):
+        _pretrain(tmp_path / "run", cache, "--max-steps", "2", "--data", str(text),
+                  "--vocab-size", "300", "--seq-len", "32")
+    assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path, cache, capsys):
+    args = ["pretrain", *SMALL, "--cache-dir", cache, "--max-steps", "1"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--data", str(tmp_path / "missing")]) == 2
+    assert "error:" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main([*args, "--out", str(tmp_path / "file")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--lr", "1e30", "--max-steps", "5"]) == 2
+    assert "diverged" in capsys.readouterr().err
+
+
+def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path, cache):
+    import signal
+    import time
+    common = ["--max-steps", "400", "--eval-iters", "0", "--set", "dropout=0.1"]
+    cmd = [sys.executable, "-m", "fastattn.train", "pretrain", *SMALL, *common,
+           "--cache-dir", cache]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([*cmd, "--out", str(out)], env=_env(), cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and (
+            not log.exists() or log.read_text().count('"train"') < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "--resume continues" in err
+    stopped_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 400 and max(_losses(out)) == stopped_at
+    # finish it to a nearby step count: --max-steps is part of the schedule, so use the same
+    subprocess.run([*cmd, "--out", str(out), "--resume", "--stop-after", str(stopped_at + 3)],
+                   check=True, env=_env(), cwd=tmp_path)
+    subprocess.run([*cmd, "--out", str(tmp_path / "full"), "--stop-after", str(stopped_at + 3)],
+                   check=True, env=_env(), cwd=tmp_path)
+    resumed, full = _losses(out), _losses(tmp_path / "full")
+    assert list(resumed) == list(range(1, stopped_at + 4))
+    assert resumed == full
