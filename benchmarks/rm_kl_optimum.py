@@ -44,7 +44,7 @@ def main() -> None:
     betas.append(math.inf)
 
     path = Path(args.policy)
-    ckpt = load_checkpoint(path / CKPT_NAME if path.is_dir() else path)
+    ckpt = load_checkpoint(path / CKPT_NAME if path.is_dir() else path, "--policy")
     defaults = argparse.Namespace(digits=None, n_train=None, n_pairs=None, n_eval=None,
                                   task_seed=None, cache_dir=None)
     task, (corpus, _) = align._task(defaults, ckpt), align._corpus(defaults, ckpt)

@@ -65,11 +65,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run(args)
     except TrainingInterrupted as e:
         print(f"fastattn-train {args.command}: {e}", file=sys.stderr)
-        return 130
+        return 128 + (e.signum or 2)      # the shell's convention: 130 SIGINT, 143 SIGTERM
     except FloatingPointError as e:
-        print(f"fastattn-train {args.command}: error: {e} (training diverged: a lower --lr, "
-              f"a longer --warmup-steps or --clip; --resume restarts from the last checkpoint)",
-              file=sys.stderr)
+        print(f"fastattn-train {args.command}: error: {e}: training diverged (try a lower --lr "
+              f"or a longer --warmup-steps)", file=sys.stderr)
         return 2
     except (CheckpointError, ValueError, OSError) as e:
         print(f"fastattn-train {args.command}: error: {e}", file=sys.stderr)

@@ -716,6 +716,28 @@ def _corpus(args, ckpt: dict):
     return corpus, info
 
 
+def _check_ranges(args: argparse.Namespace, stage: str) -> None:
+    """The numeric options each stage has, against their valid ranges (argparse checks types)."""
+    def finite(v):
+        return math.isfinite(v)
+    rules = [
+        ("n_train", lambda v: v >= 1, ">= 1"), ("n_pairs", lambda v: v >= 1, ">= 1"),
+        ("n_eval", lambda v: v >= 1, ">= 1"), ("eval_every", lambda v: v >= 0, ">= 0"),
+        ("ppo_epochs", lambda v: v >= 1, ">= 1"),
+        ("group_size", lambda v: v >= 2, ">= 2 (advantages are normalised within a group)"),
+        ("clip_eps", lambda v: finite(v) and v > 0, "a finite number > 0"),
+        ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"), ("lam", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("beta", (lambda v: finite(v) and v > 0) if stage == "dpo" else
+                 (lambda v: finite(v) and v >= 0), "> 0" if stage == "dpo" else ">= 0"),
+    ]
+    if stage in ("grpo", "ppo"):  # sampled rollouts: at 0 every sample of a prompt is the same
+        rules.append(("temperature", lambda v: finite(v) and v > 0, "a finite number > 0"))
+    for name, ok, what in rules:
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
 def run_stage(args: argparse.Namespace, stage: str) -> dict:
     from ..models.gpt import GPT, GPTConfig
     if stage not in STAGES:
@@ -728,10 +750,22 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     if stage == "ppo" and not (math.isfinite(args.format_penalty) and args.format_penalty >= 0):
         raise ValueError(f"--format-penalty must be a finite number >= 0, got "
                          f"{args.format_penalty}")
+    _check_ranges(args, stage)
     device = resolve_device(args.device)
     init = Path(args.init)
     ckpt_path = init / CKPT_NAME if init.is_dir() else init
-    ckpt = load_checkpoint(ckpt_path)
+    if (Path(args.out) / CKPT_NAME).resolve() == ckpt_path.resolve():
+        raise ValueError(f"--out {args.out} is the folder of --init {args.init}: the run would "
+                         f"overwrite the checkpoint it starts from; choose another --out")
+    ckpt = load_checkpoint(ckpt_path, "--init")
+    init_stage = ckpt.get("stage")
+    if init_stage == "rm":
+        raise CheckpointError(f"--init {args.init} is a reward model; {stage} starts from a "
+                              f"policy (pretrain for sft, sft or a later policy stage otherwise)")
+    if init_stage is None and stage != "sft":
+        raise CheckpointError(f"--init {args.init} is a pretraining checkpoint; {stage} starts "
+                              f"from a policy trained on the task: run `fastattn-train sft` "
+                              f"first and pass its --out")
     corpus, corpus_info = _corpus(args, ckpt)
     cfg = GPTConfig(**ckpt["config"])
     if cfg.vocab_size != corpus.vocab_size:
@@ -1190,7 +1224,7 @@ def _load_reward_model(path, cfg, backend: str, device):
     from ..models.gpt import GPT, GPTConfig
     path = Path(path)
     path = path / CKPT_NAME if path.is_dir() else path
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, "--reward-model")
     if HEAD_KEYS["rm"] not in ck:
         raise CheckpointError(f"{path} holds no {HEAD_KEYS['rm']!r} (stage "
                               f"{ck.get('stage')!r}); train one with `fastattn-train rm`")

@@ -423,11 +423,14 @@ def save_checkpoint(path: Path, payload: dict) -> None:
             os.close(dfd)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint written by ``save_checkpoint``; CheckpointError if it cannot be."""
+def load_checkpoint(path: Path, option: str = "--resume") -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; CheckpointError if it cannot be.
+    ``option``: the command-line option that named it, for the messages."""
     path = Path(path)
+    retry = ("Resume from another checkpoint or start without --resume." if option == "--resume"
+             else f"Point {option} at another checkpoint.")
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint to resume from at {path}")
+        raise CheckpointError(f"{option}: no checkpoint at {path}")
     # torch.load does not check the zip members' CRCs: flipped bytes inside a tensor would load
     # as silently different weights. Reading the file once more costs little next to a resume.
     bad = None
@@ -438,19 +441,17 @@ def load_checkpoint(path: Path) -> dict:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         bad = f"{type(e).__name__}: {e}"
     if bad is not None:
-        raise CheckpointError(f"cannot read checkpoint {path}: {bad} fails its checksum (the file "
-                              f"is corrupt). Resume from another checkpoint or start without "
-                              f"--resume.")
+        raise CheckpointError(f"{option}: cannot read checkpoint {path}: {bad} fails its "
+                              f"checksum (the file is corrupt). {retry}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:      # noqa: BLE001 - zip/pickle errors of every kind
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated or corrupt "
-                              f"({type(e).__name__}: {e}). Resume from another checkpoint or "
-                              f"start without --resume.") from e
+        raise CheckpointError(f"{option}: cannot read checkpoint {path}: the file is truncated or "
+                              f"corrupt ({type(e).__name__}: {e}). {retry}") from e
     missing = [k for k in ("format", "step", "model", "optimizer", "config", "rng")
                if not isinstance(ckpt, dict) or k not in ckpt]
     if missing or ckpt.get("format") != CKPT_FORMAT:
-        raise CheckpointError(f"{path} is not a fastattn pretraining checkpoint (format "
+        raise CheckpointError(f"{option}: {path} is not a fastattn checkpoint (format "
                               f"{CKPT_FORMAT}); missing: {', '.join(missing) or 'format tag'}")
     return ckpt
 
@@ -486,6 +487,10 @@ def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str]) -> 
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT / SIGTERM stopped the run at a step boundary, after a checkpoint was written."""
 
+    def __init__(self, message: str, signum: Optional[int] = None):
+        super().__init__(message)
+        self.signum = signum
+
 
 class _StopOnSignals:
     """Turns SIGINT and SIGTERM into a flag the loop checks between steps (one process only: the
@@ -502,12 +507,17 @@ class _StopOnSignals:
 
     def _handler(self, signum, frame) -> None:
         self.signum = signum
-        self._signal.signal(signum, self._old.get(signum, self._signal.SIG_DFL))
+        self._signal.signal(signum, self._old[signum])
 
     def __enter__(self) -> "_StopOnSignals":
         if self._enabled:
             for sig in (self._signal.SIGINT, self._signal.SIGTERM):
-                self._old[sig] = self._signal.signal(sig, self._handler)
+                old = self._signal.getsignal(sig)
+                if old == self._signal.SIG_IGN:   # ignored by whoever started us: leave it so
+                    continue
+                # None: a handler installed outside Python, which cannot be put back from here
+                self._old[sig] = self._signal.SIG_DFL if old is None else old
+                self._signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -686,6 +696,9 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     history: dict = {"train": [], "eval": []}
     if ckpt is not None:
         _load_states(raw, opt, ckpt, dist_info, ckpt_path)     # raw: no DDP "module." prefix
+        for group in opt.param_groups:  # the loaded groups carry the checkpoint's weight decay
+            if group["weight_decay"] != 0:
+                group["weight_decay"] = args.weight_decay
         start = int(ckpt["step"])
         history = {"train": [tuple(x) for x in ckpt.get("history", {}).get("train", [])],
                    "eval": [tuple(x) for x in ckpt.get("history", {}).get("eval", [])]}
@@ -827,14 +840,16 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                 interrupted = step
                 break
     if interrupted is not None:
-        checkpoint(interrupted)
+        if not (args.checkpoint_every > 0 and interrupted % args.checkpoint_every == 0):
+            checkpoint(interrupted)     # (otherwise the loop has just written it)
         if bar is not None:
             bar.close()
         if log_f is not None:
             log_f.close()
         name = {2: "SIGINT", 15: "SIGTERM"}.get(stop.signum, f"signal {stop.signum}")
         raise TrainingInterrupted(f"{name}: stopped after step {interrupted}; checkpoint "
-                                  f"{out / CKPT_NAME} written; --resume continues the run")
+                                  f"{out / CKPT_NAME} written; --resume continues the run",
+                                  stop.signum)
     train_s = time.perf_counter() - run_t0
     final_step = max(start, end)
     if args.eval_iters > 0 and last_eval_step != final_step and end > start:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -516,6 +517,43 @@ def test_cli_errors(tmp_path, capsys):
         is False
 
 
+@pytest.mark.parametrize("argv,match", [
+    (["grpo", "--ppo-epochs", "0"], "--ppo-epochs must be >= 1"),
+    (["ppo", "--reward-model", "r", "--ppo-epochs", "0"], "--ppo-epochs must be >= 1"),
+    (["grpo", "--group-size", "1"], "--group-size must be >= 2"),
+    (["grpo", "--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["ppo", "--reward-model", "r", "--temperature", "0"], "--temperature must be"),
+    (["dpo", "--beta", "-1"], "--beta must be > 0"),
+    (["grpo", "--beta", "nan"], "--beta must be >= 0"),
+    (["ppo", "--reward-model", "r", "--gamma", "-5"], r"--gamma must be in \[0, 1\]"),
+    (["ppo", "--reward-model", "r", "--lam", "7"], r"--lam must be in \[0, 1\]"),
+    (["grpo", "--clip-eps", "0"], "--clip-eps must be a finite number > 0"),
+    (["sft", "--n-eval", "-1"], "--n-eval must be >= 1"),
+    (["sft", "--n-train", "0"], "--n-train must be >= 1"),
+    (["dpo", "--n-pairs", "0"], "--n-pairs must be >= 1"),
+])
+def test_out_of_range_stage_options_are_refused(tmp_path, capsys, argv, match):
+    """Checked before anything is loaded (--init x does not exist)."""
+    assert main([argv[0], "--init", str(tmp_path / "x"), "--out", str(tmp_path / "o"),
+                 *argv[1:]]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_init_must_be_a_policy_and_out_must_not_be_it(chain, tmp_path, capsys):
+    root, common = chain
+    assert main(["dpo", "--init", str(root / "pre"), "--out", str(tmp_path / "a"), *common]) == 2
+    assert "is a pretraining checkpoint" in capsys.readouterr().err
+    copy_dir = tmp_path / "sftcopy"
+    copy_dir.mkdir()
+    (copy_dir / "ckpt.pt").write_bytes((root / "sft" / "ckpt.pt").read_bytes())
+    before = (copy_dir / "ckpt.pt").read_bytes()
+    assert main(["grpo", "--init", str(copy_dir), "--out", str(copy_dir), *common]) == 2
+    assert "would overwrite the checkpoint it starts from" in capsys.readouterr().err
+    assert (copy_dir / "ckpt.pt").read_bytes() == before
+    assert main(["grpo", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
+    assert "--init: no checkpoint at" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------
 # Reward model and PPO
 
@@ -679,6 +717,9 @@ def test_rm_run(chain, capsys):
     assert sum(train[-10:]) < sum(train[:10])
     for key in ("rm_best_of_k_accuracy", "eval_sample_accuracy"):
         assert 0.0 <= s[key] <= s["eval_best_of_k_ceiling"] <= 1.0, key
+    # a reward model is not a policy to start a stage from
+    assert main(["dpo", "--init", str(root / "rm"), "--out", str(root / "dpo_bad"), *common]) == 2
+    assert "is a reward model" in capsys.readouterr().err
     ckpt = torch.load(root / "rm" / "ckpt.pt", weights_only=True)
     assert ckpt["stage"] == "rm" and ckpt["reward_head"]["linear.weight"].shape == (1, 64)
     assert ckpt["reward_head"]["logp_weight"].shape == ()
