@@ -695,10 +695,10 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     start = 0
     history: dict = {"train": [], "eval": []}
     if ckpt is not None:
+        decays = [g["weight_decay"] for g in opt.param_groups]  # this run's --weight-decay
         _load_states(raw, opt, ckpt, dist_info, ckpt_path)     # raw: no DDP "module." prefix
-        for group in opt.param_groups:  # the loaded groups carry the checkpoint's weight decay
-            if group["weight_decay"] != 0:
-                group["weight_decay"] = args.weight_decay
+        for group, decay in zip(opt.param_groups, decays):     # (loading put the checkpoint's)
+            group["weight_decay"] = decay
         start = int(ckpt["step"])
         history = {"train": [tuple(x) for x in ckpt.get("history", {}).get("train", [])],
                    "eval": [tuple(x) for x in ckpt.get("history", {}).get("eval", [])]}
