@@ -718,8 +718,7 @@ def _corpus(args, ckpt: dict):
 
 def _check_ranges(args: argparse.Namespace, stage: str) -> None:
     """The numeric options each stage has, against their valid ranges (argparse checks types)."""
-    def finite(v):
-        return math.isfinite(v)
+    finite = math.isfinite
     rules = [
         ("n_train", lambda v: v >= 1, ">= 1"), ("n_pairs", lambda v: v >= 1, ">= 1"),
         ("n_eval", lambda v: v >= 1, ">= 1"), ("eval_every", lambda v: v >= 0, ">= 0"),

@@ -32,10 +32,12 @@ import os
 import platform
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -467,8 +469,11 @@ def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str]) -> 
     """CheckpointError when this run's corpus or batch options differ from the checkpoint's;
     returns warnings for changed update-rule options."""
     theirs = ckpt.get("args", {})
-    diffs = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {theirs[k]!r})"
-             for k in _RESUME_KEEPS if k in theirs and theirs[k] != getattr(args, k)]
+
+    def changed(keys) -> list:
+        return [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {theirs[k]!r})"
+                for k in keys if k in theirs and theirs[k] != getattr(args, k)]
+    diffs = changed(_RESUME_KEEPS)
     if ckpt.get("data_key") not in (None, data_key):
         diffs.insert(0, f"--data {args.data!r} is not the corpus the checkpoint trained on "
                         f"(checkpoint: {theirs.get('data')!r})")
@@ -476,11 +481,10 @@ def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str]) -> 
         raise CheckpointError(f"--resume {path}: this run differs from the checkpoint's in "
                               + "; ".join(diffs) + ". Resume with the checkpoint's options, or "
                               "start a new run in another --out.")
-    changed = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {theirs[k]!r})"
-               for k in _RESUME_WARNS if k in theirs and theirs[k] != getattr(args, k)]
-    if not changed:
+    updates = changed(_RESUME_WARNS)
+    if not updates:
         return []
-    return [f"resuming with " + ", ".join(changed) + ": the learning-rate schedule and updates "
+    return ["resuming with " + ", ".join(updates) + ": the learning-rate schedule and updates "
             f"from step {ckpt['step']} on differ from the original run's"]
 
 
@@ -498,31 +502,28 @@ class _StopOnSignals:
     collectives). A second signal acts at once, as it would without this."""
 
     def __init__(self, enabled: bool):
-        import signal
-        import threading
         self.signum: Optional[int] = None
-        self._signal = signal
         self._enabled = enabled and threading.current_thread() is threading.main_thread()
         self._old: dict = {}
 
     def _handler(self, signum, frame) -> None:
         self.signum = signum
-        self._signal.signal(signum, self._old[signum])
+        signal.signal(signum, self._old[signum])
 
     def __enter__(self) -> "_StopOnSignals":
         if self._enabled:
-            for sig in (self._signal.SIGINT, self._signal.SIGTERM):
-                old = self._signal.getsignal(sig)
-                if old == self._signal.SIG_IGN:   # ignored by whoever started us: leave it so
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old = signal.getsignal(sig)
+                if old == signal.SIG_IGN:   # ignored by whoever started us: leave it so
                     continue
                 # None: a handler installed outside Python, which cannot be put back from here
-                self._old[sig] = self._signal.SIG_DFL if old is None else old
-                self._signal.signal(sig, self._handler)
+                self._old[sig] = signal.SIG_DFL if old is None else old
+                signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
-            self._signal.signal(sig, old)
+            signal.signal(sig, old)
 
 
 def check_compatible(ckpt: dict, path: Path, config: dict, preset: str) -> None:
