@@ -35,7 +35,9 @@ VOCAB = int(os.environ.get("DEMO_VOCAB", "512"))     # BPE vocabulary of the pre
 
 
 def _train(*argv: str) -> None:
-    subprocess.run([sys.executable, "-m", "fastattn.train", *argv], check=True)
+    # the demo's folders are its own: a rerun replaces the last one's runs (--overwrite)
+    overwrite = ["--overwrite"] if argv[0] != "bench" else []
+    subprocess.run([sys.executable, "-m", "fastattn.train", *argv, *overwrite], check=True)
 
 
 def _summary(path: Path) -> dict:

@@ -160,12 +160,28 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = ROPE_BASE):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        angles = torch.cat((angles, angles), dim=-1)                      # (S, D)
+        self.head_dim, self.max_seq_len, self.base = head_dim, max_seq_len, base
+        cos, sin = self._tables(None)
         # Not persistent: derived from the config, so the state_dict stays parameters only.
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device) -> tuple[Tensor, Tensor]:
+        D = self.head_dim
+        inv_freq = 1.0 / self.base ** (torch.arange(0, D, 2, dtype=torch.float32,
+                                                    device=device) / D)
+        angles = torch.outer(torch.arange(self.max_seq_len, dtype=torch.float32, device=device),
+                             inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)                      # (S, D)
+        return angles.cos(), angles.sin()
+
+    def _apply(self, fn, recurse=True):
+        # The tables stay fp32 and exact whatever the model is moved or cast to: cast with it,
+        # model.bfloat16() would round them for good (a later .float() would not restore them),
+        # and to_empty() would leave them uninitialised. They are rebuilt on the new device.
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self._tables(self.cos.device)
+        return self
 
     def forward(self, x: Tensor, pos) -> Tensor:
         """x (B, H, T, D) at positions pos .. pos + T - 1 (``pos`` an int), or at the positions

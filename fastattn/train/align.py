@@ -84,8 +84,8 @@ import torch.nn.functional as F
 
 from . import tasks
 from .pretrain import (CKPT_FORMAT, CKPT_NAME, CheckpointError, _autocast, _json_args,
-                       _rng_state, _seed_all, load_checkpoint, lr_at, peak_memory_bytes,
-                       resolve_device, run_summary, save_checkpoint)
+                       _rng_state, _seed_all, check_out_dir, load_checkpoint, lr_at,
+                       peak_memory_bytes, resolve_device, run_summary, save_checkpoint)
 
 STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
 HEAD_KEYS = {"rm": "reward_head", "ppo": "value_head"}    # checkpoint key of the scalar head
@@ -586,6 +586,8 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
                    help="folder (or ckpt.pt) of the checkpoint to start from: pretraining "
                    "for sft, sft for dpo / grpo / rm / ppo")
     p.add_argument("--out", default=f"out/{stage}", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run --out holds (without it such a run is refused)")
     p.add_argument("--backend", choices=("fastattn", "torch"), default="fastattn")
     p.add_argument("--max-steps", type=int, default={"sft": 300, "dpo": 100, "grpo": 50, "rm": 100,
                                                   "ppo": 50}[stage],
@@ -756,6 +758,14 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     if (Path(args.out) / CKPT_NAME).resolve() == ckpt_path.resolve():
         raise ValueError(f"--out {args.out} is the folder of --init {args.init}: the run would "
                          f"overwrite the checkpoint it starts from; choose another --out")
+    if stage == "ppo":
+        rm_ckpt = Path(args.reward_model)
+        rm_ckpt = rm_ckpt / CKPT_NAME if rm_ckpt.is_dir() else rm_ckpt
+        if (Path(args.out) / CKPT_NAME).resolve() == rm_ckpt.resolve():
+            raise ValueError(f"--out {args.out} is the folder of --reward-model "
+                             f"{args.reward_model}: the run would overwrite the reward model; "
+                             f"choose another --out")
+    check_out_dir(Path(args.out), args.overwrite)
     ckpt = load_checkpoint(ckpt_path, "--init")
     init_stage = ckpt.get("stage")
     if init_stage == "rm":

@@ -145,6 +145,9 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/pretrain", help="output folder")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue from a checkpoint (default file: OUT/ckpt.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if --out holds one (its checkpoint, log and "
+                   "summary are replaced); without it such a run is refused")
     p.add_argument("--dist", choices=("none", "ddp", "fsdp"), default="none",
                    help="data parallelism under torchrun (gloo on CPU, nccl on CUDA)")
     p.add_argument("--sample-tokens", type=int, default=0,
@@ -425,6 +428,23 @@ def save_checkpoint(path: Path, payload: dict) -> None:
             os.close(dfd)
 
 
+RUN_FILES = (CKPT_NAME, "summary.json", "log.jsonl")   # what marks a folder as holding a run
+
+
+def check_out_dir(out: Path, overwrite: bool, resumable: bool = False) -> None:
+    """Refuse to start a new run in a folder that holds another one, unless ``--overwrite``: a
+    second run there would replace its checkpoint, log and summary. ``resumable``: the command
+    has ``--resume`` (pretraining), named in the message as the other way on."""
+    if overwrite:
+        return
+    found = [name for name in RUN_FILES if (Path(out) / name).exists()]
+    if found:
+        how = "--resume continues it, --overwrite replaces it" if resumable else \
+            "--overwrite replaces it"
+        raise ConfigError(f"--out {out} already holds a run ({', '.join(found)}): {how}, or "
+                          f"choose another --out")
+
+
 def load_checkpoint(path: Path, option: str = "--resume") -> dict:
     """Read a checkpoint written by ``save_checkpoint``; CheckpointError if it cannot be.
     ``option``: the command-line option that named it, for the messages."""
@@ -656,6 +676,14 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         raise ValueError(f"--batch-size {args.batch_size} (global) must be a multiple of the "
                          f"world size {dist_info.world_size}")
     out = Path(args.out)
+    ckpt = ckpt_path = None
+    if args.resume:
+        ckpt_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
+        ckpt = load_checkpoint(ckpt_path)
+    # A fresh run, or one continued from another folder's checkpoint, must not replace a run in
+    # --out. Every rank looks before the first barrier (in _build_corpus): all refuse together.
+    if ckpt_path is None or ckpt_path.resolve() != (out / CKPT_NAME).resolve():
+        check_out_dir(out, args.overwrite, resumable=True)
     main = dist_info.main
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -666,10 +694,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     cfg_dict = dataclasses.asdict(cfg)
     T, B = args.seq_len, args.batch_size
 
-    ckpt = ckpt_path = None
-    if args.resume:
-        ckpt_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
-        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None:
         check_compatible(ckpt, ckpt_path, cfg_dict, args.preset)
         for warning in check_resume_args(ckpt, ckpt_path, args, corpus.meta.get("key")):
             if main:
@@ -853,7 +878,10 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                                   stop.signum)
     train_s = time.perf_counter() - run_t0
     final_step = max(start, end)
-    if args.eval_iters > 0 and last_eval_step != final_step and end > start:
+    # the closing evaluation ends the run (not a --stop-after pause: the resumed run's log and
+    # loss curve then hold the evaluations of an uninterrupted run, no extra one)
+    if (args.eval_iters > 0 and last_eval_step != final_step and end > start
+            and end == args.max_steps):
         last_eval = evaluate()
         history["eval"].append((final_step, last_eval))
         log({"kind": "eval", "step": final_step, "val_loss": last_eval})

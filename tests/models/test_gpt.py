@@ -399,3 +399,26 @@ def test_gqa_without_enable_gqa(monkeypatch):
         torch.testing.assert_close(b(idx), a(idx), **TOL)
     prompt = _tokens(cfg, batch=2, seq=3, seed=8)
     assert torch.equal(b.generate(prompt, 8, temperature=0), a.generate(prompt, 8, temperature=0))
+
+
+
+def test_rope_tables_survive_casts_and_moves():
+    """model.bfloat16() must not round the rotary tables for good: after .float() the model
+    gives the logits it gave before the round trip; to_empty() + load_state_dict (meta-device
+    initialisation) gives them as well."""
+    cfg = CONFIGS["swiglu-rope-rmsnorm-gqa"]
+    torch.manual_seed(0)
+    model = GPT(cfg, backend="torch").eval()
+    with torch.no_grad():
+        for p in model.parameters():          # bf16-exact weights: the round trip keeps them
+            p.copy_(p.bfloat16().float())
+        idx = _tokens(cfg, seq=cfg.max_seq_len)
+        want = model(idx)
+        model.bfloat16().float()
+        assert torch.equal(model(idx), want)
+        state = model.state_dict()
+        model.to_empty(device="cpu")
+        model.load_state_dict(state)
+        assert torch.equal(model(idx), want)
+        model.bfloat16()
+        assert all(m.cos.dtype == torch.float32 for m in model.modules() if hasattr(m, "cos"))

@@ -554,6 +554,21 @@ def test_init_must_be_a_policy_and_out_must_not_be_it(chain, tmp_path, capsys):
     assert "--init: no checkpoint at" in capsys.readouterr().err
 
 
+def test_a_stage_does_not_replace_another_run_in_its_out(chain, tmp_path, capsys):
+    root, common = chain
+    out = tmp_path / "sft2"
+    argv = ["sft", "--init", str(root / "pre"), "--out", str(out), *common, "--max-steps", "2",
+            "--n-eval", "4"]
+    assert main(argv) == 0
+    before = (out / "ckpt.pt").read_bytes()
+    assert main([*argv, "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (ckpt.pt, summary.json, log.jsonl): --overwrite replaces it" in err
+    assert (out / "ckpt.pt").read_bytes() == before
+    assert main([*argv, "--seed", "1", "--overwrite"]) == 0
+    assert _summary(out)["seed"] == 1
+
+
 # --------------------------------------------------------------------------------------------
 # Reward model and PPO
 
@@ -725,7 +740,7 @@ def test_rm_run(chain, capsys):
     assert ckpt["reward_head"]["logp_weight"].shape == ()
 
 
-def test_ppo_run(chain):
+def test_ppo_run(chain, capsys):
     root, common = chain
     if not (root / "rm" / "ckpt.pt").exists():
         assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
@@ -751,6 +766,12 @@ def test_ppo_run(chain):
                  "--out", str(root / "bad")]) == 2      # an sft checkpoint has no reward head
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm"),
                  "--out", str(root / "bad"), "--format-penalty", "-1"]) == 2
+    capsys.readouterr()
+    rm_before = (root / "rm" / "ckpt.pt").read_bytes()    # --overwrite does not reach it either
+    assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm"),
+                 "--out", str(root / "rm"), *common, "--overwrite"]) == 2
+    assert "is the folder of --reward-model" in capsys.readouterr().err
+    assert (root / "rm" / "ckpt.pt").read_bytes() == rm_before
     old = torch.load(root / "rm" / "ckpt.pt", weights_only=True)     # a pre-RewardHead head
     old["reward_head"] = {"weight": torch.zeros(1, 64), "bias": torch.zeros(1)}
     torch.save(old, root / "old_rm.pt")

@@ -113,6 +113,53 @@ def test_resume_is_exact(tmp_path, cache, backend):
     assert s["resumed_from"] == 3 and s["initial_loss"] == full[1] and s["final_loss"] == full[6]
 
 
+def test_stop_after_then_resume_logs_the_evaluations_of_one_run(tmp_path, cache):
+    """--stop-after is a pause, not an end: no closing evaluation at the pause step."""
+    common = ["--max-steps", "6", "--eval-every", "4", "--eval-iters", "1"]
+    _pretrain(tmp_path / "full", cache, *common)
+    _pretrain(tmp_path / "half", cache, *common, "--stop-after", "3")
+    _pretrain(tmp_path / "half", cache, *common, "--resume")
+
+    def evals(out):
+        lines = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
+        return [(r["step"], r["val_loss"]) for r in lines if r["kind"] == "eval"]
+    assert [s for s, _ in evals(tmp_path / "full")] == [4, 6]
+    assert evals(tmp_path / "half") == evals(tmp_path / "full")
+    history = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)["history"]["eval"]
+    assert [tuple(x) for x in history] == evals(tmp_path / "full")
+
+
+def test_a_new_run_does_not_replace_another_in_its_folder(tmp_path, cache, capsys):
+    out = tmp_path / "run"
+    common = ["--max-steps", "2", "--eval-iters", "0"]
+    _pretrain(out, cache, *common)
+    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "summary.json",
+                                                           "log.jsonl")}
+    with pytest.raises(ValueError, match=r"--out .*run already holds a run \(ckpt.pt, "
+                                         r"summary.json, log.jsonl\): --resume continues it, "
+                                         r"--overwrite replaces it"):
+        _pretrain(out, cache, *common, "--seed", "1")
+    # resuming another folder's checkpoint into this one is a new run here as well
+    _pretrain(tmp_path / "other", cache, "--max-steps", "4", "--eval-iters", "0",
+              "--stop-after", "2")
+    with pytest.raises(ValueError, match="already holds a run"):
+        _pretrain(out, cache, "--max-steps", "4", "--eval-iters", "0",
+                  "--resume", str(tmp_path / "other" / "ckpt.pt"))
+    assert main(["pretrain", *SMALL, "--cache-dir", cache, "--out", str(out), *common]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before      # untouched
+    # a folder with only a log (a run stopped before its first checkpoint) counts too
+    (tmp_path / "logonly").mkdir()
+    (tmp_path / "logonly" / "log.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"already holds a run \(log.jsonl\)"):
+        _pretrain(tmp_path / "logonly", cache, *common)
+    # --overwrite replaces it; --resume of its own checkpoint continues it
+    s = _pretrain(out, cache, *common, "--seed", "1", "--overwrite")
+    assert s["seed"] == 1 and (out / "ckpt.pt").read_bytes() != before["ckpt.pt"]
+    s = _pretrain(out, cache, "--max-steps", "3", "--eval-iters", "0", "--seed", "1", "--resume")
+    assert s["resumed_from"] == 2 and s["steps"] == 3
+
+
 def test_resume_across_backends(tmp_path, cache):
     """A fastattn checkpoint (model + fused AdamW state) continues on the torch backend."""
     common = ["--max-steps", "6", "--eval-iters", "1"]
