@@ -265,7 +265,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<kRows>()) decode_split_ke
       lsum += sm_l[gi][r];
       o += sm_acc[gi][r][d];
     }
-    const bool has = lsum > 0.0f;
+    // "Saw a finite score" is l != 0, not l > 0: a NaN in q or a visible k/v row must reach
+    // the output (as in PyTorch), not pass for an empty split.
+    const bool has = !(lsum == 0.0f);
     a.o_part[(part + row) * a.D + d] = has ? o / lsum : 0.0f;
     if (d == 0) {
       float mr = neg_inf();
@@ -316,7 +318,7 @@ __global__ void __launch_bounds__(kCombineWarps * kWarpSize)
   }
   wsum = dev::warp_allreduce(wsum, dev::SumOp{});
   __syncwarp();
-  const bool has = wsum > 0.0f;
+  const bool has = !(wsum == 0.0f);  // NaN partials propagate (see the split kernel)
   const float inv = has ? 1.0f / wsum : 0.0f;
 
   const int64_t orow = (b * (static_cast<int64_t>(a.Hkv) * a.G) + h) * a.Sq + i;

@@ -468,8 +468,10 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
               num_splits);
   const int64_t M = (H / Hkv) * Sq;
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(S_max <= kIntMax && B * Hkv <= kIntMax && M <= 8 * int64_t{65535}, op,
-              ": sizes out of range (S_max < 2^31, B * Hkv < 2^31, (H / Hkv) * Sq < 524280), "
+  // S_max <= 2^30: the kernel's int key arithmetic (chunk ends, start + per_split * step)
+  // stays far from overflow.
+  TORCH_CHECK(S_max <= (int64_t{1} << 30) && B * Hkv <= kIntMax && M <= 8 * int64_t{65535}, op,
+              ": sizes out of range (S_max <= 2^30, B * Hkv < 2^31, (H / Hkv) * Sq <= 524280), "
               "got q ", q.sizes(), ", k_cache ", k_cache.sizes());
 
   const c10::cuda::CUDAGuard guard(q.device());

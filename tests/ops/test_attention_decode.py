@@ -135,6 +135,32 @@ def test_triton_decode_many_rows():
     check(decode_fwd, q, k, v, sl, 0.25)
 
 
+def _check_nonfinite(fn, dtype):
+    """A NaN the queries can see reaches their output (as in PyTorch), in any split; NaN / inf
+    in cache positions past cache_seqlens is never read into a result."""
+    q, k, v, sl = make_inputs(2, 4, 2, 1, 16, 96, [90, 60], dtype)
+    k[0, 1, 70] = float("nan")         # visible to batch 0 (kv head 1 = q heads 2, 3), split 3/4
+    k[1, 1, 70] = float("nan")         # past batch 1's 60 positions: not visible
+    v[1, :, 60:] = float("inf")
+    q[1, 0, 0, 3] = float("nan")       # batch 1, query head 0
+    for splits in (1, 4):
+        out, lse = fn(q, k, v, sl, 0.25, num_splits=splits)
+        nan = torch.zeros(2, 4, 1, dtype=torch.bool)
+        nan[0, 2:] = nan[1, 0] = True
+        assert torch.equal(out.isnan().all(-1).cpu(), nan) and torch.equal(lse.isnan().cpu(), nan)
+        assert out[~nan.to(out.device)].isfinite().all() and lse[~nan.to(lse.device)].isfinite().all()
+        k_ok, v_ok = k.clone(), v.clone()
+        k_ok[1, 1, 70], v_ok[1, :, 60:] = 0, 0
+        ref_out, ref_lse = decode_reference(q, k_ok, v_ok, sl, 0.25)
+        keep = ~nan.to(out.device)
+        torch.testing.assert_close(out[keep].double(), ref_out[keep], atol=TOL[dtype][0], rtol=0)
+        torch.testing.assert_close(lse[keep].double(), ref_lse[keep], atol=TOL[dtype][1], rtol=1e-5)
+
+
+def test_triton_decode_nonfinite():
+    _check_nonfinite(decode_fwd, torch.float32)
+
+
 def test_triton_decode_rejects_bad_inputs():
     q, k, v, sl = make_inputs(1, 4, 2, 1, 16, 8, [8], torch.float32)
     with pytest.raises(ValueError, match="multiple of Hkv"):
@@ -186,6 +212,17 @@ def test_decode_gpu_edge_cases(backend):
         out, lse = check(decode_fwd, q, k, v, sl, 0.1)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == -math.inf)
     assert torch.all(out[3] == 0) and torch.all(lse[3] == -math.inf)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_decode_gpu_nonfinite(backend, dtype):
+    if backend == "cuda":
+        cuda_fn = _cuda_decode()
+        _check_nonfinite(lambda *a, num_splits=0: cuda_fn(*a, num_splits), dtype)
+    else:
+        _check_nonfinite(decode_fwd, dtype)
 
 
 # One test per bad call: on the first H200 run a failing argument check crashed the worker

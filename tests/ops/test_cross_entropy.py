@@ -89,6 +89,28 @@ def test_float64_on_cpu(backend):
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_autocast_returns_a_float32_loss(device, backend, reduction, dtype):
+    """Inside torch.autocast F.cross_entropy computes and returns the loss in float32 (an
+    fp32-list op), so a half-precision sum does not overflow; fastattn's does the same, and the
+    gradient keeps the logits' dtype."""
+    x, target, _ = make_case(40, 97, dtype, device, {"ignore": True})
+    x = (x * 100).requires_grad_(True)       # losses of hundreds: coarse in half precision
+    with torch.autocast(device, dtype=dtype), fastattn.use_backend(backend):
+        loss = fastattn.cross_entropy(x, target, reduction=reduction)
+        ref = F.cross_entropy(x, target, reduction=reduction)
+    assert loss.dtype == ref.dtype == torch.float32 and loss.isfinite().all()
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), x)
+    assert grad.dtype == dtype
+    assert_close(loss, ref, torch.float32, "loss", scale=100)
+    assert_close(grad, ref_grad, dtype, "grad")
+    with fastattn.use_backend(backend):     # outside autocast: input's dtype, as before
+        assert fastattn.cross_entropy(x, target, reduction=reduction).dtype == dtype
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(device, backend, reduction):
     # PyTorch: mean of nothing is nan, sum is 0; the gradient is 0 either way.
     x = torch.randn(4, 11, device=device, requires_grad=True)

@@ -224,10 +224,15 @@ def test_cuda_nonfinite(cuda_mod, act, dtype):
 def test_cuda_unaligned(cuda_mod):
     """Inputs starting one element past a 16-byte boundary take the scalar path."""
     for dtype in DTYPES:
-        base = _inputs((1, 3 * 1013 + 1), dtype, 2)
-        x, u = (t.view(-1)[1:].view(3, 1013).cuda() for t in base)  # storage offset 1
-        a_ref, _ = _ref("gelu", x.cpu())
-        _close(cuda_mod.glu_fwd(x, u, "gelu").cpu(), a_ref * u.cpu().double(), dtype, "unaligned")
+        base = [t.cuda() for t in _inputs((1, 3 * 1013 + 1), dtype, 2)]   # then sliced on the GPU
+        aligned = [t.view(-1)[:-1].view(3, 1013) for t in base]
+        shifted = [t.view(-1)[1:].view(3, 1013) for t in base]           # storage offset 1
+        for x, u in ((shifted[0], shifted[1]), (aligned[0], shifted[1]), (shifted[0], aligned[1])):
+            assert x.data_ptr() % 16 or u.data_ptr() % 16
+            a_ref, _ = _ref("gelu", x.cpu())
+            _close(cuda_mod.glu_fwd(x, u, "gelu").cpu(), a_ref * u.cpu().double(), dtype,
+                   "unaligned")
+            _close(cuda_mod.act_fwd(x, "gelu").cpu(), a_ref, dtype, "unaligned")
 
 
 # One test per bad call: on the first H200 run a failing argument check crashed the worker

@@ -200,8 +200,8 @@ def _cuda_decode_supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Option
         return f"head_dim {d} (it takes multiples of 8 from 16 to 256)"
     if (q.shape[1] // k_cache.shape[1]) * q.shape[2] > 8 * 65535:
         return "more than 524280 query rows per kv head"
-    if k_cache.shape[2] >= 2 ** 31:
-        return "caches of 2^31 positions or more"
+    if k_cache.shape[2] > 2 ** 30:
+        return "caches of more than 2^30 positions"
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):  # 16-byte vector loads
         e = t.element_size()
         if t.data_ptr() % 16 or any(s * e % 16 for s, n in zip(t.stride()[:-1], t.shape[:-1])

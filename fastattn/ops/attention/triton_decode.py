@@ -124,7 +124,8 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    has = l_i > 0.0
+    # l != 0, not l > 0: a NaN in q or a visible k/v row reaches the output, as in PyTorch
+    has = l_i != 0.0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
@@ -162,7 +163,7 @@ def _decode_combine_kernel(
     w_sum = tl.sum(w, axis=0)
     o_s = tl.load(o_part_ptr + part[:, None] * D + offs_d[None, :],
                   mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    has = w_sum > 0.0
+    has = w_sum != 0.0
     out = tl.sum(o_s * w[:, None], axis=0) / tl.where(has, w_sum, 1.0)
     lse = tl.where(has, pivot + tl.log(tl.where(has, w_sum, 1.0)), float("-inf"))
 

@@ -155,11 +155,11 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
         if grad is not None and denominator is not None and not fold_scale:
             grad.div_(denominator)
     if reduction == "none":
-        return rows.to(logits.dtype)
+        return rows
     total = rows.sum()
     if denominator is not None:
         total = total / denominator
-    return total.to(logits.dtype)
+    return total        # in the accumulation dtype: the caller rounds it (or not, under autocast)
 
 
 @torch.library.custom_op("fastattn::cross_entropy_fwd", mutates_args=(), device_types=_DEVICES)
@@ -178,7 +178,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, reduction, 
     loss_shape = (logits.shape[0],) if reduction == "none" else ()
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad \
         else logits.new_empty(0)
-    return logits.new_empty(loss_shape), grad
+    return logits.new_empty(loss_shape, dtype=_acc_dtype(logits.dtype)), grad
 
 
 def _ce_setup_context(ctx, inputs, output):
@@ -216,7 +216,8 @@ def _cross_entropy_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[
 
 @_cross_entropy_fwd_inplace.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing, z_loss, reduction):
-    return logits.new_empty((logits.shape[0],) if reduction == "none" else ())
+    return logits.new_empty((logits.shape[0],) if reduction == "none" else (),
+                            dtype=_acc_dtype(logits.dtype))
 
 
 class _CrossEntropyInplace(torch.autograd.Function):
@@ -270,8 +271,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     One kernel pass computes the loss and, when a gradient will be needed, the gradient too; the
     backward is a scale by ``grad_output`` (skipped when it is 1). Under ``torch.no_grad`` (or for
     inputs that do not require grad) no gradient is computed or stored. Returns a tensor in
-    ``input``'s dtype. Because backward scales the stored gradient in place, a second backward
-    through the same graph (``retain_graph=True``) raises autograd's in-place error; compute the
+    ``input``'s dtype, or in float32 inside ``torch.autocast`` (as ``F.cross_entropy``).
+    Because backward scales the stored gradient in place, a second backward through the same
+    graph (``retain_graph=True``) raises autograd's in-place error; compute the
     loss again instead.
     """
     fn = "cross_entropy"
@@ -312,6 +314,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         loss, _ = torch.ops.fastattn.cross_entropy_fwd(
             logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
             reduction, need_grad)
+    # The loss leaves the kernel in float32 (float64 for float64 logits); under autocast it
+    # stays there, as F.cross_entropy's does (an fp32-list op), else it takes input's dtype.
+    if _autocast.dtype(input.device.type) is None:
+        loss = loss.to(input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
