@@ -71,3 +71,18 @@ def test_parameters_are_plain_linears():
         "down_proj.weight", "down_proj.bias"]
     assert [n for n, _ in fastattn.nn.MLP(8, 16).named_parameters()] == [
         "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+
+
+def test_constructor_arguments_are_checked_where_they_are_given():
+    with pytest.raises(ValueError, match="MLP: unknown activation 'swish'"):
+        fastattn.nn.MLP(8, 16, "swish")
+    with pytest.raises(TypeError, match="MLP: bias must be a bool, got 'relu'"):
+        fastattn.nn.MLP(8, 16, "gelu", "relu")
+    with pytest.raises(ValueError, match="SwiGLU: hidden_dim must be an int >= 1, got 0"):
+        fastattn.nn.SwiGLU(8, 0)
+    # SwiGLU(dim, hidden_dim, bias): the activation is keyword-only, a stray one is refused
+    with pytest.raises(TypeError, match="SwiGLU: bias must be a bool, got 'gelu_tanh'"):
+        fastattn.nn.SwiGLU(8, 16, "gelu_tanh")
+    with pytest.raises(TypeError):
+        fastattn.nn.SwiGLU(8, 16, False, "gelu_tanh")
+    assert fastattn.nn.SwiGLU(8, 16, activation="gelu_tanh").activation == "gelu_tanh"
