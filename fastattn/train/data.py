@@ -482,7 +482,12 @@ class Corpus:
                 n, f = int(meta[f"{split}_tokens"]), folder / f"{split}.bin"
                 if n <= 0 or f.stat().st_size != n * dtype.itemsize:
                     return None
-                arrays.append(np.memmap(f, dtype=dtype, mode="r", shape=(n,)))
+                array = np.memmap(f, dtype=dtype, mode="r", shape=(n,))
+                # bytes overwritten in place keep the size: an id past the vocabulary would
+                # reach the embedding as an index error in the middle of training
+                if int(array.max()) >= int(meta["vocab_size"]):
+                    return None
+                arrays.append(array)
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
             if (tokenizer.get_vocab_size() != meta["vocab_size"]
                     or tokenizer.token_to_id(EOS_TOKEN) != meta["eos_id"]):

@@ -256,12 +256,17 @@ def test_cache_key_depends_on_settings(small, text_dir, tmp_path):
     assert len(other_frac.val) > len(small.val)
 
 
-@pytest.mark.parametrize("damage", ["truncate_bin", "bad_json", "no_meta", "bad_tokenizer", "empty"])
+@pytest.mark.parametrize("damage", ["truncate_bin", "overwritten_bin", "bad_json", "no_meta",
+                                    "bad_tokenizer", "empty"])
 def test_corrupt_cache_is_rebuilt(small, text_dir, tmp_path, damage):
     train, val, path = np.array(small.train), np.array(small.val), small.path
     if damage == "truncate_bin":
         with open(path / "train.bin", "r+b") as f:
             f.truncate(11)
+    elif damage == "overwritten_bin":       # same size, ids past the vocabulary
+        with open(path / "val.bin", "r+b") as f:
+            f.seek(20)
+            f.write(b"\xff" * 8)
     elif damage == "bad_json":
         (path / "meta.json").write_text('{"format": 1, "key": ')
     elif damage == "no_meta":

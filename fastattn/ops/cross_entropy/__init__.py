@@ -258,7 +258,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         input: logits ``(N, C)``, ``(N, C, d1, ...)`` or ``(C,)``; float32/float16/bfloat16 (math
             in float32; float64 runs on the CPU kernel or the reference).
         target: class indices ``(N,)``, ``(N, d1, ...)`` or ``()``; any integer dtype.
-        weight: optional class weights ``(C,)``.
+        weight: optional class weights ``(C,)``, used in float32 (also for float64 logits).
         ignore_index: targets equal to it contribute no loss and no gradient.
         reduction: ``"mean"`` (divided by the summed weight of non-ignored targets), ``"sum"``
             or ``"none"`` (shape of ``target``).
