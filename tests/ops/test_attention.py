@@ -215,6 +215,56 @@ def test_sdpa_fully_masked_row_is_zero(device, backend):
                                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, :, [0, 1, 3, 4]])
 
 
+@pytest.mark.parametrize("device,backend", DENSE_BACKENDS)
+def test_huge_finite_mask_values_match_torch(device, backend):
+    """Masks built the HF way put finfo.min on masked keys: -3.4e38 (or -1e9) on every key of a
+    row is a uniform softmax in PyTorch, not a masked row, and +3e38 on one key selects it.
+    Gradients are compared with dO = 0 on the rows whose every score is huge (padding rows):
+    the kernels recompute their p from an lse that fp32 rounds to the row max, as PyTorch's
+    flash kernels do; the reference (the oracle) gets those right too."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = _qkv(1, 2, 2, 6, 7, 16, torch.float32, device)
+    lo = torch.finfo(torch.float32).min
+    mask = torch.zeros(6, 7)
+    mask[1], mask[2, 3], mask[4, 2:], mask[5] = lo, 3e38, lo, -1e9
+    mask = mask.to(device)
+    dout = torch.randn(1, 2, 6, 16).to(device)
+    if backend != "reference":
+        dout[:, :, [1, 5]] = 0
+    with sdpa_kernel(SDPBackend.MATH):      # the math backend: p from the scores themselves
+        theirs = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                        q, k, v, dout)
+    with fastattn.use_backend(backend):
+        ours = _grads(lambda q, k, v: fastattn.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask), q, k, v, dout)
+    assert ours[0].isfinite().all()
+    for name, o, t in zip(("out", "dq", "dk", "dv"), ours, theirs):
+        torch.testing.assert_close(o, t, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("softcap", [0.05, 1e4])
+def test_softcap_far_from_the_scores(device, backend, softcap):
+    """tanh(x) for small x (a softcap far above the scores) keeps fp32's relative precision:
+    (1 - e) / (1 + e) cancelled there (1e-4 off at softcap 1e4 in the Triton kernel)."""
+    q, k, v = _qkv(1, 2, 2, 9, 11, 16, torch.float32, device)
+    with fastattn.use_backend(backend):
+        out = fastattn.flash_attention(q, k, v, softcap=softcap)
+    exact, _ = ref.attention_fwd(q.double(), k.double(), v.double(), None, 0.25, 0, -1, -1,
+                                 softcap, 0.0, 0)
+    torch.testing.assert_close(out.double(), exact, rtol=2e-5, atol=2e-6)
+
+
+def test_float64_mask_at_float64_min_is_not_a_masked_row():
+    """The kernels' bias is fp32: a float64 finfo.min must not become -inf there (a masked
+    row, output 0) where PyTorch computes a uniform softmax."""
+    q, k, v = _qkv(1, 1, 1, 3, 4, 8, torch.float64, "cpu")
+    mask = torch.zeros(3, 4, dtype=torch.float64)
+    mask[1] = torch.finfo(torch.float64).min
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
 # ---- dropout --------------------------------------------------------------------------------
 
 def test_dropout_keep_mask_statistics():

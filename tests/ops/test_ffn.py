@@ -198,3 +198,20 @@ def test_zero_features(device, backend):
                       (x, w1, w3, w2, b1, b3), torch.ones(3, 8, device=device))
     for o, e in zip(out + glu, want + want_glu):
         torch.testing.assert_close(o, e, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("activation", ACTS)
+def test_nan_pre_activation_propagates(device, backend, activation):
+    """A NaN in x reaches the output of its token as in PyTorch (tl.maximum dropped it)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, generator=g).to(device)
+    x[1, 2] = float("nan")
+    w1, w2 = (torch.randn(*s, generator=g).to(device) * 0.3 for s in ((16, 8), (8, 16)))
+    with fastattn.use_backend(backend):
+        mlp = fastattn.mlp(x, w1, None, w2, None, activation=activation)
+        glu = fastattn.swiglu(x, w1, w1.flip(0), w2, activation=activation) \
+            if activation in ("silu", "gelu_tanh", "relu2") else mlp
+    for y in (mlp, glu):
+        assert y[1].isnan().all() and y[[0, 2]].isfinite().all()
+

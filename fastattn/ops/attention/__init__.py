@@ -330,6 +330,9 @@ def _mask_to_bias(fn: str, mask: Tensor, device: torch.device, full: tuple,
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         bias = bias.masked_fill(~mask, float("-inf"))
     elif mask.is_floating_point():
+        if mask.dtype == torch.float64:     # finite values past fp32's range stay finite
+            big = torch.finfo(torch.float32).max
+            mask = torch.where(mask.isinf(), mask, mask.clamp(-big, big))
         bias = mask.to(torch.float32)
     else:
         raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {mask.dtype}")

@@ -123,13 +123,19 @@ def _scores(q, k, bias, scale, diag, window_left, window_right, softcap, acc):
 
 
 def _softmax(s: Tensor) -> tuple[Tensor, Tensor]:
-    lse = torch.logsumexp(s, dim=-1)
-    # Fully masked rows: lse = -inf and s - lse would be nan; their p is 0 by definition.
-    # (A NaN input gives a NaN lse and stays NaN, as in PyTorch.)
-    empty = (lse == float("-inf")).unsqueeze(-1)
-    p = torch.exp(s - torch.where(empty, 0.0, lse.unsqueeze(-1)))
-    p = p.masked_fill(empty, 0.0)
-    return p, lse
+    # p = exp(s - max) / sum, not exp(s - lse): when every score of a row is huge (a -1e9 mask
+    # on all keys) lse = max + log(sum) rounds to max in fp32 and such p would sum to Sk.
+    # Fully masked rows (max = -inf) take pivot 0: exp(-inf) = 0, so p = 0 and lse = -inf.
+    # (A NaN score gives a NaN max and stays NaN, as in PyTorch.)
+    if s.shape[-1] == 0:                   # no keys at all: every row fully masked
+        m = s.new_full((*s.shape[:-1], 1), float("-inf"))
+    else:
+        m = s.amax(dim=-1, keepdim=True)
+    pivot = m.masked_fill(m == float("-inf"), 0.0)
+    e = torch.exp(s - pivot)
+    total = e.sum(dim=-1, keepdim=True)
+    p = e / total.masked_fill(total == 0, 1.0)
+    return p, (pivot + torch.log(total)).squeeze(-1)
 
 
 def _dropped(p: Tensor, seed: int, dropout_p: float) -> Tensor:

@@ -220,7 +220,13 @@ def _scores(
         bias = tl.load(
             bias_ptr + rows * stride_bm + cols * stride_bn, mask=(rows < seqlen_q) & (cols < seqlen_k), other=0.0
         )
-        s += bias.to(tl.float32) * 1.4426950408889634
+        # Finite biases beyond +-2e38 (HF-style masks use finfo.min = -3.4e38) are clamped
+        # there, so that bias * log2(e) stays finite: -3.4e38 on every key of a row is a
+        # uniform softmax in PyTorch, not a masked row; a +3e38 would become inf - inf.
+        # Infinite biases keep their meaning (-inf masks a key).
+        b = bias.to(tl.float32)
+        b = tl.where(tl.abs(b) < float("inf"), tl.minimum(tl.maximum(b, -2e38), 2e38), b)
+        s += b * 1.4426950408889634
     if MASK:
         visible = (cols < seqlen_k) & (cols >= rows + diag - window_left) & (cols <= rows + diag + window_right)
         s = tl.where(visible, s, float("-inf"))

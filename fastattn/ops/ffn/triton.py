@@ -169,9 +169,9 @@ def _act(x, ACT: tl.constexpr):
         t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
         y = 0.5 * x * (1.0 + t)
     elif ACT == "relu":
-        y = tl.maximum(x, 0.0)
+        y = tl.where(x < 0.0, 0.0, x)     # not tl.maximum, which drops NaN (torch keeps it)
     elif ACT == "relu2":
-        r = tl.maximum(x, 0.0)
+        r = tl.where(x < 0.0, 0.0, x)
         y = r * r
     else:  # silu
         y = x * _sigmoid(x)
@@ -192,10 +192,10 @@ def _act_and_grad(x, ACT: tl.constexpr):
         y = 0.5 * x * (1.0 + t)
         dy = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x2)
     elif ACT == "relu":
-        y = tl.maximum(x, 0.0)
-        dy = tl.where(x > 0.0, 1.0, 0.0)
+        y = tl.where(x < 0.0, 0.0, x)
+        dy = tl.where(x <= 0.0, 0.0, 1.0)     # 0 at 0, 1 at NaN (torch's threshold_backward)
     elif ACT == "relu2":
-        r = tl.maximum(x, 0.0)
+        r = tl.where(x < 0.0, 0.0, x)
         y = r * r
         dy = 2.0 * r
     else:  # silu
