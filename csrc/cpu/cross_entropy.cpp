@@ -234,13 +234,15 @@ FA_ROW_KERNEL void cross_entropy_rows(const CeArgs<scalar_t>& a, int64_t begin, 
       sum_e_wide = row_sum<acc>(C, [&](int64_t j) { return exp_acc(E::load(x[j]) - m); });
     }
     const acc sum_e = static_cast<acc>(sum_e_wide);
-    const acc lse = m + static_cast<acc>(std::log(sum_e_wide));
+    const acc log_sum = static_cast<acc>(std::log(sum_e_wide));
+    const acc lse = m + log_sum;
     const acc w_t = a.weight != nullptr ? static_cast<acc>(a.weight[t]) : acc(1);
 
     // loss = (1 - eps) w_t (lse - z_t) + eps / C sum_j w_j (lse - z_j) + lam lse^2.
     // The eps and lam terms are skipped when their coefficient is 0, so that an inf in them
     // (a -inf logit makes sum_j w_j z_j = -inf) does not turn the loss into 0 * inf = NaN.
-    acc loss = (1 - eps) * w_t * (lse - z_t);
+    // lse - z_t as (m - z_t) + log_sum: no rounding of lse at a large common offset
+    acc loss = (1 - eps) * w_t * ((m - z_t) + log_sum);
     if (eps != 0) loss += eps * inv_c * (a.weight_sum * lse - wz);
     if (a.z_loss != 0) loss += a.z_loss * lse * lse;
     a.loss[r] = loss;
@@ -324,7 +326,7 @@ FA_ROW_KERNEL void token_logprobs_fwd_rows(const TokFwdArgs<scalar_t>& a, int64_
       if (t < 0 || t >= C) {
         logp = ent = quiet_nan<acc>();
       } else {
-        logp = E::load(x[t]) * inv_t - lse;
+        logp = (E::load(x[t]) * inv_t - m) - log_sum;
         ent = log_sum - static_cast<acc>(sums.second / sums.first);
       }
     }

@@ -315,10 +315,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads) cross_entropy_fwd_kernel(con
   __shared__ RowStats smem[kMaxBlockThreads / dev::kWarpSize];
   st = block_allreduce(st, MergeStats{}, stats_identity(), smem);
 
-  const float lse = st.m + logf(st.sum);
+  // lse - z_t as (m - z_t) + log(sum) and p_j as exp(z_j - m) / sum: lse itself rounds at a
+  // large common offset of the logits (ulp(1e4) ~ 1e-3 in fp32), these do not.
+  const float log_sum = logf(st.sum);
+  const float lse = st.m + log_sum;
   const float W = kSmooth == 2 ? st.sw : static_cast<float>(C);
   if (tid == 0) {
-    float loss = a.one_minus_eps * w_t * (lse - z_t);
+    float loss = a.one_minus_eps * w_t * ((st.m - z_t) + log_sum);
     // eps / C * sum_j w_j (lse - z_j) = eps / C * (W lse - sum_j w_j z_j)
     if (kSmooth != 0) loss += a.eps_over_c * (W * lse - st.sz);
     loss += a.z_loss * (lse * lse);
@@ -329,11 +332,13 @@ __global__ void __launch_bounds__(kMaxBlockThreads) cross_entropy_fwd_kernel(con
     const float coef =
         (a.one_minus_eps * w_t + a.eps * W / static_cast<float>(C) + 2.0f * a.z_loss * lse) *
         scale;
+    const float p_coef = coef / st.sum;
+    const float m = st.m;
     const float t_coef = a.one_minus_eps * w_t * scale;
     const float s_coef = a.eps_over_c * scale;
     const float* __restrict__ weight = a.weight;
     auto grad_of = [&](float z, int col) {
-      float g = fast_exp2((z - lse) * kLog2e) * coef;
+      float g = fast_exp2((z - m) * kLog2e) * p_coef;
       if (kSmooth == 1) g -= s_coef;
       if (kSmooth == 2) g = fmaf(-s_coef, weight[col], g);
       if (col == t_col) g -= t_coef;
@@ -382,7 +387,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     const float log_sum = logf(st.sum);
     const float lse = st.m + log_sum;
     a.lse[row] = lse;
-    a.logp[row] = valid ? s_t - lse : 0.0f;
+    a.logp[row] = valid ? (s_t - st.m) - log_sum : 0.0f;
     // entropy = lse - E[s] = log(sum) - ent / sum
     if (kEnt) a.entropy[row] = valid ? log_sum - st.ent / st.sum : 0.0f;
   }

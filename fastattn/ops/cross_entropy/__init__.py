@@ -128,6 +128,24 @@ def _scaled(grad: Tensor, scale: Tensor) -> Tensor:
 # fastattn::cross_entropy_fwd (+ an in-place variant that writes the gradient into the logits)
 # --------------------------------------------------------------------------------------------
 
+def _mean_denominator(target: Tensor, weight32: Optional[Tensor], ignore_index: int,
+                      acc: torch.dtype) -> Tensor:
+    """The divisor of reduction="mean": the summed weight of the non-ignored targets."""
+    valid = target != ignore_index
+    if weight32 is None:
+        return valid.sum(dtype=acc)
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    return (weight32[safe].to(acc) * valid).sum()
+
+
+def _defers_mean(dtype: torch.dtype, reduction: str) -> bool:
+    """float16 + "mean": the stored gradient is p - y without the 1/denominator, which backward
+    applies together with grad_output. Folded in, (p - y) / N would be rounded to fp16 before
+    the loss scale reaches it, and every p below ~N * 6e-8 would flush to 0 (GradScaler's
+    point is that p * scale / N survives). bfloat16 has float32's range and folds it."""
+    return dtype == torch.float16 and reduction == "mean"
+
+
 def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
              label_smoothing: float, z_loss: float, reduction: str,
              grad: Optional[Tensor]) -> Tensor:
@@ -138,21 +156,18 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     weight32 = None if weight is None else weight.to(torch.float32).contiguous()
     denominator = None
     if reduction == "mean":  # sum of the weights of the non-ignored targets, on the device
-        valid = target != ignore_index
-        if weight32 is None:
-            denominator = valid.sum(dtype=acc)
-        else:
-            safe = torch.where(valid, target, torch.zeros_like(target))
-            denominator = (weight32[safe].to(acc) * valid).sum()
+        denominator = _mean_denominator(target, weight32, ignore_index, acc)
     # Kernels take a float32 scale; float64 logits are scaled after, at float64 precision.
-    fold_scale = grad is not None and denominator is not None and acc == torch.float32
+    # float16 gradients keep no 1/denominator at all (backward applies it, _defers_mean).
+    fold_scale = (grad is not None and denominator is not None and acc == torch.float32
+                  and not _defers_mean(logits.dtype, reduction))
     grad_scale = denominator.reciprocal() if fold_scale else None
     if n_rows == 0:
         rows = logits.new_zeros(0, dtype=acc)
     else:
         rows = _kernels(fn, logits).cross_entropy_fwd(
             logits, target, weight32, grad, grad_scale, ignore_index, label_smoothing, z_loss)
-        if grad is not None and denominator is not None and not fold_scale:
+        if grad is not None and acc == torch.float64 and denominator is not None:
             grad.div_(denominator)
     if reduction == "none":
         return rows
@@ -181,14 +196,30 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, reduction, 
     return logits.new_empty(loss_shape, dtype=_acc_dtype(logits.dtype)), grad
 
 
+def _deferred_scale(ctx, logits: Tensor, target: Tensor, weight: Optional[Tensor],
+                    ignore_index: int, reduction: str) -> None:
+    """Saves 1 / denominator for backward when the kernel left it out (_defers_mean)."""
+    ctx.deferred = _defers_mean(logits.dtype, reduction)
+    if ctx.deferred:
+        w32 = None if weight is None else weight.to(torch.float32)
+        ctx.inv_denominator = _mean_denominator(target, w32, ignore_index,
+                                                torch.float32).reciprocal()
+
+
+def _grad_scale(ctx, grad_loss: Tensor) -> Tensor:
+    return grad_loss * ctx.inv_denominator if ctx.deferred else grad_loss
+
+
 def _ce_setup_context(ctx, inputs, output):
+    logits, target, weight, ignore_index, _, _, reduction, compute_grad = inputs
     _, grad = output
-    ctx.compute_grad = inputs[-1]
+    ctx.compute_grad = compute_grad
     ctx.mark_non_differentiable(grad)
     # The gradient output never receives a gradient; without this autograd would hand backward
     # a materialised logits-sized tensor of zeros for it.
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
+    _deferred_scale(ctx, logits, target, weight, ignore_index, reduction)
 
 
 def _ce_backward(ctx, grad_loss, _grad_of_grad):
@@ -198,7 +229,7 @@ def _ce_backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if grad_loss is None:
         return (None,) * 8
-    return _scaled(grad, grad_loss), None, None, None, None, None, None, None
+    return _scaled(grad, _grad_scale(ctx, grad_loss)), None, None, None, None, None, None, None
 
 
 _cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
@@ -232,12 +263,13 @@ class _CrossEntropyInplace(torch.autograd.Function):
         loss = torch.ops.fastattn.cross_entropy_fwd_inplace(
             logits, target, weight, ignore_index, label_smoothing, z_loss, reduction)
         ctx.save_for_backward(logits)
+        _deferred_scale(ctx, logits, target, weight, ignore_index, reduction)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return _scaled(grad, grad_loss), None, None, None, None, None, None
+        return _scaled(grad, _grad_scale(ctx, grad_loss)), None, None, None, None, None, None
 
 
 def _rows_view(x: Tensor) -> Tensor:

@@ -38,6 +38,14 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _shifted_exp(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(pivot, e, sum): pivot = the row max (0 where it is -inf), e = exp(z - pivot), its row sum."""
+    m = z.amax(dim=1) if z.shape[1] else z.new_full(z.shape[:1], float("-inf"))
+    pivot = m.masked_fill(m == float("-inf"), 0.0)
+    e = torch.exp(z - pivot.unsqueeze(1))
+    return pivot, e, e.sum(1)
+
+
 def cross_entropy_fwd(
     logits: Tensor,
     target: Tensor,
@@ -55,12 +63,17 @@ def cross_entropy_fwd(
     valid = target != ignore_index
     t = torch.where(valid, target, 0).unsqueeze(1)
 
-    lse = torch.logsumexp(z, dim=1)
+    # lse = pivot + log_sum with pivot the row max (0 for a row of -inf): nll = lse - z_t is
+    # taken as (pivot - z_t) + log_sum and p as e / sum, so that a large common offset of the
+    # logits (1e4) costs no precision (lse itself rounds at ulp(1e4) ~ 1e-3 in fp32).
+    pivot, e, sum_e = _shifted_exp(z)
+    log_sum = torch.log(sum_e)
+    lse = pivot + log_sum
     w = torch.ones(n_classes, dtype=acc, device=z.device) if weight is None else weight.to(acc)
     w_t = w[t.squeeze(1)]
     eps = label_smoothing
 
-    nll = lse - z.gather(1, t).squeeze(1)
+    nll = (pivot - z.gather(1, t).squeeze(1)) + log_sum
     loss = (1 - eps) * w_t * nll + z_loss * lse.square()
     if eps:  # skipped when off: a -inf logit would make 0 * inf = nan
         smooth = w.sum() * lse - z @ w  # sum_j w_j * (lse - z_j)
@@ -68,7 +81,7 @@ def cross_entropy_fwd(
     loss = torch.where(valid, loss, torch.zeros_like(loss))
 
     if grad is not None:
-        p = torch.exp(z - lse.unsqueeze(1))
+        p = e / sum_e.unsqueeze(1)
         coef = (1 - eps) * w_t + eps * w.sum() / n_classes + 2 * z_loss * lse
         g = p * coef.unsqueeze(1) - eps / n_classes * w.unsqueeze(0)
         g.scatter_add_(1, t, -((1 - eps) * w_t).unsqueeze(1))
@@ -96,9 +109,11 @@ def token_logprobs_fwd(
     s = logits.to(acc) * inv_temperature
     valid = target != ignore_index
     t = torch.where(valid, target, 0).unsqueeze(1)
-    lse = torch.logsumexp(s, dim=1)
+    pivot, _, sum_e = _shifted_exp(s)
+    log_sum = torch.log(sum_e)
+    lse = pivot + log_sum
     zero = torch.zeros_like(lse)
-    logp = torch.where(valid, s.gather(1, t).squeeze(1) - lse, zero)
+    logp = torch.where(valid, (s.gather(1, t).squeeze(1) - pivot) - log_sum, zero)
     if with_entropy:
         p = torch.exp(s - lse.unsqueeze(1))
         p_s = torch.where(p > 0, p * s, torch.zeros_like(p))  # p log p -> 0 as p -> 0

@@ -112,18 +112,23 @@ def _cross_entropy_fwd_kernel(
                     wz += tl.sum(w * tl.where(mask, x, 0.0), axis=0)
                 else:
                     wz += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        lse = tl.where(m == float("-inf"), 0.0, m) + tl.log(s)
+        # lse - z_t is taken as (r - z_t) + log s and p_j as exp(z_j - r) / s: lse itself
+        # rounds at a large common offset of the logits (ulp(1e4) ~ 1e-3), these do not.
+        r = tl.where(m == float("-inf"), 0.0, m)
+        log_s = tl.log(s)
+        lse = r + log_s
+        nll = (r - z_t) + log_s
 
         if HAS_SMOOTHING:
             if not HAS_WEIGHT:
                 w_sum = n_cols * 1.0
             eps = label_smoothing
             hard = (1.0 - eps) * w_t
-            loss = hard * (lse - z_t) + eps / n_cols * (w_sum * lse - wz) + z_loss * lse * lse
+            loss = hard * nll + eps / n_cols * (w_sum * lse - wz) + z_loss * lse * lse
             coef = hard + eps * w_sum / n_cols + 2.0 * z_loss * lse
         else:
             hard = w_t
-            loss = hard * (lse - z_t) + z_loss * lse * lse
+            loss = hard * nll + z_loss * lse * lse
             coef = hard + 2.0 * z_loss * lse
         tl.store(loss_ptr + row, loss)
 
@@ -138,11 +143,12 @@ def _cross_entropy_fwd_kernel(
                 coef = coef * scale
                 hard = hard * scale
                 smooth = smooth * scale
+            p_coef = coef / s
             for start in range(0, n_cols, BLOCK):
                 cols = start + offs
                 mask = cols < n_cols
                 x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                g = tl.exp(x - lse) * coef
+                g = tl.exp(x - r) * p_coef
                 if HAS_SMOOTHING:
                     if HAS_WEIGHT:
                         g -= smooth * tl.load(weight_ptr + cols, mask=mask, other=0.0)
@@ -212,7 +218,7 @@ def _token_logprobs_fwd_kernel(
     lse = r + log_s
     valid = t != ignore_index
     tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, tl.where(valid, s_t - lse, 0.0))
+    tl.store(logp_ptr + row, tl.where(valid, (s_t - r) - log_s, 0.0))
     if WITH_ENTROPY:
         tl.store(entropy_ptr + row, tl.where(valid, log_s - a / s, 0.0))
 
