@@ -214,12 +214,13 @@ FA_ROW_KERNEL void cross_entropy_rows(const CeArgs<scalar_t>& a, int64_t begin, 
     }
 
     const acc m = row_max<scalar_t>(x, C, acc(1));
-    acc wz = 0;  // sum_j w_j z_j
+    acc wz = 0;  // sum_j w_j (z_j - m): relative to m, so no cancellation at a large offset
     if (eps != 0 && a.weight == nullptr) {
-      wz = row_sum<acc>(C, [&](int64_t j) { return E::load(x[j]); });
+      wz = row_sum<acc>(C, [&](int64_t j) { return E::load(x[j]) - m; });
     } else if (eps != 0) {
       const float* w = a.weight;
-      wz = row_sum<acc>(C, [&](int64_t j) { return static_cast<acc>(w[j]) * E::load(x[j]); });
+      wz = row_sum<acc>(C,
+                        [&](int64_t j) { return static_cast<acc>(w[j]) * (E::load(x[j]) - m); });
     }
     const acc z_t = E::load(x[t]);
     double sum_e_wide;
@@ -243,7 +244,7 @@ FA_ROW_KERNEL void cross_entropy_rows(const CeArgs<scalar_t>& a, int64_t begin, 
     // (a -inf logit makes sum_j w_j z_j = -inf) does not turn the loss into 0 * inf = NaN.
     // lse - z_t as (m - z_t) + log_sum: no rounding of lse at a large common offset
     acc loss = (1 - eps) * w_t * ((m - z_t) + log_sum);
-    if (eps != 0) loss += eps * inv_c * (a.weight_sum * lse - wz);
+    if (eps != 0) loss += eps * inv_c * (a.weight_sum * log_sum - wz);
     if (a.z_loss != 0) loss += a.z_loss * lse * lse;
     a.loss[r] = loss;
     if (g == nullptr) continue;

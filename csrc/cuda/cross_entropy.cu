@@ -93,9 +93,12 @@ struct RowStats {
   float m;    // running max of s (-inf before any element)
   float sum;  // sum_j exp(s_j - m)
   float ent;  // sum_j exp(s_j - m) * (s_j - m)        (only updated when kEnt)
-  float sz;   // sum_j z_j or sum_j w_j z_j            (only updated when kSmooth)
-  float sw;   // sum_j w_j                             (only updated when kSmooth == 2)
+  float sz;   // sum_j w_j (z_j - pivot), w_j = 1 when kSmooth == 1   (only when kSmooth)
+  float sw;   // sum_j w_j (kSmooth == 1: the element count)         (only when kSmooth)
 };
+
+// The pivot of a state: its max, or 0 while that is -inf (see online_update).
+__device__ __forceinline__ float pivot_of(float m) { return m == neg_inf() ? 0.0f : m; }
 
 __device__ __forceinline__ RowStats stats_identity() {
   return RowStats{neg_inf(), 0.0f, 0.0f, 0.0f, 0.0f};
@@ -142,14 +145,18 @@ struct MergeStats {
     o.sum = __fmul_rn(x.sum, rx) + __fmul_rn(y.sum, ry);
     o.ent = __fmul_rn(rx, fmaf(x.sum, fmaxf(dx, -FLT_MAX), x.ent)) +
             __fmul_rn(ry, fmaf(y.sum, fmaxf(dy, -FLT_MAX), y.ent));
-    o.sz = x.sz + y.sz;
+    // sz is relative to each state's pivot: moved to the merged one, sz - (pivot - p) * sw
+    o.sz = (x.sz - __fmul_rn(pivot - pivot_of(x.m), x.sw)) +
+           (y.sz - __fmul_rn(pivot - pivot_of(y.m), y.sw));
     o.sw = x.sw + y.sw;
     return o;
   }
 };
 
 // Pass 1 over one row x (C elements, split sp): folds s = z * inv_t (z itself when !kScale)
-// into st; with kSmooth == 1 also sum z, with kSmooth == 2 sum w z and sum w.
+// into st; with kSmooth also sum w (z - pivot) and sum w (w = 1 when kSmooth == 1), kept
+// relative to the running pivot so that the smoothing term W log(sum) - sz has no
+// cancellation of two large numbers at a large common offset of the logits.
 template <typename T, bool kScale, bool kEnt, int kSmooth>
 __device__ __forceinline__ void accumulate_row(const T* x, const RowSplit& sp, int C, float inv_t,
                                                const float* __restrict__ weight, RowStats& st) {
@@ -157,14 +164,19 @@ __device__ __forceinline__ void accumulate_row(const T* x, const RowSplit& sp, i
   const int tid = threadIdx.x;
   const int nthr = blockDim.x;
 
+  // sz -= (new pivot - old pivot) * sw: the earlier terms re-expressed against the new pivot
+  auto shift = [&](float old_pivot) {
+    if (kSmooth != 0) st.sz = fmaf(-(pivot_of(st.m) - old_pivot), st.sw, st.sz);
+  };
   auto fold_scalar = [&](int col) {
     const float z = to_float(x[col]);
     const float s[1] = {kScale ? z * inv_t : z};
+    const float old_pivot = pivot_of(st.m);
     online_update<1, kEnt>(st, s);
-    if (kSmooth == 1) st.sz += z;
-    if (kSmooth == 2) {
-      const float w = weight[col];
-      st.sz = fmaf(w, z, st.sz);
+    shift(old_pivot);
+    if (kSmooth != 0) {
+      const float w = kSmooth == 2 ? weight[col] : 1.0f;
+      st.sz = fmaf(w, z - pivot_of(st.m), st.sz);
       st.sw += w;
     }
   };
@@ -189,17 +201,16 @@ __device__ __forceinline__ void accumulate_row(const T* x, const RowSplit& sp, i
         float s[kN];
 #pragma unroll
         for (int i = 0; i < kN; ++i) s[i] = kScale ? z[i] * inv_t : z[i];
+        const float old_pivot = pivot_of(st.m);
         online_update<kN, kEnt>(st, s);
-        if (kSmooth == 1) {
-#pragma unroll
-          for (int i = 0; i < kN; ++i) st.sz += z[i];
-        }
-        if (kSmooth == 2) {
+        if (kSmooth != 0) {
+          shift(old_pivot);
+          const float p = pivot_of(st.m);
           const int col0 = sp.head + v * kN;
 #pragma unroll
           for (int i = 0; i < kN; ++i) {
-            const float w = weight[col0 + i];
-            st.sz = fmaf(w, z[i], st.sz);
+            const float w = kSmooth == 2 ? weight[col0 + i] : 1.0f;
+            st.sz = fmaf(w, z[i] - p, st.sz);
             st.sw += w;
           }
         }
@@ -322,8 +333,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) cross_entropy_fwd_kernel(con
   const float W = kSmooth == 2 ? st.sw : static_cast<float>(C);
   if (tid == 0) {
     float loss = a.one_minus_eps * w_t * ((st.m - z_t) + log_sum);
-    // eps / C * sum_j w_j (lse - z_j) = eps / C * (W lse - sum_j w_j z_j)
-    if (kSmooth != 0) loss += a.eps_over_c * (W * lse - st.sz);
+    // eps / C * sum_j w_j (lse - z_j) = eps / C * (W log(sum) - sum_j w_j (z_j - m))
+    if (kSmooth != 0) loss += a.eps_over_c * (W * log_sum - st.sz);
     loss += a.z_loss * (lse * lse);
     a.loss[row] = loss;
   }

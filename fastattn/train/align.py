@@ -84,8 +84,8 @@ import torch.nn.functional as F
 
 from . import tasks
 from .pretrain import (CKPT_FORMAT, CKPT_NAME, CheckpointError, _autocast, _json_args,
-                       _rng_state, _seed_all, check_out_dir, load_checkpoint, lr_at,
-                       peak_memory_bytes, resolve_device, run_summary, save_checkpoint)
+                       _rng_state, _seed_all, check_out_dir, clear_out_dir, load_checkpoint,
+                       lr_at, peak_memory_bytes, resolve_device, run_summary, save_checkpoint)
 
 STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
 HEAD_KEYS = {"rm": "reward_head", "ppo": "value_head"}    # checkpoint key of the scalar head
@@ -787,6 +787,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                          f"{need} tokens; the model's max_seq_len is {cfg.max_seq_len}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:
+        clear_out_dir(out)
 
     _seed_all(args.seed)
     model = GPT(cfg, backend=args.backend).to(device)

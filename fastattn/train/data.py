@@ -233,21 +233,27 @@ def _split_documents(texts: Sequence[str], val_fraction: float) -> tuple[list[st
 
     A document whose val share is at least _MIN_SPLIT_VAL_CHARS is split (`_split_point`). The
     others are too short to lend a tail that is text rather than end-of-text tokens and cut
-    words: when there are several, the last of them are held out whole, until they make up
-    val_fraction of those documents' characters (at least one, never all); a lone one is split
-    if it is the whole corpus, else it is training text.
+    words: when there are several, the last of them are held out whole (skipping any that
+    would take the held text past twice the budget) until they make up val_fraction of those
+    documents' characters, never all of them; when none fits (a few short documents), each is
+    split instead. A lone short one is split if it is the whole corpus, else it is training
+    text.
     """
     short = [i for i, t in enumerate(texts) if round(len(t) * val_fraction) < _MIN_SPLIT_VAL_CHARS]
     held: set[int] = set()
     if len(short) >= 2:
+        # from the last one back, each that keeps the held text within twice the budget
         budget = val_fraction * sum(len(texts[i]) for i in short)
         total = 0
         for i in reversed(short[1:]):
-            if held and total >= budget:
+            if total >= budget:
                 break
-            held.add(i)
-            total += len(texts[i])
-    split_short = len(texts) == 1
+            if total + len(texts[i]) <= 2 * budget:
+                held.add(i)
+                total += len(texts[i])
+    # no short document small enough to hold out (a few of them): each lends its tail instead,
+    # as does a lone document that is the whole corpus
+    split_short = len(texts) == 1 or (len(short) >= 2 and not held)
     train, val = [], []
     for i, t in enumerate(texts):
         if i in held:
@@ -482,12 +488,7 @@ class Corpus:
                 n, f = int(meta[f"{split}_tokens"]), folder / f"{split}.bin"
                 if n <= 0 or f.stat().st_size != n * dtype.itemsize:
                     return None
-                array = np.memmap(f, dtype=dtype, mode="r", shape=(n,))
-                # bytes overwritten in place keep the size: an id past the vocabulary would
-                # reach the embedding as an index error in the middle of training
-                if int(array.max()) >= int(meta["vocab_size"]):
-                    return None
-                arrays.append(array)
+                arrays.append(np.memmap(f, dtype=dtype, mode="r", shape=(n,)))
             tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
             if (tokenizer.get_vocab_size() != meta["vocab_size"]
                     or tokenizer.token_to_id(EOS_TOKEN) != meta["eos_id"]):
@@ -539,5 +540,11 @@ class Corpus:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
         starts = rng.integers(0, len(data) - seq_len, size=batch_size)[rank::world_size]
         windows = data[starts[:, None] + np.arange(seq_len + 1)]
+        # a token file overwritten in place keeps its size, so loading cannot tell; an id past
+        # the vocabulary would reach the embedding as an index error deep in the model
+        if windows.size and int(windows.max()) >= self.vocab_size:
+            raise ValueError(f"{self.path / (split + '.bin')} holds token id "
+                             f"{int(windows.max())} >= vocab_size {self.vocab_size}: the cache "
+                             f"is corrupt; delete {self.path} and it is rebuilt")
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

@@ -434,15 +434,25 @@ RUN_FILES = (CKPT_NAME, "summary.json", "log.jsonl")   # what marks a folder as 
 def check_out_dir(out: Path, overwrite: bool, resumable: bool = False) -> None:
     """Refuse to start a new run in a folder that holds another one, unless ``--overwrite``: a
     second run there would replace its checkpoint, log and summary. ``resumable``: the command
-    has ``--resume`` (pretraining), named in the message as the other way on."""
+    has ``--resume`` (pretraining), named in the message as the other way on when there is a
+    checkpoint to continue."""
     if overwrite:
         return
     found = [name for name in RUN_FILES if (Path(out) / name).exists()]
     if found:
-        how = "--resume continues it, --overwrite replaces it" if resumable else \
-            "--overwrite replaces it"
+        how = ("--resume continues it, --overwrite replaces it"
+               if resumable and CKPT_NAME in found else "--overwrite replaces it")
         raise ConfigError(f"--out {out} already holds a run ({', '.join(found)}): {how}, or "
                           f"choose another --out")
+
+
+def clear_out_dir(out: Path) -> None:
+    """``--overwrite``: remove the old run's files before the new run starts, so that a new run
+    that dies before its first checkpoint leaves no mix of the two (an old ckpt.pt that
+    ``--resume`` would continue against the new log, an old summary.json)."""
+    for name in (*RUN_FILES, "loss.png"):
+        with contextlib.suppress(FileNotFoundError):
+            (Path(out) / name).unlink()
 
 
 def load_checkpoint(path: Path, option: str = "--resume") -> dict:
@@ -687,6 +697,9 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     main = dist_info.main
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and (ckpt_path is None
+                               or ckpt_path.resolve() != (out / CKPT_NAME).resolve()):
+            clear_out_dir(out)
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
 
     corpus = _build_corpus(args, dist_info)

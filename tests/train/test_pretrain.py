@@ -103,9 +103,12 @@ def test_resume_is_exact(tmp_path, cache, backend):
     _pretrain(tmp_path / "full", cache, *common, "--checkpoint-every", "3")
     _pretrain(tmp_path / "half", cache, *common, "--stop-after", "3")
     assert torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)["step"] == 3
+    # with this process's thread count: CPU reductions (MKL's GEMMs, layer norm's weight
+    # gradient) round differently with another one, which bitwise resume does not promise
+    env = {**_env(), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     subprocess.run([sys.executable, "-m", "fastattn.train", "pretrain", *SMALL, *common,
                     "--cache-dir", cache, "--out", str(tmp_path / "half"), "--resume"],
-                   check=True, env=_env(), cwd=tmp_path)
+                   check=True, env=env, cwd=tmp_path)
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "half")
     assert list(resumed) == [1, 2, 3, 4, 5, 6]
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
@@ -148,11 +151,18 @@ def test_a_new_run_does_not_replace_another_in_its_folder(tmp_path, cache, capsy
     assert main(["pretrain", *SMALL, "--cache-dir", cache, "--out", str(out), *common]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in before} == before      # untouched
-    # a folder with only a log (a run stopped before its first checkpoint) counts too
+    # a folder with only a log (a run stopped before its first checkpoint) counts too; there
+    # is nothing to --resume there, so only --overwrite is suggested
     (tmp_path / "logonly").mkdir()
     (tmp_path / "logonly" / "log.jsonl").write_text("")
-    with pytest.raises(ValueError, match=r"already holds a run \(log.jsonl\)"):
+    with pytest.raises(ValueError, match=r"already holds a run \(log.jsonl\): --overwrite "
+                                         r"replaces it, or"):
         _pretrain(tmp_path / "logonly", cache, *common)
+    # --overwrite removes the old run's files first: a new run that dies before its first
+    # checkpoint leaves no old ckpt.pt for --resume to continue against the new log
+    with pytest.raises(ValueError, match="--seq-len 64"):
+        _pretrain(out, cache, *common, "--overwrite", "--seq-len", "64")
+    assert not [p for p in ("ckpt.pt", "summary.json", "loss.png") if (out / p).exists()]
     # --overwrite replaces it; --resume of its own checkpoint continues it
     s = _pretrain(out, cache, *common, "--seed", "1", "--overwrite")
     assert s["seed"] == 1 and (out / "ckpt.pt").read_bytes() != before["ckpt.pt"]

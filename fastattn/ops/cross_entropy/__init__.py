@@ -138,12 +138,13 @@ def _mean_denominator(target: Tensor, weight32: Optional[Tensor], ignore_index: 
     return (weight32[safe].to(acc) * valid).sum()
 
 
-def _defers_mean(dtype: torch.dtype, reduction: str) -> bool:
-    """float16 + "mean": the stored gradient is p - y without the 1/denominator, which backward
-    applies together with grad_output. Folded in, (p - y) / N would be rounded to fp16 before
-    the loss scale reaches it, and every p below ~N * 6e-8 would flush to 0 (GradScaler's
-    point is that p * scale / N survives). bfloat16 has float32's range and folds it."""
-    return dtype == torch.float16 and reduction == "mean"
+def _defers_mean(dtype: torch.dtype, reduction: str, weight: Optional[Tensor]) -> bool:
+    """float16 + "mean" (no class weights): the stored gradient is p - y without the
+    1/denominator, which backward applies together with grad_output. Folded in, (p - y) / N
+    would be rounded to fp16 before the loss scale reaches it, and every p below ~N * 6e-8
+    would flush to 0 (GradScaler's point is that p * scale / N survives). With class weights
+    w_t (p - y) alone can pass fp16's range, so they fold it; bfloat16 has float32's range."""
+    return dtype == torch.float16 and reduction == "mean" and weight is None
 
 
 def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
@@ -160,7 +161,7 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     # Kernels take a float32 scale; float64 logits are scaled after, at float64 precision.
     # float16 gradients keep no 1/denominator at all (backward applies it, _defers_mean).
     fold_scale = (grad is not None and denominator is not None and acc == torch.float32
-                  and not _defers_mean(logits.dtype, reduction))
+                  and not _defers_mean(logits.dtype, reduction, weight))
     grad_scale = denominator.reciprocal() if fold_scale else None
     if n_rows == 0:
         rows = logits.new_zeros(0, dtype=acc)
@@ -199,11 +200,11 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, reduction, 
 def _deferred_scale(ctx, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                     ignore_index: int, reduction: str) -> None:
     """Saves 1 / denominator for backward when the kernel left it out (_defers_mean)."""
-    ctx.deferred = _defers_mean(logits.dtype, reduction)
+    ctx.deferred = _defers_mean(logits.dtype, reduction, weight)
     if ctx.deferred:
-        w32 = None if weight is None else weight.to(torch.float32)
-        ctx.inv_denominator = _mean_denominator(target, w32, ignore_index,
-                                                torch.float32).reciprocal()
+        # no valid target: the gradient is 0 (the kernel wrote zeros), not 0 * inf
+        count = _mean_denominator(target, None, ignore_index, torch.float32)
+        ctx.inv_denominator = torch.where(count > 0, count.reciprocal(), 0.0)
 
 
 def _grad_scale(ctx, grad_loss: Tensor) -> Tensor:

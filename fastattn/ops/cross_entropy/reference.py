@@ -74,9 +74,13 @@ def cross_entropy_fwd(
     eps = label_smoothing
 
     nll = (pivot - z.gather(1, t).squeeze(1)) + log_sum
-    loss = (1 - eps) * w_t * nll + z_loss * lse.square()
+    loss = (1 - eps) * w_t * nll
+    if z_loss:  # skipped when off, like the kernels (|lse| > 1.8e19 would make 0 * inf)
+        loss = loss + z_loss * lse.square()
     if eps:  # skipped when off: a -inf logit would make 0 * inf = nan
-        smooth = w.sum() * lse - z @ w  # sum_j w_j * (lse - z_j)
+        # sum_j w_j (lse - z_j) = W log_sum - sum_j w_j (z_j - pivot): no cancellation of two
+        # large numbers at a large common offset
+        smooth = w.sum() * log_sum - (z - pivot.unsqueeze(1)) @ w
         loss = loss + eps / n_classes * smooth
     loss = torch.where(valid, loss, torch.zeros_like(loss))
 

@@ -90,10 +90,12 @@ def _cross_entropy_fwd_kernel(
 
         # Pass 1. The exponent reference r is the running max, or 0 while every value seen is
         # -inf, so that exp(-inf - -inf) never makes a NaN; a row of only -inf gives lse = -inf
-        # as torch.logsumexp does. Label smoothing needs W = sum_j w_j and sum_j w_j z_j too:
-        #     sum_j w_j (lse - z_j) = W lse - sum_j w_j z_j.
-        # Their fp32 cancellation costs ~eps * |lse| * 2^-24 absolute, after the eps / C factor.
+        # as torch.logsumexp does. Label smoothing needs W = sum_j w_j and wz = sum_j w_j
+        # (z_j - r), kept relative to the running reference r (moving r by d subtracts
+        # d * W_so_far), so that sum_j w_j (lse - z_j) = W log s - wz has no cancellation of
+        # two large numbers at a large common offset of the logits.
         m = float("-inf")
+        r = 0.0
         s = 0.0
         w_sum = 0.0
         wz = 0.0
@@ -102,29 +104,27 @@ def _cross_entropy_fwd_kernel(
             mask = cols < n_cols
             x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            r = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - r) + tl.sum(tl.exp(x - r), axis=0)
+            r_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - r_new) + tl.sum(tl.exp(x - r_new), axis=0)
             m = m_new
             if HAS_SMOOTHING:
                 if HAS_WEIGHT:
                     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-                    w_sum += tl.sum(w, axis=0)
-                    wz += tl.sum(w * tl.where(mask, x, 0.0), axis=0)
                 else:
-                    wz += tl.sum(tl.where(mask, x, 0.0), axis=0)
+                    w = tl.where(mask, 1.0, 0.0)
+                wz = wz - (r_new - r) * w_sum + tl.sum(w * tl.where(mask, x - r_new, 0.0), axis=0)
+                w_sum += tl.sum(w, axis=0)
+            r = r_new
         # lse - z_t is taken as (r - z_t) + log s and p_j as exp(z_j - r) / s: lse itself
         # rounds at a large common offset of the logits (ulp(1e4) ~ 1e-3), these do not.
-        r = tl.where(m == float("-inf"), 0.0, m)
         log_s = tl.log(s)
         lse = r + log_s
         nll = (r - z_t) + log_s
 
         if HAS_SMOOTHING:
-            if not HAS_WEIGHT:
-                w_sum = n_cols * 1.0
             eps = label_smoothing
             hard = (1.0 - eps) * w_t
-            loss = hard * nll + eps / n_cols * (w_sum * lse - wz) + z_loss * lse * lse
+            loss = hard * nll + eps / n_cols * (w_sum * log_s - wz) + z_loss * lse * lse
             coef = hard + eps * w_sum / n_cols + 2.0 * z_loss * lse
         else:
             hard = w_t
