@@ -787,8 +787,6 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                          f"{need} tokens; the model's max_seq_len is {cfg.max_seq_len}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.overwrite:
-        clear_out_dir(out)
 
     _seed_all(args.seed)
     model = GPT(cfg, backend=args.backend).to(device)
@@ -830,6 +828,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     rng = random.Random(f"{stage}/{args.seed}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
+    if args.overwrite:      # every check passed: the old run's files go before the first write
+        clear_out_dir(out)
     log_f = open(out / "log.jsonl", "w")
 
     def log(record: dict) -> None:

@@ -235,9 +235,9 @@ def _split_documents(texts: Sequence[str], val_fraction: float) -> tuple[list[st
     others are too short to lend a tail that is text rather than end-of-text tokens and cut
     words: when there are several, the last of them are held out whole (skipping any that
     would take the held text past twice the budget) until they make up val_fraction of those
-    documents' characters, never all of them; when none fits (a few short documents), each is
-    split instead. A lone short one is split if it is the whole corpus, else it is training
-    text.
+    documents' characters, never all of them; when that comes to less than half the budget (a
+    few short documents of unequal size), each is split instead. A lone short one is split if
+    it is the whole corpus, else it is training text.
     """
     short = [i for i, t in enumerate(texts) if round(len(t) * val_fraction) < _MIN_SPLIT_VAL_CHARS]
     held: set[int] = set()
@@ -251,6 +251,8 @@ def _split_documents(texts: Sequence[str], val_fraction: float) -> tuple[list[st
             if total + len(texts[i]) <= 2 * budget:
                 held.add(i)
                 total += len(texts[i])
+        if total < budget / 2:      # what fitted is too little to validate on
+            held.clear()
     # no short document small enough to hold out (a few of them): each lends its tail instead,
     # as does a lone document that is the whole corpus
     split_short = len(texts) == 1 or (len(short) >= 2 and not held)

@@ -697,9 +697,6 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     main = dist_info.main
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite and (ckpt_path is None
-                               or ckpt_path.resolve() != (out / CKPT_NAME).resolve()):
-            clear_out_dir(out)
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
 
     corpus = _build_corpus(args, dist_info)
@@ -760,6 +757,11 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
 
     log_f = None
     if main:
+        # --overwrite: the old run's files go now, once every check has passed and just before
+        # the first write (a new run that dies before its first checkpoint leaves no mix)
+        if args.overwrite and (ckpt_path is None
+                               or ckpt_path.resolve() != (out / CKPT_NAME).resolve()):
+            clear_out_dir(out)
         log_path = out / "log.jsonl"
         kept = []
         if ckpt is not None and log_path.exists():   # drop lines past the checkpoint

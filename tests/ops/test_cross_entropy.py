@@ -138,6 +138,11 @@ def test_a_large_common_offset_costs_no_precision(device, backend, offset, smoot
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-6, atol=1e-7)
     if not smoothing:
         torch.testing.assert_close(logp.double(), -ref, rtol=0, atol=2e-6)
+        with fastattn.use_backend(backend):     # and the entropy (temperature 1: z / T exact)
+            _, ent = fastattn.token_logprobs(x, target, return_entropy=True)
+        logp64 = torch.log_softmax(x.double(), -1)
+        torch.testing.assert_close(ent.double(), -(logp64.exp() * logp64).sum(-1),
+                                   rtol=0, atol=4e-6)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)

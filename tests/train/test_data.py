@@ -187,10 +187,11 @@ def test_many_short_documents_are_held_out_whole(tmp_path):
     # training text; a few short ones of unequal size (none small enough to hold out within
     # twice 5%) lend a tail each instead of sending the last one whole to validation
     assert D._split_documents(["a b c d e f\n"] * 1, 0.05)[1] != []
-    few = [_doc(8, 6), _doc(9, 60)]                 # ~250 and ~2500 characters
-    train, val = D._split_documents(few, 0.05)
-    assert [a + b for a, b in zip(train, val)] == few
-    assert 0.025 <= sum(map(len, val)) / sum(map(len, few)) <= 0.1
+    for few in ([_doc(8, 6), _doc(9, 60)],                 # ~250 and ~2500 characters
+                [_doc(10, 60), _doc(11, 60), "Q: ab\nA: cd\n"]):  # ~2500, ~2500 and 12
+        train, val = D._split_documents(few, 0.05)
+        assert [a + b for a, b in zip(train, val)] == few
+        assert 0.025 <= sum(map(len, val)) / sum(map(len, few)) <= 0.1
     long_doc = _doc(5, 400)
     train, val = D._split_documents([long_doc, "short one\n"], 0.05)
     assert train[1] == "short one\n" and len(val) == 1 and train[0] + val[0] == long_doc

@@ -158,10 +158,15 @@ def test_a_new_run_does_not_replace_another_in_its_folder(tmp_path, cache, capsy
     with pytest.raises(ValueError, match=r"already holds a run \(log.jsonl\): --overwrite "
                                          r"replaces it, or"):
         _pretrain(tmp_path / "logonly", cache, *common)
-    # --overwrite removes the old run's files first: a new run that dies before its first
-    # checkpoint leaves no old ckpt.pt for --resume to continue against the new log
+    # --overwrite with bad options changes nothing; once the new run starts, the old run's
+    # files go first: a run that dies before its first checkpoint (here it diverges) leaves no
+    # old ckpt.pt for --resume to continue against the new log
     with pytest.raises(ValueError, match="--seq-len 64"):
         _pretrain(out, cache, *common, "--overwrite", "--seq-len", "64")
+    assert {name: (out / name).read_bytes() for name in before} == before
+    with pytest.raises(FloatingPointError):
+        _pretrain(out, cache, "--max-steps", "5", "--eval-iters", "0", "--overwrite",
+                  "--lr", "1e30", "--clip", "0")
     assert not [p for p in ("ckpt.pt", "summary.json", "loss.png") if (out / p).exists()]
     # --overwrite replaces it; --resume of its own checkpoint continues it
     s = _pretrain(out, cache, *common, "--seed", "1", "--overwrite")

@@ -113,15 +113,17 @@ def token_logprobs_fwd(
     s = logits.to(acc) * inv_temperature
     valid = target != ignore_index
     t = torch.where(valid, target, 0).unsqueeze(1)
-    pivot, _, sum_e = _shifted_exp(s)
+    pivot, e, sum_e = _shifted_exp(s)
     log_sum = torch.log(sum_e)
     lse = pivot + log_sum
     zero = torch.zeros_like(lse)
     logp = torch.where(valid, (s.gather(1, t).squeeze(1) - pivot) - log_sum, zero)
     if with_entropy:
-        p = torch.exp(s - lse.unsqueeze(1))
-        p_s = torch.where(p > 0, p * s, torch.zeros_like(p))  # p log p -> 0 as p -> 0
-        entropy = torch.where(valid, lse - p_s.sum(1), zero)
+        # entropy = lse - E[s] = log_sum - sum_j e_j (s_j - pivot) / sum: relative to the
+        # pivot, so no cancellation between lse and E[s] at a large common offset
+        y = s - pivot.unsqueeze(1)
+        e_y = torch.where(e > 0, e * y, torch.zeros_like(e))  # p log p -> 0 as p -> 0
+        entropy = torch.where(valid, log_sum - e_y.sum(1) / sum_e, zero)
     else:
         entropy = lse.new_empty(0)
     return logp, entropy, lse
