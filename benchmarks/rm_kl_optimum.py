@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 
 from fastattn.models.gpt import GPT, GPTConfig
 from fastattn.train import align, tasks
-from fastattn.train.pretrain import CKPT_NAME, load_checkpoint
+from fastattn.train.pretrain import load_checkpoint
 
 
 def main() -> None:
@@ -43,8 +42,7 @@ def main() -> None:
         raise SystemExit("--samples must be >= 1 and every beta > 0")
     betas.append(math.inf)
 
-    path = Path(args.policy)
-    ckpt = load_checkpoint(path / CKPT_NAME if path.is_dir() else path, "--policy")
+    ckpt = load_checkpoint(align.ckpt_file(args.policy), "--policy")
     defaults = argparse.Namespace(digits=None, n_train=None, n_pairs=None, n_eval=None,
                                   task_seed=None, cache_dir=None)
     task, (corpus, _) = align._task(defaults, ckpt), align._corpus(defaults, ckpt)

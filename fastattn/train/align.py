@@ -718,6 +718,12 @@ def _corpus(args, ckpt: dict):
     return corpus, info
 
 
+def ckpt_file(path) -> Path:
+    """The checkpoint a --init / --reward-model / --policy names: a file, or a run's folder."""
+    path = Path(path)
+    return path / CKPT_NAME if path.is_dir() else path
+
+
 def _check_ranges(args: argparse.Namespace, stage: str) -> None:
     """The numeric options each stage has, against their valid ranges (argparse checks types)."""
     finite = math.isfinite
@@ -753,18 +759,14 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                          f"{args.format_penalty}")
     _check_ranges(args, stage)
     device = resolve_device(args.device)
-    init = Path(args.init)
-    ckpt_path = init / CKPT_NAME if init.is_dir() else init
-    if (Path(args.out) / CKPT_NAME).resolve() == ckpt_path.resolve():
-        raise ValueError(f"--out {args.out} is the folder of --init {args.init}: the run would "
-                         f"overwrite the checkpoint it starts from; choose another --out")
-    if stage == "ppo":
-        rm_ckpt = Path(args.reward_model)
-        rm_ckpt = rm_ckpt / CKPT_NAME if rm_ckpt.is_dir() else rm_ckpt
-        if (Path(args.out) / CKPT_NAME).resolve() == rm_ckpt.resolve():
-            raise ValueError(f"--out {args.out} is the folder of --reward-model "
-                             f"{args.reward_model}: the run would overwrite the reward model; "
-                             f"choose another --out")
+    ckpt_path = ckpt_file(args.init)
+    # the run writes OUT/ckpt.pt: never the checkpoint it reads (not even with --overwrite)
+    inputs = {"--init": args.init, "--reward-model": getattr(args, "reward_model", None)}
+    written = (Path(args.out) / CKPT_NAME).resolve()
+    for option, given in inputs.items():
+        if given is not None and ckpt_file(given).resolve() == written:
+            raise ValueError(f"--out {args.out} is the folder of {option} {given}: the run would "
+                             f"overwrite the checkpoint it reads; choose another --out")
     check_out_dir(Path(args.out), args.overwrite)
     ckpt = load_checkpoint(ckpt_path, "--init")
     init_stage = ckpt.get("stage")
@@ -1233,8 +1235,7 @@ def rm_best_of_k(model, head, candidates: list[dict], eos: int, device,
 
 def _load_reward_model(path, cfg, backend: str, device):
     from ..models.gpt import GPT, GPTConfig
-    path = Path(path)
-    path = path / CKPT_NAME if path.is_dir() else path
+    path = ckpt_file(path)
     ck = load_checkpoint(path, "--reward-model")
     if HEAD_KEYS["rm"] not in ck:
         raise CheckpointError(f"{path} holds no {HEAD_KEYS['rm']!r} (stage "

@@ -690,9 +690,11 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     if args.resume:
         ckpt_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
         ckpt = load_checkpoint(ckpt_path)
-    # A fresh run, or one continued from another folder's checkpoint, must not replace a run in
-    # --out. Every rank looks before the first barrier (in _build_corpus): all refuse together.
-    if ckpt_path is None or ckpt_path.resolve() != (out / CKPT_NAME).resolve():
+    # A fresh run, or one continued from another folder's checkpoint, is a new run in --out: it
+    # must not replace the one there. Every rank looks before the first barrier (in
+    # _build_corpus), so all of them refuse together.
+    new_run = ckpt_path is None or ckpt_path.resolve() != (out / CKPT_NAME).resolve()
+    if new_run:
         check_out_dir(out, args.overwrite, resumable=True)
     main = dist_info.main
     if main:
@@ -759,8 +761,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     if main:
         # --overwrite: the old run's files go now, once every check has passed and just before
         # the first write (a new run that dies before its first checkpoint leaves no mix)
-        if args.overwrite and (ckpt_path is None
-                               or ckpt_path.resolve() != (out / CKPT_NAME).resolve()):
+        if args.overwrite and new_run:
             clear_out_dir(out)
         log_path = out / "log.jsonl"
         kept = []

@@ -548,7 +548,8 @@ def test_init_must_be_a_policy_and_out_must_not_be_it(chain, tmp_path, capsys):
     (copy_dir / "ckpt.pt").write_bytes((root / "sft" / "ckpt.pt").read_bytes())
     before = (copy_dir / "ckpt.pt").read_bytes()
     assert main(["grpo", "--init", str(copy_dir), "--out", str(copy_dir), *common]) == 2
-    assert "would overwrite the checkpoint it starts from" in capsys.readouterr().err
+    assert "is the folder of --init" in (err := capsys.readouterr().err)
+    assert "would overwrite the checkpoint it reads" in err
     assert (copy_dir / "ckpt.pt").read_bytes() == before
     assert main(["grpo", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == 2
     assert "--init: no checkpoint at" in capsys.readouterr().err

@@ -41,6 +41,8 @@ import math
 import torch
 from torch import Tensor
 
+from .._reference_common import shifted_exp
+
 _M32 = 0xFFFFFFFF
 
 
@@ -125,15 +127,8 @@ def _scores(q, k, bias, scale, diag, window_left, window_right, softcap, acc):
 def _softmax(s: Tensor) -> tuple[Tensor, Tensor]:
     # p = exp(s - max) / sum, not exp(s - lse): when every score of a row is huge (a -1e9 mask
     # on all keys) lse = max + log(sum) rounds to max in fp32 and such p would sum to Sk.
-    # Fully masked rows (max = -inf) take pivot 0: exp(-inf) = 0, so p = 0 and lse = -inf.
-    # (A NaN score gives a NaN max and stays NaN, as in PyTorch.)
-    if s.shape[-1] == 0:                   # no keys at all: every row fully masked
-        m = s.new_full((*s.shape[:-1], 1), float("-inf"))
-    else:
-        m = s.amax(dim=-1, keepdim=True)
-    pivot = m.masked_fill(m == float("-inf"), 0.0)
-    e = torch.exp(s - pivot)
-    total = e.sum(dim=-1, keepdim=True)
+    # Fully masked rows (no key, or all -inf) have sum 0: p = 0 and lse = -inf.
+    pivot, e, total = shifted_exp(s)
     p = e / total.masked_fill(total == 0, 1.0)
     return p, (pivot + torch.log(total)).squeeze(-1)
 

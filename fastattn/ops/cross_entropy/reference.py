@@ -33,17 +33,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._reference_common import shifted_exp
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
 def _shifted_exp(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(pivot, e, sum): pivot = the row max (0 where it is -inf), e = exp(z - pivot), its row sum."""
-    m = z.amax(dim=1) if z.shape[1] else z.new_full(z.shape[:1], float("-inf"))
-    pivot = m.masked_fill(m == float("-inf"), 0.0)
-    e = torch.exp(z - pivot.unsqueeze(1))
-    return pivot, e, e.sum(1)
+    """``shifted_exp`` of (R, C) rows with pivot and sum as (R,)."""
+    pivot, e, total = shifted_exp(z)
+    return pivot.squeeze(1), e, total.squeeze(1)
 
 
 def cross_entropy_fwd(
