@@ -188,18 +188,28 @@ def _flex_fn():
 
 
 def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, flex=(),
-                    others=True):
+                    others=True, compare_tma=False):
     """Training attention, bf16, batch x seq = tokens, heads = model_dim / head_dim (the shapes
     of FlashAttention's own benchmark). FLOPs: forward 4*B*H*S*S*D, halved when causal;
     backward 2.5 x forward (5 products instead of 2); the backward time is fwd+bwd - fwd.
     ``shapes`` lists (head dim, seq len), each run causal and not; FlexAttention only at the
     shapes in ``flex`` (each shape and grad mode is a fresh compile, ~20 s); ``others=False``
     times FlexAttention alone (the fastattn and SDPA rows of those shapes come from an earlier
-    call, so that its compiles do not hold up the other ops)."""
+    call, so that its compiles do not hold up the other ops); ``compare_tma`` adds fastattn's
+    pointer-load kernels next to its default where the default is the TMA path."""
+    from fastattn.ops.attention import triton as fa_triton
+
     impls = {}
+    # FASTATTN_TRITON_TMA for the fastattn rows: the default (TMA loads on sm_90+) and, where
+    # that takes the TMA path, the pointer-load kernels side by side ("no TMA").
+    tma_modes = {}
     if others:
         impls["fastattn[triton]"] = lambda q, k, v, causal: (
             fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        tma_modes["fastattn[triton]"] = fa_triton.TMA_MODE
+        if compare_tma and fa_triton._tma_enabled(torch.empty(1, device="cuda")):
+            impls["fastattn[triton, no TMA]"] = impls["fastattn[triton]"]
+            tma_modes["fastattn[triton, no TMA]"] = "0"
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             fn = _sdpa_backend_fn(name)
             if fn is not None:
@@ -231,8 +241,13 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                     q.grad = k.grad = v.grad = None
                     fn(q, k, v, causal).backward(dout)
                 n = len(results)
-                _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
-                _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops, "TFLOP/s")
+                saved_mode = fa_triton.TMA_MODE
+                fa_triton.TMA_MODE = tma_modes.get(impl, saved_mode)
+                try:
+                    _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
+                    _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops, "TFLOP/s")
+                finally:
+                    fa_triton.TMA_MODE = saved_mode
                 if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                     bwd_ms = results[-1].median_ms - results[-2].median_ms
                     results.append(Result(f"{case} bwd", impl, bwd_ms, 2.5 * fwd_flops,
@@ -369,7 +384,7 @@ def main() -> int:
     failed: list[str] = []
     cases = [  # most important first: a run cut short by the budget still answers the issues
         ("attention", lambda: attention_cases(results, deadline, [(128, 4096)],
-                                              tokens=16384 // scale)),
+                                              tokens=16384 // scale, compare_tma=True)),
         ("decode_attention", lambda: decode_cases(results, deadline)),
         ("ffn", lambda: ffn_cases(results, deadline, tokens=16384 // scale)),
         ("cross_entropy", lambda: _logits_cases(results, "cross_entropy", fastattn.cross_entropy,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastattn.ops.attention import triton as fa_triton
+from tests.helpers import GPU
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M32 = 0xFFFFFFFF
@@ -246,15 +247,8 @@ def _pack(xs):
     return torch.cat([x[0].transpose(0, 1) for x in xs], 0)  # (1, h, s, D) -> (total, h, D)
 
 
-@pytest.mark.parametrize(
-    "dtype,causal,lens_q,lens_k",
-    [
-        (torch.float32, True, (1, 17, 40), (5, 17, 29)),
-        (torch.float16, False, (17, 1, 40), (17, 40, 1)),
-    ],
-)
-def test_varlen_equals_per_sequence(dtype, causal, lens_q, lens_k):
-    H, Hkv, D = 4, 2, 40
+def _varlen_case(dtype, causal, lens_q, lens_k, D=40):
+    H, Hkv = 4, 2
     seqs = [_qkv(1, H, Hkv, sq, sk, D, dtype) for sq, sk in zip(lens_q, lens_k)]
     q, k, v, dout = (_pack([s[n] for s in seqs]) for n in range(4))
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
@@ -276,6 +270,17 @@ def test_varlen_equals_per_sequence(dtype, causal, lens_q, lens_k):
         _check("dv", dv[rk].transpose(0, 1)[None], ref[4], dtype)
 
 
+@pytest.mark.parametrize(
+    "dtype,causal,lens_q,lens_k",
+    [
+        (torch.float32, True, (1, 17, 40), (5, 17, 29)),
+        (torch.float16, False, (17, 1, 40), (17, 40, 1)),
+    ],
+)
+def test_varlen_equals_per_sequence(dtype, causal, lens_q, lens_k):
+    _varlen_case(dtype, causal, lens_q, lens_k)
+
+
 @pytest.mark.skipif(not fa_triton.INTERPRET, reason="tile shapes are forced in the interpreter only")
 @pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16)])
 def test_unequal_tiles(monkeypatch, bm, bn):
@@ -290,3 +295,135 @@ def test_unequal_tiles(monkeypatch, bm, bn):
         sq, sk = (int(x) for x in torch.randint(20, 90, (2,), generator=gen))
         q, k, v, dout = _qkv(1, 4, 2, sq, sk, 16, torch.float32)
         _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), torch.float32)
+
+
+# ----------------------------------------------------------------------------- the TMA path
+#
+# The Hopper path loads the interior tiles of each inner loop through tensor descriptors. On a
+# CPU it runs under the interpreter when FASTATTN_TRITON_TMA=1 (the `tma` fixture), which is
+# how these tests check its addressing; tests/test_triton_compile.py lowers it for sm_90.
+
+needs_tma = pytest.mark.skipif(fa_triton.TensorDescriptor is None, reason="triton without host TMA descriptors")
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """Forces the TMA path and records, per launch, whether it was taken."""
+    monkeypatch.setattr(fa_triton, "TMA_MODE", "1")
+    monkeypatch.setattr(fa_triton, "_TMA_FAILED", False)
+    if not fa_triton._tma_enabled(torch.empty(1, device=DEVICE)):
+        pytest.skip("no TMA on this device")
+    taken = []
+    plan = fa_triton._tma_descriptors
+
+    def spy(*args):
+        descs = plan(*args)
+        taken.append(descs is not None)
+        return descs
+
+    monkeypatch.setattr(fa_triton, "_tma_descriptors", spy)
+    return taken
+
+
+def _nan_padded(B, H, S, D, dtype, layout):
+    """(B, H, S, D) random values inside a larger NaN buffer, so that a tile read past the
+    sequence (into the padding, the next head or the next batch entry) poisons the result."""
+    if layout == "bhsd":  # heads padded by 9 rows: a head's rows run into NaN, then the next head
+        buf = torch.full((B, H, S + 9, D), float("nan"), dtype=dtype, device=DEVICE)
+        x = buf[:, :, :S]
+    elif layout == "bshd":  # (B, S, H, D) transposed, each batch entry padded by 5 rows
+        buf = torch.full((B, S + 5, H, D), float("nan"), dtype=dtype, device=DEVICE)
+        x = buf[:, :S].transpose(1, 2)
+    else:  # "qkv": one head's slice of a packed (B, S, 3, H, D) projection
+        buf = torch.full((B, S + 3, 3, H, D), float("nan"), dtype=dtype, device=DEVICE)
+        x = buf[:, :S, 1].transpose(1, 2)
+    x.copy_(torch.randn(x.shape, dtype=dtype, device=DEVICE))
+    return x
+
+
+TMA_CASES = {  # dtype, B, H, Hkv, Sq, Sk, D, layout, mask kwargs
+    "bhsd_causal_gqa": (torch.float32, 2, 4, 2, 97, 130, 32, "bhsd", dict(diag=0, wr=0)),
+    "bshd_full": (torch.float32, 2, 2, 2, 97, 70, 16, "bshd", {}),
+    "qkv_window_softcap": (torch.float32, 1, 2, 1, 90, 97, 16, "qkv", dict(diag=7, wl=40, wr=20, softcap=2.0)),
+    "bhsd_causal_br_dropout": (torch.float32, 1, 2, 2, 50, 97, 16, "bhsd", dict(diag=47, wr=0, dropout_p=0.2, seed=9)),
+    "fp16_bshd_mqa_causal": (torch.float16, 1, 4, 1, 97, 97, 32, "bshd", dict(diag=0, wr=0)),
+}
+
+
+@needs_tma
+@pytest.mark.parametrize("case", list(TMA_CASES))
+def test_tma_path_matches_naive(tma, case):
+    dtype, B, H, Hkv, Sq, Sk, D, layout, kw = TMA_CASES[case]
+    q = _nan_padded(B, H, Sq, D, dtype, layout)
+    k = _nan_padded(B, Hkv, Sk, D, dtype, layout)
+    v = _nan_padded(B, Hkv, Sk, D, dtype, layout)
+    dout = _nan_padded(B, H, Sq, D, dtype, layout)
+    got = _run(q, k, v, dout, **kw)
+    assert tma == [True, True, True], "a launch did not take the TMA path"
+    _compare(got, naive(q, k, v, dout, **kw), dtype)
+
+
+@GPU
+@needs_tma
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd", "qkv"])
+def test_tma_path_on_gpu(tma, dtype, layout):
+    # The GPU's own tiles (64 and 128): sequences long enough for interior tiles, not multiples
+    # of them, inside NaN padding; causal GQA and a windowed softcap.
+    for (B, H, Hkv, Sq, Sk, D), kw in (((2, 4, 2, 300, 517, 128), dict(diag=217, wr=0)),
+                                       ((1, 2, 1, 517, 300, 64), dict(diag=0, wl=200, wr=90, softcap=3.0))):
+        q = _nan_padded(B, H, Sq, D, dtype, layout)
+        k = _nan_padded(B, Hkv, Sk, D, dtype, layout)
+        v = _nan_padded(B, Hkv, Sk, D, dtype, layout)
+        dout = _nan_padded(B, H, Sq, D, dtype, layout)
+        got = _run(q, k, v, dout, **kw)
+        _compare(got, naive(q, k, v, dout, **kw), dtype)
+    assert tma and all(tma)
+
+
+@needs_tma
+def test_tma_path_varlen(tma):
+    # Packed sequences: a descriptor row of sequence n + 1 follows the last of sequence n.
+    _varlen_case(torch.float32, True, (40, 1, 33), (35, 17, 50), D=16)
+    _varlen_case(torch.float16, False, (33, 20), (17, 40), D=16)
+    assert tma and all(tma)
+
+
+@needs_tma
+def test_tma_descriptor_layouts(monkeypatch):
+    monkeypatch.setattr(fa_triton, "TMA_MODE", "1")
+    monkeypatch.setattr(fa_triton, "_TMA_FAILED", False)
+
+    def desc(x, n_rows=None):
+        strides = (x.stride(0), x.stride(1), x.stride(2))
+        return fa_triton._tma_descriptor(x, strides, x.shape[0], x.shape[1], n_rows or x.shape[2], 16)
+
+    d = desc(torch.zeros(2, 3, 5, 32))  # contiguous: one row per (b, h, s)
+    assert list(d.shape) == [30, 32] and list(d.strides) == [32, 1] and list(d.block_shape) == [16, 32]
+    d = desc(torch.zeros(2, 5, 3, 32).transpose(1, 2))  # (B, S, H, D): a row holds every head
+    assert list(d.shape) == [10, 96] and list(d.strides) == [96, 1]
+    assert desc(torch.zeros(2, 3, 5, 40)) is None  # head dim not a power of two
+    assert desc(torch.zeros(1 + 2 * 3 * 5 * 32)[1:].view(2, 3, 5, 32)) is None  # base not 16-byte aligned
+    assert desc(torch.zeros(2, 3, 5, 20, dtype=torch.float16)[..., :16]) is None  # 40-byte rows
+    # Two heads overlapping inside one row (head stride D / 2): no single box per head.
+    assert desc(torch.zeros(64).as_strided((1, 2, 2, 16), (64, 8, 16, 1))) is None
+    # Batch entries that do not start on a row boundary.
+    assert desc(torch.zeros(200).as_strided((2, 1, 3, 16), (56, 48, 16, 1))) is None
+
+
+def test_tma_build_failure_falls_back_once(monkeypatch):
+    monkeypatch.setattr(fa_triton, "INTERPRET", False)
+    monkeypatch.setattr(fa_triton, "_TMA_FAILED", False)
+    calls = []
+
+    def launch(operands, use_tma):
+        calls.append((operands, use_tma))
+        if use_tma:
+            raise RuntimeError("PassManager::run failed")
+
+    with pytest.warns(RuntimeWarning, match="TMA attention path failed to build"):
+        fa_triton._launch(launch, ("desc_k", "desc_v"), ("k", "v"))
+    assert calls == [(("desc_k", "desc_v"), True), (("k", "v"), False)]
+    assert fa_triton._TMA_FAILED and not fa_triton._tma_enabled(torch.empty(1))
+    fa_triton._launch(launch, None, ("k", "v"))
+    assert calls[-1] == (("k", "v"), False)

@@ -23,13 +23,18 @@ Masks: every launch computes, per tile, the range of tiles that can be visible f
 the window (skipping the rest) and splits it into edge tiles, which evaluate the element mask,
 and interior tiles, which are fully visible and skip it (causal: only the diagonal tiles pay).
 Varlen reuses the same kernels: IS_VARLEN reads each sequence's offsets from cu_seqlens.
+
+Hopper (sm_90+, USE_TMA): the interior tiles of each inner loop are loaded through TMA tensor
+descriptors; see "The Hopper path" below.
 """
 
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
 # strings that Triton 3.0's interpreter does not recognise as constexpr.
 import contextlib
+import functools
 import math
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -39,10 +44,19 @@ from torch import Tensor
 
 from .._triton_common import tanh as _tanh
 
+try:  # host-side TMA descriptors: triton >= 3.4 (older versions keep the pointer loads)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed triton
+    TensorDescriptor = None
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTATTN_AUTOTUNE=0 runs the first config the shape pruning keeps instead of timing them all:
 # for test runs, where every new shape would otherwise cost a round of compiles.
 AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
+# FASTATTN_TRITON_TMA: the Hopper path (see _tma_descriptor). "auto" (default) uses it on
+# NVIDIA GPUs of compute capability 9.0 and newer, "0" never, "1" also under TRITON_INTERPRET
+# (how the CPU tests check it).
+TMA_MODE = os.environ.get("FASTATTN_TRITON_TMA", "auto")
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -57,9 +71,30 @@ _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
 # ---------------------------------------------------------------------------------------------
 
 
-def _configs():
+def _streamed(kind):
+    # (descriptor arguments, the block that is their tile's row count) of the operands a
+    # kernel streams through its inner loop: the only loads that take the TMA path.
+    return (("QDesc", "DODesc"), "BLOCK_M") if kind == "dkdv" else (("KDesc", "VDesc"), "BLOCK_N")
+
+
+def _block_shape_hook(kind):
+    # A host-side descriptor carries its tile shape, which must be the launched config's:
+    # the autotuner calls this before each config it times and before the chosen one runs.
+    names, block = _streamed(kind)
+
+    def hook(nargs):
+        for name in names:
+            desc = nargs[name]
+            if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
+                desc.block_shape = [nargs[block], desc.block_shape[1]]
+
+    return hook
+
+
+def _configs(kind):
+    hook = _block_shape_hook(kind)
     main = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
         for bm in (64, 128)
         for bn in (64, 128)
         for w in (4, 8)
@@ -68,7 +103,7 @@ def _configs():
     # Only for head dim 256: in fp32 even a 64 x 64 backward tile needs ~280 KB of shared
     # memory (sm_90 has 227 KB), and the autotuner skips configs that do not fit.
     small = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s, pre_hook=hook)
         for bm, bn in ((32, 32), (32, 64), (64, 32))
         for s in (1, 2)
     ]
@@ -76,7 +111,7 @@ def _configs():
     # short (FlashAttention-2's Triton backward on Hopper): dK/dV keeps 128 keys and streams 32
     # queries, dQ keeps 128 queries and streams 32 keys.
     unequal = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
         for bm, bn in ((32, 128), (128, 32))
         for w in (4, 8)
         for s in (2, 3)
@@ -118,13 +153,15 @@ def _prune(kind):
             if c.num_warps == 4 and max(bm, bn) == 128 and d >= 128:
                 continue
             kept.append(c)
-        kept = kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
+        kept = kept or [
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2, pre_hook=_block_shape_hook(kind))
+        ]
         return kept if AUTOTUNE else kept[:1]
 
     return prune
 
 
-_TUNE_KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "HAS_BIAS", "HAS_DROPOUT", "HAS_SOFTCAP", "IS_VARLEN"]
+_TUNE_KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "HAS_BIAS", "HAS_DROPOUT", "HAS_SOFTCAP", "IS_VARLEN", "USE_TMA"]
 
 
 def _tuned(kind):
@@ -132,7 +169,7 @@ def _tuned(kind):
         if INTERPRET:
             return kernel
         prune = {"early_config_prune": _prune(kind)}
-        return triton.autotune(configs=_configs(), key=_TUNE_KEY, prune_configs_by=prune)(kernel)
+        return triton.autotune(configs=_configs(kind), key=_TUNE_KEY, prune_configs_by=prune)(kernel)
 
     return wrap
 
@@ -255,7 +292,8 @@ def _key_tiles(m0, seqlen_k, diag, window_left, window_right, BLOCK_M: tl.conste
 def _query_tiles(n0, seqlen_q, seqlen_k, diag, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The transpose of _key_tiles for a key tile starting at n0: key j is seen by queries
     j - diag - wr .. j - diag + wl. A key tile that runs past seqlen_k has no interior query
-    tile, since its padding columns must be masked everywhere."""
+    tile, since its padding columns must be masked everywhere; a query tile that runs past
+    seqlen_q is an edge tile."""
     n_last = n0 + BLOCK_N - 1
     first = tl.maximum(n0 - diag - window_right, 0)
     end = tl.minimum(n_last - diag + window_left + 1, seqlen_q)
@@ -263,10 +301,25 @@ def _query_tiles(n0, seqlen_q, seqlen_k, diag, window_left, window_right, BLOCK_
     hi = tl.where(end > first, (end + BLOCK_M - 1) // BLOCK_M, lo)
     full_lo = (tl.maximum(n_last - diag - window_right, 0) + BLOCK_M - 1) // BLOCK_M
     full_hi = tl.maximum(n0 - diag + window_left + 1, 0) // BLOCK_M
+    # An interior tile must also lie inside [0, seqlen_q): its loads have no row mask.
+    full_hi = tl.minimum(full_hi, seqlen_q // BLOCK_M)
     full_lo = tl.where(n0 + BLOCK_N > seqlen_k, hi, full_lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _tma_coords(offset, row0, stride_row, USE_TMA: tl.constexpr):
+    """(row, column) of a (batch, head)'s first element in the 2-D view (rows of stride_row
+    elements) that _tma_descriptor describes, offset being its element offset in the tensor
+    and row0 the sequence's first row (varlen). int32, as TMA coordinates are."""
+    row = 0
+    col = 0
+    if USE_TMA:
+        row = (offset // stride_row + row0).to(tl.int32)
+        col = (offset % stride_row).to(tl.int32)
+    return row, col
 
 
 @triton.jit
@@ -290,6 +343,12 @@ def _fwd_tiles(
     q,
     k_base,
     v_base,
+    k_desc,
+    v_desc,
+    k_row,
+    k_col,
+    v_row,
+    v_col,
     bias_base,
     stride_kn,
     stride_vn,
@@ -313,6 +372,7 @@ def _fwd_tiles(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     MASK: tl.constexpr,
+    TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -320,9 +380,12 @@ def _fwd_tiles(
     for tile in range(tile_lo, tile_hi):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen_k
-        k_t = tl.load(
-            k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0
-        )
+        if TMA:
+            k_t = tl.trans(k_desc.load([k_row + tile * BLOCK_N, k_col]))
+        else:
+            k_t = tl.load(
+                k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0
+            )
         qk = tl.dot(q, k_t, input_precision=PRECISION)
         s, _ = _scores(
             qk, offs_m[:, None], offs_n[None, :], bias_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
@@ -339,9 +402,12 @@ def _fwd_tiles(
             # lse is of the scores before dropout, so l takes p whole; only the P V product
             # sees the kept entries (1 / (1 - p) is applied once at the end).
             p = tl.where(_keep(offs_m[:, None], offs_n[None, :], seqlen_k, key, threshold), p, 0.0)
-        v = tl.load(
-            v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        if TMA:
+            v = v_desc.load([v_row + tile * BLOCK_N, v_col])
+        else:
+            v = tl.load(
+                v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0
+            )
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -358,6 +424,8 @@ def _fwd_kernel(
     Lse,
     CuQ,
     CuK,
+    KDesc,
+    VDesc,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -397,6 +465,7 @@ def _fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -416,6 +485,8 @@ def _fwd_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     hk64 = (h // GROUP).to(tl.int64)
+    k_row, k_col = _tma_coords(b64 * stride_kb + hk64 * stride_kh, row_k, stride_kn, USE_TMA)
+    v_row, v_col = _tma_coords(b64 * stride_vb + hk64 * stride_vh, row_k, stride_vn, USE_TMA)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + row_q * stride_qm
     k_base = K + b64 * stride_kb + hk64 * stride_kh + row_k * stride_kn
     v_base = V + b64 * stride_vb + hk64 * stride_vh + row_k * stride_vn
@@ -436,20 +507,25 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_tiles(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N)
     # Left edge, interior (no element mask), right edge; for causal the left edge is empty.
+    # Interior tiles lie inside [0, seqlen_k), so only they take the TMA loads, which have
+    # no element mask.
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, stride_bm, stride_bn,
-        offs_m, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right, scale, softcap, key, threshold,
-        lo, full_lo, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True, PRECISION, BLOCK_N,
+        acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, k_row, k_col, v_row, v_col, bias_base, stride_kn,
+        stride_vn, stride_bm, stride_bn, offs_m, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right,
+        scale, softcap, key, threshold, lo, full_lo, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True, False,
+        PRECISION, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, stride_bm, stride_bn,
-        offs_m, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right, scale, softcap, key, threshold,
-        full_lo, full_hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, False, PRECISION, BLOCK_N,
+        acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, k_row, k_col, v_row, v_col, bias_base, stride_kn,
+        stride_vn, stride_bm, stride_bn, offs_m, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right,
+        scale, softcap, key, threshold, full_lo, full_hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, False, USE_TMA,
+        PRECISION, BLOCK_N,
     )  # fmt: skip
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, bias_base, stride_kn, stride_vn, stride_bm, stride_bn,
-        offs_m, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right, scale, softcap, key, threshold,
-        full_hi, hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True, PRECISION, BLOCK_N,
+        acc, l_i, m_i, q, k_base, v_base, KDesc, VDesc, k_row, k_col, v_row, v_col, bias_base, stride_kn,
+        stride_vn, stride_bm, stride_bn, offs_m, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right,
+        scale, softcap, key, threshold, full_hi, hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True, False,
+        PRECISION, BLOCK_N,
     )  # fmt: skip
 
     # l = 0 exactly when the row saw no finite score: out 0, lse -inf.
@@ -532,6 +608,12 @@ def _dkdv_tiles(
     v,
     q_base,
     do_base,
+    q_desc,
+    do_desc,
+    q_row,
+    q_col,
+    do_row,
+    do_col,
     lse_base,
     delta_base,
     bias_base,
@@ -558,6 +640,7 @@ def _dkdv_tiles(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     MASK: tl.constexpr,
+    TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -567,9 +650,12 @@ def _dkdv_tiles(
     for tile in range(tile_lo, tile_hi):
         offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seqlen_q
-        q_t = tl.load(
-            q_base + offs_m[None, :] * stride_qm + offs_d[:, None], mask=m_ok[None, :] & d_ok[:, None], other=0.0
-        )
+        if TMA:
+            q_t = tl.trans(q_desc.load([q_row + tile * BLOCK_M, q_col]))
+        else:
+            q_t = tl.load(
+                q_base + offs_m[None, :] * stride_qm + offs_d[:, None], mask=m_ok[None, :] & d_ok[:, None], other=0.0
+            )
         qk_t = tl.dot(k, q_t, input_precision=PRECISION)
         s_t, t_t = _scores(
             qk_t, offs_m[None, :], offs_n[:, None], bias_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
@@ -577,9 +663,12 @@ def _dkdv_tiles(
         )  # fmt: skip
         lse = _lse_log2(lse_base, offs_m, seqlen_q)
         p_t = tl.exp2(s_t - lse[None, :])
-        do = tl.load(
-            do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
-        )
+        if TMA:
+            do = do_desc.load([do_row + tile * BLOCK_M, do_col])
+        else:
+            do = tl.load(
+                do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
+            )
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if HAS_DROPOUT:
             keep = _keep(offs_m[None, :], offs_n[:, None], seqlen_k, key, threshold)
@@ -610,6 +699,8 @@ def _bwd_dkdv_kernel(
     DV,
     CuQ,
     CuK,
+    QDesc,
+    DODesc,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -656,6 +747,7 @@ def _bwd_dkdv_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -691,26 +783,28 @@ def _bwd_dkdv_kernel(
             key = _dropout_key(b * H + hk * GROUP + g, seed_lo, seed_hi)
         q_base = Q + b64 * stride_qb + h64 * stride_qh + row_q * stride_qm
         do_base = DO + b64 * stride_dob + h64 * stride_doh + row_q * stride_dom
+        q_row, q_col = _tma_coords(b64 * stride_qb + h64 * stride_qh, row_q, stride_qm, USE_TMA)
+        do_row, do_col = _tma_coords(b64 * stride_dob + h64 * stride_doh, row_q, stride_dom, USE_TMA)
         lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q_start
         delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start
         bias_base = Bias + b64 * stride_bb + h64 * stride_bh
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, stride_qm, stride_dom, stride_bm,
-            stride_bn, offs_n, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right, scale, softcap,
-            key, threshold, drop_scale, lo, full_lo, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True,
-            PRECISION, BLOCK_M,
+            dk, dv, k, v, q_base, do_base, QDesc, DODesc, q_row, q_col, do_row, do_col, lse_base, delta_base,
+            bias_base, stride_qm, stride_dom, stride_bm, stride_bn, offs_n, offs_d, seqlen_q, seqlen_k, diag,
+            window_left, window_right, scale, softcap, key, threshold, drop_scale, lo, full_lo, HEAD_DIM, HAS_BIAS,
+            HAS_SOFTCAP, HAS_DROPOUT, True, False, PRECISION, BLOCK_M,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, stride_qm, stride_dom, stride_bm,
-            stride_bn, offs_n, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right, scale, softcap,
-            key, threshold, drop_scale, full_lo, full_hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, False,
-            PRECISION, BLOCK_M,
+            dk, dv, k, v, q_base, do_base, QDesc, DODesc, q_row, q_col, do_row, do_col, lse_base, delta_base,
+            bias_base, stride_qm, stride_dom, stride_bm, stride_bn, offs_n, offs_d, seqlen_q, seqlen_k, diag,
+            window_left, window_right, scale, softcap, key, threshold, drop_scale, full_lo, full_hi, HEAD_DIM, HAS_BIAS,
+            HAS_SOFTCAP, HAS_DROPOUT, False, USE_TMA, PRECISION, BLOCK_M,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, bias_base, stride_qm, stride_dom, stride_bm,
-            stride_bn, offs_n, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right, scale, softcap,
-            key, threshold, drop_scale, full_hi, hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True,
-            PRECISION, BLOCK_M,
+            dk, dv, k, v, q_base, do_base, QDesc, DODesc, q_row, q_col, do_row, do_col, lse_base, delta_base,
+            bias_base, stride_qm, stride_dom, stride_bm, stride_bn, offs_n, offs_d, seqlen_q, seqlen_k, diag,
+            window_left, window_right, scale, softcap, key, threshold, drop_scale, full_hi, hi, HEAD_DIM, HAS_BIAS,
+            HAS_SOFTCAP, HAS_DROPOUT, True, False, PRECISION, BLOCK_M,
         )  # fmt: skip
 
     dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + (row_k + offs_n[:, None]) * stride_dkn + offs_d[None, :]
@@ -728,6 +822,12 @@ def _dq_tiles(
     delta,
     k_base,
     v_base,
+    k_desc,
+    v_desc,
+    k_row,
+    k_col,
+    v_row,
+    v_col,
     bias_base,
     stride_kn,
     stride_vn,
@@ -752,6 +852,7 @@ def _dq_tiles(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     MASK: tl.constexpr,
+    TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -759,9 +860,13 @@ def _dq_tiles(
     for tile in range(tile_lo, tile_hi):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < seqlen_k
-        kv_mask = n_ok[None, :] & d_ok[:, None]
-        k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kv_mask, other=0.0)
-        v_t = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None], mask=kv_mask, other=0.0)
+        if TMA:
+            k_t = tl.trans(k_desc.load([k_row + tile * BLOCK_N, k_col]))
+            v_t = tl.trans(v_desc.load([v_row + tile * BLOCK_N, v_col]))
+        else:
+            kv_mask = n_ok[None, :] & d_ok[:, None]
+            k_t = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None], mask=kv_mask, other=0.0)
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None], mask=kv_mask, other=0.0)
         qk = tl.dot(q, k_t, input_precision=PRECISION)
         s, t = _scores(
             qk, offs_m[:, None], offs_n[None, :], bias_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
@@ -792,6 +897,8 @@ def _bwd_dq_kernel(
     DQ,
     CuQ,
     CuK,
+    KDesc,
+    VDesc,
     stride_qb,
     stride_qh,
     stride_qm,
@@ -834,6 +941,7 @@ def _bwd_dq_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -868,24 +976,29 @@ def _bwd_dq_kernel(
         key = _dropout_key(pid_bh, seed_lo, seed_hi)
     k_base = K + b64 * stride_kb + hk64 * stride_kh + row_k * stride_kn
     v_base = V + b64 * stride_vb + hk64 * stride_vh + row_k * stride_vn
+    k_row, k_col = _tma_coords(b64 * stride_kb + hk64 * stride_kh, row_k, stride_kn, USE_TMA)
+    v_row, v_col = _tma_coords(b64 * stride_vb + hk64 * stride_vh, row_k, stride_vn, USE_TMA)
     bias_base = Bias + b64 * stride_bb + h64 * stride_bh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_tiles(m0, seqlen_k, diag, window_left, window_right, BLOCK_M, BLOCK_N)
     dq = _dq_tiles(
-        dq, q, do, lse, delta, k_base, v_base, bias_base, stride_kn, stride_vn, stride_bm, stride_bn, offs_m,
-        offs_d, seqlen_q, seqlen_k, diag, window_left, window_right, scale, softcap, key, threshold, drop_scale,
-        lo, full_lo, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True, PRECISION, BLOCK_N,
+        dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, k_row, k_col, v_row, v_col, bias_base, stride_kn,
+        stride_vn, stride_bm, stride_bn, offs_m, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right,
+        scale, softcap, key, threshold, drop_scale, lo, full_lo, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True,
+        False, PRECISION, BLOCK_N,
     )  # fmt: skip
     dq = _dq_tiles(
-        dq, q, do, lse, delta, k_base, v_base, bias_base, stride_kn, stride_vn, stride_bm, stride_bn, offs_m,
-        offs_d, seqlen_q, seqlen_k, diag, window_left, window_right, scale, softcap, key, threshold, drop_scale,
-        full_lo, full_hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, False, PRECISION, BLOCK_N,
+        dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, k_row, k_col, v_row, v_col, bias_base, stride_kn,
+        stride_vn, stride_bm, stride_bn, offs_m, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right,
+        scale, softcap, key, threshold, drop_scale, full_lo, full_hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT,
+        False, USE_TMA, PRECISION, BLOCK_N,
     )  # fmt: skip
     dq = _dq_tiles(
-        dq, q, do, lse, delta, k_base, v_base, bias_base, stride_kn, stride_vn, stride_bm, stride_bn, offs_m,
-        offs_d, seqlen_q, seqlen_k, diag, window_left, window_right, scale, softcap, key, threshold, drop_scale,
-        full_hi, hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True, PRECISION, BLOCK_N,
+        dq, q, do, lse, delta, k_base, v_base, KDesc, VDesc, k_row, k_col, v_row, v_col, bias_base, stride_kn,
+        stride_vn, stride_bm, stride_bn, offs_m, offs_d, seqlen_q, seqlen_k, diag, window_left, window_right,
+        scale, softcap, key, threshold, drop_scale, full_hi, hi, HEAD_DIM, HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True,
+        False, PRECISION, BLOCK_N,
     )  # fmt: skip
     dq_ptrs = DQ + b64 * stride_dqb + h64 * stride_dqh + (row_q + offs_m[:, None]) * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
@@ -940,25 +1053,116 @@ def _bias_strides(bias: Optional[Tensor]) -> Tuple[int, int, int, int]:
     return (0, 0, 0, 0) if bias is None else tuple(bias.stride())
 
 
+# ---------------------------------------------------------------------------------------------
+# The Hopper path: TMA loads of the streamed tiles
+# ---------------------------------------------------------------------------------------------
+#
+# On sm_90+ the interior tiles of each inner loop (K/V in the forward and dQ kernels, Q/dO in
+# the dK/dV kernel) are fetched by the Tensor Memory Accelerator through a host-side tensor
+# descriptor: one instruction per tile instead of per-thread address arithmetic, and the
+# tile lands in shared memory in the layout the wgmma instructions read. Edge tiles (partial
+# or masked) keep the masked pointer loads, so a descriptor never reads outside the
+# sequence, whatever the layout.
+#
+# A (B, H, S, D) operand with strides (sb, sh, ss, 1) is described as a 2-D matrix with rows
+# of ss elements; (b, h) starts at row (b*sb + h*sh) // ss, column (b*sb + h*sh) % ss. That
+# covers the contiguous (B, H, S, D) layout (column 0), the (B, S, H, D) transpose and the
+# slices of a packed QKV projection (column h*D), and the packed varlen layout. The path is
+# taken when every (b, h) block of D columns fits inside a row, D is a power of two (the tile
+# is exactly one head), and the TMA alignment rules hold (16-byte base and row stride).
+
+_TMA_FAILED = False
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _tma_enabled(x: Tensor) -> bool:
+    if TensorDescriptor is None or TMA_MODE == "0" or _TMA_FAILED:
+        return False
+    if INTERPRET:
+        return TMA_MODE == "1"
+    return x.is_cuda and torch.version.hip is None and _capability(x.device.index or 0)[0] >= 9
+
+
+def _tma_descriptor(x: Tensor, strides: Tuple[int, int, int], n_b: int, n_h: int, n_rows: int, block: int):
+    """The descriptor of x as _tma_coords addresses it, or None when the layout does not allow
+    one. n_b, n_h: the batch entries and heads addressed; n_rows: rows per head (Sq or Sk, or
+    the packed total for varlen, whose batch stride is 0)."""
+    sb, sh, ss = strides
+    d = x.shape[-1]
+    es = x.element_size()
+    if d != _head_block(d) or ss < d or (ss * es) % 16 or x.data_ptr() % 16:
+        return None
+    if n_b > 1 and sb % ss:
+        return None
+    if any((h * sh) % ss + d > ss for h in range(n_h)):
+        return None
+    rows = ((n_b - 1) * sb + (n_h - 1) * sh) // ss + n_rows
+    if rows >= 2**31:  # TMA coordinates are int32
+        return None
+    return TensorDescriptor(x, [rows, ss], [ss, 1], [block, d])
+
+
+def _tma_descriptors(operands, n_b: int, block: str):
+    """Descriptors for every (tensor, strides, heads, rows) of operands, or None unless all
+    of them qualify."""
+    if not _tma_enabled(operands[0][0]):
+        return None
+    rows = _INTERPRET_BLOCKS[block] if INTERPRET else 64  # the autotuner's pre_hook sets it
+    descs = tuple(_tma_descriptor(x, st, n_b, n_h, n_rows, rows) for x, st, n_h, n_rows in operands)
+    return None if any(desc is None for desc in descs) else descs
+
+
+def _launch(launch, descs, fallback):
+    """launch(descs) with the TMA descriptors, or with the plain tensors (fallback) when there
+    are none. A triton that cannot build the TMA variant for this GPU (its compiler raises)
+    disables the path for the process with a warning; the launch is retried without it."""
+    global _TMA_FAILED
+    if descs is None:
+        return launch(fallback, False)
+    try:
+        return launch(descs, True)
+    except Exception as error:  # noqa: BLE001 - any compiler failure, reported below
+        if INTERPRET:
+            raise
+        _TMA_FAILED = True
+        warnings.warn(
+            f"fastattn: the Triton TMA attention path failed to build ({type(error).__name__}: {error}); "
+            "using pointer loads from now on (set FASTATTN_TRITON_TMA=0 to skip it)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return launch(fallback, False)
+
+
 def _forward(q, k, v, bias, out, lse, cu_q, cu_k, qs, ks, vs, os_, ls, batch, n_heads, n_kv, sq, sk,
              scale, diag, wl, wr, softcap, dropout_p, seed, varlen):  # fmt: skip
     d = q.shape[-1]
     threshold, drop_scale, seed_lo, seed_hi = _dropout_args(dropout_p, seed)
     wide = 2 * (sq + sk) + abs(diag) + 1
     grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
-    with _on_device(q):
+    kv_rows = k.shape[0] if varlen else sk
+    descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N")
+
+    def launch(kv, use_tma):
         _fwd_kernel[grid](
             q, k, v, bias if bias is not None else q, out, lse,
-            cu_q if cu_q is not None else lse, cu_k if cu_k is not None else lse,
+            cu_q if cu_q is not None else lse, cu_k if cu_k is not None else lse, *kv,
             *qs, *ks, *vs, *os_, *_bias_strides(bias), *ls,
             n_heads, n_heads // n_kv, sq, sk, float(scale), float(softcap), diag,
             _window(wl, wide), _window(wr, wide), threshold, drop_scale, seed_lo, seed_hi,
             triton.next_power_of_2(sq), triton.next_power_of_2(sk),
             **_blocks(dict(
                 HEAD_DIM=d, BLOCK_D=_head_block(d), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
-                HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, PRECISION=_precision(q.dtype),
+                HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, USE_TMA=use_tma, PRECISION=_precision(q.dtype),
             )),
         )  # fmt: skip
+
+    with _on_device(q):
+        _launch(launch, descs, (k, v))
 
 
 def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs, dos, os_, dqs, dks, dvs, ls,
@@ -975,6 +1179,9 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
         HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
         HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, PRECISION=_precision(q.dtype),
     )  # fmt: skip
+    q_rows, kv_rows = (q.shape[0], k.shape[0]) if varlen else (sq, sk)
+    kv_descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N")
+    q_descs = _tma_descriptors(((q, qs, n_heads, q_rows), (dout, dos, n_heads, q_rows)), batch, "BLOCK_M")
     common = (
         float(scale), float(softcap), diag, _window(wl, wide), _window(wr, wide), threshold, drop_scale,
         seed_lo, seed_hi, triton.next_power_of_2(sq), triton.next_power_of_2(sk),
@@ -988,17 +1195,17 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
             HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, BLOCK_M=pre_block,
         )  # fmt: skip
         grid_kv = lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
-        _bwd_dkdv_kernel[grid_kv](
-            q, k, v, bias_arg, dout, lse, delta, dk, dv, cu_q_arg, cu_k_arg,
+        _launch(lambda descs, use_tma: _bwd_dkdv_kernel[grid_kv](
+            q, k, v, bias_arg, dout, lse, delta, dk, dv, cu_q_arg, cu_k_arg, *descs,
             *qs, *ks, *vs, *dos, *dks, *dvs, *_bias_strides(bias), *ls,
-            n_heads, n_kv, n_heads // n_kv, sq, sk, *common, **_blocks(flags),
-        )  # fmt: skip
+            n_heads, n_kv, n_heads // n_kv, sq, sk, *common, **_blocks(dict(flags, USE_TMA=use_tma)),
+        ), q_descs, (q, dout))  # fmt: skip
         grid_q = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
-        _bwd_dq_kernel[grid_q](
-            q, k, v, bias_arg, dout, lse, delta, dq, cu_q_arg, cu_k_arg,
+        _launch(lambda descs, use_tma: _bwd_dq_kernel[grid_q](
+            q, k, v, bias_arg, dout, lse, delta, dq, cu_q_arg, cu_k_arg, *descs,
             *qs, *ks, *vs, *dos, *dqs, *_bias_strides(bias), *ls,
-            n_heads, n_heads // n_kv, sq, sk, *common, **_blocks(flags),
-        )  # fmt: skip
+            n_heads, n_heads // n_kv, sq, sk, *common, **_blocks(dict(flags, USE_TMA=use_tma)),
+        ), kv_descs, (k, v))  # fmt: skip
 
 
 def _bhs(x: Tensor) -> Tuple[int, int, int]:
