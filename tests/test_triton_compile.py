@@ -1,5 +1,8 @@
-"""The Triton attention kernels lower to a Hopper (sm_90) binary on this CPU-only machine:
+"""fastattn's Triton kernels lower to a Hopper (sm_90) binary on this CPU-only machine:
 catches what the interpreter cannot see (it runs the kernels' Python, never the compiler).
+Every kernel variant the ops launch on small inputs is recorded under the interpreter
+(tests/tools/triton_capture.py) and compiled, with the attention kernels at the GPU's own
+tile sizes and their TMA variants (tests/tools/triton_aot.py).
 Other architectures: `python -m tests.tools.triton_aot 80`."""
 
 import os
@@ -8,12 +11,23 @@ import sys
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def test_attention_kernels_compile_for_gpu(capability=90):
+
+def test_every_kernel_compiles_for_gpu(tmp_path, capability=90):
     pytest.importorskip("triton.backends.compiler", reason="triton without its GPU compiler")
+    captured = tmp_path / "launches.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "tests.tools.triton_capture", str(captured)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = {line.split('"kernel": "')[1].split('"')[0] for line in captured.read_text().splitlines()}
+    # one of each op family at least: the capture must not silently miss a backend
+    for name in ("_cross_entropy_fwd_kernel", "_token_logprobs_bwd_kernel", "_fwd_kernel", "_bwd_dq_kernel",
+                 "_decode_split_kernel", "_gemm_kernel", "_glu_kernel", "_adam_kernel", "_scale_kernel"):
+        assert name in kernels, f"{name} was not launched by the capture workload"
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "tests.tools.triton_aot", str(capability)],
-                          capture_output=True, text=True, env=env, timeout=600,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "tests.tools.triton_aot", str(capability), "--captured",
+                           str(captured)], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "all kernels compiled" in proc.stdout

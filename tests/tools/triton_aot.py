@@ -1,13 +1,23 @@
-"""Compile fastattn's Triton attention kernels for a GPU architecture without a GPU.
+"""Compile fastattn's Triton kernels for a GPU architecture without a GPU.
 
 The interpreter (how CI runs Triton) executes the kernels' Python but never lowers them, so an
 error that only the compiler sees (types, layouts, shared memory) would first show on a GPU.
-This lowers every kernel of fastattn/ops/attention/triton.py through Triton's compiler to the
-target's binary for a spread of dtypes, head dims and features, and prints one line per kernel.
-On sm_90 and newer it also lowers the TMA variants (host descriptors for the streamed tiles).
-Usage: python -m tests.tools.triton_aot [capability, default 90]
+This lowers kernels through Triton's compiler to the target's binary and prints one line per
+kernel variant:
+- the attention kernels at the GPU's own tile sizes, for a spread of dtypes, head dims and
+  features, and on sm_90 and newer their TMA variants (host descriptors for the streamed tiles);
+- with --captured FILE, every launch that tests/tools/triton_capture.py recorded from the ops
+  on small inputs under the interpreter: each kernel of every op (cross-entropy family,
+  attention and decode, FFN, Adam, gradient clipping) with the argument types and constexprs
+  the ops really pass.
+Variants compile in parallel, one process per CPU.
+Usage: python -m tests.tools.triton_aot [capability, default 90] [--captured FILE]
 """
 
+import argparse
+import concurrent.futures
+import importlib
+import json
 import os
 import sys
 
@@ -20,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from fastattn.ops.attention import triton as attn  # noqa: E402
 
 FLOAT_ARGS = ("scale", "softcap", "drop_scale")
+ATTENTION = "fastattn.ops.attention.triton"
 
 
 def _jit_function(kernel):
@@ -29,12 +40,16 @@ def _jit_function(kernel):
     return fn
 
 
-def compile_kernel(kernel, pointers, constants, target, num_warps=4, num_stages=2):
-    fn = _jit_function(kernel)
-    signature = {name: "constexpr" if name in constants else pointers.get(
+def compile_job(job):
+    """Lowers one kernel variant; returns its report line (raises on a compiler error)."""
+    fn = _jit_function(getattr(importlib.import_module(job["module"]), job["kernel"]))
+    constants = job["constants"]
+    signature = {name: "constexpr" if name in constants else job["signature"].get(
         name, "fp32" if name in FLOAT_ARGS else "i32") for name in fn.arg_names}
-    return triton.compile(ASTSource(fn, signature, constants), target=target,
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": 4, "num_stages": 2, **job.get("options", {})}
+    target = GPUTarget("cuda", job["capability"], 32)
+    compiled = triton.compile(ASTSource(fn, signature, constants), target=target, options=options)
+    return f"sm_{job['capability']} {job['label']} {job['kernel']}: shared {compiled.metadata.shared} B"
 
 
 def _streamed_args(kernel, dt, d, flags, tma):
@@ -46,9 +61,14 @@ def _streamed_args(kernel, dt, d, flags, tma):
     return {name: kind_of for name in names}
 
 
-def main() -> int:
-    capability = int(sys.argv[1]) if len(sys.argv) > 1 else 90
-    target = GPUTarget("cuda", capability, 32)
+def attention_jobs(capability):
+    """The attention kernels at GPU tile sizes (the interpreter runs them at 16 x 16)."""
+    jobs = []
+
+    def add(kernel, pointers, constants, label, **options):
+        jobs.append(dict(module=ATTENTION, kernel=_jit_function(kernel).__name__, signature=pointers,
+                         constants=constants, options=options, capability=capability, label=label))
+
     cases = [  # dtype, head dim, bias, softcap, dropout, varlen
         ("fp16", 64, True, True, True, False),
         ("bf16", 80, False, False, False, True),
@@ -63,22 +83,16 @@ def main() -> int:
                      HAS_SOFTCAP=softcap, HAS_DROPOUT=dropout, IS_VARLEN=varlen, USE_TMA=False,
                      PRECISION="ieee" if dt == "fp32" else None, BLOCK_M=64, BLOCK_N=64)
         for kernel in (attn._fwd_kernel, attn._bwd_dkdv_kernel, attn._bwd_dq_kernel):
-            compiled = compile_kernel(kernel, {**pointers, **_streamed_args(kernel, dt, d, flags, False)},
-                                      flags, target)
-            print(f"sm_{capability} {dt} d={d} {_jit_function(kernel).__name__}: "
-                  f"shared {compiled.metadata.shared} B")
-        compile_kernel(attn._bwd_preprocess, pointers,
-                       dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), IS_VARLEN=varlen,
-                            BLOCK_M=64), target)
+            add(kernel, {**pointers, **_streamed_args(kernel, dt, d, flags, False)}, flags, f"{dt} d={d}")
+        add(attn._bwd_preprocess, pointers, dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+                                                 IS_VARLEN=varlen, BLOCK_M=64), f"{dt} d={d}")
     # the backward's unequal-tile autotuning configs (128 rows held, 32 streamed), head dim 128
     flags.update(HEAD_DIM=128, BLOCK_D=128, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_DROPOUT=False,
                  IS_VARLEN=False, PRECISION=None)
     for kernel, bm, bn in ((attn._bwd_dkdv_kernel, 32, 128), (attn._bwd_dq_kernel, 128, 32)):
         tiles = {**flags, "BLOCK_M": bm, "BLOCK_N": bn}
-        compiled = compile_kernel(kernel, {**pointers, **_streamed_args(kernel, "fp16", 128, tiles, False)},
-                                  tiles, target, num_warps=8)
-        print(f"sm_{capability} fp16 d=128 {bm}x{bn} {_jit_function(kernel).__name__}: "
-              f"shared {compiled.metadata.shared} B")
+        add(kernel, {**pointers, **_streamed_args(kernel, "fp16", 128, tiles, False)}, tiles,
+            f"fp16 d=128 {bm}x{bn}", num_warps=8)
     if capability >= 90 and attn.TensorDescriptor is not None:
         # The Hopper path at the shapes it is tuned for: bf16/fp16, head dims 64 and 128 (and
         # 256 with small tiles), causal-style features on, the largest tiles and stage counts.
@@ -93,11 +107,47 @@ def main() -> int:
                          IS_VARLEN=varlen, USE_TMA=True, BLOCK_M=bm, BLOCK_N=bn)
             ptrs = {**pointers, **{n: "*" + dt for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}}
             for kernel in (attn._fwd_kernel, attn._bwd_dkdv_kernel, attn._bwd_dq_kernel):
-                compiled = compile_kernel(kernel, {**ptrs, **_streamed_args(kernel, dt, d, tiles, True)},
-                                          tiles, target, num_warps=warps, num_stages=stages)
-                print(f"sm_{capability} TMA {dt} d={d} {bm}x{bn} {_jit_function(kernel).__name__}: "
-                      f"shared {compiled.metadata.shared} B")
-    print("all kernels compiled")
+                add(kernel, {**ptrs, **_streamed_args(kernel, dt, d, tiles, True)}, tiles,
+                    f"TMA {dt} d={d} {bm}x{bn}", num_warps=warps, num_stages=stages)
+    return jobs
+
+
+def captured_jobs(path, capability):
+    jobs = []
+    with open(path) as f:
+        for n, line in enumerate(f):
+            job = json.loads(line)
+            if job["signature"] and any(t.startswith("tensordesc") for t in job["signature"].values()) \
+                    and capability < 90:
+                continue  # TMA descriptors exist from sm_90 on
+            jobs.append(dict(job, capability=capability, label=f"captured #{n}"))
+    return jobs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("capability", nargs="?", type=int, default=90)
+    parser.add_argument("--captured", default=None, help="JSON lines from tests.tools.triton_capture")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    jobs = attention_jobs(args.capability)
+    if args.captured:
+        jobs += captured_jobs(args.captured, args.capability)
+    failures = 0
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(compile_job, job): job for job in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            job = futures[future]
+            try:
+                print(future.result(), flush=True)
+            except Exception as error:  # report every variant that fails, then fail
+                failures += 1
+                print(f"FAILED sm_{job['capability']} {job['label']} {job['module']}.{job['kernel']} "
+                      f"constants={job['constants']}: {type(error).__name__}: {error}", file=sys.stderr)
+    if failures:
+        print(f"{failures} of {len(jobs)} kernel variants did not compile", file=sys.stderr)
+        return 1
+    print(f"all kernels compiled ({len(jobs)} variants)")
     return 0
 
 
