@@ -188,28 +188,32 @@ def _flex_fn():
 
 
 def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, flex=(),
-                    others=True, compare_tma=False):
+                    others=True, variants=False):
     """Training attention, bf16, batch x seq = tokens, heads = model_dim / head_dim (the shapes
     of FlashAttention's own benchmark). FLOPs: forward 4*B*H*S*S*D, halved when causal;
     backward 2.5 x forward (5 products instead of 2); the backward time is fwd+bwd - fwd.
     ``shapes`` lists (head dim, seq len), each run causal and not; FlexAttention only at the
     shapes in ``flex`` (each shape and grad mode is a fresh compile, ~20 s); ``others=False``
     times FlexAttention alone (the fastattn and SDPA rows of those shapes come from an earlier
-    call, so that its compiles do not hold up the other ops); ``compare_tma`` adds fastattn's
-    pointer-load kernels next to its default where the default is the TMA path."""
+    call, so that its compiles do not hold up the other ops); ``variants=True`` times only
+    fastattn's alternative kernels (see below), for rows next to its default's."""
     from fastattn.ops.attention import triton as fa_triton
 
     impls = {}
-    # FASTATTN_TRITON_TMA for the fastattn rows: the default (TMA loads on sm_90+) and, where
-    # that takes the TMA path, the pointer-load kernels side by side ("no TMA").
-    tma_modes = {}
-    if others:
-        impls["fastattn[triton]"] = lambda q, k, v, causal: (
-            fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal))
-        tma_modes["fastattn[triton]"] = fa_triton.TMA_MODE
-        if compare_tma and fa_triton._tma_enabled(torch.empty(1, device="cuda")):
-            impls["fastattn[triton, no TMA]"] = impls["fastattn[triton]"]
-            tma_modes["fastattn[triton, no TMA]"] = "0"
+    # Module settings of fastattn's Triton attention per row (none: the defaults); the variants
+    # are the pointer-load kernels where the default takes the TMA path ("no TMA",
+    # FASTATTN_TRITON_TMA=0) and dQ by atomics in the dK/dV kernel (FASTATTN_TRITON_DQ=atomic).
+    settings = {}
+    fastattn_fn = lambda q, k, v, causal: (  # noqa: E731
+        fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    if variants:
+        if fa_triton._tma_enabled(torch.empty(1, device="cuda")):
+            impls["fastattn[triton, no TMA]"] = fastattn_fn
+            settings["fastattn[triton, no TMA]"] = {"TMA_MODE": "0"}
+        impls["fastattn[triton, atomic dQ]"] = fastattn_fn
+        settings["fastattn[triton, atomic dQ]"] = {"DQ_MODE": "atomic"}
+    elif others:
+        impls["fastattn[triton]"] = fastattn_fn
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             fn = _sdpa_backend_fn(name)
             if fn is not None:
@@ -241,13 +245,15 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                     q.grad = k.grad = v.grad = None
                     fn(q, k, v, causal).backward(dout)
                 n = len(results)
-                saved_mode = fa_triton.TMA_MODE
-                fa_triton.TMA_MODE = tma_modes.get(impl, saved_mode)
+                saved = {name: getattr(fa_triton, name) for name in settings.get(impl, {})}
+                for name, value in settings.get(impl, {}).items():
+                    setattr(fa_triton, name, value)
                 try:
                     _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
                     _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops, "TFLOP/s")
                 finally:
-                    fa_triton.TMA_MODE = saved_mode
+                    for name, value in saved.items():
+                        setattr(fa_triton, name, value)
                 if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                     bwd_ms = results[-1].median_ms - results[-2].median_ms
                     results.append(Result(f"{case} bwd", impl, bwd_ms, 2.5 * fwd_flops,
@@ -369,7 +375,8 @@ def main() -> int:
                         help="comma-separated case groups to run (default: all), e.g. attention,ffn")
     args = parser.parse_args()
     known = ("attention", "decode_attention", "ffn", "cross_entropy", "linear_cross_entropy",
-             "adamw", "clip_grad_norm", "token_logprobs", "flex_attention", "attention_sweep")
+             "adamw", "clip_grad_norm", "token_logprobs", "attention_variants", "flex_attention",
+             "attention_sweep")
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()} if args.cases else set(known)
     if unknown := wanted - set(known):
         parser.error(f"--cases: unknown {sorted(unknown)}; known: {', '.join(known)}")
@@ -384,7 +391,7 @@ def main() -> int:
     failed: list[str] = []
     cases = [  # most important first: a run cut short by the budget still answers the issues
         ("attention", lambda: attention_cases(results, deadline, [(128, 4096)],
-                                              tokens=16384 // scale, compare_tma=True)),
+                                              tokens=16384 // scale)),
         ("decode_attention", lambda: decode_cases(results, deadline)),
         ("ffn", lambda: ffn_cases(results, deadline, tokens=16384 // scale)),
         ("cross_entropy", lambda: _logits_cases(results, "cross_entropy", fastattn.cross_entropy,
@@ -395,6 +402,9 @@ def main() -> int:
         ("token_logprobs", lambda: _logits_cases(results, "token_logprobs",
                                                  fastattn.token_logprobs, _eager_logprobs, True,
                                                  16384 // scale, 131072)),
+        # fastattn's alternative attention kernels at the headline shape, beside its default
+        ("attention_variants", lambda: attention_cases(results, deadline, [(128, 4096)],
+                                                       tokens=16384 // scale, variants=True)),
         # FlexAttention at the headline shape (its compiles take ~40 s), then the rest of the
         # attention sweep (head dims 64 and 128, sequence 1k to 16k) last: the headline case of
         # every op first, so that a short run still answers every issue

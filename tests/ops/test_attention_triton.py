@@ -297,6 +297,44 @@ def test_unequal_tiles(monkeypatch, bm, bn):
         _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), torch.float32)
 
 
+# ----------------------------------------------------------------------------- atomic dQ
+#
+# FASTATTN_TRITON_DQ=atomic: the dK/dV programs add dQ into an fp32 buffer; no dQ launch.
+
+
+@pytest.fixture
+def atomic_dq(monkeypatch):
+    monkeypatch.setattr(fa_triton, "DQ_MODE", "atomic")
+    monkeypatch.setattr(fa_triton, "_bwd_dq_kernel", None)  # launching it would raise
+
+
+@pytest.mark.parametrize("case", ["causal_tl_gqa_sq_gt_sk_d40", "window_softcap_d16", "causal_br_sq_gt_sk_masked_rows",
+                                  "sq1_sk97_causal_br", "fp16_causal_br_gqa_d80_strided"])
+def test_atomic_dq_matches_naive(atomic_dq, case):
+    dtype, B, H, Hkv, Sq, Sk, D, transposed, kw = CASES[case]
+    q, k, v, dout = _qkv(B, H, Hkv, Sq, Sk, D, dtype, transposed)
+    _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), dtype)
+
+
+def test_atomic_dq_dropout_bias_varlen(atomic_dq):
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 33, 40, 16
+    q, k, v, dout = _qkv(B, H, Hkv, Sq, Sk, D, torch.float32)
+    bias = torch.randn(B, 1, Sq, Sk, device=DEVICE).expand(B, H, Sq, Sk)
+    kw = dict(bias=bias, dropout_p=0.25, seed=5, diag=Sk - Sq, wr=0)
+    _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), torch.float32)
+    _varlen_case(torch.float32, True, (1, 17, 40), (5, 17, 29))
+
+
+@GPU
+@pytest.mark.parametrize("causal", [False, True])
+def test_atomic_dq_on_gpu_with_autotuning(monkeypatch, atomic_dq, causal):
+    # Autotuning times several configs, each adding into the dQ buffer: it must be reset.
+    monkeypatch.setattr(fa_triton, "AUTOTUNE", True)
+    q, k, v, dout = _qkv(2, 4, 2, 300, 517, 128, torch.float16)
+    kw = dict(diag=217, wr=0) if causal else {}
+    _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), torch.float16)
+
+
 # ----------------------------------------------------------------------------- the TMA path
 #
 # The Hopper path loads the interior tiles of each inner loop through tensor descriptors. On a
@@ -379,6 +417,14 @@ def test_tma_path_on_gpu(tma, dtype, layout):
         got = _run(q, k, v, dout, **kw)
         _compare(got, naive(q, k, v, dout, **kw), dtype)
     assert tma and all(tma)
+
+
+@needs_tma
+def test_tma_path_with_atomic_dq(tma, atomic_dq):
+    dtype, B, H, Hkv, Sq, Sk, D, layout, kw = TMA_CASES["bhsd_causal_gqa"]
+    q, k, v, dout = (_nan_padded(B, h, s, D, dtype, layout) for h, s in ((H, Sq), (Hkv, Sk), (Hkv, Sk), (H, Sq)))
+    _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), dtype)
+    assert tma == [True, True]  # forward K/V, dK/dV's Q/dO (no dQ launch)
 
 
 @needs_tma

@@ -43,7 +43,7 @@ def _jit_function(kernel):
 def compile_job(job):
     """Lowers one kernel variant; returns its report line (raises on a compiler error)."""
     fn = _jit_function(getattr(importlib.import_module(job["module"]), job["kernel"]))
-    constants = job["constants"]
+    constants = {name: v for name, v in job["constants"].items() if name in fn.arg_names}
     signature = {name: "constexpr" if name in constants else job["signature"].get(
         name, "fp32" if name in FLOAT_ARGS else "i32") for name in fn.arg_names}
     options = {"num_warps": 4, "num_stages": 2, **job.get("options", {})}
@@ -69,26 +69,26 @@ def attention_jobs(capability):
         jobs.append(dict(module=ATTENTION, kernel=_jit_function(kernel).__name__, signature=pointers,
                          constants=constants, options=options, capability=capability, label=label))
 
-    cases = [  # dtype, head dim, bias, softcap, dropout, varlen
-        ("fp16", 64, True, True, True, False),
-        ("bf16", 80, False, False, False, True),
-        ("fp16", 128, False, True, False, False),
-        ("fp16", 256, False, False, False, False),
+    cases = [  # dtype, head dim, bias, softcap, dropout, varlen, atomic dQ
+        ("fp16", 64, True, True, True, False, True),
+        ("bf16", 80, False, False, False, True, False),
+        ("fp16", 128, False, True, False, False, False),
+        ("fp16", 256, False, False, False, False, False),
     ]
-    for dt, d, bias, softcap, dropout, varlen in cases:
+    for dt, d, bias, softcap, dropout, varlen, atomic in cases:
         pointers = {n: "*" + dt for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
         pointers.update({"Bias": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32",
-                         "CuK": "*i32"})
+                         "CuK": "*i32", "DQAcc": "*fp32"})
         flags = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), HAS_BIAS=bias,
                      HAS_SOFTCAP=softcap, HAS_DROPOUT=dropout, IS_VARLEN=varlen, USE_TMA=False,
-                     PRECISION="ieee" if dt == "fp32" else None, BLOCK_M=64, BLOCK_N=64)
+                     ATOMIC_DQ=atomic, PRECISION="ieee" if dt == "fp32" else None, BLOCK_M=64, BLOCK_N=64)
         for kernel in (attn._fwd_kernel, attn._bwd_dkdv_kernel, attn._bwd_dq_kernel):
             add(kernel, {**pointers, **_streamed_args(kernel, dt, d, flags, False)}, flags, f"{dt} d={d}")
         add(attn._bwd_preprocess, pointers, dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
                                                  IS_VARLEN=varlen, BLOCK_M=64), f"{dt} d={d}")
     # the backward's unequal-tile autotuning configs (128 rows held, 32 streamed), head dim 128
     flags.update(HEAD_DIM=128, BLOCK_D=128, HAS_BIAS=False, HAS_SOFTCAP=False, HAS_DROPOUT=False,
-                 IS_VARLEN=False, PRECISION=None)
+                 IS_VARLEN=False, ATOMIC_DQ=False, PRECISION=None)
     for kernel, bm, bn in ((attn._bwd_dkdv_kernel, 32, 128), (attn._bwd_dq_kernel, 128, 32)):
         tiles = {**flags, "BLOCK_M": bm, "BLOCK_N": bn}
         add(kernel, {**pointers, **_streamed_args(kernel, "fp16", 128, tiles, False)}, tiles,
@@ -96,19 +96,21 @@ def attention_jobs(capability):
     if capability >= 90 and attn.TensorDescriptor is not None:
         # The Hopper path at the shapes it is tuned for: bf16/fp16, head dims 64 and 128 (and
         # 256 with small tiles), causal-style features on, the largest tiles and stage counts.
-        tma_cases = [  # dtype, head dim, BLOCK_M, BLOCK_N, warps, stages, softcap, dropout, varlen
-            ("bf16", 128, 128, 64, 8, 3, False, False, False),
-            ("fp16", 64, 128, 128, 8, 3, True, True, False),
-            ("bf16", 128, 64, 64, 4, 2, False, False, True),
-            ("bf16", 256, 64, 32, 4, 2, False, False, False),
+        tma_cases = [  # dtype, head dim, BLOCK_M, BLOCK_N, warps, stages, softcap, dropout, varlen, atomic dQ
+            ("bf16", 128, 128, 64, 8, 3, False, False, False, False),
+            ("fp16", 64, 128, 128, 8, 3, True, True, False, False),
+            ("bf16", 128, 64, 64, 4, 2, False, False, True, True),
+            ("bf16", 128, 64, 128, 8, 2, False, False, False, True),
+            ("bf16", 256, 64, 32, 4, 2, False, False, False, False),
         ]
-        for dt, d, bm, bn, warps, stages, softcap, dropout, varlen in tma_cases:
+        for dt, d, bm, bn, warps, stages, softcap, dropout, varlen, atomic in tma_cases:
             tiles = dict(flags, HEAD_DIM=d, BLOCK_D=d, HAS_SOFTCAP=softcap, HAS_DROPOUT=dropout,
-                         IS_VARLEN=varlen, USE_TMA=True, BLOCK_M=bm, BLOCK_N=bn)
+                         IS_VARLEN=varlen, USE_TMA=True, ATOMIC_DQ=atomic, BLOCK_M=bm, BLOCK_N=bn)
             ptrs = {**pointers, **{n: "*" + dt for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}}
             for kernel in (attn._fwd_kernel, attn._bwd_dkdv_kernel, attn._bwd_dq_kernel):
                 add(kernel, {**ptrs, **_streamed_args(kernel, dt, d, tiles, True)}, tiles,
-                    f"TMA {dt} d={d} {bm}x{bn}", num_warps=warps, num_stages=stages)
+                    f"TMA {dt} d={d} {bm}x{bn}{' atomic dQ' if atomic else ''}", num_warps=warps,
+                    num_stages=stages)
     return jobs
 
 

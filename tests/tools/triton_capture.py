@@ -118,6 +118,9 @@ def workload():
                 cu = torch.tensor([0, 17, 40], dtype=torch.int32)
                 fastattn.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                           cu, cu, 23, 23, causal=True).sum().backward()
+            attn_triton.DQ_MODE = "atomic"
+            fastattn.flash_attention(q, k, v, causal=True, dropout_p=0.1).sum().backward()
+            attn_triton.DQ_MODE = "kernel"
             q, k, v = randn(2, 2, 33, 40), randn(2, 2, 33, 40), randn(2, 2, 33, 40)
             mask = torch.rand(2, 1, 33, 33, generator=gen) > 0.2
             fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()

@@ -57,6 +57,11 @@ AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
 # NVIDIA GPUs of compute capability 9.0 and newer, "0" never, "1" also under TRITON_INTERPRET
 # (how the CPU tests check it).
 TMA_MODE = os.environ.get("FASTATTN_TRITON_TMA", "auto")
+# FASTATTN_TRITON_DQ: "kernel" (default) computes dQ in its own launch, deterministic, at the
+# price of recomputing QK^T and dO V^T there; "atomic" adds each dK/dV program's dQ share into
+# an fp32 buffer with atomics instead (FlashAttention-2's scheme: 5 matrix products instead of
+# 7, not bitwise reproducible). A benchmarking variant until a GPU run decides between them.
+DQ_MODE = os.environ.get("FASTATTN_TRITON_DQ", "kernel")
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -169,7 +174,9 @@ def _tuned(kind):
         if INTERPRET:
             return kernel
         prune = {"early_config_prune": _prune(kind)}
-        return triton.autotune(configs=_configs(kind), key=_TUNE_KEY, prune_configs_by=prune)(kernel)
+        key, reset = (_TUNE_KEY + ["ATOMIC_DQ"], ["DQAcc"]) if kind == "dkdv" else (_TUNE_KEY, None)
+        # reset_to_zero: each config timed adds its dQ shares into DQAcc again
+        return triton.autotune(configs=_configs(kind), key=key, prune_configs_by=prune, reset_to_zero=reset)(kernel)
 
     return wrap
 
@@ -617,8 +624,10 @@ def _dkdv_tiles(
     lse_base,
     delta_base,
     bias_base,
+    dq_base,
     stride_qm,
     stride_dom,
+    stride_dqm,
     stride_bm,
     stride_bn,
     offs_n,
@@ -641,6 +650,7 @@ def _dkdv_tiles(
     HAS_DROPOUT: tl.constexpr,
     MASK: tl.constexpr,
     TMA: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
@@ -682,6 +692,11 @@ def _dkdv_tiles(
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=PRECISION)
+        if ATOMIC_DQ:
+            # dQ_i += dS_ij K_j for this key tile (scale applied when the buffer is cast).
+            dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)
+            dq_ptrs = dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq_part, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -697,6 +712,7 @@ def _bwd_dkdv_kernel(
     Delta,
     DK,
     DV,
+    DQAcc,
     CuQ,
     CuK,
     QDesc,
@@ -719,6 +735,9 @@ def _bwd_dkdv_kernel(
     stride_dvb,
     stride_dvh,
     stride_dvn,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
     stride_bb,
     stride_bh,
     stride_bm,
@@ -748,6 +767,7 @@ def _bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     USE_TMA: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -788,23 +808,24 @@ def _bwd_dkdv_kernel(
         lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q_start
         delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start
         bias_base = Bias + b64 * stride_bb + h64 * stride_bh
+        dq_base = DQAcc + b64 * stride_dqb + h64 * stride_dqh + row_q * stride_dqm
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, QDesc, DODesc, q_row, q_col, do_row, do_col, lse_base, delta_base,
-            bias_base, stride_qm, stride_dom, stride_bm, stride_bn, offs_n, offs_d, seqlen_q, seqlen_k, diag,
-            window_left, window_right, scale, softcap, key, threshold, drop_scale, lo, full_lo, HEAD_DIM, HAS_BIAS,
-            HAS_SOFTCAP, HAS_DROPOUT, True, False, PRECISION, BLOCK_M,
+            bias_base, dq_base, stride_qm, stride_dom, stride_dqm, stride_bm, stride_bn, offs_n, offs_d, seqlen_q,
+            seqlen_k, diag, window_left, window_right, scale, softcap, key, threshold, drop_scale, lo, full_lo, HEAD_DIM,
+            HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True, False, ATOMIC_DQ, PRECISION, BLOCK_M,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, QDesc, DODesc, q_row, q_col, do_row, do_col, lse_base, delta_base,
-            bias_base, stride_qm, stride_dom, stride_bm, stride_bn, offs_n, offs_d, seqlen_q, seqlen_k, diag,
-            window_left, window_right, scale, softcap, key, threshold, drop_scale, full_lo, full_hi, HEAD_DIM, HAS_BIAS,
-            HAS_SOFTCAP, HAS_DROPOUT, False, USE_TMA, PRECISION, BLOCK_M,
+            bias_base, dq_base, stride_qm, stride_dom, stride_dqm, stride_bm, stride_bn, offs_n, offs_d, seqlen_q,
+            seqlen_k, diag, window_left, window_right, scale, softcap, key, threshold, drop_scale, full_lo, full_hi, HEAD_DIM,
+            HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, False, USE_TMA, ATOMIC_DQ, PRECISION, BLOCK_M,
         )  # fmt: skip
         dk, dv = _dkdv_tiles(
             dk, dv, k, v, q_base, do_base, QDesc, DODesc, q_row, q_col, do_row, do_col, lse_base, delta_base,
-            bias_base, stride_qm, stride_dom, stride_bm, stride_bn, offs_n, offs_d, seqlen_q, seqlen_k, diag,
-            window_left, window_right, scale, softcap, key, threshold, drop_scale, full_hi, hi, HEAD_DIM, HAS_BIAS,
-            HAS_SOFTCAP, HAS_DROPOUT, True, False, PRECISION, BLOCK_M,
+            bias_base, dq_base, stride_qm, stride_dom, stride_dqm, stride_bm, stride_bn, offs_n, offs_d, seqlen_q,
+            seqlen_k, diag, window_left, window_right, scale, softcap, key, threshold, drop_scale, full_hi, hi, HEAD_DIM,
+            HAS_BIAS, HAS_SOFTCAP, HAS_DROPOUT, True, False, ATOMIC_DQ, PRECISION, BLOCK_M,
         )  # fmt: skip
 
     dk_ptrs = DK + b64 * stride_dkb + hk64 * stride_dkh + (row_k + offs_n[:, None]) * stride_dkn + offs_d[None, :]
@@ -1116,10 +1137,11 @@ def _tma_descriptors(operands, n_b: int, block: str):
     return None if any(desc is None for desc in descs) else descs
 
 
-def _launch(launch, descs, fallback):
+def _launch(launch, descs, fallback, accumulators=()):
     """launch(descs) with the TMA descriptors, or with the plain tensors (fallback) when there
     are none. A triton that cannot build the TMA variant for this GPU (its compiler raises)
-    disables the path for the process with a warning; the launch is retried without it."""
+    disables the path for the process with a warning; the launch is retried without it, from
+    zeroed accumulators (an autotuner may have run other configs before the failing one)."""
     global _TMA_FAILED
     if descs is None:
         return launch(fallback, False)
@@ -1135,6 +1157,8 @@ def _launch(launch, descs, fallback):
             RuntimeWarning,
             stacklevel=3,
         )
+        for acc in accumulators:
+            acc.zero_()
         return launch(fallback, False)
 
 
@@ -1179,8 +1203,11 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
         HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
         HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, PRECISION=_precision(q.dtype),
     )  # fmt: skip
+    # FASTATTN_TRITON_DQ=atomic: the dK/dV programs add dQ into an fp32 buffer shaped and
+    # strided like dq (a 1-element stand-in otherwise), and the dQ launch is skipped.
+    atomic = DQ_MODE == "atomic"
+    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else lse.new_zeros(1)
     q_rows, kv_rows = (q.shape[0], k.shape[0]) if varlen else (sq, sk)
-    kv_descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N")
     q_descs = _tma_descriptors(((q, qs, n_heads, q_rows), (dout, dos, n_heads, q_rows)), batch, "BLOCK_M")
     common = (
         float(scale), float(softcap), diag, _window(wl, wide), _window(wr, wide), threshold, drop_scale,
@@ -1196,10 +1223,15 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
         )  # fmt: skip
         grid_kv = lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
         _launch(lambda descs, use_tma: _bwd_dkdv_kernel[grid_kv](
-            q, k, v, bias_arg, dout, lse, delta, dk, dv, cu_q_arg, cu_k_arg, *descs,
-            *qs, *ks, *vs, *dos, *dks, *dvs, *_bias_strides(bias), *ls,
-            n_heads, n_kv, n_heads // n_kv, sq, sk, *common, **_blocks(dict(flags, USE_TMA=use_tma)),
-        ), q_descs, (q, dout))  # fmt: skip
+            q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc, cu_q_arg, cu_k_arg, *descs,
+            *qs, *ks, *vs, *dos, *dks, *dvs, *(dqs if atomic else (0, 0, 0)), *_bias_strides(bias), *ls,
+            n_heads, n_kv, n_heads // n_kv, sq, sk, *common,
+            **_blocks(dict(flags, USE_TMA=use_tma, ATOMIC_DQ=atomic)),
+        ), q_descs, (q, dout), (dq_acc,))  # fmt: skip
+        if atomic:
+            dq.copy_(dq_acc.mul_(scale))
+            return
+        kv_descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N")
         grid_q = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
         _launch(lambda descs, use_tma: _bwd_dq_kernel[grid_q](
             q, k, v, bias_arg, dout, lse, delta, dq, cu_q_arg, cu_k_arg, *descs,
