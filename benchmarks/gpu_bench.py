@@ -207,11 +207,11 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
     fastattn_fn = lambda q, k, v, causal: (  # noqa: E731
         fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal))
     if variants:
-        if fa_triton._tma_enabled(torch.empty(1, device="cuda")):
+        if fa_triton.TMA.enabled(torch.empty(1, device="cuda")):
             impls["fastattn[triton, no TMA]"] = fastattn_fn
-            settings["fastattn[triton, no TMA]"] = {"TMA_MODE": "0"}
+            settings["fastattn[triton, no TMA]"] = [(fa_triton.TMA, "mode", "0")]
         impls["fastattn[triton, atomic dQ]"] = fastattn_fn
-        settings["fastattn[triton, atomic dQ]"] = {"DQ_MODE": "atomic"}
+        settings["fastattn[triton, atomic dQ]"] = [(fa_triton, "DQ_MODE", "atomic")]
     elif others:
         impls["fastattn[triton]"] = fastattn_fn
         for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
@@ -245,15 +245,16 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                     q.grad = k.grad = v.grad = None
                     fn(q, k, v, causal).backward(dout)
                 n = len(results)
-                saved = {name: getattr(fa_triton, name) for name in settings.get(impl, {})}
-                for name, value in settings.get(impl, {}).items():
-                    setattr(fa_triton, name, value)
+                changes = settings.get(impl, [])
+                saved = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
+                for obj, name, value in changes:
+                    setattr(obj, name, value)
                 try:
                     _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
                     _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops, "TFLOP/s")
                 finally:
-                    for name, value in saved.items():
-                        setattr(fa_triton, name, value)
+                    for obj, name, value in saved:
+                        setattr(obj, name, value)
                 if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                     bwd_ms = results[-1].median_ms - results[-2].median_ms
                     results.append(Result(f"{case} bwd", impl, bwd_ms, 2.5 * fwd_flops,
@@ -295,9 +296,16 @@ def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
         del q, kc, vc
 
 
-def ffn_cases(results, deadline, tokens=16384):
+def ffn_cases(results, deadline, tokens=16384, variants=False):
     """SwiGLU 4096 -> 11008 and GELU MLP 1024 -> 4096, bf16. FLOPs: 2*T*D*F per matmul; an MLP
-    has 2 matmuls forward and 4 backward, SwiGLU 3 and 6. Backward time = fwd+bwd - fwd."""
+    has 2 matmuls forward and 4 backward, SwiGLU 3 and 6. Backward time = fwd+bwd - fwd.
+    ``variants=True`` times only the Triton kernels with pointer loads where their default is
+    the TMA path (FASTATTN_TRITON_TMA=0), for rows next to the default's."""
+    from fastattn.ops.ffn import triton as ffn_triton
+
+    if variants and not ffn_triton.TMA.enabled(torch.empty(1, device="cuda")):
+        print("gpu_bench: FFN variants: the default is not the TMA path here; nothing to compare")
+        return
     def eager_swiglu(x, wg, wu, wd):
         return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
@@ -329,6 +337,9 @@ def ffn_cases(results, deadline, tokens=16384):
         impls = {"fastattn[cuda]": _backend_fn(ours, "cuda"),
                  "fastattn[triton]": _backend_fn(ours, "triton"),
                  "torch eager": eager, "torch.compile": torch.compile(eager)}
+        if variants:
+            impls = {"fastattn[triton, no TMA]": impls["fastattn[triton]"]}
+        saved_mode = ffn_triton.TMA.mode
         for impl, fn in impls.items():
             def fwd():
                 with torch.no_grad():
@@ -339,8 +350,12 @@ def ffn_cases(results, deadline, tokens=16384):
                     p.grad = None
                 fn(x, *params).backward(dout)
             n = len(results)
-            _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
-            _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3 * fwd_flops, "TFLOP/s")
+            ffn_triton.TMA.mode = "0" if variants else saved_mode
+            try:
+                _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
+                _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3 * fwd_flops, "TFLOP/s")
+            finally:
+                ffn_triton.TMA.mode = saved_mode
             if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                 results.append(Result(f"{case} bwd", impl,
                                       results[-1].median_ms - results[-2].median_ms,
@@ -375,8 +390,8 @@ def main() -> int:
                         help="comma-separated case groups to run (default: all), e.g. attention,ffn")
     args = parser.parse_args()
     known = ("attention", "decode_attention", "ffn", "cross_entropy", "linear_cross_entropy",
-             "adamw", "clip_grad_norm", "token_logprobs", "attention_variants", "flex_attention",
-             "attention_sweep")
+             "adamw", "clip_grad_norm", "token_logprobs", "attention_variants", "ffn_variants",
+             "flex_attention", "attention_sweep")
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()} if args.cases else set(known)
     if unknown := wanted - set(known):
         parser.error(f"--cases: unknown {sorted(unknown)}; known: {', '.join(known)}")
@@ -405,6 +420,7 @@ def main() -> int:
         # fastattn's alternative attention kernels at the headline shape, beside its default
         ("attention_variants", lambda: attention_cases(results, deadline, [(128, 4096)],
                                                        tokens=16384 // scale, variants=True)),
+        ("ffn_variants", lambda: ffn_cases(results, deadline, tokens=16384 // scale, variants=True)),
         # FlexAttention at the headline shape (its compiles take ~40 s), then the rest of the
         # attention sweep (head dims 64 and 128, sequence 1k to 16k) last: the headline case of
         # every op first, so that a short run still answers every issue

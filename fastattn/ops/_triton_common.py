@@ -1,10 +1,72 @@
-"""Triton device helpers shared by several ops' kernels (imported only by the ops' triton.py).
+"""Triton helpers shared by several ops' kernels (imported only by the ops' triton.py): device
+functions, and the switch of the Hopper (TMA) paths.
 
 No `from __future__ import annotations` here: Triton 3.0's interpreter needs real annotations.
 """
 
+import functools
+import os
+import warnings
+
+import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors: triton >= 3.4 (older versions keep the pointer loads)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed triton
+    TensorDescriptor = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+class TmaSwitch:
+    """Whether one op family's kernels load their operands through TMA descriptors.
+
+    mode (FASTATTN_TRITON_TMA): "auto" (default) on NVIDIA GPUs of compute capability 9.0 and
+    newer, "0" never, "1" also under TRITON_INTERPRET (how the CPU tests check the path).
+    A triton that cannot build a TMA variant on the device (its compiler raises) turns the
+    path off for the process with a warning, and the launch is retried without it.
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self.mode = os.environ.get("FASTATTN_TRITON_TMA", "auto")
+        self.failed = False
+
+    def enabled(self, x: torch.Tensor) -> bool:
+        if TensorDescriptor is None or self.mode == "0" or self.failed:
+            return False
+        if INTERPRET:
+            return self.mode == "1"
+        return x.is_cuda and torch.version.hip is None and _capability(x.device.index or 0)[0] >= 9
+
+    def launch(self, launch, descs, fallback, accumulators=()):
+        """launch(descs, True) with the descriptors, or launch(fallback, False) with the plain
+        tensors when there are none; after a failed TMA build, the retry starts from zeroed
+        accumulators (an autotuner may have run other configs before the failing one)."""
+        if descs is None:
+            return launch(fallback, False)
+        try:
+            return launch(descs, True)
+        except Exception as error:  # noqa: BLE001 - any compiler failure, reported below
+            if INTERPRET:
+                raise
+            self.failed = True
+            warnings.warn(
+                f"fastattn: the Triton TMA {self.what} path failed to build ({type(error).__name__}: {error}); "
+                "using pointer loads from now on (set FASTATTN_TRITON_TMA=0 to skip it)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            for acc in accumulators:
+                acc.zero_()
+            return launch(fallback, False)
 
 
 @triton.jit

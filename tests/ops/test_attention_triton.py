@@ -347,9 +347,9 @@ needs_tma = pytest.mark.skipif(fa_triton.TensorDescriptor is None, reason="trito
 @pytest.fixture
 def tma(monkeypatch):
     """Forces the TMA path and records, per launch, whether it was taken."""
-    monkeypatch.setattr(fa_triton, "TMA_MODE", "1")
-    monkeypatch.setattr(fa_triton, "_TMA_FAILED", False)
-    if not fa_triton._tma_enabled(torch.empty(1, device=DEVICE)):
+    monkeypatch.setattr(fa_triton.TMA, "mode", "1")
+    monkeypatch.setattr(fa_triton.TMA, "failed", False)
+    if not fa_triton.TMA.enabled(torch.empty(1, device=DEVICE)):
         pytest.skip("no TMA on this device")
     taken = []
     plan = fa_triton._tma_descriptors
@@ -436,9 +436,7 @@ def test_tma_path_varlen(tma):
 
 
 @needs_tma
-def test_tma_descriptor_layouts(monkeypatch):
-    monkeypatch.setattr(fa_triton, "TMA_MODE", "1")
-    monkeypatch.setattr(fa_triton, "_TMA_FAILED", False)
+def test_tma_descriptor_layouts():
 
     def desc(x, n_rows=None):
         strides = (x.stride(0), x.stride(1), x.stride(2))
@@ -458,18 +456,22 @@ def test_tma_descriptor_layouts(monkeypatch):
 
 
 def test_tma_build_failure_falls_back_once(monkeypatch):
-    monkeypatch.setattr(fa_triton, "INTERPRET", False)
-    monkeypatch.setattr(fa_triton, "_TMA_FAILED", False)
+    from fastattn.ops import _triton_common
+    monkeypatch.setattr(_triton_common, "INTERPRET", False)
+    switch = _triton_common.TmaSwitch("attention")
+    acc = torch.ones(3)
     calls = []
 
     def launch(operands, use_tma):
         calls.append((operands, use_tma))
         if use_tma:
+            acc.add_(1.0)  # what an autotuner's earlier configs leave behind
             raise RuntimeError("PassManager::run failed")
+        assert (acc == 0).all(), "the retry must start from zeroed accumulators"
 
     with pytest.warns(RuntimeWarning, match="TMA attention path failed to build"):
-        fa_triton._launch(launch, ("desc_k", "desc_v"), ("k", "v"))
+        switch.launch(launch, ("desc_k", "desc_v"), ("k", "v"), (acc,))
     assert calls == [(("desc_k", "desc_v"), True), (("k", "v"), False)]
-    assert fa_triton._TMA_FAILED and not fa_triton._tma_enabled(torch.empty(1))
-    fa_triton._launch(launch, None, ("k", "v"))
+    assert switch.failed and not switch.enabled(torch.empty(1))
+    switch.launch(launch, None, ("k", "v"))
     assert calls[-1] == (("k", "v"), False)

@@ -289,3 +289,73 @@ def test_bf16_large_gpu(activation):
     ag_ref, dg_ref = _vjp(activation, g.double(), dm_ref * u.double())
     _close_as_pytorch(dg, dg_pt, dg_ref, "dg")
     _close_as_pytorch(du, dm_pt * ag_pt, dm_ref * ag_ref, "du")
+
+
+# ----------------------------------------------------------------------------- the TMA path
+#
+# On sm_90+ the K loop's tiles arrive through TMA descriptors (over an operand, or over its
+# transpose for a .t() view). Under the interpreter FASTATTN_TRITON_TMA=1 forces the path (the
+# `tma` fixture); every operand here sits inside NaN padding, so a tile read outside its
+# operand (a wrong descriptor shape or stride) poisons the result.
+
+needs_tma = pytest.mark.skipif(ffn_triton.TensorDescriptor is None, reason="triton without host TMA descriptors")
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    monkeypatch.setattr(ffn_triton.TMA, "mode", "1")
+    monkeypatch.setattr(ffn_triton.TMA, "failed", False)
+    if not ffn_triton.TMA.enabled(torch.empty(1, device=DEVICE)):
+        pytest.skip("no TMA on this device")
+    taken = []
+    plan = ffn_triton._tma_plan
+
+    def spy(*args):
+        result = plan(*args)
+        taken.append(result if result is None else result[1:])
+        return result
+
+    monkeypatch.setattr(ffn_triton, "_tma_plan", spy)
+    return taken
+
+
+def padded(rows, cols, dtype, transposed=False, scale=1.0):
+    """(rows, cols) values in a NaN buffer with 16-byte aligned rows (TMA's rule): a slice of
+    a wider, taller buffer, or the .t() view of one."""
+    r, c = (cols, rows) if transposed else (rows, cols)
+    buf = torch.full((r + 3, (c + 12) // 8 * 8), float("nan"), dtype=dtype, device=DEVICE)
+    t = buf[:r, :c]
+    t.copy_(torch.randn(r, c) * scale)
+    return t.t() if transposed else t
+
+
+@needs_tma
+@pytest.mark.parametrize("T,D,Fh", [
+    pytest.param(33, 40, 104, id="interpreter-tiles"),  # ragged M, N, K against 16-wide tiles
+    pytest.param(1000, 520, 1400, id="gpu-tiles", marks=pytest.mark.gpu),  # ragged against 64..256
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tma_path_mlp_and_glu(tma, dtype, T, D, Fh):
+    x, w1 = padded(T, D, dtype), padded(Fh, D, dtype, scale=D**-0.5)
+    w2, dout = padded(D, Fh, dtype, scale=Fh**-0.5), padded(T, D, dtype)
+    h, a = ffn_triton.linear_act(x, w1, None, "gelu")
+    h_ref = d64(x) @ d64(w1).T
+    check(h, h_ref, dtype)
+    check(a, act64("gelu", h_ref), dtype)
+    dh, a2 = ffn_triton.matmul_act_grad(dout, w2, h, "gelu")            # B = w2^T: over B^T
+    _, dh_ref = act_vjp64("gelu", d64(h), d64(dout) @ d64(w2))
+    check(dh, dh_ref, dtype)
+    check(ffn_triton.matmul(dh.t(), x.t()), d64(dh).T @ d64(x), dtype)  # dW1: both over transposes
+    check(ffn_triton.matmul(dh, w1.t()), d64(dh) @ d64(w1), dtype)      # dx: B over B^T
+    wg, wu = padded(Fh, D, dtype, scale=D**-0.5), padded(Fh, D, dtype, scale=D**-0.5)
+    g, u, m = ffn_triton.linear_glu(x, wg, wu, "silu")
+    g_ref, u_ref = d64(x) @ d64(wg).T, d64(x) @ d64(wu).T
+    check(g, g_ref, dtype)
+    check(u, u_ref, dtype)
+    dg, du, m2 = ffn_triton.matmul_glu_grad(dout, w2, g, u, "silu")
+    dm = d64(dout) @ d64(w2)
+    ag, dag = act_vjp64("silu", d64(g), dm * d64(u))
+    check(dg, dag, dtype)
+    check(du, dm * ag, dtype)
+    # every launch took the path, over A / B as laid out: (A_T, B_T) per launch
+    assert tma == [(False, False), (False, True), (True, True), (False, True), (False, False), (False, True)]

@@ -27,10 +27,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from fastattn.ops._triton_common import TensorDescriptor  # noqa: E402
 from fastattn.ops.attention import triton as attn  # noqa: E402
 
 FLOAT_ARGS = ("scale", "softcap", "drop_scale")
 ATTENTION = "fastattn.ops.attention.triton"
+FFN = "fastattn.ops.ffn.triton"
 
 
 def _jit_function(kernel):
@@ -93,7 +95,7 @@ def attention_jobs(capability):
         tiles = {**flags, "BLOCK_M": bm, "BLOCK_N": bn}
         add(kernel, {**pointers, **_streamed_args(kernel, "fp16", 128, tiles, False)}, tiles,
             f"fp16 d=128 {bm}x{bn}", num_warps=8)
-    if capability >= 90 and attn.TensorDescriptor is not None:
+    if capability >= 90 and TensorDescriptor is not None:
         # The Hopper path at the shapes it is tuned for: bf16/fp16, head dims 64 and 128 (and
         # 256 with small tiles), causal-style features on, the largest tiles and stage counts.
         tma_cases = [  # dtype, head dim, BLOCK_M, BLOCK_N, warps, stages, softcap, dropout, varlen, atomic dQ
@@ -111,6 +113,36 @@ def attention_jobs(capability):
                 add(kernel, {**ptrs, **_streamed_args(kernel, dt, d, tiles, True)}, tiles,
                     f"TMA {dt} d={d} {bm}x{bn}{' atomic dQ' if atomic else ''}", num_warps=warps,
                     num_stages=stages)
+    return jobs
+
+
+def ffn_jobs(capability):
+    """The FFN GEMMs at the GPU's largest tiles (the interpreter runs 16 x 16 x 16), and on
+    sm_90+ their TMA variants over every operand layout (A or A^T, B or B^T)."""
+    jobs = []
+    tma = capability >= 90 and TensorDescriptor is not None
+    for dt, (bm, bn, bk, warps, stages) in (("bf16", (128, 256, 64, 8, 3)), ("fp32", (128, 128, 32, 8, 3))):
+        for use_tma, a_t, b_t in ((False, False, False),) + (((True, False, False), (True, True, True),
+                                                              (True, False, True)) if tma else ()):
+            a_desc = f"tensordesc<{dt}[{bk},{bm}]>" if a_t else f"tensordesc<{dt}[{bm},{bk}]>"
+            b_desc = f"tensordesc<{dt}[{bk},{bn}]>" if b_t else f"tensordesc<{dt}[{bn},{bk}]>"
+            ptrs = {n: "*" + dt for n in ("A", "B", "Bias", "E1", "E2", "O1", "O2", "O3", "BG", "BU", "G", "U",
+                                          "Mout")}
+            flags = dict(ACT="silu", HAS_BIAS=True, PRECISION="ieee" if dt == "fp32" else None, USE_TMA=use_tma,
+                         A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=False)
+            label = f"{dt} {bm}x{bn}x{bk}" + (f" TMA A{'^T' if a_t else ''} B{'^T' if b_t else ''}" if use_tma else "")
+            for epi in ("act", "glu_grad"):
+                sig = {**ptrs, "ADesc": a_desc if use_tma else "*" + dt, "BDesc": b_desc if use_tma else "*" + dt}
+                jobs.append(dict(module=FFN, kernel="_gemm_kernel", signature=sig, constants=dict(flags, EPI=epi),
+                                 options=dict(num_warps=warps, num_stages=stages), capability=capability,
+                                 label=f"{label} {epi}"))
+            glu_tiles = dict(flags, EPI="glu", BLOCK_N=min(bn, 128))
+            b_glu = b_desc.replace(f"{bn}", f"{glu_tiles['BLOCK_N']}")
+            sig = {**ptrs, "ADesc": a_desc if use_tma else "*" + dt,
+                   "BGDesc": b_glu if use_tma else "*" + dt, "BUDesc": b_glu if use_tma else "*" + dt}
+            jobs.append(dict(module=FFN, kernel="_glu_kernel", signature=sig, constants=glu_tiles,
+                             options=dict(num_warps=warps, num_stages=stages), capability=capability,
+                             label=f"{label} glu"))
     return jobs
 
 
@@ -132,7 +164,7 @@ def main() -> int:
     parser.add_argument("--captured", default=None, help="JSON lines from tests.tools.triton_capture")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    jobs = attention_jobs(args.capability)
+    jobs = attention_jobs(args.capability) + ffn_jobs(args.capability)
     if args.captured:
         jobs += captured_jobs(args.captured, args.capability)
     failures = 0

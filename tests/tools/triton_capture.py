@@ -21,12 +21,9 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import fastattn  # noqa: E402
+from fastattn.ops._triton_common import TensorDescriptor  # noqa: E402
 from fastattn.ops.attention import triton as attn_triton  # noqa: E402
-
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed triton
-    TensorDescriptor = None
+from fastattn.ops.ffn import triton as ffn_triton  # noqa: E402
 
 TORCH_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
@@ -110,7 +107,7 @@ def workload():
 
         # attention: dense features, the masked path, varlen, decode; the TMA path too
         for tma in ("0", "1") if TensorDescriptor is not None else ("0",):
-            attn_triton.TMA_MODE = tma
+            attn_triton.TMA.mode = tma
             for dtype in (torch.float32, torch.float16):
                 q, k, v = randn(1, 4, 40, 32, dtype=dtype), randn(1, 2, 40, 32, dtype=dtype), randn(1, 2, 40, 32, dtype=dtype)
                 fastattn.flash_attention(q, k, v, causal=True).sum().backward()
@@ -124,22 +121,28 @@ def workload():
             q, k, v = randn(2, 2, 33, 40), randn(2, 2, 33, 40), randn(2, 2, 33, 40)
             mask = torch.rand(2, 1, 33, 33, generator=gen) > 0.2
             fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
-        attn_triton.TMA_MODE = "auto"
+        attn_triton.TMA.mode = "auto"
         with torch.no_grad():
             for dtype in (torch.float32, torch.float16):
                 q, kc, vc = randn(2, 4, 1, 32, dtype=dtype), randn(2, 2, 50, 32, dtype=dtype), randn(2, 2, 50, 32, dtype=dtype)
                 fastattn.decode_attention(q, kc, vc, torch.tensor([50, 7], dtype=torch.int32))
 
-        # FFN: every activation of the MLP, both gated forms, with and without biases
+        # FFN: every activation of the MLP, both gated forms, with and without biases; the TMA
+        # path (every operand layout the backward's transposed views give) too
         x = randn(5, 16)
         for act in ("gelu", "gelu_tanh", "relu", "relu2", "silu"):
             fastattn.mlp(x, randn(32, 16), randn(32), randn(16, 32), randn(16), activation=act).sum().backward()
         fastattn.mlp(x, randn(32, 16), None, randn(16, 32), None).sum().backward()
-        fastattn.swiglu(x, randn(32, 16), randn(32, 16), randn(16, 32)).sum().backward()
-        fastattn.swiglu(x, randn(32, 16), randn(32, 16), randn(16, 32), activation="gelu_tanh",
-                        b_gate=randn(32), b_up=randn(32), b_down=randn(16)).sum().backward()
-        xh = randn(5, 16, dtype=torch.float16)
-        fastattn.swiglu(xh, *(randn(*s, dtype=torch.float16) for s in ((32, 16), (32, 16), (16, 32)))).sum().backward()
+        for tma in ("0", "1") if TensorDescriptor is not None else ("0",):
+            ffn_triton.TMA.mode = tma
+            fastattn.swiglu(x, randn(32, 16), randn(32, 16), randn(16, 32)).sum().backward()
+            fastattn.swiglu(x, randn(32, 16), randn(32, 16), randn(16, 32), activation="gelu_tanh",
+                            b_gate=randn(32), b_up=randn(32), b_down=randn(16)).sum().backward()
+            xh = randn(5, 16, dtype=torch.float16)
+            fastattn.swiglu(xh, *(randn(*s, dtype=torch.float16) for s in ((32, 16), (32, 16), (16, 32)))).sum().backward()
+            fastattn.mlp(xh, randn(32, 16, dtype=torch.float16), randn(32, dtype=torch.float16),
+                         randn(16, 32, dtype=torch.float16), None, activation="relu2").sum().backward()
+        ffn_triton.TMA.mode = "auto"
 
         # optimizers and clipping: fp32 and bf16 parameters, master weights, amsgrad
         for dtype, kw in ((torch.float32, {}), (torch.bfloat16, dict(master_weights=True)),

@@ -31,10 +31,8 @@ descriptors; see "The Hopper path" below.
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
 # strings that Triton 3.0's interpreter does not recognise as constexpr.
 import contextlib
-import functools
 import math
 import os
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -42,21 +40,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_common import TensorDescriptor, TmaSwitch
 from .._triton_common import tanh as _tanh
-
-try:  # host-side TMA descriptors: triton >= 3.4 (older versions keep the pointer loads)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed triton
-    TensorDescriptor = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTATTN_AUTOTUNE=0 runs the first config the shape pruning keeps instead of timing them all:
 # for test runs, where every new shape would otherwise cost a round of compiles.
 AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
-# FASTATTN_TRITON_TMA: the Hopper path (see _tma_descriptor). "auto" (default) uses it on
-# NVIDIA GPUs of compute capability 9.0 and newer, "0" never, "1" also under TRITON_INTERPRET
-# (how the CPU tests check it).
-TMA_MODE = os.environ.get("FASTATTN_TRITON_TMA", "auto")
+# FASTATTN_TRITON_TMA: the Hopper path (see _tma_descriptor and _triton_common.TmaSwitch).
+TMA = TmaSwitch("attention")
 # FASTATTN_TRITON_DQ: "kernel" (default) computes dQ in its own launch, deterministic, at the
 # price of recomputing QK^T and dO V^T there; "atomic" adds each dK/dV program's dQ share into
 # an fp32 buffer with atomics instead (FlashAttention-2's scheme: 5 matrix products instead of
@@ -1092,22 +1084,6 @@ def _bias_strides(bias: Optional[Tensor]) -> Tuple[int, int, int, int]:
 # taken when every (b, h) block of D columns fits inside a row, D is a power of two (the tile
 # is exactly one head), and the TMA alignment rules hold (16-byte base and row stride).
 
-_TMA_FAILED = False
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> Tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def _tma_enabled(x: Tensor) -> bool:
-    if TensorDescriptor is None or TMA_MODE == "0" or _TMA_FAILED:
-        return False
-    if INTERPRET:
-        return TMA_MODE == "1"
-    return x.is_cuda and torch.version.hip is None and _capability(x.device.index or 0)[0] >= 9
-
-
 def _tma_descriptor(x: Tensor, strides: Tuple[int, int, int], n_b: int, n_h: int, n_rows: int, block: int):
     """The descriptor of x as _tma_coords addresses it, or None when the layout does not allow
     one. n_b, n_h: the batch entries and heads addressed; n_rows: rows per head (Sq or Sk, or
@@ -1130,36 +1106,11 @@ def _tma_descriptor(x: Tensor, strides: Tuple[int, int, int], n_b: int, n_h: int
 def _tma_descriptors(operands, n_b: int, block: str):
     """Descriptors for every (tensor, strides, heads, rows) of operands, or None unless all
     of them qualify."""
-    if not _tma_enabled(operands[0][0]):
+    if not TMA.enabled(operands[0][0]):
         return None
     rows = _INTERPRET_BLOCKS[block] if INTERPRET else 64  # the autotuner's pre_hook sets it
     descs = tuple(_tma_descriptor(x, st, n_b, n_h, n_rows, rows) for x, st, n_h, n_rows in operands)
     return None if any(desc is None for desc in descs) else descs
-
-
-def _launch(launch, descs, fallback, accumulators=()):
-    """launch(descs) with the TMA descriptors, or with the plain tensors (fallback) when there
-    are none. A triton that cannot build the TMA variant for this GPU (its compiler raises)
-    disables the path for the process with a warning; the launch is retried without it, from
-    zeroed accumulators (an autotuner may have run other configs before the failing one)."""
-    global _TMA_FAILED
-    if descs is None:
-        return launch(fallback, False)
-    try:
-        return launch(descs, True)
-    except Exception as error:  # noqa: BLE001 - any compiler failure, reported below
-        if INTERPRET:
-            raise
-        _TMA_FAILED = True
-        warnings.warn(
-            f"fastattn: the Triton TMA attention path failed to build ({type(error).__name__}: {error}); "
-            "using pointer loads from now on (set FASTATTN_TRITON_TMA=0 to skip it)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        for acc in accumulators:
-            acc.zero_()
-        return launch(fallback, False)
 
 
 def _forward(q, k, v, bias, out, lse, cu_q, cu_k, qs, ks, vs, os_, ls, batch, n_heads, n_kv, sq, sk,
@@ -1186,7 +1137,7 @@ def _forward(q, k, v, bias, out, lse, cu_q, cu_k, qs, ks, vs, os_, ls, batch, n_
         )  # fmt: skip
 
     with _on_device(q):
-        _launch(launch, descs, (k, v))
+        TMA.launch(launch, descs, (k, v))
 
 
 def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs, dos, os_, dqs, dks, dvs, ls,
@@ -1222,7 +1173,7 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
             HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, BLOCK_M=pre_block,
         )  # fmt: skip
         grid_kv = lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
-        _launch(lambda descs, use_tma: _bwd_dkdv_kernel[grid_kv](
+        TMA.launch(lambda descs, use_tma: _bwd_dkdv_kernel[grid_kv](
             q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc, cu_q_arg, cu_k_arg, *descs,
             *qs, *ks, *vs, *dos, *dks, *dvs, *(dqs if atomic else (0, 0, 0)), *_bias_strides(bias), *ls,
             n_heads, n_kv, n_heads // n_kv, sq, sk, *common,
@@ -1233,7 +1184,7 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
             return
         kv_descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N")
         grid_q = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
-        _launch(lambda descs, use_tma: _bwd_dq_kernel[grid_q](
+        TMA.launch(lambda descs, use_tma: _bwd_dq_kernel[grid_q](
             q, k, v, bias_arg, dout, lse, delta, dq, cu_q_arg, cu_k_arg, *descs,
             *qs, *ks, *vs, *dos, *dqs, *_bias_strides(bias), *ls,
             n_heads, n_heads // n_kv, sq, sk, *common, **_blocks(dict(flags, USE_TMA=use_tma)),

@@ -36,6 +36,10 @@ streaming all of B from HBM). The K loop is software-pipelined by the compiler (
 shared-memory buffers; wgmma on Hopper, mma on Ampere). Rows past M and columns past N are
 clamped with a modulo (they read valid memory and are never stored), so the loop body only
 masks K, and not even that when K is a multiple of BLOCK_K (EVEN_K).
+
+Hopper (sm_90+, USE_TMA): the K loop's A and B tiles arrive through TMA tensor descriptors
+instead (see _operand_desc), which zero-fill past M, N and K, so neither the row wrap nor the
+K mask is needed there.
 """
 
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
@@ -49,12 +53,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_common import TensorDescriptor, TmaSwitch
 from .._triton_common import tanh as _tanh
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTATTN_AUTOTUNE=0: the first config the pruning keeps, no timing (test runs; see
 # fastattn/ops/attention/triton.py).
 AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
+
+# FASTATTN_TRITON_TMA: the Hopper path (_triton_common.TmaSwitch).
+TMA = TmaSwitch("FFN")
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2", "silu")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -69,9 +77,22 @@ _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4}
 # ---------------------------------------------------------------------------------------------
 
 
+def _block_shapes(nargs):
+    # A host-side descriptor carries its tile shape, which must be the launched config's: the
+    # autotuner calls this before each config it times and before the chosen one runs. A
+    # descriptor over A^T (A_T) holds (BLOCK_K, BLOCK_M) tiles, else (BLOCK_M, BLOCK_K); the
+    # same for B with BLOCK_N.
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    for name, rows, transposed in (("ADesc", bm, "A_T"), ("BDesc", bn, "B_T"), ("BGDesc", bn, "B_T"),
+                                   ("BUDesc", bn, "B_T")):
+        desc = nargs.get(name)
+        if TensorDescriptor is not None and isinstance(desc, TensorDescriptor):
+            desc.block_shape = [bk, rows] if nargs[transposed] else [rows, bk]
+
+
 def _cfg(bm, bn, bk, warps, stages):
     meta = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
-    return triton.Config(meta, num_warps=warps, num_stages=stages)
+    return triton.Config(meta, num_warps=warps, num_stages=stages, pre_hook=_block_shapes)
 
 
 # Half precision (bf16/fp16), one accumulator. 128 x 256 x 64 with 8 warps (two warpgroups,
@@ -127,7 +148,7 @@ def _prune(configs, named_args, **kwargs):
     return kept if AUTOTUNE else kept[:1]
 
 
-_TUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "EPI", "HAS_BIAS"]
+_TUNE_KEY = ["M_BUCKET", "N_BUCKET", "K_BUCKET", "EPI", "HAS_BIAS", "USE_TMA", "A_T", "B_T"]
 
 
 def _tuned(configs):
@@ -238,6 +259,26 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _tma_a(desc, pid_m, k, A_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The (BLOCK_M, BLOCK_K) A tile at K step k, from a descriptor over A or over A^T.
+    if A_T:
+        a = tl.trans(desc.load([k * BLOCK_K, pid_m * BLOCK_M]))
+    else:
+        a = desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+    return a
+
+
+@triton.jit
+def _tma_b(desc, pid_n, k, B_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The (BLOCK_K, BLOCK_N) tile of B^T at K step k, from a descriptor over B or over B^T.
+    if B_T:
+        b = desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+    else:
+        b = tl.trans(desc.load([pid_n * BLOCK_N, k * BLOCK_K]))
+    return b
+
+
 # ---------------------------------------------------------------------------------------------
 # One accumulator: plain matmul, linear + activation, matmul + activation gradient, GLU grad
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +296,8 @@ def _gemm_kernel(
     O1,
     O2,
     O3,
+    ADesc,
+    BDesc,
     M,
     N,
     K,
@@ -273,6 +316,9 @@ def _gemm_kernel(
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    A_T: tl.constexpr,
+    B_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -295,7 +341,10 @@ def _gemm_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
+        if USE_TMA:
+            a = _tma_a(ADesc, pid_m, k, A_T, BLOCK_M, BLOCK_K)
+            b = _tma_b(BDesc, pid_n, k, B_T, BLOCK_N, BLOCK_K)
+        elif EVEN_K:
             a = tl.load(a_ptrs)
             b = tl.load(b_ptrs)
         else:
@@ -351,6 +400,9 @@ def _glu_kernel(
     G,
     U,
     Mout,
+    ADesc,
+    BGDesc,
+    BUDesc,
     M,
     N,
     K,
@@ -367,6 +419,9 @@ def _glu_kernel(
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    A_T: tl.constexpr,
+    B_T: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -386,7 +441,11 @@ def _glu_kernel(
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
+        if USE_TMA:
+            a = _tma_a(ADesc, pid_m, k, A_T, BLOCK_M, BLOCK_K)
+            bg = _tma_b(BGDesc, pid_n, k, B_T, BLOCK_N, BLOCK_K)
+            bu = _tma_b(BUDesc, pid_n, k, B_T, BLOCK_N, BLOCK_K)
+        elif EVEN_K:
             a = tl.load(a_ptrs)
             bg = tl.load(g_ptrs)
             bu = tl.load(u_ptrs)
@@ -451,6 +510,36 @@ def _check_2d(name: str, t: Tensor, dtype: torch.dtype, shape: Optional[Tuple[in
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
+def _operand_desc(t: Tensor):
+    """(descriptor, over_transpose) for a 2-D GEMM operand t (rows, K), or None: over t itself
+    when its K dimension is contiguous, over t^T when its rows are (a .t() view), provided the
+    TMA alignment rules hold (16-byte base and other stride). The tile shape is set at launch."""
+    rows, k = t.shape
+    es = t.element_size()
+    if TensorDescriptor is None or t.data_ptr() % 16 or rows == 0 or k == 0:
+        return None
+    if t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0:
+        return TensorDescriptor(t, [rows, k], [t.stride(0), 1], [16, 16]), False
+    if t.stride(0) == 1 and (t.stride(1) * es) % 16 == 0:
+        return TensorDescriptor(t, [k, rows], [t.stride(1), 1], [16, 16]), True
+    return None
+
+
+def _tma_plan(a: Tensor, bs: Tuple[Tensor, ...]):
+    """(descriptors, A_T, B_T) for operand a and the B operands bs (which share one layout
+    flag), or None for the pointer loads."""
+    if not TMA.enabled(a):
+        return None
+    plans = [_operand_desc(t) for t in (a, *bs)]
+    if any(p is None for p in plans) or len({p[1] for p in plans[1:]}) != 1:
+        return None
+    descs = tuple(p[0] for p in plans)
+    if INTERPRET:  # no autotuner there to call _block_shapes
+        _block_shapes({**_INTERPRET_CONFIG, "A_T": plans[0][1], "B_T": plans[1][1],
+                       **dict(zip(("ADesc", "BDesc") if len(bs) == 1 else ("ADesc", "BGDesc", "BUDesc"), descs))})
+    return descs, plans[0][1], plans[1][1]
+
+
 def _buckets(m: int, n: int, k: int) -> Tuple[int, int, int]:
     return triton.next_power_of_2(max(m, 1)), triton.next_power_of_2(max(n, 1)), triton.next_power_of_2(max(k, 1))
 
@@ -469,15 +558,21 @@ def _gemm(a: Tensor, b: Tensor, epi: str, activation: Optional[str], bias: Optio
     e1_arg = e1 if e1 is not None else o1
     e2_arg = e2 if e2 is not None else o1
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    with _on_device(a):
+    plan = _tma_plan(a, (b,))
+
+    def launch(operands, use_tma):
         _gemm_kernel[grid](
-            a, b, bias if bias is not None else o1, e1_arg, e2_arg, o1, o2, o3, m, n, k,
+            a, b, bias if bias is not None else o1, e1_arg, e2_arg, o1, o2, o3, *operands, m, n, k,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1),
             e1_arg.stride(0), e1_arg.stride(1), e2_arg.stride(0), e2_arg.stride(1),
             *_buckets(m, n, k),
             **_config(dict(EPI=epi, ACT=activation or "none", HAS_BIAS=bias is not None,
-                           PRECISION=_precision(a.dtype))),
+                           PRECISION=_precision(a.dtype), USE_TMA=use_tma,
+                           A_T=use_tma and plan[1], B_T=use_tma and plan[2])),
         )  # fmt: skip
+
+    with _on_device(a):
+        TMA.launch(launch, plan and plan[0], (a, b))
     return outs
 
 
@@ -548,11 +643,17 @@ def linear_glu(x: Tensor, w_gate: Tensor, w_up: Tensor, activation: str) -> Tupl
     if m_ == 0 or n == 0:
         return g, u, m
     grid = lambda meta: (triton.cdiv(m_, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    with _on_device(x):
+    plan = _tma_plan(x, (w_gate, w_up))
+
+    def launch(operands, use_tma):
         _glu_kernel[grid](
-            x, w_gate, w_up, g, u, m, m_, n, k,
+            x, w_gate, w_up, g, u, m, *operands, m_, n, k,
             x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_up.stride(0), w_up.stride(1),
             *_buckets(m_, n, k),
-            **_config(dict(EPI="glu", ACT=activation, HAS_BIAS=False, PRECISION=_precision(x.dtype))),
+            **_config(dict(EPI="glu", ACT=activation, HAS_BIAS=False, PRECISION=_precision(x.dtype),
+                           USE_TMA=use_tma, A_T=use_tma and plan[1], B_T=use_tma and plan[2])),
         )  # fmt: skip
+
+    with _on_device(x):
+        TMA.launch(launch, plan and plan[0], (x, w_gate, w_up))
     return g, u, m
