@@ -444,6 +444,12 @@ def main() -> int:
             traceback.print_exc()
             failed.append(name)
     env = environment()
+    # The Hopper (TMA) paths of the Triton kernels: the mode, or "failed" when a TMA build
+    # failed during the run and later rows fell back to pointer loads (see the warnings above).
+    from fastattn.ops.attention import triton as fa_triton
+    from fastattn.ops.ffn import triton as ffn_triton
+    env["triton_tma"] = {name: "failed" if mod.TMA.failed else mod.TMA.mode
+                         for name, mod in (("attention", fa_triton), ("ffn", ffn_triton))}
     env["copy_GBps"] = round(copy.rate, 1)
     env["seconds"] = round(time.time() - t0, 1)
     env["failed_cases"] = failed

@@ -16,6 +16,10 @@ try:  # host-side TMA descriptors: triton >= 3.4 (older versions keep the pointe
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the installed triton
     TensorDescriptor = None
+try:
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - depends on the installed triton
+    OutOfResources = MemoryError
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -31,7 +35,7 @@ class TmaSwitch:
     mode (FASTATTN_TRITON_TMA): "auto" (default) on NVIDIA GPUs of compute capability 9.0 and
     newer, "0" never, "1" also under TRITON_INTERPRET (how the CPU tests check the path).
     A triton that cannot build a TMA variant on the device (its compiler raises) turns the
-    path off for the process with a warning, and the launch is retried without it.
+    path off for the process with a warning, once the same launch has worked without it.
     """
 
     def __init__(self, what: str):
@@ -48,15 +52,30 @@ class TmaSwitch:
 
     def launch(self, launch, descs, fallback, accumulators=()):
         """launch(descs, True) with the descriptors, or launch(fallback, False) with the plain
-        tensors when there are none; after a failed TMA build, the retry starts from zeroed
-        accumulators (an autotuner may have run other configs before the failing one)."""
+        tensors when there are none.
+
+        When the TMA launch raises, the pointer-load launch is tried (from zeroed accumulators:
+        an autotuner may have run other configs before the failing one). Only if that one works
+        is the failure the TMA variant's: the path is then off for the process, with a
+        warning. An error the retry repeats propagates and leaves the path on; so does a CUDA
+        out-of-memory error, which is not retried. Too little shared memory for every TMA
+        config at this shape (OutOfResources) falls back for this launch only."""
         if descs is None:
             return launch(fallback, False)
         try:
             return launch(descs, True)
-        except Exception as error:  # noqa: BLE001 - any compiler failure, reported below
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except OutOfResources:
+            for acc in accumulators:
+                acc.zero_()
+            return launch(fallback, False)
+        except Exception as error:  # noqa: BLE001 - a compiler failure of the TMA variant?
             if INTERPRET:
                 raise
+            for acc in accumulators:
+                acc.zero_()
+            result = launch(fallback, False)
             self.failed = True
             warnings.warn(
                 f"fastattn: the Triton TMA {self.what} path failed to build ({type(error).__name__}: {error}); "
@@ -64,9 +83,7 @@ class TmaSwitch:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            for acc in accumulators:
-                acc.zero_()
-            return launch(fallback, False)
+            return result
 
 
 @triton.jit

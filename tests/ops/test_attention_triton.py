@@ -247,9 +247,13 @@ def _pack(xs):
     return torch.cat([x[0].transpose(0, 1) for x in xs], 0)  # (1, h, s, D) -> (total, h, D)
 
 
-def _varlen_case(dtype, causal, lens_q, lens_k, D=40):
+def _varlen_case(dtype, causal, lens_q, lens_k, D=40, poison=None):
+    """Packed sequences against each one run alone; sequence ``poison`` (if given) is all NaN
+    and not checked: a tile of a neighbour that reads into it poisons that neighbour."""
     H, Hkv = 4, 2
     seqs = [_qkv(1, H, Hkv, sq, sk, D, dtype) for sq, sk in zip(lens_q, lens_k)]
+    if poison is not None:
+        seqs[poison] = tuple(torch.full_like(t, float("nan")) for t in seqs[poison])
     q, k, v, dout = (_pack([s[n] for s in seqs]) for n in range(4))
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
@@ -259,6 +263,8 @@ def _varlen_case(dtype, causal, lens_q, lens_k, D=40):
     assert out.shape == q.shape and lse.shape == (H, q.shape[0])
     dq, dk, dv = fa_triton.varlen_bwd(dout, q, k, v, out, lse, *meta)
     for n, (sq, sk) in enumerate(zip(lens_q, lens_k)):
+        if n == poison:
+            continue
         kw = dict(diag=sk - sq, wr=0) if causal else {}
         ref = naive(*seqs[n], **kw)
         rq = slice(cu_q[n].item(), cu_q[n + 1].item())
@@ -305,7 +311,19 @@ def test_unequal_tiles(monkeypatch, bm, bn):
 @pytest.fixture
 def atomic_dq(monkeypatch):
     monkeypatch.setattr(fa_triton, "DQ_MODE", "atomic")
+    monkeypatch.setattr(fa_triton, "_warned_atomic", True)
     monkeypatch.setattr(fa_triton, "_bwd_dq_kernel", None)  # launching it would raise
+
+
+def test_atomic_dq_warns_once_and_bad_mode_is_an_error(monkeypatch):
+    q, k, v, dout = _qkv(1, 2, 1, 17, 17, 16, torch.float32)
+    monkeypatch.setattr(fa_triton, "DQ_MODE", "atomic")
+    monkeypatch.setattr(fa_triton, "_warned_atomic", False)
+    with pytest.warns(RuntimeWarning, match="not bitwise reproducible"):
+        _run(q, k, v, dout)
+    monkeypatch.setattr(fa_triton, "DQ_MODE", "atomics")
+    with pytest.raises(ValueError, match="FASTATTN_TRITON_DQ must be one of"):
+        _run(q, k, v, dout)
 
 
 @pytest.mark.parametrize("case", ["causal_tl_gqa_sq_gt_sk_d40", "window_softcap_d16", "causal_br_sq_gt_sk_masked_rows",
@@ -360,7 +378,8 @@ def tma(monkeypatch):
         return descs
 
     monkeypatch.setattr(fa_triton, "_tma_descriptors", spy)
-    return taken
+    yield taken
+    assert not fa_triton.TMA.failed, "a TMA launch failed and fell back to pointer loads"
 
 
 def _nan_padded(B, H, S, D, dtype, layout):
@@ -419,6 +438,20 @@ def test_tma_path_on_gpu(tma, dtype, layout):
     assert tma and all(tma)
 
 
+@GPU
+@needs_tma
+def test_tma_varlen_dropout_atomic_dq_on_gpu(tma, atomic_dq):
+    # The GPU's tiles on the TMA path with dQ by atomics: packed sequences around a NaN one,
+    # then dropout with a bias in NaN-padded (B, S, H, D) storage.
+    _varlen_case(torch.float16, True, (300, 40, 517), (517, 40, 300), D=64, poison=1)
+    B, H, Hkv, Sq, Sk, D = 2, 4, 2, 300, 517, 128
+    q, k, v, dout = (_nan_padded(B, h, s, D, torch.float16, "bshd") for h, s in ((H, Sq), (Hkv, Sk), (Hkv, Sk), (H, Sq)))
+    bias = torch.randn(B, 1, Sq, Sk, device=DEVICE).expand(B, H, Sq, Sk)
+    kw = dict(bias=bias, dropout_p=0.1, seed=3, diag=Sk - Sq, wr=0)
+    _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), torch.float16)
+    assert tma and all(tma)
+
+
 @needs_tma
 def test_tma_path_with_atomic_dq(tma, atomic_dq):
     dtype, B, H, Hkv, Sq, Sk, D, layout, kw = TMA_CASES["bhsd_causal_gqa"]
@@ -432,6 +465,9 @@ def test_tma_path_varlen(tma):
     # Packed sequences: a descriptor row of sequence n + 1 follows the last of sequence n.
     _varlen_case(torch.float32, True, (40, 1, 33), (35, 17, 50), D=16)
     _varlen_case(torch.float16, False, (33, 20), (17, 40), D=16)
+    # a NaN sequence after ragged ones (40 and 33 rows against 16-row tiles) on both sides
+    _varlen_case(torch.float32, False, (40, 9, 33), (37, 9, 50), D=16, poison=1)
+    _varlen_case(torch.float32, True, (33, 9, 40), (50, 9, 37), D=16, poison=1)
     assert tma and all(tma)
 
 
@@ -475,3 +511,38 @@ def test_tma_build_failure_falls_back_once(monkeypatch):
     assert switch.failed and not switch.enabled(torch.empty(1))
     switch.launch(launch, None, ("k", "v"))
     assert calls[-1] == (("k", "v"), False)
+
+
+def test_tma_errors_that_are_not_the_paths_own(monkeypatch):
+    from fastattn.ops import _triton_common
+    monkeypatch.setattr(_triton_common, "INTERPRET", False)
+    switch = _triton_common.TmaSwitch("attention")
+
+    def failing(error_type):
+        def launch(operands, use_tma):
+            raise error_type("bad input")
+        return launch
+
+    # the retry fails too: the error is not the TMA path's; it propagates, the path stays on
+    with pytest.raises(ValueError, match="bad input"):
+        switch.launch(failing(ValueError), ("d",), ("t",))
+    # out of device memory: no retry at all
+    calls = []
+
+    def oom(operands, use_tma):
+        calls.append(use_tma)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        switch.launch(oom, ("d",), ("t",))
+    assert calls == [True]
+    # too little shared memory for the TMA configs at this shape: pointer loads, this launch only
+    calls.clear()
+
+    def no_smem(operands, use_tma):
+        calls.append(use_tma)
+        if use_tma:
+            raise _triton_common.OutOfResources(300000, 232448, "shared memory")
+
+    switch.launch(no_smem, ("d",), ("t",))
+    assert calls == [True, False] and not switch.failed

@@ -316,7 +316,8 @@ def tma(monkeypatch):
         return result
 
     monkeypatch.setattr(ffn_triton, "_tma_plan", spy)
-    return taken
+    yield taken
+    assert not ffn_triton.TMA.failed, "a TMA launch failed and fell back to pointer loads"
 
 
 def padded(rows, cols, dtype, transposed=False, scale=1.0):

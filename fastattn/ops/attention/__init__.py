@@ -15,7 +15,8 @@ Conventions: see ``reference.py``. A query row that can see no key (fully masked
 0, log-sum-exp -inf and zero gradients, never NaN (PyTorch's SDPA returns NaN there). Inputs
 with NaN give NaN, as in PyTorch. The log-sum-exp is returned detached: no gradient flows
 through it. The backward pass is deterministic on every backend (no atomics), so
-``deterministic=True`` costs nothing.
+``deterministic=True`` costs nothing; the one exception is the opt-in benchmarking variant
+FASTATTN_TRITON_DQ=atomic of the Triton backward (see triton.py), which warns once.
 
 Custom ops: ``fastattn::attention_fwd`` / ``_bwd``, ``fastattn::varlen_attention_fwd`` / ``_bwd``
 and ``fastattn::decode_attention`` (inference, no autograd).
@@ -418,7 +419,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     torch's generator; backward regenerates the mask). With ``return_lse`` returns
     ``(out, lse)``, lse ``(B, H, Sq)`` fp32 (natural log, -inf for rows that see no key),
     detached. ``deterministic``: accepted for FlashAttention compatibility; every fastattn
-    backward is deterministic already.
+    backward is deterministic already (unless FASTATTN_TRITON_DQ=atomic is set, an opt-in
+    benchmarking variant of the Triton backward that warns once).
     """
     fn = "flash_attention"
     if isinstance(q, Tensor):

@@ -33,6 +33,7 @@ descriptors; see "The Hopper path" below.
 import contextlib
 import math
 import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -54,6 +55,20 @@ TMA = TmaSwitch("attention")
 # an fp32 buffer with atomics instead (FlashAttention-2's scheme: 5 matrix products instead of
 # 7, not bitwise reproducible). A benchmarking variant until a GPU run decides between them.
 DQ_MODE = os.environ.get("FASTATTN_TRITON_DQ", "kernel")
+_DQ_MODES = ("kernel", "atomic")
+_warned_atomic = False
+
+
+def _atomic_dq() -> bool:
+    global _warned_atomic
+    if DQ_MODE not in _DQ_MODES:
+        raise ValueError(f"FASTATTN_TRITON_DQ must be one of {_DQ_MODES}, got {DQ_MODE!r}")
+    if DQ_MODE == "atomic" and not _warned_atomic:
+        _warned_atomic = True
+        warnings.warn("fastattn: FASTATTN_TRITON_DQ=atomic: the Triton attention backward adds dQ with "
+                      "atomics and is not bitwise reproducible (deterministic=True does not change that)",
+                      RuntimeWarning, stacklevel=3)
+    return DQ_MODE == "atomic"
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -1156,7 +1171,7 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
     )  # fmt: skip
     # FASTATTN_TRITON_DQ=atomic: the dK/dV programs add dQ into an fp32 buffer shaped and
     # strided like dq (a 1-element stand-in otherwise), and the dQ launch is skipped.
-    atomic = DQ_MODE == "atomic"
+    atomic = _atomic_dq()
     dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else lse.new_zeros(1)
     q_rows, kv_rows = (q.shape[0], k.shape[0]) if varlen else (sq, sk)
     q_descs = _tma_descriptors(((q, qs, n_heads, q_rows), (dout, dos, n_heads, q_rows)), batch, "BLOCK_M")
@@ -1246,7 +1261,7 @@ def attention_bwd(
     dropout_p: float,
     seed: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)``, contiguous, in the input dtype; deterministic."""
+    """``(dq, dk, dv)``, contiguous, in the input dtype; deterministic (unless DQ_MODE is "atomic")."""
     batch, n_heads, sq, d = q.shape
     n_kv, sk = k.shape[1], k.shape[2]
     assert out.stride(-1) == 1 and dout.stride(-1) == 1
