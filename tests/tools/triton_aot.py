@@ -46,11 +46,20 @@ def compile_job(job):
     """Lowers one kernel variant; returns its report line (raises on a compiler error)."""
     fn = _jit_function(getattr(importlib.import_module(job["module"]), job["kernel"]))
     constants = {name: v for name, v in job["constants"].items() if name in fn.arg_names}
+    # A recorded launch's specialisations, as the JIT would apply them (not on parameters
+    # that opt out with do_not_specialize / do_not_specialize_on_alignment).
+    attrs = {}
+    for param in fn.params:
+        spec = job.get("specialize", {}).get(param.name, "")
+        if spec == "1" and not param.do_not_specialize:
+            constants[param.name] = 1
+        elif spec == "D" and not (param.do_not_specialize or param.do_not_specialize_on_alignment):
+            attrs[(param.num,)] = [["tt.divisibility", 16]]
     signature = {name: "constexpr" if name in constants else job["signature"].get(
         name, "fp32" if name in FLOAT_ARGS else "i32") for name in fn.arg_names}
     options = {"num_warps": 4, "num_stages": 2, **job.get("options", {})}
     target = GPUTarget("cuda", job["capability"], 32)
-    compiled = triton.compile(ASTSource(fn, signature, constants), target=target, options=options)
+    compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options)
     return f"sm_{job['capability']} {job['label']} {job['kernel']}: shared {compiled.metadata.shared} B"
 
 

@@ -2,7 +2,8 @@
 
 Each launch becomes one JSON line: the kernel (module and name), the type of each runtime
 argument as Triton's compiler spells it ("*bf16", "i32", "fp32", "tensordesc<fp16[16,32]>"),
-the value of each constexpr and the launch options. tests/tools/triton_aot.py then lowers each
+what a GPU launch would specialise it on ("1" for an int equal to 1, "D" for an int or a
+pointer divisible by 16), the value of each constexpr and the launch options. tests/tools/triton_aot.py then lowers each
 distinct one for a GPU architecture: every kernel variant the ops really launch, with the
 argument types they really pass, compiled without a GPU.
 Usage: python -m tests.tools.triton_capture OUT.jsonl
@@ -45,6 +46,16 @@ def _arg_type(value):
     raise TypeError(f"no Triton type for a runtime argument of type {type(value).__name__}")
 
 
+def _specialization(value):
+    # What Triton's JIT keys a compile on (unless the parameter opts out): ints equal to 1
+    # become constants, ints and pointers divisible by 16 carry a divisibility hint.
+    if isinstance(value, torch.Tensor):
+        return "D" if value.data_ptr() % 16 == 0 else ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "1" if value == 1 else "D" if value % 16 == 0 else ""
+    return ""
+
+
 def _constant(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -60,7 +71,7 @@ def record(path):
         params = inspect.signature(fn).parameters
         bound = dict(zip(params, args))
         bound.update({k: v for k, v in kwargs.items() if k in params})
-        signature, constants = {}, {}
+        signature, constants, specialize = {}, {}, {}
         for name, param in params.items():
             value = bound.get(name, param.default)
             if param.annotation is tl.constexpr:
@@ -69,8 +80,10 @@ def record(path):
                 constants[name] = None
             else:
                 signature[name] = _arg_type(value)
+                specialize[name] = _specialization(value)
         entry = {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
-                 "constants": constants, "options": {k: kwargs[k] for k in OPTIONS if k in kwargs}}
+                 "constants": constants, "specialize": specialize,
+                 "options": {k: kwargs[k] for k in OPTIONS if k in kwargs}}
         line = json.dumps(entry, sort_keys=True)
         if line not in seen:
             seen.add(line)
@@ -115,7 +128,7 @@ def workload():
                 cu = torch.tensor([0, 17, 40], dtype=torch.int32)
                 fastattn.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                           cu, cu, 23, 23, causal=True).sum().backward()
-            attn_triton.DQ_MODE = "atomic"
+            attn_triton.DQ_MODE, attn_triton._warned_atomic = "atomic", True
             fastattn.flash_attention(q, k, v, causal=True, dropout_p=0.1).sum().backward()
             attn_triton.DQ_MODE = "kernel"
             q, k, v = randn(2, 2, 33, 40), randn(2, 2, 33, 40), randn(2, 2, 33, 40)
