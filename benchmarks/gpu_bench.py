@@ -444,12 +444,17 @@ def main() -> int:
             traceback.print_exc()
             failed.append(name)
     env = environment()
-    # The Hopper (TMA) paths of the Triton kernels: the mode, or "failed" when a TMA build
-    # failed during the run and later rows fell back to pointer loads (see the warnings above).
-    from fastattn.ops.attention import triton as fa_triton
-    from fastattn.ops.ffn import triton as ffn_triton
-    env["triton_tma"] = {name: "failed" if mod.TMA.failed else mod.TMA.mode
-                         for name, mod in (("attention", fa_triton), ("ffn", ffn_triton))}
+    # The Hopper (TMA) paths of the Triton kernels' default rows: "on", "off" (not this GPU,
+    # triton or FASTATTN_TRITON_TMA), or "failed" when a TMA build failed during the run and
+    # later rows fell back to pointer loads (see the warnings above).
+    try:
+        from fastattn.ops.attention import triton as fa_triton
+        from fastattn.ops.ffn import triton as ffn_triton
+        probe = torch.empty(1, device="cuda")
+        env["triton_tma"] = {name: "failed" if mod.TMA.failed else "on" if mod.TMA.enabled(probe) else "off"
+                             for name, mod in (("attention", fa_triton), ("ffn", ffn_triton))}
+    except Exception as error:  # the results must be written whatever this says
+        env["triton_tma"] = f"unknown ({type(error).__name__})"
     env["copy_GBps"] = round(copy.rate, 1)
     env["seconds"] = round(time.time() - t0, 1)
     env["failed_cases"] = failed

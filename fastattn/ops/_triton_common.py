@@ -43,7 +43,11 @@ class TmaSwitch:
         self.mode = os.environ.get("FASTATTN_TRITON_TMA", "auto")
         self.failed = False
 
+    MODES = ("auto", "0", "1")
+
     def enabled(self, x: torch.Tensor) -> bool:
+        if self.mode not in self.MODES:
+            raise ValueError(f"FASTATTN_TRITON_TMA must be one of {self.MODES}, got {self.mode!r}")
         if TensorDescriptor is None or self.mode == "0" or self.failed:
             return False
         if INTERPRET:

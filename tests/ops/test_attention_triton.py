@@ -461,6 +461,20 @@ def test_tma_path_with_atomic_dq(tma, atomic_dq):
 
 
 @needs_tma
+@pytest.mark.skipif(not fa_triton.INTERPRET, reason="tile shapes are forced in the interpreter only")
+@pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16)])
+def test_tma_path_unequal_tiles(tma, monkeypatch, bm, bn):
+    # K/V descriptors hold BLOCK_N rows, Q/dO descriptors BLOCK_M: unequal tiles tell them apart.
+    monkeypatch.setitem(fa_triton._INTERPRET_BLOCKS, "BLOCK_M", bm)
+    monkeypatch.setitem(fa_triton._INTERPRET_BLOCKS, "BLOCK_N", bn)
+    for case in ("bhsd_causal_gqa", "qkv_window_softcap"):
+        dtype, B, H, Hkv, Sq, Sk, D, layout, kw = TMA_CASES[case]
+        q, k, v, dout = (_nan_padded(B, h, s, D, dtype, layout) for h, s in ((H, Sq), (Hkv, Sk), (Hkv, Sk), (H, Sq)))
+        _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), dtype)
+    assert tma and all(tma)
+
+
+@needs_tma
 def test_tma_path_varlen(tma):
     # Packed sequences: a descriptor row of sequence n + 1 follows the last of sequence n.
     _varlen_case(torch.float32, True, (40, 1, 33), (35, 17, 50), D=16)

@@ -331,13 +331,23 @@ def padded(rows, cols, dtype, transposed=False, scale=1.0):
 
 
 @needs_tma
-@pytest.mark.parametrize("T,D,Fh", [
-    pytest.param(33, 40, 104, id="interpreter-tiles"),  # ragged M, N, K against 16-wide tiles
-    pytest.param(1000, 520, 1400, id="gpu-tiles", marks=pytest.mark.gpu),  # ragged against 64..256
+@pytest.mark.parametrize("T,D,Fh,tiles", [
+    # ragged M, N, K against 16-wide tiles; then unequal tiles, so that a descriptor given the
+    # wrong one of BLOCK_M / BLOCK_N / BLOCK_K (or ignoring A_T / B_T) cannot match its tile
+    pytest.param(33, 40, 104, None, id="interpreter-tiles"),
+    pytest.param(33, 40, 104, dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=64), id="unequal-tiles"),
+    pytest.param(1000, 520, 1400, None, id="gpu-tiles", marks=pytest.mark.gpu),  # ragged against 64..256
 ])
+@pytest.mark.parametrize("x_layout", ["rows", "columns"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_tma_path_mlp_and_glu(tma, dtype, T, D, Fh):
-    x, w1 = padded(T, D, dtype), padded(Fh, D, dtype, scale=D**-0.5)
+def test_tma_path_mlp_and_glu(tma, monkeypatch, dtype, x_layout, T, D, Fh, tiles):
+    if tiles is not None:
+        if not ffn_triton.INTERPRET:
+            pytest.skip("tile shapes are forced in the interpreter only")
+        monkeypatch.setattr(ffn_triton, "_INTERPRET_CONFIG", {**ffn_triton._INTERPRET_CONFIG, **tiles})
+    # x (T, D) row-major, or column-major (the .t() of a (D, T) buffer): A over A^T
+    x = padded(T, D, dtype, transposed=x_layout == "columns")
+    w1 = padded(Fh, D, dtype, scale=D**-0.5)
     w2, dout = padded(D, Fh, dtype, scale=Fh**-0.5), padded(T, D, dtype)
     h, a = ffn_triton.linear_act(x, w1, None, "gelu")
     h_ref = d64(x) @ d64(w1).T
@@ -346,7 +356,7 @@ def test_tma_path_mlp_and_glu(tma, dtype, T, D, Fh):
     dh, a2 = ffn_triton.matmul_act_grad(dout, w2, h, "gelu")            # B = w2^T: over B^T
     _, dh_ref = act_vjp64("gelu", d64(h), d64(dout) @ d64(w2))
     check(dh, dh_ref, dtype)
-    check(ffn_triton.matmul(dh.t(), x.t()), d64(dh).T @ d64(x), dtype)  # dW1: both over transposes
+    check(ffn_triton.matmul(dh.t(), x.t()), d64(dh).T @ d64(x), dtype)  # dW1: A over A^T
     check(ffn_triton.matmul(dh, w1.t()), d64(dh) @ d64(w1), dtype)      # dx: B over B^T
     wg, wu = padded(Fh, D, dtype, scale=D**-0.5), padded(Fh, D, dtype, scale=D**-0.5)
     g, u, m = ffn_triton.linear_glu(x, wg, wu, "silu")
@@ -359,4 +369,20 @@ def test_tma_path_mlp_and_glu(tma, dtype, T, D, Fh):
     check(dg, dag, dtype)
     check(du, dm * ag, dtype)
     # every launch took the path, over A / B as laid out: (A_T, B_T) per launch
-    assert tma == [(False, False), (False, True), (True, True), (False, True), (False, False), (False, True)]
+    cols = x_layout == "columns"
+    assert tma == [(cols, False), (False, True), (True, not cols), (False, True), (cols, False), (False, True)]
+
+
+def test_tma_operand_layouts():
+    def desc(t):
+        plan = ffn_triton._operand_desc(t)
+        return plan and (list(plan[0].shape), list(plan[0].strides), plan[1])
+
+    assert desc(torch.zeros(24, 16)) == ([24, 16], [16, 1], False)
+    assert desc(torch.zeros(16, 24).t()) == ([16, 24], [24, 1], True)
+    assert desc(torch.zeros(24, 20)[:, :16]) == ([24, 16], [20, 1], False)
+    assert desc(torch.zeros(1, 16).expand(24, 16)) is None        # expanded rows (stride 0)
+    assert desc(torch.zeros(24, 1).expand(24, 16)) is None
+    assert desc(torch.zeros(112).as_strided((24, 16), (4, 1))) is None  # overlapping rows
+    assert desc(torch.zeros(24, 10)) is None                      # 40-byte rows
+    assert desc(torch.zeros(24 * 16 + 1)[1:].view(24, 16)) is None  # base not 16-byte aligned

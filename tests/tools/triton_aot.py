@@ -132,7 +132,7 @@ def ffn_jobs(capability):
     tma = capability >= 90 and TensorDescriptor is not None
     for dt, (bm, bn, bk, warps, stages) in (("bf16", (128, 256, 64, 8, 3)), ("fp32", (128, 128, 32, 8, 3))):
         for use_tma, a_t, b_t in ((False, False, False),) + (((True, False, False), (True, True, True),
-                                                              (True, False, True)) if tma else ()):
+                                                              (True, False, True), (True, True, False)) if tma else ()):
             a_desc = f"tensordesc<{dt}[{bk},{bm}]>" if a_t else f"tensordesc<{dt}[{bm},{bk}]>"
             b_desc = f"tensordesc<{dt}[{bk},{bn}]>" if b_t else f"tensordesc<{dt}[{bn},{bk}]>"
             ptrs = {n: "*" + dt for n in ("A", "B", "Bias", "E1", "E2", "O1", "O2", "O3", "BG", "BU", "G", "U",

@@ -155,6 +155,8 @@ def workload():
             fastattn.swiglu(xh, *(randn(*s, dtype=torch.float16) for s in ((32, 16), (32, 16), (16, 32)))).sum().backward()
             fastattn.mlp(xh, randn(32, 16, dtype=torch.float16), randn(32, dtype=torch.float16),
                          randn(16, 32, dtype=torch.float16), None, activation="relu2").sum().backward()
+            x_cols = randn(16, 8).t()  # column-major x: A over A^T forward, B not transposed in dW1
+            fastattn.mlp(x_cols, randn(32, 16), None, randn(16, 32), None).sum().backward()
         ffn_triton.TMA.mode = "auto"
 
         # optimizers and clipping: fp32 and bf16 parameters, master weights, amsgrad

@@ -513,14 +513,15 @@ def _check_2d(name: str, t: Tensor, dtype: torch.dtype, shape: Optional[Tuple[in
 def _operand_desc(t: Tensor):
     """(descriptor, over_transpose) for a 2-D GEMM operand t (rows, K), or None: over t itself
     when its K dimension is contiguous, over t^T when its rows are (a .t() view), provided the
-    TMA alignment rules hold (16-byte base and other stride). The tile shape is set at launch."""
+    TMA alignment rules hold (16-byte base and other stride) and the other stride steps past a
+    whole line (no expanded or overlapping rows). The tile shape is set at launch."""
     rows, k = t.shape
     es = t.element_size()
     if TensorDescriptor is None or t.data_ptr() % 16 or rows == 0 or k == 0:
         return None
-    if t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0:
+    if t.stride(1) == 1 and t.stride(0) >= k and (t.stride(0) * es) % 16 == 0:
         return TensorDescriptor(t, [rows, k], [t.stride(0), 1], [16, 16]), False
-    if t.stride(0) == 1 and (t.stride(1) * es) % 16 == 0:
+    if t.stride(0) == 1 and t.stride(1) >= rows and (t.stride(1) * es) % 16 == 0:
         return TensorDescriptor(t, [k, rows], [t.stride(1), 1], [16, 16]), True
     return None
 
