@@ -38,12 +38,12 @@ class TmaSwitch:
     path off for the process with a warning, once the same launch has worked without it.
     """
 
+    MODES = ("auto", "0", "1")
+
     def __init__(self, what: str):
         self.what = what
         self.mode = os.environ.get("FASTATTN_TRITON_TMA", "auto")
         self.failed = False
-
-    MODES = ("auto", "0", "1")
 
     def enabled(self, x: torch.Tensor) -> bool:
         if self.mode not in self.MODES:
