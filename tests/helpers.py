@@ -29,3 +29,26 @@ def assert_close(actual, expected, dtype, what, scale=1.0):
     tol["atol"] = tol["atol"] * scale
     torch.testing.assert_close(actual.to(torch.float64), expected.to(torch.float64),
                                msg=lambda m: f"{what}: {m}", **tol)
+
+
+def forced_tma(monkeypatch, module, planner, record, device):
+    """Generator for a fixture: forces ``module``'s TMA path (FASTATTN_TRITON_TMA=1, which also
+    runs it under the interpreter), wraps ``module.<planner>`` so that each launch appends
+    ``record(plan)`` to the list it yields, and fails the test if a TMA launch fell back to
+    pointer loads meanwhile. Skips where the device has no TMA."""
+    monkeypatch.setattr(module.TMA, "mode", "1")
+    monkeypatch.setattr(module.TMA, "failed", False)
+    if not module.TMA.enabled(torch.empty(1, device=device)):
+        pytest.skip("no TMA on this device")
+    taken = []
+    plan = getattr(module, planner)
+
+    def spy(*args):
+        result = plan(*args)
+        taken.append(record(result))
+        return result
+
+    monkeypatch.setattr(module, planner, spy)
+    yield taken
+    assert not module.TMA.failed, "a TMA launch failed and fell back to pointer loads"
+

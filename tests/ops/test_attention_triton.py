@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastattn.ops.attention import triton as fa_triton
-from tests.helpers import GPU
+from tests.helpers import GPU, forced_tma
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 M32 = 0xFFFFFFFF
@@ -365,21 +365,7 @@ needs_tma = pytest.mark.skipif(fa_triton.TensorDescriptor is None, reason="trito
 @pytest.fixture
 def tma(monkeypatch):
     """Forces the TMA path and records, per launch, whether it was taken."""
-    monkeypatch.setattr(fa_triton.TMA, "mode", "1")
-    monkeypatch.setattr(fa_triton.TMA, "failed", False)
-    if not fa_triton.TMA.enabled(torch.empty(1, device=DEVICE)):
-        pytest.skip("no TMA on this device")
-    taken = []
-    plan = fa_triton._tma_descriptors
-
-    def spy(*args):
-        descs = plan(*args)
-        taken.append(descs is not None)
-        return descs
-
-    monkeypatch.setattr(fa_triton, "_tma_descriptors", spy)
-    yield taken
-    assert not fa_triton.TMA.failed, "a TMA launch failed and fell back to pointer loads"
+    yield from forced_tma(monkeypatch, fa_triton, "_tma_descriptors", lambda descs: descs is not None, DEVICE)
 
 
 def _nan_padded(B, H, S, D, dtype, layout):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastattn.ops.ffn import triton as ffn_triton
+from tests.helpers import forced_tma
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ACTS = ["gelu", "gelu_tanh", "relu", "relu2", "silu"]
@@ -303,21 +304,9 @@ needs_tma = pytest.mark.skipif(ffn_triton.TensorDescriptor is None, reason="trit
 
 @pytest.fixture
 def tma(monkeypatch):
-    monkeypatch.setattr(ffn_triton.TMA, "mode", "1")
-    monkeypatch.setattr(ffn_triton.TMA, "failed", False)
-    if not ffn_triton.TMA.enabled(torch.empty(1, device=DEVICE)):
-        pytest.skip("no TMA on this device")
-    taken = []
-    plan = ffn_triton._tma_plan
-
-    def spy(*args):
-        result = plan(*args)
-        taken.append(result if result is None else result[1:])
-        return result
-
-    monkeypatch.setattr(ffn_triton, "_tma_plan", spy)
-    yield taken
-    assert not ffn_triton.TMA.failed, "a TMA launch failed and fell back to pointer loads"
+    """Forces the TMA path and records, per launch, (A_T, B_T), or None for pointer loads."""
+    yield from forced_tma(monkeypatch, ffn_triton, "_tma_plan", lambda plan: plan if plan is None else plan[1:],
+                          DEVICE)
 
 
 def padded(rows, cols, dtype, transposed=False, scale=1.0):
