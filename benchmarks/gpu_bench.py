@@ -363,6 +363,44 @@ def ffn_cases(results, deadline, tokens=16384, variants=False):
         del x, params, dout
 
 
+def gemm_cases(results, deadline, tokens=16384, d=4096, f=11008):
+    """The three GEMMs of an FFN layer (SwiGLU's 4096 -> 11008, bf16) on their own: forward
+    x W^T, data gradient dH W, weight gradient dH^T x (operands as the backward passes them,
+    transposed views included). fastattn's Triton matmul, with and without its TMA loads,
+    against cuBLAS (torch.matmul): the issue asks the Triton matmul to match cuBLAS."""
+    from fastattn.ops.ffn import triton as ffn_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(tokens, d, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(f, d, device="cuda", generator=g) * d ** -0.5).to(torch.bfloat16)
+    dh = torch.randn(tokens, f, device="cuda", generator=g).to(torch.bfloat16)
+    shapes = {  # name: (a, b_t) with c = a @ b_t^T
+        f"gemm fwd {tokens}x{d}->{f}": (x, w),
+        f"gemm dgrad {tokens}x{f}->{d}": (dh, w.t()),
+        f"gemm wgrad {f}x{tokens}->{d}": (dh.t(), x.t()),
+    }
+    impls = {"fastattn[triton]": ffn_triton.TMA.mode, "cuBLAS": None}
+    if ffn_triton.TMA.enabled(x):
+        impls["fastattn[triton, no TMA]"] = "0"
+    saved_mode = ffn_triton.TMA.mode
+    for case, (a, b_t) in shapes.items():
+        if time.time() > deadline:
+            print(f"gpu_bench: skipped {case} (budget)")
+            continue
+        flops = 2 * a.shape[0] * a.shape[1] * b_t.shape[0]
+        for impl, mode in impls.items():
+            if mode is None:
+                step = lambda: torch.matmul(a, b_t.t())  # noqa: E731
+            else:
+                step = lambda: ffn_triton.matmul(a, b_t)  # noqa: E731
+            ffn_triton.TMA.mode = saved_mode if mode is None else mode
+            try:
+                _record(results, f"{case} bf16", impl, step, flops, "TFLOP/s")
+            finally:
+                ffn_triton.TMA.mode = saved_mode
+    del x, w, dh
+
+
 def _record(results, case, impl, step, work, unit):
     try:
         step()                                   # compile / autotune outside the timing
@@ -391,7 +429,7 @@ def main() -> int:
     args = parser.parse_args()
     known = ("attention", "decode_attention", "ffn", "cross_entropy", "linear_cross_entropy",
              "adamw", "clip_grad_norm", "token_logprobs", "attention_variants", "ffn_variants",
-             "flex_attention", "attention_sweep")
+             "ffn_gemm", "flex_attention", "attention_sweep")
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()} if args.cases else set(known)
     if unknown := wanted - set(known):
         parser.error(f"--cases: unknown {sorted(unknown)}; known: {', '.join(known)}")
@@ -421,6 +459,7 @@ def main() -> int:
         ("attention_variants", lambda: attention_cases(results, deadline, [(128, 4096)],
                                                        tokens=16384 // scale, variants=True)),
         ("ffn_variants", lambda: ffn_cases(results, deadline, tokens=16384 // scale, variants=True)),
+        ("ffn_gemm", lambda: gemm_cases(results, deadline, tokens=16384 // scale)),
         # FlexAttention at the headline shape (its compiles take ~40 s), then the rest of the
         # attention sweep (head dims 64 and 128, sequence 1k to 16k) last: the headline case of
         # every op first, so that a short run still answers every issue
