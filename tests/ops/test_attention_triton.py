@@ -326,6 +326,27 @@ def test_atomic_dq_warns_once_and_bad_mode_is_an_error(monkeypatch):
         _run(q, k, v, dout)
 
 
+def test_deterministic_requests_turn_atomic_dq_off(monkeypatch):
+    import fastattn
+    monkeypatch.setattr(fa_triton, "DQ_MODE", "atomic")
+    monkeypatch.setattr(fa_triton, "_warned_atomic", True)
+    chosen = []
+    decide = fa_triton._atomic_dq
+    monkeypatch.setattr(fa_triton, "_atomic_dq", lambda: chosen.append(decide()) or chosen[-1])
+    q, k, v = (torch.randn(1, 2, 17, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    was_on, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        with fastattn.use_backend("triton"):
+            for det in (False, True):
+                fastattn.flash_attention(q, k, v, causal=True, deterministic=det).sum().backward()
+            fastattn.scaled_dot_product_attention(q, k, v).sum().backward()
+            torch.use_deterministic_algorithms(True)
+            fastattn.scaled_dot_product_attention(q, k, v).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
+    assert chosen == [True, False, True, False]
+
+
 @pytest.mark.parametrize("case", ["causal_tl_gqa_sq_gt_sk_d40", "window_softcap_d16", "causal_br_sq_gt_sk_masked_rows",
                                   "sq1_sk97_causal_br", "fp16_causal_br_gqa_d80_strided"])
 def test_atomic_dq_matches_naive(atomic_dq, case):

@@ -16,7 +16,8 @@ Conventions: see ``reference.py``. A query row that can see no key (fully masked
 with NaN give NaN, as in PyTorch. The log-sum-exp is returned detached: no gradient flows
 through it. The backward pass is deterministic on every backend (no atomics), so
 ``deterministic=True`` costs nothing; the one exception is the opt-in benchmarking variant
-FASTATTN_TRITON_DQ=atomic of the Triton backward (see triton.py), which warns once.
+FASTATTN_TRITON_DQ=atomic of the Triton backward (see triton.py), which warns once and which
+``deterministic=True`` or ``torch.use_deterministic_algorithms(True)`` turns off.
 
 Custom ops: ``fastattn::attention_fwd`` / ``_bwd``, ``fastattn::varlen_attention_fwd`` / ``_bwd``
 and ``fastattn::decode_attention`` (inference, no autograd).
@@ -24,8 +25,10 @@ and ``fastattn::decode_attention`` (inference, no autograd).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
+import threading
 from typing import Optional, Sequence
 
 import torch
@@ -56,6 +59,29 @@ def _compiling() -> bool:
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
+
+
+# flash_attention(deterministic=True) for the duration of its forward call, and of the backward
+# of what that call recorded (autograd may run the backward on another thread).
+_DETERMINISTIC = threading.local()
+
+
+@contextlib.contextmanager
+def _deterministic(flag: bool):
+    previous = getattr(_DETERMINISTIC, "on", False)
+    _DETERMINISTIC.on = bool(flag)
+    try:
+        yield
+    finally:
+        _DETERMINISTIC.on = previous
+
+
+def deterministic_requested() -> bool:
+    """True inside flash_attention(deterministic=True) and its backward, or when
+    torch.use_deterministic_algorithms(True) is on: no backward variant with atomics then.
+    (A torch.compile'd graph calls the ops without the Python wrappers: there only
+    torch.use_deterministic_algorithms is seen at run time.)"""
+    return getattr(_DETERMINISTIC, "on", False) or torch.are_deterministic_algorithms_enabled()
 
 
 def _last_contiguous(x: Tensor) -> Tensor:
@@ -109,6 +135,7 @@ def _attention_setup(ctx, inputs, output):
     ctx.params = params
     # Backward may run on another thread (CUDA), outside the caller's use_backend block.
     ctx.backend = _backends.requested()
+    ctx.deterministic = getattr(_DETERMINISTIC, "on", False)
     ctx.set_materialize_grads(False)
 
 
@@ -117,7 +144,7 @@ def _attention_backward(ctx, dout, dlse):
     if dout is None:
         return (None,) * 11
     q, k, v, out, lse, bias = ctx.saved_tensors
-    with _backends.restored(ctx.backend):
+    with _backends.restored(ctx.backend), _deterministic(ctx.deterministic):
         dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, bias, *ctx.params)
     return (dq, dk, dv) + (None,) * 8
 
@@ -418,9 +445,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     (Gemma 2). ``dropout_p`` drops attention probabilities (counter-based RNG seeded from
     torch's generator; backward regenerates the mask). With ``return_lse`` returns
     ``(out, lse)``, lse ``(B, H, Sq)`` fp32 (natural log, -inf for rows that see no key),
-    detached. ``deterministic``: accepted for FlashAttention compatibility; every fastattn
-    backward is deterministic already (unless FASTATTN_TRITON_DQ=atomic is set, an opt-in
-    benchmarking variant of the Triton backward that warns once).
+    detached. ``deterministic``: every fastattn backward is deterministic by default; True
+    also keeps this call's backward off the opt-in FASTATTN_TRITON_DQ=atomic variant of the
+    Triton backward (as ``torch.use_deterministic_algorithms(True)`` does for every call).
     """
     fn = "flash_attention"
     if isinstance(q, Tensor):
@@ -443,9 +470,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     softcap = float(softcap)
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         raise ValueError(f"{fn}: softcap must be >= 0 (0 disables it), got {softcap}")
-    del deterministic  # always deterministic
-    out, lse = _run_dense(q, k, v, None, scale, k.shape[2] - q.shape[2], left, right, softcap,
-                          dropout_p)
+    with _deterministic(deterministic):
+        out, lse = _run_dense(q, k, v, None, scale, k.shape[2] - q.shape[2], left, right, softcap,
+                              dropout_p)
     return (out, lse.detach()) if return_lse else out
 
 

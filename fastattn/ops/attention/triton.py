@@ -60,15 +60,22 @@ _warned_atomic = False
 
 
 def _atomic_dq() -> bool:
+    """Whether this backward adds dQ with atomics: FASTATTN_TRITON_DQ=atomic, unless the call
+    asked for determinism (flash_attention(deterministic=True), or
+    torch.use_deterministic_algorithms(True))."""
     global _warned_atomic
     if DQ_MODE not in _DQ_MODES:
         raise ValueError(f"FASTATTN_TRITON_DQ must be one of {_DQ_MODES}, got {DQ_MODE!r}")
-    if DQ_MODE == "atomic" and not _warned_atomic:
+    from . import deterministic_requested  # the package is loaded by the time a kernel runs
+
+    if DQ_MODE != "atomic" or deterministic_requested():
+        return False
+    if not _warned_atomic:
         _warned_atomic = True
         warnings.warn("fastattn: FASTATTN_TRITON_DQ=atomic: the Triton attention backward adds dQ with "
-                      "atomics and is not bitwise reproducible (deterministic=True does not change that)",
-                      RuntimeWarning, stacklevel=3)
-    return DQ_MODE == "atomic"
+                      "atomics and is not bitwise reproducible (deterministic=True or "
+                      "torch.use_deterministic_algorithms(True) turns it off)", RuntimeWarning, stacklevel=3)
+    return True
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
