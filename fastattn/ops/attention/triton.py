@@ -66,9 +66,11 @@ def _atomic_dq() -> bool:
     global _warned_atomic
     if DQ_MODE not in _DQ_MODES:
         raise ValueError(f"FASTATTN_TRITON_DQ must be one of {_DQ_MODES}, got {DQ_MODE!r}")
+    if DQ_MODE != "atomic":
+        return False
     from . import deterministic_requested  # the package is loaded by the time a kernel runs
 
-    if DQ_MODE != "atomic" or deterministic_requested():
+    if deterministic_requested():
         return False
     if not _warned_atomic:
         _warned_atomic = True
