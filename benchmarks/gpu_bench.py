@@ -334,11 +334,12 @@ def ffn_cases(results, deadline, tokens=16384, variants=False):
         dout = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
         fwd_flops = n_mm * 2 * tokens * d * f
         case = f"{label} {tokens}x{d}->{f} bf16"
-        impls = {"fastattn[cuda]": _backend_fn(ours, "cuda"),
-                 "fastattn[triton]": _backend_fn(ours, "triton"),
-                 "torch eager": eager, "torch.compile": torch.compile(eager)}
         if variants:
-            impls = {"fastattn[triton, no TMA]": impls["fastattn[triton]"]}
+            impls = {"fastattn[triton, no TMA]": _backend_fn(ours, "triton")}
+        else:
+            impls = {"fastattn[cuda]": _backend_fn(ours, "cuda"),
+                     "fastattn[triton]": _backend_fn(ours, "triton"),
+                     "torch eager": eager, "torch.compile": torch.compile(eager)}
         saved_mode = ffn_triton.TMA.mode
         for impl, fn in impls.items():
             def fwd():

@@ -4,6 +4,7 @@ functions, and the switch of the Hopper (TMA) paths.
 No `from __future__ import annotations` here: Triton 3.0's interpreter needs real annotations.
 """
 
+import contextlib
 import functools
 import os
 import warnings
@@ -22,6 +23,11 @@ except ImportError:  # pragma: no cover - depends on the installed triton
     OutOfResources = MemoryError
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def on_device(x: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensor's.
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -160,8 +160,7 @@ def captured_jobs(path, capability):
     with open(path) as f:
         for n, line in enumerate(f):
             job = json.loads(line)
-            if job["signature"] and any(t.startswith("tensordesc") for t in job["signature"].values()) \
-                    and capability < 90:
+            if capability < 90 and any(t.startswith("tensordesc") for t in job["signature"].values()):
                 continue  # TMA descriptors exist from sm_90 on
             jobs.append(dict(job, capability=capability, label=f"captured #{n}"))
     return jobs

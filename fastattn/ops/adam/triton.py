@@ -18,9 +18,7 @@ every load and store off, so the step then moves no memory beyond the flag itsel
 
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
 # strings that Triton 3.0's interpreter does not recognise as constexpr.
-import contextlib
 import math
-import os
 from typing import List, Optional
 
 import torch
@@ -28,9 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_common import INTERPRET
+from .._triton_common import on_device as _on_device
 from .._triton_common import cast_for as _cast_for
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 BLOCK = 4096
 NUM_WARPS = 8
@@ -201,9 +200,7 @@ def adam_step(
         LERP_LOW=abs(1.0 - beta1) < 0.5,
     )
     scalars = (_log(beta1), _log(beta2), 1.0 - beta1, beta2, 1.0 - beta2, eps, weight_decay)
-    dev = params[0].device
-    # Triton launches on the current CUDA device, which need not be the parameters' one.
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with _on_device(params[0]):
         _launch_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, step, lr,
                     inv_scale, found_inf, amsgrad, scalars, flags)
 

@@ -30,7 +30,6 @@ descriptors; see "The Hopper path" below.
 
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
 # strings that Triton 3.0's interpreter does not recognise as constexpr.
-import contextlib
 import math
 import os
 import warnings
@@ -41,10 +40,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton_common import TensorDescriptor, TmaSwitch
+from .._triton_common import INTERPRET, TensorDescriptor, TmaSwitch
+from .._triton_common import on_device as _on_device
 from .._triton_common import tanh as _tanh
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTATTN_AUTOTUNE=0 runs the first config the shape pruning keeps instead of timing them all:
 # for test runs, where every new shape would otherwise cost a round of compiles.
 AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
@@ -1046,11 +1045,6 @@ def _bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _on_device(x: Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _int32_bits(x: int) -> int:
     x &= 0xFFFFFFFF
     return x - (1 << 32) if x >= (1 << 31) else x
@@ -1179,9 +1173,10 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
         HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, PRECISION=_precision(q.dtype),
     )  # fmt: skip
     # FASTATTN_TRITON_DQ=atomic: the dK/dV programs add dQ into an fp32 buffer shaped and
-    # strided like dq (a 1-element stand-in otherwise), and the dQ launch is skipped.
+    # strided like dq, and the dQ launch is skipped. Otherwise dq itself stands in (never read
+    # there; the autotuner's reset may zero it before the dQ kernel writes it whole).
     atomic = _atomic_dq()
-    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else lse.new_zeros(1)
+    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else dq
     q_rows, kv_rows = (q.shape[0], k.shape[0]) if varlen else (sq, sk)
     q_descs = _tma_descriptors(((q, qs, n_heads, q_rows), (dout, dos, n_heads, q_rows)), batch, "BLOCK_M")
     common = (
@@ -1202,7 +1197,7 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
             *qs, *ks, *vs, *dos, *dks, *dvs, *(dqs if atomic else (0, 0, 0)), *_bias_strides(bias), *ls,
             n_heads, n_kv, n_heads // n_kv, sq, sk, *common,
             **_blocks(dict(flags, USE_TMA=use_tma, ATOMIC_DQ=atomic)),
-        ), q_descs, (q, dout), (dq_acc,))  # fmt: skip
+        ), q_descs, (q, dout), (dq_acc,) if atomic else ())  # fmt: skip
         if atomic:
             dq.copy_(dq_acc.mul_(scale))
             return

@@ -28,7 +28,6 @@ next to the cache bytes (D + 1 fp32 per row vs 2 * 256 * D * e cache bytes per s
 
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
 # strings that Triton 3.0's interpreter does not recognise as constexpr.
-import os
 from typing import Tuple
 
 import torch
@@ -36,7 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .._triton_common import INTERPRET
+
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -17,8 +17,6 @@ only writes C zeros; token_logprobs_fwd still reads it because it must return it
 
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
 # strings that Triton 3.0's interpreter does not recognise as constexpr.
-import contextlib
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -26,7 +24,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .._triton_common import INTERPRET
+from .._triton_common import on_device as _on_device
+
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -286,11 +286,6 @@ def _check_rows(name: str, x: Tensor, like: Tensor) -> None:
 
 def _per_row(x: Tensor) -> Tensor:
     return x.to(torch.float32).contiguous()
-
-
-def _on_device(x: Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def cross_entropy_fwd(

@@ -44,7 +44,6 @@ K mask is needed there.
 
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
 # strings that Triton 3.0's interpreter does not recognise as constexpr.
-import contextlib
 import os
 from typing import Optional, Tuple
 
@@ -53,10 +52,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton_common import TensorDescriptor, TmaSwitch
+from .._triton_common import INTERPRET, TensorDescriptor, TmaSwitch
+from .._triton_common import on_device as _on_device
 from .._triton_common import tanh as _tanh
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # FASTATTN_AUTOTUNE=0: the first config the pruning keeps, no timing (test runs; see
 # fastattn/ops/attention/triton.py).
 AUTOTUNE = os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
@@ -475,11 +474,6 @@ def _glu_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-
-
-def _on_device(x: Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensor's.
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _precision(dtype: torch.dtype) -> Optional[str]:

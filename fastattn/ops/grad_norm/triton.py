@@ -20,9 +20,7 @@ IEEE patterns order like magnitudes and NaN sorts above inf, so it propagates Na
 """
 
 # No `from __future__ import annotations`: it turns `tl.constexpr` annotations into strings.
-import contextlib
 import math
-import os
 from typing import List
 
 import torch
@@ -30,9 +28,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._triton_common import INTERPRET
+from .._triton_common import on_device as _on_device
 from .._triton_common import cast_for as _cast_for
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 BLOCK = 4096
 CHUNK = 16 * BLOCK
@@ -160,11 +159,6 @@ def _chunk_table(tensors: List[Tensor]):
     return base, table, aligned
 
 
-def _device(dev: torch.device):
-    # Triton launches on the current CUDA device, which need not be the tensors' one.
-    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
-
-
 def grad_norm(tensors: List[Tensor], norm_type: float) -> Tensor:
     """Norm 2 or inf of all tensors as one vector: float32 0-dim on their device."""
     inf_norm = math.isinf(norm_type) and norm_type > 0
@@ -180,7 +174,7 @@ def grad_norm(tensors: List[Tensor], norm_type: float) -> Tensor:
         return out
     n = table.shape[0]
     partials = torch.empty(n, dtype=torch.float32, device=dev)
-    with _device(dev):
+    with _on_device(tensors[0]):
         _partials_kernel[(n,)](base, table, partials, INF_NORM=inf_norm, BLOCK=BLOCK,
                                STEPS=CHUNK // BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS)
         _final_kernel[(1,)](partials, out, n, INF_NORM=inf_norm, BLOCK=FINAL_BLOCK,
@@ -199,7 +193,7 @@ def scale_grads_(tensors: List[Tensor], max_norm: float, total_norm: Tensor) -> 
     base, table, aligned = _chunk_table(tensors)
     if base is None:
         return
-    with _device(base.device):
+    with _on_device(base):
         _scale_kernel[(table.shape[0],)](base, table, total_norm, float(max_norm), BLOCK=BLOCK,
                                          STEPS=CHUNK // BLOCK, ALIGNED=aligned,
                                          num_warps=NUM_WARPS)
