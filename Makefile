@@ -6,11 +6,12 @@ export MAX_JOBS ?= 2
 # Several pytest/benchmark processes on 2 cores: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help venv build rebuild test test-fast bench demo gpu-check gpu-train-check clean
+.PHONY: help venv build rebuild test test-oldest test-fast bench demo gpu-check gpu-train-check clean
 
 help:
 	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~12 min, torch vs fastattn side by side (DEMO_PPO=1: + reward model, PPO)"
 	@echo "make test       venv + torch + triton + build both extensions + the CPU test suite"
+	@echo "make test-oldest  the CPU test suite again on the oldest supported torch/triton (own venv)"
 	@echo "make bench      CPU benchmarks against PyTorch (CSV + PNG under benchmarks/out/)"
 	@echo "make gpu-check  on a GPU machine: build CUDA, GPU tests, GPU op benchmarks, < 8 min (OUT=dir)"
 	@echo "make gpu-train-check  on a GPU machine: gpt2-124m training, DPO and GRPO steps, ~5 min"
@@ -41,6 +42,25 @@ rebuild:
 
 test: build
 	$(PY) -m pytest tests -m "not gpu" -q -p no:cacheprovider
+
+# The oldest stack fastattn supports, torch 2.4 with the triton it pins, for the CPU suite
+# (CI runs it after `make test`). It gets its own venv and its own copy of the tracked sources:
+# the extension is built in place, and its file name does not say which torch built it.
+# numpy < 2.4: triton 3.0's interpreter cannot use a newer one.
+OLDEST ?= build/oldest
+OLDEST_PINS ?= torch==2.4.1 triton==3.0.0 "numpy<2.4"
+$(OLDEST)/venv/.deps: requirements-dev.txt
+	test -x $(OLDEST)/venv/bin/python || $(PYTHON) -m venv $(OLDEST)/venv
+	$(OLDEST)/venv/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/venv/bin/python -m pip install -q $(OLDEST_PINS) -r requirements-dev.txt
+	touch $@
+
+test-oldest: $(OLDEST)/venv/.deps
+	rm -rf $(OLDEST)/src && mkdir -p $(OLDEST)/src
+	git ls-files -z | xargs -0 cp --parents -t $(OLDEST)/src
+	cd $(OLDEST)/src && FASTATTN_CUDA=0 ../venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	cd $(OLDEST)/src && ../venv/bin/python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+	cd $(OLDEST)/src && ../venv/bin/python -m pytest tests -m "not gpu" -q -p no:cacheprovider $(OLDEST_TESTS)
 
 bench: build
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider -o python_files="bench_*.py" \

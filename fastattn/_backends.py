@@ -19,6 +19,7 @@ import contextvars
 import functools
 import importlib
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -63,6 +64,22 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(3, 6, 0) from "3.6.0", "3.6.0+git1234" or "3.7.0rc1"."""
+    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split("+")[0].split(".")[:3])
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_problem(version: str, numpy_version: str) -> str | None:
+    """Why this triton's interpreter cannot run with this numpy, if it cannot: up to 3.6 it
+    takes loop bounds with int() of a one-element array, which numpy 2.4 made an error, so
+    every kernel with a runtime loop bound would fail deep inside Triton."""
+    if _release(version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f"the interpreter of triton {version} does not work with numpy {numpy_version} "
+                "(triton < 3.7 needs numpy < 2.4): pip install 'numpy<2.4', or triton >= 3.7")
+    return None
+
+
 def _cuda_device_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
@@ -77,6 +94,10 @@ def status(name: str) -> BackendStatus:
         if version is None:
             return BackendStatus(False, "triton is not installed (pip install triton)")
         if _triton_interpret():
+            import numpy
+
+            if (problem := _interpreter_problem(version, numpy.__version__)) is not None:
+                return BackendStatus(False, problem)
             return BackendStatus(True, f"triton {version} in the interpreter (TRITON_INTERPRET=1): "
                                        "runs on CPU tensors, slowly; for tests")
         if (gpu := _cuda_device_name()) is not None:

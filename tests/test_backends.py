@@ -41,6 +41,30 @@ def test_impossible_backend_raises_at_once():
             pass
 
 
+@pytest.mark.parametrize("triton_version,numpy_version,works", [
+    ("3.6.0", "2.4.0", False),          # the interpreter int()s one-element arrays: numpy 2.4 refuses
+    ("3.0.0", "2.5.1", False),
+    ("3.6.0", "2.3.5", True),
+    ("3.7.0", "2.4.0", True),           # fixed in triton 3.7
+    ("3.10.0+git1a2b", "2.4.0", True),  # versions compare as numbers, not strings
+])
+def test_interpreter_refused_with_a_numpy_it_cannot_use(monkeypatch, triton_version, numpy_version, works):
+    """triton <= 3.6's interpreter fails deep inside Triton with numpy >= 2.4 ("only
+    0-dimensional arrays can be converted"); the backend report says so, with the fix."""
+    import numpy
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backends, "_triton_version", lambda: triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    st = _backends.status("triton")
+    assert bool(st) is works, st
+    if not works:
+        assert f"triton {triton_version}" in st.reason and "numpy<2.4" in st.reason, st
+        with pytest.raises(fastattn.BackendError, match="numpy<2.4"):
+            with fastattn.use_backend("triton"):
+                pass
+
+
 def test_backend_for_wrong_device_raises(monkeypatch):
     # pretend the CUDA backend exists: asking it to run CPU tensors must still fail clearly
     monkeypatch.setattr(_backends, "status", lambda name: _backends.BackendStatus(True, "test"))

@@ -16,6 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_every_kernel_compiles_for_gpu(tmp_path, capability=90):
     pytest.importorskip("triton.backends.compiler", reason="triton without its GPU compiler")
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+    if not hasattr(InterpretedFunction, "run"):  # triton 3.0; `make test` runs the newest triton
+        pytest.skip(f"triton {triton.__version__}'s interpreter has no InterpretedFunction.run "
+                    "for tests/tools/triton_capture.py to record the launches through")
     captured = tmp_path / "launches.jsonl"
     proc = subprocess.run([sys.executable, "-m", "tests.tools.triton_capture", str(captured)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)

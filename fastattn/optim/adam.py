@@ -101,14 +101,15 @@ class Adam(torch.optim.Optimizer):
         # that stepped together (or were skipped together by GradScaler) stay together, and
         # different histories never merge.
         self._step_keys: dict[Tensor, Any] = {}
-        self._fresh_key = 0
+        self._fresh_key = [0]  # in a list: dynamo (torch 2.5) cannot trace an int attribute's +=
         # parameters whose loaded master copy is checked against them at their next step
         self._check_master: set = set()
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_step_keys", {})
-        self.__dict__.setdefault("_fresh_key", 0)
+        fresh = self.__dict__.get("_fresh_key", 0)  # an int before
+        self._fresh_key = fresh if isinstance(fresh, list) else [fresh]
         self.__dict__.setdefault("_check_master", set())
         self._fill_group_defaults()
         for p, st in self.state.items():  # torch < 1.12 kept the step count as a number
@@ -252,9 +253,9 @@ class Adam(torch.optim.Optimizer):
                 torch._foreach_mul_(grads, factor)
             if inf is not None:  # a skipped step does not count
                 torch._foreach_sub_(steps, [inf] * len(steps))
-            self._fresh_key += 1
+            self._fresh_key[0] += 1
             for p in params:
-                self._step_keys[p] = self._fresh_key
+                self._step_keys[p] = self._fresh_key[0]
 
 
 class AdamW(Adam):

@@ -340,11 +340,15 @@ def test_deterministic_requests_turn_atomic_dq_off(monkeypatch):
             for det in (False, True):
                 fastattn.flash_attention(q, k, v, causal=True, deterministic=det).sum().backward()
             fastattn.scaled_dot_product_attention(q, k, v).sum().backward()
+            # the request is an argument of the ops, so a compiled graph's backward sees it too
+            for det in (False, True):
+                torch.compile(lambda q, k, v: fastattn.flash_attention(q, k, v, causal=True, deterministic=det),
+                              fullgraph=True, dynamic=False)(q, k, v).sum().backward()
             torch.use_deterministic_algorithms(True)
             fastattn.scaled_dot_product_attention(q, k, v).sum().backward()
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
-    assert chosen == [True, False, True, False]
+    assert chosen == [True, False, True, True, False, False]
 
 
 @pytest.mark.parametrize("case", ["causal_tl_gqa_sq_gt_sk_d40", "window_softcap_d16", "causal_br_sq_gt_sk_masked_rows",

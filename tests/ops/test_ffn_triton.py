@@ -362,6 +362,7 @@ def test_tma_path_mlp_and_glu(tma, monkeypatch, dtype, x_layout, T, D, Fh, tiles
     assert tma == [(cols, False), (False, True), (True, not cols), (False, True), (cols, False), (False, True)]
 
 
+@needs_tma
 def test_tma_operand_layouts():
     def desc(t):
         plan = ffn_triton._operand_desc(t)

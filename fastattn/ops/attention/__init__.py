@@ -23,8 +23,8 @@ Custom ops: ``fastattn::attention_fwd`` / ``_bwd``, ``fastattn::varlen_attention
 and ``fastattn::decode_attention`` (inference, no autograd).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.4's custom_op reads the annotations
+# of the functions it registers and rejects them as strings.
 import contextlib
 import math
 import operator
@@ -61,8 +61,9 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-# flash_attention(deterministic=True) for the duration of its forward call, and of the backward
-# of what that call recorded (autograd may run the backward on another thread).
+# flash_attention(deterministic=True), for the duration of the backward kernel it asked for: the
+# request travels as an argument of the ops (so a torch.compile'd graph carries it too) and is
+# set here only inside attention_bwd's body, which no tracer enters.
 _DETERMINISTIC = threading.local()
 
 
@@ -77,10 +78,8 @@ def _deterministic(flag: bool):
 
 
 def deterministic_requested() -> bool:
-    """True inside flash_attention(deterministic=True) and its backward, or when
-    torch.use_deterministic_algorithms(True) is on: no backward variant with atomics then.
-    (A torch.compile'd graph calls the ops without the Python wrappers: there only
-    torch.use_deterministic_algorithms is seen at run time.)"""
+    """True in the backward of flash_attention(deterministic=True), or when
+    torch.use_deterministic_algorithms(True) is on: no backward variant with atomics then."""
     return getattr(_DETERMINISTIC, "on", False) or torch.are_deterministic_algorithms_enabled()
 
 
@@ -95,8 +94,9 @@ def _last_contiguous(x: Tensor) -> Tensor:
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
                   diag: int, window_left: int, window_right: int, softcap: float,
-                  dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(out, lse) of attention in the kernel contract of reference.py (validated inputs)."""
+                  dropout_p: float, seed: int, deterministic: bool) -> tuple[Tensor, Tensor]:
+    """(out, lse) of attention in the kernel contract of reference.py (validated inputs).
+    ``deterministic`` is for the backward (autograd hands it on); no forward uses atomics."""
     _, impl = _impl("attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch: zeros / -inf by definition
         impl = reference
@@ -105,26 +105,29 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale
 
 
 @attention_fwd.register_fake
-def _(q, k, v, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed):
+def _(q, k, v, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed,
+      deterministic):
     return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype)))
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   bias: Optional[Tensor], scale: float, diag: int, window_left: int,
-                  window_right: int, softcap: float, dropout_p: float,
-                  seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) from the forward's out and lse."""
+                  window_right: int, softcap: float, dropout_p: float, seed: int,
+                  deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from the forward's out and lse; ``deterministic`` rules out a variant
+    with atomics (see deterministic_requested)."""
     _, impl = _impl("attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
     if q.numel() == 0 or k.numel() == 0:
         impl = reference
-    return impl.attention_bwd(_last_contiguous(dout), q, k, v, out, lse, bias, scale, diag,
-                              window_left, window_right, softcap, dropout_p, seed)
+    with _deterministic(deterministic):
+        return impl.attention_bwd(_last_contiguous(dout), q, k, v, out, lse, bias, scale, diag,
+                                  window_left, window_right, softcap, dropout_p, seed)
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, bias, scale, diag, window_left, window_right, softcap, dropout_p,
-      seed):
+      seed, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -135,18 +138,17 @@ def _attention_setup(ctx, inputs, output):
     ctx.params = params
     # Backward may run on another thread (CUDA), outside the caller's use_backend block.
     ctx.backend = _backends.requested()
-    ctx.deterministic = getattr(_DETERMINISTIC, "on", False)
     ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, dout, dlse):
     # dlse is ignored: the public functions return lse detached.
     if dout is None:
-        return (None,) * 11
+        return (None,) * 12
     q, k, v, out, lse, bias = ctx.saved_tensors
-    with _backends.restored(ctx.backend), _deterministic(ctx.deterministic):
+    with _backends.restored(ctx.backend):
         dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, bias, *ctx.params)
-    return (dq, dk, dv) + (None,) * 8
+    return (dq, dk, dv) + (None,) * 9
 
 
 attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -372,11 +374,12 @@ def _mask_to_bias(fn: str, mask: Tensor, device: torch.device, full: tuple,
     return bias.reshape(q4_shape)
 
 
-def _run_dense(q, k, v, bias, scale, diag, window_left, window_right, softcap, dropout_p):
+def _run_dense(q, k, v, bias, scale, diag, window_left, window_right, softcap, dropout_p,
+               deterministic=False):
     q, k, v = (_last_contiguous(x) for x in (q, k, v))
     seed = _draw_seed(dropout_p)
     return attention_fwd(q, k, v, bias, scale, diag, window_left, window_right, softcap,
-                         dropout_p, seed)
+                         dropout_p, seed, bool(deterministic))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,9 +473,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     softcap = float(softcap)
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         raise ValueError(f"{fn}: softcap must be >= 0 (0 disables it), got {softcap}")
-    with _deterministic(deterministic):
-        out, lse = _run_dense(q, k, v, None, scale, k.shape[2] - q.shape[2], left, right, softcap,
-                              dropout_p)
+    out, lse = _run_dense(q, k, v, None, scale, k.shape[2] - q.shape[2], left, right, softcap,
+                          dropout_p, deterministic)
     return (out, lse.detach()) if return_lse else out
 
 

@@ -14,8 +14,8 @@ Custom ops: ``fastattn::mlp_fwd`` / ``mlp_bwd`` and ``fastattn::swiglu_fwd`` / `
 on 2-D inputs (the public functions flatten leading dimensions).
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.4's custom_op reads the annotations
+# of the functions it registers and rejects them as strings.
 from typing import Optional
 
 import torch
