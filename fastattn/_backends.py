@@ -71,12 +71,17 @@ def _release(version: str) -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=None)
 def _interpreter_problem(version: str, numpy_version: str) -> str | None:
-    """Why this triton's interpreter cannot run with this numpy, if it cannot: up to 3.6 it
-    takes loop bounds with int() of a one-element array, which numpy 2.4 made an error, so
-    every kernel with a runtime loop bound would fail deep inside Triton."""
-    if _release(version) < (3, 7) and _release(numpy_version) >= (2, 4):
-        return (f"the interpreter of triton {version} does not work with numpy {numpy_version} "
-                "(triton < 3.7 needs numpy < 2.4): pip install 'numpy<2.4', or triton >= 3.7")
+    """Why this triton's interpreter cannot run with this numpy, if it cannot. Up to 3.1 it
+    computes wrong numbers with numpy 2 (no error: attention outputs off by 1e37 were seen);
+    up to 3.6 it takes loop bounds with int() of a one-element array, which numpy 2.4 made an
+    error raised deep inside Triton. Both checked by hand against the reference."""
+    triton_v, numpy_v = _release(version), _release(numpy_version)
+    for fixed_in, numpy_limit in (((3, 2), (2,)), ((3, 7), (2, 4))):
+        if triton_v < fixed_in and numpy_v >= numpy_limit:
+            limit = ".".join(map(str, numpy_limit))
+            return (f"the interpreter of triton {version} does not work with numpy {numpy_version} "
+                    f"(triton < {'.'.join(map(str, fixed_in))} needs numpy < {limit}): "
+                    f"pip install 'numpy<{limit}', or a newer triton")
     return None
 
 

@@ -41,16 +41,20 @@ def test_impossible_backend_raises_at_once():
             pass
 
 
-@pytest.mark.parametrize("triton_version,numpy_version,works", [
-    ("3.6.0", "2.4.0", False),          # the interpreter int()s one-element arrays: numpy 2.4 refuses
-    ("3.0.0", "2.5.1", False),
-    ("3.6.0", "2.3.5", True),
-    ("3.7.0", "2.4.0", True),           # fixed in triton 3.7
-    ("3.10.0+git1a2b", "2.4.0", True),  # versions compare as numbers, not strings
+@pytest.mark.parametrize("triton_version,numpy_version,works,fix", [
+    ("3.0.0", "2.3.5", False, "numpy<2"),   # silently wrong numbers: the worst case
+    ("3.1.0", "2.0.0", False, "numpy<2"),
+    ("3.1.0", "1.26.4", True, None),
+    ("3.2.0", "2.3.5", True, None),
+    ("3.6.0", "2.4.0", False, "numpy<2.4"),  # the interpreter int()s one-element arrays
+    ("3.6.0", "2.3.5", True, None),
+    ("3.7.0", "2.4.0", True, None),          # fixed in triton 3.7
+    ("3.10.0+git1a2b", "2.4.0", True, None),  # versions compare as numbers, not strings
 ])
-def test_interpreter_refused_with_a_numpy_it_cannot_use(monkeypatch, triton_version, numpy_version, works):
-    """triton <= 3.6's interpreter fails deep inside Triton with numpy >= 2.4 ("only
-    0-dimensional arrays can be converted"); the backend report says so, with the fix."""
+def test_interpreter_refused_with_a_numpy_it_cannot_use(monkeypatch, triton_version, numpy_version,
+                                                        works, fix):
+    """triton <= 3.1's interpreter computes wrong numbers with numpy 2, triton <= 3.6's fails
+    deep inside Triton with numpy >= 2.4; the backend report says so, with the fix."""
     import numpy
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -59,8 +63,8 @@ def test_interpreter_refused_with_a_numpy_it_cannot_use(monkeypatch, triton_vers
     st = _backends.status("triton")
     assert bool(st) is works, st
     if not works:
-        assert f"triton {triton_version}" in st.reason and "numpy<2.4" in st.reason, st
-        with pytest.raises(fastattn.BackendError, match="numpy<2.4"):
+        assert f"triton {triton_version}" in st.reason and f"'{fix}'" in st.reason, st
+        with pytest.raises(fastattn.BackendError, match=fix):
             with fastattn.use_backend("triton"):
                 pass
 
