@@ -19,13 +19,13 @@ import contextvars
 import functools
 import importlib
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Iterator, Mapping
 
 import torch
+from torch.torch_version import TorchVersion
 
 from . import _ext
 
@@ -64,18 +64,13 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """(3, 6, 0) from "3.6.0", "3.6.0+git1234" or "3.7.0rc1"."""
-    return tuple(int(re.match(r"\d*", part).group() or 0) for part in version.split("+")[0].split(".")[:3])
-
-
 @functools.lru_cache(maxsize=None)
 def _interpreter_problem(version: str, numpy_version: str) -> str | None:
     """Why this triton's interpreter cannot run with this numpy, if it cannot. Up to 3.1 it
     computes wrong numbers with numpy 2 (no error: attention outputs off by 1e37 were seen);
     up to 3.6 it takes loop bounds with int() of a one-element array, which numpy 2.4 made an
     error raised deep inside Triton. Both checked by hand against the reference."""
-    triton_v, numpy_v = _release(version), _release(numpy_version)
+    triton_v, numpy_v = TorchVersion(version), TorchVersion(numpy_version)  # PEP 440 comparisons
     for fixed_in, numpy_limit in (((3, 2), (2,)), ((3, 7), (2, 4))):
         if triton_v < fixed_in and numpy_v >= numpy_limit:
             limit = ".".join(map(str, numpy_limit))

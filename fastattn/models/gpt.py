@@ -36,11 +36,7 @@ NORM_EPS = 1e-5
 
 
 def _torch_at_least(major: int, minor: int) -> bool:
-    try:
-        have = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    except ValueError:
-        return True
-    return have >= (major, minor)
+    return torch.__version__ >= (major, minor)  # a TorchVersion: PEP 440 comparisons
 
 
 # F.scaled_dot_product_attention(..., enable_gqa=True) exists from torch 2.5.
