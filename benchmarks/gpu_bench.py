@@ -22,6 +22,18 @@ import fastattn
 from benchmarks.common import Result, environment, table, write
 
 
+# Where and in which half precision the cases run: an H200 in bf16 for `make gpu-check`; the
+# CPU test of this module (tests/test_gpu_bench.py) runs every case at toy sizes on the CPU in
+# fp16 (the Triton interpreter has no bf16 dot), so that no case group reaches a GPU session
+# untried.
+DEVICE = "cuda"
+DTYPE = torch.bfloat16
+
+
+def _dt() -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(DTYPE, str(DTYPE))
+
+
 def bench_ms(fn, rep_ms=400):
     from triton.testing import do_bench
     return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
@@ -37,7 +49,7 @@ def peak_mb(fn) -> float:
 
 
 def copy_bandwidth() -> Result:
-    src = torch.empty(2**31, dtype=torch.uint8, device="cuda")   # 2 GiB, far beyond L2
+    src = torch.empty(2**31, dtype=torch.uint8, device=DEVICE)   # 2 GiB, far beyond L2
     dst = torch.empty_like(src)
     ms = bench_ms(lambda: dst.copy_(src))
     return Result("device copy 2 GiB", "torch copy_", ms, 2 * src.numel(), "GB/s")
@@ -53,9 +65,9 @@ def _backend_fn(fn, backend):
 def _logits_cases(results, name, fastattn_fn, eager_fn, weighted, n, v):
     """fwd+bwd of a per-token loss over (n, v) bf16 logits, every implementation on the same
     tensors; ``weighted`` sums the per-token outputs with random weights (as DPO/PPO do)."""
-    x = (torch.randn(n, v, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
-    t = torch.randint(0, v, (n,), device="cuda")
-    w = torch.randn(n, device="cuda")
+    x = (torch.randn(n, v, device=DEVICE) * 2).to(DTYPE).requires_grad_()
+    t = torch.randint(0, v, (n,), device=DEVICE)
+    w = torch.randn(n, device=DEVICE)
     impls = {
         "fastattn[cuda]": _backend_fn(fastattn_fn, "cuda"),
         "fastattn[triton]": _backend_fn(fastattn_fn, "triton"),
@@ -67,7 +79,7 @@ def _logits_cases(results, name, fastattn_fn, eager_fn, weighted, n, v):
             x.grad = None
             out = fn(x, t)
             (out * w).sum().backward() if weighted else out.backward()
-        _record(results, f"{name} fwd+bwd {n}x{v} bf16", impl, step,
+        _record(results, f"{name} fwd+bwd {n}x{v} {_dt()}", impl, step,
                 3 * x.numel() * x.element_size(), "GB/s")
 
 
@@ -76,10 +88,10 @@ def _eager_logprobs(x, t):
 
 
 def linear_cross_entropy_cases(results, n=16384, h=4096, v=131072):
-    x = (torch.randn(n, h, device="cuda")).to(torch.bfloat16).requires_grad_()
-    w = (torch.randn(v, h, device="cuda") / h ** 0.5).to(torch.bfloat16).requires_grad_()
-    t = torch.randint(0, v, (n,), device="cuda")
-    case = f"linear_cross_entropy fwd+bwd {n}x{h}->{v} bf16"
+    x = (torch.randn(n, h, device=DEVICE)).to(DTYPE).requires_grad_()
+    w = (torch.randn(v, h, device=DEVICE) / h ** 0.5).to(DTYPE).requires_grad_()
+    t = torch.randint(0, v, (n,), device=DEVICE)
+    case = f"linear_cross_entropy fwd+bwd {n}x{h}->{v} {_dt()}"
     eager = lambda x, w, t: F.cross_entropy(F.linear(x, w), t)      # noqa: E731
     impls = {
         "fastattn": fastattn.linear_cross_entropy,
@@ -93,24 +105,37 @@ def linear_cross_entropy_cases(results, n=16384, h=4096, v=131072):
         _record(results, case, name, step, 3 * 2 * n * h * v, "TFLOP/s")
 
 
-def adam_cases(results, total=1 << 30, n_tensors=200):
+def _compiled_adamw(params):
+    """torch.optim.AdamW with its step compiled, PyTorch's "compiling the optimizer" recipe: lr
+    as a tensor (a new lr is no recompile), the default step inside torch.compile."""
+    opt = torch.optim.AdamW(params, lr=torch.tensor(1e-4))
+    opt.step = torch.compile(opt.step)
+    return opt
+
+
+def adam_cases(results, total=1 << 30, n_tensors=200, compiled=False):
     """One AdamW step over ~1B parameters in n_tensors tensors of mixed sizes: fp32 params, and
     bf16 params with fp32 master weights. Bytes per parameter: fp32 28 (param, grad, m, v read;
     param, m, v written); bf16 + master 32 (bf16 param and grad 2+2 read, master/m/v 12 read,
-    param 2 + master/m/v 12 written)."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    weights = torch.rand(n_tensors, generator=g, device="cuda") + 0.1
+    param 2 + master/m/v 12 written). ``compiled``: only torch.compile's fp32 step (its compile
+    over 200 tensors takes long, so it runs as a later case group)."""
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    weights = torch.rand(n_tensors, generator=g, device=DEVICE) + 0.1
     sizes = (weights / weights.sum() * total).long().clamp(min=1).tolist()
     numel = sum(sizes)
-    for dtype, bytes_per, master in ((torch.float32, 28, False), (torch.bfloat16, 32, True)):
-        params = [torch.randn(n, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    policies = ((torch.float32, 28, False),) if compiled else (
+        (torch.float32, 28, False), (torch.bfloat16, 32, True))
+    for dtype, bytes_per, master in policies:
+        params = [torch.randn(n, device=DEVICE, dtype=dtype, generator=g).requires_grad_()
                   for n in sizes]
         for p in params:
             p.grad = torch.randn_like(p)
         case = f"AdamW step {numel / 1e9:.2f}B params {str(dtype).split('.')[-1]}" + (
             " + fp32 master" if master else "")
         impls = {"fastattn": lambda ps: fastattn.optim.AdamW(ps, lr=1e-4, master_weights=master)}
-        if not master:  # torch has no master-weight policy to compare with
+        if compiled:
+            impls = {"torch.compile": _compiled_adamw}
+        elif not master:  # torch has no master-weight policy to compare with
             impls["torch fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
             impls["torch foreach"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)
         for impl, make in impls.items():
@@ -120,25 +145,27 @@ def adam_cases(results, total=1 << 30, n_tensors=200):
         del params
 
 
-def clip_grad_norm_cases(results, total=1 << 30, n_tensors=200):
+def clip_grad_norm_cases(results, total=1 << 30, n_tensors=200, compiled=False):
     """clip_grad_norm_ (2-norm, clipping) over ~1B fp32 and bf16 grads in n_tensors tensors of
     mixed sizes. Bytes per element: 3 x element size (the norm reads the grad; the scale reads
     and writes it). The grads are reused: after the first call the coefficient is ~1, the
-    traffic the same."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    weights = torch.rand(n_tensors, generator=g, device="cuda") + 0.1
+    traffic the same. ``compiled``: only torch.compile of torch's clip_grad_norm_."""
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    weights = torch.rand(n_tensors, generator=g, device=DEVICE) + 0.1
     sizes = (weights / weights.sum() * total).long().clamp(min=1).tolist()
     numel = sum(sizes)
     for dtype in (torch.float32, torch.bfloat16):
-        params = [torch.empty(1, device="cuda", dtype=dtype).requires_grad_() for _ in sizes]
-        for p, n in zip(params, sizes):
-            p.grad = torch.randn(n, device="cuda", dtype=dtype, generator=g)
+        params = [torch.empty(n, device=DEVICE, dtype=dtype).requires_grad_() for n in sizes]
+        for p in params:
+            p.grad = torch.randn(p.shape, device=DEVICE, dtype=dtype, generator=g)
         case = f"clip_grad_norm_ {numel / 1e9:.2f}B {str(dtype).split('.')[-1]} grads"
         impls = {
             "fastattn[cuda]": _backend_fn(fastattn.optim.clip_grad_norm_, "cuda"),
             "fastattn[triton]": _backend_fn(fastattn.optim.clip_grad_norm_, "triton"),
             "torch foreach": lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True),
         }
+        if compiled:
+            impls = {"torch.compile": torch.compile(torch.nn.utils.clip_grad_norm_)}
         for impl, fn in impls.items():
             _record(results, case, impl, lambda: fn(params, 1.0),
                     3 * torch.tensor([], dtype=dtype).element_size() * numel, "GB/s")
@@ -207,7 +234,7 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
     fastattn_fn = lambda q, k, v, causal: (  # noqa: E731
         fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal))
     if variants:
-        if fa_triton.TMA.enabled(torch.empty(1, device="cuda")):
+        if fa_triton.TMA.enabled(torch.empty(1, device=DEVICE)):
             impls["fastattn[triton, no TMA]"] = fastattn_fn
             settings["fastattn[triton, no TMA]"] = [(fa_triton.TMA, "mode", "0")]
         impls["fastattn[triton, atomic dQ]"] = fastattn_fn
@@ -229,11 +256,11 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                 print(f"gpu_bench: skipped attention d={d} s={s} causal={causal} (budget)")
                 continue
             b, h = max(1, tokens // s), model_dim // d
-            q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
+            q, k, v = (torch.randn(b, h, s, d, device=DEVICE, dtype=DTYPE)
                        .requires_grad_() for _ in range(3))
             dout = torch.randn_like(q)
             fwd_flops = 4 * b * h * s * s * d / (2 if causal else 1)
-            case = f"attention d={d} s={s}{' causal' if causal else ''} bf16"
+            case = f"attention d={d} s={s}{' causal' if causal else ''} {_dt()}"
             for impl, fn in impls.items():
                 if impl == "flex_attention" and (d, s) not in flex:
                     continue
@@ -271,12 +298,12 @@ def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
         if time.time() > deadline:
             print(f"gpu_bench: skipped decode L={length} (budget)")
             continue
-        q = torch.randn(batch, heads, 1, d, device="cuda", dtype=torch.bfloat16)
-        kc, vc = (torch.randn(batch, kv_heads, length, d, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(batch, heads, 1, d, device=DEVICE, dtype=DTYPE)
+        kc, vc = (torch.randn(batch, kv_heads, length, d, device=DEVICE, dtype=DTYPE)
                   for _ in range(2))
-        lens = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
         work = 2 * batch * kv_heads * length * d * 2
-        case = f"decode B={batch} H={heads}/{kv_heads} L={length} d={d} bf16"
+        case = f"decode B={batch} H={heads}/{kv_heads} L={length} d={d} {_dt()}"
         impls = {
             "fastattn[cuda]": _backend_fn(lambda: fastattn.decode_attention(q, kc, vc, lens), "cuda"),
             "fastattn[triton]": _backend_fn(lambda: fastattn.decode_attention(q, kc, vc, lens),
@@ -296,14 +323,15 @@ def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
         del q, kc, vc
 
 
-def ffn_cases(results, deadline, tokens=16384, variants=False):
-    """SwiGLU 4096 -> 11008 and GELU MLP 1024 -> 4096, bf16. FLOPs: 2*T*D*F per matmul; an MLP
+def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 11008),
+              mlp=(1024, 4096)):
+    """SwiGLU 4096 -> 11008 and GELU MLP 1024 -> 4096 (dim, hidden), bf16. FLOPs: 2*T*D*F per matmul; an MLP
     has 2 matmuls forward and 4 backward, SwiGLU 3 and 6. Backward time = fwd+bwd - fwd.
     ``variants=True`` times only the Triton kernels with pointer loads where their default is
     the TMA path (FASTATTN_TRITON_TMA=0), for rows next to the default's."""
     from fastattn.ops.ffn import triton as ffn_triton
 
-    if variants and not ffn_triton.TMA.enabled(torch.empty(1, device="cuda")):
+    if variants and not ffn_triton.TMA.enabled(torch.empty(1, device=DEVICE)):
         print("gpu_bench: FFN variants: the default is not the TMA path here; nothing to compare")
         return
     def eager_swiglu(x, wg, wu, wd):
@@ -313,27 +341,27 @@ def ffn_cases(results, deadline, tokens=16384, variants=False):
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
     blocks = [
-        ("SwiGLU", 4096, 11008, 3, eager_swiglu, fastattn.swiglu, False),
-        ("gelu MLP", 1024, 4096, 2, eager_mlp,
+        ("SwiGLU", *swiglu, 3, eager_swiglu, fastattn.swiglu, False),
+        ("gelu MLP", *mlp, 2, eager_mlp,
          lambda x, w1, b1, w2, b2: fastattn.mlp(x, w1, b1, w2, b2), True),
     ]
     for label, d, f, n_mm, eager, ours, bias in blocks:
         if time.time() > deadline:
             print(f"gpu_bench: skipped {label} (budget)")
             continue
-        g = torch.Generator(device="cuda").manual_seed(0)
+        g = torch.Generator(device=DEVICE).manual_seed(0)
 
         def w(*shape, fan_in):
-            return (torch.randn(*shape, device="cuda", generator=g) * fan_in ** -0.5).to(
-                torch.bfloat16).requires_grad_()
-        x = torch.randn(tokens, d, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+            return (torch.randn(*shape, device=DEVICE, generator=g) * fan_in ** -0.5).to(
+                DTYPE).requires_grad_()
+        x = torch.randn(tokens, d, device=DEVICE, generator=g).to(DTYPE).requires_grad_()
         if bias:
             params = [w(f, d, fan_in=d), w(f, fan_in=1e4), w(d, f, fan_in=f), w(d, fan_in=1e4)]
         else:
             params = [w(f, d, fan_in=d), w(f, d, fan_in=d), w(d, f, fan_in=f)]
-        dout = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+        dout = torch.randn(tokens, d, device=DEVICE, dtype=DTYPE)
         fwd_flops = n_mm * 2 * tokens * d * f
-        case = f"{label} {tokens}x{d}->{f} bf16"
+        case = f"{label} {tokens}x{d}->{f} {_dt()}"
         if variants:
             impls = {"fastattn[triton, no TMA]": _backend_fn(ours, "triton")}
         else:
@@ -371,10 +399,10 @@ def gemm_cases(results, deadline, tokens=16384, d=4096, f=11008):
     against cuBLAS (torch.matmul): the issue asks the Triton matmul to match cuBLAS."""
     from fastattn.ops.ffn import triton as ffn_triton
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(tokens, d, device="cuda", generator=g).to(torch.bfloat16)
-    w = (torch.randn(f, d, device="cuda", generator=g) * d ** -0.5).to(torch.bfloat16)
-    dh = torch.randn(tokens, f, device="cuda", generator=g).to(torch.bfloat16)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(tokens, d, device=DEVICE, generator=g).to(DTYPE)
+    w = (torch.randn(f, d, device=DEVICE, generator=g) * d ** -0.5).to(DTYPE)
+    dh = torch.randn(tokens, f, device=DEVICE, generator=g).to(DTYPE)
     shapes = {  # name: (a, b_t) with c = a @ b_t^T
         f"gemm fwd {tokens}x{d}->{f}": (x, w),
         f"gemm dgrad {tokens}x{f}->{d}": (dh, w.t()),
@@ -396,7 +424,7 @@ def gemm_cases(results, deadline, tokens=16384, d=4096, f=11008):
                 step = lambda: ffn_triton.matmul(a, b_t)  # noqa: E731
             ffn_triton.TMA.mode = saved_mode if mode is None else mode
             try:
-                _record(results, f"{case} bf16", impl, step, flops, "TFLOP/s")
+                _record(results, f"{case} {_dt()}", impl, step, flops, "TFLOP/s")
             finally:
                 ffn_triton.TMA.mode = saved_mode
     del x, w, dh
@@ -418,6 +446,11 @@ def _record(results, case, impl, step, work, unit):
         torch.cuda.empty_cache()
 
 
+CASE_GROUPS = ("attention", "decode_attention", "ffn", "cross_entropy", "linear_cross_entropy",
+               "adamw", "clip_grad_norm", "token_logprobs", "attention_variants", "ffn_variants",
+               "ffn_gemm", "optim_compiled", "flex_attention", "attention_sweep")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/gpu"))
@@ -428,9 +461,7 @@ def main() -> int:
     parser.add_argument("--cases", default=None,
                         help="comma-separated case groups to run (default: all), e.g. attention,ffn")
     args = parser.parse_args()
-    known = ("attention", "decode_attention", "ffn", "cross_entropy", "linear_cross_entropy",
-             "adamw", "clip_grad_norm", "token_logprobs", "attention_variants", "ffn_variants",
-             "ffn_gemm", "flex_attention", "attention_sweep")
+    known = CASE_GROUPS
     wanted = {c.strip() for c in args.cases.split(",") if c.strip()} if args.cases else set(known)
     if unknown := wanted - set(known):
         parser.error(f"--cases: unknown {sorted(unknown)}; known: {', '.join(known)}")
@@ -461,6 +492,10 @@ def main() -> int:
                                                        tokens=16384 // scale, variants=True)),
         ("ffn_variants", lambda: ffn_cases(results, deadline, tokens=16384 // scale, variants=True)),
         ("ffn_gemm", lambda: gemm_cases(results, deadline, tokens=16384 // scale)),
+        # torch.compile of torch's AdamW step and clip_grad_norm_ (long compiles over 200 tensors)
+        ("optim_compiled", lambda: (adam_cases(results, total=(1 << 30) // scale, compiled=True),
+                                    clip_grad_norm_cases(results, total=(1 << 30) // scale,
+                                                         compiled=True))),
         # FlexAttention at the headline shape (its compiles take ~40 s), then the rest of the
         # attention sweep (head dims 64 and 128, sequence 1k to 16k) last: the headline case of
         # every op first, so that a short run still answers every issue
@@ -490,7 +525,7 @@ def main() -> int:
     try:
         from fastattn.ops.attention import triton as fa_triton
         from fastattn.ops.ffn import triton as ffn_triton
-        probe = torch.empty(1, device="cuda")
+        probe = torch.empty(1, device=DEVICE)
         env["triton_tma"] = {name: "failed" if mod.TMA.failed else "on" if mod.TMA.enabled(probe) else "off"
                              for name, mod in (("attention", fa_triton), ("ffn", ffn_triton))}
     except Exception as error:  # the results must be written whatever this says

@@ -1,0 +1,96 @@
+"""`make gpu-check`'s benchmark cases, run on the CPU at toy sizes with the timing stubbed out.
+
+A GPU session is short and drawn by chance; a case group that fails on its first line there
+costs its numbers until the next one. Here every group's code runs once (fp16 instead of bf16:
+the Triton interpreter has no bf16 dot; torch.compile replaced by the eager function, since its
+compiles would only cost time), and every row a CPU can run must come back with a time.
+"""
+
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from benchmarks import gpu_bench
+
+# Rows that need a CUDA device whatever the inputs: fastattn's CUDA extension, SDPA's cuDNN and
+# memory-efficient kernels (its flash kernel has a CPU implementation).
+CUDA_ONLY = ("[cuda]", "sdpa cudnn", "sdpa efficient")
+# FlexAttention's CPU path refuses inputs that require grad (forward included).
+CPU_FLEX_FAILURE = "flex_attention FAILED: NotImplementedError"
+
+INF = math.inf
+GROUPS = {
+    "attention": lambda r: gpu_bench.attention_cases(r, INF, [(16, 32)], tokens=64,
+                                                     model_dim=32),
+    "decode_attention": lambda r: gpu_bench.decode_cases(r, INF, batch=2, heads=4, kv_heads=2,
+                                                         d=32, cache_lens=(48,)),
+    "ffn": lambda r: gpu_bench.ffn_cases(r, INF, tokens=24, swiglu=(32, 48), mlp=(16, 40)),
+    "cross_entropy": lambda r: gpu_bench._logits_cases(
+        r, "cross_entropy", fastattn.cross_entropy, F.cross_entropy, False, 24, 300),
+    "linear_cross_entropy": lambda r: gpu_bench.linear_cross_entropy_cases(r, n=24, h=32, v=300),
+    "adamw": lambda r: gpu_bench.adam_cases(r, total=5000, n_tensors=6),
+    "clip_grad_norm": lambda r: gpu_bench.clip_grad_norm_cases(r, total=5000, n_tensors=6),
+    "token_logprobs": lambda r: gpu_bench._logits_cases(
+        r, "token_logprobs", fastattn.token_logprobs, gpu_bench._eager_logprobs, True, 24, 300),
+    "attention_variants": lambda r: gpu_bench.attention_cases(r, INF, [(16, 32)], tokens=64,
+                                                              model_dim=32, variants=True),
+    "ffn_variants": lambda r: gpu_bench.ffn_cases(r, INF, tokens=24, variants=True,
+                                                  swiglu=(32, 48), mlp=(16, 40)),
+    "ffn_gemm": lambda r: gpu_bench.gemm_cases(r, INF, tokens=24, d=32, f=48),
+    "optim_compiled": lambda r: (gpu_bench.adam_cases(r, total=5000, n_tensors=6, compiled=True),
+                                 gpu_bench.clip_grad_norm_cases(r, total=5000, n_tensors=6,
+                                                                compiled=True)),
+    "flex_attention": lambda r: gpu_bench.attention_cases(r, INF, [(32, 64)], tokens=128,
+                                                          model_dim=64, flex=((32, 64),),
+                                                          others=False),
+    "attention_sweep": lambda r: gpu_bench.attention_cases(r, INF, [(16, 24), (32, 16)],
+                                                           tokens=32, model_dim=32),
+}
+
+
+def test_every_case_group_has_a_toy_run():
+    assert set(GROUPS) == set(gpu_bench.CASE_GROUPS)
+
+
+def _eager_compile(fn=None, **_):
+    return fn if fn is not None else (lambda f: f)
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    monkeypatch.setattr(gpu_bench, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu_bench, "DTYPE", torch.float16)
+    monkeypatch.setattr(gpu_bench, "bench_ms", lambda fn, rep_ms=400: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu_bench, "peak_mb", lambda fn: 0.0)   # (torch.cuda memory stats)
+    monkeypatch.setattr(torch, "compile", _eager_compile)
+
+
+@pytest.mark.filterwarnings("ignore:fastattn. FASTATTN_TRITON_DQ=atomic")
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_case_group_runs(on_cpu, group, capsys):
+    results = []
+    # fastattn's attention rows take the default backend, which is the C++ one on CPU tensors:
+    # Triton's here, as on the GPU (the variants set module switches of the Triton kernels).
+    with fastattn.use_backend("triton") if "attention" in group else contextlib.nullcontext():
+        GROUPS[group](results)
+    if group == "ffn_variants":   # the no-TMA rows exist only where the default takes TMA
+        assert not results
+        return
+    if group == "flex_attention" and gpu_bench._flex_fn() is None:
+        pytest.skip("this torch has no FlexAttention")
+    assert results, f"{group}: no rows"
+    failed = [f"{r.case} [{r.impl}]" for r in results
+              if r.median_ms != r.median_ms and not any(c in r.impl for c in CUDA_ONLY)
+              and r.impl != CPU_FLEX_FAILURE]
+    assert not failed, f"{group}: rows failed on the CPU:\n" + "\n".join(failed) + "\n" + \
+        capsys.readouterr().err[-4000:]
+    if group == "flex_attention":   # each of its rows got as far as FlexAttention's own check
+        assert {r.impl for r in results} == {CPU_FLEX_FAILURE}, results
+        return
+    cases = {r.case for r in results}
+    timed = {r.case for r in results if r.median_ms == r.median_ms}
+    assert cases == timed, f"{group}: cases with no successful row: {sorted(cases - timed)}"
