@@ -23,6 +23,8 @@ def dtype(device_type: str) -> Optional[torch.dtype]:
     except TypeError:  # torch < 2.4 had no device argument
         enabled = (torch.is_autocast_enabled() if device_type == "cuda"
                    else torch.is_autocast_cpu_enabled())
+    except RuntimeError:  # a device type autocast does not know ("meta"): never autocast
+        return None
     if not enabled:
         return None
     get = getattr(torch, "get_autocast_dtype", None)

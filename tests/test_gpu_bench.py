@@ -19,7 +19,8 @@ from benchmarks import gpu_bench
 # Rows that need a CUDA device whatever the inputs: fastattn's CUDA extension, SDPA's cuDNN and
 # memory-efficient kernels (its flash kernel has a CPU implementation).
 CUDA_ONLY = ("[cuda]", "sdpa cudnn", "sdpa efficient")
-# FlexAttention's CPU path refuses inputs that require grad (forward included).
+# FlexAttention's CPU path refuses inputs that require grad (forward included) in some torch
+# versions (2.14); others (2.9) run it.
 CPU_FLEX_FAILURE = "flex_attention FAILED: NotImplementedError"
 
 INF = math.inf
@@ -88,8 +89,8 @@ def test_case_group_runs(on_cpu, group, capsys):
               and r.impl != CPU_FLEX_FAILURE]
     assert not failed, f"{group}: rows failed on the CPU:\n" + "\n".join(failed) + "\n" + \
         capsys.readouterr().err[-4000:]
-    if group == "flex_attention":   # each of its rows got as far as FlexAttention's own check
-        assert {r.impl for r in results} == {CPU_FLEX_FAILURE}, results
+    if group == "flex_attention":   # each row ran, or got as far as FlexAttention's CPU check
+        assert {r.impl for r in results} <= {"flex_attention", CPU_FLEX_FAILURE}, results
         return
     cases = {r.case for r in results}
     timed = {r.case for r in results if r.median_ms == r.median_ms}

@@ -11,8 +11,15 @@ from torch import Tensor
 from ..ops.attention import _run_dense
 
 
-def _additive(mask: Tensor, what: str, dtype: torch.dtype = torch.float32) -> Tensor:
+def _additive(mask: Tensor, what: str, device: torch.device,
+              dtype: torch.dtype = torch.float32) -> Tensor:
     """nn.MultiheadAttention's mask convention (bool: True = may NOT attend; float: added)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"MultiheadAttention: {what} must be a torch.Tensor or None, got "
+                        f"{type(mask).__name__}")
+    if mask.device != device:
+        raise ValueError(f"MultiheadAttention: {what} must be on the query's device ({device}), "
+                         f"got {mask.device}")
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
     if mask.is_floating_point():
@@ -96,7 +103,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         causal = is_causal and key_padding_mask is None
         bias = None
         if attn_mask is not None and not causal:
-            m = _additive(attn_mask, "attn_mask")
+            m = _additive(attn_mask, "attn_mask", q.device)
             if m.dim() == 2:
                 if m.shape != (tgt_len, src_len):
                     raise ValueError(f"MultiheadAttention: a 2-D attn_mask must be "
@@ -116,12 +123,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 want = (src_len,) if unbatched else (bsz, src_len)
                 raise ValueError(f"MultiheadAttention: key_padding_mask must be {want}, "
                                  f"got {kpm_shape}")
-            kpm = _additive(key_padding_mask, "key_padding_mask").view(bsz, 1, 1, src_len)
+            kpm = _additive(key_padding_mask, "key_padding_mask", q.device).view(
+                bsz, 1, 1, src_len)
             bias = kpm if bias is None else bias + kpm
         if bias is not None:
             bias = bias.expand(bsz, heads, tgt_len, src_len)
 
-        dropout_p = self.dropout if self.training else 0.0
+        dropout_p = 0.0
+        if self.training and self.dropout:
+            dropout_p = float(self.dropout)
+            if not 0.0 <= dropout_p < 1.0:   # the kernels' range (torch's module takes 1.0 too)
+                raise ValueError(f"MultiheadAttention: dropout must be in [0, 1) in training, "
+                                 f"got {self.dropout}")
         out, _ = _run_dense(q, k, v, bias, head_dim ** -0.5, 0, -1, 0 if causal else -1, 0.0,
                             dropout_p)
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed)  # (L, N, E)

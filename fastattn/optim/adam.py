@@ -70,10 +70,14 @@ class Adam(torch.optim.Optimizer):
             if lr.numel() != 1:
                 raise ValueError(f"{name}: lr as a Tensor must have one element, got shape "
                                  f"{tuple(lr.shape)}")
+            if lr.device.type != "meta" and not 0.0 <= float(lr):  # one read, at construction
+                raise ValueError(f"{name}: invalid learning rate {float(lr)} (expected >= 0)")
         elif not 0.0 <= lr:
             raise ValueError(f"{name}: invalid learning rate {lr} (expected >= 0)")
         if not 0.0 <= eps:
             raise ValueError(f"{name}: invalid eps {eps} (expected >= 0)")
+        if len(betas) != 2:
+            raise ValueError(f"{name}: betas must be a pair (beta1, beta2), got {betas}")
         for i, beta in enumerate(betas):
             if not 0.0 <= float(beta) < 1.0:
                 raise ValueError(f"{name}: invalid beta parameter at index {i}: {beta} "

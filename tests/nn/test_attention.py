@@ -154,3 +154,23 @@ def test_bad_shapes_name_the_tensors(batch_first):
     with pytest.raises(ValueError, match=r"key_padding_mask must be \(6,\), got \(1, 6\)"):
         call(q[0] if batch_first else q[:, 0], k[0] if batch_first else k[:, 0],
              v[0] if batch_first else v[:, 0], key_padding_mask=torch.zeros(1, 6, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_masks_on_another_device_and_bad_dropout_are_refused(backend):
+    """A mask on another device used to run the op's fake kernel (uninitialised output); an
+    out-of-range dropout gave NaN, zeros or a message naming neither module nor argument."""
+    ours, _ = _pair(8, 2, "cpu")
+    q = torch.randn(3, 2, 8)
+    with fastattn.use_backend(backend):
+        with pytest.raises(ValueError, match=r"attn_mask must be on the query's device \(cpu\), "
+                                             r"got meta"):
+            ours(q, q, q, need_weights=False, attn_mask=torch.zeros(3, 3, device="meta"))
+        with pytest.raises(ValueError, match="key_padding_mask must be on the query's device"):
+            ours(q, q, q, need_weights=False,
+                 key_padding_mask=torch.zeros(2, 3, dtype=torch.bool, device="meta"))
+        for p in (1.0, -0.5, 2.0, float("nan")):
+            ours.dropout = p
+            with pytest.raises(ValueError, match=r"MultiheadAttention: dropout must be in \[0, 1\)"):
+                ours.train()(q, q, q, need_weights=False)
+            ours.eval()(q, q, q, need_weights=False)       # not applied in eval: no error

@@ -720,3 +720,34 @@ def test_window_and_varlen_messages_name_what_was_passed():
                                   torch.randn(11, 2, 8), cu_q, cu_q, 12, 12)
     with pytest.raises(ValueError, match=r"head_dim must be at least 1, got shape \(11, 2, 0\)"):
         fastattn.varlen_attention(*(torch.randn(11, 2, 0) for _ in range(3)), cu_k, cu_k, 11, 11)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_varlen_max_seqlen_past_the_token_count_is_cut_to_it(backend):
+    """The kernels' grids follow max_seqlen: 2**20 for 7 tokens once launched a million empty
+    Triton blocks (a hang in the interpreter), 2**40 overflowed int32 inside the kernel."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(7, 4, 8), torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    cu_q = torch.tensor([0, 3, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 9], dtype=torch.int32)
+    with fastattn.use_backend(backend):
+        want = fastattn.varlen_attention(q, k, v, cu_q, cu_k, 4, 5, causal=True)
+        for big in (2 ** 20, 2 ** 40):
+            got = fastattn.varlen_attention(q, k, v, cu_q, cu_k, big, big, causal=True)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="max_seqlen_q must be an int, got NoneType"):
+        fastattn.varlen_attention(q, k, v, cu_q, cu_k, None, 5)
+    with pytest.raises(ValueError, match="max_seqlen_k must be >= 0, got -1"):
+        fastattn.varlen_attention(q, k, v, cu_q, cu_k, 4, -1)
+
+
+def test_ops_run_on_meta_tensors():
+    """Shape inference on the meta device (as models built there use it): autocast's device
+    query used to fail on "meta"."""
+    q = torch.randn(2, 4, 16, 8, device="meta", requires_grad=True)
+    out = fastattn.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert out.shape == q.shape and out.device.type == "meta"
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    _, lse = fastattn.flash_attention(q, q, q, return_lse=True)
+    assert lse.shape == (2, 4, 16) and lse.dtype == torch.float32

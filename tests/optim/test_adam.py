@@ -192,6 +192,11 @@ def test_constructor_errors():
     p = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(ValueError, match="learning rate"):
         fastattn.optim.Adam(p, lr=-1)
+    for lr in (torch.tensor(-1e-3), torch.tensor(float("nan")), float("nan")):
+        with pytest.raises(ValueError, match="invalid learning rate"):   # as torch.optim
+            fastattn.optim.AdamW(p, lr=lr)
+    with pytest.raises(ValueError, match=r"betas must be a pair \(beta1, beta2\), got \(0.9,\)"):
+        fastattn.optim.Adam(p, betas=(0.9,))
     with pytest.raises(ValueError, match="beta parameter at index 1"):
         fastattn.optim.Adam(p, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="moment_dtype"):

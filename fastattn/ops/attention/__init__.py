@@ -509,6 +509,22 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(f"{fn}: cu_seqlens_q and cu_seqlens_k must describe the same number of "
                          f"sequences, got {cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    # The kernels' grids follow max_seqlen: no sequence is longer than all of them together, so
+    # a larger value (a padded batch's length, say) is cut to the token count instead of
+    # launching empty blocks by the million.
+    maxes = []
+    for name, mx, total in (("max_seqlen_q", max_seqlen_q, q.shape[0]),
+                            ("max_seqlen_k", max_seqlen_k, k.shape[0])):
+        if isinstance(mx, bool):
+            raise TypeError(f"{fn}: {name} must be an int, got bool")
+        try:
+            mx = operator.index(mx)
+        except TypeError:
+            raise TypeError(f"{fn}: {name} must be an int, got {type(mx).__name__}") from None
+        if mx < 0:
+            raise ValueError(f"{fn}: {name} must be >= 0, got {mx}")
+        maxes.append(min(mx, total))
+    max_seqlen_q, max_seqlen_k = maxes
     # Cheap on the CPU; on a GPU it would cost a sync (callers own the values there), and in
     # a compiled graph it would be data-dependent control flow.
     if q.device.type == "cpu" and not _compiling():
@@ -524,8 +540,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale = _check_scale(fn, scale, q.shape[-1])
     q, k, v = (_last_contiguous(x) for x in (q, k, v))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    out, _ = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                  int(max_seqlen_k), scale, bool(causal))
+    out, _ = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, scale, bool(causal))
     return out
 
 

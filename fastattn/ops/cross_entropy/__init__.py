@@ -16,6 +16,7 @@ conventions); this file checks arguments, flattens to rows, computes reductions 
 """
 
 import math
+import numbers
 import os
 from typing import Optional, Tuple, Union
 
@@ -76,11 +77,11 @@ def _check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
                              "all tensors must be on one device")
 
 
-def _check_options(fn: str, reduction: Optional[str], label_smoothing: Optional[float],
+def _check_options(fn: str, reduction: str, label_smoothing: float,
                    ignore_index: int) -> None:
-    if reduction is not None and reduction not in _REDUCTIONS:
+    if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if label_smoothing is not None and not 0.0 <= label_smoothing <= 1.0:
+    if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -663,7 +664,10 @@ _token_logprobs_fwd.register_autograd(_tlp_backward, setup_context=_tlp_setup_co
 
 
 def _check_temperature(fn: str, temperature: float) -> float:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+        raise TypeError(f"{fn}: temperature must be a Python number, got "
+                        f"{type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
     return 1.0 / float(temperature)
 
@@ -682,7 +686,7 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     fn = "token_logprobs"
     _check_float(fn, "logits", logits)
     target = _check_target(fn, target)
-    _check_options(fn, None, None, ignore_index)
+    _check_options(fn, "none", 0.0, ignore_index)  # per token
     inv_t = _check_temperature(fn, temperature)
     if logits.dim() < 1 or tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"{fn}: target shape {tuple(target.shape)} must equal logits shape "
@@ -804,7 +808,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     DPO or PPO weights, are only known then) and accumulates ``d weight`` in float32.
     """
     fn = "linear_token_logprobs"
-    _check_options(fn, None, None, ignore_index)
+    _check_options(fn, "none", 0.0, ignore_index)  # per token
     inv_t = _check_temperature(fn, temperature)
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
         hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)
