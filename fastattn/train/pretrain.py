@@ -319,6 +319,9 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # 1 / world_size where the process group averages FSDP2's gradients as a sum (see
+    # _avg_is_sum); the backward is scaled by it
+    grad_scale: float = 1.0
 
     @property
     def main(self) -> bool:
@@ -341,7 +344,22 @@ def init_distributed(kind: str, device_name: str) -> DistInfo:
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if kind == "fsdp" and _avg_is_sum(info.world_size):
+        info.grad_scale = 1.0 / info.world_size
     return info
+
+
+def _avg_is_sum(world_size: int) -> bool:
+    """Whether gloo's reduce_scatter_tensor(op=AVG) sums instead: before torch 2.9 it does,
+    silently (pytorch/pytorch#162338), and FSDP2 reduces fp32 gradients with it, so they came
+    out world_size times too large (and clipping then cut them where one process would not).
+    A one-element probe at start-up; NCCL averages correctly."""
+    import torch.distributed as tdist
+    if world_size == 1 or tdist.get_backend() != "gloo":
+        return False
+    out = torch.zeros(1)
+    tdist.reduce_scatter_tensor(out, torch.ones(world_size), op=tdist.ReduceOp.AVG)
+    return out.item() != 1.0
 
 
 def _fully_shard():
@@ -847,7 +865,10 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                 with (model.no_sync() if no_sync else contextlib.nullcontext()):
                     with _autocast(device):
                         loss = fwd(x, y)
-                    (loss / args.grad_accum).backward()
+                    scaled = loss / args.grad_accum
+                    if dist_info.grad_scale != 1.0:   # gloo's AVG that sums (_avg_is_sum)
+                        scaled = scaled * dist_info.grad_scale
+                    scaled.backward()
                 loss_sum += loss.detach().float()
             if args.clip > 0:
                 clip_grad_norm_(raw.parameters(), args.clip)

@@ -305,7 +305,8 @@ needs_tma = pytest.mark.skipif(ffn_triton.TensorDescriptor is None, reason="trit
 # triton 3.4 and 3.5's interpreter checks a descriptor's strides in elements instead of bytes
 # (3.6 fixed it): rows of 40 or 104 elements here are 16-byte aligned, not 16-element.
 interpreter_checks_bytes = pytest.mark.skipif(
-    DEVICE == "cpu" and TorchVersion(triton.__version__) < (3, 6),
+    ffn_triton.TensorDescriptor is not None and DEVICE == "cpu"
+    and TorchVersion(triton.__version__) < (3, 6),
     reason=f"triton {triton.__version__}'s interpreter checks TMA strides in elements, not bytes")
 
 
