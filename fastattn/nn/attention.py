@@ -8,18 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.attention import _run_dense
+from ..ops.attention import _check_dropout, _check_mask, _run_dense
 
 
 def _additive(mask: Tensor, what: str, device: torch.device,
               dtype: torch.dtype = torch.float32) -> Tensor:
     """nn.MultiheadAttention's mask convention (bool: True = may NOT attend; float: added)."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"MultiheadAttention: {what} must be a torch.Tensor or None, got "
-                        f"{type(mask).__name__}")
-    if mask.device != device:
-        raise ValueError(f"MultiheadAttention: {what} must be on the query's device ({device}), "
-                         f"got {mask.device}")
+    _check_mask("MultiheadAttention", what, mask, device)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
     if mask.is_floating_point():
@@ -129,12 +124,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if bias is not None:
             bias = bias.expand(bsz, heads, tgt_len, src_len)
 
-        dropout_p = 0.0
-        if self.training and self.dropout:
-            dropout_p = float(self.dropout)
-            if not 0.0 <= dropout_p < 1.0:   # the kernels' range (torch's module takes 1.0 too)
-                raise ValueError(f"MultiheadAttention: dropout must be in [0, 1) in training, "
-                                 f"got {self.dropout}")
+        # the kernels' range, checked only where applied (torch's module also takes 1.0)
+        dropout_p = (_check_dropout("MultiheadAttention", self.dropout, "dropout")
+                     if self.training and self.dropout else 0.0)
         out, _ = _run_dense(q, k, v, bias, head_dim ** -0.5, 0, -1, 0 if causal else -1, 0.0,
                             dropout_p)
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed)  # (L, N, E)

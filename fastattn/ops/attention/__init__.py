@@ -328,11 +328,21 @@ def _check_scale(fn: str, scale: Optional[float], head_dim: int) -> float:
     return scale
 
 
-def _check_dropout(fn: str, dropout_p: float) -> float:
+def _check_dropout(fn: str, dropout_p: float, name: str = "dropout_p") -> float:
     dropout_p = float(dropout_p)
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
+        raise ValueError(f"{fn}: {name} must be in [0, 1), got {dropout_p}")
     return dropout_p
+
+
+def _check_mask(fn: str, name: str, mask: Tensor, device: torch.device) -> None:
+    """A mask argument is a tensor on the query's device (another device would reach the op
+    as a mix of devices)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.device != device:
+        raise ValueError(f"{fn}: {name} must be on the query's device ({device}), got "
+                         f"{mask.device}")
 
 
 def _draw_seed(dropout_p: float) -> int:
@@ -347,11 +357,7 @@ def _mask_to_bias(fn: str, mask: Tensor, device: torch.device, full: tuple,
     """An SDPA attn_mask (bool: True = attend; float: added to the scores) as the kernels'
     fp32 additive bias of shape (B, H, Sq, Sk): converted at the mask's own size, then
     broadcast with stride 0 to ``full`` (never materialised at full size) and flattened."""
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(mask).__name__}")
-    if mask.device != device:
-        raise ValueError(f"{fn}: attn_mask must be on the query's device ({device}), got "
-                         f"{mask.device}")
+    _check_mask(fn, "attn_mask", mask, device)
     if mask.requires_grad:
         raise ValueError(f"{fn}: an attn_mask that requires grad is not supported (the kernels "
                          f"give no gradient to it); detach it, or use "
