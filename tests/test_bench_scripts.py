@@ -1,0 +1,23 @@
+"""The stand-alone CPU benchmark scripts run end to end at toy sizes and print their results
+(their numbers are for the README, not asserted here: timing belongs in benchmarks)."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["benchmarks.adam_cpu_ceiling", "--tensors", "3", "--numel", "1000", "--rounds", "3",
+      "--threads", "1"],
+     ["fastattn", "torch fused", "a.add_(b)", "median of per-round ratios"]),
+    (["benchmarks.ffn_cpu_ceiling", "--tokens", "16", "--dim", "8", "--hidden", "32",
+      "--rounds", "2"],
+     ["eager", "fastattn", "GEMMs alone", "the fusion ceiling"]),
+])
+def test_script_runs(args, expect):
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for word in expect:
+        assert word in proc.stdout, (word, proc.stdout)
