@@ -70,7 +70,7 @@ def cpu_cflags() -> list[str]:
     # below AVX-512 (measured 6-10x slower on AVX2). -fno-math-errno (clang's default on most
     # targets; results unchanged, nothing here reads errno) lets sqrtf become the vector sqrt
     # instruction: with errno GCC guards each call with a branch to libm, which keeps a loop
-    # scalar (the CPU AdamW step used an arithmetic sqrt instead, 1.6x slower on one thread).
+    # scalar (the CPU AdamW step used an arithmetic sqrt instead: 1.4x slower on one thread).
     # No -march: ISA-specific code paths are chosen at run time (target_clones), so the build
     # stays portable (wheels).
     flags = [
