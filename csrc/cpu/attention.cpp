@@ -597,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
   at::Tensor lse = at::empty({pr.B, pr.H, pr.Sq}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "attention_fwd: float64 runs on the reference backend");
+      FA_CHECK(false, "attention_fwd: float64 runs on the reference backend");
     } else {
       forward<scalar_t>(pr, q, k, v, out, lse);
     }
@@ -626,7 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   at::Tensor dv = at::empty(shape, grouped ? fp32 : v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, name, ": float64 runs on the reference backend");
+      FA_CHECK(false, name, ": float64 runs on the reference backend");
     } else {
       backward<scalar_t>(pr, dout, q, k, v, out, lse, dq, dk, dv, grouped);
     }
@@ -701,7 +701,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(),
                                   "varlen_attention_fwd", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK(false, "varlen_attention_fwd: float64 runs on the reference backend");
+      FA_CHECK(false, "varlen_attention_fwd: float64 runs on the reference backend");
     } else {
       forward<scalar_t>(pr, q, k, v, out, lse);
     }

@@ -1,6 +1,6 @@
 // The one pybind11 binding file of fastattn._C (C++ CPU kernels).
 //
-// Every function exposed here validates its inputs with TORCH_CHECK (these functions are
+// Every function exposed here validates its inputs with FA_CHECK (these functions are
 // callable directly, not only through the ops' front doors), then calls the kernel declared in
 // ops.h with the GIL released. Messages name the argument, what was expected and what was given.
 
@@ -8,7 +8,6 @@
 
 #include <cmath>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,58 +19,56 @@ namespace py = pybind11;
 namespace {
 
 std::string shape_str(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
+  return fastattn::check_detail::message(t.sizes());  // "[4, 6]", without an ostream (check.h)
 }
 
 void check_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "fastattn._C: ", name, " must be a CPU tensor, got device ",
-              t.device());
+  FA_CHECK(t.device().is_cpu(), "fastattn._C: ", name, " must be a CPU tensor, got device ",
+           t.device());
 }
 
 // A 1-D contiguous (n,) tensor of the given dtype on the CPU.
 void check_vector(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t n) {
   check_cpu(t, name);
-  TORCH_CHECK(t.scalar_type() == dtype, "fastattn._C: ", name, " must have dtype ", dtype,
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "fastattn._C: ", name, " must have shape (", n,
-              ",), got ", shape_str(t));
-  TORCH_CHECK(t.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
-              t.strides());
+  FA_CHECK(t.scalar_type() == dtype, "fastattn._C: ", name, " must have dtype ", dtype,
+           ", got ", t.scalar_type());
+  FA_CHECK(t.dim() == 1 && t.size(0) == n, "fastattn._C: ", name, " must have shape (", n,
+           ",), got ", shape_str(t));
+  FA_CHECK(t.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
+           t.strides());
 }
 
 // logits: 2-D (R, C), C >= 1, a floating dtype the kernels handle, class dimension contiguous.
 void check_logits(const at::Tensor& logits) {
   check_cpu(logits, "logits");
-  TORCH_CHECK(logits.dim() == 2, "fastattn._C: logits must be 2-D (rows, classes), got shape ",
-              shape_str(logits));
+  FA_CHECK(logits.dim() == 2, "fastattn._C: logits must be 2-D (rows, classes), got shape ",
+           shape_str(logits));
   const auto dt = logits.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-              "fastattn._C: logits must be float32, float16, bfloat16 or float64, got ", dt);
-  TORCH_CHECK(logits.size(1) >= 1, "fastattn._C: logits must have at least 1 class, got shape ",
-              shape_str(logits));
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1,
-              "fastattn._C: logits must be contiguous along the class dimension (stride(1) == 1), "
-              "got strides ",
-              logits.strides());
+  FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+           "fastattn._C: logits must be float32, float16, bfloat16 or float64, got ", dt);
+  FA_CHECK(logits.size(1) >= 1, "fastattn._C: logits must have at least 1 class, got shape ",
+           shape_str(logits));
+  FA_CHECK(logits.stride(1) == 1 || logits.size(1) == 1,
+           "fastattn._C: logits must be contiguous along the class dimension (stride(1) == 1), "
+           "got strides ",
+           logits.strides());
 }
 
 // grad: (R, C) in the logits dtype, class dimension contiguous, rows not overlapping (rows are
 // written in parallel). It may be logits itself.
 void check_grad(const at::Tensor& grad, const at::Tensor& logits) {
   check_cpu(grad, "grad");
-  TORCH_CHECK(grad.scalar_type() == logits.scalar_type(), "fastattn._C: grad must have the "
-              "logits dtype ", logits.scalar_type(), ", got ", grad.scalar_type());
-  TORCH_CHECK(grad.sizes() == logits.sizes(), "fastattn._C: grad must have the logits shape ",
-              shape_str(logits), ", got ", shape_str(grad));
-  TORCH_CHECK(grad.stride(1) == 1 || grad.size(1) == 1,
-              "fastattn._C: grad must be contiguous along the class dimension (stride(1) == 1), "
-              "got strides ",
-              grad.strides());
-  TORCH_CHECK(grad.size(0) <= 1 || grad.stride(0) >= grad.size(1),
-              "fastattn._C: grad rows must not overlap (stride(0) >= classes = ", grad.size(1),
-              "), got strides ", grad.strides());
+  FA_CHECK(grad.scalar_type() == logits.scalar_type(), "fastattn._C: grad must have the "
+           "logits dtype ", logits.scalar_type(), ", got ", grad.scalar_type());
+  FA_CHECK(grad.sizes() == logits.sizes(), "fastattn._C: grad must have the logits shape ",
+           shape_str(logits), ", got ", shape_str(grad));
+  FA_CHECK(grad.stride(1) == 1 || grad.size(1) == 1,
+           "fastattn._C: grad must be contiguous along the class dimension (stride(1) == 1), "
+           "got strides ",
+           grad.strides());
+  FA_CHECK(grad.size(0) <= 1 || grad.stride(0) >= grad.size(1),
+           "fastattn._C: grad rows must not overlap (stride(0) >= classes = ", grad.size(1),
+           "), got strides ", grad.strides());
   // In place is supported only as the very same view: a kernel reads each row of logits
   // before writing the same row of grad, which says nothing about a row shifted against it.
   const bool same_view = grad.data_ptr() == logits.data_ptr() &&
@@ -83,11 +80,11 @@ void check_grad(const at::Tensor& grad, const at::Tensor& logits) {
       return std::make_pair(lo, lo + n * static_cast<int64_t>(t.element_size()));
     };
     const auto g = span(grad), l = span(logits);
-    TORCH_CHECK(g.second <= l.first || l.second <= g.first,
-                "fastattn._C: grad must be either logits itself (same data pointer and strides, "
-                "for an in-place backward) or not overlap it in memory; got grad strides ",
-                grad.strides(), " and logits strides ", logits.strides(),
-                " over overlapping memory");
+    FA_CHECK(g.second <= l.first || l.second <= g.first,
+             "fastattn._C: grad must be either logits itself (same data pointer and strides, "
+             "for an in-place backward) or not overlap it in memory; got grad strides ",
+             grad.strides(), " and logits strides ", logits.strides(),
+             " over overlapping memory");
   }
 }
 
@@ -107,16 +104,16 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
   if (grad.has_value()) check_grad(*grad, logits);
   if (grad_scale.has_value()) {
     check_cpu(*grad_scale, "grad_scale");
-    TORCH_CHECK(grad_scale->scalar_type() == at::kFloat,
-                "fastattn._C: grad_scale must have dtype float32, got ",
-                grad_scale->scalar_type());
-    TORCH_CHECK(grad_scale->numel() == 1,
-                "fastattn._C: grad_scale must be a 0-dim (one-element) tensor, got shape ",
-                shape_str(*grad_scale));
+    FA_CHECK(grad_scale->scalar_type() == at::kFloat,
+             "fastattn._C: grad_scale must have dtype float32, got ",
+             grad_scale->scalar_type());
+    FA_CHECK(grad_scale->numel() == 1,
+             "fastattn._C: grad_scale must be a 0-dim (one-element) tensor, got shape ",
+             shape_str(*grad_scale));
   }
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-              "fastattn._C: label_smoothing must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(std::isfinite(z_loss), "fastattn._C: z_loss must be finite, got ", z_loss);
+  FA_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+           "fastattn._C: label_smoothing must be in [0, 1], got ", label_smoothing);
+  FA_CHECK(std::isfinite(z_loss), "fastattn._C: z_loss must be finite, got ", z_loss);
   return fastattn::cpu::cross_entropy_fwd(logits, target, weight, grad, grad_scale, ignore_index,
                                           label_smoothing, z_loss);
 }
@@ -128,8 +125,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
                                                                   bool with_entropy) {
   check_logits(logits);
   check_vector(target, "target", at::kLong, logits.size(0));
-  TORCH_CHECK(std::isfinite(inv_temperature),
-              "fastattn._C: inv_temperature must be finite, got ", inv_temperature);
+  FA_CHECK(std::isfinite(inv_temperature),
+           "fastattn._C: inv_temperature must be finite, got ", inv_temperature);
   return fastattn::cpu::token_logprobs_fwd(logits, target, ignore_index, inv_temperature,
                                            with_entropy);
 }
@@ -144,18 +141,18 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
   check_vector(target, "target", at::kLong, R);
   check_vector(lse, "lse", acc, R);
   check_vector(grad_logp, "grad_logp", acc, R);
-  TORCH_CHECK(entropy.has_value() == grad_entropy.has_value(),
-              "fastattn._C: entropy and grad_entropy must be both given or both None, got "
-              "entropy ",
-              entropy.has_value() ? "given" : "None", " and grad_entropy ",
-              grad_entropy.has_value() ? "given" : "None");
+  FA_CHECK(entropy.has_value() == grad_entropy.has_value(),
+           "fastattn._C: entropy and grad_entropy must be both given or both None, got "
+           "entropy ",
+           entropy.has_value() ? "given" : "None", " and grad_entropy ",
+           grad_entropy.has_value() ? "given" : "None");
   if (entropy.has_value()) {
     check_vector(*entropy, "entropy", acc, R);
     check_vector(*grad_entropy, "grad_entropy", acc, R);
   }
   check_grad(grad, logits);
-  TORCH_CHECK(std::isfinite(inv_temperature),
-              "fastattn._C: inv_temperature must be finite, got ", inv_temperature);
+  FA_CHECK(std::isfinite(inv_temperature),
+           "fastattn._C: inv_temperature must be finite, got ", inv_temperature);
   fastattn::cpu::token_logprobs_bwd(logits, target, lse, entropy, grad_logp, grad_entropy, grad,
                                     ignore_index, inv_temperature);
 }
@@ -167,24 +164,24 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
 void check_ffn_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref,
                       const char* ref_name) {
   check_cpu(t, name);
-  TORCH_CHECK(t.dim() == 2, "fastattn._C: ", name, " must be 2-D (T, F), got shape ",
-              shape_str(t));
+  FA_CHECK(t.dim() == 2, "fastattn._C: ", name, " must be 2-D (T, F), got shape ",
+           shape_str(t));
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "fastattn._C: ", name,
-              " must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(dt == ref.scalar_type(), "fastattn._C: ", name, " must have the dtype of ",
-              ref_name, " (", ref.scalar_type(), "), got ", dt);
-  TORCH_CHECK(t.sizes() == ref.sizes(), "fastattn._C: ", name, " must have the shape of ",
-              ref_name, " ", shape_str(ref), ", got ", shape_str(t));
-  TORCH_CHECK(t.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
-              t.strides());
+  FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, "fastattn._C: ", name,
+           " must be float32, float16 or bfloat16, got ", dt);
+  FA_CHECK(dt == ref.scalar_type(), "fastattn._C: ", name, " must have the dtype of ",
+           ref_name, " (", ref.scalar_type(), "), got ", dt);
+  FA_CHECK(t.sizes() == ref.sizes(), "fastattn._C: ", name, " must have the shape of ",
+           ref_name, " ", shape_str(ref), ", got ", shape_str(t));
+  FA_CHECK(t.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
+           t.strides());
 }
 
 void check_activation(const std::string& activation) {
-  TORCH_CHECK(activation == "gelu" || activation == "gelu_tanh" || activation == "relu" ||
+  FA_CHECK(activation == "gelu" || activation == "gelu_tanh" || activation == "relu" ||
                   activation == "relu2" || activation == "silu",
-              "fastattn._C: unknown activation '", activation,
-              "'; valid: gelu, gelu_tanh, relu, relu2, silu");
+           "fastattn._C: unknown activation '", activation,
+           "'; valid: gelu, gelu_tanh, relu, relu2, silu");
 }
 
 at::Tensor act_fwd(const at::Tensor& h, const std::string& activation) {
@@ -225,27 +222,27 @@ using TensorList = std::vector<at::Tensor>;
 // list[i]: on the CPU, contiguous, `numel` elements, one of the allowed dtypes.
 void check_adam_tensor(const at::Tensor& t, const char* list, size_t i, int64_t numel,
                        bool allow_half_bf16, const char* allowed) {
-  TORCH_CHECK(t.defined(), "adam_step: ", list, "[", i, "] is an undefined tensor");
-  TORCH_CHECK(t.device().is_cpu(), "adam_step: ", list, "[", i,
-              "] must be a CPU tensor, got device ", t.device());
+  FA_CHECK(t.defined(), "adam_step: ", list, "[", i, "] is an undefined tensor");
+  FA_CHECK(t.device().is_cpu(), "adam_step: ", list, "[", i,
+           "] must be a CPU tensor, got device ", t.device());
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || (allow_half_bf16 && (dt == at::kHalf || dt == at::kBFloat16)),
-              "adam_step: ", list, "[", i, "] must be ", allowed, ", got ", dt);
-  TORCH_CHECK(t.is_contiguous(), "adam_step: ", list, "[", i,
-              "] must be contiguous, got shape ", shape_str(t), " with strides ", t.strides());
-  TORCH_CHECK(t.numel() == numel, "adam_step: ", list, "[", i, "] must have ", numel,
-              " elements (as params[", i, "]), got shape ", shape_str(t));
+  FA_CHECK(dt == at::kFloat || (allow_half_bf16 && (dt == at::kHalf || dt == at::kBFloat16)),
+           "adam_step: ", list, "[", i, "] must be ", allowed, ", got ", dt);
+  FA_CHECK(t.is_contiguous(), "adam_step: ", list, "[", i,
+           "] must be contiguous, got shape ", shape_str(t), " with strides ", t.strides());
+  FA_CHECK(t.numel() == numel, "adam_step: ", list, "[", i, "] must have ", numel,
+           " elements (as params[", i, "]), got shape ", shape_str(t));
 }
 
 // A float32 one-element CPU tensor.
 void check_adam_scalar(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), "adam_step: ", name, " is an undefined tensor");
-  TORCH_CHECK(t.device().is_cpu(), "adam_step: ", name, " must be a CPU tensor, got device ",
-              t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "adam_step: ", name,
-              " must have dtype float32, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == 1, "adam_step: ", name,
-              " must be a 0-dim (one-element) tensor, got shape ", shape_str(t));
+  FA_CHECK(t.defined(), "adam_step: ", name, " is an undefined tensor");
+  FA_CHECK(t.device().is_cpu(), "adam_step: ", name, " must be a CPU tensor, got device ",
+           t.device());
+  FA_CHECK(t.scalar_type() == at::kFloat, "adam_step: ", name,
+           " must have dtype float32, got ", t.scalar_type());
+  FA_CHECK(t.numel() == 1, "adam_step: ", name,
+           " must be a 0-dim (one-element) tensor, got shape ", shape_str(t));
 }
 
 void adam_step(const TensorList& params, const TensorList& grads, const TensorList& exp_avgs,
@@ -256,8 +253,8 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
                const std::optional<at::Tensor>& found_inf) {
   const size_t n = params.size();
   const auto check_len = [n](const TensorList& list, const char* name) {
-    TORCH_CHECK(list.size() == n, "adam_step: ", name, " must have as many tensors as params (",
-                n, "), got ", list.size());
+    FA_CHECK(list.size() == n, "adam_step: ", name, " must have as many tensors as params (",
+             n, "), got ", list.size());
   };
   check_len(grads, "grads");
   check_len(exp_avgs, "exp_avgs");
@@ -265,42 +262,42 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
   if (amsgrad) {
     check_len(max_exp_avg_sqs, "max_exp_avg_sqs (amsgrad=True)");
   } else {
-    TORCH_CHECK(max_exp_avg_sqs.empty(), "adam_step: max_exp_avg_sqs must be empty when "
-                "amsgrad=False, got ", max_exp_avg_sqs.size(), " tensors");
+    FA_CHECK(max_exp_avg_sqs.empty(), "adam_step: max_exp_avg_sqs must be empty when "
+             "amsgrad=False, got ", max_exp_avg_sqs.size(), " tensors");
   }
-  TORCH_CHECK(masters.empty() || masters.size() == n, "adam_step: masters must be empty (no "
-              "master weights) or have as many tensors as params (", n, "), got ",
-              masters.size());
+  FA_CHECK(masters.empty() || masters.size() == n, "adam_step: masters must be empty (no "
+           "master weights) or have as many tensors as params (", n, "), got ",
+           masters.size());
   check_adam_scalar(step, "step");
   check_adam_scalar(lr, "lr");
   if (inv_scale.has_value()) check_adam_scalar(*inv_scale, "inv_scale");
   if (found_inf.has_value()) check_adam_scalar(*found_inf, "found_inf");
   const float t = step.item<float>();
-  TORCH_CHECK(t >= 1.0f, "adam_step: step must be >= 1 (the step count after this step's "
-              "increment), got ", t);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "adam_step: beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "adam_step: beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), "adam_step: eps must be finite and >= 0, got ",
-              eps);
-  TORCH_CHECK(std::isfinite(weight_decay), "adam_step: weight_decay must be finite, got ",
-              weight_decay);
+  FA_CHECK(t >= 1.0f, "adam_step: step must be >= 1 (the step count after this step's "
+           "increment), got ", t);
+  FA_CHECK(beta1 >= 0.0 && beta1 < 1.0, "adam_step: beta1 must be in [0, 1), got ", beta1);
+  FA_CHECK(beta2 >= 0.0 && beta2 < 1.0, "adam_step: beta2 must be in [0, 1), got ", beta2);
+  FA_CHECK(eps >= 0.0 && std::isfinite(eps), "adam_step: eps must be finite and >= 0, got ",
+           eps);
+  FA_CHECK(std::isfinite(weight_decay), "adam_step: weight_decay must be finite, got ",
+           weight_decay);
 
   const auto mom_dtype = n > 0 ? exp_avgs[0].scalar_type() : at::kFloat;
-  TORCH_CHECK(mom_dtype == at::kFloat || mom_dtype == at::kBFloat16,
-              "adam_step: exp_avgs[0] must be float32 or bfloat16, got ", mom_dtype);
+  FA_CHECK(mom_dtype == at::kFloat || mom_dtype == at::kBFloat16,
+           "adam_step: exp_avgs[0] must be float32 or bfloat16, got ", mom_dtype);
   const auto check_mom = [&](const TensorList& list, const char* name, size_t i, int64_t numel) {
     check_adam_tensor(list[i], name, i, numel, true, "float32 or bfloat16");
-    TORCH_CHECK(list[i].scalar_type() == mom_dtype, "adam_step: ", name, "[", i,
-                "] must have the dtype of exp_avgs[0] (", mom_dtype,
-                "): all moments of one call share a dtype; got ", list[i].scalar_type());
+    FA_CHECK(list[i].scalar_type() == mom_dtype, "adam_step: ", name, "[", i,
+             "] must have the dtype of exp_avgs[0] (", mom_dtype,
+             "): all moments of one call share a dtype; got ", list[i].scalar_type());
   };
   for (size_t i = 0; i < n; ++i) {
     const int64_t numel = params[i].defined() ? params[i].numel() : 0;
     check_adam_tensor(params[i], "params", i, numel, true, "float32, float16 or bfloat16");
     check_adam_tensor(grads[i], "grads", i, numel, true, "float32, float16 or bfloat16");
-    TORCH_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "adam_step: grads[", i,
-                "] must have the dtype of params[", i, "] (", params[i].scalar_type(), "), got ",
-                grads[i].scalar_type());
+    FA_CHECK(grads[i].scalar_type() == params[i].scalar_type(), "adam_step: grads[", i,
+             "] must have the dtype of params[", i, "] (", params[i].scalar_type(), "), got ",
+             grads[i].scalar_type());
     check_mom(exp_avgs, "exp_avgs", i, numel);
     check_mom(exp_avg_sqs, "exp_avg_sqs", i, numel);
     if (amsgrad) check_mom(max_exp_avg_sqs, "max_exp_avg_sqs", i, numel);
@@ -317,42 +314,42 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
     check_cpu(t, name);
-    TORCH_CHECK(t.dim() == 4, "fastattn._C: ", name, " must be 4-D (batch, heads, seq, head_dim), "
-                "got shape ", shape_str(t));
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "fastattn._C: ", name,
-                " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "fastattn._C: ", name,
-                " must be contiguous along head_dim (stride(3) == 1), got strides ", t.strides());
+    FA_CHECK(t.dim() == 4, "fastattn._C: ", name, " must be 4-D (batch, heads, seq, head_dim), "
+             "got shape ", shape_str(t));
+    FA_CHECK(t.scalar_type() == q.scalar_type(), "fastattn._C: ", name,
+             " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+    FA_CHECK(t.stride(3) == 1 || t.size(3) == 1, "fastattn._C: ", name,
+             " must be contiguous along head_dim (stride(3) == 1), got strides ", t.strides());
   }
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "fastattn._C: attention takes float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "fastattn._C: q, k, v must "
-              "have one batch size, got shapes ", shape_str(q), ", ", shape_str(k), ", ",
-              shape_str(v));
-  TORCH_CHECK(v.sizes() == k.sizes(), "fastattn._C: v must have the shape of k ", shape_str(k),
-              ", got ", shape_str(v));
-  TORCH_CHECK(k.size(3) == q.size(3) && q.size(3) >= 1, "fastattn._C: k must have q's head_dim ",
-              q.size(3), ", got ", k.size(3));
-  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "fastattn._C: the heads of q (",
-              q.size(1), ") must be a multiple of the heads of k and v (", k.size(1), ")");
+  FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+           "fastattn._C: attention takes float32, float16 or bfloat16, got ", dt);
+  FA_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "fastattn._C: q, k, v must "
+           "have one batch size, got shapes ", shape_str(q), ", ", shape_str(k), ", ",
+           shape_str(v));
+  FA_CHECK(v.sizes() == k.sizes(), "fastattn._C: v must have the shape of k ", shape_str(k),
+           ", got ", shape_str(v));
+  FA_CHECK(k.size(3) == q.size(3) && q.size(3) >= 1, "fastattn._C: k must have q's head_dim ",
+           q.size(3), ", got ", k.size(3));
+  FA_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "fastattn._C: the heads of q (",
+           q.size(1), ") must be a multiple of the heads of k and v (", k.size(1), ")");
 }
 
 void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& q, const at::Tensor& k) {
   if (!bias.has_value()) return;
   check_cpu(*bias, "bias");
-  TORCH_CHECK(bias->scalar_type() == at::kFloat, "fastattn._C: bias must be float32, got ",
-              bias->scalar_type());
+  FA_CHECK(bias->scalar_type() == at::kFloat, "fastattn._C: bias must be float32, got ",
+           bias->scalar_type());
   const std::vector<int64_t> want{q.size(0), q.size(1), q.size(2), k.size(2)};
-  TORCH_CHECK(bias->sizes() == at::IntArrayRef(want), "fastattn._C: bias must have shape (B, H, "
-              "Sq, Sk) = ", at::IntArrayRef(want), " (expand a broadcast one), got ",
-              shape_str(*bias));
+  FA_CHECK(bias->sizes() == at::IntArrayRef(want), "fastattn._C: bias must have shape (B, H, "
+           "Sq, Sk) = ", at::IntArrayRef(want), " (expand a broadcast one), got ",
+           shape_str(*bias));
 }
 
 void check_dropout(double dropout_p, int64_t seed) {
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastattn._C: dropout_p must be in [0, 1), "
+  FA_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "fastattn._C: dropout_p must be in [0, 1), "
               "got ", dropout_p);
-  TORCH_CHECK(seed >= 0, "fastattn._C: seed must be >= 0, got ", seed);
+  FA_CHECK(seed >= 0, "fastattn._C: seed must be >= 0, got ", seed);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -378,20 +375,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   check_dropout(dropout_p, seed);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"}}) {
     check_cpu(t, name);
-    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), "fastattn._C: ",
-                name, " must have q's shape ", shape_str(q), " and dtype ", q.scalar_type(),
-                ", got ", shape_str(t), " ", t.scalar_type());
-    TORCH_CHECK(t.stride(3) == 1 || t.size(3) == 1, "fastattn._C: ", name,
-                " must be contiguous along head_dim, got strides ", t.strides());
+    FA_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), "fastattn._C: ",
+             name, " must have q's shape ", shape_str(q), " and dtype ", q.scalar_type(),
+             ", got ", shape_str(t), " ", t.scalar_type());
+    FA_CHECK(t.stride(3) == 1 || t.size(3) == 1, "fastattn._C: ", name,
+             " must be contiguous along head_dim, got strides ", t.strides());
   }
   check_cpu(lse, "lse");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "fastattn._C: lse must be float32, got ",
-              lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+  FA_CHECK(lse.scalar_type() == at::kFloat, "fastattn._C: lse must be float32, got ",
+           lse.scalar_type());
+  FA_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
                   lse.size(2) == q.size(2),
-              "fastattn._C: lse must have shape (B, H, Sq), got ", shape_str(lse));
-  TORCH_CHECK(lse.is_contiguous(), "fastattn._C: lse must be contiguous, got strides ",
-              lse.strides());
+           "fastattn._C: lse must have shape (B, H, Sq), got ", shape_str(lse));
+  FA_CHECK(lse.is_contiguous(), "fastattn._C: lse must be contiguous, got strides ",
+           lse.strides());
   return fastattn::cpu::attention_bwd(dout, q, k, v, out, lse, bias, scale, diag, window_left,
                                       window_right, softcap, dropout_p, seed);
 }
@@ -402,22 +399,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
 void check_varlen_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{q, "q"}, {k, "k"}, {v, "v"}}) {
     check_cpu(t, name);
-    TORCH_CHECK(t.dim() == 3, "fastattn._C: ", name, " must be 3-D (total_tokens, heads, "
-                "head_dim), got shape ", shape_str(t));
-    TORCH_CHECK(t.scalar_type() == q.scalar_type(), "fastattn._C: ", name,
-                " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-    TORCH_CHECK(t.stride(2) == 1 || t.size(2) == 1, "fastattn._C: ", name,
-                " must be contiguous along head_dim (stride(2) == 1), got strides ", t.strides());
+    FA_CHECK(t.dim() == 3, "fastattn._C: ", name, " must be 3-D (total_tokens, heads, "
+             "head_dim), got shape ", shape_str(t));
+    FA_CHECK(t.scalar_type() == q.scalar_type(), "fastattn._C: ", name,
+             " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+    FA_CHECK(t.stride(2) == 1 || t.size(2) == 1, "fastattn._C: ", name,
+             " must be contiguous along head_dim (stride(2) == 1), got strides ", t.strides());
   }
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "fastattn._C: varlen attention takes float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(v.sizes() == k.sizes(), "fastattn._C: v must have the shape of k ", shape_str(k),
-              ", got ", shape_str(v));
-  TORCH_CHECK(k.size(2) == q.size(2) && q.size(2) >= 1, "fastattn._C: k must have q's head_dim ",
-              q.size(2), ", got ", k.size(2));
-  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "fastattn._C: the heads of q (",
-              q.size(1), ") must be a multiple of the heads of k and v (", k.size(1), ")");
+  FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+           "fastattn._C: varlen attention takes float32, float16 or bfloat16, got ", dt);
+  FA_CHECK(v.sizes() == k.sizes(), "fastattn._C: v must have the shape of k ", shape_str(k),
+           ", got ", shape_str(v));
+  FA_CHECK(k.size(2) == q.size(2) && q.size(2) >= 1, "fastattn._C: k must have q's head_dim ",
+           q.size(2), ", got ", k.size(2));
+  FA_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, "fastattn._C: the heads of q (",
+           q.size(1), ") must be a multiple of the heads of k and v (", k.size(1), ")");
 }
 
 // cu: int32 (N + 1,) contiguous prefix sums rising from 0 to total, no sequence longer than
@@ -425,22 +422,22 @@ void check_varlen_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor
 // (O(N), nothing next to the attention itself).
 void check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen) {
   check_cpu(cu, name);
-  TORCH_CHECK(cu.scalar_type() == at::kInt, "fastattn._C: ", name, " must be int32, got ",
-              cu.scalar_type());
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, "fastattn._C: ", name,
-              " must have shape (num_seqs + 1,), got ", shape_str(cu));
-  TORCH_CHECK(cu.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
-              cu.strides());
+  FA_CHECK(cu.scalar_type() == at::kInt, "fastattn._C: ", name, " must be int32, got ",
+           cu.scalar_type());
+  FA_CHECK(cu.dim() == 1 && cu.size(0) >= 2, "fastattn._C: ", name,
+           " must have shape (num_seqs + 1,), got ", shape_str(cu));
+  FA_CHECK(cu.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
+           cu.strides());
   const int32_t* c = cu.data_ptr<int32_t>();
   const int64_t n = cu.size(0) - 1;
-  TORCH_CHECK(c[0] == 0 && c[n] == total, "fastattn._C: ", name, " must rise from 0 to the token "
-              "count ", total, ", got ", c[0], " ... ", c[n]);
+  FA_CHECK(c[0] == 0 && c[n] == total, "fastattn._C: ", name, " must rise from 0 to the token "
+           "count ", total, ", got ", c[0], " ... ", c[n]);
   for (int64_t b = 0; b < n; ++b) {
     const int64_t len = static_cast<int64_t>(c[b + 1]) - c[b];
-    TORCH_CHECK(len >= 0, "fastattn._C: ", name, " must be non-decreasing, got ", c[b], " then ",
-                c[b + 1], " at index ", b);
-    TORCH_CHECK(len <= max_seqlen, "fastattn._C: max_seqlen (", max_seqlen, ") is smaller than "
-                "sequence ", b, " of ", name, " (length ", len, ")");
+    FA_CHECK(len >= 0, "fastattn._C: ", name, " must be non-decreasing, got ", c[b], " then ",
+             c[b + 1], " at index ", b);
+    FA_CHECK(len <= max_seqlen, "fastattn._C: max_seqlen (", max_seqlen, ") is smaller than "
+             "sequence ", b, " of ", name, " (length ", len, ")");
   }
 }
 
@@ -450,9 +447,9 @@ void check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   check_varlen_qkv(q, k, v);
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k);
-  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "fastattn._C: cu_seqlens_q and "
-              "cu_seqlens_k must describe the same number of sequences, got ",
-              cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
+  FA_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "fastattn._C: cu_seqlens_q and "
+           "cu_seqlens_k must describe the same number of sequences, got ",
+           cu_seqlens_q.size(0) - 1, " and ", cu_seqlens_k.size(0) - 1);
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd(
@@ -472,20 +469,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
   check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dout, "dout"}, {out, "out"}}) {
     check_cpu(t, name);
-    TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), "fastattn._C: ",
-                name, " must have q's shape ", shape_str(q), " and dtype ", q.scalar_type(),
-                ", got ", shape_str(t), " ", t.scalar_type());
-    TORCH_CHECK(t.stride(2) == 1 || t.size(2) == 1, "fastattn._C: ", name,
-                " must be contiguous along head_dim, got strides ", t.strides());
+    FA_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(), "fastattn._C: ",
+             name, " must have q's shape ", shape_str(q), " and dtype ", q.scalar_type(),
+             ", got ", shape_str(t), " ", t.scalar_type());
+    FA_CHECK(t.stride(2) == 1 || t.size(2) == 1, "fastattn._C: ", name,
+             " must be contiguous along head_dim, got strides ", t.strides());
   }
   check_cpu(lse, "lse");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "fastattn._C: lse must be float32, got ",
-              lse.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0),
-              "fastattn._C: lse must have shape (H, total_q) = (", q.size(1), ", ", q.size(0),
-              "), got ", shape_str(lse));
-  TORCH_CHECK(lse.is_contiguous(), "fastattn._C: lse must be contiguous, got strides ",
-              lse.strides());
+  FA_CHECK(lse.scalar_type() == at::kFloat, "fastattn._C: lse must be float32, got ",
+           lse.scalar_type());
+  FA_CHECK(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0),
+           "fastattn._C: lse must have shape (H, total_q) = (", q.size(1), ", ", q.size(0),
+           "), got ", shape_str(lse));
+  FA_CHECK(lse.is_contiguous(), "fastattn._C: lse must be contiguous, got strides ",
+           lse.strides());
   return fastattn::cpu::varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                                              max_seqlen_q, max_seqlen_k, scale, causal);
 }

@@ -56,8 +56,8 @@ Act parse_activation(const std::string& name) {
   if (name == "relu") return Act::kRelu;
   if (name == "relu2") return Act::kRelu2;
   if (name == "silu") return Act::kSilu;
-  TORCH_CHECK(false, "fastattn._C: unknown activation '", name,
-              "'; valid: gelu, gelu_tanh, relu, relu2, silu");
+  FA_CHECK(false, "fastattn._C: unknown activation '", name,
+           "'; valid: gelu, gelu_tanh, relu, relu2, silu");
 }
 
 // Activation<A>: make() outside the loop (the Exp clamps must stay run-time values, see
@@ -226,8 +226,8 @@ void with_dtype(at::ScalarType dtype, const Fn& fn) {
     case at::kFloat: return fn(float{});
     case at::kHalf: return fn(c10::Half{});
     case at::kBFloat16: return fn(c10::BFloat16{});
-    default: TORCH_CHECK(false, "fastattn._C: FFN kernels take float32, float16 or bfloat16, got ",
-                         dtype);
+    default: FA_CHECK(false, "fastattn._C: FFN kernels take float32, float16 or bfloat16, got ",
+                      dtype);
   }
 }
 

@@ -1,7 +1,7 @@
 // CPU kernels of the total gradient norm and the clipping scale: grad_norm, scale_grads_.
 //
 // The math and conventions are those of fastattn/ops/grad_norm/reference.py (the oracle); this
-// file says how it is computed fast. Inputs are validated here with TORCH_CHECK (not in
+// file says how it is computed fast. Inputs are validated here with FA_CHECK (not in
 // bindings.cpp), so that the binding file only gains its m.def lines.
 //
 // Memory traffic: the norm reads each element once (4 B fp32, 2 B fp16/bf16) and writes one
@@ -147,19 +147,19 @@ void check_list(const std::vector<at::Tensor>& tensors, const char* op) {
   const auto dt = tensors[0].defined() ? tensors[0].scalar_type() : at::kFloat;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is an undefined tensor");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] must be dense (strided), "
-                "got layout ", t.layout());
-    TORCH_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] must be a CPU tensor, got device ",
-                t.device());
-    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
+    FA_CHECK(t.defined(), op, ": tensors[", i, "] is an undefined tensor");
+    FA_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] must be dense (strided), "
+             "got layout ", t.layout());
+    FA_CHECK(t.device().is_cpu(), op, ": tensors[", i, "] must be a CPU tensor, got device ",
+             t.device());
+    FA_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
                     t.scalar_type() == at::kBFloat16,
-                op, ": tensors[", i, "] must be float32, float16 or bfloat16, got ",
-                t.scalar_type());
-    TORCH_CHECK(t.scalar_type() == dt, op, ": all tensors must share one dtype (tensors[0] is ",
-                dt, "), tensors[", i, "] is ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), op, ": tensors[", i, "] must be contiguous, got strides ",
-                t.strides());
+             op, ": tensors[", i, "] must be float32, float16 or bfloat16, got ",
+             t.scalar_type());
+    FA_CHECK(t.scalar_type() == dt, op, ": all tensors must share one dtype (tensors[0] is ",
+             dt, "), tensors[", i, "] is ", t.scalar_type());
+    FA_CHECK(t.is_contiguous(), op, ": tensors[", i, "] must be contiguous, got strides ",
+             t.strides());
   }
 }
 
@@ -168,8 +168,8 @@ void check_list(const std::vector<at::Tensor>& tensors, const char* op) {
 at::Tensor grad_norm(const std::vector<at::Tensor>& tensors, double norm_type) {
   check_list(tensors, "grad_norm");
   const bool inf_norm = std::isinf(norm_type) && norm_type > 0;
-  TORCH_CHECK(inf_norm || norm_type == 2.0, "grad_norm: the CPU kernel supports norm_type 2 and "
-              "inf, got ", norm_type, " (other p run the reference)");
+  FA_CHECK(inf_norm || norm_type == 2.0, "grad_norm: the CPU kernel supports norm_type 2 and "
+           "inf, got ", norm_type, " (other p run the reference)");
   double result = 0.0;
   if (!tensors.empty()) {
     const auto dt = tensors[0].scalar_type();
@@ -193,7 +193,7 @@ at::Tensor grad_norm(const std::vector<at::Tensor>& tensors, double norm_type) {
 void scale_grads_(const std::vector<at::Tensor>& tensors, double max_norm,
                   const at::Tensor& total_norm) {
   check_list(tensors, "scale_grads_");
-  TORCH_CHECK(total_norm.defined() && total_norm.device().is_cpu() &&
+  FA_CHECK(total_norm.defined() && total_norm.device().is_cpu() &&
                   total_norm.scalar_type() == at::kFloat && total_norm.numel() == 1,
               "scale_grads_: total_norm must be a float32 one-element CPU tensor, got ",
               total_norm.defined() ? total_norm.toString() : std::string("undefined"));

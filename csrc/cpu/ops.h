@@ -1,11 +1,13 @@
 // Declarations of the C++ CPU kernels of fastattn (extension fastattn._C).
 //
 // These functions assume validated inputs: bindings.cpp checks devices, dtypes, shapes and
-// strides with TORCH_CHECK before calling them, and releases the GIL around the call.
+// strides with FA_CHECK before calling them, and releases the GIL around the call.
 // Signatures and semantics mirror fastattn/ops/<op>/reference.py one to one.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include "../check.h"
 
 #include <cstdint>
 #include <optional>
@@ -59,7 +61,7 @@ void adam_step(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                const std::optional<at::Tensor>& found_inf);
 
 // ---- total gradient norm and clipping (fastattn/ops/grad_norm/reference.py) -------------
-// These two validate their own inputs (TORCH_CHECK in grad_norm.cpp). tensors: contiguous
+// These two validate their own inputs (FA_CHECK in grad_norm.cpp). tensors: contiguous
 // CPU tensors of one dtype, float32, float16 or bfloat16. grad_norm: norm_type 2 or inf; returns
 // the norm of all tensors as one vector, a float32 0-dim tensor (bitwise independent of the
 // thread count). scale_grads_: tensors *= min(max_norm / (total_norm + 1e-6), 1) in place;
@@ -71,7 +73,7 @@ void scale_grads_(const std::vector<at::Tensor>& tensors, double max_norm,
 // ---- FFN elementwise kernels (csrc/cpu/ffn.cpp; contract: the FFN kernel spec) ----------
 // Every tensor 2-D (T, F), contiguous, one dtype (float32, float16 or bfloat16); results are
 // fresh contiguous tensors in that dtype; math in float32. activation: "gelu", "gelu_tanh",
-// "relu", "relu2" or "silu" (anything else: TORCH_CHECK error).
+// "relu", "relu2" or "silu" (anything else: FA_CHECK error).
 at::Tensor act_fwd(const at::Tensor& h, const std::string& activation);  // act(h)
 // (dh, a) = (da * act'(h), act(h)) in one pass.
 std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& da, const at::Tensor& h,

@@ -298,7 +298,7 @@ void dispatch_moments(const AdamLists& t, const AdamScalars& s, bool master, boo
   if (mt == at::kFloat) {
     dispatch_flags<P, float>(t, s, master, amsgrad, stream);
   } else {
-    TORCH_CHECK(mt == at::kBFloat16, "adam_step: moments must be float32 or bfloat16, got ", mt);
+    FA_CHECK(mt == at::kBFloat16, "adam_step: moments must be float32 or bfloat16, got ", mt);
     dispatch_flags<P, __nv_bfloat16>(t, s, master, amsgrad, stream);
   }
 }
@@ -337,8 +337,8 @@ void adam_step_cuda(const AdamLists& t, const at::Tensor& step, const at::Tensor
       dispatch_moments<__nv_bfloat16>(t, s, master, amsgrad, stream);
       break;
     default:
-      TORCH_CHECK(false, "adam_step: params must be float32, float16 or bfloat16, got ",
-                  t.params[0].scalar_type());
+      FA_CHECK(false, "adam_step: params must be float32, float16 or bfloat16, got ",
+               t.params[0].scalar_type());
   }
 }
 

@@ -446,7 +446,7 @@ void decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
       run<__nv_bfloat16>(q, k_cache, v_cache, cache_seqlens, scale, o_part, lse_part, out, lse);
       break;
     default:
-      TORCH_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
+      FA_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
   }
 }
 

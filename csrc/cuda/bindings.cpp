@@ -1,5 +1,5 @@
 // The one pybind11 module of the CUDA extension (fastattn._cuda). Every function here validates
-// its arguments with TORCH_CHECK (which argument, what was expected, what was given), allocates
+// its arguments with FA_CHECK (which argument, what was expected, what was given), allocates
 // the outputs, puts a CUDAGuard on the inputs' device and calls the launcher from ops.h, which
 // launches on the current stream. The GIL is released for the whole call (argument conversion
 // and result conversion happen outside the call_guard, with the GIL held).
@@ -24,47 +24,47 @@ namespace {
 constexpr int64_t kMaxClasses = int64_t{1} << 30;
 
 void check_on_cuda(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.is_cuda(), op, ": `", name, "` must be a CUDA tensor, got a tensor on ",
-              t.device());
+  FA_CHECK(t.is_cuda(), op, ": `", name, "` must be a CUDA tensor, got a tensor on ",
+           t.device());
 }
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t,
                        const at::Tensor& logits) {
   check_on_cuda(op, name, t);
-  TORCH_CHECK(t.device() == logits.device(), op, ": `", name, "` is on ", t.device(),
-              " but `logits` is on ", logits.device());
+  FA_CHECK(t.device() == logits.device(), op, ": `", name, "` is on ", t.device(),
+           " but `logits` is on ", logits.device());
 }
 
 void check_elem_aligned(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % t.element_size() == 0,
-              op, ": `", name, "` data pointer is not aligned to its element size (",
-              t.element_size(), " bytes)");
+  FA_CHECK(t.numel() == 0 || reinterpret_cast<uintptr_t>(t.data_ptr()) % t.element_size() == 0,
+           op, ": `", name, "` data pointer is not aligned to its element size (",
+           t.element_size(), " bytes)");
 }
 
 // logits: CUDA, 2-D (R, C), fp32/fp16/bf16, class dimension contiguous.
 void check_logits(const char* op, const at::Tensor& logits) {
   check_on_cuda(op, "logits", logits);
-  TORCH_CHECK(logits.dim() == 2, op, ": `logits` must be 2-D (rows, classes), got shape ",
-              logits.sizes());
+  FA_CHECK(logits.dim() == 2, op, ": `logits` must be 2-D (rows, classes), got shape ",
+           logits.sizes());
   const auto dt = logits.scalar_type();
-  TORCH_CHECK(dt != at::kDouble, op,
-              ": float64 `logits` are not supported by the CUDA backend (float32, float16, "
-              "bfloat16 only); use the reference backend or cast the logits");
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": `logits` must be float32, float16 or bfloat16, got ", dt);
+  FA_CHECK(dt != at::kDouble, op,
+           ": float64 `logits` are not supported by the CUDA backend (float32, float16, "
+           "bfloat16 only); use the reference backend or cast the logits");
+  FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+           ": `logits` must be float32, float16 or bfloat16, got ", dt);
   const int64_t R = logits.size(0);
   const int64_t C = logits.size(1);
-  TORCH_CHECK(C >= 1, op, ": `logits` must have at least one class (size(1) >= 1), got shape ",
-              logits.sizes());
-  TORCH_CHECK(C < kMaxClasses, op, ": `logits` has ", C, " classes, more than the supported ",
-              kMaxClasses - 1);
-  TORCH_CHECK(R <= std::numeric_limits<int32_t>::max(), op, ": `logits` has ", R,
-              " rows, more than the supported 2^31 - 1 (one thread block per row)");
-  TORCH_CHECK(logits.stride(1) == 1 || C == 1, op,
-              ": `logits` must have a contiguous class dimension (stride(1) == 1), got strides ",
-              logits.strides());
-  TORCH_CHECK(logits.stride(0) >= 0, op, ": `logits` has a negative row stride ",
-              logits.stride(0));
+  FA_CHECK(C >= 1, op, ": `logits` must have at least one class (size(1) >= 1), got shape ",
+           logits.sizes());
+  FA_CHECK(C < kMaxClasses, op, ": `logits` has ", C, " classes, more than the supported ",
+           kMaxClasses - 1);
+  FA_CHECK(R <= std::numeric_limits<int32_t>::max(), op, ": `logits` has ", R,
+           " rows, more than the supported 2^31 - 1 (one thread block per row)");
+  FA_CHECK(logits.stride(1) == 1 || C == 1, op,
+           ": `logits` must have a contiguous class dimension (stride(1) == 1), got strides ",
+           logits.strides());
+  FA_CHECK(logits.stride(0) >= 0, op, ": `logits` has a negative row stride ",
+           logits.stride(0));
   check_elem_aligned(op, "logits", logits);
 }
 
@@ -72,12 +72,12 @@ void check_logits(const char* op, const at::Tensor& logits) {
 void check_row_vector(const char* op, const char* name, const at::Tensor& t, int64_t R,
                       at::ScalarType dtype, const at::Tensor& logits) {
   check_same_device(op, name, t, logits);
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": `", name, "` must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == R, op, ": `", name, "` must have shape (", R,
-              ",) (one value per row of `logits`), got shape ", t.sizes());
-  TORCH_CHECK(t.stride(0) == 1 || R <= 1, op, ": `", name, "` must be contiguous, got stride ",
-              t.stride(0));
+  FA_CHECK(t.scalar_type() == dtype, op, ": `", name, "` must be ", dtype, ", got ",
+           t.scalar_type());
+  FA_CHECK(t.dim() == 1 && t.size(0) == R, op, ": `", name, "` must have shape (", R,
+           ",) (one value per row of `logits`), got shape ", t.sizes());
+  FA_CHECK(t.stride(0) == 1 || R <= 1, op, ": `", name, "` must be contiguous, got stride ",
+           t.stride(0));
 }
 
 // Byte range [begin, end) spanned by a 2-D tensor with non-negative strides and stride(1) == 1.
@@ -92,37 +92,37 @@ std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
 // same pointer, same row stride) or memory disjoint from it.
 void check_grad(const char* op, const at::Tensor& grad, const at::Tensor& logits) {
   check_same_device(op, "grad", grad, logits);
-  TORCH_CHECK(grad.scalar_type() == logits.scalar_type(), op,
-              ": `grad` must have the logits dtype ", logits.scalar_type(), ", got ",
-              grad.scalar_type());
-  TORCH_CHECK(grad.dim() == 2 && grad.sizes() == logits.sizes(), op,
-              ": `grad` must have the shape of `logits` ", logits.sizes(), ", got ", grad.sizes());
+  FA_CHECK(grad.scalar_type() == logits.scalar_type(), op,
+           ": `grad` must have the logits dtype ", logits.scalar_type(), ", got ",
+           grad.scalar_type());
+  FA_CHECK(grad.dim() == 2 && grad.sizes() == logits.sizes(), op,
+           ": `grad` must have the shape of `logits` ", logits.sizes(), ", got ", grad.sizes());
   const int64_t R = grad.size(0);
   const int64_t C = grad.size(1);
-  TORCH_CHECK(grad.stride(1) == 1 || C == 1, op,
-              ": `grad` must have a contiguous class dimension (stride(1) == 1), got strides ",
-              grad.strides());
-  TORCH_CHECK(R <= 1 || grad.stride(0) >= C, op, ": `grad` rows overlap (stride(0) = ",
-              grad.stride(0), " < ", C, " classes)");
+  FA_CHECK(grad.stride(1) == 1 || C == 1, op,
+           ": `grad` must have a contiguous class dimension (stride(1) == 1), got strides ",
+           grad.strides());
+  FA_CHECK(R <= 1 || grad.stride(0) >= C, op, ": `grad` rows overlap (stride(0) = ",
+           grad.stride(0), " < ", C, " classes)");
   check_elem_aligned(op, "grad", grad);
   if (grad.numel() == 0) return;
   if (grad.data_ptr() == logits.data_ptr()) {
-    TORCH_CHECK(R <= 1 || grad.stride(0) == logits.stride(0), op,
-                ": `grad` shares its data pointer with `logits` but has row stride ",
-                grad.stride(0), " instead of ", logits.stride(0),
-                "; pass either the logits tensor itself (in-place) or a separate buffer");
+    FA_CHECK(R <= 1 || grad.stride(0) == logits.stride(0), op,
+             ": `grad` shares its data pointer with `logits` but has row stride ",
+             grad.stride(0), " instead of ", logits.stride(0),
+             "; pass either the logits tensor itself (in-place) or a separate buffer");
   } else {
     const auto g = byte_span(grad);
     const auto l = byte_span(logits);
-    TORCH_CHECK(g.second <= l.first || l.second <= g.first, op,
-                ": `grad` partially overlaps `logits`; pass either the logits tensor itself "
-                "(in-place) or a separate buffer");
+    FA_CHECK(g.second <= l.first || l.second <= g.first, op,
+             ": `grad` partially overlaps `logits`; pass either the logits tensor itself "
+             "(in-place) or a separate buffer");
   }
 }
 
 void check_inv_temperature(const char* op, double inv_temperature) {
-  TORCH_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0.0, op,
-              ": `inv_temperature` must be finite and > 0, got ", inv_temperature);
+  FA_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0.0, op,
+           ": `inv_temperature` must be finite and > 0, got ", inv_temperature);
 }
 
 at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
@@ -138,24 +138,24 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
   if (weight.has_value()) {
     const at::Tensor& w = *weight;
     check_same_device(op, "weight", w, logits);
-    TORCH_CHECK(w.scalar_type() == at::kFloat, op, ": `weight` must be float32, got ",
-                w.scalar_type());
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == C, op, ": `weight` must have shape (", C,
-                ",) (one value per class), got shape ", w.sizes());
-    TORCH_CHECK(w.is_contiguous(), op, ": `weight` must be contiguous, got stride ", w.strides());
+    FA_CHECK(w.scalar_type() == at::kFloat, op, ": `weight` must be float32, got ",
+             w.scalar_type());
+    FA_CHECK(w.dim() == 1 && w.size(0) == C, op, ": `weight` must have shape (", C,
+             ",) (one value per class), got shape ", w.sizes());
+    FA_CHECK(w.is_contiguous(), op, ": `weight` must be contiguous, got stride ", w.strides());
   }
   if (grad.has_value()) check_grad(op, *grad, logits);
   if (grad_scale.has_value()) {
     const at::Tensor& s = *grad_scale;
     check_same_device(op, "grad_scale", s, logits);
-    TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": `grad_scale` must be float32, got ",
-                s.scalar_type());
-    TORCH_CHECK(s.numel() == 1, op, ": `grad_scale` must hold one value (a 0-dim tensor), got "
-                "shape ", s.sizes());
+    FA_CHECK(s.scalar_type() == at::kFloat, op, ": `grad_scale` must be float32, got ",
+             s.scalar_type());
+    FA_CHECK(s.numel() == 1, op, ": `grad_scale` must hold one value (a 0-dim tensor), got "
+             "shape ", s.sizes());
   }
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": `label_smoothing` must be in [0, 1], got ", label_smoothing);
-  TORCH_CHECK(std::isfinite(z_loss), op, ": `z_loss` must be finite, got ", z_loss);
+  FA_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+           ": `label_smoothing` must be in [0, 1], got ", label_smoothing);
+  FA_CHECK(std::isfinite(z_loss), op, ": `z_loss` must be finite, got ", z_loss);
 
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor loss = at::empty({R}, logits.options().dtype(at::kFloat));
@@ -195,10 +195,10 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
   check_row_vector(op, "target", target, R, at::kLong, logits);
   check_row_vector(op, "lse", lse, R, at::kFloat, logits);
   check_row_vector(op, "grad_logp", grad_logp, R, at::kFloat, logits);
-  TORCH_CHECK(entropy.has_value() == grad_entropy.has_value(), op,
-              ": `entropy` and `grad_entropy` must be both given or both None, got entropy ",
-              entropy.has_value() ? "given" : "None", " and grad_entropy ",
-              grad_entropy.has_value() ? "given" : "None");
+  FA_CHECK(entropy.has_value() == grad_entropy.has_value(), op,
+           ": `entropy` and `grad_entropy` must be both given or both None, got entropy ",
+           entropy.has_value() ? "given" : "None", " and grad_entropy ",
+           grad_entropy.has_value() ? "given" : "None");
   if (entropy.has_value()) {
     check_row_vector(op, "entropy", *entropy, R, at::kFloat, logits);
     check_row_vector(op, "grad_entropy", *grad_entropy, R, at::kFloat, logits);
@@ -218,26 +218,26 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
 void check_ffn_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
                       const char* ref_name) {
   check_on_cuda(op, name, t);
-  TORCH_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", t.device(), " but `",
-              ref_name, "` is on ", ref.device());
-  TORCH_CHECK(t.dim() == 2, op, ": `", name, "` must be 2-D (T, F), got shape ", t.sizes());
+  FA_CHECK(t.device() == ref.device(), op, ": `", name, "` is on ", t.device(), " but `",
+           ref_name, "` is on ", ref.device());
+  FA_CHECK(t.dim() == 2, op, ": `", name, "` must be 2-D (T, F), got shape ", t.sizes());
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": `", name,
-              "` must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(dt == ref.scalar_type(), op, ": `", name, "` must have the dtype of `", ref_name,
-              "` (", ref.scalar_type(), "), got ", dt);
-  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": `", name, "` must have the shape of `", ref_name,
-              "` ", ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": `", name, "` must be contiguous, got strides ",
-              t.strides());
+  FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": `", name,
+           "` must be float32, float16 or bfloat16, got ", dt);
+  FA_CHECK(dt == ref.scalar_type(), op, ": `", name, "` must have the dtype of `", ref_name,
+           "` (", ref.scalar_type(), "), got ", dt);
+  FA_CHECK(t.sizes() == ref.sizes(), op, ": `", name, "` must have the shape of `", ref_name,
+           "` ", ref.sizes(), ", got ", t.sizes());
+  FA_CHECK(t.is_contiguous(), op, ": `", name, "` must be contiguous, got strides ",
+           t.strides());
   check_elem_aligned(op, name, t);
 }
 
 void check_activation(const char* op, const std::string& activation) {
-  TORCH_CHECK(activation == "gelu" || activation == "gelu_tanh" || activation == "relu" ||
+  FA_CHECK(activation == "gelu" || activation == "gelu_tanh" || activation == "relu" ||
                   activation == "relu2" || activation == "silu",
-              op, ": unknown activation '", activation,
-              "'; valid: gelu, gelu_tanh, relu, relu2, silu");
+           op, ": unknown activation '", activation,
+           "'; valid: gelu, gelu_tanh, relu, relu2, silu");
 }
 
 at::Tensor act_fwd(const at::Tensor& h, const std::string& activation) {
@@ -299,42 +299,42 @@ constexpr int64_t kMaxAdamNumel = int64_t{1} << 46;
 void check_device_scalar(const char* op, const char* name, const at::Tensor& t,
                          const at::Device& device) {
   check_on_cuda(op, name, t);
-  TORCH_CHECK(t.device() == device, op, ": `", name, "` is on ", t.device(),
-              " but the parameters are on ", device,
-              " (it is read on the device, so it must live there)");
-  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": `", name,
-              "` must be a float32 tensor, got ", t.scalar_type());
-  TORCH_CHECK(t.numel() == 1, op, ": `", name, "` must hold one value (a 0-dim tensor), got shape ",
-              t.sizes());
+  FA_CHECK(t.device() == device, op, ": `", name, "` is on ", t.device(),
+           " but the parameters are on ", device,
+           " (it is read on the device, so it must live there)");
+  FA_CHECK(t.scalar_type() == at::kFloat, op, ": `", name,
+           "` must be a float32 tensor, got ", t.scalar_type());
+  FA_CHECK(t.numel() == 1, op, ": `", name, "` must hold one value (a 0-dim tensor), got shape ",
+           t.sizes());
 }
 
 // Element i of a tensor list: on `device`, `dtype`, the shape of params[i], contiguous, aligned.
 void check_adam_tensor(const char* op, const char* list, size_t i, const at::Tensor& t,
                        const at::Tensor& param, at::ScalarType dtype, const at::Device& device) {
-  TORCH_CHECK(t.is_cuda() && t.device() == device, op, ": `", list, "[", i, "]` is on ",
-              t.device(), " but the parameters are on ", device);
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": `", list, "[", i, "]` must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.sizes() == param.sizes(), op, ": `", list, "[", i, "]` has shape ", t.sizes(),
-              " but `params[", i, "]` has shape ", param.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": `", list, "[", i,
-              "]` must be contiguous (the kernel walks it as a flat array), got strides ",
-              t.strides());
-  TORCH_CHECK(t.numel() == 0 ||
+  FA_CHECK(t.is_cuda() && t.device() == device, op, ": `", list, "[", i, "]` is on ",
+           t.device(), " but the parameters are on ", device);
+  FA_CHECK(t.scalar_type() == dtype, op, ": `", list, "[", i, "]` must be ", dtype, ", got ",
+           t.scalar_type());
+  FA_CHECK(t.sizes() == param.sizes(), op, ": `", list, "[", i, "]` has shape ", t.sizes(),
+           " but `params[", i, "]` has shape ", param.sizes());
+  FA_CHECK(t.is_contiguous(), op, ": `", list, "[", i,
+           "]` must be contiguous (the kernel walks it as a flat array), got strides ",
+           t.strides());
+  FA_CHECK(t.numel() == 0 ||
                   reinterpret_cast<uintptr_t>(t.data_ptr()) % t.element_size() == 0,
-              op, ": `", list, "[", i, "]` data pointer is not aligned to its element size");
+           op, ": `", list, "[", i, "]` data pointer is not aligned to its element size");
 }
 
 at::ScalarType check_adam_dtype(const char* op, const char* list, const at::Tensor& t,
                                 bool allow_half) {
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt != at::kDouble && !at::isComplexType(dt), op, ": ", dt, " `", list,
-              "` are not supported by the CUDA backend (float32, float16 or bfloat16 params; "
-              "float32 or bfloat16 moments); use the reference backend or view complex "
-              "parameters as real");
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || (allow_half && dt == at::kHalf), op,
-              ": `", list, "` must be float32", allow_half ? ", float16" : "", " or bfloat16, got ",
-              dt);
+  FA_CHECK(dt != at::kDouble && !at::isComplexType(dt), op, ": ", dt, " `", list,
+           "` are not supported by the CUDA backend (float32, float16 or bfloat16 params; "
+           "float32 or bfloat16 moments); use the reference backend or view complex "
+           "parameters as real");
+  FA_CHECK(dt == at::kFloat || dt == at::kBFloat16 || (allow_half && dt == at::kHalf), op,
+           ": `", list, "` must be float32", allow_half ? ", float16" : "", " or bfloat16, got ",
+           dt);
   return dt;
 }
 
@@ -347,21 +347,21 @@ void adam_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                const std::optional<at::Tensor>& found_inf) {
   const char* op = "adam_step";
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n, op,
-              ": `grads`, `exp_avgs` and `exp_avg_sqs` must have one tensor per parameter (",
-              n, "), got ", grads.size(), ", ", exp_avgs.size(), " and ", exp_avg_sqs.size());
-  TORCH_CHECK(max_exp_avg_sqs.size() == (amsgrad ? n : 0), op, ": `max_exp_avg_sqs` must have ",
-              amsgrad ? "one tensor per parameter" : "no tensors", " when amsgrad=",
-              amsgrad ? "True" : "False", ", got ", max_exp_avg_sqs.size(), " for ", n,
-              " parameters");
-  TORCH_CHECK(masters.empty() || masters.size() == n, op,
-              ": `masters` must be empty or have one tensor per parameter (", n, "), got ",
-              masters.size());
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": `beta1` must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": `beta2` must be in [0, 1), got ", beta2);
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": `eps` must be finite and >= 0, got ", eps);
-  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0, op,
-              ": `weight_decay` must be finite and >= 0, got ", weight_decay);
+  FA_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n, op,
+           ": `grads`, `exp_avgs` and `exp_avg_sqs` must have one tensor per parameter (",
+           n, "), got ", grads.size(), ", ", exp_avgs.size(), " and ", exp_avg_sqs.size());
+  FA_CHECK(max_exp_avg_sqs.size() == (amsgrad ? n : 0), op, ": `max_exp_avg_sqs` must have ",
+           amsgrad ? "one tensor per parameter" : "no tensors", " when amsgrad=",
+           amsgrad ? "True" : "False", ", got ", max_exp_avg_sqs.size(), " for ", n,
+           " parameters");
+  FA_CHECK(masters.empty() || masters.size() == n, op,
+           ": `masters` must be empty or have one tensor per parameter (", n, "), got ",
+           masters.size());
+  FA_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": `beta1` must be in [0, 1), got ", beta1);
+  FA_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": `beta2` must be in [0, 1), got ", beta2);
+  FA_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": `eps` must be finite and >= 0, got ", eps);
+  FA_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0, op,
+           ": `weight_decay` must be finite and >= 0, got ", weight_decay);
   if (n == 0) return;
 
   check_on_cuda(op, "params[0]", params[0]);
@@ -371,19 +371,19 @@ void adam_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     check_adam_tensor(op, "params", i, p, p, pdt, device);
-    TORCH_CHECK(p.numel() < kMaxAdamNumel, op, ": `params[", i, "]` has ", p.numel(),
-                " elements, more than the supported 2^46");
+    FA_CHECK(p.numel() < kMaxAdamNumel, op, ": `params[", i, "]` has ", p.numel(),
+             " elements, more than the supported 2^46");
     check_adam_tensor(op, "grads", i, grads[i], p, pdt, device);
     check_adam_tensor(op, "exp_avgs", i, exp_avgs[i], p, mdt, device);
     check_adam_tensor(op, "exp_avg_sqs", i, exp_avg_sqs[i], p, mdt, device);
     if (amsgrad) check_adam_tensor(op, "max_exp_avg_sqs", i, max_exp_avg_sqs[i], p, mdt, device);
     if (!masters.empty()) check_adam_tensor(op, "masters", i, masters[i], p, at::kFloat, device);
-    TORCH_CHECK(p.numel() == 0 || (p.data_ptr() != grads[i].data_ptr() &&
+    FA_CHECK(p.numel() == 0 || (p.data_ptr() != grads[i].data_ptr() &&
                                    p.data_ptr() != exp_avgs[i].data_ptr() &&
                                    p.data_ptr() != exp_avg_sqs[i].data_ptr() &&
                                    exp_avgs[i].data_ptr() != exp_avg_sqs[i].data_ptr()),
-                op, ": tensor ", i, " of `params`, `grads`, `exp_avgs`, `exp_avg_sqs` share "
-                "memory; each must be its own buffer");
+             op, ": tensor ", i, " of `params`, `grads`, `exp_avgs`, `exp_avg_sqs` share "
+             "memory; each must be its own buffer");
   }
   check_device_scalar(op, "step", step, device);
   check_device_scalar(op, "lr", lr, device);
@@ -406,9 +406,9 @@ void check_decode_aligned(const char* op, const char* name, const at::Tensor& t)
   const int64_t e = t.element_size();
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) <= 1 || (t.stride(d) * e) % 16 == 0);
-  TORCH_CHECK(ok, op, ": `", name, "` rows must be 16-byte aligned (data pointer and strides ",
-              t.strides(), " multiples of 16 bytes) for the vectorised cache loads; pass a "
-              "contiguous cache or use the triton/reference backend");
+  FA_CHECK(ok, op, ": `", name, "` rows must be 16-byte aligned (data pointer and strides ",
+           t.strides(), " multiples of 16 bytes) for the vectorised cache loads; pass a "
+           "contiguous cache or use the triton/reference backend");
 }
 
 std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
@@ -421,58 +421,58 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
                                 {"v_cache", v_cache},
                                 {"cache_seqlens", cache_seqlens}}) {
     check_on_cuda(op, name, t);
-    TORCH_CHECK(t.device() == q.device(), op, ": `", name, "` is on ", t.device(),
-                " but `q` is on ", q.device());
+    FA_CHECK(t.device() == q.device(), op, ": `", name, "` is on ", t.device(),
+             " but `q` is on ", q.device());
   }
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": `q` must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, op,
-              ": `k_cache` and `v_cache` must have q's dtype ", dt, ", got ",
-              k_cache.scalar_type(), " and ", v_cache.scalar_type());
-  TORCH_CHECK(q.dim() == 4, op, ": `q` must be 4-D (B, H, Sq, D), got shape ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, op, ": `k_cache` must be 4-D (B, Hkv, S_max, D), got shape ",
-              k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": `v_cache` must have the shape of "
-              "`k_cache` ", k_cache.sizes(), ", got ", v_cache.sizes());
+  FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+           ": `q` must be float32, float16 or bfloat16, got ", dt);
+  FA_CHECK(k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, op,
+           ": `k_cache` and `v_cache` must have q's dtype ", dt, ", got ",
+           k_cache.scalar_type(), " and ", v_cache.scalar_type());
+  FA_CHECK(q.dim() == 4, op, ": `q` must be 4-D (B, H, Sq, D), got shape ", q.sizes());
+  FA_CHECK(k_cache.dim() == 4, op, ": `k_cache` must be 4-D (B, Hkv, S_max, D), got shape ",
+           k_cache.sizes());
+  FA_CHECK(v_cache.sizes() == k_cache.sizes(), op, ": `v_cache` must have the shape of "
+           "`k_cache` ", k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t B = q.size(0), H = q.size(1), Sq = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(1), S_max = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(0) == B && k_cache.size(3) == D, op, ": `k_cache` ", k_cache.sizes(),
-              " does not match `q` ", q.sizes(), " in batch (dim 0) or head dim (dim 3)");
-  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": the number of query heads H = ", H,
-              " must be a multiple of the number of kv heads Hkv = ", Hkv);
-  TORCH_CHECK(D % 8 == 0 && D >= 16 && D <= 256, op, ": head dim ", D,
-              " is not supported by the CUDA kernel (multiples of 8 from 16 to 256); use the "
-              "triton or reference backend");
-  TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op,
-              ": q, k_cache and v_cache must have stride(-1) == 1, got strides ", q.strides(),
-              ", ", k_cache.strides(), ", ", v_cache.strides());
+  FA_CHECK(k_cache.size(0) == B && k_cache.size(3) == D, op, ": `k_cache` ", k_cache.sizes(),
+           " does not match `q` ", q.sizes(), " in batch (dim 0) or head dim (dim 3)");
+  FA_CHECK(Hkv >= 1 && H % Hkv == 0, op, ": the number of query heads H = ", H,
+           " must be a multiple of the number of kv heads Hkv = ", Hkv);
+  FA_CHECK(D % 8 == 0 && D >= 16 && D <= 256, op, ": head dim ", D,
+           " is not supported by the CUDA kernel (multiples of 8 from 16 to 256); use the "
+           "triton or reference backend");
+  FA_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1, op,
+           ": q, k_cache and v_cache must have stride(-1) == 1, got strides ", q.strides(),
+           ", ", k_cache.strides(), ", ", v_cache.strides());
   for (const at::Tensor* t : {&q, &k_cache, &v_cache}) {
     for (int d = 0; d < 3; ++d) {
-      TORCH_CHECK(t->stride(d) >= 0, op, ": negative strides are not supported, got ",
-                  t->strides());
+      FA_CHECK(t->stride(d) >= 0, op, ": negative strides are not supported, got ",
+               t->strides());
     }
   }
   check_elem_aligned(op, "q", q);
   check_decode_aligned(op, "k_cache", k_cache);
   check_decode_aligned(op, "v_cache", v_cache);
-  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, op,
-              ": `cache_seqlens` must be int32, got ", cache_seqlens.scalar_type());
-  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, op,
-              ": `cache_seqlens` must have shape (", B, ",) (one length per batch), got ",
-              cache_seqlens.sizes());
-  TORCH_CHECK(cache_seqlens.stride(0) == 1 || B <= 1, op,
-              ": `cache_seqlens` must be contiguous, got stride ", cache_seqlens.stride(0));
-  TORCH_CHECK(std::isfinite(scale), op, ": `scale` must be finite, got ", scale);
-  TORCH_CHECK(num_splits >= 0, op, ": `num_splits` must be >= 0 (0 = heuristic), got ",
-              num_splits);
+  FA_CHECK(cache_seqlens.scalar_type() == at::kInt, op,
+           ": `cache_seqlens` must be int32, got ", cache_seqlens.scalar_type());
+  FA_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, op,
+           ": `cache_seqlens` must have shape (", B, ",) (one length per batch), got ",
+           cache_seqlens.sizes());
+  FA_CHECK(cache_seqlens.stride(0) == 1 || B <= 1, op,
+           ": `cache_seqlens` must be contiguous, got stride ", cache_seqlens.stride(0));
+  FA_CHECK(std::isfinite(scale), op, ": `scale` must be finite, got ", scale);
+  FA_CHECK(num_splits >= 0, op, ": `num_splits` must be >= 0 (0 = heuristic), got ",
+           num_splits);
   const int64_t M = (H / Hkv) * Sq;
   constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
   // S_max <= 2^30: the kernel's int key arithmetic (chunk ends, start + per_split * step)
   // stays far from overflow.
-  TORCH_CHECK(S_max <= (int64_t{1} << 30) && B * Hkv <= kIntMax && M <= 8 * int64_t{65535}, op,
-              ": sizes out of range (S_max <= 2^30, B * Hkv < 2^31, (H / Hkv) * Sq <= 524280), "
-              "got q ", q.sizes(), ", k_cache ", k_cache.sizes());
+  FA_CHECK(S_max <= (int64_t{1} << 30) && B * Hkv <= kIntMax && M <= 8 * int64_t{65535}, op,
+           ": sizes out of range (S_max <= 2^30, B * Hkv < 2^31, (H / Hkv) * Sq <= 524280), "
+           "got q ", q.sizes(), ", k_cache ", k_cache.sizes());
 
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t splits =

@@ -488,7 +488,7 @@ void dispatch_float_types(at::ScalarType dtype, const char* op, F&& f) {
       f(TypeTag<__nv_bfloat16>{});
       break;
     default:
-      TORCH_CHECK(false, op, ": unsupported logits dtype ", dtype);
+      FA_CHECK(false, op, ": unsupported logits dtype ", dtype);
   }
 }
 

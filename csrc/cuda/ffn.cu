@@ -48,8 +48,8 @@ Act parse_activation(const std::string& name) {
   if (name == "relu") return Act::kRelu;
   if (name == "relu2") return Act::kRelu2;
   if (name == "silu") return Act::kSilu;
-  TORCH_CHECK(false, "fastattn._cuda: unknown activation '", name,
-              "'; valid: gelu, gelu_tanh, relu, relu2, silu");
+  FA_CHECK(false, "fastattn._cuda: unknown activation '", name,
+           "'; valid: gelu, gelu_tanh, relu, relu2, silu");
 }
 
 // s = sigmoid(x); one_minus = 1 - s, as e^-x s where s > 1/2 (no cancellation). x < -88.7:
@@ -236,8 +236,8 @@ void dispatch(const std::string& activation, const at::Tensor* const (&in)[Arity
     case at::kHalf: return with_act(__half{});
     case at::kBFloat16: return with_act(__nv_bfloat16{});
     default:
-      TORCH_CHECK(false, "fastattn._cuda: FFN kernels take float32, float16 or bfloat16, got ",
-                  in[0]->scalar_type());
+      FA_CHECK(false, "fastattn._cuda: FFN kernels take float32, float16 or bfloat16, got ",
+               in[0]->scalar_type());
   }
 }
 

@@ -1,6 +1,6 @@
 // CUDA kernels of the total gradient norm and the clipping scale: grad_norm, scale_grads_.
 // Math and conventions: fastattn/ops/grad_norm/reference.py. Inputs are validated here with
-// TORCH_CHECK (bindings.cpp only forwards), so the binding file gains just its m.def lines.
+// FA_CHECK (bindings.cpp only forwards), so the binding file gains just its m.def lines.
 //
 // Multi-tensor apply: every tensor is cut into chunks of kChunk elements; a launch takes a
 // table of up to kMaxTensors tensor pointers and kMaxBlocks (tensor, chunk) entries, passed by
@@ -227,25 +227,25 @@ int64_t count_chunks(const std::vector<at::Tensor>& tensors) {
 }
 
 void check_list(const std::vector<at::Tensor>& tensors, const char* op) {
-  TORCH_CHECK(!tensors.empty(), op, ": tensors must not be empty");
+  FA_CHECK(!tensors.empty(), op, ": tensors must not be empty");
   const at::Tensor& t0 = tensors[0];
-  TORCH_CHECK(t0.defined() && t0.is_cuda(), op, ": tensors[0] must be a CUDA tensor");
+  FA_CHECK(t0.defined() && t0.is_cuda(), op, ": tensors[0] must be a CUDA tensor");
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is an undefined tensor");
-    TORCH_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] must be dense (strided), "
-                "got layout ", t.layout());
-    TORCH_CHECK(t.device() == t0.device(), op, ": tensors[", i, "] is on ", t.device(),
-                ", tensors[0] on ", t0.device(), ": one device per call");
+    FA_CHECK(t.defined(), op, ": tensors[", i, "] is an undefined tensor");
+    FA_CHECK(t.layout() == at::kStrided, op, ": tensors[", i, "] must be dense (strided), "
+             "got layout ", t.layout());
+    FA_CHECK(t.device() == t0.device(), op, ": tensors[", i, "] is on ", t.device(),
+             ", tensors[0] on ", t0.device(), ": one device per call");
     const auto dt = t.scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": tensors[", i,
-                "] must be float32, float16 or bfloat16, got ", dt);
-    TORCH_CHECK(dt == t0.scalar_type(), op, ": all tensors must share one dtype (tensors[0] is ",
-                t0.scalar_type(), "), tensors[", i, "] is ", dt);
-    TORCH_CHECK(t.is_contiguous(), op, ": tensors[", i, "] must be contiguous, got strides ",
-                t.strides());
-    TORCH_CHECK((t.numel() + kChunk - 1) / kChunk < (int64_t(1) << 31), op, ": tensors[", i,
-                "] is too large (", t.numel(), " elements)");
+    FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": tensors[", i,
+             "] must be float32, float16 or bfloat16, got ", dt);
+    FA_CHECK(dt == t0.scalar_type(), op, ": all tensors must share one dtype (tensors[0] is ",
+             t0.scalar_type(), "), tensors[", i, "] is ", dt);
+    FA_CHECK(t.is_contiguous(), op, ": tensors[", i, "] must be contiguous, got strides ",
+             t.strides());
+    FA_CHECK((t.numel() + kChunk - 1) / kChunk < (int64_t(1) << 31), op, ": tensors[", i,
+             "] is too large (", t.numel(), " elements)");
   }
 }
 
@@ -276,8 +276,8 @@ void launch_scale(const std::vector<at::Tensor>& tensors, const float* norm, flo
 at::Tensor grad_norm_cuda(const std::vector<at::Tensor>& tensors, double norm_type) {
   check_list(tensors, "grad_norm");
   const bool inf_norm = std::isinf(norm_type) && norm_type > 0;
-  TORCH_CHECK(inf_norm || norm_type == 2.0, "grad_norm: the CUDA kernel supports norm_type 2 "
-              "and inf, got ", norm_type, " (other p run the reference)");
+  FA_CHECK(inf_norm || norm_type == 2.0, "grad_norm: the CUDA kernel supports norm_type 2 "
+           "and inf, got ", norm_type, " (other p run the reference)");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto opts = tensors[0].options().dtype(at::kFloat);
@@ -309,7 +309,7 @@ void scale_grads_cuda(const std::vector<at::Tensor>& tensors, double max_norm,
                       const at::Tensor& total_norm) {
   if (tensors.empty()) return;
   check_list(tensors, "scale_grads_");
-  TORCH_CHECK(total_norm.defined() && total_norm.device() == tensors[0].device() &&
+  FA_CHECK(total_norm.defined() && total_norm.device() == tensors[0].device() &&
                   total_norm.scalar_type() == at::kFloat && total_norm.numel() == 1,
               "scale_grads_: total_norm must be a float32 one-element tensor on ",
               tensors[0].device());

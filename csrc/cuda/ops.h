@@ -6,6 +6,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "../check.h"
+
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -60,7 +62,7 @@ void adam_step_cuda(const AdamLists& tensors, const at::Tensor& step, const at::
                     const std::optional<at::Tensor>& found_inf);
 
 // ---- total gradient norm and clipping (csrc/cuda/grad_norm.cu); math in
-// fastattn/ops/grad_norm/reference.py. Validated in grad_norm.cu (TORCH_CHECK): tensors
+// fastattn/ops/grad_norm/reference.py. Validated in grad_norm.cu (FA_CHECK): tensors
 // non-empty, contiguous, one device and one dtype (fp32/fp16/bf16). grad_norm_cuda: norm_type 2
 // or inf, returns a float32 0-dim device tensor (bitwise reproducible). scale_grads_cuda:
 // tensors *= min(max_norm / (total_norm + 1e-6), 1) in place, total_norm a float32
@@ -71,7 +73,7 @@ void scale_grads_cuda(const std::vector<at::Tensor>& tensors, double max_norm,
 
 // ---- FFN elementwise kernels (csrc/cuda/ffn.cu); contract: the FFN kernel spec. Every tensor
 // (T, F) contiguous, one dtype (fp32/fp16/bf16), one device; outputs are distinct fresh tensors
-// shaped like the inputs. activation: gelu, gelu_tanh, relu, relu2 or silu (else TORCH_CHECK).
+// shaped like the inputs. activation: gelu, gelu_tanh, relu, relu2 or silu (else FA_CHECK).
 void act_fwd_cuda(const at::Tensor& h, const std::string& activation,
                   const at::Tensor& a);  // a = act(h)
 // dh = da * act'(h), a = act(h)

@@ -179,6 +179,28 @@ def test_cpu_errors(cpu_mod):
             cpu_mod.act_fwd(torch.randn(2, 2, device="cuda"), "gelu")
 
 
+def test_cpu_error_messages_format_numbers(cpu_mod):
+    """The extensions build their check messages without iostreams (csrc/check.h: streaming a
+    number crashed the H200 builds); integers, shapes, dtypes and floats read as TORCH_CHECK
+    would have printed them."""
+    x = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match=r"h must be 2-D \(T, F\), got shape \[24\]"):
+        cpu_mod.act_fwd(x.reshape(-1), "gelu")
+    with pytest.raises(RuntimeError, match=r"got strides \[1, 6\]"):
+        cpu_mod.act_fwd(x.t(), "gelu")
+    target = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(RuntimeError, match=r"target must have shape \(4,\), got \[3\]"):
+        cpu_mod.cross_entropy_fwd(x, target, None, None, None, -100, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"must have dtype Long, got Int"):
+        cpu_mod.cross_entropy_fwd(x, target.int(), None, None, None, -100, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"label_smoothing must be in \[0, 1\], got 1\.5$"):
+        cpu_mod.cross_entropy_fwd(x, torch.zeros(4, dtype=torch.long), None, None, None, -100,
+                                  1.5, 0.0)
+    with pytest.raises(RuntimeError, match=r"z_loss must be finite, got inf$"):
+        cpu_mod.cross_entropy_fwd(x, torch.zeros(4, dtype=torch.long), None, None, None, -100,
+                                  0.0, float("inf"))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("i", range(len(_bad_calls(None, "cpu"))),
                          ids=[m for _, m in _bad_calls(None, "cpu")])
