@@ -9,7 +9,7 @@ of elements (12 bytes each: a and b read, a written in place, as the step writes
 ATen's vectorised loop on the same threads): a step moving its 28 bytes at that rate or faster
 is memory bound, and no kernel can then be much faster than another. The
 per-round ratio is taken inside each round (both steps a few ms apart), which cancels most of
-the drift a shared machine has between rounds.
+the drift a shared machine has between rounds; the order within a round rotates.
 """
 
 import argparse
@@ -48,8 +48,10 @@ def main() -> None:
     for f in fns.values():
         f(), f()
     times = {k: [] for k in fns}
-    for _ in range(args.rounds):
-        for k, f in fns.items():
+    order = list(fns)
+    for r in range(args.rounds):
+        for k in order[r % 3:] + order[:r % 3]:  # each op leads a third of the rounds
+            f = fns[k]
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)

@@ -67,8 +67,8 @@ def cpu_cflags() -> list[str]:
     # -fno-trapping-math (clang's default; results are unchanged, only FP exception flags are
     # not honoured) lets GCC if-convert selects whose arms do float arithmetic, e.g. the
     # branch-free float16 <-> float32 conversions: without it those loops do not vectorise
-    # below AVX-512 (measured 6-10x slower on AVX2). -fno-math-errno (clang's default on most
-    # targets; results unchanged, nothing here reads errno) lets sqrtf become the vector sqrt
+    # below AVX-512 (measured 6-10x slower on AVX2). -fno-math-errno (clang's default on macOS and
+    # the BSDs; results unchanged, nothing here reads errno) lets sqrtf become the vector sqrt
     # instruction: with errno GCC guards each call with a branch to libm, which keeps a loop
     # scalar (the CPU AdamW step used an arithmetic sqrt instead: 1.4x slower on one thread).
     # No -march: ISA-specific code paths are chosen at run time (target_clones), so the build

@@ -3,8 +3,11 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("args, expect", [
@@ -17,7 +20,7 @@ import pytest
 ])
 def test_script_runs(args, expect):
     proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     for word in expect:
         assert word in proc.stdout, (word, proc.stdout)

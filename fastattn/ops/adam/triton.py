@@ -16,9 +16,11 @@ where 1 - powf(beta2, t) would lose 4-5 digits to cancellation. A nonzero found_
 every load and store off, so the step then moves no memory beyond the flag itself.
 
 The element math uses the correctly rounded sqrt and divisions (sqrt_rn, div_rn), as the CUDA
-kernel gets them from nvcc's defaults and torch's kernels from theirs: Triton's `/` and
-tl.sqrt lower to approximate PTX (div.full.f32, sqrt.approx.f32, up to 2 ulp) on NVIDIA GPUs.
-They add a few instructions per element to a memory-bound kernel (not yet timed on a GPU).
+kernel gets them from nvcc's defaults: Triton's `/` and tl.sqrt lower to approximate PTX
+(div.full.f32, sqrt.approx.f32, up to 2 ulp) on NVIDIA GPUs. This removes one source of
+rounding differences from torch's kernels, not all: the operation order differs from torch's
+CUDA step, so results are not bit-identical to it. Cost on an H200 (triton 3.6, 64M fp32
+params): ~2% (0.453 -> 0.462 ms), measured once.
 """
 
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
