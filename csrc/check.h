@@ -1,15 +1,15 @@
 // FA_CHECK(cond, parts...): TORCH_CHECK whose message is assembled without iostreams.
 //
-// Why: on the first two H200 machines (Ubuntu 24.04, its system Python 3.12 and g++ 13.3,
-// torch 2.11 from pip) every argument check of both extensions that put a number into its
-// message crashed the process (SIGSEGV) instead of raising; checks with only strings and dtypes
-// raised cleanly. The backtrace (benchmarks/results/gpu-h200-2026-11-29-1914/check_crash.log)
-// ends in std::basic_ostream::_M_insert<long> -- the num_put facet lookup of the
-// std::ostringstream that c10::str builds -- inside the extension itself, which on that machine
-// was linked without a libstdc++.so dependency. Until that build is understood, no message of
-// ours goes through an ostream: numbers are formatted with std::to_string / snprintf and the
-// parts joined into one std::string, which c10::str passes through untouched. The message
-// text is the one TORCH_CHECK would have made (shapes as "[4, 6]", doubles as "%g").
+// Why: on the two H200 machines so far (g++ 13.3 of Ubuntu 24.04, Python 3.12.3, torch 2.11
+// from pip) argument checks of both extensions that put a number into their message crashed
+// the process (SIGSEGV) instead of raising; checks with only strings and dtypes raised cleanly.
+// The backtrace (benchmarks/results/gpu-h200-2026-11-29-1914/check_crash.log) ends in
+// std::basic_ostream::_M_insert<long> (presumably the num_put facet lookup of the
+// std::ostringstream that c10::str builds) inside the extension itself, which on that machine
+// showed no libstdc++.so in ldd. Until that build is understood, no message of ours goes
+// through an ostream: numbers are formatted with std::to_string / snprintf and the parts joined
+// into one std::string, which c10::str passes through untouched. The message text is the one
+// TORCH_CHECK would have made (shapes as "[4, 6]", doubles as "%g").
 //
 // Every argument type must have a put() below: there is deliberately no generic fallback.
 
