@@ -19,8 +19,7 @@ The element math uses the correctly rounded sqrt and divisions (sqrt_rn, div_rn)
 kernel gets them from nvcc's defaults: Triton's `/` and tl.sqrt lower to approximate PTX
 (div.full.f32, sqrt.approx.f32, up to 2 ulp) on NVIDIA GPUs. This removes one source of
 rounding differences from torch's kernels, not all: the operation order differs from torch's
-CUDA step, so results are not bit-identical to it. Cost on an H200 (triton 3.6, 64M fp32
-params): ~2% (0.453 -> 0.462 ms), measured once.
+CUDA step, so results are not bit-identical to it. Not yet timed by `make gpu-check`.
 """
 
 # No `from __future__ import annotations` here: it turns `tl.constexpr` annotations into
