@@ -6,7 +6,7 @@ export MAX_JOBS ?= 2
 # Several pytest/benchmark processes on 2 cores: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help venv build rebuild test test-oldest test-fast bench demo gpu-check gpu-train-check gpu-wheels clean
+.PHONY: help venv build rebuild test test-oldest test-fast bench demo gpu-check gpu-train-check gpu-wheels gpu-prebuild clean
 
 help:
 	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~12 min, torch vs fastattn side by side (DEMO_PPO=1: + reward model, PPO)"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench      CPU benchmarks against PyTorch (CSV + PNG under benchmarks/out/)"
 	@echo "make gpu-check  on a GPU machine: build CUDA, GPU tests, GPU op benchmarks, < 8 min (OUT=dir)"
 	@echo "make gpu-train-check  on a GPU machine: gpt2-124m training, DPO and GRPO steps, ~5 min"
+	@echo "make gpu-prebuild  build the extensions for the GPU machine here (py3.12, its torch)"
 	@echo "make gpu-wheels  download the wheels gpu-train-check needs offline into .whl/"
 
 $(VENV)/.deps: requirements-dev.txt
@@ -80,6 +81,21 @@ gpu-check:
 
 gpu-train-check:
 	$(GPU_ENV) bash benchmarks/gpu_check.sh --train
+
+# The extensions built here for the GPU machine (CPython 3.12, its torch 2.11.0+cu130, sm_90a),
+# with the stamp gpu_check.sh compares, so that a device call spends no time building (about
+# 4 of its minutes otherwise). Carry what it prints; gpu_check.sh rebuilds there if they do not
+# import. GPU_PYTHON: a python3.12 here; GPU_TORCH: the torch on the GPU machine.
+GPU_PYTHON ?= $(or $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12)),python3.12)
+GPU_TORCH ?= 2.11.0
+GPU_VENV = build/gpu-py312
+gpu-prebuild:
+	test -x $(GPU_VENV)/bin/python || $(GPU_PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q torch==$(GPU_TORCH) numpy ninja pybind11 setuptools wheel
+	FASTATTN_CUDA=1 FASTATTN_CUDA_ARCHS=9.0a $(GPU_VENV)/bin/python setup.py -q build_ext --inplace
+	strip --strip-debug fastattn/_C.cpython-312*.so fastattn/_cuda.cpython-312*.so
+	PYTHON=$(GPU_VENV)/bin/python FASTATTN_CUDA_ARCHS=9.0a bash benchmarks/gpu_check.sh --stamp > build/.gpu_check_built
+	@echo "carry: [\".whl\", \"build/.gpu_check_built\"$$(cd fastattn && for f in _C.cpython-312*.so _cuda.cpython-312*.so; do printf ', "fastattn/%s"' $$f; done)]"
 
 # The wheels gpu-train-check needs on an offline GPU machine (the BPE tokenizer, the default
 # corpus), for CPython 3.12 on x86-64 Linux, into .whl/ (git-ignored; ship it with the tree).

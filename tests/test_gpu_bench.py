@@ -67,6 +67,8 @@ def on_cpu(monkeypatch):
     monkeypatch.setattr(gpu_bench, "DTYPE", torch.float16)
     monkeypatch.setattr(gpu_bench, "bench_ms", lambda fn, rep_ms=400: (fn(), 1.0)[1])
     monkeypatch.setattr(gpu_bench, "peak_mb", lambda fn: 0.0)   # (torch.cuda memory stats)
+    monkeypatch.setattr(gpu_bench, "_held_after_forward_mb",
+                        lambda fn, x, params: (fn(x, *params), 0.0)[1])
     monkeypatch.setattr(torch, "compile", _eager_compile)
 
 
@@ -92,6 +94,9 @@ def test_case_group_runs(on_cpu, group, capsys):
     if group == "flex_attention":   # each row ran, or got as far as FlexAttention's CPU check
         assert {r.impl for r in results} <= {"flex_attention", CPU_FLEX_FAILURE}, results
         return
+    if group == "ffn":    # the activation memory each block keeps for backward, beside its time
+        assert all("saved MB" in r.extra for r in results
+                   if "fwd+bwd" in r.case and r.median_ms == r.median_ms), results
     cases = {r.case for r in results}
     timed = {r.case for r in results if r.median_ms == r.median_ms}
     assert cases == timed, f"{group}: cases with no successful row: {sorted(cases - timed)}"

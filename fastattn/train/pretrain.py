@@ -1105,10 +1105,14 @@ def run_bench_variants(names: list, run_one, label: str) -> list:
     results = []
     for name in names:
         print(f"{label}: {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         try:
             results.append(run_one(name))
         except Exception as e:      # noqa: BLE001 - one failing variant is a row
             results.append({"variant": name, "error": f"{type(e).__name__}: {e}"})
+        # as each variant ends: a run cut off by a time limit still says this much
+        print(f"{label}: {name} done in {time.perf_counter() - t0:.1f} s: "
+              f"{_variant_summary(results[-1])}", file=sys.stderr, flush=True)
     base = results[0]
     for r in results:
         if "error" in r or "error" in base:
@@ -1117,6 +1121,25 @@ def run_bench_variants(names: list, run_one, label: str) -> list:
         if r["peak_memory_bytes"] and base["peak_memory_bytes"]:
             r["memory_vs_baseline"] = r["peak_memory_bytes"] / base["peak_memory_bytes"]
     return results
+
+
+def _variant_summary(r: dict) -> str:
+    """One line of a variant's result (pretraining or alignment benchmark)."""
+    if "error" in r:
+        return f"failed: {r['error'][:300]}"
+    parts = []
+    if "step_time_median_s" in r:
+        parts.append(f"median step {1e3 * r['step_time_median_s']:.1f} ms")
+    if "tokens_per_s" in r:
+        parts.append(f"{r['tokens_per_s']:,.0f} tokens/s")
+    if "first_step_s" in r:
+        parts.append(f"first step {r['first_step_s']:.1f} s")
+    if isinstance(r.get("phase_time_median_s"), dict):
+        parts.append("phase ms: " + ", ".join(f"{k} {1e3 * v:.1f}"
+                                               for k, v in r["phase_time_median_s"].items()))
+    if r.get("peak_memory_bytes"):
+        parts.append(f"peak {r['peak_memory_bytes'] / 2**20:.0f} MB")
+    return "; ".join(parts) or "done"
 
 
 def _bench_child(args, name: str, out: Path) -> dict:

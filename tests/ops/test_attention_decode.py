@@ -243,3 +243,23 @@ def test_decode_cuda_rejects_bad_inputs(bad):
     make_args, match = _BAD_DECODE_CALLS[bad]
     with pytest.raises(RuntimeError, match=match):
         fn(*make_args(q, k, v, sl), 1.0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("s_max,expected", [(8192, "cuda"), (32768, "triton")])
+def test_auto_backend_picks_by_cache_length(monkeypatch, s_max, expected):
+    """Unasked, decode runs the CUDA kernel on short caches and the Triton one from 32768
+    positions (where it measured faster); the answer is the same either way."""
+    import fastattn
+    from fastattn.ops import attention as attn
+    if not fastattn.backends()["cuda"]:
+        pytest.skip("no CUDA extension")
+    ran = []
+    real = triton_decode.decode_fwd
+    monkeypatch.setattr(triton_decode, "decode_fwd", lambda *a: ran.append("triton") or real(*a))
+    q, k, v, sl = make_inputs(1, 4, 2, 1, 64, s_max, [s_max - 5], torch.bfloat16)
+    with fastattn.use_backend("auto"):
+        out = fastattn.decode_attention(q, k, v, sl)
+    assert (ran == ["triton"]) == (expected == "triton") and attn._TRITON_DECODE_FROM == 32768
+    ref, _ = decode_reference(*(t.double() for t in (q, k, v)), sl, 64 ** -0.5)
+    torch.testing.assert_close(out.double(), ref, atol=TOL[torch.bfloat16][0], rtol=0)

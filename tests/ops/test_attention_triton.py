@@ -571,3 +571,18 @@ def test_tma_errors_that_are_not_the_paths_own(monkeypatch):
 
     switch.launch(no_smem, ("d",), ("t",))
     assert calls == [True, False] and not switch.failed
+
+
+def test_fp32_runs_only_32x32_tiles():
+    """fp32 products ("ieee") have no tensor cores: each tl.dot unrolls into FMAs, and ptxas
+    takes ~4x longer on a 64 x 64 tile than on 32 x 32 (a GPU test once timed out compiling
+    one). The pruning keeps 32 x 32 for fp32 at every head dim, and the usual tiles otherwise."""
+    for kind in ("fwd", "dkdv", "dq"):
+        prune, configs = fa_triton._prune(kind), fa_triton._configs(kind)
+        for d in (16, 64, 128, 256):
+            shape = dict(BLOCK_D=d, SQ_BUCKET=4096, SK_BUCKET=4096)
+            fp32 = prune(configs, {}, **shape, PRECISION="ieee")
+            assert fp32 and {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in fp32} == {(32, 32)}
+            half = prune(configs, {}, **shape, PRECISION=None)
+            if d < 256:
+                assert (half[0].kwargs["BLOCK_M"], half[0].kwargs["BLOCK_N"]) != (32, 32)

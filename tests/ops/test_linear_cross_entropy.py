@@ -84,6 +84,10 @@ def test_default_chunk_bounds_memory():
     assert default_chunk_size(16384, 4096, 131072) == 512
     assert default_chunk_size(65536, 4096, 32000) == 8389
     assert default_chunk_size(10, 512, 32768) == 10
+    # on a GPU at least 2048 rows (the weight-gradient GEMM's accumulator traffic)
+    assert default_chunk_size(16384, 4096, 131072, "cuda") == 2048
+    assert default_chunk_size(65536, 4096, 32000, "cuda") == 8389
+    assert default_chunk_size(1000, 512, 32768, "cuda") == 1000
 
 
 def test_empty_tokens():
@@ -101,3 +105,6 @@ def test_gpu_bf16(backend):
     x, w, b, t = make(1024, 256, 8192, dtype=torch.bfloat16, device="cuda")
     with fastattn.use_backend(backend):
         compare(x, w, b, t, "mean", dtype=torch.bfloat16, chunk_size=256)
+        # the default chunk on a GPU: 2048 rows, 4 of them
+        x, w, b, t = make(8192, 128, 4096, dtype=torch.bfloat16, device="cuda")
+        compare(x, w, b, t, "mean", dtype=torch.bfloat16)

@@ -199,3 +199,34 @@ def test_no_host_sync(backend, norm_type):
             torch.cuda.set_sync_debug_mode(0)
     ref = torch.nn.utils.clip_grad_norm_(ref_params, 1.0, norm_type)
     _compare(ours, ref, params, ref_params, f"{backend} no-sync")
+
+
+def test_triton_chunk_table_covers_every_element_once():
+    """The Triton kernels' (start, length) table, built with vectorised ops, against the plain
+    per-chunk loop it replaces: views of one buffer at odd offsets, sizes around CHUNK, an
+    empty tensor among them (offsets are element counts from the first live tensor)."""
+    from fastattn.ops.grad_norm import triton as gn_triton
+    chunk = gn_triton.CHUNK
+    flat = torch.zeros(8 * chunk)
+    cuts = [(5 * chunk, 3), (0, chunk), (chunk + 3, 0), (chunk + 17, chunk + 1),
+            (3 * chunk + 32, 2 * chunk - 40), (7 * chunk, 1)]
+    tensors = [flat[s:s + n] for s, n in cuts]
+    base, table, aligned = gn_triton._chunk_table(tensors)
+    assert base is tensors[0] and not aligned            # CHUNK + 17 - 5 * CHUNK: not 16k
+    expected = [(s - cuts[0][0] + b, min(chunk, n - b)) for s, n in cuts for b in range(0, n, chunk)]
+    assert table.tolist() == [list(r) for r in expected]
+    covered = torch.zeros_like(flat, dtype=torch.int64)
+    for start, length in table.tolist():
+        covered[cuts[0][0] + start:cuts[0][0] + start + length] += 1
+    want = torch.zeros_like(covered)
+    for s, n in cuts:
+        want[s:s + n] = 1
+    assert torch.equal(covered, want)
+    again = gn_triton._chunk_table([flat[s:s + n] for s, n in cuts])  # same buffers: remembered
+    assert again[1] is table
+    flat2 = flat.clone()                                 # same sizes elsewhere: a new table
+    moved = gn_triton._chunk_table([flat2[s:s + n] for s, n in cuts])
+    assert moved[1] is not table and torch.equal(moved[1], table)
+    assert gn_triton._chunk_table([flat[:0]]) == (None, None, False)
+    _, _, aligned = gn_triton._chunk_table([flat[16:48], flat[:16]])
+    assert aligned

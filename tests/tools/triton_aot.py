@@ -84,15 +84,18 @@ def attention_jobs(capability):
         ("fp16", 64, True, True, True, False, True),
         ("bf16", 80, False, False, False, True, False),
         ("fp16", 128, False, True, False, False, False),
-        ("fp16", 256, False, False, False, False, False),
+        ("fp32", 40, False, False, False, False, False),   # fp32: 32 x 32 tiles (attn._prune)
+        ("fp16", 256, False, False, False, False, False),  # last: the cases below reuse its flags
     ]
     for dt, d, bias, softcap, dropout, varlen, atomic in cases:
+        tile = 32 if dt == "fp32" else 64
         pointers = {n: "*" + dt for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
         pointers.update({"Bias": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32",
                          "CuK": "*i32", "DQAcc": "*fp32"})
         flags = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), HAS_BIAS=bias,
                      HAS_SOFTCAP=softcap, HAS_DROPOUT=dropout, IS_VARLEN=varlen, USE_TMA=False,
-                     ATOMIC_DQ=atomic, PRECISION="ieee" if dt == "fp32" else None, BLOCK_M=64, BLOCK_N=64)
+                     ATOMIC_DQ=atomic, PRECISION="ieee" if dt == "fp32" else None, BLOCK_M=tile,
+                     BLOCK_N=tile)
         for kernel in (attn._fwd_kernel, attn._bwd_dkdv_kernel, attn._bwd_dq_kernel):
             add(kernel, {**pointers, **_streamed_args(kernel, dt, d, flags, False)}, flags, f"{dt} d={d}")
         add(attn._bwd_preprocess, pointers, dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
@@ -113,10 +116,12 @@ def attention_jobs(capability):
             ("bf16", 128, 64, 64, 4, 2, False, False, True, True),
             ("bf16", 128, 64, 128, 8, 2, False, False, False, True),
             ("bf16", 256, 64, 32, 4, 2, False, False, False, False),
+            ("fp32", 64, 32, 32, 4, 1, False, False, False, False),
         ]
         for dt, d, bm, bn, warps, stages, softcap, dropout, varlen, atomic in tma_cases:
             tiles = dict(flags, HEAD_DIM=d, BLOCK_D=d, HAS_SOFTCAP=softcap, HAS_DROPOUT=dropout,
-                         IS_VARLEN=varlen, USE_TMA=True, ATOMIC_DQ=atomic, BLOCK_M=bm, BLOCK_N=bn)
+                         IS_VARLEN=varlen, USE_TMA=True, ATOMIC_DQ=atomic, BLOCK_M=bm, BLOCK_N=bn,
+                         PRECISION="ieee" if dt == "fp32" else None)
             ptrs = {**pointers, **{n: "*" + dt for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}}
             for kernel in (attn._fwd_kernel, attn._bwd_dkdv_kernel, attn._bwd_dq_kernel):
                 add(kernel, {**ptrs, **_streamed_args(kernel, dt, d, tiles, True)}, tiles,

@@ -832,8 +832,11 @@ def test_stage_bench(tmp_path, capsys, stage, isolate):
     if stage != "grpo":   # same weights, same synthetic batches: the same losses
         for x, y in zip(rows[0]["losses"], rows[1]["losses"]):
             assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
-    out = capsys.readouterr().out
-    assert "| policy_logprobs" in out and "| step" in out
+    captured = capsys.readouterr()
+    assert "| policy_logprobs" in captured.out and "| step" in captured.out
+    done = [x for x in captured.err.splitlines() if x.startswith(f"bench --stage {stage}: ")
+            and " done in " in x]
+    assert len(done) == 2 and all("phase ms: " in x for x in done), done
 
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "grpo"])

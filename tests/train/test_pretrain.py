@@ -246,8 +246,12 @@ def test_bench(tmp_path, cache, capsys):
     for x, y in zip(rows[0]["losses"], rows[1]["losses"]):
         assert x == pytest.approx(y, rel=1e-4)
     assert (tmp_path / "bench.png").stat().st_size > 0
-    assert "| fastattn" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "| fastattn" in captured.out
     assert "| torch eager" in format_bench_table(report)
+    # each variant's line as it ends (what a run cut off by a time limit still leaves)
+    line = next(x for x in captured.err.splitlines() if x.startswith("bench: fastattn done in"))
+    assert f"median step {1e3 * rows[1]['step_time_median_s']:.1f} ms" in line and "peak" in line
 
 
 def _torchrun(out, cache, dist, *extra):

@@ -359,18 +359,29 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 # Chunked linear + loss: the (tokens x vocab) logits exist one chunk at a time
 # --------------------------------------------------------------------------------------------
 
-def default_chunk_size(n_tokens: int, hidden: int, vocab: int) -> int:
+# Fewest rows per chunk (see default_chunk_size). GPUs need more: an H200 does ~660 TFLOP/s
+# against ~4.2 TB/s (157 FLOP/byte), and the weight-gradient GEMM of a chunk of r rows does
+# 2r FLOPs per accumulator element against its 8 bytes of fp32 read and write. At 512 rows the
+# first H200 run (2026-11-29, vocab 131072, hidden 4096, 16384 tokens) took 110 ms against
+# torch.compile's 82; 32 chunks x 4 GiB of accumulator traffic take ~32 ms at that bandwidth,
+# about the size of the gap (a model, not yet a measurement). 2048 rows cut that traffic by 4
+# (logits chunk: 512 MB in bf16 at that vocab).
+MIN_CHUNK_ROWS = {"cpu": 512, "cuda": 2048}
+
+
+def default_chunk_size(n_tokens: int, hidden: int, vocab: int, device: str = "cpu") -> int:
     """Rows per chunk: a chunk of logits about as large as the hidden states themselves
-    (chunk * vocab ~= tokens * hidden), and never fewer than 512 rows.
+    (chunk * vocab ~= tokens * hidden), and never fewer than ``MIN_CHUNK_ROWS[device]`` rows
+    (512 on CPUs, 2048 on GPUs).
 
     The floor is set by the weight gradient: every chunk adds dlogits^T x into the whole
-    (vocab, hidden) fp32 accumulator, 8 bytes of traffic per element, against 6 * chunk FLOPs
-    per element for the chunk's three matmuls. At 512 rows that is 384 FLOP/byte, compute-bound
-    on CPUs and GPUs alike; at 64 rows the accumulator traffic dominates (measured 2.5x slower
-    on the CPU benchmark shape).
+    (vocab, hidden) fp32 accumulator, 8 bytes of traffic per element, against 2 * chunk FLOPs
+    per element for that GEMM. At 64 rows the accumulator traffic dominates (measured 2.5x
+    slower on the CPU benchmark shape); GPUs need more rows than CPUs (MIN_CHUNK_ROWS).
     """
     rows = math.ceil(n_tokens * hidden / max(vocab, 1))
-    return max(1, min(n_tokens, max(512, rows)))
+    floor = MIN_CHUNK_ROWS.get(device, MIN_CHUNK_ROWS["cuda"])
+    return max(1, min(n_tokens, max(floor, rows)))
 
 
 def _accumulate_weight_grad(acc: Tensor, dlogits: Tensor, x: Tensor) -> None:
@@ -558,7 +569,8 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
     x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     n_tokens = x2.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(n_tokens, weight.shape[1], weight.shape[0])
+        chunk_size = default_chunk_size(n_tokens, weight.shape[1], weight.shape[0],
+                                        weight.device.type)
     elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
     return x2, target.reshape(-1).contiguous(), max(1, min(chunk_size, max(n_tokens, 1)))
@@ -572,7 +584,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
 
     ``input`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``, ``target`` ``input.shape[:-1]``.
     The tokens are processed ``chunk_size`` rows at a time (default: a chunk of logits about the
-    size of ``input``): each chunk's logits are turned into their gradient in place by the fused
+    size of ``input``, at least 512 rows on CPUs and 2048 on GPUs): each chunk's logits are turned into their gradient in place by the fused
     kernel, then ``d input`` and ``d weight`` (accumulated in float32) are taken from it, so for
     ``"mean"``/``"sum"`` the gradients are ready after the forward and backward only scales them.
     ``"none"`` recomputes the chunks in backward (its per-token grad_output is not known before).

@@ -140,23 +140,39 @@ def _check(tensors: List[Tensor], op: str) -> None:
 
 def _chunk_table(tensors: List[Tensor]):
     """(base tensor, int64 (n_chunks, 2) table on the device, whether every chunk start is a
-    multiple of 16 elements from a 16-byte aligned base), or (None, None, False) if all empty."""
+    multiple of 16 elements from a 16-byte aligned base), or (None, None, False) if all empty.
+
+    Built with a few vectorised CPU ops: a Python loop over the chunks (16K of them for 1B
+    elements) cost ~15 ms a call, which made the whole op host-bound (H200, 2026-11-29: 33 ms
+    against 3.6 ms for the CUDA kernel, the same for fp32 and bf16)."""
     live = [t for t in tensors if t.numel() > 0]
     if not live:
         return None, None, False
     base = live[0]
+    # One entry of memory: clip_grad_norm_ asks for the norm's table, then the same one for
+    # the scale; and gradients that the allocator puts at the same addresses step after step
+    # get theirs back too (the table depends only on addresses, sizes and dtype).
+    key = (base.device, base.dtype, tuple((t.data_ptr(), t.numel()) for t in live))
+    if _last_table[0] == key:
+        return base, *_last_table[1:]
     size = base.element_size()
-    rows = []
-    aligned = base.data_ptr() % 16 == 0
-    for t in live:
-        off = (t.data_ptr() - base.data_ptr()) // size
-        aligned = aligned and off % 16 == 0
-        n = t.numel()
-        rows.extend((off + b, min(CHUNK, n - b)) for b in range(0, n, CHUNK))
-    table = torch.tensor(rows, dtype=torch.int64)
+    offsets = torch.tensor([(t.data_ptr() - base.data_ptr()) // size for t in live],
+                           dtype=torch.int64)
+    numels = torch.tensor([t.numel() for t in live], dtype=torch.int64)
+    aligned = base.data_ptr() % 16 == 0 and bool((offsets % 16 == 0).all())
+    counts = (numels + CHUNK - 1) // CHUNK
+    owner = torch.repeat_interleave(torch.arange(len(live)), counts)
+    first = torch.cumsum(counts, 0) - counts              # each tensor's first chunk row
+    within = (torch.arange(owner.numel()) - first[owner]) * CHUNK   # element offset in its tensor
+    table = torch.stack((offsets[owner] + within,
+                         torch.clamp(numels[owner] - within, max=CHUNK)), 1)
     if base.device.type == "cuda":
         table = table.pin_memory().to(base.device, non_blocking=True)
+    _last_table[:] = [key, table, aligned]
     return base, table, aligned
+
+
+_last_table: list = [None, None, False]   # [key, table, aligned] of the last _chunk_table
 
 
 def grad_norm(tensors: List[Tensor], norm_type: float) -> Tensor:
