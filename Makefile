@@ -94,7 +94,8 @@ gpu-prebuild:
 	$(GPU_VENV)/bin/python -m pip install -q torch==$(GPU_TORCH) numpy ninja pybind11 setuptools wheel
 	FASTATTN_CUDA=1 FASTATTN_CUDA_ARCHS=9.0a $(GPU_VENV)/bin/python setup.py -q build_ext --inplace
 	strip --strip-debug fastattn/_C.cpython-312*.so fastattn/_cuda.cpython-312*.so
-	PYTHON=$(GPU_VENV)/bin/python FASTATTN_CUDA_ARCHS=9.0a bash benchmarks/gpu_check.sh --stamp > build/.gpu_check_built
+	PYTHON=$(GPU_VENV)/bin/python FASTATTN_CUDA_ARCHS=9.0a bash benchmarks/gpu_check.sh --stamp > build/.gpu_check_built.tmp
+	mv build/.gpu_check_built.tmp build/.gpu_check_built
 	@echo "carry: [\".whl\", \"build/.gpu_check_built\"$$(cd fastattn && for f in _C.cpython-312*.so _cuda.cpython-312*.so; do printf ', "fastattn/%s"' $$f; done)]"
 
 # The wheels gpu-train-check needs on an offline GPU machine (the BPE tokenizer, the default

@@ -149,7 +149,8 @@ def clip_grad_norm_cases(results, total=1 << 30, n_tensors=200, compiled=False):
     """clip_grad_norm_ (2-norm, clipping) over ~1B fp32 and bf16 grads in n_tensors tensors of
     mixed sizes. Bytes per element: 3 x element size (the norm reads the grad; the scale reads
     and writes it). The grads are reused: after the first call the coefficient is ~1, the
-    traffic the same. ``compiled``: only torch.compile of torch's clip_grad_norm_."""
+    traffic the same, and the Triton kernels find their chunk table already built (as within a
+    training step's norm and scale). ``compiled``: only torch.compile of torch's clip_grad_norm_."""
     g = torch.Generator(device=DEVICE).manual_seed(1)
     weights = torch.rand(n_tensors, generator=g, device=DEVICE) + 0.1
     sizes = (weights / weights.sum() * total).long().clamp(min=1).tolist()

@@ -14,14 +14,20 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 export FASTATTN_CUDA=1 FASTATTN_CUDA_ARCHS="${FASTATTN_CUDA_ARCHS:-9.0a}"
-# What a build depends on: the sources, the architectures, the torch. The stamp of the last
-# build is kept in build/.gpu_check_built; `make gpu-prebuild` writes it beside extensions
-# built on another machine for the GPU machine's python and torch (--stamp prints it).
+# What a build depends on (the sources, the architectures, the torch) and what it made (the
+# two extension files of this python). The stamp of the last build is kept in
+# build/.gpu_check_built; `make gpu-prebuild` writes it beside extensions built on another
+# machine for the GPU machine's python and torch (--stamp prints it).
 build_stamp() {
-  echo "$(cat setup.py pyproject.toml fastattn/_buildinfo.py $(find csrc -type f | LC_ALL=C sort) \
-    | sha1sum | cut -d' ' -f1) $FASTATTN_CUDA_ARCHS $($PY -c 'import torch; print(torch.__version__)')"
+  local torch_v ext sources so
+  torch_v="$($PY -c 'import torch; print(torch.__version__)')" || return 1
+  ext="$($PY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')" || return 1
+  sources="$(cat setup.py pyproject.toml fastattn/_buildinfo.py $(find csrc -type f | LC_ALL=C sort) \
+    | sha1sum | cut -d' ' -f1)"
+  so="$(cat "fastattn/_C$ext" "fastattn/_cuda$ext" 2>/dev/null | sha1sum | cut -d' ' -f1)"
+  printf '%s %s %s\nextensions %s\n' "$sources" "$FASTATTN_CUDA_ARCHS" "$torch_v" "$so"
 }
-[ "${1:-}" = "--stamp" ] && { build_stamp; exit; }
+[ "${1:-}" = "--stamp" ] && { build_stamp || { echo "gpu_check.sh --stamp: no torch for $PY" >&2; exit 1; }; exit 0; }
 mode=ops; [ "${1:-}" = "--train" ] && mode=train
 OUT="${OUT:-benchmarks/out/gpu}"
 mkdir -p "$OUT"
@@ -52,13 +58,20 @@ stamp "build (FASTATTN_CUDA_ARCHS=$FASTATTN_CUDA_ARCHS)"
 # build is skipped when extensions of the same stamp are there and import: a second call on a
 # still-warm machine (make gpu-train-check right after make gpu-check), or extensions built
 # elsewhere by `make gpu-prebuild` and shipped with the tree.
-src_hash="$(build_stamp)"
 built_stamp=build/.gpu_check_built
-if [ -f "$built_stamp" ] && [ "$(cat "$built_stamp")" = "$src_hash" ] \
-    && $PY -c "import fastattn._cuda, fastattn._C" >"$OUT/build.log" 2>&1; then
-  echo "  up to date: extensions of this stamp are here and import; not rebuilt" | tee -a "$OUT/build.log"
-elif timeout 240 $PY -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1; then
-  mkdir -p build && echo "$src_hash" > "$built_stamp"
+why_build="no build/.gpu_check_built"
+if [ -f "$built_stamp" ]; then
+  why_build="the stamp differs (sources, archs, torch or the extension files)"
+  if [ "$(cat "$built_stamp")" = "$(build_stamp)" ]; then
+    why_build="the extensions do not import (build_import.log)"
+    $PY -c "import fastattn._cuda, fastattn._C" >"$OUT/build_import.log" 2>&1 && why_build=""
+  fi
+fi
+if [ -z "$why_build" ]; then
+  echo "  up to date: extensions of this stamp are here and import; not rebuilt" | tee "$OUT/build.log"
+elif echo "  building: $why_build" \
+    && timeout 240 $PY -m pip install --no-build-isolation --no-deps --no-index -e . >"$OUT/build.log" 2>&1; then
+  mkdir -p build && build_stamp > "$built_stamp"
 else
   # Keep going without the CUDA extension: the Triton kernels and everything else still get
   # tested and timed, and the log says what did not compile.

@@ -90,6 +90,20 @@ def test_default_chunk_bounds_memory():
     assert default_chunk_size(1000, 512, 32768, "cuda") == 1000
 
 
+def test_default_chunk_follows_the_device(monkeypatch):
+    """linear_cross_entropy and linear_token_logprobs ask for the default chunk of their
+    weight's device type (GPUs get a higher floor)."""
+    import fastattn.ops.cross_entropy as ce
+    asked = []
+    real = ce.default_chunk_size
+    monkeypatch.setattr(ce, "default_chunk_size", lambda *a: asked.append(a) or real(*a))
+    x, w, b, t = make(6, 8, 16)
+    fastattn.linear_cross_entropy(x, w, t, b)
+    fastattn.linear_token_logprobs(x, w, t.clamp(min=0), b)
+    fastattn.linear_cross_entropy(x, w, t, b, chunk_size=3)      # given: not asked
+    assert asked == [(6, 8, 16, "cpu")] * 2
+
+
 def test_empty_tokens():
     x, w, b, _ = make(0, 8, 30)
     t = torch.zeros(0, dtype=torch.long)
@@ -107,4 +121,5 @@ def test_gpu_bf16(backend):
         compare(x, w, b, t, "mean", dtype=torch.bfloat16, chunk_size=256)
         # the default chunk on a GPU: 2048 rows, 4 of them
         x, w, b, t = make(8192, 128, 4096, dtype=torch.bfloat16, device="cuda")
+        assert default_chunk_size(8192, 128, 4096, "cuda") == 2048
         compare(x, w, b, t, "mean", dtype=torch.bfloat16)

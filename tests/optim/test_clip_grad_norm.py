@@ -227,6 +227,11 @@ def test_triton_chunk_table_covers_every_element_once():
     flat2 = flat.clone()                                 # same sizes elsewhere: a new table
     moved = gn_triton._chunk_table([flat2[s:s + n] for s, n in cuts])
     assert moved[1] is not table and torch.equal(moved[1], table)
+    # two groups interleaved (each group's norm, then each group's scale) both get theirs back
+    group_b = [torch.zeros(3, dtype=torch.bfloat16), torch.zeros(5, dtype=torch.bfloat16)]
+    table_b = gn_triton._chunk_table(group_b)[1]
+    assert gn_triton._chunk_table([flat2[s:s + n] for s, n in cuts])[1] is moved[1]
+    assert gn_triton._chunk_table(group_b)[1] is table_b
     assert gn_triton._chunk_table([flat[:0]]) == (None, None, False)
     _, _, aligned = gn_triton._chunk_table([flat[16:48], flat[:16]])
     assert aligned

@@ -45,12 +45,21 @@ _DENSE_DTYPES = {"cpu": _FLOAT, "triton": _FLOAT}
 _DENSE_CUDA_ORDER = ("triton",)
 _DECODE_DTYPES = {"cpu": _FLOAT, "triton": _FLOAT, "cuda": _FLOAT}
 _DECODE_CUDA_ORDER = ("cuda", "triton")
-# ... except for long caches, where the Triton split-KV kernel reads faster. H200, bf16,
-# B=8, H=32/8, D=128, two runs (2026-11-29): cache 32768: Triton 89% and 91% of copy
+# ... except for long caches on Hopper, where the Triton split-KV kernel reads faster. H200,
+# bf16, B=8, H=32/8, D=128, two runs (2026-11-29): cache 32768: Triton 89% and 91% of copy
 # bandwidth, CUDA 65% both times; cache 8192: CUDA 52% both times, Triton 42% and 27%. The
-# cross-over between them is unmeasured; the cache buffer's length (S_max) decides, as the
-# valid lengths live on the device.
+# cross-over between them is unmeasured, and so are other GPUs (which keep CUDA); the cache
+# buffer's length (S_max) decides, as the valid lengths live on the device.
 _TRITON_DECODE_FROM = 32768
+_TRITON_DECODE_CAPABILITY = (9, 0)
+
+
+def _prefer_triton_decode(k_cache: Tensor) -> bool:
+    """Whether an unasked decode on this cache runs the Triton kernel instead of the CUDA one."""
+    return (_backends.requested() == "auto" and k_cache.shape[2] >= _TRITON_DECODE_FROM
+            and k_cache.is_cuda and not _backends._triton_interpret()
+            and torch.cuda.get_device_capability(k_cache.device) >= _TRITON_DECODE_CAPABILITY
+            and bool(_backends.status("triton")))
 
 
 def _impl(op: str, x: Tensor, dtypes, cuda_order) -> tuple[str, object]:
@@ -251,8 +260,7 @@ def _cuda_decode_supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Option
 def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                         scale: float, num_splits: int) -> tuple[Tensor, Tensor]:
     name, impl = _impl("decode_attention", q, _DECODE_DTYPES, _DECODE_CUDA_ORDER)
-    if (name == "cuda" and _backends.requested() == "auto"
-            and k_cache.shape[2] >= _TRITON_DECODE_FROM and _backends.status("triton")):
+    if name == "cuda" and _prefer_triton_decode(k_cache):
         name, impl = "triton", _backends.implementation("triton", _PKG)
     if q.numel() == 0 or k_cache.numel() == 0:
         return reference.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits)

@@ -366,7 +366,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
 # torch.compile's 82; 32 chunks x 4 GiB of accumulator traffic take ~32 ms at that bandwidth,
 # about the size of the gap (a model, not yet a measurement). 2048 rows cut that traffic by 4
 # (logits chunk: 512 MB in bf16 at that vocab).
-MIN_CHUNK_ROWS = {"cpu": 512, "cuda": 2048}
+MIN_CHUNK_ROWS = {"cpu": 512, "cuda": 2048}   # other accelerators: as CUDA
 
 
 def default_chunk_size(n_tokens: int, hidden: int, vocab: int, device: str = "cpu") -> int:
@@ -584,9 +584,10 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
 
     ``input`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``, ``target`` ``input.shape[:-1]``.
     The tokens are processed ``chunk_size`` rows at a time (default: a chunk of logits about the
-    size of ``input``, at least 512 rows on CPUs and 2048 on GPUs): each chunk's logits are turned into their gradient in place by the fused
-    kernel, then ``d input`` and ``d weight`` (accumulated in float32) are taken from it, so for
-    ``"mean"``/``"sum"`` the gradients are ready after the forward and backward only scales them.
+    size of ``input``, at least 512 rows on CPUs and 2048 on GPUs): each chunk's logits are
+    turned into their gradient in place by the fused kernel, then ``d input`` and ``d weight``
+    (accumulated in float32) are taken from it, so for ``"mean"``/``"sum"`` the gradients are
+    ready after the forward and backward only scales them.
     ``"none"`` recomputes the chunks in backward (its per-token grad_output is not known before).
     """
     fn = "linear_cross_entropy"

@@ -20,7 +20,9 @@ IEEE patterns order like magnitudes and NaN sorts above inf, so it propagates Na
 """
 
 # No `from __future__ import annotations`: it turns `tl.constexpr` annotations into strings.
+import collections
 import math
+import threading
 from typing import List
 
 import torch
@@ -144,35 +146,53 @@ def _chunk_table(tensors: List[Tensor]):
 
     Built with a few vectorised CPU ops: a Python loop over the chunks (16K of them for 1B
     elements) cost ~15 ms a call, which made the whole op host-bound (H200, 2026-11-29: 33 ms
-    against 3.6 ms for the CUDA kernel, the same for fp32 and bf16)."""
+    against 3.6 ms for the CUDA kernel, the same for fp32 and bf16). The last few tables are
+    kept (see _TABLES)."""
     live = [t for t in tensors if t.numel() > 0]
     if not live:
         return None, None, False
     base = live[0]
-    # One entry of memory: clip_grad_norm_ asks for the norm's table, then the same one for
-    # the scale; and gradients that the allocator puts at the same addresses step after step
-    # get theirs back too (the table depends only on addresses, sizes and dtype).
-    key = (base.device, base.dtype, tuple((t.data_ptr(), t.numel()) for t in live))
-    if _last_table[0] == key:
-        return base, *_last_table[1:]
+    device = base.device
+    cuda = device.type == "cuda"
+    capturing = cuda and torch.cuda.is_current_stream_capturing()
+    # The table depends only on the addresses, sizes and dtype; the stream is in the key so
+    # that a table copied on one stream is never read on another without ordering.
+    key = (device, base.dtype, torch.cuda.current_stream(device).cuda_stream if cuda else None,
+           tuple((t.data_ptr(), t.numel()) for t in live))
+    if not capturing:
+        with _TABLES_LOCK:
+            hit = _TABLES.get(key)
+            if hit is not None:
+                _TABLES.move_to_end(key)
+                return (base, *hit)
     size = base.element_size()
+    cpu = torch.device("cpu")   # whatever torch.set_default_device says
     offsets = torch.tensor([(t.data_ptr() - base.data_ptr()) // size for t in live],
-                           dtype=torch.int64)
-    numels = torch.tensor([t.numel() for t in live], dtype=torch.int64)
+                           dtype=torch.int64, device=cpu)
+    numels = torch.tensor([t.numel() for t in live], dtype=torch.int64, device=cpu)
     aligned = base.data_ptr() % 16 == 0 and bool((offsets % 16 == 0).all())
     counts = (numels + CHUNK - 1) // CHUNK
-    owner = torch.repeat_interleave(torch.arange(len(live)), counts)
+    owner = torch.repeat_interleave(torch.arange(len(live), device=cpu), counts)
     first = torch.cumsum(counts, 0) - counts              # each tensor's first chunk row
-    within = (torch.arange(owner.numel()) - first[owner]) * CHUNK   # element offset in its tensor
+    within = (torch.arange(owner.numel(), device=cpu) - first[owner]) * CHUNK  # offset in its tensor
     table = torch.stack((offsets[owner] + within,
                          torch.clamp(numels[owner] - within, max=CHUNK)), 1)
-    if base.device.type == "cuda":
-        table = table.pin_memory().to(base.device, non_blocking=True)
-    _last_table[:] = [key, table, aligned]
+    if cuda:
+        table = table.pin_memory().to(device, non_blocking=True)
+    if not capturing:  # a graph must own its table: none of these may be freed under it
+        with _TABLES_LOCK:
+            _TABLES[key] = (table, aligned)
+            while len(_TABLES) > _TABLES_KEPT:
+                _TABLES.popitem(last=False)
     return base, table, aligned
 
 
-_last_table: list = [None, None, False]   # [key, table, aligned] of the last _chunk_table
+# The last few chunk tables: clip_grad_norm_ asks for each (device, dtype) group's norm table,
+# then for the same tables for the scale; gradients the allocator puts at the same addresses
+# step after step get theirs back too. A few entries, not one: two groups interleave.
+_TABLES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_TABLES_KEPT = 4
+_TABLES_LOCK = threading.Lock()
 
 
 def grad_norm(tensors: List[Tensor], norm_type: float) -> Tensor:
