@@ -3,11 +3,19 @@
 // computed.
 //
 // Multi-tensor apply: the host cuts every tensor of the call into chunks of kChunk elements and
-// writes a table (tensor slot, chunk index) plus the tensors' pointers and sizes into a
-// by-value kernel argument (AdamBatch, < 4 KB, read through __grid_constant__ so dynamic
-// indexing does not copy it to local memory). One thread block per chunk. A call with more than
-// kMaxTensors tensors or kMaxChunks chunks is split into several launches; a tensor whose
-// chunks straddle two launches is listed in both.
+// writes the tensors' pointers, sizes and first block numbers into a by-value kernel argument
+// (AdamBatch, < 4 KB, read through __grid_constant__ so dynamic indexing does not copy it to
+// local memory). One thread block per chunk; a block finds its tensor by scanning the first
+// block numbers. A call with more than kMaxTensors tensors is split into launches
+// of kMaxTensors whole tensors each.
+//
+// Why no per-chunk table (apex's and torch's fused Adam layout, at most 320 chunks a launch):
+// on an H200 a launch of 320 blocks is 1.2 waves of the 264 blocks that fit at once, and the
+// 56-block tail reads at ~40% of the full machine's rate. A model of that (first wave at the
+// copy bandwidth, tail at 56 blocks x 32 KB in flight per ~1 us) gives 168 us per 320-chunk
+// fp32 launch; measured 2026-11-29 with that layout: 8.77 ms / 52 launches = 169 us, 81% of
+// copy bandwidth. A launch of 56 tensors x ~80 chunks (1B parameters in 200 tensors) is ~17
+// waves, one of them a partial tail.
 //
 // Memory traffic: this is a pure stream. Per element it reads param (or master), grad, m, v
 // (+ vmax) and writes param, m, v (+ vmax, master): 16 + 12 = 28 bytes for fp32 everything;
@@ -19,11 +27,13 @@
 // Vector width: kN = 16 / sizeof(narrowest storage dtype) elements per thread and step (4 for
 // all-fp32, 8 when params or moments are 16-bit), so the narrowest tensor moves one LDG.128
 // per step and wider ones two. With 512 threads and >= 4 independent 16-byte loads per thread
-// a block has >= 32 KB in flight; the kernels compile to 48-64 registers (sm_80, sm_90a; no spills),
-// so 2 blocks share an SM (__launch_bounds__ caps them at 64): >= 64 KB per SM, above the
-// ~36 KB an H200 needs to keep HBM busy (4.8 TB/s * ~1 us / 132 SMs). A chunk
-// of 64K elements is 32 (fp32) or 16 steps per thread: long enough to amortise the block's
-// prologue (scalar loads, two powf), short enough that a 1M-parameter tensor yields 16 blocks.
+// a block has >= 32 KB in flight; the kernels compile to 61-64 registers (sm_90a, nvcc 13.0;
+// two of the 24 variants, 16-bit params without a master and fp16 with one, spill 8 bytes
+// since the tensor lookup became a scan), so 2 blocks share an SM (__launch_bounds__ caps
+// them at 64): >= 64 KB per SM, above the ~36 KB an H200 needs to keep HBM busy (4.8 TB/s *
+// ~1 us / 132 SMs). A chunk of 64K elements is 32 (fp32) or 16 steps per thread: long enough
+// to amortise the block's prologue (scalar loads, two powf), short enough that a 1M-parameter
+// tensor yields 16 blocks.
 // Vectors are used for a tensor only when all of its pointers are 16-byte aligned (chunk
 // starts are multiples of kN, so every vector is then aligned); otherwise the chunk runs the
 // scalar path. The last < kN elements of a chunk always run scalar.
@@ -43,6 +53,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "common.cuh"
@@ -59,8 +70,7 @@ using dev::to_float;
 
 constexpr int kChunk = 65536;  // elements per block; a multiple of every kN
 constexpr int kThreads = 512;
-constexpr int kMaxTensors = 36;
-constexpr int kMaxChunks = 320;
+constexpr int kMaxTensors = 56;
 
 // Everything a launch needs to find its chunk. Pointers of absent tensors (vmax without
 // amsgrad, master without master weights) are null and never dereferenced.
@@ -72,8 +82,9 @@ struct AdamBatch {
   void* max_exp_avg_sq[kMaxTensors];
   float* master[kMaxTensors];
   int64_t numel[kMaxTensors];
-  int32_t chunk[kMaxChunks];      // chunk index inside its tensor (start = chunk * kChunk)
-  uint8_t tensor[kMaxChunks];     // slot of the tensor in the arrays above
+  // Blocks [first_block[i], first_block[i + 1]) step the chunks of slot i, in order.
+  int32_t first_block[kMaxTensors + 1];
+  int32_t ntensors;
 };
 
 // Per-call scalars that are not per-tensor.
@@ -171,8 +182,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     adam_kernel(const __grid_constant__ AdamBatch batch, const AdamScalars s) {
   if (s.found_inf != nullptr && *s.found_inf != 0.0f) return;
 
-  const int slot = batch.tensor[blockIdx.x];
-  const int64_t start = static_cast<int64_t>(batch.chunk[blockIdx.x]) * kChunk;
+  // The last slot whose first block is <= this block (first_block is strictly increasing):
+  // a scan of at most kMaxTensors uniform loads from the parameter space, once per block.
+  const int block = static_cast<int>(blockIdx.x);
+  int slot = 0;
+  while (slot + 1 < batch.ntensors && batch.first_block[slot + 1] <= block) ++slot;
+  const int64_t start = static_cast<int64_t>(block - batch.first_block[slot]) * kChunk;
   const int64_t left = batch.numel[slot] - start;
   const int n = static_cast<int>(left < kChunk ? left : kChunk);
 
@@ -240,13 +255,14 @@ template <typename P, typename M, bool kMaster, bool kAmsgrad>
 void launch_all(const AdamLists& t, const AdamScalars& s, cudaStream_t stream) {
   AdamBatch batch;
   int ntensors = 0;
-  int nchunks = 0;
+  batch.first_block[0] = 0;
   auto flush = [&]() {
-    if (nchunks == 0) return;
-    adam_kernel<P, M, kMaster, kAmsgrad><<<nchunks, kThreads, 0, stream>>>(batch, s);
+    if (ntensors == 0) return;
+    batch.ntensors = ntensors;
+    adam_kernel<P, M, kMaster, kAmsgrad>
+        <<<batch.first_block[ntensors], kThreads, 0, stream>>>(batch, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     ntensors = 0;
-    nchunks = 0;
   };
   auto set_slot = [&](int slot, size_t i) {
     batch.param[slot] = t.params[i].data_ptr();
@@ -257,24 +273,17 @@ void launch_all(const AdamLists& t, const AdamScalars& s, cudaStream_t stream) {
     batch.master[slot] = kMaster ? t.masters[i].data_ptr<float>() : nullptr;
     batch.numel[slot] = t.params[i].numel();
   };
+  constexpr int64_t kMaxBlocks = std::numeric_limits<int32_t>::max();  // gridDim.x, int32 math
   for (size_t i = 0; i < t.params.size(); ++i) {
     const int64_t numel = t.params[i].numel();
     if (numel == 0) continue;
-    if (ntensors == kMaxTensors) flush();
-    int slot = ntensors++;
-    set_slot(slot, i);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    for (int64_t k = 0; k < chunks; ++k) {
-      if (nchunks == kMaxChunks) {
-        // The launch is full: send it and carry this tensor on in slot 0 of the next one.
-        flush();
-        slot = ntensors++;
-        set_slot(slot, i);
-      }
-      batch.tensor[nchunks] = static_cast<uint8_t>(slot);
-      batch.chunk[nchunks] = static_cast<int32_t>(k);
-      ++nchunks;
-    }
+    FA_CHECK(chunks <= kMaxBlocks, "adam_step: params[", static_cast<int64_t>(i), "] has ",
+             numel, " elements, more than this kernel's ", kMaxBlocks * kChunk);
+    if (ntensors == kMaxTensors || batch.first_block[ntensors] + chunks > kMaxBlocks) flush();
+    set_slot(ntensors, i);
+    batch.first_block[ntensors + 1] = static_cast<int32_t>(batch.first_block[ntensors] + chunks);
+    ++ntensors;
   }
   flush();
 }

@@ -373,3 +373,27 @@ def test_a_master_copy_that_no_longer_matches_its_parameter_is_reseeded():
     back.step()
     torch.testing.assert_close(fresh[0], moved[0], rtol=0, atol=0)
     assert torch.equal(back.state[fresh[0]]["master_param"].to(torch.bfloat16), moved[0].detach())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
+def test_many_tensors_across_launches(backend, master):
+    """130 tensors (more than one CUDA launch takes), empty ones among them, sizes on both
+    sides of the kernels' 65536-element chunks: each steps like torch's own AdamW."""
+    sizes = [(0,), (1,), (65536,), (65537,), (3 * 65536 - 5,), (200_003,)] * 20 + [(7,)] * 10
+    dtype = torch.bfloat16 if master else torch.float32
+    ours_p = _params("cuda", dtype, sizes, seed=5)
+    ref_p = [p.detach().float().clone().requires_grad_() for p in ours_p]
+    ours = fastattn.optim.AdamW(ours_p, lr=1e-2, weight_decay=0.1, master_weights=master)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, weight_decay=0.1, foreach=False)
+    for i in range(3):
+        _grads(ours_p, i)
+        for p, q in zip(ours_p, ref_p):
+            q.grad = p.grad.float()
+        with fastattn.use_backend(backend):
+            ours.step()
+        ref.step()
+    for p, q in zip(ours_p, ref_p):
+        got = ours.state[p]["master_param"] if master else p
+        torch.testing.assert_close(got, q.detach(), rtol=1e-6, atol=1e-7)
