@@ -6,8 +6,8 @@
 // writes the tensors' pointers, sizes and first block numbers into a by-value kernel argument
 // (AdamBatch, < 4 KB, read through __grid_constant__ so dynamic indexing does not copy it to
 // local memory). One thread block per chunk; a block finds its tensor by scanning the first
-// block numbers. A call with more than kMaxTensors tensors is split into launches
-// of kMaxTensors whole tensors each.
+// block numbers. A call's non-empty tensors go in launches of up to kMaxTensors whole tensors
+// (fewer if their blocks would pass INT32_MAX, the grid's and the block numbers' limit).
 //
 // Why no per-chunk table (apex's and torch's fused Adam layout, at most 320 chunks a launch):
 // on an H200 a launch of 320 blocks is 1.2 waves of the 264 blocks that fit at once, and the
@@ -27,9 +27,9 @@
 // Vector width: kN = 16 / sizeof(narrowest storage dtype) elements per thread and step (4 for
 // all-fp32, 8 when params or moments are 16-bit), so the narrowest tensor moves one LDG.128
 // per step and wider ones two. With 512 threads and >= 4 independent 16-byte loads per thread
-// a block has >= 32 KB in flight; the kernels compile to 61-64 registers (sm_90a, nvcc 13.0;
-// two of the 24 variants, 16-bit params without a master and fp16 with one, spill 8 bytes
-// since the tensor lookup became a scan), so 2 blocks share an SM (__launch_bounds__ caps
+// a block has >= 32 KB in flight; the kernels compile to 56-64 registers (nvcc 13.0; since
+// the tensor lookup became a scan, 2 of the 24 variants spill 8 bytes on sm_90a and 1 on
+// sm_80: 16-bit params without a master, fp16 with one), so 2 blocks share an SM (__launch_bounds__ caps
 // them at 64): >= 64 KB per SM, above the ~36 KB an H200 needs to keep HBM busy (4.8 TB/s *
 // ~1 us / 132 SMs). A chunk of 64K elements is 32 (fp32) or 16 steps per thread: long enough
 // to amortise the block's prologue (scalar loads, two powf), short enough that a 1M-parameter
@@ -277,9 +277,8 @@ void launch_all(const AdamLists& t, const AdamScalars& s, cudaStream_t stream) {
   for (size_t i = 0; i < t.params.size(); ++i) {
     const int64_t numel = t.params[i].numel();
     if (numel == 0) continue;
+    // bindings.cpp caps numel below 2^46, so one tensor has at most 2^30 chunks
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    FA_CHECK(chunks <= kMaxBlocks, "adam_step: params[", static_cast<int64_t>(i), "] has ",
-             numel, " elements, more than this kernel's ", kMaxBlocks * kChunk);
     if (ntensors == kMaxTensors || batch.first_block[ntensors] + chunks > kMaxBlocks) flush();
     set_slot(ntensors, i);
     batch.first_block[ntensors + 1] = static_cast<int32_t>(batch.first_block[ntensors] + chunks);

@@ -377,16 +377,20 @@ def test_a_master_copy_that_no_longer_matches_its_parameter_is_reseeded():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("master", [False, True], ids=["fp32", "bf16-master"])
+@pytest.mark.parametrize("master", [False, True], ids=["fp32-amsgrad", "bf16-master"])
 def test_many_tensors_across_launches(backend, master):
-    """130 tensors (more than one CUDA launch takes), empty ones among them, sizes on both
-    sides of the kernels' 65536-element chunks: each steps like torch's own AdamW."""
-    sizes = [(0,), (1,), (65536,), (65537,), (3 * 65536 - 5,), (200_003,)] * 20 + [(7,)] * 10
+    """150 tensors, 125 of them non-empty (the CUDA kernel launches at most 56 at a time: three
+    launches, a multi-chunk tensor last in the first and first in the second), sizes on both
+    sides of the kernels' 65536-element chunks: each tensor and its moments step like torch's
+    own AdamW."""
+    sizes = [(65537,), (0,), (3 * 65536 - 5,), (1,), (200_003,), (65536,)] * 25
+    assert sum(n > 0 for (n,) in sizes) > 2 * 56
     dtype = torch.bfloat16 if master else torch.float32
     ours_p = _params("cuda", dtype, sizes, seed=5)
     ref_p = [p.detach().float().clone().requires_grad_() for p in ours_p]
-    ours = fastattn.optim.AdamW(ours_p, lr=1e-2, weight_decay=0.1, master_weights=master)
-    ref = torch.optim.AdamW(ref_p, lr=1e-2, weight_decay=0.1, foreach=False)
+    kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=not master)
+    ours = fastattn.optim.AdamW(ours_p, master_weights=master, **kwargs)
+    ref = torch.optim.AdamW(ref_p, foreach=False, **kwargs)
     for i in range(3):
         _grads(ours_p, i)
         for p, q in zip(ours_p, ref_p):
@@ -397,3 +401,8 @@ def test_many_tensors_across_launches(backend, master):
     for p, q in zip(ours_p, ref_p):
         got = ours.state[p]["master_param"] if master else p
         torch.testing.assert_close(got, q.detach(), rtol=1e-6, atol=1e-7)
+        if master:   # the bf16 parameter is its master copy rounded
+            assert torch.equal(p, got.to(torch.bfloat16))
+        keys = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if not master else ())
+        for key in keys:
+            torch.testing.assert_close(ours.state[p][key], ref.state[q][key], rtol=1e-6, atol=1e-7)
