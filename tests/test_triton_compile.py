@@ -36,3 +36,19 @@ def test_every_kernel_compiles_for_gpu(tmp_path, capability=90):
                            str(captured)], capture_output=True, text=True, env=env, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "all kernels compiled" in proc.stdout
+
+
+def test_compile_time_tool_runs():
+    """tests/tools/triton_compile_time.py (the numbers behind attn._prune's fp32 tiles) runs,
+    here on small fp16 tiles."""
+    pytest.importorskip("triton.backends.compiler", reason="triton without its GPU compiler")
+    from triton.runtime.interpreter import InterpretedFunction
+    if not hasattr(InterpretedFunction, "run"):  # the triton 3.0 of test-oldest: as above
+        pytest.skip("triton 3.0: tests/tools/triton_aot.py targets the newer compiler API")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "tests.tools.triton_compile_time", "--dtype", "fp16",
+                           "--head-dim", "16", "--tiles", "32x32"], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.split(":")[0].strip() for line in proc.stdout.splitlines()[1:]] == \
+        ["32x32 fwd", "32x32 dkdv", "32x32 dq"], proc.stdout

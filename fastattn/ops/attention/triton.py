@@ -156,10 +156,11 @@ def _prune(kind):
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
             if args.get("PRECISION") == "ieee":
                 # fp32 products: no tensor cores, every tl.dot unrolls into FMAs and ptxas time
-                # grows with the tile. Compiling for sm_90 (triton 3.8, 2 slow cores) at D = 64:
-                # dK/dV 35 s, dQ 26 s at 64 x 64; 9 s and 6 s at 32 x 32 (D = 128 at 32 x 32:
-                # fwd 11, dK/dV 22, dQ 15 s). On 2026-11-29 an fp32 GPU test at D = 40 ran past
-                # its 90 s limit compiling 64 x 64. fp32 attention is for checking, not speed.
+                # grows with the tile. `python -m tests.tools.triton_compile_time` (sm_90,
+                # triton 3.8, 2 slow cores, 2026-11-29), D = 40: fwd 16, dK/dV 34, dQ 23 s at
+                # 64 x 64; 5, 9 and 6 s at 32 x 32 (D = 128 at 32 x 32: 9, 23, 15 s). That day an
+                # fp32 GPU test at D = 40 ran past its 90 s limit compiling 64 x 64 tiles.
+                # fp32 attention is for checking, not speed.
                 if bm == bn == 32:
                     kept.append(c)
                 continue
