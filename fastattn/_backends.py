@@ -80,7 +80,10 @@ def _interpreter_problem(version: str, numpy_version: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _cuda_device_name() -> str | None:
+    # Asked on every kernel selection; the answer does not change within a process (and the
+    # query costs microseconds of Python, which a decode step on a GPU pays per op).
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 

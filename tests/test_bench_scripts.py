@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (["benchmarks.ffn_cpu_ceiling", "--tokens", "16", "--dim", "8", "--hidden", "32",
       "--rounds", "2"],
      ["eager", "fastattn", "GEMMs alone", "the fusion ceiling"]),
+    (["benchmarks.host_overhead", "--calls", "5", "--rounds", "1"],
+     ["| decode_attention", "| cross_entropy", "fastattn via dispatcher"]),
 ])
 def test_script_runs(args, expect):
     proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,

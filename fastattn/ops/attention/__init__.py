@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ... import _autocast, _backends
+from ... import _autocast, _backends, _eager
 from . import reference
 
 _PKG = __name__
@@ -106,7 +106,7 @@ def _last_contiguous(x: Tensor) -> Tensor:
 # Dense attention: fastattn::attention_fwd / attention_bwd
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastattn::attention_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+@_eager.custom_op("fastattn::attention_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
                   diag: int, window_left: int, window_right: int, softcap: float,
                   dropout_p: float, seed: int, deterministic: bool) -> tuple[Tensor, Tensor]:
@@ -182,7 +182,7 @@ def _varlen_impl(q: Tensor, k: Tensor):
     return impl.varlen_fwd, impl.varlen_bwd
 
 
-@torch.library.custom_op("fastattn::varlen_attention_fwd", mutates_args=(),
+@_eager.custom_op("fastattn::varlen_attention_fwd", mutates_args=(),
                          device_types=("cpu", "cuda"))
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
@@ -255,7 +255,7 @@ def _cuda_decode_supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Option
     return None
 
 
-@torch.library.custom_op("fastattn::decode_attention", mutates_args=(),
+@_eager.custom_op("fastattn::decode_attention", mutates_args=(),
                          device_types=("cpu", "cuda"))
 def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                         scale: float, num_splits: int) -> tuple[Tensor, Tensor]:
@@ -401,7 +401,7 @@ def _run_dense(q, k, v, bias, scale, diag, window_left, window_right, softcap, d
                deterministic=False):
     q, k, v = (_last_contiguous(x) for x in (q, k, v))
     seed = _draw_seed(dropout_p)
-    return attention_fwd(q, k, v, bias, scale, diag, window_left, window_right, softcap,
+    return _eager.call(attention_fwd, q, k, v, bias, scale, diag, window_left, window_right, softcap,
                          dropout_p, seed, bool(deterministic))
 
 
@@ -563,7 +563,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale = _check_scale(fn, scale, q.shape[-1])
     q, k, v = (_last_contiguous(x) for x in (q, k, v))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    out, _ = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    out, _ = _eager.call(varlen_attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, scale, bool(causal))
     return out
 
@@ -603,5 +603,6 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     scale = _check_scale(fn, scale, q.shape[-1])
     q, k_cache, v_cache = (_last_contiguous(x) for x in (q, k_cache, v_cache))
     cache_seqlens = cache_seqlens.contiguous()
-    out, _ = decode_attention_op(q, k_cache, v_cache, cache_seqlens, scale, int(num_splits))
+    out, _ = _eager.call(decode_attention_op, q, k_cache, v_cache, cache_seqlens, scale,
+                         int(num_splits))
     return out

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import _autocast, _backends
+from ... import _autocast, _backends, _eager
 
 _PKG = __name__
 _CUDA_ORDER = ("cuda", "triton")
@@ -179,7 +179,7 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     return total        # in the accumulation dtype: the caller rounds it (or not, under autocast)
 
 
-@torch.library.custom_op("fastattn::cross_entropy_fwd", mutates_args=(), device_types=_DEVICES)
+@_eager.custom_op("fastattn::cross_entropy_fwd", mutates_args=(), device_types=_DEVICES)
 def _cross_entropy_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                        label_smoothing: float, z_loss: float, reduction: str,
                        compute_grad: bool) -> Tuple[Tensor, Tensor]:
@@ -345,8 +345,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         loss = _CrossEntropyInplace.apply(logits, rows_target, weight, ignore_index,
                                           float(label_smoothing), float(z_loss), reduction)
     else:
-        loss, _ = torch.ops.fastattn.cross_entropy_fwd(
-            logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
+        loss, _ = _eager.call(
+            _cross_entropy_fwd, logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
             reduction, need_grad)
     # The loss leaves the kernel in float32 (float64 for float64 logits); under autocast it
     # stays there, as F.cross_entropy's does (an fp32-list op), else it takes input's dtype.
@@ -424,7 +424,7 @@ def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int
             db.to(bias.dtype) if db is not None else x.new_empty(0))
 
 
-@torch.library.custom_op("fastattn::linear_cross_entropy_fwd", mutates_args=(),
+@_eager.custom_op("fastattn::linear_cross_entropy_fwd", mutates_args=(),
                          device_types=_DEVICES)
 def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                               ignore_index: int, label_smoothing: float, reduction: str,
@@ -599,8 +599,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     grad_on = torch.is_grad_enabled()
     want_dx = grad_on and input.requires_grad
     want_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    loss, *_ = torch.ops.fastattn.linear_cross_entropy_fwd(
-        x2, weight, t2, bias, ignore_index, float(label_smoothing), reduction, chunk,
+    loss, *_ = _eager.call(
+        _linear_cross_entropy_fwd, x2, weight, t2, bias, ignore_index, float(label_smoothing), reduction, chunk,
         want_dx, want_dw)
     if not autocast:
         loss = loss.to(input.dtype)
@@ -611,7 +611,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
 # Per-token log-probabilities (and entropy)
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastattn::token_logprobs_fwd", mutates_args=(), device_types=_DEVICES)
+@_eager.custom_op("fastattn::token_logprobs_fwd", mutates_args=(), device_types=_DEVICES)
 def _token_logprobs_fwd(logits: Tensor, target: Tensor, ignore_index: int, inv_temperature: float,
                         with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(logp, entropy, lse) per row of (R, V) logits, float32 (float64 for float64 logits)."""
@@ -710,13 +710,13 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1 and rows.shape[-1] != 1:
         rows = rows.contiguous()
-    logp, entropy, _ = torch.ops.fastattn.token_logprobs_fwd(
-        rows, target.reshape(-1).contiguous(), ignore_index, inv_t, return_entropy)
+    logp, entropy, _ = _eager.call(
+        _token_logprobs_fwd, rows, target.reshape(-1).contiguous(), ignore_index, inv_t, return_entropy)
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp
 
 
-@torch.library.custom_op("fastattn::linear_token_logprobs_fwd", mutates_args=(),
+@_eager.custom_op("fastattn::linear_token_logprobs_fwd", mutates_args=(),
                          device_types=_DEVICES)
 def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                ignore_index: int, inv_temperature: float, with_entropy: bool,
@@ -826,7 +826,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
         hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)
     x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size)
-    logp, entropy, _ = torch.ops.fastattn.linear_token_logprobs_fwd(
-        x2, weight, t2, bias, ignore_index, inv_t, return_entropy, chunk)
+    logp, entropy, _ = _eager.call(
+        _linear_token_logprobs_fwd, x2, weight, t2, bias, ignore_index, inv_t, return_entropy, chunk)
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ... import _autocast, _backends
+from ... import _autocast, _backends, _eager
 from . import reference
 from .reference import ACTIVATIONS
 
@@ -52,7 +52,7 @@ def _maybe(flag: bool, make, like: Tensor) -> Tensor:
 # MLP: out = act(x W1^T + b1) W2^T + b2
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastattn::mlp_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+@_eager.custom_op("fastattn::mlp_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def mlp_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
             activation: str) -> tuple[Tensor, Tensor]:
     """(out, h): the block's output and the pre-activation h saved for backward."""
@@ -129,7 +129,7 @@ def _elementwise(name: str, impl):
     return reference if name in ("triton", "reference") else impl
 
 
-@torch.library.custom_op("fastattn::swiglu_fwd", mutates_args=(), device_types=("cpu", "cuda"))
+@_eager.custom_op("fastattn::swiglu_fwd", mutates_args=(), device_types=("cpu", "cuda"))
 def swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Optional[Tensor],
                b_up: Optional[Tensor], b_down: Optional[Tensor],
                activation: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -253,7 +253,7 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Te
     _check("mlp", x, activation, {"w1": (w1, "x"), "w2": (w2, "w1")},
            {"b1": (b1, w1), "b2": (b2, w2)})
     lead = x.shape[:-1]
-    out, _ = mlp_fwd(x.reshape(lead.numel(), x.shape[-1]), w1, b1, w2, b2, activation)
+    out, _ = _eager.call(mlp_fwd, x.reshape(lead.numel(), x.shape[-1]), w1, b1, w2, b2, activation)
     return out.view(*lead, w2.shape[0])
 
 
@@ -275,6 +275,6 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, *, activatio
         raise ValueError(f"swiglu: w_up must have w_gate's shape {tuple(w_gate.shape)}, got "
                          f"{tuple(w_up.shape)}")
     lead = x.shape[:-1]
-    out, _, _ = swiglu_fwd(x.reshape(lead.numel(), x.shape[-1]), w_gate, w_up, w_down, b_gate,
+    out, _, _ = _eager.call(swiglu_fwd, x.reshape(lead.numel(), x.shape[-1]), w_gate, w_up, w_down, b_gate,
                            b_up, b_down, activation)
     return out.view(*lead, w_down.shape[0])

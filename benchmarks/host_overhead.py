@@ -1,0 +1,112 @@
+"""Host time per call of fastattn's ops on tiny inputs, next to the PyTorch call they replace.
+
+    python -m benchmarks.host_overhead [--device cpu|cuda] [--calls 2000] [--rounds 7]
+
+At these sizes the kernels take a few microseconds, so the time per call is what Python and the
+dispatcher spend: the cost of a decode step or of a small model's layer on a GPU, where the
+device waits for the host. Each op runs three ways in interleaved rounds (medians): fastattn
+with its direct eager path (fastattn._eager, the default), fastattn through the dispatcher
+(FASTATTN_EAGER_DIRECT=0), and the PyTorch equivalent. On CUDA the calls are queued back to back
+and the device synchronised once per round, so the figure is the host's rate when the kernels
+are shorter than their launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastattn
+from fastattn import _eager
+
+
+def cases(device: str) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    B, H, Hkv, D, L = 2, 4, 2, 32, 64
+    q1, kc, vc = rand(B, H, 1, D), rand(B, Hkv, L, D), rand(B, Hkv, L, D)
+    lens = torch.full((B,), L, dtype=torch.int32, device=device)
+    q, k, v = rand(B, H, 16, D), rand(B, H, 16, D), rand(B, H, 16, D)
+    x, w1, b1, w2, b2 = rand(8, 64), rand(256, 64), rand(256), rand(64, 256), rand(64)
+    wg, wu, wd = rand(172, 64), rand(172, 64), rand(64, 172)
+    wv, tgt = rand(512, 64), torch.randint(0, 512, (8,), generator=g).to(device)
+    logits = rand(8, 512)
+    rep = H // Hkv
+    return {
+        "decode_attention (B=2, H=4/2, L=64, D=32)": (
+            lambda: fastattn.decode_attention(q1, kc, vc, lens),
+            lambda: F.scaled_dot_product_attention(q1, kc.repeat_interleave(rep, 1),
+                                                   vc.repeat_interleave(rep, 1))),
+        "flash_attention causal, no grad (B=2, H=4, S=16, D=32)": (
+            lambda: fastattn.flash_attention(q, k, v, causal=True),
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+        "mlp gelu, no grad (8 x 64 -> 256)": (
+            lambda: fastattn.mlp(x, w1, b1, w2, b2, activation="gelu"),
+            lambda: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)),
+        "swiglu, no grad (8 x 64 -> 172)": (
+            lambda: fastattn.swiglu(x, wg, wu, wd),
+            lambda: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)),
+        "linear_token_logprobs, no grad (8 x 64 -> 512)": (
+            lambda: fastattn.linear_token_logprobs(x, wv, tgt),
+            lambda: torch.log_softmax(F.linear(x, wv).float(), -1).gather(-1, tgt[:, None])),
+        "cross_entropy, no grad (8 x 512)": (
+            lambda: fastattn.cross_entropy(logits, tgt),
+            lambda: F.cross_entropy(logits, tgt)),
+    }
+
+
+def per_call_us(fn, calls: int, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (1: the host path alone, no thread hand-off)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    env = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+           f"device {args.device}"
+           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
+    print(f"# python -m benchmarks.host_overhead --device {args.device}: {env}, "
+          f"{args.calls} calls x {args.rounds} rounds, medians (us per call)")
+    print("| op | fastattn | fastattn via dispatcher | torch | fastattn / torch |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    saved = _eager.ENABLED
+    try:
+        for name, (fa, ref) in cases(args.device).items():
+            with torch.no_grad():
+                runs = {"direct": [], "dispatcher": [], "torch": []}
+                for _ in range(args.rounds):
+                    for key, fn, direct in (("direct", fa, True), ("dispatcher", fa, False),
+                                            ("torch", ref, True)):
+                        _eager.ENABLED = direct
+                        fn()  # warm (first call: kernel selection, compilation)
+                        runs[key].append(per_call_us(fn, args.calls, args.device))
+            med = {k: statistics.median(v) for k, v in runs.items()}
+            print(f"| {name} | {med['direct']:.1f} | {med['dispatcher']:.1f} | "
+                  f"{med['torch']:.1f} | {med['direct'] / med['torch']:.2f}x |", flush=True)
+    finally:
+        _eager.ENABLED = saved
+
+
+if __name__ == "__main__":
+    main()

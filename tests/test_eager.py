@@ -1,0 +1,128 @@
+"""fastattn._eager: an op's own function called without the dispatcher, only where that changes
+nothing but the time; the dispatcher everywhere else."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastattn
+from fastattn import _eager
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    q1, kc, vc = r(2, 4, 1, 16), r(2, 2, 24, 16), r(2, 2, 24, 16)
+    lens = torch.tensor([24, 9], dtype=torch.int32)
+    q, k, v = r(2, 4, 10, 16), r(2, 2, 10, 16), r(2, 2, 10, 16)
+    x = r(5, 12)
+    w1, b1, w2, b2 = r(20, 12), r(20), r(12, 20), r(12)
+    wv, tgt = r(33, 12), torch.tensor([0, 5, -100, 32, 7])
+    logits = r(5, 33)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    qv, kv = r(10, 4, 16), r(10, 2, 16)
+    return {
+        "decode_attention": lambda: fastattn.decode_attention(q1, kc, vc, lens),
+        "flash_attention": lambda: fastattn.flash_attention(q, k, v, causal=True),
+        "scaled_dot_product_attention": lambda: fastattn.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True),
+        "varlen_attention": lambda: fastattn.varlen_attention(qv, kv, kv, cu, cu, 7, 7,
+                                                              causal=True),
+        "mlp": lambda: fastattn.mlp(x, w1, b1, w2, b2, activation="gelu_tanh"),
+        "swiglu": lambda: fastattn.swiglu(x, w1, w1 * 0.5, w2),
+        "cross_entropy": lambda: fastattn.cross_entropy(logits, tgt, label_smoothing=0.1),
+        "linear_cross_entropy": lambda: fastattn.linear_cross_entropy(x, wv, tgt),
+        "token_logprobs": lambda: fastattn.token_logprobs(logits, tgt, return_entropy=True),
+        "linear_token_logprobs": lambda: fastattn.linear_token_logprobs(x, wv, tgt,
+                                                                        return_entropy=True),
+    }
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _fastattn_ops(fn):
+    with _OpRecorder() as rec:
+        fn()
+    return [op for op in rec.ops if op.startswith("fastattn.")]
+
+
+@pytest.mark.parametrize("name", list(_inputs()))
+def test_direct_path_equals_dispatcher_path(name, monkeypatch):
+    fn = _inputs()[name]
+    taken = []
+    real = _eager.direct_ok
+    monkeypatch.setattr(_eager, "direct_ok", lambda args: taken.append(real(args)) or taken[-1])
+    with torch.no_grad():
+        direct = fn()
+        assert taken and all(taken), "the direct path was not taken"
+        monkeypatch.setattr(_eager, "ENABLED", False)
+        taken.clear()
+        through = fn()
+        assert taken and not any(taken)
+    direct = direct if isinstance(direct, tuple) else (direct,)
+    through = through if isinstance(through, tuple) else (through,)
+    for a, b in zip(direct, through, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(_inputs()))
+def test_dispatch_modes_see_the_op(name):
+    # Under a TorchDispatchMode (FakeTensorMode, FlopCounterMode, profilers of this kind) the
+    # call goes through the dispatcher, so the mode sees fastattn's op by name.
+    assert _fastattn_ops(_inputs()[name]), "the op bypassed an active TorchDispatchMode"
+
+
+def test_conditions_that_keep_the_dispatcher(monkeypatch):
+    t = torch.randn(3)
+    assert _eager.direct_ok((t, 1.0, None, [t, t]))
+    assert _eager.direct_ok((torch.nn.Parameter(t),)) is False  # requires grad, grad mode on
+    with torch.no_grad():
+        assert _eager.direct_ok((torch.nn.Parameter(t),))          # a plain Parameter is fine
+    assert not _eager.direct_ok((t.requires_grad_(),))
+    t = t.detach()
+    assert not _eager.direct_ok(([t, t.clone().requires_grad_()],))  # a tensor in a list
+    assert not _eager.direct_ok((torch.empty(3, device="meta"),))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(t)
+    assert not _eager.direct_ok((fake,))
+    with _OpRecorder():
+        assert not _eager.direct_ok((t,))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        assert not _eager.direct_ok((t,))
+    seen = []
+    torch.func.vmap(lambda row: seen.append(_eager.direct_ok((row,))) or row)(torch.randn(2, 3))
+    assert seen == [False]
+    monkeypatch.setattr(_eager, "ENABLED", False)
+    assert not _eager.direct_ok((t,))
+
+
+def test_profiler_names_the_op():
+    # The profiler is on: the dispatcher path, so the op's name is in the trace.
+    q1, kc = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 8, 8)
+    lens = torch.tensor([8], dtype=torch.int32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fastattn.decode_attention(q1, kc, kc, lens)
+    assert any("fastattn::decode_attention" in e.name for e in prof.events())
+
+
+def test_gradients_still_flow_through_the_op():
+    # requires_grad with grad mode on: the dispatcher path, with the op's autograd formula.
+    x = torch.randn(4, 6, requires_grad=True)
+    w1, w2 = torch.randn(8, 6), torch.randn(6, 8)
+    out = fastattn.mlp(x, w1, None, w2, None, activation="relu")
+    assert out.grad_fn is not None
+    out.sum().backward()
+    ref = x.detach().requires_grad_()
+    F.linear(F.relu(F.linear(ref, w1)), w2).sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
