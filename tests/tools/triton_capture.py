@@ -3,7 +3,8 @@
 Each launch becomes one JSON line: the kernel (module and name), the type of each runtime
 argument as Triton's compiler spells it ("*bf16", "i32", "fp32", "tensordesc<fp16[16,32]>"),
 what a GPU launch would specialise it on ("1" for an int equal to 1, "D" for an int or a
-pointer divisible by 16), the value of each constexpr and the launch options. tests/tools/triton_aot.py then lowers each
+pointer divisible by 16; "opt_out" lists the parameters whose do_not_specialize turns that off),
+the value of each constexpr and the launch options. tests/tools/triton_aot.py then lowers each
 distinct one for a GPU architecture: every kernel variant the ops really launch, with the
 argument types they really pass, compiled without a GPU.
 Usage: python -m tests.tools.triton_capture OUT.jsonl
@@ -81,8 +82,11 @@ def record(path):
             else:
                 signature[name] = _arg_type(value)
                 specialize[name] = _specialization(value)
+        # the parameters that opt out of the int specialisations (names or positions)
+        opt_out = [p if isinstance(p, str) else list(params)[p]
+                   for p in (getattr(self, "kwargs", {}).get("do_not_specialize") or ())]
         entry = {"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
-                 "constants": constants, "specialize": specialize,
+                 "constants": constants, "specialize": specialize, "opt_out": sorted(opt_out),
                  "options": {k: kwargs[k] for k in OPTIONS if k in kwargs}}
         line = json.dumps(entry, sort_keys=True)
         if line not in seen:

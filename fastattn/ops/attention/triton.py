@@ -191,6 +191,17 @@ def _prune(kind):
     return prune
 
 
+# Ints that follow the batch's sequence lengths. Triton compiles a kernel again for each new
+# value class of an int argument (== 1, divisible by 16, other), so a run whose lengths vary
+# from batch to batch (padded SFT batches, packed DPO pairs, prompts in a generate() prefill)
+# would compile every attention kernel several times over, tens of seconds each on a GPU. These
+# only bound masks and loops, except the log-sum-exp's strides (its rows are Sq, or the packed
+# total, long), which would only prove alignment for its loads of BLOCK_M floats per tile. The
+# strides of Q, K, V, O and their gradients keep their specialisation (their tiles' loads need
+# it, and with head dims that are multiples of 16 it does not change with the lengths).
+_SHAPE_INTS = ["seqlen_q", "seqlen_k", "diag", "window_left", "window_right", "SQ_BUCKET",
+               "SK_BUCKET", "stride_lb", "stride_lh"]
+
 _TUNE_KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "HAS_BIAS", "HAS_DROPOUT", "HAS_SOFTCAP", "IS_VARLEN", "USE_TMA"]
 
 
@@ -446,7 +457,7 @@ def _fwd_tiles(
 
 
 @_tuned("fwd")
-@triton.jit(do_not_specialize=["threshold", "seed_lo", "seed_hi"])
+@triton.jit(do_not_specialize=_SHAPE_INTS + ["threshold", "seed_lo", "seed_hi"])
 def _fwd_kernel(
     Q,
     K,
@@ -585,7 +596,7 @@ def _fwd_kernel(
 # Then dQ = scale dS K and dK = scale dS^T Q (the bias gets no gradient).
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh"])
 def _bwd_preprocess(
     Out,
     DO,
@@ -726,7 +737,7 @@ def _dkdv_tiles(
 
 
 @_tuned("dkdv")
-@triton.jit(do_not_specialize=["threshold", "seed_lo", "seed_hi"])
+@triton.jit(do_not_specialize=_SHAPE_INTS + ["threshold", "seed_lo", "seed_hi"])
 def _bwd_dkdv_kernel(
     Q,
     K,
@@ -931,7 +942,7 @@ def _dq_tiles(
 
 
 @_tuned("dq")
-@triton.jit(do_not_specialize=["threshold", "seed_lo", "seed_hi"])
+@triton.jit(do_not_specialize=_SHAPE_INTS + ["threshold", "seed_lo", "seed_hi"])
 def _bwd_dq_kernel(
     Q,
     K,

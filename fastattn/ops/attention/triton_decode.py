@@ -49,7 +49,9 @@ MIN_SPLIT_LEN = 256
 MAX_SPLITS = 64
 
 
-@triton.jit
+# The cache buffer's length and the split count change from one generate() call to the next;
+# as specialised ints (== 1, divisible by 16) each new class would compile the kernel again.
+@triton.jit(do_not_specialize=["S_max", "num_splits"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seqlens_ptr, o_part_ptr, lse_part_ptr,
     sqb, sqh, sqs,
@@ -136,7 +138,7 @@ def _decode_split_kernel(
     tl.store(lse_part_ptr + part + rows, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_combine_kernel(
     o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,
     Hkv, G, Sq, M, D, num_splits,

@@ -278,6 +278,17 @@ def _tma_b(desc, pid_n, k, B_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl
     return b
 
 
+# The row count (the tokens of the forward and data-gradient matmuls, which change from batch to
+# batch in packed or padded training) and the autotuning buckets: as specialised ints (== 1,
+# divisible by 16) each new class would compile the kernel again. M only bounds row masks
+# (A's loads along M are contiguous only for a column-major A, a transposed view of the
+# activations). N and K keep their specialisation: K is the contiguous dimension of most
+# operands, whose masked loads (K not a multiple of BLOCK_K, e.g. 1376) it keeps vectorised;
+# as K is the token count of the weight-gradient matmul, that one compiles once per class of
+# the token count (== 1, divisible by 16, other; and EVEN_K).
+_TOKEN_INTS = ["M", "M_BUCKET", "N_BUCKET", "K_BUCKET"]
+
+
 # ---------------------------------------------------------------------------------------------
 # One accumulator: plain matmul, linear + activation, matmul + activation gradient, GLU grad
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +296,7 @@ def _tma_b(desc, pid_n, k, B_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl
 
 @_tuned(_HALF_CONFIGS + _FP32_CONFIGS)
 @triton.heuristics({"EVEN_K": _even_k})
-@triton.jit
+@triton.jit(do_not_specialize=_TOKEN_INTS)
 def _gemm_kernel(
     A,
     B,
@@ -391,7 +402,7 @@ def _gemm_kernel(
 
 @_tuned(_GLU_HALF_CONFIGS + _GLU_FP32_CONFIGS)
 @triton.heuristics({"EVEN_K": _even_k})
-@triton.jit
+@triton.jit(do_not_specialize=_TOKEN_INTS)
 def _glu_kernel(
     A,
     BG,

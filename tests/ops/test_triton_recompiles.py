@@ -1,0 +1,121 @@
+"""Batches of other sequence lengths and token counts reuse the compiled Triton kernels.
+
+Triton compiles a kernel once per value class of each int argument it specialises (== 1,
+divisible by 16, other). Attention, decode and the FFN's matmuls take the lengths of the batch
+as ints, so unless those opt out (``do_not_specialize``), a run whose lengths vary from batch to
+batch (padded SFT, packed DPO pairs, generate() prefills) compiles each kernel several times,
+tens of seconds each on a GPU. Each batch's launches are recorded under the interpreter
+(tests/tools/triton_capture.py) and reduced to what the JIT keys a compile on; the batches of
+other lengths must need no compile the first batch did not."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import fastattn
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="records launches under the Triton interpreter")
+
+
+def _compile_keys(path) -> set:
+    """What the JIT would key a compile on, for each launch recorded in ``path``."""
+    keys = set()
+    for line in open(path):
+        job = json.loads(line)
+        spec = {name: s for name, s in job["specialize"].items() if name not in job["opt_out"]}
+        keys.add(json.dumps([job["module"], job["kernel"], job["signature"], job["constants"],
+                             job["options"], spec], sort_keys=True))
+    return keys
+
+
+@pytest.fixture
+def compiles(tmp_path, monkeypatch):
+    """compiles(batch, sizes) -> [compile keys of batch(size) for each size], each recorded
+    on its own."""
+    from triton.runtime.interpreter import InterpretedFunction
+    if not hasattr(InterpretedFunction, "run"):
+        pytest.skip("triton 3.0's interpreter has no InterpretedFunction.run to record through")
+    from tests.tools import triton_capture
+    original = InterpretedFunction.run
+
+    def run(batch, sizes):
+        keys = []
+        for i, size in enumerate(sizes):
+            monkeypatch.setattr(InterpretedFunction, "run", original)  # restored after the test
+            path = tmp_path / f"launches-{i}.jsonl"
+            path.touch()
+            triton_capture.record(str(path))
+            batch(size)
+            keys.append(_compile_keys(path))
+        return keys
+    return run
+
+
+def _assert_no_new_compiles(keys, kernels):
+    first = keys[0]
+    launched = {json.loads(k)[1] for k in first}
+    assert set(kernels) <= launched, f"not launched: {set(kernels) - launched}"
+    for later in keys[1:]:
+        new = sorted(later - first)
+        assert not new, f"{len(new)} more compiles for another length, e.g. {new[0][:400]}"
+
+
+def _randn(*shape):
+    return torch.randn(*shape).requires_grad_()
+
+
+def test_attention_lengths_do_not_recompile(compiles):
+    def batch(lens):
+        total = sum(lens)
+        cu = torch.tensor([0, lens[0], total], dtype=torch.int32)
+        q, k, v = _randn(total, 4, 32), _randn(total, 2, 32), _randn(total, 2, 32)
+        fastattn.varlen_attention(q, k, v, cu, cu, max(lens), max(lens),
+                                  causal=True).sum().backward()
+        s = max(lens)
+        q, k, v = _randn(2, 4, s, 32), _randn(2, 2, s, 32), _randn(2, 2, s, 32)
+        fastattn.flash_attention(q, k, v, causal=True).sum().backward()
+
+    with fastattn.use_backend("triton"):
+        keys = compiles(batch, [(17, 23), (16, 32), (1, 2), (40, 9)])  # max 23, 32, 2, 40
+    _assert_no_new_compiles(keys, ["_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel",
+                                   "_bwd_dq_kernel"])
+
+
+def test_decode_cache_lengths_do_not_recompile(compiles):
+    def batch(s_max):
+        q, kc, vc = torch.randn(2, 4, 1, 32), torch.randn(2, 2, s_max, 32), torch.randn(2, 2, s_max, 32)
+        fastattn.decode_attention(q, kc, vc, torch.tensor([s_max, 7], dtype=torch.int32))
+
+    # automatic split counts here: 2 for 128 positions, 1 (an int == 1) for the others
+    with fastattn.use_backend("triton"), torch.no_grad():
+        keys = compiles(batch, [128, 50, 64, 33])
+    _assert_no_new_compiles(keys, ["_decode_split_kernel", "_decode_combine_kernel"])
+
+
+def test_ffn_token_counts_do_not_recompile(compiles):
+    # The token count is M of the forward and data-gradient matmuls (opted out) and K of the
+    # weight-gradient one, where it keeps its specialisation (K is the contiguous dimension of
+    # the other matmuls' operands) and sets EVEN_K: those recompile once per class of K mod 16
+    # and mod BLOCK_K. So: the forward at any count; forward and backward at counts of one class.
+    w = [torch.randn(32, 16), torch.randn(32), torch.randn(16, 32)]
+    wg = [torch.randn(32, 16), torch.randn(32, 16), torch.randn(16, 32)]
+
+    def forward(tokens):
+        x = torch.randn(tokens, 16)
+        fastattn.mlp(x, w[0], w[1], w[2], None)
+        fastattn.swiglu(x, *wg)
+
+    def train(tokens):
+        x = _randn(tokens, 16)
+        fastattn.mlp(x, *(t.requires_grad_() for t in w), None).sum().backward()
+        fastattn.swiglu(x, *(t.requires_grad_() for t in wg)).sum().backward()
+
+    with fastattn.use_backend("triton"):
+        with torch.no_grad():
+            keys = compiles(forward, [40, 17, 32, 1])
+        _assert_no_new_compiles(keys, ["_gemm_kernel", "_glu_kernel"])
+        keys = compiles(train, [40, 24, 56, 8])   # all 8 mod 16
+    _assert_no_new_compiles(keys, ["_gemm_kernel", "_glu_kernel"])
