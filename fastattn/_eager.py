@@ -12,6 +12,9 @@ do nothing else with the call: plain eager execution (not compiling, not tracing
 (``torch.Tensor`` or ``nn.Parameter``, not FakeTensor, DTensor or other subclasses) with no
 gradient to record. Otherwise, and whenever in doubt, it calls the op. The result is the same
 function's result either way. ``FASTATTN_EAGER_DIRECT=0`` (read at import) turns the direct path off.
+
+Either way, a call with forward-mode AD tangents (``torch.func.jvp``, ``torch.autograd.forward_ad``)
+raises: the ops have no forward-mode rule, and the dispatcher would return a zero tangent.
 """
 
 from __future__ import annotations
@@ -20,17 +23,18 @@ import os
 from typing import Any, Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
-_FUNCTIONS: dict[int, Callable] = {}
+_FUNCTIONS: dict[int, tuple[str, Callable]] = {}
 
 
 def custom_op(name: str, **kwargs) -> Callable:
     """``torch.library.custom_op(name, **kwargs)`` that also remembers the function, for call()."""
     def register(fn: Callable):
         op = torch.library.custom_op(name, **kwargs)(fn)
-        _FUNCTIONS[id(op)] = fn
+        _FUNCTIONS[id(op)] = (name, fn)
         return op
     return register
 
@@ -61,19 +65,33 @@ def direct_ok(args: tuple) -> bool:
             or _profiling() or _tracing_state() is not None):
         return False
     grad = torch.is_grad_enabled()
+    return all(_plain(t, grad) for t in _tensors(args))
+
+
+def _tensors(args: tuple):
     for a in args:
         if isinstance(a, Tensor):
-            if not _plain(a, grad):
-                return False
+            yield a
         elif isinstance(a, (list, tuple)):
-            if not all(_plain(t, grad) for t in a if isinstance(t, Tensor)):
-                return False
-    return True
+            yield from (t for t in a if isinstance(t, Tensor))
+
+
+def _check_no_tangents(name: str, args: tuple) -> None:
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no rule in these ops; the
+    dispatcher would return outputs without tangents, i.e. a zero derivative, silently."""
+    if _forward_ad._current_level >= 0 and any(
+            _forward_ad.unpack_dual(t).tangent is not None for t in _tensors(args)):
+        raise NotImplementedError(
+            f"{name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
+            f"supported; its tangents would be dropped. Use reverse mode (backward, "
+            f"torch.func.vjp / jacrev) or the PyTorch ops under use_backend('reference')")
 
 
 def call(op: Callable, *args):
     """``op(*args)``, without the dispatcher where that changes nothing (see the module docstring)."""
-    fn = _FUNCTIONS.get(id(op))
+    name, fn = _FUNCTIONS.get(id(op), (None, None))
+    if name is not None:
+        _check_no_tangents(name, args)
     if fn is not None and direct_ok(args):
         return fn(*args)
     return op(*args)

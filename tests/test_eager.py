@@ -126,3 +126,24 @@ def test_gradients_still_flow_through_the_op():
     ref = x.detach().requires_grad_()
     F.linear(F.relu(F.linear(ref, w1)), w2).sum().backward()
     torch.testing.assert_close(x.grad, ref.grad)
+
+
+@pytest.mark.parametrize("name", ["flash_attention", "mlp", "linear_token_logprobs"])
+def test_forward_mode_ad_raises(name):
+    # No forward-mode rule: a clear error, not the zero tangent the dispatcher would give.
+    import torch.autograd.forward_ad as fwAD
+    x, w1, w2 = torch.randn(5, 12), torch.randn(20, 12), torch.randn(12, 20)
+    q = torch.randn(1, 2, 6, 8)
+    call = {
+        "flash_attention": lambda t: fastattn.flash_attention(t, q, q),
+        "mlp": lambda t: fastattn.mlp(t, w1, None, w2, None),
+        "linear_token_logprobs": lambda t: fastattn.linear_token_logprobs(
+            t, torch.randn(33, 12), torch.tensor([0, 5, 1, 32, 7])),
+    }[name]
+    primal = q if name == "flash_attention" else x
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(call, (primal,), (torch.ones_like(primal),))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        call(fwAD.make_dual(primal, torch.ones_like(primal)))
+    with fwAD.dual_level():     # inputs without tangents: runs as usual
+        call(primal)
