@@ -188,7 +188,7 @@ grep -E "Error|Traceback" "$OUT/gpu_bench.log" | head -10
 # Host time per call of the ops on tiny inputs (what a decode step pays), next to PyTorch's.
 if host_s=$(limit 60 20); then
   stamp "host overhead per call (${host_s} s)"
-  timeout "$host_s" $PY -m benchmarks.host_overhead --device cuda --calls 300 --rounds 3 \
+  FASTATTN_AUTOTUNE=0 timeout "$host_s" $PY -m benchmarks.host_overhead --device cuda --calls 300 --rounds 3 \
     >"$OUT/host_overhead.md" 2>&1 || echo "host overhead: exit $? (see host_overhead.md)"
 fi
 
