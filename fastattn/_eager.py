@@ -8,10 +8,12 @@ microseconds (a decode step, a small model's layer on a GPU) that overhead is th
 
 ``call(op, *args)`` runs the function ``op`` was made from, directly, when the dispatcher could
 do nothing else with the call: plain eager execution (not compiling, not tracing, no
-``TorchDispatchMode``, no functorch transform, no profiler) on plain CPU or CUDA tensors
-(``torch.Tensor`` or ``nn.Parameter``, not FakeTensor, DTensor or other subclasses) with no
-gradient to record. Otherwise, and whenever in doubt, it calls the op. The result is the same
-function's result either way. ``FASTATTN_EAGER_DIRECT=0`` (read at import) turns the direct path off.
+``TorchDispatchMode`` or ``TorchFunctionMode``, no functorch transform, no profiler) on plain
+strided CPU or CUDA tensors (``torch.Tensor`` or ``nn.Parameter``, not FakeTensor, DTensor,
+sparse, nested or other subclasses) with no gradient to record. Otherwise, and whenever in
+doubt, it calls the op. The result is the same function's result either way; what the direct
+path skips is the custom-op wrapper's own bookkeeping (its check that no output aliases an
+input, which opcheck runs in the tests). ``FASTATTN_EAGER_DIRECT=0`` (read at import) turns the direct path off.
 
 Either way, a call with forward-mode AD tangents (``torch.func.jvp``, ``torch.autograd.forward_ad``)
 raises: the ops have no forward-mode rule, and the dispatcher would return a zero tangent.
@@ -45,6 +47,7 @@ def _hook(name: str, default: Callable[[], Any]) -> Callable[[], Any]:
 
 
 _dispatch_modes = _hook("_len_torch_dispatch_stack", lambda: 1)
+_function_modes = _hook("_is_torch_function_mode_enabled", lambda: True)
 _functorch_active = _hook("_are_functorch_transforms_active", lambda: True)
 _tracing_state = _hook("_get_tracing_state", lambda: True)
 _profiling = getattr(torch.autograd, "_profiler_enabled", lambda: True)
@@ -56,13 +59,14 @@ ENABLED = os.environ.get("FASTATTN_EAGER_DIRECT", "1") != "0"
 
 
 def _plain(t: Tensor, grad: bool) -> bool:
-    return type(t) in _PLAIN and (t.is_cpu or t.is_cuda) and not (grad and t.requires_grad)
+    return (type(t) in _PLAIN and (t.is_cpu or t.is_cuda) and t.layout is torch.strided
+            and not t.is_nested and not (grad and t.requires_grad))
 
 
 def direct_ok(args: tuple) -> bool:
     """Whether a call with these arguments may skip the dispatcher (see the module docstring)."""
-    if (not ENABLED or _is_compiling() or _dispatch_modes() or _functorch_active()
-            or _profiling() or _tracing_state() is not None):
+    if (not ENABLED or _is_compiling() or _dispatch_modes() or _function_modes()
+            or _functorch_active() or _profiling() or _tracing_state() is not None):
         return False
     grad = torch.is_grad_enabled()
     return all(_plain(t, grad) for t in _tensors(args))
@@ -84,7 +88,7 @@ def _check_no_tangents(name: str, args: tuple) -> None:
         raise NotImplementedError(
             f"{name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
             f"supported; its tangents would be dropped. Use reverse mode (backward, "
-            f"torch.func.vjp / jacrev) or the PyTorch ops under use_backend('reference')")
+            f"torch.func.vjp / jacrev), or PyTorch's own functions for this computation")
 
 
 def call(op: Callable, *args):

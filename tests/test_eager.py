@@ -49,6 +49,16 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _FunctionRecorder(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def _fastattn_ops(fn):
     with _OpRecorder() as rec:
         fn()
@@ -70,7 +80,8 @@ def test_direct_path_equals_dispatcher_path(name, monkeypatch):
         assert taken and not any(taken)
     direct = direct if isinstance(direct, tuple) else (direct,)
     through = through if isinstance(through, tuple) else (through,)
-    for a, b in zip(direct, through, strict=True):
+    assert len(direct) == len(through)
+    for a, b in zip(direct, through):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(a, b)
 
@@ -80,6 +91,13 @@ def test_dispatch_modes_see_the_op(name):
     # Under a TorchDispatchMode (FakeTensorMode, FlopCounterMode, profilers of this kind) the
     # call goes through the dispatcher, so the mode sees fastattn's op by name.
     assert _fastattn_ops(_inputs()[name]), "the op bypassed an active TorchDispatchMode"
+
+
+@pytest.mark.parametrize("name", ["decode_attention", "mlp", "cross_entropy"])
+def test_function_modes_see_the_op(name):
+    with _FunctionRecorder() as rec:
+        _inputs()[name]()
+    assert any(f.startswith("fastattn.") for f in rec.funcs), rec.funcs[-5:]
 
 
 def test_conditions_that_keep_the_dispatcher(monkeypatch):
@@ -98,6 +116,10 @@ def test_conditions_that_keep_the_dispatcher(monkeypatch):
     assert not _eager.direct_ok((fake,))
     with _OpRecorder():
         assert not _eager.direct_ok((t,))
+    with _FunctionRecorder():
+        assert not _eager.direct_ok((t,))
+    assert not _eager.direct_ok((t.to_sparse(),))
+    assert not _eager.direct_ok((torch.nested.nested_tensor([t, t[:2]]),))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
         assert not _eager.direct_ok((t,))
     seen = []

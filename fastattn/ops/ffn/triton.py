@@ -278,15 +278,15 @@ def _tma_b(desc, pid_n, k, B_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl
     return b
 
 
-# The row count (the tokens of the forward and data-gradient matmuls, which change from batch to
-# batch in packed or padded training) and the autotuning buckets: as specialised ints (== 1,
-# divisible by 16) each new class would compile the kernel again. M only bounds row masks
-# (A's loads along M are contiguous only for a column-major A, a transposed view of the
-# activations). N and K keep their specialisation: K is the contiguous dimension of most
-# operands, whose masked loads (K not a multiple of BLOCK_K, e.g. 1376) it keeps vectorised;
-# as K is the token count of the weight-gradient matmul, that one compiles once per class of
-# the token count (== 1, divisible by 16, other; and EVEN_K).
-_TOKEN_INTS = ["M", "M_BUCKET", "N_BUCKET", "K_BUCKET"]
+# The autotuning buckets (next powers of two of M, N, K) are keys of the autotuner, never read by
+# the kernels: as specialised ints (== 1, divisible by 16) they would compile a kernel again for
+# token counts below 16. M, N and K themselves keep their specialisation: _operand_rows wraps
+# rows with % M (% N), and for an operand contiguous along its rows (the .t() views of the
+# weight-gradient matmuls) only a size divisible by 16 lets those loads vectorise; K bounds the
+# masks along the contiguous dimension of the others. So the forward and data-gradient matmuls
+# compile once per class of the token count (== 1, a multiple of 16, other), the weight-gradient
+# ones once per class of it as K (and EVEN_K).
+_TUNE_INTS = ["M_BUCKET", "N_BUCKET", "K_BUCKET"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ _TOKEN_INTS = ["M", "M_BUCKET", "N_BUCKET", "K_BUCKET"]
 
 @_tuned(_HALF_CONFIGS + _FP32_CONFIGS)
 @triton.heuristics({"EVEN_K": _even_k})
-@triton.jit(do_not_specialize=_TOKEN_INTS)
+@triton.jit(do_not_specialize=_TUNE_INTS)
 def _gemm_kernel(
     A,
     B,
@@ -402,7 +402,7 @@ def _gemm_kernel(
 
 @_tuned(_GLU_HALF_CONFIGS + _GLU_FP32_CONFIGS)
 @triton.heuristics({"EVEN_K": _even_k})
-@triton.jit(do_not_specialize=_TOKEN_INTS)
+@triton.jit(do_not_specialize=_TUNE_INTS)
 def _glu_kernel(
     A,
     BG,
