@@ -13,7 +13,8 @@ strided CPU or CUDA tensors (``torch.Tensor`` or ``nn.Parameter``, not FakeTenso
 sparse, nested or other subclasses) with no gradient to record. Otherwise, and whenever in
 doubt, it calls the op. The result is the same function's result either way; what the direct
 path skips is the custom-op wrapper's own bookkeeping (its check that no output aliases an
-input, which opcheck runs in the tests). ``FASTATTN_EAGER_DIRECT=0`` (read at import) turns the direct path off.
+input, which opcheck runs in the tests). ``FASTATTN_EAGER_DIRECT=0`` (read at import) turns
+the direct path off.
 
 Either way, a call with forward-mode AD tangents (``torch.func.jvp``, ``torch.autograd.forward_ad``)
 raises: the ops have no forward-mode rule, and the dispatcher would return a zero tangent.
@@ -34,7 +35,7 @@ _FUNCTIONS: dict[int, tuple[str, Callable]] = {}
 
 def custom_op(name: str, **kwargs) -> Callable:
     """``torch.library.custom_op(name, **kwargs)`` that also remembers the function, for call()."""
-    def register(fn: Callable):
+    def register(fn: Callable) -> Callable:
         op = torch.library.custom_op(name, **kwargs)(fn)
         _FUNCTIONS[id(op)] = (name, fn)
         return op
@@ -92,7 +93,7 @@ def _check_no_tangents(name: str, args: tuple) -> None:
 
 
 def call(op: Callable, *args):
-    """``op(*args)``, without the dispatcher where that changes nothing (see the module docstring)."""
+    """``op(*args)``, without the dispatcher where that changes nothing (module docstring)."""
     name, fn = _FUNCTIONS.get(id(op), (None, None))
     if name is not None:
         _check_no_tangents(name, args)

@@ -4,9 +4,9 @@ Triton compiles a kernel once per value class of each int argument it specialise
 divisible by 16, other). Attention and decode take the lengths of the batch as ints, so unless
 those opt out (``do_not_specialize``), a run whose lengths vary from batch to batch (padded SFT,
 packed DPO pairs, generate() prefills) compiles each kernel several times, tens of seconds each
-on a GPU. (The FFN matmuls keep their sizes' specialisation, see the last test.) Each batch's launches are recorded under the interpreter
-(tests/tools/triton_capture.py) and reduced to what the JIT keys a compile on; the batches of
-other lengths must need no compile the first batch did not."""
+on a GPU. (The FFN matmuls keep their sizes' specialisation, see the last test.) Each batch's
+launches are recorded under the interpreter (tests/tools/triton_capture.py) and reduced to what
+the JIT keys a compile on; the batches of other lengths must need no compile the first did not."""
 
 import json
 import os
@@ -86,7 +86,8 @@ def test_attention_lengths_do_not_recompile(compiles):
 
 def test_decode_cache_lengths_do_not_recompile(compiles):
     def batch(s_max):
-        q, kc, vc = torch.randn(2, 4, 1, 32), torch.randn(2, 2, s_max, 32), torch.randn(2, 2, s_max, 32)
+        q = torch.randn(2, 4, 1, 32)
+        kc, vc = torch.randn(2, 2, s_max, 32), torch.randn(2, 2, s_max, 32)
         fastattn.decode_attention(q, kc, vc, torch.tensor([s_max, 7], dtype=torch.int32))
 
     # automatic split counts here: 2 for 128 positions, 1 (an int == 1) for the others

@@ -183,7 +183,7 @@ def _varlen_impl(q: Tensor, k: Tensor):
 
 
 @_eager.custom_op("fastattn::varlen_attention_fwd", mutates_args=(),
-                         device_types=("cpu", "cuda"))
+                  device_types=("cpu", "cuda"))
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                          scale: float, causal: bool) -> tuple[Tensor, Tensor]:
@@ -256,7 +256,7 @@ def _cuda_decode_supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> Option
 
 
 @_eager.custom_op("fastattn::decode_attention", mutates_args=(),
-                         device_types=("cpu", "cuda"))
+                  device_types=("cpu", "cuda"))
 def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                         scale: float, num_splits: int) -> tuple[Tensor, Tensor]:
     name, impl = _impl("decode_attention", q, _DECODE_DTYPES, _DECODE_CUDA_ORDER)
@@ -401,8 +401,8 @@ def _run_dense(q, k, v, bias, scale, diag, window_left, window_right, softcap, d
                deterministic=False):
     q, k, v = (_last_contiguous(x) for x in (q, k, v))
     seed = _draw_seed(dropout_p)
-    return _eager.call(attention_fwd, q, k, v, bias, scale, diag, window_left, window_right, softcap,
-                         dropout_p, seed, bool(deterministic))
+    return _eager.call(attention_fwd, q, k, v, bias, scale, diag, window_left, window_right,
+                       softcap, dropout_p, seed, bool(deterministic))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,8 +563,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale = _check_scale(fn, scale, q.shape[-1])
     q, k, v = (_last_contiguous(x) for x in (q, k, v))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    out, _ = _eager.call(varlen_attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, scale, bool(causal))
+    out, _ = _eager.call(varlen_attention_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k, scale, bool(causal))
     return out
 
 

@@ -346,8 +346,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
                                           float(label_smoothing), float(z_loss), reduction)
     else:
         loss, _ = _eager.call(
-            _cross_entropy_fwd, logits, rows_target, weight, ignore_index, float(label_smoothing), float(z_loss),
-            reduction, need_grad)
+            _cross_entropy_fwd, logits, rows_target, weight, ignore_index,
+            float(label_smoothing), float(z_loss), reduction, need_grad)
     # The loss leaves the kernel in float32 (float64 for float64 logits); under autocast it
     # stays there, as F.cross_entropy's does (an fp32-list op), else it takes input's dtype.
     if _autocast.dtype(input.device.type) is None:
@@ -425,7 +425,7 @@ def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int
 
 
 @_eager.custom_op("fastattn::linear_cross_entropy_fwd", mutates_args=(),
-                         device_types=_DEVICES)
+                  device_types=_DEVICES)
 def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                               ignore_index: int, label_smoothing: float, reduction: str,
                               chunk_size: int, want_dx: bool,
@@ -600,8 +600,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     want_dx = grad_on and input.requires_grad
     want_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
     loss, *_ = _eager.call(
-        _linear_cross_entropy_fwd, x2, weight, t2, bias, ignore_index, float(label_smoothing), reduction, chunk,
-        want_dx, want_dw)
+        _linear_cross_entropy_fwd, x2, weight, t2, bias, ignore_index, float(label_smoothing),
+        reduction, chunk, want_dx, want_dw)
     if not autocast:
         loss = loss.to(input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
@@ -710,14 +710,14 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1 and rows.shape[-1] != 1:
         rows = rows.contiguous()
-    logp, entropy, _ = _eager.call(
-        _token_logprobs_fwd, rows, target.reshape(-1).contiguous(), ignore_index, inv_t, return_entropy)
+    logp, entropy, _ = _eager.call(_token_logprobs_fwd, rows, target.reshape(-1).contiguous(),
+                                   ignore_index, inv_t, return_entropy)
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp
 
 
 @_eager.custom_op("fastattn::linear_token_logprobs_fwd", mutates_args=(),
-                         device_types=_DEVICES)
+                  device_types=_DEVICES)
 def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                ignore_index: int, inv_temperature: float, with_entropy: bool,
                                chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -826,7 +826,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
         hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)
     x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size)
-    logp, entropy, _ = _eager.call(
-        _linear_token_logprobs_fwd, x2, weight, t2, bias, ignore_index, inv_t, return_entropy, chunk)
+    logp, entropy, _ = _eager.call(_linear_token_logprobs_fwd, x2, weight, t2, bias, ignore_index,
+                                   inv_t, return_entropy, chunk)
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp

@@ -275,6 +275,6 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, *, activatio
         raise ValueError(f"swiglu: w_up must have w_gate's shape {tuple(w_gate.shape)}, got "
                          f"{tuple(w_up.shape)}")
     lead = x.shape[:-1]
-    out, _, _ = _eager.call(swiglu_fwd, x.reshape(lead.numel(), x.shape[-1]), w_gate, w_up, w_down, b_gate,
-                           b_up, b_down, activation)
+    out, _, _ = _eager.call(swiglu_fwd, x.reshape(lead.numel(), x.shape[-1]), w_gate, w_up,
+                            w_down, b_gate, b_up, b_down, activation)
     return out.view(*lead, w_down.shape[0])
