@@ -16,8 +16,8 @@ import torch
 
 import fastattn
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="records launches under the Triton interpreter")
+_INTERPRETER = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                  reason="records launches under the Triton interpreter")
 
 
 def _compile_keys(path) -> set:
@@ -67,6 +67,7 @@ def _randn(*shape):
     return torch.randn(*shape).requires_grad_()
 
 
+@_INTERPRETER
 def test_attention_lengths_do_not_recompile(compiles):
     def batch(lens):
         total = sum(lens)
@@ -84,6 +85,7 @@ def test_attention_lengths_do_not_recompile(compiles):
                                    "_bwd_dq_kernel"])
 
 
+@_INTERPRETER
 def test_decode_cache_lengths_do_not_recompile(compiles):
     def batch(s_max):
         q = torch.randn(2, 4, 1, 32)
@@ -96,6 +98,7 @@ def test_decode_cache_lengths_do_not_recompile(compiles):
     _assert_no_new_compiles(keys, ["_decode_split_kernel", "_decode_combine_kernel"])
 
 
+@_INTERPRETER
 def test_ffn_token_counts_of_one_class_do_not_recompile(compiles):
     # The FFN matmuls keep the specialisation of M, N, K (it proves the alignment of operands
     # contiguous along them), so a token count compiles once per class (== 1, a multiple of 16,
@@ -112,3 +115,43 @@ def test_ffn_token_counts_of_one_class_do_not_recompile(compiles):
     with fastattn.use_backend("triton"):
         keys = compiles(train, [40, 24, 56, 8])   # all 8 mod 16; buckets 64, 32, 64, 8
     _assert_no_new_compiles(keys, ["_gemm_kernel", "_glu_kernel"])
+
+
+def _compiled(kernel) -> int:
+    """How many binaries Triton's JIT holds for ``kernel`` (all devices)."""
+    import triton
+    fn = kernel
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn  # through the autotuner / heuristics wrappers
+    caches = getattr(fn, "device_caches", None)
+    if caches is not None:          # triton >= 3.2: (kernel cache, ...) per device
+        return sum(len(entry[0]) for entry in caches.values())
+    return sum(len(cache) for cache in fn.cache.values())
+
+
+@pytest.mark.gpu
+def test_attention_lengths_do_not_recompile_on_gpu():
+    # The same on a GPU, with the JIT's own caches: packed bf16 batches whose lengths fall in
+    # other classes (multiples of 16, 1, other) after the first must add no binary. Lengths stay
+    # in one power-of-two bucket so that the autotuner's pruning picks the same tiles.
+    from fastattn.ops.attention import triton as attn
+    kernels = {"fwd": attn._fwd_kernel, "preprocess": attn._bwd_preprocess,
+               "dkdv": attn._bwd_dkdv_kernel, "dq": attn._bwd_dq_kernel}
+
+    def batch(lens):
+        total = sum(lens)
+        cu = torch.tensor([0, lens[0], total], dtype=torch.int32, device="cuda")
+        q, k, v = (torch.randn(total, h, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+                   for h in (4, 2, 2))
+        fastattn.varlen_attention(q, k, v, cu, cu, max(lens), max(lens),
+                                  causal=True).float().sum().backward()
+        torch.cuda.synchronize()
+
+    with fastattn.use_backend("triton"):
+        batch((130, 70))
+        before = {name: _compiled(k) for name, k in kernels.items()}
+        for lens in ((144, 96), (200, 33), (129, 1)):
+            batch(lens)
+        after = {name: _compiled(k) for name, k in kernels.items()}
+    assert all(n >= 1 for n in before.values()), before
+    assert after == before, f"binaries per kernel after the first batch {before}, after all {after}"
