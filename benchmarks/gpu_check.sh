@@ -156,7 +156,8 @@ stamp "gpu tests (FASTATTN_AUTOTUNE=0: one pruned config per shape)"
 # log, and each failure's traceback in gpu_test_failures.txt as it happens, so that a run cut
 # off by the time limit still tells what passed, what failed and why.
 gpu_files="tests/ops/test_attention.py tests/ops/test_attention_triton.py
-  tests/ops/test_attention_decode.py tests/ops/test_triton_recompiles.py tests/ops/test_ffn.py tests/ops/test_ffn_triton.py
+  tests/ops/test_attention_decode.py tests/ops/test_triton_recompiles.py tests/models/test_gpt.py
+  tests/ops/test_ffn.py tests/ops/test_ffn_triton.py
   tests/ops/test_ffn_kernels.py tests/optim tests/nn tests/ops/test_cross_entropy.py
   tests/ops/test_linear_cross_entropy.py tests/ops/test_token_logprobs.py tests"
 # Several workers when pytest-xdist is there (Triton's compiles are CPU-bound); a per-test

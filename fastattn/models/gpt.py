@@ -15,8 +15,10 @@ the state_dict is the same, so a checkpoint of one backend loads into the other.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -236,17 +238,26 @@ class Packed:
 
 
 class KVCache:
-    """One layer's keys and values, (B, Hkv, S_max, D), filled left to right by generate()."""
+    """One layer's keys and values, (B, Hkv, S_max, D), filled left to right by generate().
+    ``lengths``: the valid positions of each row as an int32 (B,) device tensor, set by the
+    decode step whose positions live on the device (generate()'s CUDA-graph step)."""
 
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int):
         self.shape = (batch, n_kv_head, max_len, head_dim)
         self.k: Optional[Tensor] = None
         self.v: Optional[Tensor] = None
+        self.lengths: Optional[Tensor] = None
 
-    def write(self, k: Tensor, v: Tensor, pos: int) -> None:
+    def write(self, k: Tensor, v: Tensor, pos) -> None:
+        """k, v (B, Hkv, T, D) at positions pos .. pos + T - 1 (``pos`` an int), or at the
+        positions in ``pos`` (a (T,) int64 tensor, written without a host value)."""
         if self.k is None:  # allocated on first use: dtype as produced (autocast or not)
             self.k = k.new_zeros(self.shape)
             self.v = v.new_zeros(self.shape)
+        if isinstance(pos, Tensor):
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return
         self.k[:, :, pos:pos + k.shape[2]] = k
         self.v[:, :, pos:pos + v.shape[2]] = v
 
@@ -305,6 +316,14 @@ class CausalSelfAttention(nn.Module):
                     causal=True).unsqueeze(0).transpose(1, 2)
             else:
                 y = _sdpa(q, k, v, attn_mask=packed.block_causal_mask())
+        elif isinstance(pos, Tensor):
+            # Decode at positions held on the device (pos (T,)): nothing here depends on their
+            # values, so generate() can capture the step in a CUDA graph and replay it.
+            if backend != "fastattn" or cache is None or cache.k is None or cache.lengths is None:
+                raise ValueError("GPT: positions as a tensor are for the decode step of the "
+                                 "fastattn backend, after the prefill, with KVCache.lengths set")
+            cache.write(k, v, pos)
+            y = fastattn.decode_attention(q, cache.k, cache.v, cache.lengths)
         elif cache is None or pos == 0:
             # Training, or the prefill of generate(): the new tokens only see each other.
             if cache is not None:
@@ -480,8 +499,12 @@ class GPT(nn.Module):
                 packed: Optional[Packed] = None) -> Tensor:
         x = self.wte(idx)
         if self.wpe is not None:
-            where = packed.positions if packed is not None else \
-                torch.arange(pos, pos + idx.shape[1], device=idx.device)
+            if packed is not None:
+                where = packed.positions
+            elif isinstance(pos, Tensor):   # the positions themselves (decode, see forward)
+                where = pos
+            else:
+                where = torch.arange(pos, pos + idx.shape[1], device=idx.device)
             x = x + self.wpe(where)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
@@ -605,13 +628,18 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 cuda_graph: Optional[bool] = None) -> Tensor:
         """Append ``max_new_tokens`` tokens to idx (B, T): the prompt is prefilled into a KV
         cache of size T + max_new_tokens, then each new token is one decode step.
         temperature 0 is greedy; top_k keeps the k most likely tokens; ``generator`` seeds the
-        sampling."""
+        sampling. ``cuda_graph``: capture the decode step in a CUDA graph once and replay it
+        for each token (see ``_DecodeStep``); None (default) does so on the fastattn backend
+        with CUDA inputs from GRAPH_MIN_TOKENS new tokens on, and falls back to plain steps,
+        with a warning, if capture fails."""
         self._check_idx(idx)
+        use_graph = self._graph_decode(cuda_graph, idx) and (
+            cuda_graph or (isinstance(max_new_tokens, int) and max_new_tokens >= GRAPH_MIN_TOKENS))
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:
             raise ValueError(f"GPT.generate: max_new_tokens must be an int >= 0, got "
@@ -636,17 +664,35 @@ class GPT(nn.Module):
         try:
             cfg = self.config
             caches = [KVCache(B, cfg.kv_heads, total, cfg.head_dim) for _ in range(cfg.n_layer)]
+            decode = _DecodeStep(self, caches, B, idx.device, idx.is_cuda) if use_graph else None
             out = [idx]
             logits = self.lm_head(self._hidden(idx, 0, caches)[:, -1])            # prefill
             for step in range(max_new_tokens):
                 nxt = self._sample(logits, temperature, top_k, generator).to(idx.dtype)
                 out.append(nxt)
-                if step + 1 < max_new_tokens:
-                    logits = self.lm_head(self._hidden(nxt, T + step, caches)[:, -1])  # decode
+                if step + 1 < max_new_tokens:                                     # decode
+                    if decode is not None:
+                        logits = decode(nxt, T + step)
+                    else:
+                        logits = self.lm_head(self._hidden(nxt, T + step, caches)[:, -1])
             return torch.cat(out, dim=1)
         finally:
             for m, mode in modes.items():
                 m.training = mode
+
+    def _graph_decode(self, cuda_graph: Optional[bool], idx: Tensor) -> bool:
+        """Whether generate() runs its decode steps through _DecodeStep."""
+        possible = self.backend == "fastattn" and idx.is_cuda
+        if cuda_graph is None:
+            return (possible and not torch.compiler.is_compiling()
+                    and not torch.cuda.is_current_stream_capturing())
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"GPT.generate: cuda_graph must be None or a bool, got {cuda_graph!r}")
+        if cuda_graph and not possible:
+            raise ValueError(f"GPT.generate: cuda_graph=True needs the fastattn backend (its "
+                             f"decode_attention takes the cache lengths on the device) and CUDA "
+                             f"inputs; got backend {self.backend!r}, ids on {idx.device}")
+        return cuda_graph
 
     @staticmethod
     def _sample(logits: Tensor, temperature: float, top_k: Optional[int],
@@ -712,3 +758,77 @@ class GPT(nn.Module):
         cfg = self.config
         n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
         return 6.0 * n + 12.0 * cfg.n_layer * cfg.d_model * seq_len
+
+
+# --------------------------------------------------------------------------------------------
+# generate()'s decode step in a CUDA graph
+# --------------------------------------------------------------------------------------------
+
+_warned_capture = False
+# Fewest new tokens for which generate(cuda_graph=None) captures: the capture costs about one
+# more eager step plus the graph's instantiation, each replay saves a step's host time (a guess
+# until a GPU run measures both).
+GRAPH_MIN_TOKENS = 8
+
+
+class _DecodeStep:
+    """generate()'s decode step with every input in a fixed device buffer (the token ids, their
+    position, each row's valid cache length), so that no shape and no host value depends on the
+    step. On CUDA the step is captured once in a CUDA graph and replayed for each token: a small
+    model's decode step on a GPU is mostly the host's Python and kernel launches, which the
+    replay leaves out. Only the fastattn backend can: decode_attention reads the cache lengths
+    from the device, where SDPA would need the cache sliced to a host-known length.
+    ``capture=False`` runs the same step eagerly (how the CPU tests check it)."""
+
+    def __init__(self, model: GPT, caches: list, batch: int, device: torch.device,
+                 capture: bool):
+        self.model, self.caches, self.capture = model, caches, capture
+        self.idx = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.logits: Optional[Tensor] = None
+
+    def _step(self) -> Tensor:
+        # Under autocast a captured step must not use or fill autocast's cache of cast weights
+        # (PyTorch's CUDA-graph notes): the casts are part of the step.
+        dtype = fastattn._autocast.dtype(self.idx.device.type)
+        ctx = (torch.autocast(self.idx.device.type, dtype=dtype, cache_enabled=False)
+               if dtype is not None else contextlib.nullcontext())
+        with ctx:
+            self.lengths.copy_((self.pos + 1).to(torch.int32).expand(self.lengths.shape[0]))
+            for cache in self.caches:
+                cache.lengths = self.lengths
+            return self.model.lm_head(self.model._hidden(self.idx, self.pos, self.caches)[:, -1])
+
+    def __call__(self, ids: Tensor, pos: int) -> Tensor:
+        """Logits (B, V) of tokens ``ids`` (B, 1) at position ``pos``; a replayed graph's logits
+        live in its own buffer, which the next call overwrites."""
+        global _warned_capture
+        self.idx.copy_(ids)
+        self.pos.fill_(pos)
+        if not self.capture:
+            return self._step()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.logits
+        # First decode step: run it on a side stream (its logits are this step's; it also
+        # initialises cuBLAS and compiles any kernel), then capture the same step for the rest.
+        side = torch.cuda.Stream(device=self.idx.device)
+        side.wait_stream(torch.cuda.current_stream(self.idx.device))
+        with torch.cuda.stream(side):
+            logits = self._step()
+        torch.cuda.current_stream(self.idx.device).wait_stream(side)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._step()
+            self.graph = graph
+        except RuntimeError as exc:   # run the remaining steps without a graph
+            self.capture = False
+            if not _warned_capture:
+                _warned_capture = True
+                warnings.warn(f"GPT.generate: capturing the decode step in a CUDA graph failed "
+                              f"({exc}); decoding without one (cuda_graph=False skips the try)",
+                              RuntimeWarning, stacklevel=3)
+        return logits

@@ -2,6 +2,7 @@
 state_dict, the KV cache matches full recomputation, presets and errors."""
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 import fastattn
 from fastattn.models import GPT, PRESETS, GPTConfig, config
+from fastattn.models import gpt as gpt_module
 
 # Small on purpose: odd vocab, odd sequence lengths, both norm/mlp/position kinds, GQA, tied
 # and untied heads.
@@ -231,6 +233,75 @@ def test_generate_seeded_reproducible(backend):
     model.generate(prompt, 2)
     assert model.training and not model.blocks[0].training
     assert all(m.training for m in model.blocks[1].modules())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_generate_device_position_step_matches(name, monkeypatch):
+    # generate()'s CUDA-graph step (positions, ids and cache lengths in device buffers), run
+    # here without the capture: the same tokens as the plain decode step, greedy and sampled.
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    model = GPT(cfg, backend="fastattn")
+    with torch.no_grad():
+        model.wte.weight.mul_(20)
+    prompt = _tokens(cfg, batch=3, seq=5, seed=11)
+    plain = [model.generate(prompt, 20, temperature=0),
+             model.generate(prompt, 20, temperature=0.9, generator=torch.Generator().manual_seed(4))]
+    steps = []
+    real = gpt_module._DecodeStep
+
+    def spy(*args):
+        steps.append(real(*args))
+        return steps[-1]
+    monkeypatch.setattr(gpt_module, "_DecodeStep", spy)
+    monkeypatch.setattr(GPT, "_graph_decode", lambda self, flag, idx: True)
+    static = [model.generate(prompt, 20, temperature=0),
+              model.generate(prompt, 20, temperature=0.9, generator=torch.Generator().manual_seed(4))]
+    assert len(steps) == 2 and not steps[0].capture        # taken, and not captured on a CPU
+    for a, b in zip(plain, static):
+        assert torch.equal(a, b)
+
+
+def test_generate_cuda_graph_argument():
+    cfg = CONFIGS["gelu-learned-layernorm"]
+    prompt = _tokens(cfg, batch=1, seq=3)
+    for backend in ("fastattn", "torch"):
+        with pytest.raises(ValueError, match="cuda_graph=True needs the fastattn backend"):
+            GPT(cfg, backend=backend).generate(prompt, 2, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph must be None or a bool"):
+        GPT(cfg).generate(prompt, 2, cuda_graph="yes")
+    out = GPT(cfg).generate(prompt, 2, cuda_graph=False)
+    assert out.shape == (1, 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_generate_cuda_graph_matches_plain_steps(name, dtype):
+    # Prefill, then the same tokens through plain decode steps and through the captured and
+    # replayed graph (its first call runs eagerly, the next ones replay): logits agree at each.
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    model = GPT(cfg, backend="fastattn").cuda().eval()
+    prompt = _tokens(cfg, batch=3, seq=5, seed=11).cuda()
+    B, T = prompt.shape
+    make = lambda: [gpt_module.KVCache(B, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)  # noqa: E731
+                    for _ in range(cfg.n_layer)]
+    plain_caches, graph_caches = make(), make()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype else dict(rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype or torch.float32,
+                                         enabled=dtype is not None), warnings.catch_warnings():
+        warnings.simplefilter("error")      # a failed capture warns: fail the test
+        logits = model.lm_head(model._hidden(prompt, 0, plain_caches)[:, -1])
+        model._hidden(prompt, 0, graph_caches)
+        step = gpt_module._DecodeStep(model, graph_caches, B, prompt.device, True)
+        for i in range(6):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = model.lm_head(model._hidden(nxt, T + i, plain_caches)[:, -1])
+            torch.testing.assert_close(step(nxt, T + i).float(), logits.float(), **tol)
+        assert step.graph is not None and step.capture
+        out = model.generate(prompt, 8, temperature=0, cuda_graph=True)
+    assert out.shape == (B, T + 8)
 
 
 def test_sampling_follows_the_softmax():
