@@ -824,7 +824,7 @@ class _DecodeStep:
             with torch.cuda.graph(graph):
                 self.logits = self._step()
             self.graph = graph
-        except RuntimeError as exc:   # run the remaining steps without a graph
+        except Exception as exc:   # any failure to capture: the remaining steps without a graph
             self.capture = False
             if not _warned_capture:
                 _warned_capture = True
