@@ -692,6 +692,9 @@ class GPT(nn.Module):
             raise ValueError(f"GPT.generate: cuda_graph=True needs the fastattn backend (its "
                              f"decode_attention takes the cache lengths on the device) and CUDA "
                              f"inputs; got backend {self.backend!r}, ids on {idx.device}")
+        if cuda_graph and torch.cuda.is_current_stream_capturing():
+            raise ValueError("GPT.generate: cuda_graph=True inside a CUDA-graph capture (a "
+                             "graph cannot be captured within another); pass cuda_graph=False")
         return cuda_graph
 
     @staticmethod
@@ -804,7 +807,6 @@ class _DecodeStep:
     def __call__(self, ids: Tensor, pos: int) -> Tensor:
         """Logits (B, V) of tokens ``ids`` (B, 1) at position ``pos``; a replayed graph's logits
         live in its own buffer, which the next call overwrites."""
-        global _warned_capture
         self.idx.copy_(ids)
         self.pos.fill_(pos)
         if not self.capture:
@@ -812,23 +814,39 @@ class _DecodeStep:
         if self.graph is not None:
             self.graph.replay()
             return self.logits
-        # First decode step: run it on a side stream (its logits are this step's; it also
-        # initialises cuBLAS and compiles any kernel), then capture the same step for the rest.
-        side = torch.cuda.Stream(device=self.idx.device)
-        side.wait_stream(torch.cuda.current_stream(self.idx.device))
-        with torch.cuda.stream(side):
+        return self._warm_up_and_capture()
+
+    def _warm_up_and_capture(self) -> Tensor:
+        """The first decode step, run eagerly on a side stream (its logits are this step's; it
+        also initialises cuBLAS there and compiles any kernel), then the same step captured on
+        that stream for the next calls. Not torch.cuda.graph: its synchronize() / empty_cache()
+        on entry would flush the allocator of the whole process on every generate(), and after
+        a failed capture it would leave this thread on its capture stream. Capture errors are
+        thread-local (other threads' CUDA calls, a DataLoader's pinning thread, stay legal)."""
+        global _warned_capture
+        device = self.idx.device
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(current)
+        with torch.cuda.device(device), torch.cuda.stream(side):
             logits = self._step()
-        torch.cuda.current_stream(self.idx.device).wait_stream(side)
-        try:
+            side.synchronize()  # an error of the eager step surfaces here, not as "capture failed"
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self._step()
-            self.graph = graph
-        except Exception as exc:   # any failure to capture: the remaining steps without a graph
-            self.capture = False
-            if not _warned_capture:
-                _warned_capture = True
-                warnings.warn(f"GPT.generate: capturing the decode step in a CUDA graph failed "
-                              f"({exc}); decoding without one (cuda_graph=False skips the try)",
-                              RuntimeWarning, stacklevel=3)
+            try:
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    static = self._step()
+                finally:
+                    graph.capture_end()
+                self.graph, self.logits = graph, static
+            except Exception as exc:   # any failure to capture: the next steps without a graph
+                self.capture = False
+                if not _warned_capture:
+                    _warned_capture = True
+                    warnings.warn(f"GPT.generate: capturing the decode step in a CUDA graph "
+                                  f"failed ({type(exc).__name__}: {exc}); decoding without one "
+                                  f"(cuda_graph=False skips the attempt)", RuntimeWarning,
+                                  stacklevel=4)
+        current.wait_stream(side)
+        logits.record_stream(current)
         return logits

@@ -236,17 +236,22 @@ def test_generate_seeded_reproducible(backend):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_generate_device_position_step_matches(name, monkeypatch):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_generate_device_position_step_matches(name, autocast, monkeypatch):
     # generate()'s CUDA-graph step (positions, ids and cache lengths in device buffers), run
-    # here without the capture: the same tokens as the plain decode step, greedy and sampled.
+    # here without the capture: the same tokens as the plain decode step, greedy and sampled;
+    # under autocast too (the step then casts without autocast's weight cache).
     cfg = CONFIGS[name]
     torch.manual_seed(0)
     model = GPT(cfg, backend="fastattn")
     with torch.no_grad():
         model.wte.weight.mul_(20)
     prompt = _tokens(cfg, batch=3, seq=5, seed=11)
-    plain = [model.generate(prompt, 20, temperature=0),
-             model.generate(prompt, 20, temperature=0.9, generator=torch.Generator().manual_seed(4))]
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with amp:
+        plain = [model.generate(prompt, 20, temperature=0),
+                 model.generate(prompt, 20, temperature=0.9,
+                                generator=torch.Generator().manual_seed(4))]
     steps = []
     real = gpt_module._DecodeStep
 
@@ -255,8 +260,10 @@ def test_generate_device_position_step_matches(name, monkeypatch):
         return steps[-1]
     monkeypatch.setattr(gpt_module, "_DecodeStep", spy)
     monkeypatch.setattr(GPT, "_graph_decode", lambda self, flag, idx: True)
-    static = [model.generate(prompt, 20, temperature=0),
-              model.generate(prompt, 20, temperature=0.9, generator=torch.Generator().manual_seed(4))]
+    with amp:
+        static = [model.generate(prompt, 20, temperature=0),
+                  model.generate(prompt, 20, temperature=0.9,
+                                 generator=torch.Generator().manual_seed(4))]
     assert len(steps) == 2 and not steps[0].capture        # taken, and not captured on a CPU
     for a, b in zip(plain, static):
         assert torch.equal(a, b)
@@ -300,8 +307,38 @@ def test_generate_cuda_graph_matches_plain_steps(name, dtype):
             logits = model.lm_head(model._hidden(nxt, T + i, plain_caches)[:, -1])
             torch.testing.assert_close(step(nxt, T + i).float(), logits.float(), **tol)
         assert step.graph is not None and step.capture
-        out = model.generate(prompt, 8, temperature=0, cuda_graph=True)
-    assert out.shape == (B, T + 8)
+        # generate() itself: the default captures (>= GRAPH_MIN_TOKENS), same greedy tokens
+        plain = model.generate(prompt, 12, temperature=0, cuda_graph=False)
+        steps = []
+        real = gpt_module._DecodeStep
+        gpt_module._DecodeStep = lambda *a: steps.append(real(*a)) or steps[-1]
+        try:
+            default = model.generate(prompt, 12, temperature=0)
+        finally:
+            gpt_module._DecodeStep = real
+        assert steps and steps[0].graph is not None
+        if dtype is None:
+            assert torch.equal(default, plain)
+        else:   # bf16: near-tied logits may pick another token; the prompt and shape hold
+            assert default.shape == plain.shape and torch.equal(default[:, :T], prompt)
+
+
+@pytest.mark.gpu
+def test_generate_cuda_graph_falls_back():
+    # The reference backend's decode reads the lengths to the host: its capture fails, and
+    # generate() warns, decodes without a graph, and leaves the thread on its own stream.
+    cfg = CONFIGS["swiglu-rope-rmsnorm-gqa"]
+    torch.manual_seed(0)
+    model = GPT(cfg, backend="fastattn").cuda()
+    prompt = _tokens(cfg, batch=2, seq=4, seed=3).cuda()
+    with fastattn.use_backend("reference"):
+        plain = model.generate(prompt, 10, temperature=0, cuda_graph=False)
+        gpt_module._warned_capture = False
+        with pytest.warns(RuntimeWarning, match="capturing the decode step in a CUDA graph failed"):
+            graphed = model.generate(prompt, 10, temperature=0, cuda_graph=True)
+    assert torch.equal(plain, graphed)
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert torch.equal(model.generate(prompt, 10, temperature=0, cuda_graph=False), plain)
 
 
 def test_sampling_follows_the_softmax():
