@@ -789,6 +789,8 @@ class _DecodeStep:
         self.idx = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)
+        for cache in caches:    # every layer reads the step's lengths from this one buffer
+            cache.lengths = self.lengths
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[Tensor] = None
 
@@ -800,8 +802,6 @@ class _DecodeStep:
                if dtype is not None else contextlib.nullcontext())
         with ctx:
             self.lengths.copy_((self.pos + 1).to(torch.int32).expand(self.lengths.shape[0]))
-            for cache in self.caches:
-                cache.lengths = self.lengths
             return self.model.lm_head(self.model._hidden(self.idx, self.pos, self.caches)[:, -1])
 
     def __call__(self, ids: Tensor, pos: int) -> Tensor:
