@@ -39,6 +39,37 @@ def bench_ms(fn, rep_ms=400):
     return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
 
 
+def bench_graph_ms(fn, calls=20, replays=25):
+    """Milliseconds per call of ``fn`` replayed from a CUDA graph of ``calls`` back-to-back calls
+    (median over ``replays``): the device's time alone, without the host's per-call cost, which
+    is how a decode step runs in a serving loop (and in GPT.generate). Warm-up and capture run on
+    a side stream, as graph capture requires."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin()
+        try:
+            for _ in range(calls):
+                fn()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
 def peak_mb(fn) -> float:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -321,6 +352,10 @@ def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
             pass
         for impl, fn in impls.items():
             _record(results, case, impl, fn, work, "GB/s")
+        # The same calls replayed from a CUDA graph: the kernels' own bandwidth. At these sizes
+        # a call's host time (Python, argument checks, launches) can exceed the kernel's.
+        for impl, fn in impls.items():
+            _record(results, case, f"{impl} (CUDA graph)", fn, work, "GB/s", graph=True)
         del q, kc, vc
 
 
@@ -451,10 +486,12 @@ def gemm_cases(results, deadline, tokens=16384, d=4096, f=11008):
     del x, w, dh
 
 
-def _record(results, case, impl, step, work, unit):
+def _record(results, case, impl, step, work, unit, graph=False):
+    """Times ``step`` (``graph``: replayed from a CUDA graph, ``bench_graph_ms``) and appends
+    its row; a failure is a row of NaN with the exception's name, and the run goes on."""
     try:
         step()                                   # compile / autotune outside the timing
-        ms = bench_ms(step)
+        ms = bench_graph_ms(step) if graph else bench_ms(step)
         mem = peak_mb(step)
         results.append(Result(case, impl, ms, work, unit, mem))
         r = results[-1]

@@ -178,7 +178,10 @@ fi
 
 if bench_s=$(limit 600 60); then   # 60 s kept for the host-overhead table
   stamp "gpu benchmarks (${bench_s} s)"
-  timeout "$bench_s" $PY -m benchmarks.gpu_bench --out "$OUT" --budget-s $(( bench_s * 3 / 4 )) \
+  # TRITON_PRINT_AUTOTUNING: the log names each kernel's chosen config, which is what
+  # FASTATTN_AUTOTUNE=0 (the tests, gpu-train-check) should pick first (attn._prune's order).
+  TRITON_PRINT_AUTOTUNING=1 timeout "$bench_s" $PY -m benchmarks.gpu_bench --out "$OUT" \
+    --budget-s $(( bench_s * 3 / 4 )) \
     ${GPU_BENCH_ARGS:-} >"$OUT/gpu_bench.log" 2>&1
   bench_rc=$?
 else

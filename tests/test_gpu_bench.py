@@ -66,6 +66,7 @@ def on_cpu(monkeypatch):
     monkeypatch.setattr(gpu_bench, "DEVICE", "cpu")
     monkeypatch.setattr(gpu_bench, "DTYPE", torch.float16)
     monkeypatch.setattr(gpu_bench, "bench_ms", lambda fn, rep_ms=400: (fn(), 1.0)[1])
+    monkeypatch.setattr(gpu_bench, "bench_graph_ms", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(gpu_bench, "peak_mb", lambda fn: 0.0)   # (torch.cuda memory stats)
     monkeypatch.setattr(gpu_bench, "_held_after_forward_mb",
                         lambda fn, x, params: (fn(x, *params), 0.0)[1])

@@ -42,8 +42,12 @@ def _jit_function(kernel):
     return fn
 
 
-def compile_job(job):
-    """Lowers one kernel variant; returns its report line (raises on a compiler error)."""
+def compile_job(job, report=True):
+    """Lowers one kernel variant; returns its report line, or with ``report=False`` the compiled
+    kernel (raises on a compiler error). ``job["aligned"]``: every pointer and stride that the
+    kernel lets specialise is taken as 16-aligned, as the JIT finds them for contiguous
+    operands with head dims that are multiples of 8 (without it, loads are compiled as for any
+    alignment)."""
     fn = _jit_function(getattr(importlib.import_module(job["module"]), job["kernel"]))
     constants = {name: v for name, v in job["constants"].items() if name in fn.arg_names}
     # A recorded launch's specialisations, as the JIT would apply them (not on parameters
@@ -55,11 +59,17 @@ def compile_job(job):
             constants[param.name] = 1
         elif spec == "D" and not (param.do_not_specialize or param.do_not_specialize_on_alignment):
             attrs[(param.num,)] = [["tt.divisibility", 16]]
+        elif (job.get("aligned") and param.name not in constants and not param.do_not_specialize
+              and (job["signature"].get(param.name, "").startswith("*")
+                   or param.name.startswith("stride_"))):
+            attrs[(param.num,)] = [["tt.divisibility", 16]]
     signature = {name: "constexpr" if name in constants else job["signature"].get(
         name, "fp32" if name in FLOAT_ARGS else "i32") for name in fn.arg_names}
     options = {"num_warps": 4, "num_stages": 2, **job.get("options", {})}
     target = GPUTarget("cuda", job["capability"], 32)
     compiled = triton.compile(ASTSource(fn, signature, constants, attrs), target=target, options=options)
+    if not report:
+        return compiled
     return f"sm_{job['capability']} {job['label']} {job['kernel']}: shared {compiled.metadata.shared} B"
 
 

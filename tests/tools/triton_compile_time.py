@@ -1,15 +1,22 @@
-"""Seconds Triton takes to compile the attention kernels for a GPU, measured on this machine
-(no GPU needed): one kernel at a time, pointer loads, no bias / softcap / dropout.
+"""Seconds Triton takes to compile the attention kernels for a GPU, and what the binary needs
+(registers per thread, spilled bytes, shared memory), measured on this machine (no GPU needed):
+one kernel at a time, no bias / softcap / dropout.
 
 Why it exists: fp32 attention multiplies with "ieee" products, which have no tensor-core
 instruction, so every tl.dot unrolls into FMAs and the compile time grows with the tile; a GPU
-test once ran past its 90 s limit compiling one (see attn._prune).
+test once ran past its 90 s limit compiling one (see attn._prune). The register report (ptxas
+-v on Triton's PTX, when ptxas is on the PATH) shows which autotuning configs spill before a GPU
+session times them.
 Usage: python -m tests.tools.triton_compile_time [--dtype fp32] [--head-dim 40]
-       [--tiles 64x64 32x32] [--capability 90]
+       [--tiles 64x64 32x32] [--warps 4] [--stages 2] [--tma] [--kernels fwd dkdv dq]
+       [--capability 90]
 """
 
 import argparse
 import os
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,32 +33,70 @@ from fastattn.ops.attention import triton as attn  # noqa: E402  (after triton_a
 KERNELS = {"fwd": attn._fwd_kernel, "dkdv": attn._bwd_dkdv_kernel, "dq": attn._bwd_dq_kernel}
 
 
+def resources(ptx: str, capability: int) -> str:
+    """ptxas's report for this PTX (as Triton runs ptxas: the PTX's own .maxntid bounds the
+    registers): registers per thread and spilled bytes; empty without ptxas."""
+    ptxas = shutil.which("ptxas")
+    if ptxas is None:
+        return ""
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o", src + ".cubin"],
+                              capture_output=True, text=True)
+    report = done.stdout + done.stderr
+    regs = re.search(r"Used (\d+) registers", report)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    if regs is None:
+        return f", ptxas failed: {report.strip()[-200:]}"
+    return (f", {regs.group(1)} registers, spills {spill.group(1)} B stored / {spill.group(2)} B "
+            f"loaded" if spill else f", {regs.group(1)} registers")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"))
     parser.add_argument("--head-dim", type=int, default=40)
     parser.add_argument("--tiles", nargs="+", default=["64x64", "32x32"], help="BLOCK_MxBLOCK_N")
+    parser.add_argument("--warps", nargs="+", type=int, default=[4])
+    parser.add_argument("--stages", nargs="+", type=int, default=[2])
+    parser.add_argument("--tma", action="store_true",
+                        help="the Hopper path: streamed tiles through TMA descriptors")
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--capability", type=int, default=90)
     args = parser.parse_args()
     dt, d = args.dtype, args.head_dim
+    if args.tma and (args.capability < 90 or d & (d - 1)):
+        parser.error("--tma needs --capability >= 90 and a power-of-two head dim")
     pointers = {n: "*" + dt for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
     pointers.update({"Bias": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32",
                      "CuK": "*i32", "DQAcc": "*fp32"})
-    print(f"triton {triton.__version__}, sm_{args.capability}, {dt}, head dim {d}")
+    print(f"triton {triton.__version__}, sm_{args.capability}, {dt}, head dim {d}"
+          f"{', TMA' if args.tma else ', pointer loads'}")
     for tiles in args.tiles:
         bm, bn = (int(x) for x in tiles.split("x"))
         flags = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), HAS_BIAS=False,
-                     HAS_SOFTCAP=False, HAS_DROPOUT=False, IS_VARLEN=False, USE_TMA=False,
+                     HAS_SOFTCAP=False, HAS_DROPOUT=False, IS_VARLEN=False, USE_TMA=args.tma,
                      ATOMIC_DQ=False, PRECISION="ieee" if dt == "fp32" else None, BLOCK_M=bm,
                      BLOCK_N=bn)
-        for name, kernel in KERNELS.items():
-            job = dict(module=aot.ATTENTION, kernel=aot._jit_function(kernel).__name__,
-                       signature={**pointers, **aot._streamed_args(kernel, dt, d, flags, False)},
-                       constants=flags, options={}, capability=args.capability,
-                       label=f"{dt} d={d} {bm}x{bn}")
-            t0 = time.perf_counter()
-            aot.compile_job(job)
-            print(f"  {bm}x{bn} {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        for warps in args.warps:
+            for stages in args.stages:
+                for name in args.kernels:
+                    kernel = KERNELS[name]
+                    job = dict(module=aot.ATTENTION, kernel=aot._jit_function(kernel).__name__,
+                               signature={**pointers,
+                                          **aot._streamed_args(kernel, dt, d, flags, args.tma)},
+                               constants=flags, options=dict(num_warps=warps, num_stages=stages),
+                               capability=args.capability, label=f"{dt} d={d} {bm}x{bn}",
+                               aligned=True)
+                    t0 = time.perf_counter()
+                    compiled = aot.compile_job(job, report=False)
+                    took = time.perf_counter() - t0
+                    print(f"  {bm}x{bn} {warps} warps {stages} stages {name}: {took:.1f} s, shared "
+                          f"{compiled.metadata.shared} B{resources(compiled.asm['ptx'], args.capability)}",
+                          flush=True)
     return 0
 
 
