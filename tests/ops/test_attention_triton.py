@@ -586,3 +586,30 @@ def test_fp32_runs_only_32x32_tiles():
             half = prune(configs, {}, **shape, PRECISION=None)
             if d < 256:
                 assert (half[0].kwargs["BLOCK_M"], half[0].kwargs["BLOCK_N"]) != (32, 32)
+
+
+def _kept(kind, d, **shape):
+    prune, configs = fa_triton._prune(kind), fa_triton._configs(kind)
+    kept = prune(configs, {}, BLOCK_D=d, **{"SQ_BUCKET": 4096, "SK_BUCKET": 4096, **shape},
+                 PRECISION=None)
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_backward_configs_follow_the_register_table(d):
+    """The backward's tuning space at the head dims the register table covers
+    (benchmarks/results/triton-registers-sm90a-2026-11-30.txt, ptxas for sm_90a): no 4-warp
+    config with a 128-wide tile (they spill 100-6000 B), dK/dV's first config (the
+    FASTATTN_AUTOTUNE=0 pick) with 8 warps (4 warps at 64 x 64 spill 2-4x more), and dQ free to
+    tune the larger spill-free tiles."""
+    for kind in ("dkdv", "dq"):
+        kept = _kept(kind, d)
+        assert kept, kind
+        assert not [c for c in kept if c[2] == 4 and 128 in c[:2]], (kind, kept)
+    assert _kept("dkdv", d)[0] == (64, 64, 8)
+    assert (64, 64, 4) in _kept("dkdv", d)            # still timed against the 8-warp one
+    assert {(128, 64, 8), (64, 128, 8)} <= set(_kept("dq", d))
+    if d == 128:   # dK/dV spills 390-1200 B with any 128-wide tile but the 32 x 128 one
+        assert {c[:2] for c in _kept("dkdv", d) if 128 in c[:2]} == {(32, 128)}
+    # the forward is untouched by these rules
+    assert _kept("fwd", d)[0] == (64, 64, 4)

@@ -33,10 +33,20 @@ from fastattn.ops.attention import triton as attn  # noqa: E402  (after triton_a
 KERNELS = {"fwd": attn._fwd_kernel, "dkdv": attn._bwd_dkdv_kernel, "dq": attn._bwd_dq_kernel}
 
 
+def _ptxas(capability: int):
+    """The ptxas Triton itself runs for this target (its bundled one, or TRITON_PTXAS_PATH),
+    else the one on the PATH."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(capability).path
+    except Exception:   # older triton: no get_ptxas
+        return shutil.which("ptxas")
+
+
 def resources(ptx: str, capability: int) -> str:
     """ptxas's report for this PTX (as Triton runs ptxas: the PTX's own .maxntid bounds the
-    registers): registers per thread and spilled bytes; empty without ptxas."""
-    ptxas = shutil.which("ptxas")
+    registers): registers per thread and spilled bytes; empty without a ptxas."""
+    ptxas = _ptxas(capability)
     if ptxas is None:
         return ""
     arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
@@ -74,7 +84,8 @@ def main() -> int:
     pointers.update({"Bias": "*fp32", "Lse": "*fp32", "Delta": "*fp32", "CuQ": "*i32",
                      "CuK": "*i32", "DQAcc": "*fp32"})
     print(f"triton {triton.__version__}, sm_{args.capability}, {dt}, head dim {d}"
-          f"{', TMA' if args.tma else ', pointer loads'}")
+          f"{', TMA' if args.tma else ', pointer loads'}, ptxas: "
+          f"{_ptxas(args.capability) or 'none found (no register report)'}")
     for tiles in args.tiles:
         bm, bn = (int(x) for x in tiles.split("x"))
         flags = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), HAS_BIAS=False,

@@ -129,23 +129,30 @@ def _configs(kind):
     ]
     # Backward only, head dims 64 to 128: the tile held in registers long and the streamed one
     # short (FlashAttention-2's Triton backward on Hopper): dK/dV keeps 128 keys and streams 32
-    # queries, dQ keeps 128 queries and streams 32 keys.
+    # queries, dQ keeps 128 queries and streams 32 keys. 8 warps: with 4 they spill (_prune).
     unequal = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=hook)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=8, num_stages=s, pre_hook=hook)
         for bm, bn in ((32, 128), (128, 32))
-        for w in (4, 8)
         for s in (2, 3)
     ]
     return main + small + unequal
 
 
 def _prune(kind):
-    # Register budget (ptxas for sm_90, fp16): a forward program holds Q_i and the fp32
-    # accumulator (2 * BLOCK_M * D) plus a BLOCK_M x BLOCK_N score tile; the dK/dV program holds
-    # K_j, V_j and two fp32 accumulators (4 * BLOCK_N * D). At D = 128 the forward fits
-    # 128 x 64 with 8 warps without spilling, the backward spills above 64 x 64 x 8 warps;
-    # at D = 256 nothing above 64 x 64 fits. Tiles longer than the (bucketed) sequence only add
-    # masked work, and 4 warps cannot cover a 128-wide tile's scores at D >= 128.
+    # Registers and spills per config: `python -m tests.tools.triton_compile_time --dtype bf16
+    # --head-dim {64,128} --tiles ... --warps 4 8 --stages 2 3 [--tma]` (ptxas -v for sm_90a,
+    # triton 3.8; benchmarks/results/triton-registers-sm90a-2026-11-30.txt). A forward program
+    # holds Q_i and the fp32 accumulator (2 * BLOCK_M * D) plus a BLOCK_M x BLOCK_N score tile;
+    # a dK/dV program holds K_j, V_j and two fp32 accumulators (4 * BLOCK_N * D). What that
+    # table shows, TMA and pointer loads alike:
+    # - dK/dV spills at every tile at D = 128 (least with 8 warps: 64 x 64 160-250 B, 32 x 128
+    #   80-180 B; 64 x 64 with 4 warps 540-1010 B), and at D = 64 only 64 x 64 with 8 warps is
+    #   (nearly) spill-free; so 8 warps come first for it (the FASTATTN_AUTOTUNE=0 pick).
+    # - dQ does not spill with 8 warps at 64 x 128 or 128 x 64 at D = 128 either.
+    # - Backward programs with a 128-wide tile and 4 warps spill 100-6000 B at D = 64 and 128
+    #   (the unequal 32 x 128 / 128 x 32 tiles included).
+    # At D = 256 nothing above 64 x 64 fits. Tiles longer than the (bucketed) sequence only add
+    # masked work. Which config is fastest is the autotuner's to find (gpu-check logs its picks).
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         d = args["BLOCK_D"]
@@ -166,23 +173,25 @@ def _prune(kind):
                 continue
             if {bm, bn} == {32, 128}:
                 held = bn if kind == "dkdv" else bm
-                if (kind != "fwd" and held == 128 and 64 <= d <= 128 and min(sq, sk) > 64
-                        and not (c.num_warps == 4 and d >= 128)):
+                if kind != "fwd" and held == 128 and 64 <= d <= 128 and min(sq, sk) > 64:
                     kept.append(c)
                 continue
             if (bm < 64 or bn < 64) and d < 256:
                 continue
             if d >= 256 and (bm > 64 or bn > 64):
                 continue
-            if kind != "fwd" and d >= 128 and max(bm, bn) == 128:
+            if d >= 128 and ((kind == "dkdv" and max(bm, bn) == 128)
+                             or (kind == "dq" and bm == bn == 128)):
                 continue
             if (sq <= 64 and bm > 64) or (sk <= 64 and bn > 64):
                 continue
-            if c.num_warps == 8 and max(bm, bn) == 64 and d < 128:
+            if c.num_warps == 8 and max(bm, bn) == 64 and d < (64 if kind == "dkdv" else 128):
                 continue
-            if c.num_warps == 4 and max(bm, bn) == 128 and d >= 128:
+            if c.num_warps == 4 and max(bm, bn) == 128 and (d >= 128 or (kind != "fwd" and d >= 64)):
                 continue
             kept.append(c)
+        if kind == "dkdv" and 64 <= d <= 128:
+            kept.sort(key=lambda c: c.num_warps != 8)   # stable: 8 warps first
         kept = kept or [
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2, pre_hook=_block_shape_hook(kind))
         ]
