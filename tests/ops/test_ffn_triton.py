@@ -161,6 +161,48 @@ def test_matmul_glu_grad(T, D, Fh, layout, dtype, activation):
     check(m, m_ref.detach(), dtype)
 
 
+@pytest.mark.parametrize("block_n", [32, 64])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_epilogue_on_column_slices(monkeypatch, dtype, block_n):
+    """Tiles wider than SLICE_N run their epilogue slice by slice (2 and 4 slices of 16 here),
+    in both kernels; each slice must take its own columns of the product, bias, h, g and u (a
+    slice paired with another's columns or offsets fails), the last tile ragged in N."""
+    if not ffn_triton.INTERPRET:
+        pytest.skip("tile shapes are forced in the interpreter only")
+    assert ffn_triton.SLICE_N == 16 and block_n > ffn_triton.SLICE_N
+    monkeypatch.setattr(ffn_triton, "_INTERPRET_CONFIG",
+                        {**ffn_triton._INTERPRET_CONFIG, "BLOCK_N": block_n})
+    T, D, Fh = 19, 40, 2 * block_n + 7
+    x, w = make(T, D, dtype, "contiguous"), make(Fh, D, dtype, "contiguous", scale=D**-0.5)
+    bias = make(1, Fh, dtype, "contiguous").view(Fh)
+    h, a = ffn_triton.linear_act(x, w, bias, "gelu")                     # EPI "act" + bias
+    h_ref = d64(x) @ d64(w).T + d64(bias)
+    check(h, h_ref, dtype)
+    check(a, act64("gelu", h_ref), dtype)
+    dout, w2 = make(T, D, dtype, "contiguous"), make(D, Fh, dtype, "contiguous", scale=Fh**-0.5)
+    hh = make(T, Fh, dtype, "contiguous", scale=2.0)
+    dh, a2 = ffn_triton.matmul_act_grad(dout, w2, hh, "gelu")            # EPI "act_grad"
+    a_ref, dh_ref = act_vjp64("gelu", hh, d64(dout) @ d64(w2))
+    check(dh, dh_ref, dtype)
+    check(a2, a_ref, dtype)
+    g, u = make(T, Fh, dtype, "contiguous", scale=2.0), make(T, Fh, dtype, "contiguous")
+    dg, du, m = ffn_triton.matmul_glu_grad(dout, w2, g, u, "silu")       # EPI "glu_grad"
+    dm = d64(dout) @ d64(w2)
+    g64, u64 = d64(g).requires_grad_(True), d64(u).requires_grad_(True)
+    m_ref = act64("silu", g64) * u64
+    dg_ref, du_ref = torch.autograd.grad(m_ref, (g64, u64), dm)
+    check(dg, dg_ref, dtype)
+    check(du, du_ref, dtype)
+    check(m, m_ref.detach(), dtype)
+    check(ffn_triton.matmul(dout, w2.t()), d64(dout) @ d64(w2), dtype)  # EPI "none", whole
+    wg, wu = (make(Fh, D, dtype, "contiguous", scale=D**-0.5) for _ in range(2))
+    g2, u2, m2 = ffn_triton.linear_glu(x, wg, wu, "silu")                # the GLU kernel
+    g_ref, u_ref = d64(x) @ d64(wg).T, d64(x) @ d64(wu).T
+    check(g2, g_ref, dtype)
+    check(u2, u_ref, dtype)
+    check(m2, act64("silu", g_ref) * u_ref, dtype)
+
+
 # ----------------------------------------------------------------------------- plain matmul
 
 

@@ -1,6 +1,6 @@
 """Seconds Triton takes to compile the attention kernels for a GPU, and what the binary needs
 (registers per thread, spilled bytes, shared memory), measured on this machine (no GPU needed):
-one kernel at a time, no bias / softcap / dropout.
+one kernel at a time, no bias / softcap / dropout; with --ffn the FFN matmuls' configs.
 
 Why it exists: fp32 attention multiplies with "ieee" products, which have no tensor-core
 instruction, so every tl.dot unrolls into FMAs and the compile time grows with the tile; a GPU
@@ -10,6 +10,7 @@ session times them.
 Usage: python -m tests.tools.triton_compile_time [--dtype fp32] [--head-dim 40]
        [--tiles 64x64 32x32] [--warps 4] [--stages 2] [--tma] [--kernels fwd dkdv dq]
        [--capability 90]
+       python -m tests.tools.triton_compile_time --ffn --dtype bf16 [--tma]   (the FFN matmuls)
 """
 
 import argparse
@@ -76,8 +77,14 @@ def main() -> int:
                         help="the Hopper path: streamed tiles through TMA descriptors")
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--capability", type=int, default=90)
+    parser.add_argument("--ffn", action="store_true",
+                        help="the FFN matmuls instead: each half-precision autotuning config of "
+                             "the GEMM (epilogues act, act_grad, glu_grad) and GLU kernels, over A "
+                             "and B as laid out (TMA with --tma)")
     args = parser.parse_args()
     dt, d = args.dtype, args.head_dim
+    if args.ffn:
+        return ffn(dt, args.tma, args.capability)
     if args.tma and (args.capability < 90 or d & (d - 1)):
         parser.error("--tma needs --capability >= 90 and a power-of-two head dim")
     pointers = {n: "*" + dt for n in ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")}
@@ -108,6 +115,36 @@ def main() -> int:
                     print(f"  {bm}x{bn} {warps} warps {stages} stages {name}: {took:.1f} s, shared "
                           f"{compiled.metadata.shared} B{resources(compiled.asm['ptx'], args.capability)}",
                           flush=True)
+    return 0
+
+
+def ffn(dt: str, tma: bool, capability: int) -> int:
+    from fastattn.ops.ffn import triton as ffn_triton
+
+    print(f"triton {triton.__version__}, sm_{capability}, {dt}, FFN matmuls"
+          f"{', TMA' if tma else ', pointer loads'}, ptxas: "
+          f"{_ptxas(capability) or 'none found (no register report)'}")
+    ptrs = {n: "*" + dt for n in ("A", "B", "Bias", "E1", "E2", "O1", "O2", "O3", "BG", "BU", "G",
+                                  "U", "Mout")}
+    jobs = [("_gemm_kernel", epi, c) for epi in ("act", "act_grad", "glu_grad")
+            for c in ffn_triton._HALF_CONFIGS]
+    jobs += [("_glu_kernel", "glu", c) for c in ffn_triton._GLU_HALF_CONFIGS]
+    for kernel, epi, c in jobs:
+        bm, bn, bk = (c.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        flags = dict(c.kwargs, ACT="gelu" if kernel == "_gemm_kernel" else "silu",
+                     HAS_BIAS=epi == "act", PRECISION=None, USE_TMA=tma, A_T=False, B_T=False,
+                     EVEN_K=True, EPI=epi)
+        sig = dict(ptrs)
+        for name, rows in (("ADesc", bm), ("BDesc", bn), ("BGDesc", bn), ("BUDesc", bn)):
+            sig[name] = f"tensordesc<{dt}[{rows},{bk}]>" if tma else "*" + dt
+        job = dict(module=aot.FFN, kernel=kernel, signature=sig, constants=flags,
+                   options=dict(num_warps=c.num_warps, num_stages=c.num_stages),
+                   capability=capability, label="", aligned=True)
+        t0 = time.perf_counter()
+        compiled = aot.compile_job(job, report=False)
+        print(f"  {kernel} {epi} {bm}x{bn}x{bk} {c.num_warps} warps {c.num_stages} stages: "
+              f"{time.perf_counter() - t0:.1f} s, shared {compiled.metadata.shared} B"
+              f"{resources(compiled.asm['ptx'], capability)}", flush=True)
     return 0
 
 

@@ -288,6 +288,11 @@ def _tma_b(desc, pid_n, k, B_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl
 # ones once per class of it as K (and EVEN_K).
 _TUNE_INTS = ["M_BUCKET", "N_BUCKET", "K_BUCKET"]
 
+# Width of the column slices the epilogues work on (_gemm_kernel, _glu_kernel). At 128 x 256
+# with 8 warps, ptxas for sm_90a: the SwiGLU gradient epilogue spilled 2.1 KB per thread with
+# 64-column slices, 0.7 KB with 32 and none with 16 (the GELU gradient: 1 KB, none, none).
+SLICE_N = tl.constexpr(16)
+
 
 # ---------------------------------------------------------------------------------------------
 # One accumulator: plain matmul, linear + activation, matmul + activation gradient, GLU grad
@@ -366,32 +371,117 @@ def _gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    if HAS_BIAS:
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    # Every epilogue starts from the product rounded to the output dtype, as an unfused matmul
+    # hands it on (the stored h; dY W in the backward, as eager's matmul rounds it), which in
+    # half precision holds it in half the registers. The epilogues that load or compute more
+    # tiles of its size then run on column slices of it: at 128 x 256 with 8 warps the fp32
+    # accumulator alone is 128 registers per thread, and on the whole tile act'(h) next to it
+    # spilled 3.6 KB per thread, g and u 11 KB (ptxas for sm_90a; numbers before and after in
+    # benchmarks/results/triton-registers-sm90a-2026-11-30.txt).
+    if EPI == "none" or EPI == "act":
+        p = acc.to(O1.dtype.element_ty)
+    else:
+        p = acc
+    if EPI == "none" or BLOCK_N <= SLICE_N:
+        _gemm_epilogue(p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n,
+                       stride_e2m, stride_e2n, EPI, ACT, BLOCK_N)
+    elif BLOCK_N <= 2 * SLICE_N:
+        _epilogue_2(p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n,
+                    stride_e2m, stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N)
+    elif BLOCK_N <= 4 * SLICE_N:
+        _epilogue_4(p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n,
+                    stride_e2m, stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N)
+    elif BLOCK_N <= 8 * SLICE_N:
+        _epilogue_8(p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n,
+                    stride_e2m, stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N)
+    else:
+        _epilogue_16(p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n,
+                     stride_e2m, stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _epilogue_2(p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n, stride_e2m,
+                stride_e2n, EPI: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    p0, p1 = _halves(p, BLOCK_M, BLOCK_N)
+    _gemm_epilogue(p0, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n, stride_e2m,
+                   stride_e2n, EPI, ACT, BLOCK_N // 2)
+    _gemm_epilogue(p1, offs_m, n0 + BLOCK_N // 2, E1, E2, O1, O2, O3, M, N, stride_e1m,
+                   stride_e1n, stride_e2m, stride_e2n, EPI, ACT, BLOCK_N // 2)
+
+
+@triton.jit
+def _epilogue_4(p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n, stride_e2m,
+                stride_e2n, EPI: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    p0, p1 = _halves(p, BLOCK_M, BLOCK_N)
+    _epilogue_2(p0, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n, stride_e2m,
+                stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N // 2)
+    _epilogue_2(p1, offs_m, n0 + BLOCK_N // 2, E1, E2, O1, O2, O3, M, N, stride_e1m,
+                stride_e1n, stride_e2m, stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _epilogue_8(p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n, stride_e2m,
+                stride_e2n, EPI: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    p0, p1 = _halves(p, BLOCK_M, BLOCK_N)
+    _epilogue_4(p0, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n, stride_e2m,
+                stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N // 2)
+    _epilogue_4(p1, offs_m, n0 + BLOCK_N // 2, E1, E2, O1, O2, O3, M, N, stride_e1m,
+                stride_e1n, stride_e2m, stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _epilogue_16(p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n, stride_e2m,
+                 stride_e2n, EPI: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    p0, p1 = _halves(p, BLOCK_M, BLOCK_N)
+    _epilogue_8(p0, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n, stride_e2m,
+                stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N // 2)
+    _epilogue_8(p1, offs_m, n0 + BLOCK_N // 2, E1, E2, O1, O2, O3, M, N, stride_e1m,
+                stride_e1n, stride_e2m, stride_e2n, EPI, ACT, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _halves(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A (BLOCK_M, BLOCK_N) tile's column halves [0, BLOCK_N / 2) and [BLOCK_N / 2, BLOCK_N).
+    return tl.split(tl.permute(tl.reshape(x, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _gemm_epilogue(
+    p, offs_m, n0, E1, E2, O1, O2, O3, M, N, stride_e1m, stride_e1n, stride_e2m, stride_e2n,
+    EPI: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # _gemm_kernel's epilogue on the product's columns [n0, n0 + BLOCK_N), p in O1's dtype.
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     om = offs_m.to(tl.int64)[:, None]
     on = offs_n.to(tl.int64)[None, :]
     out = om * N + on
     dtype = O1.dtype.element_ty
-    if HAS_BIAS:
-        acc += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-
     if EPI == "none":
-        tl.store(O1 + out, acc.to(dtype), mask=mask)
+        tl.store(O1 + out, p, mask=mask)
     elif EPI == "act":
-        h = acc.to(dtype)
-        tl.store(O1 + out, h, mask=mask)
-        tl.store(O2 + out, _act(h.to(tl.float32), ACT).to(dtype), mask=mask)
+        tl.store(O1 + out, p, mask=mask)
+        tl.store(O2 + out, _act(p.to(tl.float32), ACT).to(dtype), mask=mask)
     elif EPI == "act_grad":
         h = tl.load(E1 + om * stride_e1m + on * stride_e1n, mask=mask, other=0.0).to(tl.float32)
         a, da_dh = _act_and_grad(h, ACT)
-        tl.store(O1 + out, (acc * da_dh).to(dtype), mask=mask)
+        tl.store(O1 + out, (p.to(tl.float32) * da_dh).to(dtype), mask=mask)
         tl.store(O2 + out, a.to(dtype), mask=mask)
     else:  # "glu_grad"
         g = tl.load(E1 + om * stride_e1m + on * stride_e1n, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(E2 + om * stride_e2m + on * stride_e2n, mask=mask, other=0.0).to(tl.float32)
         ag, dag = _act_and_grad(g, ACT)
-        tl.store(O1 + out, (acc * u * dag).to(dtype), mask=mask)
-        tl.store(O2 + out, (acc * ag).to(dtype), mask=mask)
+        d = p.to(tl.float32)
+        tl.store(O1 + out, (d * u * dag).to(dtype), mask=mask)
+        tl.store(O2 + out, (d * ag).to(dtype), mask=mask)
         tl.store(O3 + out, (ag * u).to(dtype), mask=mask)
 
 
@@ -471,15 +561,58 @@ def _glu_kernel(
         u_ptrs += BLOCK_K * stride_uk
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    g = acc_g.to(G.dtype.element_ty)
+    u = acc_u.to(G.dtype.element_ty)
+    # On column slices, as _gemm_kernel's epilogues (at 128 x 128 with 8 warps the whole-tile
+    # epilogue spilled ~300 B per thread).
+    if BLOCK_N <= SLICE_N:
+        _glu_epilogue(g, u, offs_m, n0, G, U, Mout, M, N, ACT, BLOCK_N)
+    elif BLOCK_N <= 2 * SLICE_N:
+        _glu_epilogue_2(g, u, offs_m, n0, G, U, Mout, M, N, ACT, BLOCK_M, BLOCK_N)
+    elif BLOCK_N <= 4 * SLICE_N:
+        _glu_epilogue_4(g, u, offs_m, n0, G, U, Mout, M, N, ACT, BLOCK_M, BLOCK_N)
+    else:
+        _glu_epilogue_8(g, u, offs_m, n0, G, U, Mout, M, N, ACT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _glu_epilogue(g, u, offs_m, n0, G, U, Mout, M, N, ACT: tl.constexpr, BLOCK_N: tl.constexpr):
+    # _glu_kernel's epilogue on columns [n0, n0 + BLOCK_N): stores g, u and act(g) u.
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     out = offs_m.to(tl.int64)[:, None] * N + offs_n.to(tl.int64)[None, :]
-    dtype = G.dtype.element_ty
-    g = acc_g.to(dtype)
-    u = acc_u.to(dtype)
     tl.store(G + out, g, mask=mask)
     tl.store(U + out, u, mask=mask)
-    tl.store(Mout + out, (_act(g.to(tl.float32), ACT) * u.to(tl.float32)).to(dtype), mask=mask)
+    m = _act(g.to(tl.float32), ACT) * u.to(tl.float32)
+    tl.store(Mout + out, m.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_epilogue_2(g, u, offs_m, n0, G, U, Mout, M, N, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    g0, g1 = _halves(g, BLOCK_M, BLOCK_N)
+    u0, u1 = _halves(u, BLOCK_M, BLOCK_N)
+    _glu_epilogue(g0, u0, offs_m, n0, G, U, Mout, M, N, ACT, BLOCK_N // 2)
+    _glu_epilogue(g1, u1, offs_m, n0 + BLOCK_N // 2, G, U, Mout, M, N, ACT, BLOCK_N // 2)
+
+
+@triton.jit
+def _glu_epilogue_4(g, u, offs_m, n0, G, U, Mout, M, N, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    g0, g1 = _halves(g, BLOCK_M, BLOCK_N)
+    u0, u1 = _halves(u, BLOCK_M, BLOCK_N)
+    _glu_epilogue_2(g0, u0, offs_m, n0, G, U, Mout, M, N, ACT, BLOCK_M, BLOCK_N // 2)
+    _glu_epilogue_2(g1, u1, offs_m, n0 + BLOCK_N // 2, G, U, Mout, M, N, ACT, BLOCK_M, BLOCK_N // 2)
+
+
+@triton.jit
+def _glu_epilogue_8(g, u, offs_m, n0, G, U, Mout, M, N, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    g0, g1 = _halves(g, BLOCK_M, BLOCK_N)
+    u0, u1 = _halves(u, BLOCK_M, BLOCK_N)
+    _glu_epilogue_4(g0, u0, offs_m, n0, G, U, Mout, M, N, ACT, BLOCK_M, BLOCK_N // 2)
+    _glu_epilogue_4(g1, u1, offs_m, n0 + BLOCK_N // 2, G, U, Mout, M, N, ACT, BLOCK_M, BLOCK_N // 2)
 
 
 # ---------------------------------------------------------------------------------------------
