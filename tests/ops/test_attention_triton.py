@@ -599,13 +599,13 @@ def _kept(kind, d, **shape):
 def test_backward_configs_follow_the_register_table(d):
     """The backward's tuning space at the head dims the register table covers
     (benchmarks/results/triton-registers-sm90a-2026-11-30.txt, ptxas for sm_90a): no 4-warp
-    config with a 128-wide tile (they spill 100-6000 B), dK/dV's first config (the
-    FASTATTN_AUTOTUNE=0 pick) with 8 warps (4 warps at 64 x 64 spill 2-4x more), and dQ free to
-    tune the larger spill-free tiles."""
-    for kind in ("dkdv", "dq"):
-        kept = _kept(kind, d)
-        assert kept, kind
-        assert not [c for c in kept if c[2] == 4 and 128 in c[:2]], (kind, kept)
+    config with a 128-wide tile where those spill (dK/dV; dQ with 128 query rows, and 64 x 128
+    at head dim 128), dK/dV's first config (the FASTATTN_AUTOTUNE=0 pick) with 8 warps (4 warps
+    at 64 x 64 spill 2-4x more), and dQ free to tune the larger spill-free tiles."""
+    dkdv, dq = _kept("dkdv", d), _kept("dq", d)
+    assert not [c for c in dkdv if c[2] == 4 and 128 in c[:2]], dkdv
+    assert not [c for c in dq if c[2] == 4 and c[0] == 128], dq
+    assert ((64, 128, 4) in dq) == (d == 64), dq        # spill-free at 64 only
     assert _kept("dkdv", d)[0] == (64, 64, 8)
     assert (64, 64, 4) in _kept("dkdv", d)            # still timed against the 8-warp one
     assert {(128, 64, 8), (64, 128, 8)} <= set(_kept("dq", d))

@@ -161,10 +161,10 @@ def test_matmul_glu_grad(T, D, Fh, layout, dtype, activation):
     check(m, m_ref.detach(), dtype)
 
 
-@pytest.mark.parametrize("block_n", [32, 64])
+@pytest.mark.parametrize("block_n", [32, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_epilogue_on_column_slices(monkeypatch, dtype, block_n):
-    """Tiles wider than SLICE_N run their epilogue slice by slice (2 and 4 slices of 16 here),
+    """Tiles wider than SLICE_N run their epilogue slice by slice (2, 4 and 8 slices of 16 here),
     in both kernels; each slice must take its own columns of the product, bias, h, g and u (a
     slice paired with another's columns or offsets fails), the last tile ragged in N."""
     if not ffn_triton.INTERPRET:

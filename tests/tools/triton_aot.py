@@ -47,7 +47,8 @@ def compile_job(job, report=True):
     kernel (raises on a compiler error). ``job["aligned"]``: every pointer and stride that the
     kernel lets specialise is taken as 16-aligned, as the JIT finds them for contiguous
     operands with head dims that are multiples of 8 (without it, loads are compiled as for any
-    alignment)."""
+    alignment); a unit stride must be named in ``job["specialize"]`` ("1"), as the JIT makes
+    it a constant."""
     fn = _jit_function(getattr(importlib.import_module(job["module"]), job["kernel"]))
     constants = {name: v for name, v in job["constants"].items() if name in fn.arg_names}
     # A recorded launch's specialisations, as the JIT would apply them (not on parameters

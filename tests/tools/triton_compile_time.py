@@ -5,7 +5,7 @@ one kernel at a time, no bias / softcap / dropout; with --ffn the FFN matmuls' c
 Why it exists: fp32 attention multiplies with "ieee" products, which have no tensor-core
 instruction, so every tl.dot unrolls into FMAs and the compile time grows with the tile; a GPU
 test once ran past its 90 s limit compiling one (see attn._prune). The register report (ptxas
--v on Triton's PTX, when ptxas is on the PATH) shows which autotuning configs spill before a GPU
+-v on Triton's PTX, with Triton's own ptxas, else the PATH's) shows which autotuning configs spill before a GPU
 session times them.
 Usage: python -m tests.tools.triton_compile_time [--dtype fp32] [--head-dim 40]
        [--tiles 64x64 32x32] [--warps 4] [--stages 2] [--tma] [--kernels fwd dkdv dq]
@@ -137,9 +137,14 @@ def ffn(dt: str, tma: bool, capability: int) -> int:
         sig = dict(ptrs)
         for name, rows in (("ADesc", bm), ("BDesc", bn), ("BGDesc", bn), ("BUDesc", bn)):
             sig[name] = f"tensordesc<{dt}[{rows},{bk}]>" if tma else "*" + dt
+        # As the JIT specialises a launch on contiguous operands at LLM sizes: unit strides
+        # along K (A, B, BG, BU) and along N (h, g, u) become constants, the sizes and the other
+        # strides are multiples of 16.
+        unit = ("stride_ak", "stride_bk", "stride_gk", "stride_uk", "stride_e1n", "stride_e2n")
         job = dict(module=aot.FFN, kernel=kernel, signature=sig, constants=flags,
                    options=dict(num_warps=c.num_warps, num_stages=c.num_stages),
-                   capability=capability, label="", aligned=True)
+                   capability=capability, label="", aligned=True,
+                   specialize={**{n: "1" for n in unit}, "M": "D", "N": "D", "K": "D"})
         t0 = time.perf_counter()
         compiled = aot.compile_job(job, report=False)
         print(f"  {kernel} {epi} {bm}x{bn}x{bk} {c.num_warps} warps {c.num_stages} stages: "

@@ -141,16 +141,17 @@ def _configs(kind):
 def _prune(kind):
     # Registers and spills per config: `python -m tests.tools.triton_compile_time --dtype bf16
     # --head-dim {64,128} --tiles ... --warps 4 8 --stages 2 3 [--tma]` (ptxas -v for sm_90a,
-    # triton 3.8; benchmarks/results/triton-registers-sm90a-2026-11-30.txt). A forward program
-    # holds Q_i and the fp32 accumulator (2 * BLOCK_M * D) plus a BLOCK_M x BLOCK_N score tile;
-    # a dK/dV program holds K_j, V_j and two fp32 accumulators (4 * BLOCK_N * D). What that
-    # table shows, TMA and pointer loads alike:
-    # - dK/dV spills at every tile at D = 128 (least with 8 warps: 64 x 64 160-250 B, 32 x 128
-    #   80-180 B; 64 x 64 with 4 warps 540-1010 B), and at D = 64 only 64 x 64 with 8 warps is
-    #   (nearly) spill-free; so 8 warps come first for it (the FASTATTN_AUTOTUNE=0 pick).
-    # - dQ does not spill with 8 warps at 64 x 128 or 128 x 64 at D = 128 either.
-    # - Backward programs with a 128-wide tile and 4 warps spill 100-6000 B at D = 64 and 128
-    #   (the unequal 32 x 128 / 128 x 32 tiles included).
+    # triton 3.8; benchmarks/results/triton-registers-sm90a-2026-11-30.txt, TMA and pointer
+    # loads, 2 and 3 stages). A forward program holds Q_i and the fp32 accumulator
+    # (2 * BLOCK_M * D) plus a BLOCK_M x BLOCK_N score tile; a dK/dV program holds K_j, V_j and
+    # two fp32 accumulators (4 * BLOCK_N * D). What that table shows:
+    # - dK/dV spills at every tile at D = 128: with 8 warps 64 x 64 160-416 B, 32 x 128 84-176 B;
+    #   with 4 warps 64 x 64 536-1312 B. At D = 64, 64 x 64 with 8 warps spills 0-4 B (TMA) or
+    #   44-60 B (pointer loads), with 4 warps 120-408 B. So 8 warps come first for dK/dV (the
+    #   FASTATTN_AUTOTUNE=0 pick).
+    # - dQ at D = 128 with 8 warps: 64 x 128 0 B, 128 x 64 0-32 B.
+    # - 4 warps with a 128-wide tile: dK/dV 560-6400 B; dQ with 128 query rows 84-2300 B, and
+    #   64 x 128 76-212 B at D = 128 but 0 B at D = 64 (kept there).
     # At D = 256 nothing above 64 x 64 fits. Tiles longer than the (bucketed) sequence only add
     # masked work. Which config is fastest is the autotuner's to find (gpu-check logs its picks).
     def prune(configs, named_args, **kwargs):
@@ -187,7 +188,8 @@ def _prune(kind):
                 continue
             if c.num_warps == 8 and max(bm, bn) == 64 and d < (64 if kind == "dkdv" else 128):
                 continue
-            if c.num_warps == 4 and max(bm, bn) == 128 and (d >= 128 or (kind != "fwd" and d >= 64)):
+            if c.num_warps == 4 and max(bm, bn) == 128 and (
+                    d >= 128 or (d >= 64 and (kind == "dkdv" or (kind == "dq" and bm == 128)))):
                 continue
             kept.append(c)
         if kind == "dkdv" and 64 <= d <= 128:

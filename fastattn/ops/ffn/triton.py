@@ -288,9 +288,9 @@ def _tma_b(desc, pid_n, k, B_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl
 # ones once per class of it as K (and EVEN_K).
 _TUNE_INTS = ["M_BUCKET", "N_BUCKET", "K_BUCKET"]
 
-# Width of the column slices the epilogues work on (_gemm_kernel, _glu_kernel). At 128 x 256
-# with 8 warps, ptxas for sm_90a: the SwiGLU gradient epilogue spilled 2.1 KB per thread with
-# 64-column slices, 0.7 KB with 32 and none with 16 (the GELU gradient: 1 KB, none, none).
+# Width of the column slices the epilogues work on (_gemm_kernel, _glu_kernel). ptxas for
+# sm_90a, 8 warps: with 64-column slices the SwiGLU gradient epilogue still spilled ~1 KB at
+# 256 x 128; with 32 or 16 no config spills, and 16 needs the fewest registers.
 SLICE_N = tl.constexpr(16)
 
 
@@ -375,13 +375,12 @@ def _gemm_kernel(
     if HAS_BIAS:
         offs_n = n0 + tl.arange(0, BLOCK_N)
         acc += tl.load(Bias + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    # Every epilogue starts from the product rounded to the output dtype, as an unfused matmul
-    # hands it on (the stored h; dY W in the backward, as eager's matmul rounds it), which in
-    # half precision holds it in half the registers. The epilogues that load or compute more
-    # tiles of its size then run on column slices of it: at 128 x 256 with 8 warps the fp32
-    # accumulator alone is 128 registers per thread, and on the whole tile act'(h) next to it
-    # spilled 3.6 KB per thread, g and u 11 KB (ptxas for sm_90a; numbers before and after in
-    # benchmarks/results/triton-registers-sm90a-2026-11-30.txt).
+    # The epilogues run on column slices of the product: at 128 x 256 with 8 warps the fp32
+    # accumulator alone is 128 registers per thread, and on the whole tile the GELU-gradient
+    # epilogue (act'(h) beside it) spilled 1.7 KB per thread, SwiGLU's (g and u) 5.4 KB (ptxas
+    # for sm_90a; before and after in benchmarks/results/triton-registers-sm90a-2026-11-30.txt).
+    # "none" and "act" round the product to the output dtype first (the stored h is that
+    # rounding anyway), halving its registers; the gradient epilogues keep it in fp32.
     if EPI == "none" or EPI == "act":
         p = acc.to(O1.dtype.element_ty)
     else:
@@ -564,8 +563,8 @@ def _glu_kernel(
     n0 = pid_n * BLOCK_N
     g = acc_g.to(G.dtype.element_ty)
     u = acc_u.to(G.dtype.element_ty)
-    # On column slices, as _gemm_kernel's epilogues (at 128 x 128 with 8 warps the whole-tile
-    # epilogue spilled ~300 B per thread).
+    # On column slices, as _gemm_kernel's epilogues (it did not spill on the whole tile; the
+    # slices take 157 registers per thread instead of 181 at 128 x 128 with 8 warps).
     if BLOCK_N <= SLICE_N:
         _glu_epilogue(g, u, offs_m, n0, G, U, Mout, M, N, ACT, BLOCK_N)
     elif BLOCK_N <= 2 * SLICE_N:
