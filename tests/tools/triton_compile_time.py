@@ -77,6 +77,9 @@ def main() -> int:
                         help="the Hopper path: streamed tiles through TMA descriptors")
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--capability", type=int, default=90)
+    parser.add_argument("--mha", action="store_true",
+                        help="one query head per kv head (GROUP = 1, which the JIT makes a "
+                             "constant); without it GROUP is a runtime int, as under GQA")
     parser.add_argument("--ffn", action="store_true",
                         help="the FFN matmuls instead: each half-precision autotuning config of "
                              "the GEMM (epilogues act, act_grad, glu_grad) and GLU kernels, over A "
@@ -108,7 +111,7 @@ def main() -> int:
                                           **aot._streamed_args(kernel, dt, d, flags, args.tma)},
                                constants=flags, options=dict(num_warps=warps, num_stages=stages),
                                capability=args.capability, label=f"{dt} d={d} {bm}x{bn}",
-                               aligned=True)
+                               aligned=True, specialize={"GROUP": "1"} if args.mha else {})
                     t0 = time.perf_counter()
                     compiled = aot.compile_job(job, report=False)
                     took = time.perf_counter() - t0

@@ -144,7 +144,9 @@ def _prune(kind):
     # triton 3.8; benchmarks/results/triton-registers-sm90a-2026-11-30.txt, TMA and pointer
     # loads, 2 and 3 stages). A forward program holds Q_i and the fp32 accumulator
     # (2 * BLOCK_M * D) plus a BLOCK_M x BLOCK_N score tile; a dK/dV program holds K_j, V_j and
-    # two fp32 accumulators (4 * BLOCK_N * D). What that table shows:
+    # two fp32 accumulators (4 * BLOCK_N * D). What that table shows (GQA: the group size a
+    # runtime int; with one query head per kv head, GROUP = 1, dK/dV needs less, e.g. 64 x 64 at
+    # D = 128 spills 124 B with 4 warps and none with 8):
     # - dK/dV spills at every tile at D = 128: with 8 warps 64 x 64 160-416 B, 32 x 128 84-176 B;
     #   with 4 warps 64 x 64 536-1312 B. At D = 64, 64 x 64 with 8 warps spills 0-4 B (TMA) or
     #   44-60 B (pointer loads), with 4 warps 120-408 B. So 8 warps come first for dK/dV (the
