@@ -3,12 +3,14 @@ eager and torch.compile, same process, same inputs, CUDA-event timing (triton.te
 
 Rates: memory-bound ops in GB/s against the device-to-device copy bandwidth measured here
 (copy moves 2 x bytes: read + write); cross-entropy counts 3 x logits bytes (read, read,
-write the gradient); linear cross-entropy counts 3 matmuls of 2*T*H*V FLOPs.
+write the gradient); linear cross-entropy counts 3 matmuls of 2*T*H*V FLOPs (also for
+chunk_over="vocab", which does 4: its rate is of the same work as the others').
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -126,6 +128,9 @@ def linear_cross_entropy_cases(results, n=16384, h=4096, v=131072):
     eager = lambda x, w, t: F.cross_entropy(F.linear(x, w), t)      # noqa: E731
     impls = {
         "fastattn": fastattn.linear_cross_entropy,
+        # two passes over the vocabulary: a fourth GEMM, no float32 (vocab, hidden) buffer
+        "fastattn (vocab chunks)": functools.partial(fastattn.linear_cross_entropy,
+                                                     chunk_over="vocab"),
         "torch eager": eager,
         "torch.compile": torch.compile(eager),
     }

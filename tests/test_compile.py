@@ -80,13 +80,27 @@ def _cases():
         ("logprobs", ops.token_logprobs_fwd.default, (x, t, -100, 0.5, True)),
         ("logprobs_bwd", ops.token_logprobs_bwd.default,
          (r, r * 2, x.detach(), t, r.abs(), r.abs(), -100, 0.5)),
-        ("lce_mean", ops.linear_cross_entropy_fwd.default, (h, W, t, b, -100, 0.0, "mean", 3, True, True)),
-        ("lce_none", ops.linear_cross_entropy_fwd.default, (h, W, t, None, -100, 0.1, "none", 3, True, True)),
+        ("lce_mean", ops.linear_cross_entropy_fwd.default,
+         (h, W, t, b, -100, 0.0, "mean", 3, False, True, True)),
+        ("lce_none", ops.linear_cross_entropy_fwd.default,
+         (h, W, t, None, -100, 0.1, "none", 3, False, True, True)),
         ("lce_bwd", ops.linear_cross_entropy_bwd.default,
-         (r, h.detach(), W.detach(), t, b.detach(), -100, 0.0, 3, True, True)),
-        ("ltlp", ops.linear_token_logprobs_fwd.default, (h, W, t, b, -100, 1.0, True, 5)),
+         (r, h.detach(), W.detach(), t, b.detach(), None, -100, 0.0, 3, True, True)),
+        ("lce_vocab_mean", ops.linear_cross_entropy_fwd.default,
+         (h, W, t, b, -100, 0.1, "mean", 7, True, True, True)),
+        ("lce_vocab_none", ops.linear_cross_entropy_fwd.default,
+         (h, W, t, None, -100, 0.1, "none", 7, True, True, True)),
+        ("lce_vocab_bwd", ops.linear_cross_entropy_bwd.default,
+         (r, h.detach(), W.detach(), t, b.detach(), r.abs() + 3, -100, 0.1, 7, True, True)),
+        ("ltlp", ops.linear_token_logprobs_fwd.default, (h, W, t, b, -100, 1.0, True, 5, False)),
         ("ltlp_bwd", ops.linear_token_logprobs_bwd.default,
-         (r, None, h.detach(), W.detach(), t, None, r.abs(), r.new_empty(0), -100, 1.0, 5, True, True)),
+         (r, None, h.detach(), W.detach(), t, None, r.abs(), r.new_empty(0), -100, 1.0, 5, False,
+          True, True)),
+        ("ltlp_vocab", ops.linear_token_logprobs_fwd.default,
+         (h, W, t, b, -100, 0.5, True, 7, True)),
+        ("ltlp_vocab_bwd", ops.linear_token_logprobs_bwd.default,
+         (r, r * 2, h.detach(), W.detach(), t, b.detach(), r.abs() + 3, r.abs(), -100, 0.5, 7,
+          True, True, True)),
     ]
 
 
@@ -107,8 +121,12 @@ def _loss_fn(x, h, W, t):
             + fastattn.cross_entropy(x - 1, t, inplace_backward=True)
             + fastattn.linear_cross_entropy(h, W, t)
             + fastattn.linear_cross_entropy(h, W, t, reduction="none").sum()
+            + fastattn.linear_cross_entropy(h, W, t, chunk_over="vocab", chunk_size=10)
+            + fastattn.linear_cross_entropy(h, W, t, reduction="none", chunk_over="vocab").sum()
             + fastattn.token_logprobs(x, t, temperature=0.5).sum()
-            + fastattn.linear_token_logprobs(h, W, t, return_entropy=True)[1].sum())
+            + fastattn.linear_token_logprobs(h, W, t, return_entropy=True)[1].sum()
+            + fastattn.linear_token_logprobs(h, W, t, return_entropy=True, chunk_over="vocab",
+                                             chunk_size=8)[1].sum())
 
 
 def test_compile_fullgraph_matches_eager():

@@ -28,7 +28,8 @@ def test_every_kernel_compiles_for_gpu(tmp_path, capability=90):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = {line.split('"kernel": "')[1].split('"')[0] for line in captured.read_text().splitlines()}
     # one of each op family at least: the capture must not silently miss a backend
-    for name in ("_cross_entropy_fwd_kernel", "_token_logprobs_bwd_kernel", "_fwd_kernel", "_bwd_dq_kernel",
+    for name in ("_cross_entropy_fwd_kernel", "_token_logprobs_bwd_kernel", "_cross_entropy_slice_bwd_kernel",
+                 "_fwd_kernel", "_bwd_dq_kernel",
                  "_decode_split_kernel", "_gemm_kernel", "_glu_kernel", "_adam_kernel", "_scale_kernel"):
         assert name in kernels, f"{name} was not launched by the capture workload"
 

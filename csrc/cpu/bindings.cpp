@@ -157,6 +157,36 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
                                     ignore_index, inv_temperature);
 }
 
+void cross_entropy_slice_bwd(const at::Tensor& logits, const at::Tensor& target,
+                             const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                             const at::Tensor& row_scale,
+                             const std::optional<at::Tensor>& grad_entropy,
+                             const at::Tensor& grad, double inv_temperature, double target_coef,
+                             double smoothing) {
+  check_logits(logits);
+  const int64_t R = logits.size(0);
+  const auto acc = acc_dtype_of(logits);
+  check_vector(target, "target", at::kLong, R);
+  check_vector(lse, "lse", acc, R);
+  check_vector(row_scale, "row_scale", acc, R);
+  FA_CHECK(entropy.has_value() == grad_entropy.has_value(),
+           "fastattn._C: entropy and grad_entropy must be both given or both None, got "
+           "entropy ",
+           entropy.has_value() ? "given" : "None", " and grad_entropy ",
+           grad_entropy.has_value() ? "given" : "None");
+  if (entropy.has_value()) {
+    check_vector(*entropy, "entropy", acc, R);
+    check_vector(*grad_entropy, "grad_entropy", acc, R);
+  }
+  check_grad(grad, logits);
+  FA_CHECK(std::isfinite(inv_temperature) && std::isfinite(target_coef) &&
+               std::isfinite(smoothing),
+           "fastattn._C: inv_temperature, target_coef and smoothing must be finite, got ",
+           inv_temperature, ", ", target_coef, ", ", smoothing);
+  fastattn::cpu::cross_entropy_slice_bwd(logits, target, lse, entropy, row_scale, grad_entropy,
+                                         grad, inv_temperature, target_coef, smoothing);
+}
+
 // ---- FFN elementwise kernels ---------------------------------------------------------------
 
 // t: CPU, 2-D, contiguous, float32/float16/bfloat16, the dtype and shape of ref (ref itself
@@ -504,6 +534,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "unless with_entropy",
         py::arg("logits"), py::arg("target"), py::arg("ignore_index"),
         py::arg("inv_temperature"), py::arg("with_entropy"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("cross_entropy_slice_bwd", &cross_entropy_slice_bwd,
+        "Writes the gradient of a softmax loss over a slice of the classes into grad (may be "
+        "logits itself), from each row's whole lse and entropy (see reference.py)",
+        py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("entropy"),
+        py::arg("row_scale"), py::arg("grad_entropy"), py::arg("grad"),
+        py::arg("inv_temperature"), py::arg("target_coef"), py::arg("smoothing"),
         py::call_guard<py::gil_scoped_release>());
 
   m.def("token_logprobs_bwd", &token_logprobs_bwd,

@@ -1,4 +1,5 @@
-// CPU kernels of the cross-entropy family: cross_entropy_fwd, token_logprobs_fwd/_bwd.
+// CPU kernels of the cross-entropy family: cross_entropy_fwd, token_logprobs_fwd/_bwd and
+// cross_entropy_slice_bwd (the vocabulary-chunked linear cross-entropy's gradient).
 //
 // The math, gradients and conventions are those of fastattn/ops/cross_entropy/reference.py
 // (the oracle); this file only says how it is computed fast.
@@ -407,6 +408,76 @@ FA_ROW_KERNEL void token_logprobs_bwd_rows(const TokBwdArgs<scalar_t>& a, int64_
   }
 }
 
+// ---- cross_entropy_slice_bwd ---------------------------------------------------------------
+
+template <typename scalar_t>
+struct SliceBwdArgs {
+  using raw = typename Elem<scalar_t>::raw;
+  using acc = typename Elem<scalar_t>::acc;
+  const raw* logits;
+  int64_t logits_row_stride;
+  const int64_t* target;     // column within the slice; outside [0, C): no one-hot term here
+  const acc* lse;            // of the whole row (all slices)
+  const acc* entropy;        // of the whole row; nullptr together with grad_entropy
+  const acc* row_scale;
+  const acc* grad_entropy;   // nullptr: no entropy term
+  raw* grad;
+  int64_t grad_row_stride;
+  int64_t n_classes;
+  acc inv_temperature;
+  acc target_coef;
+  acc smoothing;
+};
+
+// One pass per row, as token_logprobs_bwd, from the whole row's lse (and entropy):
+//   g_j = (1/T) (a (p_j - smoothing) - h p_j (s_j - E[s])),  a = row_scale, h = grad_entropy,
+// s_j - E[s] formed as (s_j - lse) + entropy (floored: a -inf logit gives 0, not 0 * -inf),
+// then the target column, if it lies in this slice, from the s_t read before the pass (grad
+// may alias logits). A row with a = 0 (and h = 0) is written as zeros without being read.
+template <typename scalar_t>
+FA_ROW_KERNEL void slice_bwd_rows(const SliceBwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  using E = Elem<scalar_t>;
+  using raw = typename E::raw;
+  using acc = typename E::acc;
+  const int64_t C = a.n_classes;
+  const acc inv_t = a.inv_temperature;
+  const acc smooth = a.smoothing;
+  const Exp<acc> exp_acc = Exp<acc>::make();
+  for (int64_t r = begin; r < end; ++r) {
+    const raw* x = a.logits + r * a.logits_row_stride;
+    raw* g = a.grad + r * a.grad_row_stride;
+    const acc scale = a.row_scale[r];
+    const acc h = a.grad_entropy != nullptr ? a.grad_entropy[r] : acc(0);
+    if (scale == acc(0) && h == acc(0)) {
+      fill_row<scalar_t>(g, C, acc(0));
+      continue;
+    }
+    const int64_t t = a.target[r];
+    const bool hit = t >= 0 && t < C;
+    const acc lse = a.lse[r];
+    const acc s_t = hit ? E::load(x[t]) * inv_t : acc(0);
+    const acc c = scale * inv_t;
+    if (a.grad_entropy == nullptr) {
+      for (int64_t j = 0; j < C; ++j)
+        g[j] = E::store(c * (exp_acc(E::load(x[j]) * inv_t - lse) - smooth));
+      if (hit) g[t] = E::store(c * (exp_acc(s_t - lse) - smooth - a.target_coef));
+    } else {
+      const acc ent = a.entropy[r];
+      const acc ch = h * inv_t;
+      for (int64_t j = 0; j < C; ++j) {
+        const acc d = exp_acc.floor(E::load(x[j]) * inv_t - lse);  // s_j - lse
+        const acc p = exp_acc(d);
+        g[j] = E::store(c * (p - smooth) - ch * p * (d + ent));
+      }
+      if (hit) {
+        const acc d_t = exp_acc.floor(s_t - lse);
+        const acc p_t = exp_acc(d_t);
+        g[t] = E::store(c * (p_t - smooth - a.target_coef) - ch * p_t * (d_t + ent));
+      }
+    }
+  }
+}
+
 int64_t grain_for(int64_t n_classes) {
   return std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(1, n_classes));
 }
@@ -525,6 +596,40 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
         a.inv_temperature = static_cast<acc>(inv_temperature);
         at::parallel_for(0, R, grain_for(C), [&](int64_t begin, int64_t end) {
           token_logprobs_bwd_rows<scalar_t>(a, begin, end);
+        });
+      });
+}
+
+void cross_entropy_slice_bwd(const at::Tensor& logits, const at::Tensor& target,
+                             const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                             const at::Tensor& row_scale,
+                             const std::optional<at::Tensor>& grad_entropy,
+                             const at::Tensor& grad, double inv_temperature, double target_coef,
+                             double smoothing) {
+  const int64_t R = logits.size(0);
+  const int64_t C = logits.size(1);
+  if (R == 0) return;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, logits.scalar_type(), "fastattn::cross_entropy_slice_bwd", [&] {
+        using acc = typename Elem<scalar_t>::acc;
+        SliceBwdArgs<scalar_t> a;
+        a.logits = raw_ptr<scalar_t>(logits);
+        a.logits_row_stride = logits.stride(0);
+        a.target = target.data_ptr<int64_t>();
+        a.lse = lse.data_ptr<acc>();
+        const bool with_entropy = grad_entropy.has_value();
+        a.entropy = with_entropy ? entropy->data_ptr<acc>() : nullptr;
+        a.row_scale = row_scale.data_ptr<acc>();
+        a.grad_entropy = with_entropy ? grad_entropy->data_ptr<acc>() : nullptr;
+        a.grad = raw_ptr<scalar_t>(grad);
+        a.grad_row_stride = grad.stride(0);
+        a.n_classes = C;
+        a.inv_temperature = static_cast<acc>(inv_temperature);
+        a.target_coef = static_cast<acc>(target_coef);
+        a.smoothing = static_cast<acc>(smoothing);
+        at::parallel_for(0, R, grain_for(C), [&](int64_t begin, int64_t end) {
+          slice_bwd_rows<scalar_t>(a, begin, end);
         });
       });
 }

@@ -43,6 +43,15 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
                         const std::optional<at::Tensor>& entropy, const at::Tensor& grad_logp,
                         const std::optional<at::Tensor>& grad_entropy, const at::Tensor& grad,
                         int64_t ignore_index, double inv_temperature);
+// grad = inv_t * (row_scale * (p - smoothing - target_coef * onehot) - grad_entropy * p * (s - E[s]))
+// for a slice of the classes, p and E[s] from the whole row's lse and entropy (target: the
+// column within the slice; outside it: no one-hot term); see reference.py.
+void cross_entropy_slice_bwd(const at::Tensor& logits, const at::Tensor& target,
+                             const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                             const at::Tensor& row_scale,
+                             const std::optional<at::Tensor>& grad_entropy,
+                             const at::Tensor& grad, double inv_temperature, double target_coef,
+                             double smoothing);
 
 // ---- Adam / AdamW step (fastattn/ops/adam/reference.py) ---------------------------------
 // One step, in place, over lists of equal length; per index all tensors have the same numel

@@ -211,6 +211,37 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
                                     ignore_index, inv_temperature);
 }
 
+void cross_entropy_slice_bwd(const at::Tensor& logits, const at::Tensor& target,
+                             const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                             const at::Tensor& row_scale,
+                             const std::optional<at::Tensor>& grad_entropy,
+                             const at::Tensor& grad, double inv_temperature, double target_coef,
+                             double smoothing) {
+  const char* op = "cross_entropy_slice_bwd";
+  check_logits(op, logits);
+  const int64_t R = logits.size(0);
+  check_row_vector(op, "target", target, R, at::kLong, logits);
+  check_row_vector(op, "lse", lse, R, at::kFloat, logits);
+  check_row_vector(op, "row_scale", row_scale, R, at::kFloat, logits);
+  FA_CHECK(entropy.has_value() == grad_entropy.has_value(), op,
+           ": `entropy` and `grad_entropy` must be both given or both None, got entropy ",
+           entropy.has_value() ? "given" : "None", " and grad_entropy ",
+           grad_entropy.has_value() ? "given" : "None");
+  if (entropy.has_value()) {
+    check_row_vector(op, "entropy", *entropy, R, at::kFloat, logits);
+    check_row_vector(op, "grad_entropy", *grad_entropy, R, at::kFloat, logits);
+  }
+  check_grad(op, grad, logits);
+  check_inv_temperature(op, inv_temperature);
+  FA_CHECK(std::isfinite(target_coef) && std::isfinite(smoothing), op,
+           ": `target_coef` and `smoothing` must be finite, got ", target_coef, " and ",
+           smoothing);
+
+  const c10::cuda::CUDAGuard guard(logits.device());
+  fastattn::cross_entropy_slice_bwd_cuda(logits, target, lse, entropy, row_scale, grad_entropy,
+                                         grad, inv_temperature, target_coef, smoothing);
+}
+
 // ---- FFN elementwise kernels ----------------------------------------------------------------
 
 // t: CUDA on ref's device, 2-D, contiguous, fp32/fp16/bf16, ref's dtype and shape, aligned to
@@ -504,6 +535,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(0,) tensor unless with_entropy.",
         py::arg("logits"), py::arg("target"), py::arg("ignore_index"),
         py::arg("inv_temperature"), py::arg("with_entropy"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("cross_entropy_slice_bwd", &cross_entropy_slice_bwd,
+        "Writes the gradient of a softmax loss over a slice of the classes into `grad` (may be "
+        "`logits` itself), from each row's whole lse and entropy (see reference.py).",
+        py::arg("logits"), py::arg("target"), py::arg("lse"), py::arg("entropy"),
+        py::arg("row_scale"), py::arg("grad_entropy"), py::arg("grad"),
+        py::arg("inv_temperature"), py::arg("target_coef"), py::arg("smoothing"),
         py::call_guard<py::gil_scoped_release>());
   m.def("token_logprobs_bwd", &token_logprobs_bwd,
         "Writes d(sum g_logp * logp + g_entropy * entropy) / d logits into `grad` (may be "

@@ -1,5 +1,5 @@
 // CUDA kernels of the cross-entropy family: cross_entropy_fwd (loss, optionally fused with the
-// gradient), token_logprobs_fwd and token_logprobs_bwd. The math, gradient derivations and
+// gradient), token_logprobs_fwd, token_logprobs_bwd and cross_entropy_slice_bwd. The math, gradient derivations and
 // conventions (ignored rows, grad_scale, in-place grad) are in
 // fastattn/ops/cross_entropy/reference.py; this file only says how it is computed.
 //
@@ -460,6 +460,65 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// cross_entropy_slice_bwd: the gradient of a softmax loss over a slice of the classes, from the
+// whole row's lse (and entropy): the vocabulary-chunked linear cross-entropy / token log-probs.
+// One read + one write per element.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct SliceBwdArgs {
+  const T* logits;
+  int64_t logits_row_stride;
+  const int64_t* target;       // column within the slice; outside [0, C): no one-hot term here
+  const float* lse;
+  const float* entropy;        // nullptr unless kEnt
+  const float* row_scale;
+  const float* grad_entropy;   // nullptr unless kEnt
+  T* grad;
+  int64_t grad_row_stride;
+  int n_classes;
+  float inv_t;
+  float target_coef;
+  float smoothing;
+};
+
+// g_k = c (p_k - smoothing) - c_h p_k (s_k - E[s]) - [k == t] c target_coef,
+//   c = row_scale * inv_t, c_h = grad_entropy * inv_t, E[s] = lse - entropy.
+// A row with row_scale = 0 (and grad_entropy = 0) is written as zeros without being read.
+template <typename T, bool kEnt>
+__global__ void __launch_bounds__(kMaxBlockThreads)
+    cross_entropy_slice_bwd_kernel(const SliceBwdArgs<T> a) {
+  const int64_t row = blockIdx.x;
+  const int C = a.n_classes;
+  T* g = a.grad + row * a.grad_row_stride;
+  const float scale = a.row_scale[row];
+  const float h = kEnt ? a.grad_entropy[row] : 0.0f;
+  if (scale == 0.0f && h == 0.0f) {
+    zero_row(g, C);
+    return;
+  }
+  const int64_t t = a.target[row];
+  const int t_col = (t >= 0 && t < C) ? static_cast<int>(t) : -1;
+  const float inv_t = a.inv_t;
+  const float lse = a.lse[row];
+  const float c = scale * inv_t;
+  const float c_t = -c * a.target_coef;
+  const float c_h = -h * inv_t;
+  const float ent = kEnt ? a.entropy[row] : 0.0f;
+  const float smooth = a.smoothing;
+  auto grad_of = [&](float z, int col) {
+    const float d = z * inv_t - lse;  // s_k - lse
+    const float p = fast_exp2(d * kLog2e);
+    float gk = c * (p - smooth);
+    // s_k - E[s] = d + entropy, floored so that a -inf logit gives 0 rather than 0 * -inf
+    if (kEnt) gk = fmaf(c_h * p, fmaxf(d, -FLT_MAX) + ent, gk);
+    if (col == t_col) gk += c_t;
+    return gk;
+  };
+  const T* x = a.logits + row * a.logits_row_stride;
+  map_row<T, /*kReverse=*/false>(x, g, split_row(x, C), C, grad_of);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
 int threads_for_row(int64_t n_classes, int64_t elem_bytes) {
@@ -616,6 +675,44 @@ void token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
       token_logprobs_bwd_kernel<T, true><<<grid, block, 0, stream>>>(a);
     } else {
       token_logprobs_bwd_kernel<T, false><<<grid, block, 0, stream>>>(a);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void cross_entropy_slice_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                  const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                                  const at::Tensor& row_scale,
+                                  const std::optional<at::Tensor>& grad_entropy,
+                                  const at::Tensor& grad, double inv_temperature,
+                                  double target_coef, double smoothing) {
+  const int64_t R = logits.size(0);
+  const int64_t C = logits.size(1);
+  if (R == 0) return;
+  const bool with_entropy = grad_entropy.has_value();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float_types(logits.scalar_type(), "cross_entropy_slice_bwd", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    SliceBwdArgs<T> a;
+    a.logits = cptr<T>(logits);
+    a.logits_row_stride = logits.stride(0);
+    a.target = cptr<int64_t>(target);
+    a.lse = cptr<float>(lse);
+    a.entropy = with_entropy ? cptr<float>(*entropy) : nullptr;
+    a.row_scale = cptr<float>(row_scale);
+    a.grad_entropy = with_entropy ? cptr<float>(*grad_entropy) : nullptr;
+    a.grad = mptr<T>(grad);
+    a.grad_row_stride = grad.stride(0);
+    a.n_classes = static_cast<int>(C);
+    a.inv_t = static_cast<float>(inv_temperature);
+    a.target_coef = static_cast<float>(target_coef);
+    a.smoothing = static_cast<float>(smoothing);
+    const dim3 grid(static_cast<unsigned>(R));
+    const dim3 block(threads_for_row(C, sizeof(T)));
+    if (with_entropy) {
+      cross_entropy_slice_bwd_kernel<T, true><<<grid, block, 0, stream>>>(a);
+    } else {
+      cross_entropy_slice_bwd_kernel<T, false><<<grid, block, 0, stream>>>(a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -40,6 +40,12 @@ void token_logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& grad_entropy,
                              const at::Tensor& grad, int64_t ignore_index,
                              double inv_temperature);
+void cross_entropy_slice_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                  const at::Tensor& lse, const std::optional<at::Tensor>& entropy,
+                                  const at::Tensor& row_scale,
+                                  const std::optional<at::Tensor>& grad_entropy,
+                                  const at::Tensor& grad, double inv_temperature,
+                                  double target_coef, double smoothing);
 
 // ---- Adam/AdamW step (csrc/cuda/adam.cu); math in fastattn/ops/adam/reference.py. All tensors
 // contiguous, on one device, element-aligned; params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]

@@ -42,19 +42,25 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     """
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, chunk_size: Optional[int] = None) -> None:
+                 label_smoothing: float = 0.0, *, chunk_size: Optional[int] = None,
+                 chunk_over: str = "tokens") -> None:
         super().__init__()
+        if chunk_over not in ("tokens", "vocab"):
+            raise ValueError(f"LinearCrossEntropyLoss: chunk_over must be 'tokens' or 'vocab', "
+                             f"got {chunk_over!r}")
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.chunk_size = chunk_size
+        self.chunk_over = chunk_over
 
     def forward(self, input: Tensor, weight: Tensor, target: Tensor,
                 bias: Optional[Tensor] = None) -> Tensor:
         return linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
                                     reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                    chunk_size=self.chunk_size)
+                                    chunk_size=self.chunk_size, chunk_over=self.chunk_over)
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
-                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}")
+                f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}, "
+                f"chunk_over={self.chunk_over!r}")

@@ -37,12 +37,15 @@ def test_cross_entropy_loss_extras():
     assert "z_loss=0.01" in repr(fastattn.nn.CrossEntropyLoss(z_loss=1e-2))
 
 
-def test_linear_cross_entropy_loss():
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_linear_cross_entropy_loss(chunk_over):
     head = torch.nn.Linear(16, 50)
     h = torch.randn(3, 4, 16, requires_grad=True)
     t = torch.randint(0, 50, (3, 4))
-    loss_fn = fastattn.nn.LinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=5)
+    loss_fn = fastattn.nn.LinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=5,
+                                                 chunk_over=chunk_over)
     assert not list(loss_fn.parameters())
+    assert f"chunk_over={chunk_over!r}" in repr(loss_fn)
     a = loss_fn(h, head.weight, t, head.bias)
     b = F.cross_entropy(head(h).reshape(-1, 50), t.reshape(-1), label_smoothing=0.1)
     torch.testing.assert_close(a, b)
@@ -50,3 +53,8 @@ def test_linear_cross_entropy_loss():
     gb = torch.autograd.grad(b, (h, head.weight, head.bias))
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u, v)
+
+
+def test_linear_cross_entropy_loss_checks_chunk_over():
+    with pytest.raises(ValueError, match="chunk_over must be 'tokens' or 'vocab', got 'cols'"):
+        fastattn.nn.LinearCrossEntropyLoss(chunk_over="cols")

@@ -1,11 +1,14 @@
 """fastattn.linear_cross_entropy against float64 F.linear + F.cross_entropy."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastattn
-from fastattn.ops.cross_entropy import default_chunk_size
+from fastattn import _backends
+from fastattn.ops.cross_entropy import default_chunk_size, default_vocab_chunk_size
 from tests.helpers import ALL_BACKENDS, GPU, assert_close
 
 
@@ -20,13 +23,13 @@ def make(tokens, hidden, vocab, dtype=torch.float32, device="cpu", bias=True, le
 
 
 def compare(x, w, b, t, reduction, label_smoothing=0.0, chunk_size=None, dtype=torch.float32,
-            grads=("x", "w", "b")):
+            grads=("x", "w", "b"), chunk_over="tokens"):
     leaves = {"x": x.clone().requires_grad_("x" in grads),
               "w": w.clone().requires_grad_("w" in grads),
               "b": None if b is None else b.clone().requires_grad_("b" in grads)}
     loss = fastattn.linear_cross_entropy(leaves["x"], leaves["w"], t, leaves["b"],
                                          reduction=reduction, label_smoothing=label_smoothing,
-                                         chunk_size=chunk_size)
+                                         chunk_size=chunk_size, chunk_over=chunk_over)
     ref_leaves = {k: None if v is None else v.detach().double().requires_grad_(v.requires_grad)
                   for k, v in leaves.items()}
     logits = F.linear(ref_leaves["x"], ref_leaves["w"], ref_leaves["b"])
@@ -63,6 +66,151 @@ def test_no_bias_3d_input_partial_grads(device, backend):
         compare(x, w, None, t, "none", chunk_size=4, grads=("w",))      # frozen features
 
 
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 32, None])
+def test_vocab_chunks_match_float64(device, backend, reduction, chunk_size):
+    """chunk_over="vocab": 97 classes in slices of 1 (every slice but one misses each row's
+    target), 7 and 32 (ragged last slice), or one slice (the default at this size)."""
+    x, w, b, t = make(13, 24, 97, device=device)
+    with fastattn.use_backend(backend):
+        compare(x, w, b, t, reduction, label_smoothing=0.1, chunk_size=chunk_size,
+                chunk_over="vocab")
+        if chunk_size == 7:
+            compare(x, w, b, t, reduction, chunk_size=chunk_size, chunk_over="vocab")
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_vocab_chunks_no_bias_3d_input_partial_grads(device, backend):
+    x, w, _, t = make(7, 16, 41, device=device, bias=False, lead=(2,))
+    with fastattn.use_backend(backend):
+        compare(x, w, None, t, "mean", chunk_size=9, chunk_over="vocab")
+        compare(x, w, None, t, "sum", chunk_size=9, grads=("x",), chunk_over="vocab")
+        compare(x, w, None, t, "none", chunk_size=9, grads=("w",), chunk_over="vocab")
+    x, w, b, t = make(7, 16, 41, device=device)
+    with fastattn.use_backend(backend):
+        compare(x, w, b, t, "mean", chunk_size=9, grads=("b",), chunk_over="vocab")
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored(device, backend, chunk_over, reduction):
+    # as F.cross_entropy: the mean of nothing is nan, the sum 0; every gradient is exactly 0
+    x, w, b, _ = make(5, 8, 30, device=device)
+    t = torch.full((5,), -100, device=device)
+    leaves = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+    with fastattn.use_backend(backend):
+        loss = fastattn.linear_cross_entropy(x, w, t, b, reduction=reduction, chunk_size=4,
+                                             chunk_over=chunk_over)
+        grads = torch.autograd.grad(loss.sum(), leaves)
+    ref = F.cross_entropy(F.linear(x, w, b).detach(), t, reduction=reduction)
+    torch.testing.assert_close(loss, ref, equal_nan=True)
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def _allocations(monkeypatch, fn):
+    """(shape, dtype) of every tensor made by torch.zeros / torch.full / torch.empty_like
+    while fn() runs."""
+    made = []
+    for name in ("zeros", "full", "empty_like"):
+        real = getattr(torch, name)
+
+        def record(*a, _real=real, **k):
+            out = _real(*a, **k)
+            made.append((tuple(out.shape), out.dtype))
+            return out
+        monkeypatch.setattr(torch, name, record)
+    try:
+        fn()
+    finally:
+        monkeypatch.undo()
+    return made
+
+
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_weight_sized_buffers(monkeypatch, chunk_over):
+    """bf16 weights: "tokens" sums d weight in a float32 (vocab, hidden) buffer; "vocab" writes
+    each slice of d weight once, in bf16, and its only float32 buffers are per token or
+    (tokens, hidden) -- the memory it saves."""
+    x, w, b, t = make(12, 16, 50, dtype=torch.bfloat16)
+    x, w, b = (a.requires_grad_() for a in (x, w, b))
+    out = {}
+
+    def run():
+        with fastattn.use_backend("cpu"):
+            out["loss"] = fastattn.linear_cross_entropy(x, w, t, b, chunk_size=16,
+                                                        chunk_over=chunk_over)
+    made = _allocations(monkeypatch, run)
+    weight_sized = [dtype for shape, dtype in made if shape == (50, 16)]
+    if chunk_over == "tokens":
+        assert weight_sized == [torch.float32]
+    else:
+        assert weight_sized == [torch.bfloat16]
+        assert all(math.prod(shape) <= 12 * 16 for shape, _ in made if shape != (50, 16))
+    dw = torch.autograd.grad(out["loss"], w)[0]
+    ref = F.cross_entropy(F.linear(x.double(), w.double(), b.double()), t)
+    assert_close(dw, torch.autograd.grad(ref, w)[0], torch.bfloat16, "grad w", scale=10)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_slice_gradient_kernel(device, backend, dtype, with_entropy):
+    """cross_entropy_slice_bwd of every backend against the reference, and the reference against
+    its definition in float64: targets inside and outside the slice, dead rows (row_scale and
+    grad_entropy 0: written as exact zeros without being read: -inf and NaN logits there), a
+    row alive through its entropy term only, a -inf logit in a live row, a temperature, strided
+    rows, and the in-place form (grad is logits)."""
+    from fastattn.ops.cross_entropy import reference
+    g = torch.Generator().manual_seed(3)
+    rows, cols, inv_t, coef, smooth = 9, 37, 0.5, 0.9, 0.01
+    base = torch.randn(rows, cols + 5, generator=g) * 2
+    logits = base[:, :cols].to(dtype).to(device)           # row stride 42
+    logits[3] = float("-inf")
+    logits[5] = float("nan")
+    logits[8, 4] = float("-inf")
+    target = torch.tensor([0, 36, -1, 37, 500, 5, -100, 12, 20], device=device)
+    lse = (torch.logsumexp(base.double() * inv_t, 1) + 0.7).float().to(device)
+    row_scale = torch.tensor([1.0, -0.5, 2.0, 0.0, 0.3, 0.0, 0.0, 0.25, 3.0], device=device)
+    entropy = grad_entropy = None
+    if with_entropy:
+        entropy = (torch.rand(rows, generator=g) * 3).to(device)
+        grad_entropy = torch.tensor([0.5, 0.0, -1.0, 0.0, 2.0, 0.0, 1.5, 0.0, -0.25],
+                                    device=device)
+    args = (lse, entropy, row_scale, grad_entropy)
+    consts = (inv_t, coef, smooth)
+    expected = torch.empty(rows, cols, dtype=dtype, device=device)
+    reference.cross_entropy_slice_bwd(logits, target, *args, expected, *consts)
+    kernels = _backends.implementation(backend, "fastattn.ops.cross_entropy")
+    out = torch.full((rows, cols), 7.0, dtype=dtype, device=device)
+    kernels.cross_entropy_slice_bwd(logits, target, *args, out, *consts)
+    assert_close(out, expected, dtype, "slice grad")
+    inplace = logits.clone()
+    kernels.cross_entropy_slice_bwd(inplace, target, *args, inplace, *consts)
+    assert_close(inplace, expected, dtype, "slice grad in place")
+    # the definition, in float64
+    s64 = logits.double() * inv_t
+    p = torch.exp(s64 - lse.double()[:, None])
+    a = row_scale.double()[:, None]
+    manual = a * (p - smooth)
+    for r, t in ((0, 0), (1, 36), (7, 12), (8, 20)):
+        manual[r, t] -= a[r, 0] * coef
+    if with_entropy:
+        mean_s = (lse - entropy).double()[:, None]
+        centred = torch.where(p > 0, s64 - mean_s, torch.zeros_like(p))
+        manual -= grad_entropy.double()[:, None] * p * centred
+    manual *= inv_t
+    dead = [3, 5] + ([] if with_entropy else [6])
+    if not with_entropy:
+        manual[6] = 0
+    manual[dead] = 0
+    assert_close(expected, manual, dtype, "reference slice grad")
+    for r in dead:
+        assert torch.equal(out[r], torch.zeros_like(out[r]))
+
+
 def test_cpu_kernel_training_shape():
     x, w, b, t = make(256, 128, 8192)
     with fastattn.use_backend("cpu"):
@@ -88,6 +236,22 @@ def test_default_chunk_bounds_memory():
     assert default_chunk_size(16384, 4096, 131072, "cuda") == 2048
     assert default_chunk_size(65536, 4096, 32000, "cuda") == 8389
     assert default_chunk_size(1000, 512, 32768, "cuda") == 1000
+
+
+def test_default_vocab_chunk():
+    # about hidden columns (a chunk of logits the size of the hidden states), at least 512 on
+    # a CPU and 2048 on a GPU, at most the vocabulary
+    assert default_vocab_chunk_size(4096, 512, 32768) == 512
+    assert default_vocab_chunk_size(4096, 1024, 32768) == 1024
+    assert default_vocab_chunk_size(16384, 4096, 131072, "cuda") == 4096
+    assert default_vocab_chunk_size(16384, 768, 50257, "cuda") == 2048
+    assert default_vocab_chunk_size(8, 16, 30) == 30
+
+
+def test_chunk_over_is_checked():
+    x, w, b, t = make(3, 8, 30)
+    with pytest.raises(ValueError, match="chunk_over must be 'tokens' or 'vocab', got 'rows'"):
+        fastattn.linear_cross_entropy(x, w, t, b, chunk_over="rows")
 
 
 def test_default_chunk_follows_the_device(monkeypatch):
@@ -123,3 +287,35 @@ def test_gpu_bf16(backend):
         x, w, b, t = make(8192, 128, 4096, dtype=torch.bfloat16, device="cuda")
         assert default_chunk_size(8192, 128, 4096, "cuda") == 2048
         compare(x, w, b, t, "mean", dtype=torch.bfloat16)
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_bf16_vocab_chunks_and_their_memory(backend):
+    x, w, b, t = make(1024, 256, 8192, dtype=torch.bfloat16, device="cuda")
+    with fastattn.use_backend(backend):
+        compare(x, w, b, t, "mean", dtype=torch.bfloat16, chunk_size=2048, chunk_over="vocab")
+        compare(x, w, None, t, "none", dtype=torch.bfloat16, chunk_over="vocab")
+    # 4096 tokens, hidden 512, vocab 32768, measured as gpu_bench does (the previous step's
+    # gradients are in the baseline and freed by this one): "tokens" holds a float32 (vocab,
+    # hidden) buffer of 64 MiB for d weight; "vocab" in chunks of 1024 columns holds a chunk of
+    # logits (8 MiB), the float32 d-input buffer (8 MiB) and d input (4 MiB): ~20 MiB.
+    x, w, _, t = make(4096, 512, 32768, dtype=torch.bfloat16, device="cuda", bias=False)
+    x, w = x.requires_grad_(), w.requires_grad_()
+    peaks = {}
+    for chunk_over, chunk in (("tokens", None), ("vocab", 1024)):
+        def step():
+            x.grad = w.grad = None
+            fastattn.linear_cross_entropy(x, w, t, chunk_size=chunk,
+                                          chunk_over=chunk_over).backward()
+        with fastattn.use_backend(backend):
+            step()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peaks[chunk_over] = torch.cuda.max_memory_allocated() - base
+    fp32_weight_buffer = 32768 * 512 * 4
+    assert peaks["tokens"] >= fp32_weight_buffer, peaks
+    assert peaks["vocab"] < 0.6 * fp32_weight_buffer, peaks

@@ -68,8 +68,9 @@ def test_without_entropy_and_strided(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
-@pytest.mark.parametrize("chunk_size", [1, 4, None])
-def test_linear_matches_float64(device, backend, chunk_size):
+@pytest.mark.parametrize("chunk_over,chunk_size", [("tokens", 1), ("tokens", 4), ("tokens", None),
+                                                   ("vocab", 1), ("vocab", 10), ("vocab", None)])
+def test_linear_matches_float64(device, backend, chunk_over, chunk_size):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 7, 16, generator=g).to(device)
     w = (torch.randn(53, 16, generator=g) / 4).to(device)
@@ -79,7 +80,8 @@ def test_linear_matches_float64(device, backend, chunk_size):
     leaves = [v.clone().requires_grad_() for v in (x, w, b)]
     with fastattn.use_backend(backend):
         logp, ent = fastattn.linear_token_logprobs(*leaves[:2], t, leaves[2], temperature=0.8,
-                                                   return_entropy=True, chunk_size=chunk_size)
+                                                   return_entropy=True, chunk_size=chunk_size,
+                                                   chunk_over=chunk_over)
     ref_leaves = [v.double().requires_grad_() for v in (x, w, b)]
     ref_logp, ref_ent = oracle(F.linear(*ref_leaves), t, 0.8)
     assert_close(logp, ref_logp, torch.float32, "logp")
@@ -92,14 +94,41 @@ def test_linear_matches_float64(device, backend, chunk_size):
         assert_close(a, e, torch.float32, f"grad {name}", scale=10)
 
 
-def test_linear_frozen_weight_only_input_grad():
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_linear_frozen_weight_only_input_grad(chunk_over):
     x = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(19, 8)
     t = torch.randint(0, 19, (5,))
-    fastattn.linear_token_logprobs(x, w, t).sum().backward()
+    fastattn.linear_token_logprobs(x, w, t, chunk_size=6, chunk_over=chunk_over).sum().backward()
     x64 = x.detach().double().requires_grad_()
     oracle(F.linear(x64, w.double()), t, 1.0)[0].sum().backward()
     assert_close(x.grad, x64.grad, torch.float32, "grad x")
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_linear_vocab_chunks_entropy_only_gradient(device, backend):
+    """Only the entropy receives a gradient (grad_logp is zero for every row): the slice kernel
+    must not take those rows for ignored ones."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 12, generator=g).to(device).requires_grad_()
+    w = (torch.randn(29, 12, generator=g) / 3).to(device).requires_grad_()
+    t = torch.randint(0, 29, (6,), generator=g).to(device)
+    t[2] = -100
+    with fastattn.use_backend(backend):
+        _, ent = fastattn.linear_token_logprobs(x, w, t, return_entropy=True, chunk_size=8,
+                                                chunk_over="vocab")
+        ours = torch.autograd.grad(ent.sum(), [x, w])
+    x64, w64 = (v.detach().double().requires_grad_() for v in (x, w))
+    theirs = torch.autograd.grad(oracle(F.linear(x64, w64), t, 1.0)[1].sum(), [x64, w64])
+    for name, a, e in zip("xw", ours, theirs):
+        assert_close(a, e, torch.float32, f"grad {name}", scale=10)
+    assert torch.count_nonzero(ours[0][2]) == 0        # the ignored token: no gradient at all
+
+
+def test_linear_chunk_over_is_checked():
+    x, w, t = torch.randn(2, 4), torch.randn(9, 4), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError, match="chunk_over must be 'tokens' or 'vocab', got 'x'"):
+        fastattn.linear_token_logprobs(x, w, t, chunk_over="x")
 
 
 def test_cpu_kernel_training_shape():
@@ -130,3 +159,25 @@ def test_gpu_large_vocab(backend):
     assert_close(logp, ref_logp, torch.float32, "logp", scale=50)
     assert_close(ent, ref_ent, torch.float32, "entropy", scale=50)
     assert_close(leaf.grad, ref_leaf.grad, torch.bfloat16, "grad")
+
+
+@GPU
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_gpu_linear_bf16(backend, chunk_over):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(512, 128, generator=g).to(torch.bfloat16).cuda().requires_grad_()
+    w = (torch.randn(20000, 128, generator=g) / 12).to(torch.bfloat16).cuda().requires_grad_()
+    t = torch.randint(0, 20000, (512,), generator=g).cuda()
+    t[::7] = -100
+    with fastattn.use_backend(backend):
+        logp, ent = fastattn.linear_token_logprobs(x, w, t, temperature=0.9, return_entropy=True,
+                                                   chunk_over=chunk_over)
+        ours = torch.autograd.grad(logp.sum() + 0.1 * ent.sum(), [x, w])
+    x64, w64 = (v.detach().double().requires_grad_() for v in (x, w))
+    ref_logp, ref_ent = oracle(F.linear(x64, w64), t, 0.9)
+    theirs = torch.autograd.grad(ref_logp.sum() + 0.1 * ref_ent.sum(), [x64, w64])
+    assert_close(logp, ref_logp, torch.bfloat16, "logp", scale=10)
+    assert_close(ent, ref_ent, torch.bfloat16, "entropy", scale=10)
+    for name, a, e in zip("xw", ours, theirs):
+        assert_close(a, e, torch.bfloat16, f"grad {name}", scale=10)

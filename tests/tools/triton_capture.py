@@ -119,6 +119,10 @@ def workload():
             (lp.sum() + ent.sum()).backward()
             x, w = randn(6, 16, dtype=dtype), randn(37, 16, dtype=dtype)
             fastattn.linear_cross_entropy(x, w, target, chunk_size=4).backward()
+            fastattn.linear_cross_entropy(x, w, target, chunk_size=16, chunk_over="vocab").backward()
+            lp, ent = fastattn.linear_token_logprobs(x, w, target, chunk_size=16, chunk_over="vocab",
+                                                     return_entropy=True)
+            (lp.sum() + ent.sum()).backward()
             fastattn.linear_token_logprobs(x, w, target, chunk_size=4).sum().backward()
         fastattn.cross_entropy(randn(2, 11, 3, dtype=torch.float16), torch.randint(0, 11, (2, 3))).backward()
 

@@ -4,12 +4,13 @@ Public functions (re-exported as ``fastattn.<name>``):
 
 * ``cross_entropy`` — ``F.cross_entropy`` for class-index targets, plus z-loss. The forward
   kernel writes the loss *and* the gradient in one pass over the logits; backward only scales.
-* ``linear_cross_entropy`` — ``cross_entropy(linear(x, W, b), t)`` chunk by chunk over tokens,
-  never holding the (tokens x vocab) logits; gradients are produced in the forward.
+* ``linear_cross_entropy`` — ``cross_entropy(linear(x, W, b), t)`` chunk by chunk over tokens
+  (or over the vocabulary, in two passes), never holding the (tokens x vocab) logits;
+  gradients are produced in the forward.
 * ``token_logprobs`` / ``linear_token_logprobs`` — per-token log p(target) (and entropy) with
   gradients, without a log-softmax tensor: the policy/reference log-probs of DPO, GRPO, PPO.
 
-Every kernel backend implements three row functions (see ``reference.py`` for the math and the
+Every kernel backend implements four row functions (see ``reference.py`` for the math and the
 conventions); this file checks arguments, flattens to rows, computes reductions and wires
 ``torch.library`` custom ops (``fastattn::*``) with fake (meta) kernels and autograd formulas, so
 ``torch.compile`` traces through them without a graph break.
@@ -384,18 +385,19 @@ def default_chunk_size(n_tokens: int, hidden: int, vocab: int, device: str = "cp
     return max(1, min(n_tokens, max(floor, rows)))
 
 
-def _accumulate_weight_grad(acc: Tensor, dlogits: Tensor, x: Tensor) -> None:
-    """acc (V, H) += dlogits^T @ x, acc in fp32 (fp64 for fp64), half products summed in fp32."""
-    if dlogits.dtype == acc.dtype:
-        acc.addmm_(dlogits.t(), x)
+def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b with acc in fp32 (fp64 for fp64) and a, b possibly half: products summed in
+    fp32 (cuBLAS reads and writes the fp32 accumulator in the same GEMM where it can)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
     else:
         if acc.device.type == "cuda" and hasattr(torch.ops.aten.addmm, "dtype_out"):
             try:  # cuBLAS: half inputs, fp32 accumulator read and written in the same GEMM
-                torch.ops.aten.addmm.dtype_out(acc, dlogits.t(), x, torch.float32, out=acc)
+                torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
                 return
             except RuntimeError:  # releases whose dtype_out wants self in the input dtype
                 pass
-        acc.add_(torch.mm(dlogits.t(), x))
+        acc.add_(torch.mm(a, b))
 
 
 def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
@@ -416,7 +418,7 @@ def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int
         if dx is not None:
             torch.mm(logits, weight, out=dx[start:end])
         if dw is not None:
-            _accumulate_weight_grad(dw, logits, xc)
+            _addmm_acc(dw, logits.t(), xc)
         if db is not None:
             db.add_(logits.sum(0, dtype=acc))
     return (dx if dx is not None else x.new_empty(0),
@@ -424,15 +426,101 @@ def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int
             db.to(bias.dtype) if db is not None else x.new_empty(0))
 
 
+def default_vocab_chunk_size(n_tokens: int, hidden: int, vocab: int,
+                             device: str = "cpu") -> int:
+    """Vocabulary columns per chunk of ``chunk_over="vocab"``: a chunk of logits about as large
+    as the hidden states (tokens * chunk ~= tokens * hidden, i.e. chunk ~= hidden), and never
+    fewer than ``MIN_CHUNK_ROWS[device]`` columns. The floor has the reason of the token chunks'
+    floor, with the roles swapped: every chunk adds dlogits @ W_chunk into the whole
+    (tokens, hidden) fp32 accumulator of d input."""
+    floor = MIN_CHUNK_ROWS.get(device, MIN_CHUNK_ROWS["cuda"])
+    return max(1, min(vocab, max(floor, hidden)))
+
+
+def _vocab_slices(vocab: int, chunk: int):
+    for v0 in range(0, vocab, chunk):
+        yield v0, min(v0 + chunk, vocab)
+
+
+def _slice_target(target: Tensor, valid: Tensor, v0: int, v1: int) -> Tensor:
+    """Each row's target column within [v0, v1), or -1 where it lies elsewhere (or is ignored)."""
+    local = target - v0
+    return torch.where(valid & (local >= 0) & (local < v1 - v0), local, -1)
+
+
+def _vocab_pass1(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                 valid: Tensor, chunk: int, label_smoothing: float) -> Tuple[Tensor, Tensor]:
+    """Per token, its loss and the lse over the whole vocabulary, one vocabulary chunk of logits
+    at a time: lse = logaddexp over the chunks' lse (the row kernel of token_logprobs), the
+    target's logit gathered from the chunk that holds it, and the sum of the logits for label
+    smoothing. loss = lse - (1 - eps) z_t - eps / V * sum_j z_j (0 on ignored rows)."""
+    n_tokens, vocab = x.shape[0], weight.shape[0]
+    acc = _acc_dtype(x.dtype)
+    lse = torch.full((n_tokens,), -math.inf, dtype=acc, device=x.device)
+    z_t = torch.zeros(n_tokens, dtype=acc, device=x.device)
+    z_sum = torch.zeros(n_tokens, dtype=acc, device=x.device) if label_smoothing else None
+    none = torch.full((n_tokens,), -1, dtype=torch.long, device=x.device)
+    for v0, v1 in _vocab_slices(vocab, chunk):
+        logits = F.linear(x, weight[v0:v1], None if bias is None else bias[v0:v1])
+        # every row "ignored" (-1): the kernel still returns each row's true lse
+        _, _, lse_chunk = kernels.token_logprobs_fwd(logits, none, -1, 1.0, False)
+        torch.logaddexp(lse, lse_chunk, out=lse)
+        local = _slice_target(target, valid, v0, v1)
+        picked = logits.gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1).to(acc)
+        z_t = torch.where(local >= 0, picked, z_t)
+        if z_sum is not None:
+            z_sum += logits.sum(1, dtype=acc)
+    loss = lse - (1 - label_smoothing) * z_t
+    if z_sum is not None:
+        loss = loss - (label_smoothing / vocab) * z_sum
+    return torch.where(valid, loss, torch.zeros_like(loss)), lse
+
+
+def _vocab_pass2(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                 valid: Tensor, lse: Tensor, row_scale: Tensor, chunk: int, want_dx: bool,
+                 want_dw: bool, *, target_coef: float, smoothing: float,
+                 inv_temperature: float = 1.0, entropy: Optional[Tensor] = None,
+                 grad_entropy: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dx, dW, db) from whole-vocabulary row statistics, one vocabulary chunk at a time: the
+    chunk's logits are recomputed and turned into d loss / d logits in place by the slice
+    kernel (cross_entropy_slice_bwd: row_scale, target_coef, smoothing, and the entropy term
+    of token_logprobs), then dW[chunk] = dlogits^T x is written once, in its final dtype (the
+    GEMM sums all tokens in fp32: no (vocab, hidden) fp32 buffer), db[chunk] = the column sums,
+    and dx += dlogits @ W[chunk] is summed in an fp32 (tokens, hidden) buffer."""
+    acc = _acc_dtype(x.dtype)
+    want_db = bias is not None and (want_dx or want_dw)
+    dx_acc = torch.zeros(x.shape, dtype=acc, device=x.device) if want_dx else None
+    dw = torch.empty_like(weight) if want_dw else None
+    db = torch.empty_like(bias) if want_db else None
+    scale = row_scale.to(acc).contiguous()
+    for v0, v1 in _vocab_slices(weight.shape[0], chunk):
+        w_chunk = weight[v0:v1]
+        logits = F.linear(x, w_chunk, None if bias is None else bias[v0:v1])
+        kernels.cross_entropy_slice_bwd(logits, _slice_target(target, valid, v0, v1), lse,
+                                        entropy, scale, grad_entropy, logits, inv_temperature,
+                                        target_coef, smoothing)
+        if dx_acc is not None:
+            _addmm_acc(dx_acc, logits, w_chunk)
+        if dw is not None:
+            torch.mm(logits.t(), x, out=dw[v0:v1])
+        if db is not None:
+            db[v0:v1] = logits.sum(0, dtype=acc)
+    return (dx_acc.to(x.dtype) if dx_acc is not None else x.new_empty(0),
+            dw if dw is not None else x.new_empty(0),
+            db if db is not None else x.new_empty(0))
+
+
 @_eager.custom_op("fastattn::linear_cross_entropy_fwd", mutates_args=(),
                   device_types=_DEVICES)
 def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                               ignore_index: int, label_smoothing: float, reduction: str,
-                              chunk_size: int, want_dx: bool,
-                              want_dw: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, dx, dW, db) of cross_entropy(x @ W^T + b, target). For "mean"/"sum" the gradients
-    asked for are computed in this same pass; they are empty otherwise ("none" recomputes the
-    chunks in backward, see linear_cross_entropy_bwd)."""
+                              chunk_size: int, by_vocab: bool, want_dx: bool,
+                              want_dw: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, dx, dW, db, lse) of cross_entropy(x @ W^T + b, target). For "mean"/"sum" the
+    gradients asked for are computed in this same pass; they are empty otherwise ("none"
+    recomputes the chunks in backward, see linear_cross_entropy_bwd). ``by_vocab``: chunks of
+    ``chunk_size`` vocabulary columns (two passes, see _vocab_pass1/2), else of token rows.
+    lse (per token) is returned only where backward needs it (by_vocab with "none")."""
     fn = "linear_cross_entropy"
     n_tokens = x.shape[0]
     _validate_targets(fn, target, weight.shape[0], ignore_index)
@@ -440,64 +528,92 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
     valid = target != ignore_index
     denominator = valid.sum(dtype=torch.float32) if reduction == "mean" else None
     grad_scale = denominator.reciprocal() if (need_grad and denominator is not None) else None
-    rows = torch.empty(n_tokens, dtype=_acc_dtype(x.dtype), device=x.device)
     kernels = _kernels(fn, x)
-
-    def row_fn(logits, start, end):
-        rows[start:end] = kernels.cross_entropy_fwd(
-            logits, target[start:end], None, logits if need_grad else None, grad_scale,
-            ignore_index, label_smoothing, 0.0)
+    lse_out = x.new_empty(0, dtype=_acc_dtype(x.dtype))
+    dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
 
     with torch.no_grad():
-        if need_grad:
-            dx, dw, db = _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw)
+        if by_vocab:
+            rows, lse = _vocab_pass1(kernels, x, weight, bias, target, valid, chunk_size,
+                                     label_smoothing)
+            if need_grad:
+                per_row = (denominator.to(rows.dtype).reciprocal() if denominator is not None
+                           else torch.ones((), dtype=rows.dtype, device=x.device))
+                scale = torch.where(valid, per_row, torch.zeros_like(rows))
+                dx, dw, db = _vocab_pass2(kernels, x, weight, bias, target, valid, lse, scale,
+                                          chunk_size, want_dx, want_dw,
+                                          target_coef=1.0 - label_smoothing,
+                                          smoothing=label_smoothing / weight.shape[0])
+            elif reduction == "none" and (want_dx or want_dw):
+                lse_out = lse
         else:
-            for start in range(0, n_tokens, chunk_size):
-                end = min(start + chunk_size, n_tokens)
-                row_fn(F.linear(x[start:end], weight, bias), start, end)
-            dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
+            rows = torch.empty(n_tokens, dtype=_acc_dtype(x.dtype), device=x.device)
+
+            def row_fn(logits, start, end):
+                rows[start:end] = kernels.cross_entropy_fwd(
+                    logits, target[start:end], None, logits if need_grad else None, grad_scale,
+                    ignore_index, label_smoothing, 0.0)
+
+            if need_grad:
+                dx, dw, db = _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx,
+                                            want_dw)
+            else:
+                for start in range(0, n_tokens, chunk_size):
+                    end = min(start + chunk_size, n_tokens)
+                    row_fn(F.linear(x[start:end], weight, bias), start, end)
     if reduction == "none":
         loss = rows
     else:
         loss = rows.sum() if denominator is None else rows.sum() / denominator
     # In the accumulation dtype: the public function rounds it to the input dtype, except under
     # autocast, where (as F.cross_entropy there) the loss stays fp32.
-    return loss, dx, dw, db
+    return loss, dx, dw, db, lse_out
 
 
 @_linear_cross_entropy_fwd.register_fake
-def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, want_dx,
-      want_dw):
-    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=_acc_dtype(x.dtype))
+def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, by_vocab,
+      want_dx, want_dw):
+    acc = _acc_dtype(x.dtype)
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
+    lse = x.new_empty(x.shape[0] if (by_vocab and reduction == "none" and (want_dx or want_dw))
+                      else 0, dtype=acc)
     if reduction == "none":
         want_dx = want_dw = False
     want_db = bias is not None and (want_dx or want_dw)
     return (loss, torch.empty_like(x) if want_dx else x.new_empty(0),
             torch.empty_like(weight) if want_dw else x.new_empty(0),
-            torch.empty_like(bias) if want_db else x.new_empty(0))
+            torch.empty_like(bias) if want_db else x.new_empty(0), lse)
 
 
 @torch.library.custom_op("fastattn::linear_cross_entropy_bwd", mutates_args=(),
                          device_types=_DEVICES)
 def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor,
-                              bias: Optional[Tensor], ignore_index: int, label_smoothing: float,
-                              chunk_size: int, want_dx: bool,
+                              bias: Optional[Tensor], lse: Optional[Tensor], ignore_index: int,
+                              label_smoothing: float, chunk_size: int, want_dx: bool,
                               want_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward of reduction="none": recomputes each chunk's logits, scales row r by grad_loss[r]."""
+    """Backward of reduction="none": recomputes each chunk's logits, scales row r by
+    grad_loss[r]. With ``lse`` (the forward's, per token) the chunks are of the vocabulary."""
     kernels = _kernels("linear_cross_entropy", x)
     scale = grad_loss.to(torch.float32)
 
-    def row_fn(logits, start, end):
-        kernels.cross_entropy_fwd(logits, target[start:end], None, logits, None, ignore_index,
-                                  label_smoothing, 0.0)
-        logits.mul_(scale[start:end].unsqueeze(1))
-
     with torch.no_grad():
+        if lse is not None:
+            valid = target != ignore_index
+            scale = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
+            return _vocab_pass2(kernels, x, weight, bias, target, valid, lse, scale, chunk_size,
+                                want_dx, want_dw, target_coef=1.0 - label_smoothing,
+                                smoothing=label_smoothing / weight.shape[0])
+
+        def row_fn(logits, start, end):
+            kernels.cross_entropy_fwd(logits, target[start:end], None, logits, None,
+                                      ignore_index, label_smoothing, 0.0)
+            logits.mul_(scale[start:end].unsqueeze(1))
+
         return _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw)
 
 
 @_linear_cross_entropy_bwd.register_fake
-def _(grad_loss, x, weight, target, bias, ignore_index, label_smoothing, chunk_size, want_dx,
+def _(grad_loss, x, weight, target, bias, lse, ignore_index, label_smoothing, chunk_size, want_dx,
       want_dw):
     want_db = bias is not None and (want_dx or want_dw)
     return (torch.empty_like(x) if want_dx else x.new_empty(0),
@@ -506,17 +622,19 @@ def _(grad_loss, x, weight, target, bias, ignore_index, label_smoothing, chunk_s
 
 
 def _lce_setup_context(ctx, inputs, output):
-    x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk, want_dx, want_dw = inputs
-    _, dx, dw, db = output
-    ctx.mark_non_differentiable(dx, dw, db)
+    (x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk, by_vocab, want_dx,
+     want_dw) = inputs
+    _, dx, dw, db, lse = output
+    ctx.mark_non_differentiable(dx, dw, db, lse)
     ctx.set_materialize_grads(False)  # no zero tensors for the gradient outputs
     ctx.reduction, ctx.ignore_index, ctx.label_smoothing, ctx.chunk = (
         reduction, ignore_index, label_smoothing, chunk)
     ctx.want = (want_dx, want_dw)
+    ctx.by_vocab = by_vocab
     ctx.has_bias = bias is not None
     ctx.backend = _backends.requested()
     if reduction == "none":
-        ctx.save_for_backward(x, weight, target, bias)
+        ctx.save_for_backward(x, weight, target, bias, lse)
     else:
         ctx.save_for_backward(dx, dw, db)
 
@@ -524,24 +642,24 @@ def _lce_setup_context(ctx, inputs, output):
 def _lce_backward(ctx, grad_loss, *_unused):
     want_dx, want_dw = ctx.want
     if grad_loss is None:
-        return (None,) * 10
+        return (None,) * 11
     if ctx.reduction == "none":
-        x, weight, target, bias = ctx.saved_tensors
+        x, weight, target, bias, lse = ctx.saved_tensors
         with _backends.restored(ctx.backend):
             dx, dw, db = torch.ops.fastattn.linear_cross_entropy_bwd(
-                grad_loss, x, weight, target, bias, ctx.ignore_index, ctx.label_smoothing,
-                ctx.chunk, want_dx, want_dw)
+                grad_loss, x, weight, target, bias, lse if ctx.by_vocab else None,
+                ctx.ignore_index, ctx.label_smoothing, ctx.chunk, want_dx, want_dw)
     else:
         dx, dw, db = (_scaled(g, grad_loss) if g.numel() else g for g in ctx.saved_tensors)
     return (dx if want_dx else None, dw if want_dw else None, None,
-            db if ctx.has_bias and db.numel() else None, None, None, None, None, None, None)
+            db if ctx.has_bias and db.numel() else None, None, None, None, None, None, None, None)
 
 
 _linear_cross_entropy_fwd.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 
 
 def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                  chunk_size: Optional[int]) -> Tuple[Tensor, Tensor, int]:
+                  chunk_size: Optional[int], by_vocab: bool = False) -> Tuple[Tensor, Tensor, int]:
     _check_float(fn, "input", x)
     _check_float(fn, "weight", weight)
     target = _check_target(fn, target)
@@ -569,39 +687,53 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
     x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     n_tokens = x2.shape[0]
     if chunk_size is None:
-        chunk_size = default_chunk_size(n_tokens, weight.shape[1], weight.shape[0],
-                                        weight.device.type)
+        default = default_vocab_chunk_size if by_vocab else default_chunk_size
+        chunk_size = default(n_tokens, weight.shape[1], weight.shape[0], weight.device.type)
     elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
-    return x2, target.reshape(-1).contiguous(), max(1, min(chunk_size, max(n_tokens, 1)))
+    extent = weight.shape[0] if by_vocab else n_tokens
+    return x2, target.reshape(-1).contiguous(), max(1, min(chunk_size, max(extent, 1)))
 
 
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
                          bias: Optional[Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0, *,
-                         chunk_size: Optional[int] = None) -> Tensor:
+                         chunk_size: Optional[int] = None, chunk_over: str = "tokens") -> Tensor:
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the full logits.
 
     ``input`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``, ``target`` ``input.shape[:-1]``.
-    The tokens are processed ``chunk_size`` rows at a time (default: a chunk of logits about the
-    size of ``input``, at least 512 rows on CPUs and 2048 on GPUs): each chunk's logits are
-    turned into their gradient in place by the fused kernel, then ``d input`` and ``d weight``
-    (accumulated in float32) are taken from it, so for ``"mean"``/``"sum"`` the gradients are
-    ready after the forward and backward only scales them.
-    ``"none"`` recomputes the chunks in backward (its per-token grad_output is not known before).
+    For ``"mean"``/``"sum"`` the gradients are computed in the forward and backward only scales
+    them; ``"none"`` computes them in backward (its per-token grad_output is not known before).
+    Two ways to cut the logits, both summing every gradient in float32:
+
+    * ``chunk_over="tokens"`` (default): ``chunk_size`` token rows at a time (default: a chunk of
+      logits about the size of ``input``, at least 512 rows on CPUs and 2048 on GPUs). Each
+      chunk's logits are turned into their gradient in place by the fused kernel, then ``d input``
+      and ``d weight`` are taken from it: three matmuls of tokens x hidden x vocab in all (with
+      ``"none"``: four), plus a float32 ``(vocab, hidden)`` buffer for ``d weight``.
+    * ``chunk_over="vocab"``: ``chunk_size`` vocabulary columns at a time (default: ``hidden``
+      columns, at least 512 on CPUs and 2048 on GPUs), in two passes: the first finds each
+      token's log-sum-exp over the whole vocabulary, the second recomputes each chunk's logits,
+      turns them into their gradient and writes that chunk's rows of ``d weight`` once, in
+      their final dtype. Four matmuls (one more than "tokens" for "mean"/"sum", as many for
+      "none"), but no ``(vocab, hidden)`` buffer: its float32 buffer is ``d input``'s
+      ``(tokens, hidden)``. The choice when the vocabulary is large and memory is short.
     """
     fn = "linear_cross_entropy"
     _check_options(fn, reduction, label_smoothing, ignore_index)
+    if chunk_over not in ("tokens", "vocab"):
+        raise ValueError(f"{fn}: chunk_over must be 'tokens' or 'vocab', got {chunk_over!r}")
+    by_vocab = chunk_over == "vocab"
     autocast = isinstance(input, Tensor) and _autocast.dtype(input.device.type) is not None
     if autocast:
         input, weight, bias = _autocast.cast(input.device.type, input, weight, bias)
-    x2, t2, chunk = _check_linear(fn, input, weight, target, bias, chunk_size)
+    x2, t2, chunk = _check_linear(fn, input, weight, target, bias, chunk_size, by_vocab)
     grad_on = torch.is_grad_enabled()
     want_dx = grad_on and input.requires_grad
     want_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
     loss, *_ = _eager.call(
         _linear_cross_entropy_fwd, x2, weight, t2, bias, ignore_index, float(label_smoothing),
-        reduction, chunk, want_dx, want_dw)
+        reduction, chunk, by_vocab, want_dx, want_dw)
     if not autocast:
         loss = loss.to(input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
@@ -716,19 +848,60 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp
 
 
+def _vocab_logprob_stats(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                         target: Tensor, valid: Tensor, chunk: int, inv_temperature: float,
+                         with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy, lse) of softmax(logits / T) per token, one vocabulary chunk of logits at
+    a time. Each chunk's row kernel (token_logprobs_fwd) gives its lse_c and the entropy ent_c
+    of the softmax within the chunk; merged as lse = logaddexp of the lse_c, and the mean
+    E[s] = sum_c w_c (lse_c - ent_c), w_c = exp(lse_c - lse), kept as a running weighted mean;
+    entropy = lse - E[s]. s_t is gathered from the chunk that holds the target."""
+    n_tokens = x.shape[0]
+    acc = _acc_dtype(x.dtype)
+    lse = torch.full((n_tokens,), -math.inf, dtype=acc, device=x.device)
+    mean_s = torch.zeros(n_tokens, dtype=acc, device=x.device) if with_entropy else None
+    s_t = torch.zeros(n_tokens, dtype=acc, device=x.device)
+    # a target in range for every row (column 0; its log-prob is not used): token_logprobs_fwd
+    # returns 0 for the entropy of an ignored row, and the chunk's entropy is needed here
+    first = torch.zeros(n_tokens, dtype=torch.long, device=x.device)
+    for v0, v1 in _vocab_slices(weight.shape[0], chunk):
+        logits = F.linear(x, weight[v0:v1], None if bias is None else bias[v0:v1])
+        _, ent_c, lse_c = kernels.token_logprobs_fwd(logits, first, -1, inv_temperature,
+                                                     with_entropy)
+        merged = torch.logaddexp(lse, lse_c)
+        if mean_s is not None:
+            # weights exp(lse - merged) + exp(lse_c - merged) = 1; the first is 0 at the start
+            mean_s = (torch.exp(lse - merged) * mean_s
+                      + torch.exp(lse_c - merged) * (lse_c - ent_c))
+        lse = merged
+        local = _slice_target(target, valid, v0, v1)
+        picked = logits.gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1).to(acc)
+        s_t = torch.where(local >= 0, picked * inv_temperature, s_t)
+    zero = torch.zeros_like(lse)
+    logp = torch.where(valid, s_t - lse, zero)
+    entropy = (torch.where(valid, lse - mean_s, zero) if mean_s is not None
+               else lse.new_empty(0))
+    return logp, entropy, lse
+
+
 @_eager.custom_op("fastattn::linear_token_logprobs_fwd", mutates_args=(),
                   device_types=_DEVICES)
 def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                ignore_index: int, inv_temperature: float, with_entropy: bool,
-                               chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+                               chunk_size: int, by_vocab: bool) -> Tuple[Tensor, Tensor, Tensor]:
     fn = "linear_token_logprobs"
     _validate_targets(fn, target, weight.shape[0], ignore_index)
     n_tokens = x.shape[0]
     acc = _acc_dtype(x.dtype)
+    kernels = _kernels(fn, x)
+    if by_vocab:
+        with torch.no_grad():
+            return _vocab_logprob_stats(kernels, x, weight, bias, target,
+                                        target != ignore_index, chunk_size, inv_temperature,
+                                        with_entropy)
     logp = torch.zeros(n_tokens, dtype=acc, device=x.device)
     entropy = torch.zeros(n_tokens if with_entropy else 0, dtype=acc, device=x.device)
     lse = torch.zeros(n_tokens, dtype=acc, device=x.device)
-    kernels = _kernels(fn, x)
     with torch.no_grad():
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
@@ -742,7 +915,7 @@ def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: 
 
 
 @_linear_token_logprobs_fwd.register_fake
-def _(x, weight, target, bias, ignore_index, inv_temperature, with_entropy, chunk_size):
+def _(x, weight, target, bias, ignore_index, inv_temperature, with_entropy, chunk_size, by_vocab):
     acc = _acc_dtype(x.dtype)
     n = x.shape[0]
     return (x.new_empty(n, dtype=acc), x.new_empty(n if with_entropy else 0, dtype=acc),
@@ -754,26 +927,38 @@ def _(x, weight, target, bias, ignore_index, inv_temperature, with_entropy, chun
 def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], x: Tensor,
                                weight: Tensor, target: Tensor, bias: Optional[Tensor], lse: Tensor,
                                entropy: Tensor, ignore_index: int, inv_temperature: float,
-                               chunk_size: int, want_dx: bool,
+                               chunk_size: int, by_vocab: bool, want_dx: bool,
                                want_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
     kernels = _kernels("linear_token_logprobs", x)
     grad_logp = grad_logp.contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
 
-    def row_fn(logits, start, end):
-        kernels.token_logprobs_bwd(
-            logits, target[start:end], lse[start:end],
-            None if grad_entropy is None else entropy[start:end], grad_logp[start:end],
-            None if grad_entropy is None else grad_entropy[start:end], logits, ignore_index,
-            inv_temperature)
-
     with torch.no_grad():
+        if by_vocab:
+            # d logp_r / d s = onehot - p: the slice kernel's row_scale is -grad_logp
+            valid = target != ignore_index
+            zero = torch.zeros_like(lse)
+            return _vocab_pass2(
+                kernels, x, weight, bias, target, valid, lse,
+                torch.where(valid, -grad_logp.to(lse.dtype), zero), chunk_size, want_dx,
+                want_dw, target_coef=1.0, smoothing=0.0, inv_temperature=inv_temperature,
+                entropy=None if grad_entropy is None else entropy,
+                grad_entropy=None if grad_entropy is None else torch.where(
+                    valid, grad_entropy.to(lse.dtype), zero))
+
+        def row_fn(logits, start, end):
+            kernels.token_logprobs_bwd(
+                logits, target[start:end], lse[start:end],
+                None if grad_entropy is None else entropy[start:end], grad_logp[start:end],
+                None if grad_entropy is None else grad_entropy[start:end], logits, ignore_index,
+                inv_temperature)
+
         return _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw)
 
 
 @_linear_token_logprobs_bwd.register_fake
 def _(grad_logp, grad_entropy, x, weight, target, bias, lse, entropy, ignore_index,
-      inv_temperature, chunk_size, want_dx, want_dw):
+      inv_temperature, chunk_size, by_vocab, want_dx, want_dw):
     want_db = bias is not None and (want_dx or want_dw)
     return (torch.empty_like(x) if want_dx else x.new_empty(0),
             torch.empty_like(weight) if want_dw else x.new_empty(0),
@@ -781,11 +966,11 @@ def _(grad_logp, grad_entropy, x, weight, target, bias, lse, entropy, ignore_ind
 
 
 def _ltlp_setup_context(ctx, inputs, output):
-    x, weight, target, bias, ignore_index, inv_temperature, _, chunk = inputs
+    x, weight, target, bias, ignore_index, inv_temperature, _, chunk, by_vocab = inputs
     _, entropy, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
-    ctx.args = (ignore_index, inv_temperature, chunk)
+    ctx.args = (ignore_index, inv_temperature, chunk, by_vocab)
     ctx.has_bias = bias is not None
     ctx.backend = _backends.requested()
     ctx.save_for_backward(x, weight, target, bias, lse, entropy)
@@ -796,7 +981,7 @@ def _ltlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or (
         ctx.has_bias and ctx.needs_input_grad[3])
     if (grad_logp is None and grad_entropy is None) or not (want_dx or want_dw):
-        return None, None, None, None, None, None, None, None
+        return None, None, None, None, None, None, None, None, None
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     with _backends.restored(ctx.backend):
@@ -804,7 +989,7 @@ def _ltlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
             grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
             x, weight, target, bias, lse, entropy, *ctx.args, want_dx, want_dw)
     return (dx if want_dx else None, dw if ctx.needs_input_grad[1] else None, None,
-            db if ctx.has_bias and db.numel() else None, None, None, None, None)
+            db if ctx.has_bias and db.numel() else None, None, None, None, None, None)
 
 
 _linear_token_logprobs_fwd.register_autograd(_ltlp_backward, setup_context=_ltlp_setup_context)
@@ -813,20 +998,29 @@ _linear_token_logprobs_fwd.register_autograd(_ltlp_backward, setup_context=_ltlp
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
                           bias: Optional[Tensor] = None, *, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
-                          chunk_size: Optional[int] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                          chunk_size: Optional[int] = None,
+                          chunk_over: str = "tokens") -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``token_logprobs(F.linear(hidden, weight, bias), target, ...)`` chunk by chunk.
 
     ``hidden`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``; neither pass holds more than
     one chunk of logits. Backward recomputes each chunk's logits (per-token grad_outputs, such as
-    DPO or PPO weights, are only known then) and accumulates ``d weight`` in float32.
+    DPO or PPO weights, are only known then): with ``chunk_over="tokens"`` (default) chunks of
+    token rows, ``d weight`` summed in a float32 ``(vocab, hidden)`` buffer; with
+    ``chunk_over="vocab"`` chunks of vocabulary columns, each slice of ``d weight`` written once
+    (one GEMM over all tokens) and only ``d hidden`` summed in a float32 ``(tokens, hidden)``
+    buffer -- the same number of matmuls, less memory when the vocabulary is the larger (see
+    ``linear_cross_entropy``; the same ``chunk_size`` defaults).
     """
     fn = "linear_token_logprobs"
     _check_options(fn, "none", 0.0, ignore_index)  # per token
     inv_t = _check_temperature(fn, temperature)
+    if chunk_over not in ("tokens", "vocab"):
+        raise ValueError(f"{fn}: chunk_over must be 'tokens' or 'vocab', got {chunk_over!r}")
+    by_vocab = chunk_over == "vocab"
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
         hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)
-    x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size)
+    x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size, by_vocab)
     logp, entropy, _ = _eager.call(_linear_token_logprobs_fwd, x2, weight, t2, bias, ignore_index,
-                                   inv_t, return_entropy, chunk)
+                                   inv_t, return_entropy, chunk, by_vocab)
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp

@@ -160,3 +160,53 @@ def token_logprobs_bwd(
         g = g - grad_entropy.unsqueeze(1) * p * centred
     g = torch.where(valid.unsqueeze(1), g * inv_temperature, torch.zeros_like(g))
     grad.copy_(g)
+
+
+def cross_entropy_slice_bwd(
+    logits: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    entropy: Tensor | None,
+    row_scale: Tensor,
+    grad_entropy: Tensor | None,
+    grad: Tensor,
+    inv_temperature: float,
+    target_coef: float,
+    smoothing: float,
+) -> None:
+    """Gradient of a softmax loss over a *slice* of the classes, given whole-row statistics.
+
+    ``logits`` (R, C) are the columns [v0, v0 + C) of rows whose log-sum-exp over all their
+    classes is ``lse`` (R,) (of s = z / T, in acc) and, with an entropy term, whose softmax
+    entropy is ``entropy`` (R,). ``target`` (R,) is the target column *within the slice*: a value
+    outside [0, C) means the row's target lies in another slice (no one-hot term here; not an
+    error). Writes, with p_j = exp(s_j - lse) and E[s] = lse - entropy,
+
+        grad_j = inv_temperature * (row_scale * (p_j - smoothing - target_coef * [j == t])
+                                    - grad_entropy * p_j * (s_j - E[s]))
+
+    and an exact 0 row where ``row_scale`` (and ``grad_entropy``, if given) is 0: ignored rows,
+    whose logits are not read. Cross-entropy with label smoothing eps over V classes:
+    row_scale = d loss, target_coef = 1 - eps, smoothing = eps / V; log p_t (token_logprobs):
+    row_scale = -d logp, target_coef = 1, smoothing = 0, and the entropy's gradient as in
+    token_logprobs_bwd. ``entropy``/``grad_entropy`` are both given or both None; ``grad`` may
+    be ``logits``.
+    """
+    acc = _acc_dtype(logits.dtype)
+    n_cols = logits.shape[1]
+    s = logits.to(acc) * inv_temperature
+    scale = row_scale.to(acc).unsqueeze(1)
+    p = torch.exp(s - lse.to(acc).unsqueeze(1))
+    g = scale * (p - smoothing)
+    in_slice = (target >= 0) & (target < n_cols)
+    t = torch.where(in_slice, target, 0).unsqueeze(1)
+    hit = torch.where(in_slice, scale.squeeze(1) * target_coef, torch.zeros_like(scale.squeeze(1)))
+    g.scatter_add_(1, t, -hit.unsqueeze(1))
+    live = row_scale != 0
+    if grad_entropy is not None:
+        mean_s = (lse - entropy).to(acc).unsqueeze(1)
+        centred = torch.where(p > 0, s - mean_s, torch.zeros_like(p))
+        g = g - grad_entropy.to(acc).unsqueeze(1) * p * centred
+        live = live | (grad_entropy != 0)
+    g = torch.where(live.unsqueeze(1), g * inv_temperature, torch.zeros_like(g))
+    grad.copy_(g)

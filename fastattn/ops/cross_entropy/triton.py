@@ -10,6 +10,7 @@ grows. Memory traffic per row of C elements of e bytes:
     cross_entropy_fwd, grad given      2*C*e read + C*e written     (pass 2 re-reads for p_j)
     token_logprobs_fwd                 C*e read                     (one pass, entropy included)
     token_logprobs_bwd                 C*e read + C*e written       (lse saved by forward)
+    cross_entropy_slice_bwd            C*e read + C*e written       (lse of the whole row given)
 
 An ignored row of cross_entropy_fwd / token_logprobs_bwd reads nothing and, with a gradient,
 only writes C zeros; token_logprobs_fwd still reads it because it must return its lse.
@@ -275,6 +276,59 @@ def _token_logprobs_bwd_kernel(
             tl.store(g_row + cols, zero, mask=cols < n_cols)
 
 
+@triton.jit
+def _cross_entropy_slice_bwd_kernel(
+    logits_ptr,
+    logits_stride,
+    target_ptr,
+    lse_ptr,
+    entropy_ptr,
+    row_scale_ptr,
+    grad_entropy_ptr,
+    grad_ptr,
+    grad_stride,
+    n_cols,
+    inv_temperature,
+    target_coef,
+    smoothing,
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = logits_ptr + row * logits_stride
+    g_row = grad_ptr + row * grad_stride
+    offs = tl.arange(0, BLOCK)
+    scale = tl.load(row_scale_ptr + row)
+    dead = scale == 0.0
+    if HAS_ENTROPY:
+        h = tl.load(grad_entropy_ptr + row)
+        dead = dead & (h == 0.0)
+    if dead:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            tl.store(g_row + cols, tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty),
+                     mask=cols < n_cols)
+    else:
+        # g_k = (a (p_k - smoothing) - h p_k (s_k - E[s]) - [k == t] a target_coef) / T with
+        # a = row_scale, p_k = exp(s_k - lse) and E[s] = lse - entropy of the whole row; t
+        # outside [0, n_cols) (the target is in another slice) never matches. p_k = 0 drops
+        # the entropy term (a -inf logit).
+        t = tl.load(target_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        if HAS_ENTROPY:
+            mean_s = lse - tl.load(entropy_ptr + row)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            mask = cols < n_cols
+            x = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temperature
+            p = tl.exp(x - lse)
+            g = scale * (p - smoothing)
+            g = tl.where(cols == t, g - scale * target_coef, g)
+            if HAS_ENTROPY:
+                g -= h * p * tl.where(p > 0.0, x - mean_s, 0.0)
+            tl.store(g_row + cols, (g * inv_temperature).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
 def _check_rows(name: str, x: Tensor, like: Tensor) -> None:
     if x.dim() != 2 or x.shape != like.shape:
         raise ValueError(f"{name} must be 2-D (rows, classes) shaped like logits {tuple(like.shape)}, got {tuple(x.shape)}")
@@ -410,6 +464,55 @@ def token_logprobs_bwd(
             n_cols,
             ignore_index,
             float(inv_temperature),
+            HAS_ENTROPY=has_entropy,
+            BLOCK=block,
+            num_warps=warps,
+        )
+
+
+def cross_entropy_slice_bwd(
+    logits: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    row_scale: Tensor,
+    grad_entropy: Optional[Tensor],
+    grad: Tensor,
+    inv_temperature: float,
+    target_coef: float,
+    smoothing: float,
+) -> None:
+    """Writes the gradient of a softmax loss over a slice of the classes into ``grad`` (may be
+    ``logits``), from each row's whole lse and entropy (the math is in reference.py)."""
+    _check_rows("logits", logits, logits)
+    _check_rows("grad", grad, logits)
+    if (entropy is None) != (grad_entropy is None):
+        raise ValueError("entropy and grad_entropy must be both given or both None")
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    lse = _per_row(lse)
+    row_scale = _per_row(row_scale)
+    has_entropy = grad_entropy is not None
+    if has_entropy:
+        entropy = _per_row(entropy)
+        grad_entropy = _per_row(grad_entropy)
+    block, warps = _launch_config(n_cols)
+    with _on_device(logits):
+        _cross_entropy_slice_bwd_kernel[(n_rows,)](
+            logits,
+            logits.stride(0),
+            target.contiguous(),
+            lse,
+            entropy if has_entropy else lse,
+            row_scale,
+            grad_entropy if has_entropy else row_scale,
+            grad,
+            grad.stride(0),
+            n_cols,
+            float(inv_temperature),
+            float(target_coef),
+            float(smoothing),
             HAS_ENTROPY=has_entropy,
             BLOCK=block,
             num_warps=warps,
