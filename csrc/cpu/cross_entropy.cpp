@@ -305,7 +305,10 @@ FA_ROW_KERNEL void token_logprobs_fwd_rows(const TokFwdArgs<scalar_t>& a, int64_
   const Exp<acc> exp_acc = Exp<acc>::make();
   for (int64_t r = begin; r < end; ++r) {
     const raw* x = a.logits + r * a.logits_row_stride;
-    const acc m = row_max<scalar_t>(x, C, inv_t);
+    // The pivot: the row max, or 0 for a row of -inf (whose lse is then -inf, as the
+    // reference's, not -inf - -inf = NaN: a vocabulary chunk masked by a -inf bias is such a row).
+    const acc row_m = row_max<scalar_t>(x, C, inv_t);
+    const acc m = row_m == -std::numeric_limits<acc>::infinity() ? acc(0) : row_m;
     // sum_j e_j and sum_j e_j (s_j - m)
     Pair<double> sums{0, 0};
     if (a.entropy != nullptr) {

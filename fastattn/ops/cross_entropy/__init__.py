@@ -456,7 +456,9 @@ def _vocab_pass1(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     smoothing. loss = lse - (1 - eps) z_t - eps / V * sum_j z_j (0 on ignored rows)."""
     n_tokens, vocab = x.shape[0], weight.shape[0]
     acc = _acc_dtype(x.dtype)
-    lse = torch.full((n_tokens,), -math.inf, dtype=acc, device=x.device)
+    # per-token running values in float64 (vectors of n_tokens: free), so that merging many
+    # chunks adds no rounding of its own
+    lse = torch.full((n_tokens,), -math.inf, dtype=torch.float64, device=x.device)
     z_t = torch.zeros(n_tokens, dtype=acc, device=x.device)
     z_sum = torch.zeros(n_tokens, dtype=acc, device=x.device) if label_smoothing else None
     none = torch.full((n_tokens,), -1, dtype=torch.long, device=x.device)
@@ -464,12 +466,13 @@ def _vocab_pass1(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
         logits = F.linear(x, weight[v0:v1], None if bias is None else bias[v0:v1])
         # every row "ignored" (-1): the kernel still returns each row's true lse
         _, _, lse_chunk = kernels.token_logprobs_fwd(logits, none, -1, 1.0, False)
-        torch.logaddexp(lse, lse_chunk, out=lse)
+        lse = torch.logaddexp(lse, lse_chunk.double())
         local = _slice_target(target, valid, v0, v1)
         picked = logits.gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1).to(acc)
         z_t = torch.where(local >= 0, picked, z_t)
         if z_sum is not None:
             z_sum += logits.sum(1, dtype=acc)
+    lse = lse.to(acc)
     loss = lse - (1 - label_smoothing) * z_t
     if z_sum is not None:
         loss = loss - (label_smoothing / vocab) * z_sum
@@ -484,9 +487,10 @@ def _vocab_pass2(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     """(dx, dW, db) from whole-vocabulary row statistics, one vocabulary chunk at a time: the
     chunk's logits are recomputed and turned into d loss / d logits in place by the slice
     kernel (cross_entropy_slice_bwd: row_scale, target_coef, smoothing, and the entropy term
-    of token_logprobs), then dW[chunk] = dlogits^T x is written once, in its final dtype (the
-    GEMM sums all tokens in fp32: no (vocab, hidden) fp32 buffer), db[chunk] = the column sums,
-    and dx += dlogits @ W[chunk] is summed in an fp32 (tokens, hidden) buffer."""
+    of token_logprobs), then dW[chunk] = dlogits^T x is written once, in its final dtype, by
+    one GEMM over all tokens (as eager's weight gradient is, under the same cuBLAS reduction
+    settings; no (vocab, hidden) buffer beside dW), db[chunk] = the column sums, and
+    dx += dlogits @ W[chunk] is summed in an fp32 (tokens, hidden) buffer."""
     acc = _acc_dtype(x.dtype)
     want_db = bias is not None and (want_dx or want_dw)
     dx_acc = torch.zeros(x.shape, dtype=acc, device=x.device) if want_dx else None
@@ -710,14 +714,21 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
       logits about the size of ``input``, at least 512 rows on CPUs and 2048 on GPUs). Each
       chunk's logits are turned into their gradient in place by the fused kernel, then ``d input``
       and ``d weight`` are taken from it: three matmuls of tokens x hidden x vocab in all (with
-      ``"none"``: four), plus a float32 ``(vocab, hidden)`` buffer for ``d weight``.
+      ``"none"``: four). ``d weight`` is summed over the chunks in a float32 ``(vocab, hidden)``
+      tensor: for bf16/fp16 weights a buffer of its own, twice the size of ``d weight``.
     * ``chunk_over="vocab"``: ``chunk_size`` vocabulary columns at a time (default: ``hidden``
       columns, at least 512 on CPUs and 2048 on GPUs), in two passes: the first finds each
       token's log-sum-exp over the whole vocabulary, the second recomputes each chunk's logits,
       turns them into their gradient and writes that chunk's rows of ``d weight`` once, in
-      their final dtype. Four matmuls (one more than "tokens" for "mean"/"sum", as many for
-      "none"), but no ``(vocab, hidden)`` buffer: its float32 buffer is ``d input``'s
-      ``(tokens, hidden)``. The choice when the vocabulary is large and memory is short.
+      their final dtype, with one matmul over all tokens (as eager's own weight gradient).
+      Four matmuls (one more than "tokens" for "mean"/"sum", as many for "none"), but no
+      buffer beside ``d weight``: its float32 buffer is ``d input``'s ``(tokens, hidden)``.
+      The choice for bf16/fp16 weights when the vocabulary is large and memory is short.
+
+    The loss and log-sum-exp are float32 numbers either way; over vocabulary chunks the loss is
+    ``lse - z_target`` of two such numbers, so its absolute error is about ``ulp(lse)``
+    (token chunks subtract relative to each row's max, which matters only for logits far from
+    0, such as a common offset of 1e4).
     """
     fn = "linear_cross_entropy"
     _check_options(fn, reduction, label_smoothing, ignore_index)
@@ -848,18 +859,32 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp
 
 
+def _merge_entropy(lse: Tensor, entropy: Tensor, lse_c: Tensor, ent_c: Tensor) -> Tensor:
+    """Entropy of the softmax over two disjoint sets of classes from each set's lse and entropy:
+    H = sum_k w_k (H_k + lse - lse_k), w_k = exp(lse_k - lse), lse = logaddexp(lse_1, lse_2).
+    Every term is >= 0, so nothing cancels; a set with w_k = 0 (or all -inf, w_k = NaN)
+    contributes 0, not 0 * inf."""
+    merged = torch.logaddexp(lse, lse_c)
+    out = torch.zeros_like(merged)
+    for l_k, h_k in ((lse, entropy), (lse_c, ent_c)):
+        w = torch.exp(l_k - merged)
+        out += torch.where(w > 0, w * (h_k + (merged - l_k)), torch.zeros_like(w))
+    return out
+
+
 def _vocab_logprob_stats(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                          target: Tensor, valid: Tensor, chunk: int, inv_temperature: float,
                          with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(logp, entropy, lse) of softmax(logits / T) per token, one vocabulary chunk of logits at
-    a time. Each chunk's row kernel (token_logprobs_fwd) gives its lse_c and the entropy ent_c
-    of the softmax within the chunk; merged as lse = logaddexp of the lse_c, and the mean
-    E[s] = sum_c w_c (lse_c - ent_c), w_c = exp(lse_c - lse), kept as a running weighted mean;
-    entropy = lse - E[s]. s_t is gathered from the chunk that holds the target."""
+    a time. Each chunk's row kernel (token_logprobs_fwd) gives its lse_c and the entropy of the
+    softmax within the chunk; lse merges by logaddexp and the entropy by _merge_entropy. s_t is
+    gathered from the chunk that holds the target."""
     n_tokens = x.shape[0]
     acc = _acc_dtype(x.dtype)
-    lse = torch.full((n_tokens,), -math.inf, dtype=acc, device=x.device)
-    mean_s = torch.zeros(n_tokens, dtype=acc, device=x.device) if with_entropy else None
+    # running lse and entropy in float64 (vectors of n_tokens: free): many merges, no drift
+    f64 = torch.float64
+    lse = torch.full((n_tokens,), -math.inf, dtype=f64, device=x.device)
+    entropy = torch.zeros(n_tokens, dtype=f64, device=x.device) if with_entropy else None
     s_t = torch.zeros(n_tokens, dtype=acc, device=x.device)
     # a target in range for every row (column 0; its log-prob is not used): token_logprobs_fwd
     # returns 0 for the entropy of an ignored row, and the chunk's entropy is needed here
@@ -868,18 +893,17 @@ def _vocab_logprob_stats(kernels, x: Tensor, weight: Tensor, bias: Optional[Tens
         logits = F.linear(x, weight[v0:v1], None if bias is None else bias[v0:v1])
         _, ent_c, lse_c = kernels.token_logprobs_fwd(logits, first, -1, inv_temperature,
                                                      with_entropy)
-        merged = torch.logaddexp(lse, lse_c)
-        if mean_s is not None:
-            # weights exp(lse - merged) + exp(lse_c - merged) = 1; the first is 0 at the start
-            mean_s = (torch.exp(lse - merged) * mean_s
-                      + torch.exp(lse_c - merged) * (lse_c - ent_c))
-        lse = merged
+        lse_c = lse_c.to(f64)
+        if entropy is not None:
+            entropy = _merge_entropy(lse, entropy, lse_c, ent_c.to(f64))
+        lse = torch.logaddexp(lse, lse_c)
         local = _slice_target(target, valid, v0, v1)
         picked = logits.gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1).to(acc)
         s_t = torch.where(local >= 0, picked * inv_temperature, s_t)
+    lse = lse.to(acc)
     zero = torch.zeros_like(lse)
     logp = torch.where(valid, s_t - lse, zero)
-    entropy = (torch.where(valid, lse - mean_s, zero) if mean_s is not None
+    entropy = (torch.where(valid, entropy.to(acc), zero) if entropy is not None
                else lse.new_empty(0))
     return logp, entropy, lse
 
@@ -1005,11 +1029,13 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     ``hidden`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``; neither pass holds more than
     one chunk of logits. Backward recomputes each chunk's logits (per-token grad_outputs, such as
     DPO or PPO weights, are only known then): with ``chunk_over="tokens"`` (default) chunks of
-    token rows, ``d weight`` summed in a float32 ``(vocab, hidden)`` buffer; with
-    ``chunk_over="vocab"`` chunks of vocabulary columns, each slice of ``d weight`` written once
-    (one GEMM over all tokens) and only ``d hidden`` summed in a float32 ``(tokens, hidden)``
-    buffer -- the same number of matmuls, less memory when the vocabulary is the larger (see
-    ``linear_cross_entropy``; the same ``chunk_size`` defaults).
+    token rows, ``d weight`` summed in a float32 ``(vocab, hidden)`` tensor (a buffer of its
+    own for bf16/fp16 weights); with ``chunk_over="vocab"`` chunks of vocabulary columns, each
+    slice of ``d weight`` written once (one GEMM over all tokens) and only ``d hidden`` summed
+    in a float32 ``(tokens, hidden)`` buffer: the same number of matmuls, less memory for
+    bf16/fp16 weights when the vocabulary outnumbers the tokens (see ``linear_cross_entropy``;
+    the same ``chunk_size`` defaults). The entropy over vocabulary chunks is merged from the
+    chunks' entropies as a sum of non-negative terms (no cancellation).
     """
     fn = "linear_token_logprobs"
     _check_options(fn, "none", 0.0, ignore_index)  # per token
