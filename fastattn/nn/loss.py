@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.cross_entropy import cross_entropy, linear_cross_entropy
+from ..ops.cross_entropy import check_chunk_over, cross_entropy, linear_cross_entropy
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -45,9 +45,7 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  label_smoothing: float = 0.0, *, chunk_size: Optional[int] = None,
                  chunk_over: str = "tokens") -> None:
         super().__init__()
-        if chunk_over not in ("tokens", "vocab"):
-            raise ValueError(f"LinearCrossEntropyLoss: chunk_over must be 'tokens' or 'vocab', "
-                             f"got {chunk_over!r}")
+        check_chunk_over("LinearCrossEntropyLoss", chunk_over)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing

@@ -448,34 +448,63 @@ def _slice_target(target: Tensor, valid: Tensor, v0: int, v1: int) -> Tensor:
     return torch.where(valid & (local >= 0) & (local < v1 - v0), local, -1)
 
 
-def _vocab_pass1(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                 valid: Tensor, chunk: int, label_smoothing: float) -> Tuple[Tensor, Tensor]:
-    """Per token, its loss and the lse over the whole vocabulary, one vocabulary chunk of logits
-    at a time: lse = logaddexp over the chunks' lse (the row kernel of token_logprobs), the
-    target's logit gathered from the chunk that holds it, and the sum of the logits for label
-    smoothing. loss = lse - (1 - eps) z_t - eps / V * sum_j z_j (0 on ignored rows)."""
-    n_tokens, vocab = x.shape[0], weight.shape[0]
-    acc = _acc_dtype(x.dtype)
-    # per-token running values in float64 (vectors of n_tokens: free), so that merging many
-    # chunks adds no rounding of its own
-    lse = torch.full((n_tokens,), -math.inf, dtype=torch.float64, device=x.device)
-    z_t = torch.zeros(n_tokens, dtype=acc, device=x.device)
-    z_sum = torch.zeros(n_tokens, dtype=acc, device=x.device) if label_smoothing else None
-    none = torch.full((n_tokens,), -1, dtype=torch.long, device=x.device)
-    for v0, v1 in _vocab_slices(vocab, chunk):
+def _merge_entropy(lse: Tensor, entropy: Tensor, lse_c: Tensor, ent_c: Tensor) -> Tensor:
+    """Entropy of the softmax over two disjoint sets of classes from each set's lse and entropy:
+    H = sum_k w_k (H_k + lse - lse_k), w_k = exp(lse_k - lse), lse = logaddexp(lse_1, lse_2).
+    Every term is >= 0, so nothing cancels; a set with w_k = 0 (or all -inf, w_k = NaN)
+    contributes 0, not 0 * inf."""
+    merged = torch.logaddexp(lse, lse_c)
+    out = torch.zeros_like(merged)
+    for l_k, h_k in ((lse, entropy), (lse_c, ent_c)):
+        w = torch.exp(l_k - merged)
+        out += torch.where(w > 0, w * (h_k + (merged - l_k)), torch.zeros_like(w))
+    return out
+
+
+def _vocab_stats(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                 valid: Tensor, chunk: int, inv_temperature: float = 1.0,
+                 with_entropy: bool = False, with_sum: bool = False):
+    """Pass 1 over vocabulary chunks: per token (s_t, lse, entropy, sum_z) of s = logits / T,
+    one chunk of logits at a time. Each chunk's row kernel (token_logprobs_fwd) gives its
+    lse_c and the entropy of the softmax within the chunk; lse merges by logaddexp, the
+    entropy by _merge_entropy, both running in float64 (vectors of n_tokens: free, and many
+    merges add no rounding of their own). s_t is gathered from the chunk that holds the target
+    (0 where none does); sum_z (the logits' sum, for label smoothing) and entropy are None
+    unless asked for."""
+    n_tokens = x.shape[0]
+    acc, f64 = _acc_dtype(x.dtype), torch.float64
+    lse = torch.full((n_tokens,), -math.inf, dtype=f64, device=x.device)
+    entropy = torch.zeros(n_tokens, dtype=f64, device=x.device) if with_entropy else None
+    s_t = torch.zeros(n_tokens, dtype=acc, device=x.device)
+    z_sum = torch.zeros(n_tokens, dtype=acc, device=x.device) if with_sum else None
+    # a target in range for every row (column 0; its log-prob is not used): token_logprobs_fwd
+    # returns 0 for the entropy of an ignored row, and the chunk's entropy may be needed here
+    first = torch.zeros(n_tokens, dtype=torch.long, device=x.device)
+    for v0, v1 in _vocab_slices(weight.shape[0], chunk):
         logits = F.linear(x, weight[v0:v1], None if bias is None else bias[v0:v1])
-        # every row "ignored" (-1): the kernel still returns each row's true lse
-        _, _, lse_chunk = kernels.token_logprobs_fwd(logits, none, -1, 1.0, False)
-        lse = torch.logaddexp(lse, lse_chunk.double())
+        _, ent_c, lse_c = kernels.token_logprobs_fwd(logits, first, -1, inv_temperature,
+                                                     with_entropy)
+        lse_c = lse_c.to(f64)
+        if entropy is not None:
+            entropy = _merge_entropy(lse, entropy, lse_c, ent_c.to(f64))
+        lse = torch.logaddexp(lse, lse_c)
         local = _slice_target(target, valid, v0, v1)
         picked = logits.gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1).to(acc)
-        z_t = torch.where(local >= 0, picked, z_t)
+        s_t = torch.where(local >= 0, picked * inv_temperature, s_t)
         if z_sum is not None:
             z_sum += logits.sum(1, dtype=acc)
-    lse = lse.to(acc)
+    return s_t, lse.to(acc), None if entropy is None else entropy.to(acc), z_sum
+
+
+def _vocab_ce_loss(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                   valid: Tensor, chunk: int, label_smoothing: float) -> Tuple[Tensor, Tensor]:
+    """(loss, lse) per token over vocabulary chunks:
+    loss = lse - (1 - eps) z_t - eps / V * sum_j z_j (0 on ignored rows)."""
+    z_t, lse, _, z_sum = _vocab_stats(kernels, x, weight, bias, target, valid, chunk,
+                                      with_sum=bool(label_smoothing))
     loss = lse - (1 - label_smoothing) * z_t
     if z_sum is not None:
-        loss = loss - (label_smoothing / vocab) * z_sum
+        loss = loss - (label_smoothing / weight.shape[0]) * z_sum
     return torch.where(valid, loss, torch.zeros_like(loss)), lse
 
 
@@ -523,7 +552,8 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
     """(loss, dx, dW, db, lse) of cross_entropy(x @ W^T + b, target). For "mean"/"sum" the
     gradients asked for are computed in this same pass; they are empty otherwise ("none"
     recomputes the chunks in backward, see linear_cross_entropy_bwd). ``by_vocab``: chunks of
-    ``chunk_size`` vocabulary columns (two passes, see _vocab_pass1/2), else of token rows.
+    ``chunk_size`` vocabulary columns (two passes, see _vocab_stats and _vocab_pass2), else of
+    token rows.
     lse (per token) is returned only where backward needs it (by_vocab with "none")."""
     fn = "linear_cross_entropy"
     n_tokens = x.shape[0]
@@ -538,8 +568,8 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
 
     with torch.no_grad():
         if by_vocab:
-            rows, lse = _vocab_pass1(kernels, x, weight, bias, target, valid, chunk_size,
-                                     label_smoothing)
+            rows, lse = _vocab_ce_loss(kernels, x, weight, bias, target, valid, chunk_size,
+                                       label_smoothing)
             if need_grad:
                 per_row = (denominator.to(rows.dtype).reciprocal() if denominator is not None
                            else torch.ones((), dtype=rows.dtype, device=x.device))
@@ -662,6 +692,13 @@ def _lce_backward(ctx, grad_loss, *_unused):
 _linear_cross_entropy_fwd.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 
 
+def check_chunk_over(fn: str, chunk_over: str) -> bool:
+    """Whether ``chunk_over`` asks for vocabulary chunks; a clear error unless tokens/vocab."""
+    if chunk_over not in ("tokens", "vocab"):
+        raise ValueError(f"{fn}: chunk_over must be 'tokens' or 'vocab', got {chunk_over!r}")
+    return chunk_over == "vocab"
+
+
 def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                   chunk_size: Optional[int], by_vocab: bool = False) -> Tuple[Tensor, Tensor, int]:
     _check_float(fn, "input", x)
@@ -732,9 +769,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     """
     fn = "linear_cross_entropy"
     _check_options(fn, reduction, label_smoothing, ignore_index)
-    if chunk_over not in ("tokens", "vocab"):
-        raise ValueError(f"{fn}: chunk_over must be 'tokens' or 'vocab', got {chunk_over!r}")
-    by_vocab = chunk_over == "vocab"
+    by_vocab = check_chunk_over(fn, chunk_over)
     autocast = isinstance(input, Tensor) and _autocast.dtype(input.device.type) is not None
     if autocast:
         input, weight, bias = _autocast.cast(input.device.type, input, weight, bias)
@@ -859,55 +894,6 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp
 
 
-def _merge_entropy(lse: Tensor, entropy: Tensor, lse_c: Tensor, ent_c: Tensor) -> Tensor:
-    """Entropy of the softmax over two disjoint sets of classes from each set's lse and entropy:
-    H = sum_k w_k (H_k + lse - lse_k), w_k = exp(lse_k - lse), lse = logaddexp(lse_1, lse_2).
-    Every term is >= 0, so nothing cancels; a set with w_k = 0 (or all -inf, w_k = NaN)
-    contributes 0, not 0 * inf."""
-    merged = torch.logaddexp(lse, lse_c)
-    out = torch.zeros_like(merged)
-    for l_k, h_k in ((lse, entropy), (lse_c, ent_c)):
-        w = torch.exp(l_k - merged)
-        out += torch.where(w > 0, w * (h_k + (merged - l_k)), torch.zeros_like(w))
-    return out
-
-
-def _vocab_logprob_stats(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                         target: Tensor, valid: Tensor, chunk: int, inv_temperature: float,
-                         with_entropy: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(logp, entropy, lse) of softmax(logits / T) per token, one vocabulary chunk of logits at
-    a time. Each chunk's row kernel (token_logprobs_fwd) gives its lse_c and the entropy of the
-    softmax within the chunk; lse merges by logaddexp and the entropy by _merge_entropy. s_t is
-    gathered from the chunk that holds the target."""
-    n_tokens = x.shape[0]
-    acc = _acc_dtype(x.dtype)
-    # running lse and entropy in float64 (vectors of n_tokens: free): many merges, no drift
-    f64 = torch.float64
-    lse = torch.full((n_tokens,), -math.inf, dtype=f64, device=x.device)
-    entropy = torch.zeros(n_tokens, dtype=f64, device=x.device) if with_entropy else None
-    s_t = torch.zeros(n_tokens, dtype=acc, device=x.device)
-    # a target in range for every row (column 0; its log-prob is not used): token_logprobs_fwd
-    # returns 0 for the entropy of an ignored row, and the chunk's entropy is needed here
-    first = torch.zeros(n_tokens, dtype=torch.long, device=x.device)
-    for v0, v1 in _vocab_slices(weight.shape[0], chunk):
-        logits = F.linear(x, weight[v0:v1], None if bias is None else bias[v0:v1])
-        _, ent_c, lse_c = kernels.token_logprobs_fwd(logits, first, -1, inv_temperature,
-                                                     with_entropy)
-        lse_c = lse_c.to(f64)
-        if entropy is not None:
-            entropy = _merge_entropy(lse, entropy, lse_c, ent_c.to(f64))
-        lse = torch.logaddexp(lse, lse_c)
-        local = _slice_target(target, valid, v0, v1)
-        picked = logits.gather(1, local.clamp(min=0).unsqueeze(1)).squeeze(1).to(acc)
-        s_t = torch.where(local >= 0, picked * inv_temperature, s_t)
-    lse = lse.to(acc)
-    zero = torch.zeros_like(lse)
-    logp = torch.where(valid, s_t - lse, zero)
-    entropy = (torch.where(valid, entropy.to(acc), zero) if entropy is not None
-               else lse.new_empty(0))
-    return logp, entropy, lse
-
-
 @_eager.custom_op("fastattn::linear_token_logprobs_fwd", mutates_args=(),
                   device_types=_DEVICES)
 def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
@@ -919,10 +905,13 @@ def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: 
     acc = _acc_dtype(x.dtype)
     kernels = _kernels(fn, x)
     if by_vocab:
+        valid = target != ignore_index
         with torch.no_grad():
-            return _vocab_logprob_stats(kernels, x, weight, bias, target,
-                                        target != ignore_index, chunk_size, inv_temperature,
-                                        with_entropy)
+            s_t, lse, entropy, _ = _vocab_stats(kernels, x, weight, bias, target, valid,
+                                                chunk_size, inv_temperature, with_entropy)
+        zero = torch.zeros_like(lse)
+        return (torch.where(valid, s_t - lse, zero),
+                torch.where(valid, entropy, zero) if with_entropy else lse.new_empty(0), lse)
     logp = torch.zeros(n_tokens, dtype=acc, device=x.device)
     entropy = torch.zeros(n_tokens if with_entropy else 0, dtype=acc, device=x.device)
     lse = torch.zeros(n_tokens, dtype=acc, device=x.device)
@@ -1040,9 +1029,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     fn = "linear_token_logprobs"
     _check_options(fn, "none", 0.0, ignore_index)  # per token
     inv_t = _check_temperature(fn, temperature)
-    if chunk_over not in ("tokens", "vocab"):
-        raise ValueError(f"{fn}: chunk_over must be 'tokens' or 'vocab', got {chunk_over!r}")
-    by_vocab = chunk_over == "vocab"
+    by_vocab = check_chunk_over(fn, chunk_over)
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
         hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)
     x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size, by_vocab)
