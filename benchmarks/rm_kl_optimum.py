@@ -45,11 +45,11 @@ def main() -> None:
     ckpt = load_checkpoint(align.ckpt_file(args.policy), "--policy")
     defaults = argparse.Namespace(digits=None, n_train=None, n_pairs=None, n_eval=None,
                                   task_seed=None, cache_dir=None)
-    task, (corpus, _) = align._task(defaults, ckpt), align._corpus(defaults, ckpt)
+    task, (corpus, corpus_info) = align._task(defaults, ckpt), align._corpus(defaults, ckpt)
     cfg = GPTConfig(**ckpt["config"])
     policy = GPT(cfg, backend="fastattn")
     policy.load_state_dict(ckpt["model"])
-    rm, head, _ = align._load_reward_model(args.reward_model, cfg, "fastattn",
+    rm, head, _ = align._load_reward_model(args.reward_model, cfg, corpus_info, "fastattn",
                                            torch.device("cpu"))
     acc = kl_optimum_accuracy(policy, rm, head, corpus, task.split("eval"), args.samples,
                               betas, args.format_penalty, args.seed,

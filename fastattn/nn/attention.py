@@ -8,17 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.attention import _check_dropout, _check_mask, _run_dense
+from ..ops.attention import _check_dropout, _check_mask, _float_mask_to_fp32, _run_dense
 
 
-def _additive(mask: Tensor, what: str, device: torch.device,
-              dtype: torch.dtype = torch.float32) -> Tensor:
-    """nn.MultiheadAttention's mask convention (bool: True = may NOT attend; float: added)."""
+def _additive(mask: Tensor, what: str, device: torch.device) -> Tensor:
+    """nn.MultiheadAttention's mask convention (bool: True = may NOT attend; float: added), as
+    an additive float mask: fp32 for a bool mask, a float mask's own dtype otherwise (the sum of
+    both masks is taken before the one conversion to the kernels' fp32)."""
     _check_mask("MultiheadAttention", what, mask, device)
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+        return torch.zeros(mask.shape, dtype=torch.float32,
+                           device=mask.device).masked_fill(mask, float("-inf"))
     if mask.is_floating_point():
-        return mask.to(dtype)
+        return mask.detach()
     raise TypeError(f"MultiheadAttention: {what} must be bool or floating point, got {mask.dtype}")
 
 
@@ -122,7 +124,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 bsz, 1, 1, src_len)
             bias = kpm if bias is None else bias + kpm
         if bias is not None:
-            bias = bias.expand(bsz, heads, tgt_len, src_len)
+            bias = _float_mask_to_fp32(bias).expand(bsz, heads, tgt_len, src_len)
 
         # the kernels' range, checked only where applied (torch's module also takes 1.0)
         dropout_p = (_check_dropout("MultiheadAttention", self.dropout, "dropout")

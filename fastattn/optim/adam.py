@@ -226,6 +226,8 @@ class Adam(torch.optim.Optimizer):
             steps = [s["step"] for s in states]
             torch._foreach_add_(steps, 1)
             lr = group["lr"]
+            if isinstance(lr, Tensor) and lr.device.type == "cpu" and device.type != "cpu":
+                lr = float(lr)      # a CPU read: copying it to the device would sync the host
             lr = (lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor)
                   else torch.full((), lr, dtype=torch.float32, device=device))
             inv_scale = inf = None

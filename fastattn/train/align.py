@@ -75,6 +75,7 @@ import math
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -83,9 +84,11 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks
-from .pretrain import (CKPT_FORMAT, CKPT_NAME, CheckpointError, _autocast, _json_args,
-                       _rng_state, _seed_all, check_out_dir, clear_out_dir, load_checkpoint,
-                       lr_at, peak_memory_bytes, resolve_device, run_summary, save_checkpoint)
+from .pretrain import (_RESUME_WARNS, CKPT_FORMAT, CKPT_NAME, CheckpointError,
+                       TrainingInterrupted, _autocast, _json_args, _rng_state, _seed_all,
+                       _set_rng_state, _StopOnSignals, check_out_dir, clear_out_dir,
+                       load_checkpoint, lr_at, open_run_log, peak_memory_bytes, resolve_device,
+                       run_summary, save_checkpoint)
 
 STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
 HEAD_KEYS = {"rm": "reward_head", "ppo": "value_head"}    # checkpoint key of the scalar head
@@ -480,7 +483,32 @@ def evaluate(model, corpus, task: tasks.AdditionTask) -> dict:
         if split == "eval":
             result["eval_examples"] = [p.prompt + tasks.completion_text(corpus, c[0])
                                        for p, c in zip(problems[:4], comps[:4])]
+    result["val_loss"] = answer_nll(model, corpus, task.eval)
     return result
+
+
+@torch.no_grad()
+def answer_nll(model, corpus, problems: Sequence[tasks.Problem], batch: int = 256):
+    """Mean negative log-likelihood per token of the gold answers (and end-of-text) given the
+    prompts, teacher-forced: the held-out loss of the alignment stages (summary "val_loss")."""
+    if not problems:
+        return None
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for lo in range(0, len(problems), batch):
+        chunk = problems[lo:lo + batch]
+        prompts = [tasks.encode(corpus, p.prompt) for p in chunk]
+        b = make_batch([q + tasks.encode(corpus, p.answer) + [corpus.eos_id]
+                        for q, p in zip(prompts, chunk)], [len(q) for q in prompts],
+                       corpus.eos_id, device, PAD_MULTIPLE)
+        with _autocast(device):
+            logp = completion_logprobs(model, b).float()
+        total -= float((logp * b.mask).sum())
+        count += int(b.mask.sum())
+    model.train(was)
+    return total / count
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,6 +626,18 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
     p.add_argument("--min-lr", type=float, default=None, help="end of the cosine (default lr/10)")
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    if stage in ("sft", "dpo", "rm"):
+        p.add_argument("--grad-accum", type=int, default=1,
+                       help="micro-batches of --batch-size per optimizer step")
+    else:   # a round samples its batch with the policy it then updates: no micro-batches
+        p.set_defaults(grad_accum=1)
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also write OUT/ckpt.pt every N steps (0: at the end only)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue the run in --out from its checkpoint (or from CKPT), with "
+                        "exactly the steps an uninterrupted run takes")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop after this step with a checkpoint (--resume continues)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0 = off)")
     p.add_argument("--batch-size", type=int, default={"sft": 32, "dpo": 32, "grpo": 16, "rm": 32,
                                                      "ppo": 32}[stage],
@@ -679,6 +719,26 @@ def add_align_args(p: argparse.ArgumentParser, stage: str) -> None:
 # The stages
 
 
+def _trained_problems(ckpt: dict) -> set:
+    """The problems a checkpoint's policy, or any stage before it, trained on: its "trained"
+    list (written since every stage carries it on); for an older checkpoint, what its own stage
+    trained on (SFT: the train set; the later stages: the pair prompts)."""
+    if "trained" in ckpt:
+        return {tasks.Problem(a, b) for a, b in ckpt["trained"]}
+    saved = ckpt.get("task")
+    if not saved:
+        return set()
+    fields = {f.name for f in dataclasses.fields(tasks.AdditionTask)}
+    base = tasks.AdditionTask(**{k: saved[k] for k in fields if k in saved})
+    later = ckpt.get("stage") in ("dpo", "grpo", "ppo", "rm")
+    return set(base.train) | (set(base.pairs) if later else set())
+
+
+def _stage_problems(stage: str, task: tasks.AdditionTask) -> list:
+    """The problems a stage trains on: SFT the train set; the others prompts of the pair set."""
+    return task.train if stage == "sft" else task.pairs
+
+
 def _task(args, ckpt: dict) -> tasks.AdditionTask:
     saved = ckpt.get("task") or {}
     kw = {"digits": args.digits, "n_train": args.n_train, "n_pairs": args.n_pairs,
@@ -690,19 +750,20 @@ def _task(args, ckpt: dict) -> tasks.AdditionTask:
     if not saved:
         return task
     # A stage may ask for other set sizes than its init checkpoint's (e.g. more pair prompts
-    # for a reward model), which re-cuts the problem pool: keep the problems the checkpoint
-    # trained or was evaluated on out of the new pair prompts, and refuse held-out problems it
-    # trained on.
+    # for a reward model), which re-cuts the problem pool: keep the problems the checkpoint's
+    # lineage trained or was evaluated on out of the new pair prompts, and refuse held-out
+    # problems any stage of it trained on (an SFT set, a DPO/GRPO/PPO stage's pair prompts).
     base = tasks.AdditionTask(**{k: saved[k] for k in fields if k in saved})
     if dataclasses.astuple(base) == dataclasses.astuple(task):
         return task
-    trained = set(base.train)
-    leaked = sum(p in trained for p in task.eval)
+    trained = _trained_problems(ckpt)
+    leaked = sum(p in trained for p in task.eval + task.eval_long)
     if leaked:
-        raise ValueError(f"{leaked} of the {len(task.eval)} held-out problems are problems the "
-                         f"init checkpoint trained on (its task: {saved}); keep its --digits, "
-                         f"--n-train, --n-eval and --task-seed")
-    seen = trained | set(base.eval)
+        raise ValueError(f"{leaked} of the {len(task.eval) + len(task.eval_long)} held-out "
+                         f"problems are problems the init checkpoint or a stage before it "
+                         f"trained on (its task: {saved}); keep its --digits, --n-train, "
+                         f"--n-pairs, --n-eval and --task-seed")
+    seen = trained | set(base.eval) | set(base.eval_long)
     task.pairs = [p for p in task.pairs if p not in seen]
     return task
 
@@ -728,6 +789,16 @@ def _check_ranges(args: argparse.Namespace, stage: str) -> None:
     """The numeric options each stage has, against their valid ranges (argparse checks types)."""
     finite = math.isfinite
     rules = [
+        ("lr", lambda v: finite(v) and v > 0, "a finite number > 0"),
+        ("min_lr", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("warmup_steps", lambda v: v >= 0, ">= 0"),
+        ("weight_decay", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("clip", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0 = off)"),
+        ("value_clip", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("vf_coef", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+        ("k", lambda v: v >= 2, ">= 2 (a pair needs two samples)"),
+        ("checkpoint_every", lambda v: v >= 0, ">= 0"), ("stop_after", lambda v: v >= 1, ">= 1"),
+        ("grad_accum", lambda v: v >= 1, ">= 1"),
         ("n_train", lambda v: v >= 1, ">= 1"), ("n_pairs", lambda v: v >= 1, ">= 1"),
         ("n_eval", lambda v: v >= 1, ">= 1"), ("eval_every", lambda v: v >= 0, ">= 0"),
         ("ppo_epochs", lambda v: v >= 1, ">= 1"),
@@ -743,6 +814,64 @@ def _check_ranges(args: argparse.Namespace, stage: str) -> None:
         value = getattr(args, name, None)
         if value is not None and not ok(value):
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
+# Options a resumed stage may change: how it runs and reports, not which steps it takes. Those
+# of the update rule may change too, with a warning (_RESUME_WARNS, as for pretraining); every
+# other option must equal the checkpoint's.
+_STAGE_RESUME_FREE = ("resume", "stop_after", "checkpoint_every", "no_progress", "overwrite",
+                      "eval_every", "device", "cache_dir", "out", "init", "backend")
+
+
+def _merge_micro(records: list) -> dict:
+    """One step's log record from its --grad-accum micro-batches' records: tokens summed, the
+    other numbers (loss, margins, accuracies) averaged, the rest (the lr) from the last."""
+    if len(records) == 1:
+        return records[0]
+    out = dict(records[-1])
+    for key, value in records[-1].items():
+        if key == "tokens":
+            out[key] = sum(r[key] for r in records)
+        elif isinstance(value, float):
+            out[key] = sum(r[key] for r in records) / len(records)
+    return out
+
+
+def _check_stage_resume(rck: dict, path: Path, args, stage: str, init_path: Path) -> int:
+    """The step a resumed stage continues from, or a CheckpointError when the checkpoint is not
+    of this stage's run (another stage, another --init, other sampling or task options)."""
+    if rck.get("stage") != stage:
+        what = "a pretraining run" if rck.get("stage") is None else f"stage {rck['stage']!r}"
+        raise CheckpointError(f"--resume {path}: a checkpoint of {what}, not of {stage}")
+    if not isinstance(rck.get("resume"), dict):
+        raise CheckpointError(f"--resume {path}: holds no resume state (written by an older "
+                              f"fastattn); start the stage again")
+    if Path(str(rck.get("init"))).resolve() != Path(init_path).resolve():
+        raise CheckpointError(f"--resume {path}: the run started from --init {rck.get('init')}, "
+                              f"this one from {init_path}")
+    theirs = rck.get("args", {})
+    mine = _json_args(args)
+    skip = set(_STAGE_RESUME_FREE) | set(_RESUME_WARNS)
+    diffs = [f"--{k.replace('_', '-')} {mine.get(k)!r} (checkpoint: {theirs.get(k)!r})"
+             for k in sorted(set(theirs) | set(mine)) if k not in skip
+             and theirs.get(k) != mine.get(k)]
+    if diffs:
+        raise CheckpointError(f"--resume {path}: this run differs from the checkpoint's in "
+                              + "; ".join(diffs) + ". Resume with the checkpoint's options, or "
+                              "start a new run in another --out.")
+    updates = [f"--{k.replace('_', '-')} {mine.get(k)!r} (checkpoint: {theirs.get(k)!r})"
+               for k in _RESUME_WARNS if k in theirs and theirs[k] != mine.get(k)]
+    if updates:
+        print(f"warning: resuming with {', '.join(updates)}: the learning-rate schedule and "
+              f"updates from step {rck['step']} on differ from the original run's",
+              file=sys.stderr)
+    start = int(rck["step"])
+    if start >= args.max_steps or (args.stop_after is not None and args.stop_after <= start):
+        limit = (f"--max-steps {args.max_steps}" if start >= args.max_steps
+                 else f"--stop-after {args.stop_after}")
+        raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, at or past "
+                              f"{limit}: nothing to train")
+    return start
 
 
 def run_stage(args: argparse.Namespace, stage: str) -> dict:
@@ -767,7 +896,15 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         if given is not None and ckpt_file(given).resolve() == written:
             raise ValueError(f"--out {args.out} is the folder of {option} {given}: the run would "
                              f"overwrite the checkpoint it reads; choose another --out")
-    check_out_dir(Path(args.out), args.overwrite)
+    out = Path(args.out)
+    resume_ck, start = None, 0
+    if args.resume:
+        resume_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
+        resume_ck = load_checkpoint(resume_path, "--resume")
+        start = _check_stage_resume(resume_ck, resume_path, args, stage, ckpt_path)
+    new_run = resume_ck is None or resume_path.resolve() != (out / CKPT_NAME).resolve()
+    if new_run:
+        check_out_dir(out, args.overwrite, resumable=True)
     ckpt = load_checkpoint(ckpt_path, "--init")
     init_stage = ckpt.get("stage")
     if init_stage == "rm":
@@ -783,11 +920,12 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         raise CheckpointError(f"{ckpt_path}: vocabulary {cfg.vocab_size} but the rebuilt "
                               f"tokenizer has {corpus.vocab_size}")
     task = _task(args, ckpt)
-    need = 2 * (task.digits + 1) + 3 + task.max_answer_tokens
+    # "Q:" + a + "+" + b + "=" (4 characters and two operands of up to digits + 1 digits, the
+    # longer eval problems'), then the answer
+    need = 2 * (task.digits + 1) + 4 + task.max_answer_tokens
     if need > cfg.max_seq_len:
         raise ValueError(f"{task.digits}-digit problems (and the longer eval ones) need "
                          f"{need} tokens; the model's max_seq_len is {cfg.max_seq_len}")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     _seed_all(args.seed)
@@ -812,7 +950,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
     if stage == "ppo":
-        rm_model, rm_head, rm_path = _load_reward_model(args.reward_model, cfg, args.backend,
+        rm_model, rm_head, rm_path = _load_reward_model(args.reward_model, cfg, corpus_info,
+                                                        args.backend,
                                                         device)
     opt = model.configure_optimizer(args.lr, args.weight_decay)
     params = list(model.parameters())
@@ -830,9 +969,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     rng = random.Random(f"{stage}/{args.seed}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    if args.overwrite:      # every check passed: the old run's files go before the first write
+    if args.overwrite and new_run:  # every check passed: the old run's files go now
         clear_out_dir(out)
-    log_f = open(out / "log.jsonl", "w")
+    log_f = open_run_log(out / "log.jsonl", start if resume_ck is not None else None)
 
     def log(record: dict) -> None:
         log_f.write(json.dumps(record) + "\n")
@@ -841,7 +980,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
-        bar = tqdm(total=args.max_steps, desc=f"{stage}/{args.backend}", dynamic_ncols=True)
+        bar = tqdm(total=args.max_steps, initial=start, desc=f"{stage}/{args.backend}",
+                   dynamic_ncols=True)
 
     eval_key = "pair_accuracy" if stage == "rm" else "eval_accuracy"
 
@@ -863,7 +1003,11 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     eos = corpus.eos_id
     extra: dict = {}
     history: dict = {"train": [], "eval": [], "ppo": []}
-    if stage != "rm":
+    # A resumed run repeats the setup (pairs, reference log-probs: the same from the same seed
+    # and init) but not the step-0 evaluation or its log lines: the checkpoint holds them.
+    resumed = resume_ck["resume"] if resume_ck is not None else None
+    first_eval = resumed["first_eval"] if resumed is not None else None
+    if stage != "rm" and resumed is None:
         first_eval = do_eval(0)
 
     # --- stage-specific data -----------------------------------------------------------------
@@ -876,7 +1020,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                                        min_chosen=args.min_chosen_reward,
                                        pairing=args.pairing)
         extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
-        log({"kind": "pairs", **pair_stats})
+        if resumed is None:
+            log({"kind": "pairs", **pair_stats})
         if bar is not None:
             bar.write(f"dpo: {pair_stats['pairs']} pairs from {pair_stats['prompts']} prompts; "
                       f"best-of-{args.k} accuracy {pair_stats['best_of_k_accuracy']:.3f}, "
@@ -905,8 +1050,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         extra.update(pair_stats, pair_build_time_s=time.perf_counter() - t0)
         # the SFT policy's samples on the held-out problems, judged by the RM after training
         candidates = eval_samples(model, corpus, task, args.k, args.temperature, args.seed + 1)
-        log({"kind": "pairs", **pair_stats})
-        first_eval = do_eval(0)
+        if resumed is None:
+            log({"kind": "pairs", **pair_stats})
+            first_eval = do_eval(0)
     else:
         prompts = task.pairs
     history["eval"].append((0, first_eval[eval_key]))
@@ -916,19 +1062,82 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     step_times, tokens_seen = [], 0
     phases = Phases(device)
     phase_totals: dict = {}
-    run_t0 = time.perf_counter()
-    opt_steps = 0
+    opt_steps, train_s_before = 0, 0.0
+    if resumed is not None:     # the trained state, after the setup that repeated a new run's
+        decays = [g["weight_decay"] for g in opt.param_groups]   # this run's --weight-decay
+        try:
+            model.load_state_dict(resume_ck["model"])
+            if head is not None:
+                head.load_state_dict(resume_ck[HEAD_KEYS[stage]])
+            opt.load_state_dict(resume_ck["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"--resume {resume_path} does not fit this stage's model and "
+                                  f"optimizer: {e}") from e
+        for group, decay in zip(opt.param_groups, decays):
+            group["weight_decay"] = decay
+        try:
+            opt_steps, tokens_seen = int(resumed["opt_steps"]), int(resumed["tokens_seen"])
+            train_s_before = float(resumed["train_s"])
+            phase_totals = dict(resumed["phase_totals"])
+            history = {"train": [tuple(x) for x in resume_ck["history"]["train"]],
+                       "eval": [tuple(x) for x in resume_ck["history"]["eval"]],
+                       "ppo": list(resumed["ppo"])}
+            version, internal, gauss = resumed["rng_py"]
+            rng.setstate((version, tuple(internal), gauss))
+            gen.set_state(resumed["gen"])
+            _set_rng_state(resume_ck["rng"][0], device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"--resume {resume_path}: its resume state is damaged "
+                                  f"({type(e).__name__}: {e})") from e
+    run_t0, tokens_before = time.perf_counter(), tokens_seen
+
+    def rate() -> float:
+        """This run's tokens per second so far."""
+        return (tokens_seen - tokens_before) / max(time.perf_counter() - run_t0, 1e-9)
     total_opt_steps = args.max_steps * (args.ppo_epochs if stage in ("grpo", "ppo") else 1)
+    end = args.max_steps if args.stop_after is None else min(args.max_steps, args.stop_after)
+    args_json = _json_args(args)
+    task_json = dataclasses.asdict(task)
+    trained = sorted([p.a, p.b] for p in
+                     _trained_problems(ckpt) | set(_stage_problems(stage, task)))
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(out / CKPT_NAME, {
+            "format": CKPT_FORMAT, "stage": stage, "step": step, "model":
+            {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "rng": [_rng_state(device)],
+            "config": ckpt["config"], "preset": ckpt.get("preset"), "backend": args.backend,
+            "args": args_json,
+            "history": {"train": [list(x) for x in history["train"]],
+                        "eval": [list(x) for x in history["eval"]]},
+            "corpus": corpus_info, "task": task_json, "init": str(ckpt_path),
+            "trained": trained, "torch": str(torch.__version__),
+            **({} if head is None else {HEAD_KEYS[stage]: {k: v.detach().cpu() for k, v in
+                                                           head.state_dict().items()}}),
+            **({"reward_model": str(rm_path)} if stage == "ppo" else {}),
+            # what --resume needs beyond the weights to take exactly the next step
+            "resume": {"opt_steps": opt_steps, "tokens_seen": tokens_seen,
+                       "train_s": train_s_before + time.perf_counter() - run_t0,
+                       "phase_totals": phase_totals, "ppo": history["ppo"],
+                       "rng_py": rng.getstate(), "gen": gen.get_state(),
+                       "first_eval": first_eval}})
+
+    accum, micro = args.grad_accum, 0
 
     def update(loss: torch.Tensor) -> float:
-        """backward, clip, optimizer step at the schedule's lr; returns the lr."""
-        nonlocal opt_steps
+        """backward, then (every --grad-accum calls) clip and the optimizer step at the
+        schedule's lr; returns the lr."""
+        nonlocal opt_steps, micro
         lr = lr_at(opt_steps, args.lr, min_lr, args.warmup_steps, total_opt_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, enabled=False):   # the step runs under autocast
             with phases("backward"):
-                loss.backward()
+                (loss / accum if accum > 1 else loss).backward()
+            micro += 1
+            if micro < accum:
+                return lr
+            micro = 0
             with phases("optimizer"):
                 if args.clip > 0:
                     clip_grad_norm_(params, args.clip)
@@ -937,70 +1146,98 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         opt_steps += 1
         return lr
 
-    for it in range(args.max_steps):
-        t0 = time.perf_counter()
-        phases.reset()
-        record: dict = {"kind": "train", "step": it + 1}
-        with _autocast(device):     # bf16 on CUDA, as in pretraining; fp32 on the CPU
-            if stage == "sft":
-                pick = [data[rng.randrange(len(data))] for _ in range(args.batch_size)]
-                batch = make_batch([p + c for p, c in pick], [len(p) for p, _ in pick], eos, device,
-                                   PAD_MULTIPLE)
-                record.update(sft_step(model, batch, update, phases))
-            elif stage in ("dpo", "rm"):
-                pick = [rng.randrange(len(data)) for _ in range(args.batch_size)]
-                batch = make_batch([data[i]["chosen"] for i in pick]
-                                   + [data[i]["rejected"] for i in pick],
-                                   [data[i]["start"] for i in pick] * 2, eos, device, PAD_MULTIPLE)
-                if stage == "dpo":
-                    idx = torch.tensor(pick, device=device)
-                    if args.ref_on_the_fly:
-                        record.update(dpo_step(model, batch, None, None, args.beta, update,
-                                               phases, ref=ref, rpo_alpha=args.rpo_alpha))
-                    else:
-                        record.update(dpo_step(model, batch, ref_c[idx], ref_r[idx], args.beta,
-                                               update, phases, rpo_alpha=args.rpo_alpha))
+    def offline_step() -> dict:
+        """One micro-batch of SFT, DPO or the reward model, drawn from the stage's data."""
+        if stage == "sft":
+            pick = [data[rng.randrange(len(data))] for _ in range(args.batch_size)]
+            batch = make_batch([p + c for p, c in pick], [len(p) for p, _ in pick], eos,
+                               device, PAD_MULTIPLE)
+            return sft_step(model, batch, update, phases)
+        pick = [rng.randrange(len(data)) for _ in range(args.batch_size)]
+        batch = make_batch([data[i]["chosen"] for i in pick]
+                           + [data[i]["rejected"] for i in pick],
+                           [data[i]["start"] for i in pick] * 2, eos, device, PAD_MULTIPLE)
+        if stage == "rm":
+            return rm_step(model, head, batch, update, phases, args.center_rewards)
+        if args.ref_on_the_fly:
+            return dpo_step(model, batch, None, None, args.beta, update, phases, ref=ref,
+                            rpo_alpha=args.rpo_alpha)
+        idx = torch.tensor(pick, device=device)
+        return dpo_step(model, batch, ref_c[idx], ref_r[idx], args.beta, update, phases,
+                        rpo_alpha=args.rpo_alpha)
+
+    stop = _StopOnSignals(enabled=True)     # SIGINT / SIGTERM: a checkpoint at a step's end
+    interrupted = None
+    with stop:
+        for it in range(start, end):
+            t0 = time.perf_counter()
+            phases.reset()
+            record: dict = {"kind": "train", "step": it + 1}
+            with _autocast(device):     # bf16 on CUDA, as in pretraining; fp32 on the CPU
+                if stage in ("sft", "dpo", "rm"):
+                    record.update(_merge_micro([offline_step() for _ in range(accum)]))
+                elif stage == "ppo":
+                    probs = [prompts[rng.randrange(len(prompts))]
+                             for _ in range(args.batch_size)]
+                    record.update(ppo_step(args, model, head, ref, rm_model, rm_head, corpus,
+                                           task, probs, gen, update, phases))
+                    history["ppo"].append(record)
                 else:
-                    record.update(rm_step(model, head, batch, update, phases,
-                                          args.center_rewards))
-            elif stage == "ppo":
-                probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
-                record.update(ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task,
-                                       probs, gen, update, phases))
-                history["ppo"].append(record)
-            else:
-                probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
+                    probs = [prompts[rng.randrange(len(prompts))] for _ in range(args.batch_size)]
 
-                def score(comps, probs=probs):
-                    return comps, torch.tensor(
-                        [[tasks.reward(tasks.completion_text(corpus, c), p.answer) for c in cs]
-                         for p, cs in zip(probs, comps)])
+                    def score(comps, probs=probs):
+                        return comps, torch.tensor(
+                            [[tasks.reward(tasks.completion_text(corpus, c), p.answer) for c in cs]
+                             for p, cs in zip(probs, comps)])
 
-                record.update(grpo_step(
-                    model, ref, [tasks.encode(corpus, p.prompt) for p in probs], score, args,
-                    max_new=task.max_answer_tokens, eos=eos, generator=gen, update=update,
-                    phases=phases))
-        tokens_seen += record.pop("tokens")
-        record["phase_s"] = {k: round(v, 6) for k, v in phases.times.items()}
-        for k, v in phases.times.items():
-            phase_totals[k] = phase_totals.get(k, 0.0) + v
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        record["step_time_s"] = dt
-        history["train"].append((it + 1, record["loss"]))
-        log(record)
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"{stage} loss is {record['loss']} at step {it + 1}")
+                    record.update(grpo_step(
+                        model, ref, [tasks.encode(corpus, p.prompt) for p in probs], score, args,
+                        max_new=task.max_answer_tokens, eos=eos, generator=gen, update=update,
+                        phases=phases))
+            tokens_seen += record.pop("tokens")
+            record["phase_s"] = {k: round(v, 6) for k, v in phases.times.items()}
+            for k, v in phases.times.items():
+                phase_totals[k] = phase_totals.get(k, 0.0) + v
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            record["step_time_s"] = dt
+            history["train"].append((it + 1, record["loss"]))
+            log(record)
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"{stage} loss is {record['loss']} at step {it + 1}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {record['loss']:.4f}"
+                                    + (f" | reward {record['reward']:.3f}" if "reward" in record
+                                       else "")
+                                    + f" | {rate():,.0f} tok/s")
+            if args.eval_every > 0 and (it + 1) % args.eval_every == 0 and it + 1 < args.max_steps:
+                r = do_eval(it + 1)
+                history["eval"].append((it + 1, r[eval_key]))
+            model.train()
+            if (args.checkpoint_every > 0 and (it + 1) % args.checkpoint_every == 0
+                    and it + 1 < end):
+                checkpoint(it + 1)
+            if stop.signum is not None and it + 1 < end:
+                interrupted = it + 1
+                break
+    if interrupted is not None or end < args.max_steps:
+        # SIGINT/SIGTERM, or --stop-after: a checkpoint to --resume from, no closing evaluation
+        # (a resumed run's log then holds the evaluations of an uninterrupted run)
+        paused = end if interrupted is None else interrupted
+        if not (args.checkpoint_every > 0 and paused % args.checkpoint_every == 0
+                and interrupted is not None):
+            checkpoint(paused)
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"loss {record['loss']:.4f}"
-                                + (f" | reward {record['reward']:.3f}" if "reward" in record
-                                   else ""))
-        if args.eval_every > 0 and (it + 1) % args.eval_every == 0 and it + 1 < args.max_steps:
-            r = do_eval(it + 1)
-            history["eval"].append((it + 1, r[eval_key]))
-        model.train()
-    train_s = time.perf_counter() - run_t0
+            bar.close()
+        log_f.close()
+        if interrupted is not None:
+            name = {2: "SIGINT", 15: "SIGTERM"}.get(stop.signum, f"signal {stop.signum}")
+            raise TrainingInterrupted(f"{name}: stopped after step {interrupted}; checkpoint "
+                                      f"{out / CKPT_NAME} written; --resume continues the run",
+                                      stop.signum)
+        return {"stage": stage, "steps": paused, "paused": True}
+    train_s = train_s_before + time.perf_counter() - run_t0
     final = do_eval(args.max_steps)
     history["eval"].append((args.max_steps, final[eval_key]))
     if stage == "rm":
@@ -1008,6 +1245,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             "pair_accuracy"]
         extra["initial_pair_accuracy"] = first_eval["pair_accuracy"]
         extra.update(rm_best_of_k(model, head, candidates, eos, device))
+        # a reward model's accuracy on the held-out prompts: that of the candidate it picks
+        # among the SFT policy's K samples; its held-out loss: the Bradley-Terry loss
+        extra.update(eval_accuracy=extra["rm_best_of_k_accuracy"], val_loss=final["pair_loss"])
     if stage == "ppo":
         last = next(r for r in reversed(history["ppo"]))
         extra.update(reward_model=str(rm_path), final_rm_reward=last["rm_reward"],
@@ -1016,20 +1256,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         bar.close()
     log_f.close()
 
-    args_json = _json_args(args)
-    task_json = dataclasses.asdict(task)
-    save_checkpoint(out / CKPT_NAME, {
-        "format": CKPT_FORMAT, "stage": stage, "step": args.max_steps, "model":
-        {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": opt.state_dict(), "rng": [_rng_state(device)], "config": ckpt["config"],
-        "preset": ckpt.get("preset"), "backend": args.backend, "args": args_json,
-        "history": {"train": [list(x) for x in history["train"]],
-                    "eval": [list(x) for x in history["eval"]]},
-        "corpus": corpus_info, "task": task_json, "init": str(ckpt_path),
-        "torch": str(torch.__version__),
-        **({} if head is None else {HEAD_KEYS[stage]: {k: v.detach().cpu() for k, v in
-                                                       head.state_dict().items()}}),
-        **({"reward_model": str(rm_path)} if stage == "ppo" else {})})
+    checkpoint(args.max_steps)
 
     timed = step_times[1:] if len(step_times) > 1 else step_times
     summary = {
@@ -1041,8 +1268,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         "dist": "none", "world_size": 1,
         "params": model.num_params(), "params_total": model.num_params(non_embedding=False),
         "config": ckpt["config"], "seq_len": None, "batch_size": args.batch_size,
-        "grad_accum": 1, "tokens_per_step": None,
-        "steps": args.max_steps, "steps_this_run": len(step_times), "resumed_from": None,
+        "grad_accum": args.grad_accum, "tokens_per_step": None,
+        "steps": args.max_steps, "steps_this_run": len(step_times),
+        "resumed_from": start or None,
         "tokens_per_s": tokens_seen / train_s if train_s > 0 else None,
         "step_time_median_s": statistics.median(timed) if timed else None,
         "train_time_s": train_s, "mfu": None, "phase_time_s": phase_totals,
@@ -1054,7 +1282,36 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         "seed": args.seed, "sample": None, "args": args_json,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _plot_stage(history, out / "loss.png", f"{stage} / {args.backend}",
+                "held-out pair accuracy" if stage == "rm" else "held-out accuracy")
     return summary
+
+
+def _plot_stage(history: dict, path: Path, title: str, eval_label: str) -> None:
+    """A stage's loss.png: the training loss and, on its own axis, the held-out accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        s, l = zip(*history["train"])
+        ax.plot(s, l, label="train loss", lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    if history["eval"]:
+        s, a = zip(*history["eval"])
+        ax2.plot(s, a, "o-", color="tab:orange", label=eval_label, ms=4)
+    ax2.set_ylabel(eval_label)
+    ax2.set_ylim(0, 1)
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def build_pairs(policy, corpus, task: tasks.AdditionTask, k: int, temperature: float,
@@ -1233,7 +1490,9 @@ def rm_best_of_k(model, head, candidates: list[dict], eos: int, device,
             "eval_best_of_k_ceiling": ceiling / n}
 
 
-def _load_reward_model(path, cfg, backend: str, device):
+def _load_reward_model(path, cfg, corpus_info: dict, backend: str, device):
+    """The frozen reward model (trunk and RewardHead) of an rm checkpoint, refused unless it
+    reads the policy's tokens: the same vocabulary, built from the same corpus."""
     from ..models.gpt import GPT, GPTConfig
     path = ckpt_file(path)
     ck = load_checkpoint(path, "--reward-model")
@@ -1241,9 +1500,14 @@ def _load_reward_model(path, cfg, backend: str, device):
         raise CheckpointError(f"{path} holds no {HEAD_KEYS['rm']!r} (stage "
                               f"{ck.get('stage')!r}); train one with `fastattn-train rm`")
     rm_cfg = GPTConfig(**ck["config"])
-    if rm_cfg.vocab_size != cfg.vocab_size or rm_cfg.d_model != cfg.d_model:
-        raise CheckpointError(f"{path}: reward model vocabulary {rm_cfg.vocab_size} / d_model "
-                              f"{rm_cfg.d_model} do not match the policy's")
+    theirs = ck.get("corpus") or {}
+    mismatch = [f"{k} {theirs.get(k)!r} (policy: {corpus_info.get(k)!r})"
+                for k in ("data", "vocab_size") if theirs.get(k) != corpus_info.get(k)]
+    if rm_cfg.vocab_size != cfg.vocab_size:
+        mismatch.insert(0, f"vocabulary {rm_cfg.vocab_size} (policy: {cfg.vocab_size})")
+    if mismatch:
+        raise CheckpointError(f"{path}: the reward model does not read the policy's tokens: "
+                              + "; ".join(mismatch))
     rm = GPT(rm_cfg, backend=backend).to(device)
     if set(ck[HEAD_KEYS["rm"]]) == {"weight", "bias"}:
         raise CheckpointError(f"{path}: a reward model from before RewardHead (a linear head on "

@@ -544,6 +544,30 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+def open_run_log(path: Path, resumed_at: Optional[int]):
+    """The run's log.jsonl, open for appending records. A new run (``resumed_at`` None) starts
+    it empty; a resumed one keeps the records up to its checkpoint's step (a line cut short by
+    a kill or a full disk is dropped with a warning), written to a temporary file and renamed
+    over the old log, so a crash here leaves the old log whole."""
+    path = Path(path)
+    kept = []
+    if resumed_at is not None and path.exists():
+        for ln in path.read_text().splitlines():
+            try:
+                record = json.loads(ln) if ln.strip() else None
+            except json.JSONDecodeError:
+                print(f"warning: {path}: dropping an unreadable line {ln[:60]!r}",
+                      file=sys.stderr)
+                continue
+            if record is not None and record.get("step", 0) <= resumed_at:
+                kept.append(ln)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(ln + "\n" for ln in kept)
+    os.replace(tmp, path)
+    return open(path, "a")
+
+
 class _StopOnSignals:
     """Turns SIGINT and SIGTERM into a flag the loop checks between steps (one process only: the
     ranks of a distributed run could stop at different steps and deadlock in the checkpoint's
@@ -708,6 +732,10 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     if args.resume:
         ckpt_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("stage") is not None:
+            raise CheckpointError(f"--resume {ckpt_path}: a checkpoint of the alignment stage "
+                                  f"{ckpt['stage']!r}, not of a pretraining run; pass a "
+                                  f"pretraining checkpoint, or start a new run in another --out")
     # A fresh run, or one continued from another folder's checkpoint, is a new run in --out: it
     # must not replace the one there. Every rank looks before the first barrier (in
     # _build_corpus), so all of them refuse together.
@@ -734,6 +762,10 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                                   f"{int(ckpt['step'])}, already at --max-steps "
                                   f"{args.max_steps}: nothing to train (its summary.json is "
                                   f"kept); raise --max-steps to train further")
+        if args.stop_after is not None and args.stop_after <= int(ckpt["step"]):
+            raise CheckpointError(f"--resume {ckpt_path}: the checkpoint is at step "
+                                  f"{int(ckpt['step'])}, at or past --stop-after "
+                                  f"{args.stop_after}: nothing to train")
     # the validation split must hold one sequence: found now, not after the training
     if args.eval_iters > 0:
         corpus.get_batch("val", 1, T, step=0, seed=args.seed)
@@ -763,7 +795,11 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
             print(f"warning: {ckpt_path} holds RNG states of {len(states)} ranks, this run has "
                   f"{dist_info.world_size}; dropout will not repeat the original run exactly",
                   file=sys.stderr)
-        _set_rng_state(states[dist_info.rank % len(states)], device)
+        try:
+            _set_rng_state(states[dist_info.rank % len(states)], device)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"--resume {ckpt_path}: its RNG state is damaged "
+                                  f"({type(e).__name__}: {e})") from e
     # Seed every rank's dropout differently (a fresh run only; resume restored them above).
     elif dist_info.rank:
         torch.manual_seed(args.seed + 1_000_003 * dist_info.rank)
@@ -781,21 +817,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         # the first write (a new run that dies before its first checkpoint leaves no mix)
         if args.overwrite and new_run:
             clear_out_dir(out)
-        log_path = out / "log.jsonl"
-        kept = []
-        if ckpt is not None and log_path.exists():   # drop lines past the checkpoint
-            for ln in log_path.read_text().splitlines():
-                try:
-                    record = json.loads(ln) if ln.strip() else None
-                except json.JSONDecodeError:      # a line cut short by a kill or a full disk
-                    print(f"warning: {log_path}: dropping an unreadable line {ln[:60]!r}",
-                          file=sys.stderr)
-                    continue
-                if record is not None and record.get("step", 0) <= start:
-                    kept.append(ln)
-        log_f = open(log_path, "w")
-        log_f.writelines(ln + "\n" for ln in kept)
-        log_f.flush()
+        log_f = open_run_log(out / "log.jsonl", start if ckpt is not None else None)
 
     def log(record: dict) -> None:
         if log_f is not None:

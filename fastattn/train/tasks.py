@@ -11,13 +11,14 @@ keeps all 256 single bytes in it, so this always works), digits included. ``deco
 corpus's own, and ``Corpus.decode(encode(s)) == s``.
 
 Problem sets. All sets are drawn from one ``random.Random(seed)`` stream, without repeats across
-sets, so they are deterministic and disjoint:
+sets, so they are deterministic and disjoint; ``a+b`` and ``b+a`` count as one problem (a model
+that learned one of them from the SFT set would know the other's answer), whose order is drawn:
     train   (SFT, deliberately small)          operands < 10**digits
     pairs   (preference pairs; GRPO prompts)   operands < 10**digits
     eval    (held-out, greedy accuracy)        operands < 10**digits
     eval_long                                  operands with exactly ``digits + 1`` digits
-When the space of problems is smaller than asked (1 digit: 100 sums), the sets shrink in the
-order eval_long, eval, pairs, train keep what they can, never overlapping.
+When the space of problems is smaller than asked (1 digit: 55 unordered sums), the sets shrink in
+the order eval_long, eval, pairs, train keep what they can, never overlapping.
 
 Reward. 1.0 for an exact answer; otherwise 0.1 x the fraction of the answer's digits that are
 right, compared from the right (units with units, tens with tens: the digit a carry error or a
@@ -85,18 +86,21 @@ class AdditionTask:
             raise ValueError(f"AdditionTask: digits must be >= 1, got {self.digits}")
         rng = random.Random(f"fastattn.addition/{self.digits}/{self.seed}")
         space = 10 ** self.digits
-        # Shuffle the whole space when it is small; draw without repeats when it is large.
+        # Shuffle the whole space when it is small; draw without repeats when it is large. A
+        # problem is an unordered pair of operands, written in a drawn order.
         if space * space <= 4 * (self.n_train + self.n_pairs + self.n_eval):
-            pool = [Problem(a, b) for a in range(space) for b in range(space)]
+            pool = [(a, b) for a in range(space) for b in range(a, space)]
             rng.shuffle(pool)
+            pool = [Problem(a, b) if rng.random() < 0.5 else Problem(b, a) for a, b in pool]
         else:
             seen: set = set()
             pool = []
             need = self.n_train + self.n_pairs + self.n_eval
             while len(pool) < need:
                 p = Problem(rng.randrange(space), rng.randrange(space))
-                if p not in seen:
-                    seen.add(p)
+                key = (min(p.a, p.b), max(p.a, p.b))
+                if key not in seen:
+                    seen.add(key)
                     pool.append(p)
         n_eval, n_pairs, n_train = self.n_eval, self.n_pairs, self.n_train
         if len(pool) < n_eval + n_pairs + n_train:

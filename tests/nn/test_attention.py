@@ -127,6 +127,42 @@ def test_a_learned_float_mask_gets_torchs_gradient(which):
     torch.testing.assert_close(grads[0], grads[1])
 
 
+@pytest.mark.parametrize("which", ["attn_mask", "key_padding_mask"])
+def test_float64_mask_at_float64_min_is_not_a_masked_row(which):
+    """The kernels' bias is fp32: a float64 module's finfo(float64).min mask entries must not
+    round to -inf (a dead row, output 0) where PyTorch's float64 softmax is uniform."""
+    ours, theirs = _pair(8, 2, "cpu", dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(4, 3, 8, generator=g, dtype=torch.float64)
+    kv = torch.randn(6, 3, 8, generator=g, dtype=torch.float64)
+    lowest = torch.finfo(torch.float64).min
+    if which == "attn_mask":
+        mask = torch.zeros(4, 6, dtype=torch.float64)
+        mask[1] = lowest                      # query 1: every key at finfo.min
+    else:
+        mask = torch.zeros(3, 6, dtype=torch.float64)
+        mask[2] = lowest                      # batch 2: every key at finfo.min
+    with torch.no_grad():
+        out = ours(q, kv, kv, need_weights=False, **{which: mask})[0]
+        want = theirs(q, kv, kv, need_weights=False, **{which: mask})[0]
+    assert out.abs().amax() > 0
+    torch.testing.assert_close(out, want)
+
+
+def test_a_mask_that_requires_grad_is_served_under_no_grad():
+    """Inference with a learned bias (an nn.Parameter) under torch.no_grad needs no gradient,
+    so the fused path takes it, as F.scaled_dot_product_attention does."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=g) for _ in range(3))
+    bias = torch.nn.Parameter(torch.randn(5, 5, generator=g))
+    with torch.no_grad():
+        out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="attn_mask that requires grad"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_bad_shapes_name_the_tensors(batch_first):
     ours, _ = _pair(8, 2, "cpu", kdim=4, vdim=6, batch_first=batch_first)

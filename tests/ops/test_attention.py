@@ -562,6 +562,12 @@ def test_bad_inputs_give_clear_errors():
         fastattn.varlen_attention(qv, qv, qv, cu, cu, 2, 3)
     with pytest.raises(TypeError, match="cache_seqlens"):
         fastattn.decode_attention(q, k, v, torch.tensor([3, 4]))
+    lens = torch.tensor([3, 4], dtype=torch.int32)
+    for bad in (1.5, "2", None):
+        with pytest.raises(TypeError, match="num_splits must be an int"):
+            fastattn.decode_attention(q, k, v, lens, num_splits=bad)
+    with pytest.raises(ValueError, match="num_splits must be >= 0"):
+        fastattn.decode_attention(q, k, v, lens, num_splits=-1)
 
 
 def test_mask_requiring_grad_is_refused():

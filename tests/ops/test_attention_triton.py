@@ -183,6 +183,10 @@ CASES = {
     "sq1_sk97_causal_br": (torch.float32, 1, 4, 2, 1, 97, 40, False, dict(diag=96, wr=0)),
     "fp16_causal_br_gqa_d80_strided": (torch.float16, 1, 4, 2, 97, 97, 80, True, dict(diag=0, wr=0)),
     "fp16_window_softcap_d40": (torch.float16, 1, 2, 2, 17, 97, 40, False, dict(diag=80, wl=33, wr=3, softcap=3.0)),
+    # the head dims of real models (96: padded to a 128-wide tile; 128; 256), short sequences
+    "causal_br_gqa_d96": (torch.float32, 1, 2, 1, 17, 20, 96, False, dict(diag=3, wr=0)),
+    "causal_tl_gqa_softcap_d128": (torch.float32, 1, 2, 1, 20, 17, 128, True, dict(diag=0, wr=0, softcap=2.0)),
+    "plain_d256": (torch.float32, 1, 1, 1, 9, 13, 256, False, {}),
 }
 
 

@@ -45,10 +45,31 @@ H = torch.randn(4, 6)
     (lambda: fastattn.token_logprobs(X, T[:2]), ValueError, "target shape"),
     (lambda: fastattn.token_logprobs(X, torch.tensor([0, 0, 0, 10])), ValueError, "out of range"),
     (lambda: fastattn.linear_token_logprobs(H, W, T, temperature=-1), ValueError, "temperature"),
+    (lambda: fastattn.cross_entropy(X, T, label_smoothing="a"), TypeError,
+     "label_smoothing must be a real number, got str"),
+    (lambda: fastattn.cross_entropy(X, T, label_smoothing=None), TypeError,
+     "label_smoothing must be a real number, got NoneType"),
+    (lambda: fastattn.linear_cross_entropy(H, W, T, label_smoothing=None), TypeError,
+     "label_smoothing must be a real number"),
+    (lambda: fastattn.cross_entropy(X, T, z_loss=None), TypeError,
+     "z_loss must be a real number, got NoneType"),
+    (lambda: fastattn.token_logprobs(torch.tensor(1.0), torch.tensor(0)), ValueError,
+     "logits must have at least 1 dimension"),
 ])
 def test_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_integral_ignore_index_of_other_types_is_accepted_as_torch_does():
+    np = pytest.importorskip("numpy")
+    t = torch.tensor([1, 2, 3, 4])
+    for ignore in (np.int64(2), np.int32(2)):
+        torch.testing.assert_close(fastattn.cross_entropy(X, t, ignore_index=ignore),
+                                   torch.nn.functional.cross_entropy(X, t, ignore_index=2))
+        torch.testing.assert_close(
+            fastattn.linear_cross_entropy(H, W, t, ignore_index=ignore),
+            torch.nn.functional.cross_entropy(H @ W.t(), t, ignore_index=2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])

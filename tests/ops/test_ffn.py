@@ -59,7 +59,9 @@ def _compare(ours, exact, dtype, names, baseline):
 def _dtypes(device, backend):
     if device == "cpu" and backend == "triton":
         return [torch.float32]          # the interpreter: fp32 only (no bf16 tl.dot)
-    return [torch.float32, torch.bfloat16]
+    if device == "cpu":
+        return [torch.float32, torch.bfloat16]
+    return [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
@@ -80,12 +82,16 @@ def test_mlp_matches_float64(device, backend, activation, bias):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "relu2"])
+@pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("bias", [False, True])
 def test_swiglu_matches_float64(device, backend, activation, bias):
+    # 2-D x without bias, a non-contiguous 3-D x with bias
+    shape = (3, 11, 64) if bias else (33, 64)
     for dtype in _dtypes(device, backend):
-        x, wg, bg, wd, bd, wu, bu = _tensors((33, 64), 64, 130, 48, dtype, device, bias)
-        dout = torch.randn(33, 48).to(device, dtype)
+        x, wg, bg, wd, bd, wu, bu = _tensors(shape, 64, 130, 48, dtype, device, bias,
+                                             transposed_x=bias)
+        assert x.is_contiguous() != bias
+        dout = torch.randn(*shape[:-1], 48).to(device, dtype)
         tensors = (x, wg, wu, wd, bg, bu, bd)
 
         def ours_fn(x, wg, wu, wd, bg, bu, bd):

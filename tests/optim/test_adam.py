@@ -1,6 +1,7 @@
 """fastattn.optim.Adam/AdamW against torch.optim on every backend: 20 steps, every flag."""
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -29,14 +30,12 @@ def _run(opt, params, steps=20, start=0):
         opt.step()
 
 
+# every combination of the flags (the lr as a tensor is one), and other betas and eps
 FLAGS = [
-    dict(),
-    dict(weight_decay=0.1),
-    dict(amsgrad=True, weight_decay=0.05),
-    dict(maximize=True),
-    dict(lr=torch.tensor(3e-3)),
-    dict(betas=(0.8, 0.95), eps=1e-6, amsgrad=True, maximize=True, weight_decay=0.02),
-]
+    {k: v for k, v, on in (("weight_decay", 0.1, wd), ("amsgrad", True, ams),
+                           ("maximize", True, mx), ("lr", torch.tensor(3e-3), lr)) if on}
+    for wd, ams, mx, lr in itertools.product((False, True), repeat=4)
+] + [dict(betas=(0.8, 0.95), eps=1e-6, amsgrad=True, maximize=True, weight_decay=0.02)]
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
@@ -60,6 +59,33 @@ def test_matches_torch_fp32(device, backend, cls, flags):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_closure_and_add_param_group_as_torch(device, backend):
+    """step(closure) returns the closure's loss (evaluated with grad enabled); a group added
+    after some steps starts its own state, as in torch."""
+    a, b = _params(device, sizes=[(6,), (4,)])
+    ra, rb = (p.detach().clone().requires_grad_() for p in (a, b))
+    ours, ref = (fastattn.optim.AdamW([a], lr=1e-2),
+                 torch.optim.AdamW([ra], lr=1e-2, foreach=False))
+    with fastattn.use_backend(backend):
+        for i in range(6):
+            if i == 3:
+                ours.add_param_group({"params": [b], "lr": 0.05, "amsgrad": True})
+                ref.add_param_group({"params": [rb], "lr": 0.05, "amsgrad": True})
+            losses = []
+            for o, ps in ((ours, (a, b)), (ref, (ra, rb))):
+                def closure(ps=ps, o=o):
+                    o.zero_grad()
+                    loss = sum((p * p).sum() for p in ps) + ps[0].sum()
+                    loss.backward()
+                    return loss
+                losses.append(o.step(closure))
+            torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-6)
+    for x, y in zip((a, b), (ra, rb)):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert ours.state[b]["step"].item() == 3 and "max_exp_avg_sq" in ours.state[b]
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_param_groups_and_missing_grads(device, backend):
     a, b, c = _params(device, sizes=[(5,), (7,), (3,)])
     ra, rb, rc = [p.detach().clone().requires_grad_() for p in (a, b, c)]
@@ -79,23 +105,31 @@ def test_param_groups_and_missing_grads(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
-def test_bf16_master_weights_track_fp32(device, backend):
-    fp32 = _params(device, sizes=[(257,)])
-    bf16 = [p.detach().to(torch.bfloat16).requires_grad_() for p in fp32]
-    ref = torch.optim.AdamW(fp32, lr=1e-2, foreach=False)
-    ours = fastattn.optim.AdamW(bf16, lr=1e-2, master_weights=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("flags", [dict(), dict(weight_decay=0.1, amsgrad=True, maximize=True)],
+                         ids=["default", "wd-amsgrad-maximize"])
+def test_master_weights_are_an_fp32_adamw(device, backend, dtype, flags):
+    """bf16/fp16 parameters with fp32 master weights: the master follows torch's fp32 AdamW fed
+    the same (low-precision) gradients, to fp32 rounding; the parameter is the master rounded
+    to its dtype after every step."""
+    fp32 = _params(device, sizes=[(257,), (3, 5)])
+    low = [p.detach().to(dtype).requires_grad_() for p in fp32]
+    for p, q in zip(fp32, low):     # the same starting point: the master starts from the param
+        p.data.copy_(q.float())
+    ref = torch.optim.AdamW(fp32, lr=1e-2, foreach=False, **flags)
+    ours = fastattn.optim.AdamW(low, lr=1e-2, master_weights=True, **flags)
     with fastattn.use_backend(backend):
         for i in range(20):
-            _grads(fp32, i)
-            for p, q in zip(bf16, fp32):
-                p.grad = q.grad.to(torch.bfloat16)
+            _grads(low, i)
+            for p, q in zip(low, fp32):
+                q.grad = p.grad.float()
             ref.step()
             ours.step()
-    master = ours.state[bf16[0]]["master_param"]
-    assert master.dtype == torch.float32
-    # grads differ only by their bf16 rounding: the fp32 master stays within a few bf16 ulps
-    torch.testing.assert_close(master, fp32[0].detach(), rtol=2e-2, atol=2e-3)
-    torch.testing.assert_close(bf16[0].float(), master.to(torch.bfloat16).float(), rtol=0, atol=0)
+            for p, q in zip(low, fp32):
+                master = ours.state[p]["master_param"]
+                assert master.dtype == torch.float32
+                torch.testing.assert_close(master, q.detach(), rtol=1e-6, atol=1e-7)
+                assert torch.equal(p.detach(), master.to(dtype))
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
@@ -219,6 +253,30 @@ def test_gpu_step_has_no_host_sync():
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@GPU
+@pytest.mark.parametrize("lr", ["float", "cuda tensor", "cpu tensor"])
+def test_gpu_grad_scaler_step_has_no_host_sync(lr):
+    """GradScaler hands its scale and inf flag to the step (_step_supports_amp_scaling): the
+    unscaling, the skip test and the step count stay on the device, whatever the lr's kind."""
+    params = _params("cuda", sizes=[(1 << 16,), (4097,)])
+    lr = {"float": 1e-3, "cuda tensor": torch.tensor(1e-3, device="cuda"),
+          "cpu tensor": torch.tensor(1e-3)}[lr]
+    opt = fastattn.optim.AdamW(params, lr=lr)
+    scaler = torch.amp.GradScaler("cuda")
+    for i in range(3):
+        loss = sum((p * p).sum() for p in params)
+        scaler.scale(loss).backward()
+        if i:       # the first step creates the state
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        scaler.update()
+        opt.zero_grad()
+    assert opt.state[params[0]]["step"].item() == 3
 
 
 def test_found_inf_flag_summed_over_devices_skips_cleanly():

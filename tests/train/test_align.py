@@ -61,9 +61,12 @@ def test_splits_deterministic_disjoint():
     for digits in (1, 3):
         t1, t2 = tasks.AdditionTask(digits=digits, seed=3), tasks.AdditionTask(digits=digits, seed=3)
         assert t1.train == t2.train and t1.eval == t2.eval and t1.eval_long == t2.eval_long
-        sets = [set(t1.train), set(t1.pairs), set(t1.eval)]
+        # disjoint as unordered problems: b+a is not held out when a+b is trained on
+        sets = [{frozenset((p.a, p.b)) for p in x} for x in (t1.train, t1.pairs, t1.eval)]
+        assert [len(x) for x in sets] == [len(t1.train), len(t1.pairs), len(t1.eval)]
         assert all(len(s) > 0 for s in sets)
         assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+        assert any(p.a > p.b for p in t1.train) and any(p.a < p.b for p in t1.train)
         assert all(len(str(p.a)) == digits + 1 for p in t1.eval_long)
         assert all(p.a < 10 ** digits and p.b < 10 ** digits for p in t1.train)
     assert tasks.AdditionTask(digits=3, seed=4).train != tasks.AdditionTask(digits=3, seed=3).train
@@ -444,7 +447,7 @@ def chain(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("corpus_cache"))
     assert main(["pretrain", *MODEL, "--no-progress", "--cache-dir", cache, "--max-steps", "5",
                  "--eval-iters", "1", "--out", str(root / "pre")]) == 0
-    common = ["--no-progress", "--digits", "1", "--n-eval", "20", "--seed", "0"]
+    common = ["--no-progress", "--digits", "1", "--n-eval", "8", "--n-pairs", "12", "--seed", "0"]
     assert main(["sft", "--init", str(root / "pre"), "--out", str(root / "sft"), *common,
                  "--max-steps", "250", "--lr", "3e-3"]) == 0
     return root, common
@@ -466,6 +469,10 @@ def test_sft_run(chain):
     assert s["eval_reward"] > s["initial_eval_reward"]
     assert s["eval_accuracy"] < 1.0          # limited train set: far from perfect
     assert s["final_loss"] < s["initial_loss"]
+    # the held-out answers' NLL, before and after: SFT lowers it
+    evals = [r for r in _log(root / "sft") if r["kind"] == "eval"]
+    assert s["val_loss"] == evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert (root / "sft" / "loss.png").exists()
     ckpt = torch.load(root / "sft" / "ckpt.pt", weights_only=True)
     assert ckpt["stage"] == "sft" and ckpt["task"]["digits"] == 1
     log = [json.loads(ln) for ln in (root / "sft" / "log.jsonl").read_text().splitlines()]
@@ -478,6 +485,10 @@ def test_dpo_run(chain):
                  "--max-steps", "60", "--lr", "3e-4", "--k", "8"]) == 0
     s = _summary(root / "dpo")
     assert s["pairs"] > 0 and 0 <= s["best_of_k_accuracy"] <= 1
+    # the checkpoint lists what its lineage trained on: SFT's set and DPO's pair prompts
+    ck = torch.load(root / "dpo" / "ckpt.pt", weights_only=True)
+    task = tasks.AdditionTask(**ck["task"])
+    assert {tuple(p) for p in ck["trained"]} == {(p.a, p.b) for p in task.train + task.pairs}
     assert s["initial_eval_accuracy"] == _summary(root / "sft")["eval_accuracy"]
     assert s["pairs_reward"] > _summary(root / "sft")["pairs_reward"]
 
@@ -531,6 +542,15 @@ def test_cli_errors(tmp_path, capsys):
     (["sft", "--n-eval", "-1"], "--n-eval must be >= 1"),
     (["sft", "--n-train", "0"], "--n-train must be >= 1"),
     (["dpo", "--n-pairs", "0"], "--n-pairs must be >= 1"),
+    (["sft", "--lr", "0"], "--lr must be a finite number > 0"),
+    (["grpo", "--lr", "inf"], "--lr must be a finite number > 0"),
+    (["dpo", "--min-lr", "-1"], "--min-lr must be a finite number >= 0"),
+    (["sft", "--warmup-steps", "-1"], "--warmup-steps must be >= 0"),
+    (["rm", "--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["dpo", "--clip", "-1"], r"--clip must be a finite number >= 0 \(0 = off\)"),
+    (["ppo", "--reward-model", "r", "--value-clip", "-0.1"], "--value-clip must be"),
+    (["ppo", "--reward-model", "r", "--vf-coef", "nan"], "--vf-coef must be"),
+    (["dpo", "--k", "1"], "--k must be >= 2"),
 ])
 def test_out_of_range_stage_options_are_refused(tmp_path, capsys, argv, match):
     """Checked before anything is loaded (--init x does not exist)."""
@@ -555,6 +575,30 @@ def test_init_must_be_a_policy_and_out_must_not_be_it(chain, tmp_path, capsys):
     assert "--init: no checkpoint at" in capsys.readouterr().err
 
 
+def test_pretrain_does_not_resume_an_alignment_checkpoint(chain, tmp_path, capsys):
+    root, _ = chain
+    out = tmp_path / "sftcopy"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((root / "sft" / "ckpt.pt").read_bytes())
+    before = (out / "ckpt.pt").read_bytes()
+    assert main(["pretrain", *MODEL, "--no-progress", "--out", str(out), "--resume",
+                 "--max-steps", "1000"]) == 2
+    assert "a checkpoint of the alignment stage 'sft', not of a pretraining run" in \
+        capsys.readouterr().err
+    assert (out / "ckpt.pt").read_bytes() == before and sorted(out.iterdir()) == [out / "ckpt.pt"]
+
+
+def test_problems_longer_than_the_model_are_refused_before_the_run(chain, tmp_path, capsys):
+    """8 digits: the longer eval prompts "Q:" + 9 + "+" + 9 + "=" (22 tokens) and an answer of
+    up to 11 need 33 positions; the model has 32. Refused before anything is written."""
+    root, _ = chain
+    out = tmp_path / "long"
+    assert main(["sft", "--init", str(root / "pre"), "--out", str(out), "--no-progress",
+                 "--digits", "8", "--n-eval", "4", "--max-steps", "1"]) == 2
+    assert "need 33 tokens; the model's max_seq_len is 32" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_a_stage_does_not_replace_another_run_in_its_out(chain, tmp_path, capsys):
     root, common = chain
     out = tmp_path / "sft2"
@@ -564,7 +608,8 @@ def test_a_stage_does_not_replace_another_run_in_its_out(chain, tmp_path, capsys
     before = (out / "ckpt.pt").read_bytes()
     assert main([*argv, "--seed", "1"]) == 2
     err = capsys.readouterr().err
-    assert "already holds a run (ckpt.pt, summary.json, log.jsonl): --overwrite replaces it" in err
+    assert ("already holds a run (ckpt.pt, summary.json, log.jsonl): --resume continues it, "
+            "--overwrite replaces it") in err
     assert (out / "ckpt.pt").read_bytes() == before
     assert main([*argv, "--seed", "1", "--overwrite"]) == 0
     assert _summary(out)["seed"] == 1
@@ -701,8 +746,25 @@ def test_later_stage_task_keeps_the_checkpoint_problems_apart():
     assert not set(more.pairs) & (set(base.train) | set(base.eval))
     assert set(more.pairs) == set(raw.pairs) - set(base.train)
     with pytest.raises(ValueError, match="held-out problems are problems the init checkpoint "
-                                         "trained on"):
+                                         "or a stage before it trained on"):
         align._task(args(n_eval=1000), ckpt)
+    # an SFT checkpoint trained on its train set only: held-out problems may come from its pair
+    # prompts; a DPO (GRPO, PPO) checkpoint trained on those too
+    bigger = align._task(args(n_eval=300), ckpt | {"stage": "sft"})
+    assert set(bigger.eval) & set(base.pairs) and not set(bigger.eval) & set(base.train)
+    with pytest.raises(ValueError, match="held-out problems"):
+        align._task(args(n_eval=300), ckpt | {"stage": "dpo"})
+    # what a stage writes: every problem its lineage trained on, also those of an older task
+    older = tasks.AdditionTask(digits=2, n_train=50, n_pairs=10, n_eval=10, seed=7)
+    lineage = {"task": dataclasses.asdict(base), "stage": "grpo",
+               "trained": [[p.a, p.b] for p in older.train]}
+    assert align._trained_problems(lineage) == set(older.train)
+    clash = next(p for p in older.train if p not in base.train + base.pairs + base.eval)
+    lineage["trained"].append([base.eval[0].a, base.eval[0].b])
+    with pytest.raises(ValueError, match="held-out problems"):
+        align._task(args(n_pairs=250), lineage)
+    assert clash not in align._task(args(n_pairs=250), lineage | {"trained": [
+        [p.a, p.b] for p in older.train]}).pairs
 
 
 def _log(path):
@@ -733,6 +795,8 @@ def test_rm_run(chain, capsys):
     assert sum(train[-10:]) < sum(train[:10])
     for key in ("rm_best_of_k_accuracy", "eval_sample_accuracy"):
         assert 0.0 <= s[key] <= s["eval_best_of_k_ceiling"] <= 1.0, key
+    assert s["eval_accuracy"] == s["rm_best_of_k_accuracy"]
+    assert s["val_loss"] == evals[-1]["pair_loss"] and (root / "rm" / "loss.png").exists()
     # a reward model is not a policy to start a stage from
     assert main(["dpo", "--init", str(root / "rm"), "--out", str(root / "dpo_bad"), *common]) == 2
     assert "is a reward model" in capsys.readouterr().err
@@ -765,6 +829,16 @@ def test_ppo_run(chain, capsys):
     assert ckpt["stage"] == "ppo" and "value_head" in ckpt
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "sft"),
                  "--out", str(root / "bad")]) == 2      # an sft checkpoint has no reward head
+    # a reward model of another tokenizer (another corpus, the same vocabulary size)
+    other = torch.load(root / "rm" / "ckpt.pt", weights_only=True)
+    other["corpus"] = dict(other["corpus"], data="/elsewhere/corpus.txt")
+    from fastattn.train.pretrain import save_checkpoint
+    save_checkpoint(root / "rm_other" / "ckpt.pt", other)
+    capsys.readouterr()
+    assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm_other"),
+                 "--out", str(root / "bad")]) == 2
+    assert "does not read the policy's tokens: data '/elsewhere/corpus.txt'" in \
+        capsys.readouterr().err
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm"),
                  "--out", str(root / "bad"), "--format-penalty", "-1"]) == 2
     capsys.readouterr()
@@ -777,8 +851,102 @@ def test_ppo_run(chain, capsys):
     old["reward_head"] = {"weight": torch.zeros(1, 64), "bias": torch.zeros(1)}
     torch.save(old, root / "old_rm.pt")
     with pytest.raises(align.CheckpointError, match="from before RewardHead"):
-        align._load_reward_model(root / "old_rm.pt", GPTConfig(**old["config"]), "torch",
-                                 torch.device("cpu"))
+        align._load_reward_model(root / "old_rm.pt", GPTConfig(**old["config"]), old["corpus"],
+                                 "torch", torch.device("cpu"))
+
+
+def _rm_for(root, common):
+    if not (root / "rm" / "ckpt.pt").exists():
+        assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
+                     "--max-steps", "40", "--lr", "1e-3", "--k", "8"]) == 0
+    return root / "rm"
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "grpo", "rm", "ppo"])
+def test_stage_resume_is_exact(chain, tmp_path, stage, capsys):
+    """A stage stopped after step 2 (--stop-after) and resumed takes exactly the steps of an
+    uninterrupted run: the same losses, evaluations and final weights, and its log holds the
+    records of one run."""
+    root, common = chain
+    init = root / ("pre" if stage == "sft" else "sft")
+    argv = [stage, "--init", str(init), *common, "--max-steps", "4", "--eval-every", "2",
+            "--batch-size", "4", "--k", "4"] if stage in ("dpo", "rm") else \
+        [stage, "--init", str(init), *common, "--max-steps", "4", "--eval-every", "2",
+         "--batch-size", "4"]
+    if stage == "ppo":
+        argv += ["--reward-model", str(_rm_for(root, common))]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main([*argv, "--out", str(full)]) == 0
+    assert main([*argv, "--out", str(part), "--stop-after", "2"]) == 0
+    assert not (part / "summary.json").exists()
+    assert torch.load(part / "ckpt.pt", weights_only=True)["step"] == 2
+    # a changed sampling option is refused; a changed learning rate is a warning
+    assert main([*argv, "--out", str(part), "--resume", "--seed", "5"]) == 2
+    assert "differs from the checkpoint's in --seed 5 (checkpoint: 0)" in capsys.readouterr().err
+    assert main([*argv, "--out", str(part), "--resume"]) == 0
+    strip = lambda log: [{k: v for k, v in r.items() if k not in ("step_time_s", "phase_s")}
+                         for r in log if r["kind"] != "pairs"]                # noqa: E731
+    assert strip(_log(part)) == strip(_log(full))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=True) for d in (full, part))
+    assert a["step"] == b["step"] == 4
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = _summary(full), _summary(part)
+    for key in ("eval_accuracy", "val_loss", "final_loss", "initial_loss"):
+        assert sa[key] == sb[key], key
+    assert sb["resumed_from"] == 2 and sb["steps_this_run"] == 2
+    # finished: nothing to train
+    assert main([*argv, "--out", str(part), "--resume"]) == 2
+    assert "nothing to train" in capsys.readouterr().err
+
+
+def test_sigterm_stops_a_stage_with_a_checkpoint_and_resume_continues(chain, tmp_path,
+                                                                       monkeypatch, capsys):
+    import signal
+    root, common = chain
+    argv = ["sft", "--init", str(root / "pre"), *common, "--max-steps", "5", "--eval-every", "0",
+            "--batch-size", "4"]
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    real, calls = align.sft_step, []
+
+    def step_then_sigterm(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:     # during step 2: the run stops when the step ends
+            signal.raise_signal(signal.SIGTERM)
+        return real(*a, **kw)
+    monkeypatch.setattr(align, "sft_step", step_then_sigterm)
+    out = tmp_path / "stopped"
+    assert main([*argv, "--out", str(out)]) == 128 + signal.SIGTERM
+    assert "SIGTERM: stopped after step 2" in capsys.readouterr().err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL       # handler put back
+    monkeypatch.setattr(align, "sft_step", real)
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    losses = [[r["loss"] for r in _log(d) if r["kind"] == "train"]
+              for d in (tmp_path / "full", out)]
+    assert len(losses[0]) == 5 and losses[0] == losses[1]
+
+
+def test_dpo_grad_accum_equals_the_whole_batch(chain, tmp_path):
+    """--grad-accum 2 of 2 pairs draws the same 4 pairs as one batch of 4 and, the DPO loss
+    being a mean over pairs, takes the same steps (to float rounding). (Not with the RPO term:
+    its NLL is a mean over the batch's tokens, which micro-batches weigh differently.)"""
+    root, common = chain
+    argv = ["dpo", "--init", str(root / "sft"), *common, "--max-steps", "3", "--k", "4",
+            "--eval-every", "0", "--rpo-alpha", "0"]
+    assert main([*argv, "--out", str(tmp_path / "one"), "--batch-size", "4"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "two"), "--batch-size", "2",
+                 "--grad-accum", "2"]) == 0
+    losses = [[r["loss"] for r in _log(tmp_path / d) if r["kind"] == "train"]
+              for d in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    a, b = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["model"]
+            for d in ("one", "two"))
+    # Adam turns float-rounding differences of near-zero gradients into ~1% of an update
+    # (lr 1e-4 x 3 steps); a different batch would move weights by ~1e-4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    assert _summary(tmp_path / "two")["grad_accum"] == 2
 
 
 def test_rm_kl_optimum_script(chain):

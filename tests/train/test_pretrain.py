@@ -297,6 +297,34 @@ def test_two_ranks_match_one_process(tmp_path, cache, dist):
     assert list(_losses(out)) == [1, 2, 3, 4, 5]
 
 
+def test_a_save_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):
+    """A kill or a full disk during torch.save: the reader still finds the old checkpoint, and
+    no partial file is left behind."""
+    from fastattn.train.pretrain import save_checkpoint
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
+    before = path.read_bytes()
+
+    def dies_midway(obj, f):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_a_damaged_rng_state_is_a_clear_error(tmp_path, cache):
+    out = tmp_path / "run"
+    _pretrain(out, cache, "--max-steps", "2", "--eval-iters", "0")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    ckpt["rng"] = [dict(ckpt["rng"][0], torch=torch.zeros(3))]
+    torch.save(ckpt, out / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="its RNG state is damaged"):
+        _pretrain(out, cache, "--max-steps", "3", "--eval-iters", "0", "--resume")
+
+
 def test_flipped_bytes_in_a_checkpoint_are_caught(tmp_path, cache):
     """torch.load does not check the zip CRCs: flipped bytes inside a tensor would load as other
     weights. load_checkpoint checks them."""

@@ -369,13 +369,25 @@ def _draw_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
 
 
+def _float_mask_to_fp32(mask: Tensor) -> Tensor:
+    """A float additive mask in the kernels' fp32. A float64 value past fp32's range (finfo.min
+    as a "masked" marker, say) is clamped to fp32's largest finite value, so a finite mask stays
+    finite: rounding it to -inf would turn a row torch softmaxes uniformly into a dead row."""
+    if mask.dtype == torch.float64:
+        big = torch.finfo(torch.float32).max
+        mask = torch.where(mask.isinf(), mask, mask.clamp(-big, big))
+    return mask.to(torch.float32)
+
+
 def _mask_to_bias(fn: str, mask: Tensor, device: torch.device, full: tuple,
                   q4_shape) -> Tensor:
     """An SDPA attn_mask (bool: True = attend; float: added to the scores) as the kernels'
     fp32 additive bias of shape (B, H, Sq, Sk): converted at the mask's own size, then
-    broadcast with stride 0 to ``full`` (never materialised at full size) and flattened."""
+    broadcast with stride 0 to ``full`` and flattened to ``q4_shape``. The flattening is a view
+    for 3-D and 4-D inputs; with more leading dims, a mask broadcast over only some of them is
+    copied at full size by it (as the inputs are)."""
     _check_mask(fn, "attn_mask", mask, device)
-    if mask.requires_grad:
+    if mask.requires_grad and torch.is_grad_enabled():
         raise ValueError(f"{fn}: an attn_mask that requires grad is not supported (the kernels "
                          f"give no gradient to it); detach it, or use "
                          f"torch.nn.functional.scaled_dot_product_attention")
@@ -383,10 +395,7 @@ def _mask_to_bias(fn: str, mask: Tensor, device: torch.device, full: tuple,
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         bias = bias.masked_fill(~mask, float("-inf"))
     elif mask.is_floating_point():
-        if mask.dtype == torch.float64:     # finite values past fp32's range stay finite
-            big = torch.finfo(torch.float32).max
-            mask = torch.where(mask.isinf(), mask, mask.clamp(-big, big))
-        bias = mask.to(torch.float32)
+        bias = _float_mask_to_fp32(mask.detach())
     else:
         raise TypeError(f"{fn}: attn_mask must be bool or floating point, got {mask.dtype}")
     try:
@@ -592,7 +601,12 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     if cache_seqlens.device != q.device:
         raise ValueError(f"{fn}: cache_seqlens must be on q's device ({q.device}), got "
                          f"{cache_seqlens.device}")
-    if int(num_splits) < 0:
+    try:
+        num_splits = operator.index(num_splits)
+    except TypeError:
+        raise TypeError(f"{fn}: num_splits must be an int (0 = automatic), got "
+                        f"{type(num_splits).__name__} {num_splits!r}") from None
+    if num_splits < 0:
         raise ValueError(f"{fn}: num_splits must be >= 0 (0 = automatic), got {num_splits}")
     if q.device.type == "cpu" and not _compiling() and cache_seqlens.numel():
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())

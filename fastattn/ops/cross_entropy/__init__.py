@@ -78,14 +78,24 @@ def _check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
                              "all tensors must be on one device")
 
 
-def _check_options(fn: str, reduction: str, label_smoothing: float,
-                   ignore_index: int) -> None:
+def _real(fn: str, name: str, value) -> float:
+    """A real-number option as a float, or a TypeError that names it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} "
+                        f"{value!r}")
+    return float(value)
+
+
+def _check_options(fn: str, reduction: str, label_smoothing: float, ignore_index: int) -> int:
+    """Checks the options F.cross_entropy shares; returns ignore_index as a Python int (numpy
+    and other integral types are accepted, as PyTorch accepts them)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
+    if not 0.0 <= _real(fn, "label_smoothing", label_smoothing) <= 1.0:
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    return int(ignore_index)
 
 
 def _validate_targets(fn: str, target: Tensor, n_classes: int, ignore_index: int) -> None:
@@ -137,16 +147,26 @@ def _mean_denominator(target: Tensor, weight32: Optional[Tensor], ignore_index: 
     if weight32 is None:
         return valid.sum(dtype=acc)
     safe = torch.where(valid, target, torch.zeros_like(target))
-    return (weight32[safe].to(acc) * valid).sum()
+    picked = weight32[safe]
+    if picked.dtype != acc:     # (no aliasing .to: setup_context calls this too)
+        picked = picked.to(acc)
+    return (picked * valid).sum()
 
 
-def _defers_mean(dtype: torch.dtype, reduction: str, weight: Optional[Tensor]) -> bool:
-    """float16 + "mean" (no class weights): the stored gradient is p - y without the
-    1/denominator, which backward applies together with grad_output. Folded in, (p - y) / N
-    would be rounded to fp16 before the loss scale reaches it, and every p below ~N * 6e-8
-    would flush to 0 (GradScaler's point is that p * scale / N survives). With class weights
-    w_t (p - y) alone can pass fp16's range, so they fold it; bfloat16 has float32's range."""
-    return dtype == torch.float16 and reduction == "mean" and weight is None
+def _defers_mean(dtype: torch.dtype, reduction: str) -> bool:
+    """float16 + "mean": the stored gradient is w_t (p - y) / max|w| (no class weights: p - y)
+    without the 1/denominator, which backward applies together with grad_output. Folded in,
+    (p - y) / N would be rounded to fp16 before the loss scale reaches it, and every p below
+    ~N * 6e-8 would flush to 0 (GradScaler's point is that p * scale / N survives). Dividing by
+    the largest class weight keeps w_t (p - y) within fp16's range whatever the weights.
+    bfloat16 has float32's range."""
+    return dtype == torch.float16 and reduction == "mean"
+
+
+def _weight_bound(weight32: Tensor) -> Tensor:
+    """max |w| of the class weights (1 where they are all 0), on the device: no sync."""
+    bound = weight32.abs().amax() if weight32.numel() else weight32.new_ones(())
+    return torch.where(bound > 0, bound, torch.ones_like(bound))
 
 
 def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
@@ -162,9 +182,12 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
         denominator = _mean_denominator(target, weight32, ignore_index, acc)
     # Kernels take a float32 scale; float64 logits are scaled after, at float64 precision.
     # float16 gradients keep no 1/denominator at all (backward applies it, _defers_mean).
+    deferred = grad is not None and _defers_mean(logits.dtype, reduction)
     fold_scale = (grad is not None and denominator is not None and acc == torch.float32
-                  and not _defers_mean(logits.dtype, reduction, weight))
+                  and not deferred)
     grad_scale = denominator.reciprocal() if fold_scale else None
+    if deferred and weight32 is not None:
+        grad_scale = _weight_bound(weight32).reciprocal()
     if n_rows == 0:
         rows = logits.new_zeros(0, dtype=acc)
     else:
@@ -201,12 +224,20 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, reduction, 
 
 def _deferred_scale(ctx, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                     ignore_index: int, reduction: str) -> None:
-    """Saves 1 / denominator for backward when the kernel left it out (_defers_mean)."""
-    ctx.deferred = _defers_mean(logits.dtype, reduction, weight)
+    """Saves the scale the kernel left out (_defers_mean) for backward: 1 / denominator, times
+    max |w| with class weights."""
+    ctx.deferred = _defers_mean(logits.dtype, reduction)
     if ctx.deferred:
-        # no valid target: the gradient is 0 (the kernel wrote zeros), not 0 * inf
+        weight32 = weight
+        if weight is not None and weight.dtype != torch.float32:
+            weight32 = weight.to(torch.float32)
+        # no valid target: the gradient is 0 (the kernel wrote zeros), not 0 * inf, as
+        # PyTorch's; valid targets of total weight 0 give NaN, as PyTorch's
         count = _mean_denominator(target, None, ignore_index, torch.float32)
-        ctx.inv_denominator = torch.where(count > 0, count.reciprocal(), 0.0)
+        total = count if weight32 is None else _mean_denominator(target, weight32,
+                                                                 ignore_index, torch.float32)
+        inv = torch.where(count > 0, total.reciprocal(), 0.0)
+        ctx.inv_denominator = inv if weight32 is None else inv * _weight_bound(weight32)
 
 
 def _grad_scale(ctx, grad_loss: Tensor) -> Tensor:
@@ -314,8 +345,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     fn = "cross_entropy"
     _check_float(fn, "input", input)
     target = _check_target(fn, target)
-    _check_options(fn, reduction, label_smoothing, ignore_index)
-    if not math.isfinite(z_loss) or z_loss < 0:
+    ignore_index = _check_options(fn, reduction, label_smoothing, ignore_index)
+    if not math.isfinite(_real(fn, "z_loss", z_loss)) or z_loss < 0:
         raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
     if input.dim() == 0:
         raise ValueError(f"{fn}: input must have a class dimension, got a 0-d tensor")
@@ -543,6 +574,16 @@ def _vocab_pass2(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
             db if db is not None else x.new_empty(0))
 
 
+def _lce_recomputes(dtype: torch.dtype, reduction: str, want_dx: bool, want_dw: bool) -> bool:
+    """Whether the linear cross-entropy leaves its gradients to backward, which recomputes the
+    logits: "none" (each token's grad_output is not known before), and "mean" over float16.
+    There a gradient of (p - y) / N, computed before backward, rounds to fp16 before the loss
+    scale reaches it, and flushes every p below ~N * 6e-8 to 0 (the underflow GradScaler is
+    for); backward folds grad_output / N into the kernel's scale before its one rounding, as
+    eager's softmax backward does. One more matmul, only for float16's "mean"."""
+    return (want_dx or want_dw) and (reduction == "none" or _defers_mean(dtype, reduction))
+
+
 @_eager.custom_op("fastattn::linear_cross_entropy_fwd", mutates_args=(),
                   device_types=_DEVICES)
 def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
@@ -550,15 +591,16 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
                               chunk_size: int, by_vocab: bool, want_dx: bool,
                               want_dw: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, dx, dW, db, lse) of cross_entropy(x @ W^T + b, target). For "mean"/"sum" the
-    gradients asked for are computed in this same pass; they are empty otherwise ("none"
-    recomputes the chunks in backward, see linear_cross_entropy_bwd). ``by_vocab``: chunks of
-    ``chunk_size`` vocabulary columns (two passes, see _vocab_stats and _vocab_pass2), else of
-    token rows.
-    lse (per token) is returned only where backward needs it (by_vocab with "none")."""
+    gradients asked for are computed in this same pass; they are empty otherwise ("none", and
+    "mean" over float16, recompute the chunks in backward, see _lce_recomputes and
+    linear_cross_entropy_bwd). ``by_vocab``: chunks of ``chunk_size`` vocabulary columns (two
+    passes, see _vocab_stats and _vocab_pass2), else of token rows.
+    lse (per token) is returned only where backward needs it (by_vocab, recomputing)."""
     fn = "linear_cross_entropy"
     n_tokens = x.shape[0]
     _validate_targets(fn, target, weight.shape[0], ignore_index)
-    need_grad = (want_dx or want_dw) and reduction != "none"
+    recompute = _lce_recomputes(x.dtype, reduction, want_dx, want_dw)
+    need_grad = (want_dx or want_dw) and not recompute
     valid = target != ignore_index
     denominator = valid.sum(dtype=torch.float32) if reduction == "mean" else None
     grad_scale = denominator.reciprocal() if (need_grad and denominator is not None) else None
@@ -578,7 +620,7 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
                                           chunk_size, want_dx, want_dw,
                                           target_coef=1.0 - label_smoothing,
                                           smoothing=label_smoothing / weight.shape[0])
-            elif reduction == "none" and (want_dx or want_dw):
+            elif recompute:
                 lse_out = lse
         else:
             rows = torch.empty(n_tokens, dtype=_acc_dtype(x.dtype), device=x.device)
@@ -609,9 +651,9 @@ def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_s
       want_dx, want_dw):
     acc = _acc_dtype(x.dtype)
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
-    lse = x.new_empty(x.shape[0] if (by_vocab and reduction == "none" and (want_dx or want_dw))
-                      else 0, dtype=acc)
-    if reduction == "none":
+    recompute = _lce_recomputes(x.dtype, reduction, want_dx, want_dw)
+    lse = x.new_empty(x.shape[0] if (by_vocab and recompute) else 0, dtype=acc)
+    if recompute:
         want_dx = want_dw = False
     want_db = bias is not None and (want_dx or want_dw)
     return (loss, torch.empty_like(x) if want_dx else x.new_empty(0),
@@ -625,8 +667,10 @@ def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, targ
                               bias: Optional[Tensor], lse: Optional[Tensor], ignore_index: int,
                               label_smoothing: float, chunk_size: int, want_dx: bool,
                               want_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backward of reduction="none": recomputes each chunk's logits, scales row r by
-    grad_loss[r]. With ``lse`` (the forward's, per token) the chunks are of the vocabulary."""
+    """Backward when the forward left the gradients out (_lce_recomputes): recomputes each
+    chunk's logits and scales row r of their gradient by grad_loss[r] ("none": one per token)
+    or by grad_loss itself (0-d: "mean" over float16, grad_output / denominator). With ``lse``
+    (the forward's, per token) the chunks are of the vocabulary."""
     kernels = _kernels("linear_cross_entropy", x)
     scale = grad_loss.to(torch.float32)
 
@@ -639,6 +683,10 @@ def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, targ
                                 smoothing=label_smoothing / weight.shape[0])
 
         def row_fn(logits, start, end):
+            if scale.dim() == 0:    # the kernel scales before its one rounding to the dtype
+                kernels.cross_entropy_fwd(logits, target[start:end], None, logits, scale,
+                                          ignore_index, label_smoothing, 0.0)
+                return
             kernels.cross_entropy_fwd(logits, target[start:end], None, logits, None,
                                       ignore_index, label_smoothing, 0.0)
             logits.mul_(scale[start:end].unsqueeze(1))
@@ -667,8 +715,12 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.by_vocab = by_vocab
     ctx.has_bias = bias is not None
     ctx.backend = _backends.requested()
-    if reduction == "none":
+    ctx.recompute = _lce_recomputes(x.dtype, reduction, want_dx, want_dw)
+    if ctx.recompute:
         ctx.save_for_backward(x, weight, target, bias, lse)
+        if reduction == "mean":     # no valid target: gradient 0, not 0 * inf
+            count = (target != ignore_index).sum(dtype=torch.float32)
+            ctx.inv_denominator = torch.where(count > 0, count.reciprocal(), 0.0)
     else:
         ctx.save_for_backward(dx, dw, db)
 
@@ -677,8 +729,10 @@ def _lce_backward(ctx, grad_loss, *_unused):
     want_dx, want_dw = ctx.want
     if grad_loss is None:
         return (None,) * 11
-    if ctx.reduction == "none":
+    if ctx.recompute:
         x, weight, target, bias, lse = ctx.saved_tensors
+        if ctx.reduction == "mean":
+            grad_loss = grad_loss.to(torch.float32) * ctx.inv_denominator
         with _backends.restored(ctx.backend):
             dx, dw, db = torch.ops.fastattn.linear_cross_entropy_bwd(
                 grad_loss, x, weight, target, bias, lse if ctx.by_vocab else None,
@@ -744,7 +798,9 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
 
     ``input`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``, ``target`` ``input.shape[:-1]``.
     For ``"mean"``/``"sum"`` the gradients are computed in the forward and backward only scales
-    them; ``"none"`` computes them in backward (its per-token grad_output is not known before).
+    them; ``"none"`` computes them in backward (its per-token grad_output is not known before),
+    and so does ``"mean"`` over float16, one more matmul, so that grad_output (a loss scale)
+    and the 1/N reach the logits' gradient before it is rounded to fp16.
     Two ways to cut the logits, both summing every gradient in float32:
 
     * ``chunk_over="tokens"`` (default): ``chunk_size`` token rows at a time (default: a chunk of
@@ -768,7 +824,7 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     0, such as a common offset of 1e4).
     """
     fn = "linear_cross_entropy"
-    _check_options(fn, reduction, label_smoothing, ignore_index)
+    ignore_index = _check_options(fn, reduction, label_smoothing, ignore_index)
     by_vocab = check_chunk_over(fn, chunk_over)
     autocast = isinstance(input, Tensor) and _autocast.dtype(input.device.type) is not None
     if autocast:
@@ -877,9 +933,12 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     fn = "token_logprobs"
     _check_float(fn, "logits", logits)
     target = _check_target(fn, target)
-    _check_options(fn, "none", 0.0, ignore_index)  # per token
+    ignore_index = _check_options(fn, "none", 0.0, ignore_index)  # per token
     inv_t = _check_temperature(fn, temperature)
-    if logits.dim() < 1 or tuple(target.shape) != tuple(logits.shape[:-1]):
+    if logits.dim() < 1:
+        raise ValueError(f"{fn}: logits must have at least 1 dimension (..., vocab), got a "
+                         f"0-dimensional tensor")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"{fn}: target shape {tuple(target.shape)} must equal logits shape "
                          f"without its last dimension, {tuple(logits.shape[:-1])}")
     if logits.shape[-1] == 0:
@@ -1027,7 +1086,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     chunks' entropies as a sum of non-negative terms (no cancellation).
     """
     fn = "linear_token_logprobs"
-    _check_options(fn, "none", 0.0, ignore_index)  # per token
+    ignore_index = _check_options(fn, "none", 0.0, ignore_index)  # per token
     inv_t = _check_temperature(fn, temperature)
     by_vocab = check_chunk_over(fn, chunk_over)
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
