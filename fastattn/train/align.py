@@ -86,9 +86,9 @@ import torch.nn.functional as F
 from . import tasks
 from .pretrain import (_RESUME_WARNS, CKPT_FORMAT, CKPT_NAME, CheckpointError,
                        TrainingInterrupted, _autocast, _json_args, _rng_state, _seed_all,
-                       _set_rng_state, _StopOnSignals, check_out_dir, clear_out_dir,
+                       _StopOnSignals, check_out_dir, check_resume_args, clear_out_dir,
                        load_checkpoint, lr_at, open_run_log, peak_memory_bytes, resolve_device,
-                       run_summary, save_checkpoint)
+                       restore_rng_state, resume_start, run_summary, save_checkpoint)
 
 STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
 HEAD_KEYS = {"rm": "reward_head", "ppo": "value_head"}    # checkpoint key of the scalar head
@@ -849,29 +849,11 @@ def _check_stage_resume(rck: dict, path: Path, args, stage: str, init_path: Path
     if Path(str(rck.get("init"))).resolve() != Path(init_path).resolve():
         raise CheckpointError(f"--resume {path}: the run started from --init {rck.get('init')}, "
                               f"this one from {init_path}")
-    theirs = rck.get("args", {})
-    mine = _json_args(args)
     skip = set(_STAGE_RESUME_FREE) | set(_RESUME_WARNS)
-    diffs = [f"--{k.replace('_', '-')} {mine.get(k)!r} (checkpoint: {theirs.get(k)!r})"
-             for k in sorted(set(theirs) | set(mine)) if k not in skip
-             and theirs.get(k) != mine.get(k)]
-    if diffs:
-        raise CheckpointError(f"--resume {path}: this run differs from the checkpoint's in "
-                              + "; ".join(diffs) + ". Resume with the checkpoint's options, or "
-                              "start a new run in another --out.")
-    updates = [f"--{k.replace('_', '-')} {mine.get(k)!r} (checkpoint: {theirs.get(k)!r})"
-               for k in _RESUME_WARNS if k in theirs and theirs[k] != mine.get(k)]
-    if updates:
-        print(f"warning: resuming with {', '.join(updates)}: the learning-rate schedule and "
-              f"updates from step {rck['step']} on differ from the original run's",
-              file=sys.stderr)
-    start = int(rck["step"])
-    if start >= args.max_steps or (args.stop_after is not None and args.stop_after <= start):
-        limit = (f"--max-steps {args.max_steps}" if start >= args.max_steps
-                 else f"--stop-after {args.stop_after}")
-        raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, at or past "
-                              f"{limit}: nothing to train")
-    return start
+    keeps = [k for k in rck.get("args", {}) if k not in skip]
+    for warning in check_resume_args(rck, path, args, keeps=keeps):
+        print(f"warning: {warning}", file=sys.stderr)
+    return resume_start(rck, path, args)
 
 
 def run_stage(args: argparse.Namespace, stage: str) -> dict:
@@ -1085,10 +1067,10 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             version, internal, gauss = resumed["rng_py"]
             rng.setstate((version, tuple(internal), gauss))
             gen.set_state(resumed["gen"])
-            _set_rng_state(resume_ck["rng"][0], device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"--resume {resume_path}: its resume state is damaged "
                                   f"({type(e).__name__}: {e})") from e
+        restore_rng_state(resume_ck["rng"][0], device, resume_path)
     run_t0, tokens_before = time.perf_counter(), tokens_seen
 
     def rate() -> float:

@@ -513,15 +513,17 @@ _RESUME_KEEPS = ("seed", "seq_len", "batch_size", "grad_accum")
 _RESUME_WARNS = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "clip")
 
 
-def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str]) -> list:
-    """CheckpointError when this run's corpus or batch options differ from the checkpoint's;
-    returns warnings for changed update-rule options."""
-    theirs = ckpt.get("args", {})
+def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str] = None,
+                      keeps=_RESUME_KEEPS) -> list:
+    """CheckpointError when this run's corpus or the options in ``keeps`` (those that decide
+    the batches) differ from the checkpoint's; returns warnings for changed update-rule options
+    (_RESUME_WARNS). Pretraining and the alignment stages share it."""
+    theirs, mine = ckpt.get("args", {}), _json_args(args)
 
     def changed(keys) -> list:
-        return [f"--{k.replace('_', '-')} {getattr(args, k)!r} (checkpoint: {theirs[k]!r})"
-                for k in keys if k in theirs and theirs[k] != getattr(args, k)]
-    diffs = changed(_RESUME_KEEPS)
+        return [f"--{k.replace('_', '-')} {mine.get(k)!r} (checkpoint: {theirs[k]!r})"
+                for k in keys if k in theirs and theirs[k] != mine.get(k)]
+    diffs = changed(keeps)
     if ckpt.get("data_key") not in (None, data_key):
         diffs.insert(0, f"--data {args.data!r} is not the corpus the checkpoint trained on "
                         f"(checkpoint: {theirs.get('data')!r})")
@@ -534,6 +536,29 @@ def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str]) -> 
         return []
     return ["resuming with " + ", ".join(updates) + ": the learning-rate schedule and updates "
             f"from step {ckpt['step']} on differ from the original run's"]
+
+
+def resume_start(ckpt: dict, path: Path, args) -> int:
+    """The step a resumed run continues from; a CheckpointError when --max-steps or
+    --stop-after leaves it nothing to train."""
+    start = int(ckpt["step"])
+    if start >= args.max_steps:
+        raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, already at "
+                              f"--max-steps {args.max_steps}: nothing to train (its "
+                              f"summary.json is kept); raise --max-steps to train further")
+    if args.stop_after is not None and args.stop_after <= start:
+        raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, at or past "
+                              f"--stop-after {args.stop_after}: nothing to train")
+    return start
+
+
+def restore_rng_state(state, device: torch.device, path: Path) -> None:
+    """A checkpoint's RNG states back in place; a CheckpointError if they are damaged."""
+    try:
+        _set_rng_state(state, device)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"--resume {path}: its RNG state is damaged "
+                              f"({type(e).__name__}: {e})") from e
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -757,15 +782,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         for warning in check_resume_args(ckpt, ckpt_path, args, corpus.meta.get("key")):
             if main:
                 print(f"warning: {warning}", file=sys.stderr)
-        if int(ckpt["step"]) >= args.max_steps:
-            raise CheckpointError(f"--resume {ckpt_path}: the checkpoint is at step "
-                                  f"{int(ckpt['step'])}, already at --max-steps "
-                                  f"{args.max_steps}: nothing to train (its summary.json is "
-                                  f"kept); raise --max-steps to train further")
-        if args.stop_after is not None and args.stop_after <= int(ckpt["step"]):
-            raise CheckpointError(f"--resume {ckpt_path}: the checkpoint is at step "
-                                  f"{int(ckpt['step'])}, at or past --stop-after "
-                                  f"{args.stop_after}: nothing to train")
+        resume_start(ckpt, ckpt_path, args)
     # the validation split must hold one sequence: found now, not after the training
     if args.eval_iters > 0:
         corpus.get_batch("val", 1, T, step=0, seed=args.seed)
@@ -795,11 +812,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
             print(f"warning: {ckpt_path} holds RNG states of {len(states)} ranks, this run has "
                   f"{dist_info.world_size}; dropout will not repeat the original run exactly",
                   file=sys.stderr)
-        try:
-            _set_rng_state(states[dist_info.rank % len(states)], device)
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-            raise CheckpointError(f"--resume {ckpt_path}: its RNG state is damaged "
-                                  f"({type(e).__name__}: {e})") from e
+        restore_rng_state(states[dist_info.rank % len(states)], device, ckpt_path)
     # Seed every rank's dropout differently (a fresh run only; resume restored them above).
     elif dist_info.rank:
         torch.manual_seed(args.seed + 1_000_003 * dist_info.rank)

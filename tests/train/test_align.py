@@ -807,9 +807,7 @@ def test_rm_run(chain, capsys):
 
 def test_ppo_run(chain, capsys):
     root, common = chain
-    if not (root / "rm" / "ckpt.pt").exists():
-        assert main(["rm", "--init", str(root / "sft"), "--out", str(root / "rm"), *common,
-                     "--max-steps", "40", "--lr", "1e-3", "--k", "8"]) == 0
+    _rm_for(root, common)
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm"),
                  "--out", str(root / "ppo"), *common, "--max-steps", "6", "--batch-size",
                  "16"]) == 0
@@ -870,9 +868,9 @@ def test_stage_resume_is_exact(chain, tmp_path, stage, capsys):
     root, common = chain
     init = root / ("pre" if stage == "sft" else "sft")
     argv = [stage, "--init", str(init), *common, "--max-steps", "4", "--eval-every", "2",
-            "--batch-size", "4", "--k", "4"] if stage in ("dpo", "rm") else \
-        [stage, "--init", str(init), *common, "--max-steps", "4", "--eval-every", "2",
-         "--batch-size", "4"]
+            "--batch-size", "4"]
+    if stage in ("dpo", "rm"):
+        argv += ["--k", "4"]
     if stage == "ppo":
         argv += ["--reward-model", str(_rm_for(root, common))]
     full, part = tmp_path / "full", tmp_path / "part"

@@ -719,7 +719,7 @@ def _lce_setup_context(ctx, inputs, output):
     if ctx.recompute:
         ctx.save_for_backward(x, weight, target, bias, lse)
         if reduction == "mean":     # no valid target: gradient 0, not 0 * inf
-            count = (target != ignore_index).sum(dtype=torch.float32)
+            count = _mean_denominator(target, None, ignore_index, torch.float32)
             ctx.inv_denominator = torch.where(count > 0, count.reciprocal(), 0.0)
     else:
         ctx.save_for_backward(dx, dw, db)
