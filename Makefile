@@ -43,7 +43,7 @@ rebuild:
 	$(MAKE) build
 
 test: build
-	$(PY) -m pytest tests -m "not gpu" -q -p no:cacheprovider
+	$(PY) -m pytest tests -m "not gpu" -q -p no:cacheprovider --durations=25
 
 # The oldest stack fastattn supports, torch 2.4 with the triton it pins, for the CPU suite
 # (CI runs it after `make test`). It gets its own venv and its own copy of the tracked sources:

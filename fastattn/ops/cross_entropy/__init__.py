@@ -108,9 +108,10 @@ def _validate_targets(fn: str, target: Tensor, n_classes: int, ignore_index: int
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"{fn}: target[{i}] = {int(target[i])} is out of range: expected a class "
-                         f"index in [0, {n_classes}) or ignore_index={ignore_index}")
+        where = tuple(bad.nonzero()[0].tolist())    # the first bad entry, in target's own shape
+        raise ValueError(f"{fn}: target[{', '.join(map(str, where))}] = {int(target[where])} is "
+                         f"out of range: expected a class index in [0, {n_classes}) or "
+                         f"ignore_index={ignore_index}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,6 +368,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(f"{fn}: gradients with respect to weight are not supported; "
                                   "pass weight.detach()")
+    if target.dim() > 1:    # checked here too, so that an error names the entry in its shape
+        _validate_targets(fn, target, n_classes, ignore_index)
     logits = _rows_view(input)
     rows_target = target.reshape(-1).contiguous()
     need_grad = torch.is_grad_enabled() and input.requires_grad
@@ -754,7 +757,8 @@ def check_chunk_over(fn: str, chunk_over: str) -> bool:
 
 
 def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                  chunk_size: Optional[int], by_vocab: bool = False) -> Tuple[Tensor, Tensor, int]:
+                  chunk_size: Optional[int], by_vocab: bool,
+                  ignore_index: int) -> Tuple[Tensor, Tensor, int]:
     _check_float(fn, "input", x)
     _check_float(fn, "weight", weight)
     target = _check_target(fn, target)
@@ -779,6 +783,8 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
     _check_same_device(fn, input=x, weight=weight, target=target, bias=bias)
     if weight.shape[0] == 0:
         raise ValueError(f"{fn}: weight has 0 rows (vocab size 0)")
+    if target.dim() > 1:    # checked here too, so that an error names the entry in its shape
+        _validate_targets(fn, target, weight.shape[0], ignore_index)
     x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     n_tokens = x2.shape[0]
     if chunk_size is None:
@@ -829,7 +835,8 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     autocast = isinstance(input, Tensor) and _autocast.dtype(input.device.type) is not None
     if autocast:
         input, weight, bias = _autocast.cast(input.device.type, input, weight, bias)
-    x2, t2, chunk = _check_linear(fn, input, weight, target, bias, chunk_size, by_vocab)
+    x2, t2, chunk = _check_linear(fn, input, weight, target, bias, chunk_size, by_vocab,
+                                   ignore_index)
     grad_on = torch.is_grad_enabled()
     want_dx = grad_on and input.requires_grad
     want_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
@@ -944,6 +951,8 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     if logits.shape[-1] == 0:
         raise ValueError(f"{fn}: logits have 0 classes")
     _check_same_device(fn, logits=logits, target=target)
+    if target.dim() > 1:    # checked here too, so that an error names the entry in its shape
+        _validate_targets(fn, target, logits.shape[-1], ignore_index)
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1 and rows.shape[-1] != 1:
         rows = rows.contiguous()
@@ -1091,7 +1100,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     by_vocab = check_chunk_over(fn, chunk_over)
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
         hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)
-    x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size, by_vocab)
+    x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size, by_vocab,
+                                   ignore_index)
     logp, entropy, _ = _eager.call(_linear_token_logprobs_fwd, x2, weight, t2, bias, ignore_index,
                                    inv_t, return_entropy, chunk, by_vocab)
     logp = logp.reshape(target.shape)
