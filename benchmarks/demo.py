@@ -1,4 +1,4 @@
-"""`make demo`: the main job on the embedded default, on the CPU, in about 12 minutes (2 cores).
+"""`make demo`: the main job on the embedded default, on the CPU, in about 14 minutes (2 cores).
 
 pretrain -> SFT -> DPO -> GRPO on the reference GPT (preset "tiny"), no download, no GPU:
 
@@ -75,12 +75,12 @@ def _pct(x) -> str:
 def main() -> int:
     t_start = time.perf_counter()
     steps = int(os.environ.get("DEMO_STEPS", "20" if FAST else "300"))
-    # The later stages need their steps: from a ~38% SFT policy, DPO gained 1.6 points in 200
-    # steps and 6.4 in 600; GRPO ended within noise after 150 rounds (each run first dips for
-    # ~250 rounds) and gained 5 points in 1000 at lr 3e-5 with a 60-step warm-up. PPO's greedy
+    # The later stages need their steps: from a ~38% SFT policy (11-28), DPO gained 1.6 points
+    # in 200 steps and 6.4 in 600; GRPO ended within noise after 150 rounds (each run first dips
+    # for ~250 rounds) and gained 5 points in 1000 at lr 3e-5 with a 60-step warm-up. PPO's greedy
     # gain was +0.8 to +2.0 after 1000 rounds against the demo's reward model and still rising:
     # +4.4 after 2000 (benchmarks/results/align-rm-ppo-*.md).
-    stage_steps = (60, 10, 4, 4) if FAST else (2000, 600, 1000, 2000)
+    stage_steps = (60, 10, 4, 4) if FAST else (1500, 600, 1000, 2000)
     sft_steps, dpo_steps, grpo_steps, ppo_steps = stage_steps
     bench_steps = ["--steps", "2", "--warmup", "1"] if FAST else ["--steps", "12", "--warmup", "3"]
     print(f"fastattn demo: preset tiny on {torch.get_num_threads()} CPU threads, torch "
@@ -110,14 +110,19 @@ def main() -> int:
 
     # The problem sets (kept in the checkpoints, so DPO and GRPO use the same ones): 1000 SFT
     # problems, 2000 prompts for pair building / GRPO (many: on a few hundred the later stages
-    # learn those prompts, not addition), 500 held out.
+    # learn those prompts, not addition), 500 held out. SFT's batch of 128 at lr 1e-3: at 32
+    # sequences (~130 answer tokens a step) held-out accuracy was 7-20% after 2000-6000 steps
+    # and, on runs that took off, up to 38% depending on float rounding; at 128 and lr 2e-3 two
+    # runs reached 51-54% in 1500 steps and a third 14%; at lr 1e-3 the runs took off sooner
+    # (benchmarks/results/sft-sensitivity-epyc2c-2026-11-30.md).
+    sft_batch = "32" if FAST else "128"
     print("\n== 2. SFT on 1000 additions (fastattn) ==", flush=True)
     _train("sft", "--init", str(OUT / "pretrain" / "fastattn"), "--out", str(OUT / "sft"),
            "--n-train", "1000", "--n-pairs", "100" if FAST else "2000",
-           "--n-eval", "50" if FAST else "500",
-           "--max-steps", str(sft_steps), "--lr", "2e-3", *task)
+           "--n-eval", "50" if FAST else "500", "--batch-size", sft_batch,
+           "--max-steps", str(sft_steps), "--lr", "1e-3", *task)
     stages["SFT"] = (_summary(OUT / "sft"),
-                     _bench("sft", "--batch-size", "32", *shapes, *bench_steps))
+                     _bench("sft", "--batch-size", sft_batch, *shapes, *bench_steps))
 
     print("\n== 3. DPO (+ NLL on the chosen, RPO) on pairs sampled from the SFT policy ==",
           flush=True)
