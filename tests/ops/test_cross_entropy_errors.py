@@ -147,3 +147,26 @@ def test_strided_and_expanded_targets_and_inputs_work_like_torch(backend):
         t = torch.tensor([0, 5, 2, 1])
         torch.testing.assert_close(fastattn.linear_cross_entropy(h0, w0, t, bias=b0),
                                    F.cross_entropy(F.linear(h0, w0, b0), t))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_out_of_range_nd_target_is_named_in_its_shape_through_the_dispatcher(backend):
+    # requires_grad inputs go through the dispatcher and autograd, not the direct eager call
+    x = torch.randn(2, 10, 3, requires_grad=True)
+    t = torch.tensor([[0, 1, 2], [3, 10, 0]])
+    with fastattn.use_backend(backend), pytest.raises(ValueError, match=r"target\[1, 1\] = 10"):
+        fastattn.cross_entropy(x, t)
+    with fastattn.use_backend(backend), pytest.raises(ValueError, match=r"target\[1, 1\] = 10"):
+        fastattn.cross_entropy(x, t, inplace_backward=True)
+    h = torch.randn(2, 3, 6, requires_grad=True)
+    with fastattn.use_backend(backend), pytest.raises(ValueError, match=r"target\[1, 1\] = 10"):
+        fastattn.linear_cross_entropy(h, W, t)     # W: 10 classes
+
+
+def test_out_of_range_target_raises_under_compile():
+    @torch.compile(backend="eager", fullgraph=True)
+    def loss(x, t):
+        return fastattn.cross_entropy(x, t)
+
+    with pytest.raises(Exception, match="out of range"):
+        loss(torch.randn(2, 10, 3), torch.tensor([[0, 1, 2], [3, 10, 0]]))

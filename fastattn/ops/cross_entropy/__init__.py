@@ -108,10 +108,41 @@ def _validate_targets(fn: str, target: Tensor, n_classes: int, ignore_index: int
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
-        where = tuple(bad.nonzero()[0].tolist())    # the first bad entry, in target's own shape
-        raise ValueError(f"{fn}: target[{', '.join(map(str, where))}] = {int(target[where])} is "
-                         f"out of range: expected a class index in [0, {n_classes}) or "
+        where = tuple(bad.nonzero()[0].tolist())
+        raise TargetOutOfRange(fn, where, int(target[where]), n_classes, ignore_index)
+
+
+class TargetOutOfRange(ValueError):
+    """A target that is neither ignore_index nor a class index. The ops see targets flattened to
+    rows; the public functions re-raise it with the index in the caller's target shape
+    (``_in_target_shape``), at no cost to calls that succeed."""
+
+    def __init__(self, fn: str, where: Tuple[int, ...], value: int, n_classes: int,
+                 ignore_index: int):
+        self.fn, self.where, self.value = fn, where, value
+        self.n_classes, self.ignore_index = n_classes, ignore_index
+        super().__init__(f"{fn}: target[{', '.join(map(str, where))}] = {value} is out of range: "
+                         f"expected a class index in [0, {n_classes}) or "
                          f"ignore_index={ignore_index}")
+
+
+def _in_target_shape(shape: torch.Size, call, *args):
+    """``call(*args)``, re-raising a TargetOutOfRange of the flattened targets at the entry's
+    index in the caller's target ``shape``. Not while torch.compile traces (the plain call: the
+    error then names the flattened index)."""
+    if len(shape) < 2 or torch.compiler.is_compiling():
+        return call(*args)
+    try:
+        return call(*args)
+    except TargetOutOfRange as err:
+        if len(err.where) != 1:
+            raise
+        flat, where = err.where[0], []
+        for size in reversed(tuple(shape)):
+            flat, i = divmod(flat, size)
+            where.append(i)
+        raise TargetOutOfRange(err.fn, tuple(reversed(where)), err.value, err.n_classes,
+                               err.ignore_index) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,8 +399,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise NotImplementedError(f"{fn}: gradients with respect to weight are not supported; "
                                   "pass weight.detach()")
-    if target.dim() > 1:    # checked here too, so that an error names the entry in its shape
-        _validate_targets(fn, target, n_classes, ignore_index)
     logits = _rows_view(input)
     rows_target = target.reshape(-1).contiguous()
     need_grad = torch.is_grad_enabled() and input.requires_grad
@@ -377,12 +406,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # those take the out-of-place path (inplace_backward permits reuse; it does not demand it)
     disjoint_rows = logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1]
     if need_grad and inplace_backward and disjoint_rows:
-        loss = _CrossEntropyInplace.apply(logits, rows_target, weight, ignore_index,
-                                          float(label_smoothing), float(z_loss), reduction)
+        loss = _in_target_shape(target.shape, _CrossEntropyInplace.apply, logits, rows_target,
+                                weight, ignore_index, float(label_smoothing), float(z_loss),
+                                reduction)
     else:
-        loss, _ = _eager.call(
-            _cross_entropy_fwd, logits, rows_target, weight, ignore_index,
-            float(label_smoothing), float(z_loss), reduction, need_grad)
+        loss, _ = _in_target_shape(
+            target.shape, _eager.call, _cross_entropy_fwd, logits, rows_target, weight,
+            ignore_index, float(label_smoothing), float(z_loss), reduction, need_grad)
     # The loss leaves the kernel in float32 (float64 for float64 logits); under autocast it
     # stays there, as F.cross_entropy's does (an fp32-list op), else it takes input's dtype.
     if _autocast.dtype(input.device.type) is None:
@@ -757,8 +787,7 @@ def check_chunk_over(fn: str, chunk_over: str) -> bool:
 
 
 def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
-                  chunk_size: Optional[int], by_vocab: bool,
-                  ignore_index: int) -> Tuple[Tensor, Tensor, int]:
+                  chunk_size: Optional[int], by_vocab: bool = False) -> Tuple[Tensor, Tensor, int]:
     _check_float(fn, "input", x)
     _check_float(fn, "weight", weight)
     target = _check_target(fn, target)
@@ -783,8 +812,6 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
     _check_same_device(fn, input=x, weight=weight, target=target, bias=bias)
     if weight.shape[0] == 0:
         raise ValueError(f"{fn}: weight has 0 rows (vocab size 0)")
-    if target.dim() > 1:    # checked here too, so that an error names the entry in its shape
-        _validate_targets(fn, target, weight.shape[0], ignore_index)
     x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     n_tokens = x2.shape[0]
     if chunk_size is None:
@@ -835,14 +862,13 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     autocast = isinstance(input, Tensor) and _autocast.dtype(input.device.type) is not None
     if autocast:
         input, weight, bias = _autocast.cast(input.device.type, input, weight, bias)
-    x2, t2, chunk = _check_linear(fn, input, weight, target, bias, chunk_size, by_vocab,
-                                   ignore_index)
+    x2, t2, chunk = _check_linear(fn, input, weight, target, bias, chunk_size, by_vocab)
     grad_on = torch.is_grad_enabled()
     want_dx = grad_on and input.requires_grad
     want_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
-    loss, *_ = _eager.call(
-        _linear_cross_entropy_fwd, x2, weight, t2, bias, ignore_index, float(label_smoothing),
-        reduction, chunk, by_vocab, want_dx, want_dw)
+    loss, *_ = _in_target_shape(
+        target.shape, _eager.call, _linear_cross_entropy_fwd, x2, weight, t2, bias, ignore_index,
+        float(label_smoothing), reduction, chunk, by_vocab, want_dx, want_dw)
     if not autocast:
         loss = loss.to(input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
@@ -951,13 +977,12 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     if logits.shape[-1] == 0:
         raise ValueError(f"{fn}: logits have 0 classes")
     _check_same_device(fn, logits=logits, target=target)
-    if target.dim() > 1:    # checked here too, so that an error names the entry in its shape
-        _validate_targets(fn, target, logits.shape[-1], ignore_index)
     rows = logits.reshape(-1, logits.shape[-1])
     if rows.stride(-1) != 1 and rows.shape[-1] != 1:
         rows = rows.contiguous()
-    logp, entropy, _ = _eager.call(_token_logprobs_fwd, rows, target.reshape(-1).contiguous(),
-                                   ignore_index, inv_t, return_entropy)
+    logp, entropy, _ = _in_target_shape(target.shape, _eager.call, _token_logprobs_fwd, rows,
+                                        target.reshape(-1).contiguous(), ignore_index, inv_t,
+                                        return_entropy)
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp
 
@@ -1100,9 +1125,9 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     by_vocab = check_chunk_over(fn, chunk_over)
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
         hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)
-    x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size, by_vocab,
-                                   ignore_index)
-    logp, entropy, _ = _eager.call(_linear_token_logprobs_fwd, x2, weight, t2, bias, ignore_index,
-                                   inv_t, return_entropy, chunk, by_vocab)
+    x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size, by_vocab)
+    logp, entropy, _ = _in_target_shape(target.shape, _eager.call, _linear_token_logprobs_fwd,
+                                        x2, weight, t2, bias, ignore_index, inv_t,
+                                        return_entropy, chunk, by_vocab)
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp
