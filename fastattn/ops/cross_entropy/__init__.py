@@ -137,11 +137,8 @@ def _in_target_shape(shape: torch.Size, call, *args):
     except TargetOutOfRange as err:
         if len(err.where) != 1:
             raise
-        flat, where = err.where[0], []
-        for size in reversed(tuple(shape)):
-            flat, i = divmod(flat, size)
-            where.append(i)
-        raise TargetOutOfRange(err.fn, tuple(reversed(where)), err.value, err.n_classes,
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(err.where[0]), shape))
+        raise TargetOutOfRange(err.fn, where, err.value, err.n_classes,
                                err.ignore_index) from None
 
 
