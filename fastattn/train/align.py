@@ -763,8 +763,13 @@ def _task(args, ckpt: dict) -> tasks.AdditionTask:
                          f"problems are problems the init checkpoint or a stage before it "
                          f"trained on (its task: {saved}); keep its --digits, --n-train, "
                          f"--n-pairs, --n-eval and --task-seed")
+    # The new pair prompts: the first --n-pairs problems of the pool after the held-out set
+    # that the lineage neither trained nor was evaluated on (on a small space such as the
+    # 5050 two-digit sums, every unused problem, rather than a fresh cut that leaves room for a
+    # training set this stage does not use).
     seen = trained | set(base.eval) | set(base.eval_long)
-    task.pairs = [p for p in task.pairs if p not in seen]
+    held = set(task.eval)
+    task.pairs = [p for p in task.pool if p not in seen and p not in held][:task.n_pairs]
     return task
 
 

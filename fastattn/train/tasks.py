@@ -102,6 +102,7 @@ class AdditionTask:
                 if key not in seen:
                     seen.add(key)
                     pool.append(p)
+        self.pool = pool        # draw order (not a field): a later stage re-cuts pairs from it
         n_eval, n_pairs, n_train = self.n_eval, self.n_pairs, self.n_train
         if len(pool) < n_eval + n_pairs + n_train:
             n_eval = min(n_eval, len(pool) // 4)

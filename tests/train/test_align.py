@@ -744,7 +744,14 @@ def test_later_stage_task_keeps_the_checkpoint_problems_apart():
     more = align._task(args(n_pairs=2000), ckpt)
     assert more.eval == base.eval
     assert not set(more.pairs) & (set(base.train) | set(base.eval))
-    assert set(more.pairs) == set(raw.pairs) - set(base.train)
+    assert len(more.pairs) == 2000 and more.pairs[:len(base.pairs)] == base.pairs
+    # on a small space, every problem no stage trained or was evaluated on: 5050 unordered
+    # two-digit sums less 1000 SFT problems and 500 held out (a fresh cut would keep room for a
+    # training set the later stage does not use, and leave ~1300 of them out)
+    demo = tasks.AdditionTask(digits=2, n_train=1000, n_pairs=2000, n_eval=500)
+    every = align._task(args(n_pairs=8000), {"task": dataclasses.asdict(demo), "stage": "sft"})
+    assert len(every.pairs) == 5050 - 1000 - 500 == len(set(every.pairs))
+    assert not set(every.pairs) & (set(demo.train) | set(demo.eval) | set(demo.eval_long))
     with pytest.raises(ValueError, match="held-out problems are problems the init checkpoint "
                                          "or a stage before it trained on"):
         align._task(args(n_eval=1000), ckpt)
