@@ -143,7 +143,7 @@ def main() -> int:
         # samples on up to 8000 prompts (--n-pairs 8000: on the 2-digit task every problem that
         # neither SFT trained on nor the evaluation holds, 3550; on the 2000 pair prompts alone
         # it ranked 71% of held-out pairs right and PPO on it gained nothing held out; on the
-        # 3550, 81% (benchmarks/results/align-ppo-prompts-epyc2c-2026-11-30.md)).
+        # 3550, 81-87% (benchmarks/results/align-ppo-prompts-epyc2c-2026-11-30.md)).
         print("\n== 5. reward model (Bradley-Terry) on pairs sampled from the SFT policy ==",
               flush=True)
         _train("rm", "--init", str(OUT / "sft"), "--out", str(OUT / "rm"),

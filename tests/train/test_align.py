@@ -747,7 +747,7 @@ def test_later_stage_task_keeps_the_checkpoint_problems_apart():
     assert len(more.pairs) == 2000 and more.pairs[:len(base.pairs)] == base.pairs
     # on a small space, every problem no stage trained or was evaluated on: 5050 unordered
     # two-digit sums less 1000 SFT problems and 500 held out (a fresh cut would keep room for a
-    # training set the later stage does not use, and leave ~1300 of them out)
+    # training set the later stage does not use, and leave 1550 of them out)
     demo = tasks.AdditionTask(digits=2, n_train=1000, n_pairs=2000, n_eval=500)
     every = align._task(args(n_pairs=8000), {"task": dataclasses.asdict(demo), "stage": "sft"})
     assert len(every.pairs) == 5050 - 1000 - 500 == len(set(every.pairs))
