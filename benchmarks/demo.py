@@ -141,9 +141,9 @@ def main() -> int:
     if PPO:
         # A stronger reward model than the defaults give: every differently-scored pair of 16
         # samples on up to 8000 prompts (--n-pairs 8000: on the 2-digit task every problem that
-        # neither SFT trained on nor the evaluation holds, 3550; on the 2000 pair prompts alone
-        # it ranked 71% of held-out pairs right and PPO on it gained nothing held out; on the
-        # 3550, 81-87% (benchmarks/results/align-ppo-prompts-epyc2c-2026-11-30.md)).
+        # neither SFT trained on nor the evaluation holds, 3550). Reward models trained this way
+        # vary: 71-87% of held-out pairs ranked right, and PPO gained +0.4 on the weakest and
+        # +4.8 ... +6.0 on the others (benchmarks/results/align-ppo-prompts-epyc2c-2026-11-30.md).
         print("\n== 5. reward model (Bradley-Terry) on pairs sampled from the SFT policy ==",
               flush=True)
         _train("rm", "--init", str(OUT / "sft"), "--out", str(OUT / "rm"),
@@ -158,7 +158,7 @@ def main() -> int:
         print("\n== 6. PPO from the SFT policy against the reward model ==", flush=True)
         # PPO's prompts: the reward model's 3550 (--n-pairs 8000), not only the 2000 pair
         # prompts of DPO and GRPO; from one SFT checkpoint against one reward model, +6.0
-        # points held out after 2000 rounds on the 3550, +4.8 on the 2000 (file above).
+        # points held out after 2000 rounds on the 3550, +4.8 on the 2000 (one run each).
         _train("ppo", "--init", str(OUT / "sft"), "--reward-model", str(OUT / "rm"),
                "--out", str(OUT / "ppo"), "--max-steps", str(ppo_steps), "--lr", "3e-5",
                "--warmup-steps", "60", "--batch-size", "8" if FAST else "64",
