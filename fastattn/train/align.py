@@ -767,9 +767,8 @@ def _task(args, ckpt: dict) -> tasks.AdditionTask:
     # that the lineage neither trained nor was evaluated on (on a small space such as the
     # 5050 two-digit sums, every unused problem, rather than a fresh cut that leaves room for a
     # training set this stage does not use).
-    seen = trained | set(base.eval) | set(base.eval_long)
-    held = set(task.eval)
-    task.pairs = [p for p in task.pool if p not in seen and p not in held][:task.n_pairs]
+    seen = trained | set(base.eval) | set(base.eval_long) | set(task.eval)
+    task.pairs = [p for p in task.pool if p not in seen][:task.n_pairs]
     return task
 
 

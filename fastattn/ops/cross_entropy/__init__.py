@@ -130,12 +130,12 @@ def _in_target_shape(shape: torch.Size, call, *args):
     """``call(*args)``, re-raising a TargetOutOfRange of the flattened targets at the entry's
     index in the caller's target ``shape``. Not while torch.compile traces (the plain call: the
     error then names the flattened index)."""
-    if len(shape) < 2 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return call(*args)
     try:
         return call(*args)
     except TargetOutOfRange as err:
-        if len(err.where) != 1:
+        if len(shape) < 2 or len(err.where) != 1:
             raise
         where = tuple(int(i) for i in torch.unravel_index(torch.tensor(err.where[0]), shape))
         raise TargetOutOfRange(err.fn, where, err.value, err.n_classes,
