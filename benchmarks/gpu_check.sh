@@ -129,7 +129,8 @@ if [ $mode = train ]; then
     budget=$(limit $(( $(left) * 3 / 5 )) 60) || budget=10
     stamp "end-to-end training step, gpt2-124m (${budget} s)"
     timeout "$budget" $PY -m fastattn.train bench --preset gpt2-124m --device cuda --batch-size 16 \
-      --seq-len 1024 --steps 8 --warmup 2 --variants "torch eager,fastattn,torch.compile" \
+      --seq-len 1024 --steps 8 --warmup 2 \
+      --variants "torch eager,fastattn,torch.compile,fastattn + torch.compile" \
       --out "$OUT/train_bench" >"$OUT/train_bench.log" 2>&1
     rc=$?; echo "train bench exit $rc"; [ $rc -eq 0 ] || failed="$failed train"
   fi
@@ -143,7 +144,17 @@ if [ $mode = train ]; then
     --preset gpt2-124m --device cuda --batch-size 8 --group-size 8 --prompt-len 128 \
     --completion-len 128 --steps 3 --warmup 1 --out "$OUT/grpo_bench" >"$OUT/grpo_bench.log" 2>&1
   rc=$?; echo "grpo bench exit $rc"; [ $rc -eq 0 ] || failed="$failed grpo"
+  # Where the step's time goes, per backend (kernels by device time, host time; the profiler
+  # takes the dispatcher path, so its host view is of that path: the wall time is measured
+  # without it). On 2026-11-30 this showed the fastattn step host-bound and the 8-warp dK/dV
+  # pick at head dim 64.
+  if prof_s=$(limit 90); then
+    stamp "profile of one gpt2-124m step (${prof_s} s)"
+    timeout "$prof_s" $PY -m benchmarks.profile_step --backends torch,fastattn --steps 2 --top 12 \
+      --out "$OUT" >"$OUT/profile_step.log" 2>&1 || echo "profile exit $?"
+  fi
   stamp "done"
+  [ -f "$OUT/profile_step.log" ] && grep -E "^==|^step wall|^ +[0-9.]+ ms" "$OUT/profile_step.log"
   for f in train_bench dpo_bench grpo_bench; do
     [ -f "$OUT/$f.log" ] && grep -E "^\||^\(step|failed| done in " "$OUT/$f.log"
   done
@@ -152,14 +163,15 @@ if [ $mode = train ]; then
 fi
 
 stamp "gpu tests (FASTATTN_AUTOTUNE=0: one pruned config per shape)"
-# Files in priority order (the kernels that have never run first), one line per test in the
-# log, and each failure's traceback in gpu_test_failures.txt as it happens, so that a run cut
-# off by the time limit still tells what passed, what failed and why.
-gpu_files="tests/ops/test_attention.py tests/ops/test_attention_triton.py
-  tests/ops/test_attention_decode.py tests/ops/test_triton_recompiles.py tests/models/test_gpt.py
-  tests/ops/test_ffn.py tests/ops/test_ffn_triton.py
-  tests/ops/test_ffn_kernels.py tests/optim tests/nn tests/ops/test_cross_entropy.py
-  tests/ops/test_linear_cross_entropy.py tests/ops/test_token_logprobs.py tests"
+# Files in priority order (the kernels changed since the last GPU run first: on 2026-11-30 the
+# vocabulary-chunked linear cross-entropy, the sliced FFN epilogues, the attention tuning space
+# and the whole-tensor AdamW launches), one line per test in the log, and each failure's
+# traceback in gpu_test_failures.txt as it happens, so that a run cut off by the time limit
+# still tells what passed, what failed and why.
+gpu_files="tests/ops/test_linear_cross_entropy.py tests/ops/test_ffn_triton.py
+  tests/ops/test_ffn_kernels.py tests/ops/test_attention_triton.py tests/ops/test_triton_recompiles.py
+  tests/optim tests/ops/test_attention.py tests/ops/test_attention_decode.py tests/models/test_gpt.py
+  tests/ops/test_ffn.py tests/nn tests/ops/test_cross_entropy.py tests/ops/test_token_logprobs.py tests"
 # Several workers when pytest-xdist is there (Triton's compiles are CPU-bound); a per-test
 # limit when pytest-timeout is there, so that one hung kernel cannot eat the whole run.
 par=""; $PY -c "import xdist" 2>/dev/null && par="-n 12"

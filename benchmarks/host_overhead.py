@@ -40,7 +40,8 @@ def cases(device: str) -> dict:
     wv, tgt = rand(512, 64), torch.randint(0, 512, (8,), generator=g).to(device)
     logits = rand(8, 512)
     rep = H // Hkv
-    return {
+    qg, kg, vg, xg, w1g, w2g = (t.clone().requires_grad_() for t in (q, k, v, x, w1, w2))
+    found = {
         "decode_attention (B=2, H=4/2, L=64, D=32)": (
             lambda: fastattn.decode_attention(q1, kc, vc, lens),
             lambda: F.scaled_dot_product_attention(q1, kc.repeat_interleave(rep, 1),
@@ -60,7 +61,42 @@ def cases(device: str) -> dict:
         "cross_entropy, no grad (8 x 512)": (
             lambda: fastattn.cross_entropy(logits, tgt),
             lambda: F.cross_entropy(logits, tgt)),
+        # with a gradient to record: forward and backward (what a training step pays)
+        "flash_attention causal, forward+backward (B=2, H=4, S=16, D=32)": (
+            lambda: fastattn.flash_attention(qg, kg, vg, causal=True).sum().backward(),
+            lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward(),
+            GRAD),
+        "mlp gelu, forward+backward (8 x 64 -> 256)": (
+            lambda: fastattn.mlp(xg, w1g, b1, w2g, b2, activation="gelu").sum().backward(),
+            lambda: F.linear(F.gelu(F.linear(xg, w1g, b1)), w2g, b2).sum().backward(),
+            GRAD),
     }
+    if device == "cuda":
+        # Where flash_attention's host time goes on a GPU (the public call above: its checks,
+        # kernel selection and autograd wiring, then this): the Triton kernel entry alone
+        # (fastattn.ops.attention.triton.attention_fwd, no causal mask), with the Hopper path's
+        # TMA descriptors as configured and with pointer loads.
+        from fastattn.ops.attention import triton as fa_triton
+
+        def entry():
+            return fa_triton.attention_fwd(q, k, v, None, D ** -0.5, 0, -1, -1, 0.0, 0.0, 0)
+
+        def entry_pointer_loads():
+            mode, fa_triton.TMA.mode = fa_triton.TMA.mode, "0"
+            try:
+                return entry()
+            finally:
+                fa_triton.TMA.mode = mode
+
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        found.update({
+            "Triton attention kernel entry only, no grad (same shape, no mask)": (entry, sdpa),
+            "the same with pointer loads (FASTATTN_TRITON_TMA=0)": (entry_pointer_loads, sdpa),
+        })
+    return found
+
+
+GRAD = "grad"   # a case's third entry: run with grad mode on
 
 
 def per_call_us(fn, calls: int, device: str) -> float:
@@ -92,8 +128,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     saved = _eager.ENABLED
     try:
-        for name, (fa, ref) in cases(args.device).items():
-            with torch.no_grad():
+        for name, (fa, ref, *grad) in cases(args.device).items():
+            with torch.set_grad_enabled(bool(grad)):
                 runs = {"direct": [], "dispatcher": [], "torch": []}
                 for _ in range(args.rounds):
                     for key, fn, direct in (("direct", fa, True), ("dispatcher", fa, False),

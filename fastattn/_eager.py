@@ -16,6 +16,13 @@ path skips is the custom-op wrapper's own bookkeeping (its check that no output 
 input, which opcheck runs in the tests). ``FASTATTN_EAGER_DIRECT=0`` (read at import) turns
 the direct path off.
 
+With a gradient to record, an op whose formula was given with ``register_autograd`` below runs
+that same formula (its ``setup_context`` and ``backward``) as a plain ``torch.autograd.Function``
+around the function: what the custom op's generated autograd wrapper does, without the
+dispatcher's redispatch and the wrapper's per-call schema walk (~90 us per forward+backward of
+flash_attention on the CPU, torch 2.14: ``python -m benchmarks.host_overhead``). The backward
+ops those formulas call go through ``call`` too (grad mode is off in a backward).
+
 Either way, a call with forward-mode AD tangents (``torch.func.jvp``, ``torch.autograd.forward_ad``)
 raises: the ops have no forward-mode rule, and the dispatcher would return a zero tangent.
 """
@@ -31,6 +38,7 @@ from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _FUNCTIONS: dict[int, tuple[str, Callable]] = {}
+_AUTOGRAD: dict[int, tuple[Callable, Callable]] = {}
 
 
 def custom_op(name: str, **kwargs) -> Callable:
@@ -40,6 +48,39 @@ def custom_op(name: str, **kwargs) -> Callable:
         _FUNCTIONS[id(op)] = (name, fn)
         return op
     return register
+
+
+def register_autograd(op: Callable, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd(backward, setup_context=setup_context)``, also remembered for
+    call()'s direct path with gradients."""
+    op.register_autograd(backward, setup_context=setup_context)
+    _AUTOGRAD[id(op)] = (backward, setup_context)
+
+
+class _Formula:
+    """What _Direct needs besides the inputs: not a Tensor, so autograd passes it through."""
+    __slots__ = ("fn", "backward", "setup_context")
+
+    def __init__(self, fn: Callable, backward: Callable, setup_context: Callable):
+        self.fn, self.backward, self.setup_context = fn, backward, setup_context
+
+
+class _Direct(torch.autograd.Function):
+    """An op's function with its registered formula: the inputs first, then a _Formula (so that
+    ``ctx.needs_input_grad[i]`` is input i's, as in the custom op's own wrapper)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        formula, args = args[-1], args[:-1]
+        output = formula.fn(*args)
+        formula.setup_context(ctx, args, output)
+        ctx.formula_backward = formula.backward
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        result = ctx.formula_backward(ctx, *grads)
+        return (tuple(result) if isinstance(result, tuple) else (result,)) + (None,)
 
 
 def _hook(name: str, default: Callable[[], Any]) -> Callable[[], Any]:
@@ -64,13 +105,26 @@ def _plain(t: Tensor, grad: bool) -> bool:
             and not t.is_nested and not (grad and t.requires_grad))
 
 
+def _modes_off() -> bool:
+    """Enabled, and nothing that needs the dispatcher is active (compiling, tracing, a mode, a
+    functorch transform, the profiler)."""
+    return (ENABLED and not _is_compiling() and not _dispatch_modes() and not _function_modes()
+            and not _functorch_active() and not _profiling() and _tracing_state() is None)
+
+
 def direct_ok(args: tuple) -> bool:
     """Whether a call with these arguments may skip the dispatcher (see the module docstring)."""
-    if (not ENABLED or _is_compiling() or _dispatch_modes() or _function_modes()
-            or _functorch_active() or _profiling() or _tracing_state() is not None):
+    if not _modes_off():
         return False
     grad = torch.is_grad_enabled()
     return all(_plain(t, grad) for t in _tensors(args))
+
+
+def direct_autograd_ok(args: tuple) -> bool:
+    """Whether a call that records a gradient may run its op's formula as an autograd.Function
+    (the same conditions as direct_ok, with inputs that require grad allowed)."""
+    return (torch.is_grad_enabled() and _modes_off()
+            and all(_plain(t, False) for t in _tensors(args)))
 
 
 def _tensors(args: tuple):
@@ -97,6 +151,10 @@ def call(op: Callable, *args):
     name, fn = _FUNCTIONS.get(id(op), (None, None))
     if name is not None:
         _check_no_tangents(name, args)
-    if fn is not None and direct_ok(args):
-        return fn(*args)
+    if fn is not None:
+        if direct_ok(args):
+            return fn(*args)
+        formula = _AUTOGRAD.get(id(op))
+        if formula is not None and direct_autograd_ok(args):
+            return _Direct.apply(*args, _Formula(fn, *formula))
     return op(*args)

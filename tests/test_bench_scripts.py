@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
       "--rounds", "2"],
      ["eager", "fastattn", "GEMMs alone", "the fusion ceiling"]),
     (["benchmarks.host_overhead", "--calls", "5", "--rounds", "1"],
-     ["| decode_attention", "| cross_entropy", "fastattn via dispatcher"]),
+     ["| decode_attention", "| cross_entropy", "fastattn via dispatcher", "forward+backward"]),
+    (["benchmarks.profile_step", "--preset", "tiny", "--device", "cpu", "--batch-size", "1",
+      "--seq-len", "16", "--vocab", "64", "--steps", "1", "--warmup", "1", "--top", "3"],
+     ["== torch: tiny", "== fastattn: tiny", "step wall"]),
 ])
 def test_script_runs(args, expect):
     proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,

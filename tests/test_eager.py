@@ -10,9 +10,16 @@ import fastattn
 from fastattn import _eager
 
 
-def _inputs():
+def _inputs(leaves=None):
+    """The calls, on seeded inputs; with a list ``leaves``, every floating-point input requires
+    grad and is appended to it."""
     g = torch.Generator().manual_seed(1)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+
+    def r(*shape):
+        t = torch.randn(*shape, generator=g)
+        if leaves is not None:
+            leaves.append(t.requires_grad_())
+        return t
     q1, kc, vc = r(2, 4, 1, 16), r(2, 2, 24, 16), r(2, 2, 24, 16)
     lens = torch.tensor([24, 9], dtype=torch.int32)
     q, k, v = r(2, 4, 10, 16), r(2, 2, 10, 16), r(2, 2, 10, 16)
@@ -138,16 +145,61 @@ def test_profiler_names_the_op():
     assert any("fastattn::decode_attention" in e.name for e in prof.events())
 
 
-def test_gradients_still_flow_through_the_op():
-    # requires_grad with grad mode on: the dispatcher path, with the op's autograd formula.
+def _formula_node(t):
+    """The name of the autograd node of the op's formula behind ``t`` (through views)."""
+    node = t.grad_fn
+    while type(node).__name__.startswith(("View", "Unsqueeze", "Squeeze", "Reshape", "Select")):
+        node = node.next_functions[0][0]
+    return type(node).__name__
+
+
+def test_gradients_flow_through_either_path(monkeypatch):
+    # requires_grad with grad mode on: the op's autograd formula, as an autograd.Function
+    # (direct) or through the dispatcher (FASTATTN_EAGER_DIRECT=0); the same gradients.
     x = torch.randn(4, 6, requires_grad=True)
     w1, w2 = torch.randn(8, 6), torch.randn(6, 8)
-    out = fastattn.mlp(x, w1, None, w2, None, activation="relu")
-    assert out.grad_fn is not None
-    out.sum().backward()
     ref = x.detach().requires_grad_()
     F.linear(F.relu(F.linear(ref, w1)), w2).sum().backward()
-    torch.testing.assert_close(x.grad, ref.grad)
+    for enabled, grad_fn in ((True, "_DirectBackward"), (False, "GeneratedBackwardFor")):
+        monkeypatch.setattr(_eager, "ENABLED", enabled)
+        x.grad = None
+        out = fastattn.mlp(x, w1, None, w2, None, activation="relu")
+        assert _formula_node(out).startswith(grad_fn), _formula_node(out)
+        out.sum().backward()
+        torch.testing.assert_close(x.grad, ref.grad)
+
+
+@pytest.mark.parametrize("name", [n for n in _inputs() if n != "decode_attention"])
+def test_direct_autograd_equals_dispatcher_autograd(name, monkeypatch):
+    """With gradients to record, the direct path (the op's registered formula run as an
+    autograd.Function, its backward op called without the dispatcher) gives bitwise the outputs
+    and gradients of the dispatcher's path."""
+    called = []
+    real_call = _eager.call
+    monkeypatch.setattr(_eager, "call", lambda op, *args: called.append(
+        _eager._FUNCTIONS[id(op)][0]) or real_call(op, *args))
+
+    def run(enabled):
+        monkeypatch.setattr(_eager, "ENABLED", enabled)
+        leaves = []
+        result = _inputs(leaves)[name]()
+        outs = [t for t in (result if isinstance(result, tuple) else (result,))
+                if t.requires_grad]
+        weights = [torch.linspace(-1, 1, o.numel()).reshape(o.shape) for o in outs]
+        grads = torch.autograd.grad(outs, leaves, weights, allow_unused=True)
+        return outs, grads, {_formula_node(o) for o in outs}
+
+    direct, direct_grads, direct_fns = run(True)
+    assert direct_fns == {"_DirectBackward"}, direct_fns
+    if name not in ("cross_entropy", "linear_cross_entropy"):  # those only scale in backward
+        assert any(c.endswith("_bwd") for c in called), called  # the backward op, via call()
+    through, through_grads, through_fns = run(False)
+    assert all(f.startswith("GeneratedBackwardFor") for f in through_fns), through_fns
+    assert any(g is not None for g in direct_grads)
+    for a, b in zip(direct + list(direct_grads), through + list(through_grads)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["flash_attention", "mlp", "linear_token_logprobs"])

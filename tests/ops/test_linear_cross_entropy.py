@@ -25,7 +25,11 @@ def make(tokens, hidden, vocab, dtype=torch.float32, device="cpu", bias=True, le
 
 
 def compare(x, w, b, t, reduction, label_smoothing=0.0, chunk_size=None, dtype=torch.float32,
-            grads=("x", "w", "b"), chunk_over="tokens"):
+            grads=("x", "w", "b"), chunk_over="tokens", fa_rule=False):
+    """Loss and gradients against float64 F.linear + F.cross_entropy: within the dtype's
+    tolerance, or with ``fa_rule`` by FlashAttention's rule, within twice the error of the same
+    PyTorch calls in ``dtype`` (for sums of many half-precision products, where an element that
+    cancels keeps the rounding error of its large terms: d weight with reduction "none")."""
     leaves = {"x": x.clone().requires_grad_("x" in grads),
               "w": w.clone().requires_grad_("w" in grads),
               "b": None if b is None else b.clone().requires_grad_("b" in grads)}
@@ -40,11 +44,26 @@ def compare(x, w, b, t, reduction, label_smoothing=0.0, chunk_size=None, dtype=t
     if reduction == "none":
         ref = ref.reshape(t.shape)
     assert loss.shape == ref.shape and loss.dtype == x.dtype
-    assert_close(loss, ref, dtype, "loss", scale=10)
     g = torch.rand(ref.shape, dtype=torch.float64, device=x.device) + 0.5
     names = [k for k in grads if leaves[k] is not None]
     ours = torch.autograd.grad(loss, [leaves[k] for k in names], g.to(loss.dtype))
     theirs = torch.autograd.grad(ref, [ref_leaves[k] for k in names], g.to(loss.dtype).double())
+    if fa_rule:
+        base = {k: None if v is None else v.detach().requires_grad_(v.requires_grad)
+                for k, v in leaves.items()}
+        base_loss = F.cross_entropy(
+            F.linear(base["x"], base["w"], base["b"]).reshape(-1, w.shape[0]), t.reshape(-1),
+            reduction=reduction, label_smoothing=label_smoothing).reshape(ref.shape)
+        base_grads = torch.autograd.grad(base_loss, [base[k] for k in names], g.to(loss.dtype))
+        for name, a, e, c in zip(["loss"] + names, [loss, *ours], [ref, *theirs],
+                                 [base_loss, *base_grads]):
+            assert a.dtype == c.dtype and torch.isfinite(a).all(), name
+            err = (a.double() - e).abs().max().item()
+            base_err = (c.double() - e).abs().max().item()
+            assert err <= 2 * base_err + 1e-6, \
+                f"{name}: error {err:.3g} > 2 x PyTorch's {base_err:.3g} in {dtype}"
+        return
+    assert_close(loss, ref, dtype, "loss", scale=10)
     for name, a, e in zip(names, ours, theirs):
         assert a.dtype == leaves[name].dtype
         assert_close(a, e, dtype, f"grad {name}", scale=10)
@@ -349,7 +368,10 @@ def test_gpu_bf16_vocab_chunks_and_their_memory(backend):
     x, w, b, t = make(1024, 256, 8192, dtype=torch.bfloat16, device="cuda")
     with fastattn.use_backend(backend):
         compare(x, w, b, t, "mean", dtype=torch.bfloat16, chunk_size=2048, chunk_over="vocab")
-        compare(x, w, None, t, "none", dtype=torch.bfloat16, chunk_over="vocab")
+        # On an H200 (2026-11-30) 3 of d weight's 2M elements missed the bf16 tolerance by up
+        # to 0.0029 (allowed 0.002), on both backends alike: elements whose large terms cancel
+        # (FlashAttention's rule below; the mean above is 1024 x smaller and passes either way).
+        compare(x, w, None, t, "none", dtype=torch.bfloat16, chunk_over="vocab", fa_rule=True)
     # 4096 tokens, hidden 512, vocab 32768, measured as gpu_bench does (the previous step's
     # gradients are in the baseline and freed by this one), with chunks of logits of the same
     # size either way (128 token rows x 32768 = 4096 tokens x 1024 columns: 8 MiB), so what

@@ -125,7 +125,7 @@ def _(q, k, v, bias, scale, diag, window_left, window_right, softcap, dropout_p,
     return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype)))
 
 
-@torch.library.custom_op("fastattn::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+@_eager.custom_op("fastattn::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   bias: Optional[Tensor], scale: float, diag: int, window_left: int,
                   window_right: int, softcap: float, dropout_p: float, seed: int,
@@ -162,11 +162,11 @@ def _attention_backward(ctx, dout, dlse):
         return (None,) * 12
     q, k, v, out, lse, bias = ctx.saved_tensors
     with _backends.restored(ctx.backend):
-        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, bias, *ctx.params)
+        dq, dk, dv = _eager.call(attention_bwd, dout, q, k, v, out, lse, bias, *ctx.params)
     return (dq, dk, dv) + (None,) * 9
 
 
-attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+_eager.register_autograd(attention_fwd, _attention_backward, setup_context=_attention_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, ca
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("fastattn::varlen_attention_bwd", mutates_args=(),
+@_eager.custom_op("fastattn::varlen_attention_bwd", mutates_args=(),
                          device_types=("cpu", "cuda"))
 def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
@@ -226,11 +226,12 @@ def _varlen_backward(ctx, dout, dlse):
         return (None,) * 9
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     with _backends.restored(ctx.backend):
-        dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.params)
+        dq, dk, dv = _eager.call(varlen_attention_bwd, dout, q, k, v, out, lse, cu_q, cu_k,
+                                  *ctx.params)
     return (dq, dk, dv) + (None,) * 6
 
 
-varlen_attention_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+_eager.register_autograd(varlen_attention_fwd, _varlen_backward, setup_context=_varlen_setup)
 
 
 # ---------------------------------------------------------------------------------------------

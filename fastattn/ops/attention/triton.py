@@ -150,7 +150,12 @@ def _prune(kind):
     # - dK/dV spills at every tile at D = 128: with 8 warps 64 x 64 160-416 B, 32 x 128 84-176 B;
     #   with 4 warps 64 x 64 536-1312 B. At D = 64, 64 x 64 with 8 warps spills 0-4 B (TMA) or
     #   44-60 B (pointer loads), with 4 warps 120-408 B. So 8 warps come first for dK/dV (the
-    #   FASTATTN_AUTOTUNE=0 pick).
+    #   FASTATTN_AUTOTUNE=0 pick) at D = 128. Not at D <= 64: on an H200 (2026-11-30, gpt2-124m's
+    #   attention: B 16, H 12, S 1024, D 64, causal, bf16, benchmarks.profile_step) the
+    #   autotuner chose 64 x 64 with 4 warps and 3 stages for both backward kernels (and 64 x 64,
+    #   4 warps, 2 stages, already the first config, for the forward), and the 8-warp dK/dV pick
+    #   took 2.1x as long (6.2 against 2.9 ms per training step over 12 layers): spills of a few
+    #   hundred bytes cost less there than a second warpgroup. That config comes first.
     # - dQ at D = 128 with 8 warps: 64 x 128 0 B, 128 x 64 0-32 B.
     # - 4 warps with a 128-wide tile: dK/dV 560-6400 B; dQ with 128 query rows 84-2300 B, and
     #   64 x 128 76-212 B at D = 128 but 0 B at D = 64 (kept there).
@@ -194,8 +199,11 @@ def _prune(kind):
                     d >= 128 or (d >= 64 and (kind == "dkdv" or (kind == "dq" and bm == 128)))):
                 continue
             kept.append(c)
-        if kind == "dkdv" and 64 <= d <= 128:
-            kept.sort(key=lambda c: c.num_warps != 8)   # stable: 8 warps first
+        if kind != "fwd" and d <= 64:   # stable sorts: the measured pick first
+            kept.sort(key=lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                     c.num_stages) != (64, 64, 4, 3))
+        elif kind == "dkdv" and 64 < d <= 128:
+            kept.sort(key=lambda c: c.num_warps != 8)
         kept = kept or [
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2, pre_hook=_block_shape_hook(kind))
         ]

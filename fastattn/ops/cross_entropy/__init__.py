@@ -35,8 +35,12 @@ _REDUCTIONS = ("none", "mean", "sum")
 _DEVICES = ("cpu", "cuda")
 # A backward scale of exactly 1 (loss.backward() on a mean/sum) is skipped rather than paid for
 # with a full read+write of the gradient. On CUDA, knowing the scale is 1 costs a 4-byte
-# device-to-host read (a sync), which only pays off above this many gradient elements.
-_SKIP_SCALE_MIN_NUMEL = 1 << 22
+# device-to-host read: a sync, after which the device idles until the host has queued the next
+# kernels, and the host's lead over the device is gone. That only pays off for a gradient whose
+# pass costs more, above this many elements (64M: ~60 us in bf16 at an H200's 4.3 TB/s; the
+# logits of a plain cross_entropy, not linear_cross_entropy's d input and d weight: at 4M, its
+# 2 syncs were 2 of the 3 per step of a gpt2-124m training step on an H200, 2026-11-30).
+_SKIP_SCALE_MIN_NUMEL = 1 << 26
 
 
 def _kernels(op: str, x: Tensor):
@@ -295,7 +299,7 @@ def _ce_backward(ctx, grad_loss, _grad_of_grad):
     return _scaled(grad, _grad_scale(ctx, grad_loss)), None, None, None, None, None, None, None
 
 
-_cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
+_eager.register_autograd(_cross_entropy_fwd, _ce_backward, setup_context=_ce_setup_context)
 
 
 @torch.library.custom_op("fastattn::cross_entropy_fwd_inplace", mutates_args=("logits",),
@@ -691,7 +695,7 @@ def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_s
             torch.empty_like(bias) if want_db else x.new_empty(0), lse)
 
 
-@torch.library.custom_op("fastattn::linear_cross_entropy_bwd", mutates_args=(),
+@_eager.custom_op("fastattn::linear_cross_entropy_bwd", mutates_args=(),
                          device_types=_DEVICES)
 def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor,
                               bias: Optional[Tensor], lse: Optional[Tensor], ignore_index: int,
@@ -764,16 +768,18 @@ def _lce_backward(ctx, grad_loss, *_unused):
         if ctx.reduction == "mean":
             grad_loss = grad_loss.to(torch.float32) * ctx.inv_denominator
         with _backends.restored(ctx.backend):
-            dx, dw, db = torch.ops.fastattn.linear_cross_entropy_bwd(
-                grad_loss, x, weight, target, bias, lse if ctx.by_vocab else None,
-                ctx.ignore_index, ctx.label_smoothing, ctx.chunk, want_dx, want_dw)
+            dx, dw, db = _eager.call(
+                _linear_cross_entropy_bwd, grad_loss, x, weight, target, bias,
+                lse if ctx.by_vocab else None, ctx.ignore_index, ctx.label_smoothing, ctx.chunk,
+                want_dx, want_dw)
     else:
         dx, dw, db = (_scaled(g, grad_loss) if g.numel() else g for g in ctx.saved_tensors)
     return (dx if want_dx else None, dw if want_dw else None, None,
             db if ctx.has_bias and db.numel() else None, None, None, None, None, None, None, None)
 
 
-_linear_cross_entropy_fwd.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+_eager.register_autograd(_linear_cross_entropy_fwd, _lce_backward,
+                         setup_context=_lce_setup_context)
 
 
 def check_chunk_over(fn: str, chunk_over: str) -> bool:
@@ -896,7 +902,7 @@ def _(logits, target, ignore_index, inv_temperature, with_entropy):
             logits.new_empty(rows, dtype=acc))
 
 
-@torch.library.custom_op("fastattn::token_logprobs_bwd", mutates_args=(), device_types=_DEVICES)
+@_eager.custom_op("fastattn::token_logprobs_bwd", mutates_args=(), device_types=_DEVICES)
 def _token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], logits: Tensor,
                         target: Tensor, lse: Tensor, entropy: Tensor, ignore_index: int,
                         inv_temperature: float) -> Tensor:
@@ -931,13 +937,13 @@ def _tlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     with _backends.restored(ctx.backend):
-        grad = torch.ops.fastattn.token_logprobs_bwd(
-            grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
-            logits, target, lse, entropy, ctx.ignore_index, ctx.inv_temperature)
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(lse.dtype)
+        grad = _eager.call(_token_logprobs_bwd, grad_logp.to(lse.dtype), grad_entropy, logits,
+                           target, lse, entropy, ctx.ignore_index, ctx.inv_temperature)
     return grad, None, None, None, None
 
 
-_token_logprobs_fwd.register_autograd(_tlp_backward, setup_context=_tlp_setup_context)
+_eager.register_autograd(_token_logprobs_fwd, _tlp_backward, setup_context=_tlp_setup_context)
 
 
 def _check_temperature(fn: str, temperature: float) -> float:
@@ -1025,7 +1031,7 @@ def _(x, weight, target, bias, ignore_index, inv_temperature, with_entropy, chun
             x.new_empty(n, dtype=acc))
 
 
-@torch.library.custom_op("fastattn::linear_token_logprobs_bwd", mutates_args=(),
+@_eager.custom_op("fastattn::linear_token_logprobs_bwd", mutates_args=(),
                          device_types=_DEVICES)
 def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], x: Tensor,
                                weight: Tensor, target: Tensor, bias: Optional[Tensor], lse: Tensor,
@@ -1088,14 +1094,16 @@ def _ltlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     with _backends.restored(ctx.backend):
-        dx, dw, db = torch.ops.fastattn.linear_token_logprobs_bwd(
-            grad_logp.to(lse.dtype), None if grad_entropy is None else grad_entropy.to(lse.dtype),
-            x, weight, target, bias, lse, entropy, *ctx.args, want_dx, want_dw)
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(lse.dtype)
+        dx, dw, db = _eager.call(_linear_token_logprobs_bwd, grad_logp.to(lse.dtype), grad_entropy,
+                                 x, weight, target, bias, lse, entropy, *ctx.args, want_dx,
+                                 want_dw)
     return (dx if want_dx else None, dw if ctx.needs_input_grad[1] else None, None,
             db if ctx.has_bias and db.numel() else None, None, None, None, None, None)
 
 
-_linear_token_logprobs_fwd.register_autograd(_ltlp_backward, setup_context=_ltlp_setup_context)
+_eager.register_autograd(_linear_token_logprobs_fwd, _ltlp_backward,
+                         setup_context=_ltlp_setup_context)
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,

@@ -72,7 +72,7 @@ def _(x, w1, b1, w2, b2, activation):
     return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
 
 
-@torch.library.custom_op("fastattn::mlp_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+@_eager.custom_op("fastattn::mlp_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def mlp_bwd(dout: Tensor, x: Tensor, w1: Tensor, h: Tensor, w2: Tensor, activation: str,
             has_b1: bool, has_b2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dw1, db1, dw2, db2); an absent bias gets an empty tensor."""
@@ -112,12 +112,12 @@ def _mlp_backward(ctx, dout, dh_unused):
         return (None,) * 6
     x, w1, h, w2 = ctx.saved_tensors
     with _backends.restored(ctx.backend):
-        dx, dw1, db1, dw2, db2 = mlp_bwd(dout, x, w1, h, w2, ctx.activation, ctx.has_b1,
-                                         ctx.has_b2)
+        dx, dw1, db1, dw2, db2 = _eager.call(mlp_bwd, dout, x, w1, h, w2, ctx.activation,
+                                             ctx.has_b1, ctx.has_b2)
     return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None, None)
 
 
-mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+_eager.register_autograd(mlp_fwd, _mlp_backward, setup_context=_mlp_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, activation):
     return x.new_empty((x.shape[0], w_down.shape[0])), x.new_empty(hidden), x.new_empty(hidden)
 
 
-@torch.library.custom_op("fastattn::swiglu_bwd", mutates_args=(), device_types=("cpu", "cuda"))
+@_eager.custom_op("fastattn::swiglu_bwd", mutates_args=(), device_types=("cpu", "cuda"))
 def swiglu_bwd(dout: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, g: Tensor,
                u: Tensor, activation: str, has_b_gate: bool, has_b_up: bool,
                has_b_down: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -198,14 +198,14 @@ def _swiglu_backward(ctx, dout, dg_unused, du_unused):
         return (None,) * 8
     x, w_gate, w_up, w_down, g, u = ctx.saved_tensors
     with _backends.restored(ctx.backend):
-        dx, dwg, dwu, dwd, dbg, dbu, dbd = swiglu_bwd(dout, x, w_gate, w_up, w_down, g, u,
-                                                       ctx.activation, *ctx.has)
+        dx, dwg, dwu, dwd, dbg, dbu, dbd = _eager.call(swiglu_bwd, dout, x, w_gate, w_up,
+                                                       w_down, g, u, ctx.activation, *ctx.has)
     has_g, has_u, has_d = ctx.has
     return (dx, dwg, dwu, dwd, dbg if has_g else None, dbu if has_u else None,
             dbd if has_d else None, None)
 
 
-swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+_eager.register_autograd(swiglu_fwd, _swiglu_backward, setup_context=_swiglu_setup)
 
 
 # ---------------------------------------------------------------------------------------------
