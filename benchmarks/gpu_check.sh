@@ -206,6 +206,12 @@ if host_s=$(limit 60 20); then
   stamp "host overhead per call (${host_s} s)"
   FASTATTN_AUTOTUNE=0 timeout "$host_s" $PY -m benchmarks.host_overhead --device cuda --calls 300 --rounds 3 \
     >"$OUT/host_overhead.md" 2>&1 || echo "host overhead: exit $? (see host_overhead.md)"
+  # Where flash_attention's host time goes (cProfile; 362 us a call without grad on 2026-11-30
+  # against SDPA's 25, the Triton launch path unexamined)
+  for case in "flash_attention causal, no grad" "flash_attention causal, forward" "kernel entry only"; do
+    FASTATTN_AUTOTUNE=0 timeout 20 $PY -m benchmarks.host_overhead --device cuda --calls 300 \
+      --profile "$case" >>"$OUT/host_profile.txt" 2>&1
+  done
 fi
 
 stamp "done"

@@ -117,8 +117,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: the host path alone, no thread hand-off)")
+    p.add_argument("--profile", default=None, metavar="TEXT",
+                   help="instead of the table: cProfile --calls calls of each case whose name "
+                        "contains TEXT (fastattn's direct path) and print where the host time "
+                        "goes, the 25 functions with most time of their own")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile is not None:
+        return profile_cases(args)
     env = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
            f"device {args.device}"
            + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
@@ -142,6 +148,25 @@ def main() -> None:
                   f"{med['torch']:.1f} | {med['direct'] / med['torch']:.2f}x |", flush=True)
     finally:
         _eager.ENABLED = saved
+
+
+def profile_cases(args) -> None:
+    import cProfile
+    import pstats
+
+    found = {k: v for k, v in cases(args.device).items() if args.profile in k}
+    if not found:
+        raise SystemExit(f"--profile: no case name contains {args.profile!r}")
+    for name, (fa, _, *grad) in found.items():
+        with torch.set_grad_enabled(bool(grad)):
+            fa()
+            per_call_us(fa, 10, args.device)  # warm
+            prof = cProfile.Profile()
+            prof.enable()
+            per_call_us(fa, args.calls, args.device)
+            prof.disable()
+        print(f"## {name}: cProfile of {args.calls} calls, {args.device}, torch {torch.__version__}")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
      ["eager", "fastattn", "GEMMs alone", "the fusion ceiling"]),
     (["benchmarks.host_overhead", "--calls", "5", "--rounds", "1"],
      ["| decode_attention", "| cross_entropy", "fastattn via dispatcher", "forward+backward"]),
+    (["benchmarks.host_overhead", "--calls", "3", "--profile", "mlp gelu, forward"],
+     ["## mlp gelu, forward+backward", "cProfile of 3 calls", "tottime"]),
     (["benchmarks.profile_step", "--preset", "tiny", "--device", "cpu", "--batch-size", "1",
       "--seq-len", "16", "--vocab", "64", "--steps", "1", "--warmup", "1", "--top", "3"],
      ["== torch: tiny", "== fastattn: tiny", "step wall"]),
