@@ -12,12 +12,14 @@
 // never touched (causal: about half of them), and a block needs element masks only where it
 // straddles the diagonal or the window edge.
 //
-// Backward (FlashAttention-2): one task per (batch, query head) owns that head's dQ, so no two
-// threads ever add into the same memory and the result does not depend on the thread count.
-// For each key block, over the query blocks that see it: recompute P = exp(S - lse) from the
-// saved lse, then dV += P~^T dO, dP = dO V^T, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K:
-// five block products, the minimum. With GQA the per-query-head dK/dV go to an fp32 buffer
-// that is summed over each group of heads afterwards.
+// Backward (FlashAttention-2): for each key block, over the query blocks that see it, recompute
+// P = exp(S - lse) from the saved lse, then dV += P~^T dO, dP = dO V^T, dS = P * (dP - delta),
+// dK += dS^T Q, dQ += dS K: five block products, the minimum. One task per (batch, query head)
+// owns that head's dQ, so no two threads ever add into the same memory. With fewer such pairs
+// than threads the work splits by blocks instead: one task per (head, key block) for dK and dV,
+// one per (head, query block) for dQ, which recomputes its tiles' P and dS (seven products per
+// tile, over every thread). With GQA the per-query-head dK/dV go to an fp32 buffer that is
+// summed over each group of heads afterwards.
 //
 // Packed sequences (varlen) run through the same two kernels: batch entry b is then sequence b
 // of the packed (total, H, D) tensors, with its own lengths and bottom-right diagonal
@@ -376,6 +378,12 @@ FA_ROW_KERNEL float dot_row(const float* FA_RESTRICT a, const float* FA_RESTRICT
   return acc;
 }
 
+// Block r of nb in the order 0, nb - 1, 1, nb - 2, ...: at::parallel_for hands each thread a
+// contiguous range of tasks, and under a causal mask a block's work grows with its index
+// (queries) or shrinks with it (keys), so consecutive light and heavy blocks even out the
+// ranges (with one head on two threads, the forward's halves were 1/4 and 3/4 of the work).
+FA_INLINE int64_t zigzag(int64_t r, int64_t nb) { return r % 2 == 0 ? r / 2 : nb - 1 - r / 2; }
+
 // ---- forward -------------------------------------------------------------------------------
 
 template <typename scalar_t>
@@ -395,7 +403,7 @@ void forward(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / pr.H, h = bh % pr.H, hk = h / group;
       const Problem sp = pr.sequence(b);
-      const int64_t i0 = (task % q_blocks) * kBlockM;
+      const int64_t i0 = zigzag(task % q_blocks, q_blocks) * kBlockM;
       if (i0 >= sp.Sq) continue;  // past the end of a shorter packed sequence
       const int64_t m = std::min(kBlockM, sp.Sq - i0);
       const int64_t j_begin = sp.lo(i0), j_end = sp.hi(i0 + m - 1);
@@ -461,124 +469,266 @@ void forward(const Problem& pr, const at::Tensor& q, const at::Tensor& k, const 
 
 // ---- backward ------------------------------------------------------------------------------
 
+// The inputs of one (batch, query head) as fp32 rows: the tensors' memory when fp32, else
+// copies of the rows a task reads, query rows [q0, ...) of Q and dO and key rows [k0, ...) of K
+// and V; q(i), dout(i), k(j), v(j) address row i (j) of the head.
+struct HeadGrad {
+  Problem sp;  // this sequence's lengths and diagonal
+  const float *Q = nullptr, *dO = nullptr, *K = nullptr, *V = nullptr;  // rows q0 and k0
+  int64_t q0 = 0, k0 = 0, ldq = 0, ldo = 0, ldk = 0, ldv = 0;
+  const float* L = nullptr;      // lse of row 0
+  const float* delta = nullptr;  // dO_i . O_i of row 0
+  const float* bias_head = nullptr;
+  uint32_t drop_key = 0;
+
+  const float* q(int64_t i) const { return Q + (i - q0) * ldq; }
+  const float* dout(int64_t i) const { return dO + (i - q0) * ldo; }
+  const float* k(int64_t j) const { return K + (j - k0) * ldk; }
+  const float* v(int64_t j) const { return V + (j - k0) * ldv; }
+};
+
+// Query rows of [i0, i0 + m) that see some key of [j0, j0 + n): lo(i) < j0 + n and hi(i) > j0,
+// a contiguous range since lo and hi are non-decreasing.
+FA_INLINE void rows_seeing(const Problem& sp, int64_t i0, int64_t m, int64_t j0, int64_t n,
+                           int64_t* begin, int64_t* end) {
+  const int64_t first =
+      sp.window_right < 0 ? 0 : std::max<int64_t>(0, j0 - sp.diag - sp.window_right);
+  const int64_t last =
+      sp.window_left < 0 ? sp.Sq : std::min<int64_t>(sp.Sq, j0 + n - sp.diag + sp.window_left);
+  *begin = std::max(i0, first);
+  *end = std::min(i0 + m, last);
+}
+
+// Scratch of one thread: the tile's P (s), its dropped copy (pd), dP then dS (dp), tanh (t).
+struct TileScratch {
+  std::vector<float> s, dp, pd, t;
+  explicit TileScratch(const Problem& pr)
+      : s(kBlockM * kBlockN), dp(kBlockM * kBlockN),
+        pd(pr.dropout.on() ? kBlockM * kBlockN : 0), t(pr.softcap > 0.f ? kBlockM * kBlockN : 0) {}
+  const float* p_out(const Problem& pr) const { return pr.dropout.on() ? pd.data() : s.data(); }
+};
+
+// Recomputes the tile of query rows [i0, i0 + m) and keys [j0, j0 + n) of head g:
+// s <- P = exp(S - lse), pd <- P~ (P with dropout), dp <- dS = P * (dP - delta) with
+// dP = dO V^T (dropped likewise), the softcap's (1 - t^2) included; dS is not yet scaled.
+void tile_grads(const Problem& pr, const HeadGrad& g, int64_t i0, int64_t m, int64_t j0,
+                int64_t n, TileScratch& w) {
+  const Problem& sp = g.sp;
+  const bool keep_t = pr.softcap > 0.f;
+  const float *Qi = g.q(i0), *dOi = g.dout(i0), *Kj = g.k(j0), *Vj = g.v(j0);
+  gemm(pr.blas, false, true, m, n, pr.D, pr.scale, Qi, g.ldq, Kj, g.ldk, 0.f, w.s.data(), kBlockN);
+  for (int64_t r = 0; r < m; ++r) {
+    const int64_t i = i0 + r;
+    float* srow = w.s.data() + r * kBlockN;
+    const int64_t cl = sp.lo(i) - j0, ch = sp.hi(i) - j0;
+    if (keep_t || g.bias_head != nullptr || cl > 0 || ch < n)
+      finish_scores(srow, keep_t ? w.t.data() + r * kBlockN : nullptr, n, cl, ch, pr.softcap,
+                    g.bias_head ? g.bias_head + i * pr.bias_si + j0 * pr.bias_sj : nullptr,
+                    pr.bias_sj);
+    probs_from_lse(srow, n, g.L[i]);
+    if (pr.dropout.on()) {
+      std::copy(srow, srow + n, w.pd.data() + r * kBlockN);
+      apply_dropout(w.pd.data() + r * kBlockN, n, g.drop_key,
+                    static_cast<uint32_t>(i) * static_cast<uint32_t>(pr.Sk) +
+                        static_cast<uint32_t>(j0),
+                    pr.dropout.threshold, pr.dropout.inv_keep);
+    }
+  }
+  gemm(pr.blas, false, true, m, n, pr.D, 1.f, dOi, g.ldo, Vj, g.ldv, 0.f, w.dp.data(), kBlockN);
+  for (int64_t r = 0; r < m; ++r) {
+    float* dprow = w.dp.data() + r * kBlockN;
+    if (pr.dropout.on())
+      apply_dropout(dprow, n, g.drop_key,
+                    static_cast<uint32_t>(i0 + r) * static_cast<uint32_t>(pr.Sk) +
+                        static_cast<uint32_t>(j0),
+                    pr.dropout.threshold, pr.dropout.inv_keep);
+    score_grad(dprow, w.s.data() + r * kBlockN, keep_t ? w.t.data() + r * kBlockN : nullptr, n,
+               g.delta[i0 + r]);
+  }
+}
+
 template <typename scalar_t>
-// dk, dv: the outputs (H == Hkv), or fp32 per-query-head partials when partial; either way
-// laid out like q with Sk rows: (B, H, Sk, D), or (total_k, H, D) when packed.
+struct BackwardIO {
+  const Problem& pr;
+  const at::Tensor &dout, &q, &k, &v, &out, &lse;
+  at::Tensor &dq, &dk, &dv;
+  bool partial;  // dk, dv: fp32 per-query-head partials (GQA) instead of the outputs
+
+  // Head (b, h) with Q/dO rows [q0, q0 + qm) and K/V rows [k0, k0 + kn) at hand (only those
+  // may be read), and its rows' delta.
+  HeadGrad head(int64_t b, int64_t h, int64_t q0, int64_t qm, int64_t k0, int64_t kn,
+                const float* delta, std::vector<float>* bufs) const {
+    HeadGrad g;
+    g.sp = pr.sequence(b);
+    g.q0 = q0;
+    g.k0 = k0;
+    const int64_t hk = h / pr.group();
+    const HeadRows qr = head_rows(q, pr.cu_q, b, h), dor = head_rows(dout, pr.cu_q, b, h);
+    const HeadRows kr = head_rows(k, pr.cu_k, b, hk), vr = head_rows(v, pr.cu_k, b, hk);
+    g.Q = rows_fp32(q.data_ptr<scalar_t>() + qr.offset + q0 * qr.ld, qr.ld, qm, pr.D, bufs[0],
+                    &g.ldq);
+    g.dO = rows_fp32(dout.data_ptr<scalar_t>() + dor.offset + q0 * dor.ld, dor.ld, qm, pr.D,
+                     bufs[1], &g.ldo);
+    g.K = rows_fp32(k.data_ptr<scalar_t>() + kr.offset + k0 * kr.ld, kr.ld, kn, pr.D, bufs[2],
+                    &g.ldk);
+    g.V = rows_fp32(v.data_ptr<scalar_t>() + vr.offset + k0 * vr.ld, vr.ld, kn, pr.D, bufs[3],
+                    &g.ldv);
+    g.L = lse.data_ptr<float>() + lse_rows(lse, pr.cu_q, b, h);
+    g.delta = delta;
+    g.bias_head = pr.bias ? pr.bias + b * pr.bias_sb + h * pr.bias_sh : nullptr;
+    g.drop_key = pr.dropout.on() ? pr.dropout.key(b * pr.H + h) : 0;
+    return g;
+  }
+
+  // delta_i = dO_i . O_i = sum_j P~_ij dP~_ij (the softmax Jacobian's row term), rows of (b, h).
+  void deltas(int64_t b, int64_t h, float* delta, std::vector<float>& obuf,
+              std::vector<float>& dobuf) const {
+    const Problem sp = pr.sequence(b);
+    const HeadRows outr = head_rows(out, pr.cu_q, b, h), dor = head_rows(dout, pr.cu_q, b, h);
+    int64_t ldo, ldout;
+    const float* dO = rows_fp32(dout.data_ptr<scalar_t>() + dor.offset, dor.ld, sp.Sq, pr.D,
+                                dobuf, &ldo);
+    const float* O = rows_fp32(out.data_ptr<scalar_t>() + outr.offset, outr.ld, sp.Sq, pr.D,
+                               obuf, &ldout);
+    for (int64_t i = 0; i < sp.Sq; ++i) delta[i] = dot_row(dO + i * ldo, O + i * ldout, pr.D);
+  }
+
+  // dK, dV rows [j0, j0 + n) of (b, h) from fp32 blocks of n rows.
+  void store_kv(int64_t b, int64_t h, int64_t j0, int64_t n, const float* dk_blk,
+                const float* dv_blk) const {
+    const HeadRows dkr = head_rows(dk, pr.cu_k, b, h), dvr = head_rows(dv, pr.cu_k, b, h);
+    const int64_t D = pr.D;
+    for (int64_t r = 0; r < n; ++r) {
+      if (partial) {
+        std::copy(dk_blk + r * D, dk_blk + (r + 1) * D,
+                  dk.data_ptr<float>() + dkr.offset + (j0 + r) * dkr.ld);
+        std::copy(dv_blk + r * D, dv_blk + (r + 1) * D,
+                  dv.data_ptr<float>() + dvr.offset + (j0 + r) * dvr.ld);
+      } else {
+        store_row(dk.data_ptr<scalar_t>() + dkr.offset + (j0 + r) * dkr.ld, dk_blk + r * D, D, 1.f);
+        store_row(dv.data_ptr<scalar_t>() + dvr.offset + (j0 + r) * dvr.ld, dv_blk + r * D, D, 1.f);
+      }
+    }
+  }
+
+  void store_q(int64_t b, int64_t h, int64_t i0, int64_t m, const float* dq_rows) const {
+    const HeadRows dqr = head_rows(dq, pr.cu_q, b, h);
+    for (int64_t r = 0; r < m; ++r)
+      store_row(dq.data_ptr<scalar_t>() + dqr.offset + (i0 + r) * dqr.ld, dq_rows + r * pr.D,
+                pr.D, 1.f);
+  }
+
+  // dK_j, dV_j of key block [j0, j0 + n) of head g: over the query blocks that see it,
+  // dV += P~^T dO and dK += scale dS^T Q; with dq_acc (rows of the head), dQ += scale dS K too.
+  void key_block(const HeadGrad& g, int64_t j0, int64_t n, TileScratch& w, float* dk_blk,
+                 float* dv_blk, float* dq_acc) const {
+    const int64_t D = pr.D;
+    int64_t i_begin, i_end;
+    rows_seeing(g.sp, 0, g.sp.Sq, j0, n, &i_begin, &i_end);
+    std::fill(dk_blk, dk_blk + n * D, 0.f);
+    std::fill(dv_blk, dv_blk + n * D, 0.f);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM) {
+      const int64_t m = std::min(kBlockM, i_end - i0);
+      tile_grads(pr, g, i0, m, j0, n, w);
+      gemm(pr.blas, true, false, n, D, m, 1.f, w.p_out(pr), kBlockN, g.dout(i0), g.ldo, 1.f,
+           dv_blk, D);
+      gemm(pr.blas, true, false, n, D, m, pr.scale, w.dp.data(), kBlockN, g.q(i0), g.ldq, 1.f,
+           dk_blk, D);
+      if (dq_acc != nullptr)
+        gemm(pr.blas, false, false, m, D, n, pr.scale, w.dp.data(), kBlockN, g.k(j0), g.ldk,
+             1.f, dq_acc + i0 * D, D);
+    }
+  }
+};
+
+// Backward (FlashAttention-2). With at least as many (batch, query head) pairs as threads,
+// one task per pair owns that head's dQ and visits each tile once: five block products per
+// tile, the minimum. With fewer (a long sequence on few heads, or a single sequence of a
+// varlen batch), that would leave threads idle, so the work splits three ways instead: the
+// rows' delta per head, then one task per (head, key block) for dK and dV, then one per
+// (head, query block) for dQ, which recomputes its tiles' P and dS: seven block products per
+// tile instead of five, over every thread. Either way no two threads add into the same memory
+// and the result does not depend on the thread count (only on which way it split).
+template <typename scalar_t>
 void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
-              at::Tensor& dk, at::Tensor& dv, bool partial) {
-  const int64_t D = pr.D, group = pr.group();
-  scalar_t* dk_out = partial ? nullptr : dk.data_ptr<scalar_t>();
-  scalar_t* dv_out = partial ? nullptr : dv.data_ptr<scalar_t>();
-  float* dk_part = partial ? dk.data_ptr<float>() : nullptr;
-  float* dv_part = partial ? dv.data_ptr<float>() : nullptr;
-  const bool keep_t = pr.softcap > 0.f;
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
-  const scalar_t* dop = dout.data_ptr<scalar_t>();
-  const scalar_t* outp = out.data_ptr<scalar_t>();
-  const float* lp = lse.data_ptr<float>();
-  scalar_t* dqp = dq.data_ptr<scalar_t>();
+              at::Tensor& dk, at::Tensor& dv, bool partial, bool split) {
+  const int64_t D = pr.D, BH = pr.B * pr.H;
+  const BackwardIO<scalar_t> io{pr, dout, q, k, v, out, lse, dq, dk, dv, partial};
 
-  at::parallel_for(0, pr.B * pr.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf, dobuf, kbuf, vbuf, obuf, delta(pr.Sq), dq_acc(pr.Sq * D);
-    std::vector<float> s(kBlockM * kBlockN), dp(kBlockM * kBlockN);
-    std::vector<float> pd(pr.dropout.on() ? kBlockM * kBlockN : 0);
-    std::vector<float> t(keep_t ? kBlockM * kBlockN : 0);
-    std::vector<float> dk_blk(kBlockN * D), dv_blk(kBlockN * D);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / pr.H, h = bh % pr.H, hk = h / group;
-      // Sq, Sk, diag of this sequence when packed (buffers above are sized for the longest).
-      const Problem sp = pr.sequence(b);
-      const uint32_t drop_key = pr.dropout.on() ? pr.dropout.key(bh) : 0;
-      const float* bias_head = pr.bias ? pr.bias + b * pr.bias_sb + h * pr.bias_sh : nullptr;
-      const HeadRows qr = head_rows(q, pr.cu_q, b, h), dor = head_rows(dout, pr.cu_q, b, h);
-      const HeadRows kr = head_rows(k, pr.cu_k, b, hk), vr = head_rows(v, pr.cu_k, b, hk);
-      const HeadRows outr = head_rows(out, pr.cu_q, b, h), dqr = head_rows(dq, pr.cu_q, b, h);
-      const HeadRows dkr = head_rows(dk, pr.cu_k, b, h), dvr = head_rows(dv, pr.cu_k, b, h);
-      int64_t ldq, ldo, ldk, ldv, ldout;
-      const float* Q = rows_fp32(qp + qr.offset, qr.ld, sp.Sq, D, qbuf, &ldq);
-      const float* dO = rows_fp32(dop + dor.offset, dor.ld, sp.Sq, D, dobuf, &ldo);
-      const float* K = rows_fp32(kp + kr.offset, kr.ld, sp.Sk, D, kbuf, &ldk);
-      const float* V = rows_fp32(vp + vr.offset, vr.ld, sp.Sk, D, vbuf, &ldv);
-      const float* O = rows_fp32(outp + outr.offset, outr.ld, sp.Sq, D, obuf, &ldout);
-      const float* L = lp + lse_rows(lse, pr.cu_q, b, h);
-      // delta_i = dO_i . O_i = sum_j P~_ij dP~_ij: the softmax Jacobian's row term.
-      for (int64_t i = 0; i < sp.Sq; ++i) delta[i] = dot_row(dO + i * ldo, O + i * ldout, D);
-      std::fill(dq_acc.begin(), dq_acc.begin() + sp.Sq * D, 0.f);
-
-      // Every key block is visited, even one no query sees: its dK, dV rows must be written (0).
-      for (int64_t j0 = 0; j0 < sp.Sk; j0 += kBlockN) {
-        const int64_t n = std::min(kBlockN, sp.Sk - j0);
-        // Queries that see some key of [j0, j0 + n): hi(i) > j0 and lo(i) < j0 + n.
-        const int64_t i_begin =
-            sp.window_right < 0 ? 0 : std::max<int64_t>(0, j0 - sp.diag - sp.window_right);
-        const int64_t i_end =
-            sp.window_left < 0 ? sp.Sq : std::min<int64_t>(sp.Sq, j0 + n - sp.diag + sp.window_left);
-        std::fill(dk_blk.begin(), dk_blk.begin() + n * D, 0.f);
-        std::fill(dv_blk.begin(), dv_blk.begin() + n * D, 0.f);
-        const float* Kj = K + j0 * ldk;
-        const float* Vj = V + j0 * ldv;
-
-        for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM) {
-          const int64_t m = std::min(kBlockM, i_end - i0);
-          const float* Qi = Q + i0 * ldq;
-          const float* dOi = dO + i0 * ldo;
-          gemm(pr.blas, false, true, m, n, D, pr.scale, Qi, ldq, Kj, ldk, 0.f, s.data(), kBlockN);
-          for (int64_t r = 0; r < m; ++r) {
-            const int64_t i = i0 + r;
-            float* srow = s.data() + r * kBlockN;
-            const int64_t cl = sp.lo(i) - j0, ch = sp.hi(i) - j0;
-            if (keep_t || bias_head != nullptr || cl > 0 || ch < n)
-              finish_scores(srow, keep_t ? t.data() + r * kBlockN : nullptr, n, cl, ch,
-                            pr.softcap,
-                            bias_head ? bias_head + i * pr.bias_si + j0 * pr.bias_sj : nullptr,
-                            pr.bias_sj);
-            probs_from_lse(srow, n, L[i]);
-            if (pr.dropout.on()) {
-              std::copy(srow, srow + n, pd.data() + r * kBlockN);
-              apply_dropout(pd.data() + r * kBlockN, n, drop_key,
-                            static_cast<uint32_t>(i) * static_cast<uint32_t>(pr.Sk) +
-                                static_cast<uint32_t>(j0),
-                            pr.dropout.threshold, pr.dropout.inv_keep);
-            }
-          }
-          const float* P_out = pr.dropout.on() ? pd.data() : s.data();
-          // dV_j += P~^T dO_i
-          gemm(pr.blas, true, false, n, D, m, 1.f, P_out, kBlockN, dOi, ldo, 1.f, dv_blk.data(), D);
-          // dP~ = dO_i V_j^T, then dS = P * (dP - delta) in place
-          gemm(pr.blas, false, true, m, n, D, 1.f, dOi, ldo, Vj, ldv, 0.f, dp.data(), kBlockN);
-          for (int64_t r = 0; r < m; ++r) {
-            float* dprow = dp.data() + r * kBlockN;
-            if (pr.dropout.on())
-              apply_dropout(dprow, n, drop_key,
-                            static_cast<uint32_t>(i0 + r) * static_cast<uint32_t>(pr.Sk) +
-                                static_cast<uint32_t>(j0),
-                            pr.dropout.threshold, pr.dropout.inv_keep);
-            score_grad(dprow, s.data() + r * kBlockN, keep_t ? t.data() + r * kBlockN : nullptr,
-                       n, delta[i0 + r]);
-          }
-          // dK_j += scale dS^T Q_i;  dQ_i += scale dS K_j
-          gemm(pr.blas, true, false, n, D, m, pr.scale, dp.data(), kBlockN, Qi, ldq, 1.f, dk_blk.data(), D);
-          gemm(pr.blas, false, false, m, D, n, pr.scale, dp.data(), kBlockN, Kj, ldk, 1.f,
-               dq_acc.data() + i0 * D, D);
+  if (!split) {
+    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> bufs[4], obuf, dobuf, delta(pr.Sq), dq_acc(pr.Sq * D);
+      std::vector<float> dk_blk(kBlockN * D), dv_blk(kBlockN * D);
+      TileScratch w(pr);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / pr.H, h = bh % pr.H;
+        const Problem sp = pr.sequence(b);
+        io.deltas(b, h, delta.data(), obuf, dobuf);
+        const HeadGrad g = io.head(b, h, 0, sp.Sq, 0, sp.Sk, delta.data(), bufs);
+        std::fill(dq_acc.begin(), dq_acc.begin() + sp.Sq * D, 0.f);
+        // Every key block is visited, even one no query sees: its dK, dV rows must be written.
+        for (int64_t j0 = 0; j0 < sp.Sk; j0 += kBlockN) {
+          const int64_t n = std::min(kBlockN, sp.Sk - j0);
+          io.key_block(g, j0, n, w, dk_blk.data(), dv_blk.data(), dq_acc.data());
+          io.store_kv(b, h, j0, n, dk_blk.data(), dv_blk.data());
         }
-
-        for (int64_t r = 0; r < n; ++r) {
-          const float* dk_row = dk_blk.data() + r * D;
-          const float* dv_row = dv_blk.data() + r * D;
-          if (partial) {
-            std::copy(dk_row, dk_row + D, dk_part + dkr.offset + (j0 + r) * dkr.ld);
-            std::copy(dv_row, dv_row + D, dv_part + dvr.offset + (j0 + r) * dvr.ld);
-          } else {
-            store_row(dk_out + dkr.offset + (j0 + r) * dkr.ld, dk_row, D, 1.f);
-            store_row(dv_out + dvr.offset + (j0 + r) * dvr.ld, dv_row, D, 1.f);
-          }
-        }
+        io.store_q(b, h, 0, sp.Sq, dq_acc.data());
       }
-      for (int64_t i = 0; i < sp.Sq; ++i)
-        store_row(dqp + dqr.offset + i * dqr.ld, dq_acc.data() + i * D, D, 1.f);
+    });
+    return;
+  }
+
+  std::vector<float> deltas(BH * pr.Sq);  // rows of the longest sequence per (b, h)
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> obuf, dobuf;
+    for (int64_t bh = begin; bh < end; ++bh)
+      io.deltas(bh / pr.H, bh % pr.H, deltas.data() + bh * pr.Sq, obuf, dobuf);
+  });
+  const int64_t k_blocks = (pr.Sk + kBlockN - 1) / kBlockN;
+  at::parallel_for(0, BH * k_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bufs[4], dk_blk(kBlockN * D), dv_blk(kBlockN * D);
+    TileScratch w(pr);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / k_blocks, b = bh / pr.H, h = bh % pr.H;
+      const Problem sp = pr.sequence(b);
+      const int64_t j0 = zigzag(task % k_blocks, k_blocks) * kBlockN;
+      if (j0 >= sp.Sk) continue;  // past the end of a shorter packed sequence
+      const int64_t n = std::min(kBlockN, sp.Sk - j0);
+      int64_t i_begin, i_end;
+      rows_seeing(sp, 0, sp.Sq, j0, n, &i_begin, &i_end);
+      const HeadGrad g = io.head(b, h, i_begin, std::max<int64_t>(0, i_end - i_begin), j0, n,
+                                 deltas.data() + bh * pr.Sq, bufs);
+      io.key_block(g, j0, n, w, dk_blk.data(), dv_blk.data(), nullptr);
+      io.store_kv(b, h, j0, n, dk_blk.data(), dv_blk.data());
+    }
+  });
+  const int64_t q_blocks = (pr.Sq + kBlockM - 1) / kBlockM;
+  at::parallel_for(0, BH * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> bufs[4], dq_acc(kBlockM * D);
+    TileScratch w(pr);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_blocks, b = bh / pr.H, h = bh % pr.H;
+      const Problem sp = pr.sequence(b);
+      const int64_t i0 = zigzag(task % q_blocks, q_blocks) * kBlockM;
+      if (i0 >= sp.Sq) continue;
+      const int64_t m = std::min(kBlockM, sp.Sq - i0);
+      // The key blocks (on the grid of the dK/dV tasks) that some row of the block sees.
+      const int64_t j_first = sp.lo(i0) / kBlockN * kBlockN, j_end = sp.hi(i0 + m - 1);
+      const int64_t j_stop = std::min(sp.Sk, (j_end + kBlockN - 1) / kBlockN * kBlockN);
+      const HeadGrad g = io.head(b, h, i0, m, j_first, std::max<int64_t>(0, j_stop - j_first),
+                                 deltas.data() + bh * pr.Sq, bufs);
+      std::fill(dq_acc.begin(), dq_acc.begin() + m * D, 0.f);
+      for (int64_t j0 = j_first; j0 < j_end; j0 += kBlockN) {
+        const int64_t n = std::min(kBlockN, sp.Sk - j0);
+        int64_t r_begin, r_end;
+        rows_seeing(sp, i0, m, j0, n, &r_begin, &r_end);
+        if (r_begin >= r_end) continue;
+        tile_grads(pr, g, r_begin, r_end - r_begin, j0, n, w);
+        gemm(pr.blas, false, false, r_end - r_begin, D, n, pr.scale, w.dp.data(), kBlockN,
+             g.k(j0), g.ldk, 1.f, dq_acc.data() + (r_begin - i0) * D, D);
+      }
+      io.store_q(b, h, i0, m, dq_acc.data());
     }
   });
 }
@@ -621,6 +771,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     at::Tensor dq, std::vector<int64_t> shape) {
   const bool grouped = pr.H != pr.Hkv;
+  // Fewer (batch, head) pairs than threads, and more than one block to split: see backward().
+  const bool split =
+      pr.B * pr.H < at::get_num_threads() && (pr.Sk > kBlockN || pr.Sq > kBlockM);
   const auto fp32 = q.options().dtype(at::kFloat);
   at::Tensor dk = at::empty(shape, grouped ? fp32 : k.options());
   at::Tensor dv = at::empty(shape, grouped ? fp32 : v.options());
@@ -628,7 +781,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
     if constexpr (std::is_same_v<scalar_t, double>) {
       FA_CHECK(false, name, ": float64 runs on the reference backend");
     } else {
-      backward<scalar_t>(pr, dout, q, k, v, out, lse, dq, dk, dv, grouped);
+      backward<scalar_t>(pr, dout, q, k, v, out, lse, dq, dk, dv, grouped, split);
     }
   });
   if (grouped) {

@@ -123,6 +123,72 @@ def test_flash_attention_matches_reference(device, backend, dtype, case):
                        f"{backend} {dtype}")
 
 
+@pytest.mark.parametrize("case", [
+    # b, h, hkv, sq, sk, d, causal, window, softcap, dropout
+    (1, 1, 1, 300, 500, 64, True, (-1, -1), 0.0, 0.0),
+    (1, 2, 1, 257, 130, 32, True, (-1, -1), 0.0, 0.0),     # GQA; Sq > Sk: rows that see nothing
+    (1, 1, 1, 200, 700, 40, False, (-1, -1), 0.0, 0.0),
+    (1, 1, 1, 333, 333, 64, True, (30, -1), 20.0, 0.0),     # sliding window, softcap
+    (1, 1, 1, 260, 260, 32, True, (-1, -1), 0.0, 0.3),      # dropout: the same mask both ways
+])
+def test_cpu_backward_split_by_blocks(case):
+    """With fewer (batch, head) pairs than threads the C++ backward splits by key blocks (dK,
+    dV) and query blocks (dQ) instead of by head (csrc/cpu/attention.cpp): the gradients equal
+    the per-head path's (one thread) and float64's."""
+    b, h, hkv, sq, sk, d, causal, window, softcap, dropout = case
+    torch.manual_seed(1)
+    q, k, v = _qkv(b, h, hkv, sq, sk, d, torch.float32, "cpu")
+    dout = torch.randn(b, h, sq, d)
+
+    def fn(q, k, v):
+        torch.manual_seed(7)   # the dropout seed is drawn from torch's generator
+        return fastattn.flash_attention(q, k, v, causal=causal, window=window, softcap=softcap,
+                                        dropout_p=dropout)
+    saved = torch.get_num_threads()
+    try:
+        with fastattn.use_backend("cpu"):
+            torch.set_num_threads(1)
+            per_head = _grads(fn, q, k, v, dout)
+            torch.set_num_threads(4)    # more threads than b * h: the split path
+            assert torch.get_num_threads() == 4 and b * h < 4
+            split = _grads(fn, q, k, v, dout)
+    finally:
+        torch.set_num_threads(saved)
+    for name, a, c in zip(("out", "dq", "dk", "dv"), per_head, split):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, msg=name)
+    if dropout == 0:
+        left, right = window
+        exact = _reference(*(x.double() for x in (q, k, v, dout)), diag=sk - sq,
+                           window_left=left, window_right=0 if causal else right,
+                           softcap=softcap)
+        for name, o, e in zip(("out", "dq", "dk", "dv"), split, exact):
+            torch.testing.assert_close(o.double(), e, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_cpu_varlen_backward_split_by_blocks():
+    # 3 packed sequences x 2 heads = 6 pairs < 8 threads: the block split, over sequences of
+    # other lengths than the longest (tasks past a sequence's end do nothing)
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 70, 400, 410], dtype=torch.int32)
+    q, k, v = torch.randn(410, 2, 32, generator=g), torch.randn(410, 1, 32, generator=g), \
+        torch.randn(410, 1, 32, generator=g)
+    dout = torch.randn(410, 2, 32, generator=g)
+
+    def fn(q, k, v):
+        return fastattn.varlen_attention(q, k, v, cu, cu, 330, 330, causal=True)
+    saved = torch.get_num_threads()
+    try:
+        with fastattn.use_backend("cpu"):
+            torch.set_num_threads(1)
+            per_head = _grads(fn, q, k, v, dout)
+            torch.set_num_threads(8)
+            split = _grads(fn, q, k, v, dout)
+    finally:
+        torch.set_num_threads(saved)
+    for name, a, c in zip(("out", "dq", "dk", "dv"), per_head, split):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("device,backend", FAST_BACKENDS)
 def test_lse_and_fully_masked_rows(device, backend):
     # Sq > Sk, bottom-right causal: queries 0..Sq-Sk-1 see no key.
