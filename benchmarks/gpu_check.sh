@@ -209,8 +209,10 @@ if host_s=$(limit 60 20); then
   # Where flash_attention's host time goes (cProfile; 362 us a call without grad on 2026-11-30
   # against SDPA's 25, the Triton launch path unexamined)
   for case in "flash_attention causal, no grad" "flash_attention causal, forward" "kernel entry only"; do
-    FASTATTN_AUTOTUNE=0 timeout 20 $PY -m benchmarks.host_overhead --device cuda --calls 300 \
-      --profile "$case" >>"$OUT/host_profile.txt" 2>&1
+    if prof_s=$(limit 20); then
+      FASTATTN_AUTOTUNE=0 timeout "$prof_s" $PY -m benchmarks.host_overhead --device cuda --calls 300 \
+        --profile "$case" >>"$OUT/host_profile.txt" 2>&1
+    fi
   done
 fi
 

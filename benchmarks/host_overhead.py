@@ -165,7 +165,8 @@ def profile_cases(args) -> None:
             prof.enable()
             per_call_us(fa, args.calls, args.device)
             prof.disable()
-        print(f"## {name}: cProfile of {args.calls} calls, {args.device}, torch {torch.__version__}")
+        print(f"## {name}: cProfile of {args.calls} calls, {args.device}, "
+              f"torch {torch.__version__}")
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 

@@ -69,12 +69,16 @@ def run(backend: str, args) -> str:
             step()
         _sync(device)
     avgs = prof.key_averages()
-    # The kernels' rows (an operator's row repeats the time of the kernels it launched).
-    kernels = [e for e in avgs if e.device_type == DeviceType.CUDA and _device_time(e) > 0]
+    # The kernels' rows: an operator's row repeats the time of the kernels it launched, and a
+    # user annotation's row (Optimizer.step#..., on the device too) that of the ones inside it.
+    kernels = [e for e in avgs if e.device_type == DeviceType.CUDA and _device_time(e) > 0
+               and not getattr(e, "is_user_annotation", False)
+               and not e.key.startswith(("Optimizer.", "ProfilerStep"))]
     busy_ms = sum(_device_time(e) for e in kernels) / 1e3 / args.steps
     wall_ms = statistics.median(walls) * 1e3
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     head = (f"== {backend}: {args.preset}, batch {args.batch_size} x seq {args.seq_len}, vocab "
-            f"{args.vocab}, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+            f"{args.vocab}, {device} ({name}), "
             f"FASTATTN_AUTOTUNE={os.environ.get('FASTATTN_AUTOTUNE', '1')}\n"
             f"step wall {wall_ms:.1f} ms (median of {args.steps}); device busy "
             f"{busy_ms:.1f} ms per step ({busy_ms / wall_ms:.0%} of the wall)\n")

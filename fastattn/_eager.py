@@ -1,10 +1,11 @@
 """Calling a custom op's own function where the dispatcher would add nothing but time.
 
 Every fastattn op is a ``torch.library.custom_op``, so that torch.compile, export, FakeTensor,
-``opcheck`` and the profiler see one named operator. Going through the dispatcher costs ~50 us
-of Python per call (autograd wrapper, redispatch, alias checks; torch 2.14, measured with
-``python -m benchmarks.host_overhead``), about what SDPA costs in all. For a kernel of a few
-microseconds (a decode step, a small model's layer on a GPU) that overhead is the step.
+``opcheck`` and the profiler see one named operator. Going through the dispatcher costs 10-60 us
+of Python per call without grad (autograd wrapper, redispatch, alias checks; torch 2.14 on a
+CPU, 2.11 on an H200's host, measured with ``python -m benchmarks.host_overhead``), about what
+SDPA costs in all. For a kernel of a few microseconds (a decode step, a small model's layer on
+a GPU) that overhead is a good part of the step.
 
 ``call(op, *args)`` runs the function ``op`` was made from, directly, when the dispatcher could
 do nothing else with the call: plain eager execution (not compiling, not tracing, no
@@ -20,8 +21,11 @@ With a gradient to record, an op whose formula was given with ``register_autogra
 that same formula (its ``setup_context`` and ``backward``) as a plain ``torch.autograd.Function``
 around the function: what the custom op's generated autograd wrapper does, without the
 dispatcher's redispatch and the wrapper's per-call schema walk (~90 us per forward+backward of
-flash_attention on the CPU, torch 2.14: ``python -m benchmarks.host_overhead``). The backward
-ops those formulas call go through ``call`` too (grad mode is off in a backward).
+flash_attention on the CPU, torch 2.14: ``python -m benchmarks.host_overhead``); its autograd
+node is named after the op (``fastattn_attention_fwd_DirectBackward``). The backward ops those
+formulas call go through ``call`` too (grad mode is off in a backward, unless
+``create_graph=True``: then they take the op). Tensor-list arguments (which the custom op's
+wrapper unpacks for autograd) always take the op.
 
 Either way, a call with forward-mode AD tangents (``torch.func.jvp``, ``torch.autograd.forward_ad``)
 raises: the ops have no forward-mode rule, and the dispatcher would return a zero tangent.
@@ -38,7 +42,7 @@ from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _FUNCTIONS: dict[int, tuple[str, Callable]] = {}
-_AUTOGRAD: dict[int, tuple[Callable, Callable]] = {}
+_AUTOGRAD: dict[int, tuple[Callable, Callable, type]] = {}
 
 
 def custom_op(name: str, **kwargs) -> Callable:
@@ -54,7 +58,8 @@ def register_autograd(op: Callable, backward: Callable, setup_context: Callable)
     """``op.register_autograd(backward, setup_context=setup_context)``, also remembered for
     call()'s direct path with gradients."""
     op.register_autograd(backward, setup_context=setup_context)
-    _AUTOGRAD[id(op)] = (backward, setup_context)
+    name = _FUNCTIONS[id(op)][0].replace("::", "_")
+    _AUTOGRAD[id(op)] = (backward, setup_context, type(f"{name}_Direct", (_Direct,), {}))
 
 
 class _Formula:
@@ -122,8 +127,11 @@ def direct_ok(args: tuple) -> bool:
 
 def direct_autograd_ok(args: tuple) -> bool:
     """Whether a call that records a gradient may run its op's formula as an autograd.Function
-    (the same conditions as direct_ok, with inputs that require grad allowed)."""
+    (the same conditions as direct_ok, with inputs that require grad allowed, and no tensors
+    inside lists: autograd.Function sees only top-level tensor arguments)."""
     return (torch.is_grad_enabled() and _modes_off()
+            and not any(isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) for t in a)
+                        for a in args)
             and all(_plain(t, False) for t in _tensors(args)))
 
 
@@ -156,5 +164,6 @@ def call(op: Callable, *args):
             return fn(*args)
         formula = _AUTOGRAD.get(id(op))
         if formula is not None and direct_autograd_ok(args):
-            return _Direct.apply(*args, _Formula(fn, *formula))
+            backward, setup_context, function = formula
+            return function.apply(*args, _Formula(fn, backward, setup_context))
     return op(*args)

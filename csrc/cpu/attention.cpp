@@ -15,11 +15,11 @@
 // Backward (FlashAttention-2): for each key block, over the query blocks that see it, recompute
 // P = exp(S - lse) from the saved lse, then dV += P~^T dO, dP = dO V^T, dS = P * (dP - delta),
 // dK += dS^T Q, dQ += dS K: five block products, the minimum. One task per (batch, query head)
-// owns that head's dQ, so no two threads ever add into the same memory. With fewer such pairs
-// than threads the work splits by blocks instead: one task per (head, key block) for dK and dV,
-// one per (head, query block) for dQ, which recomputes its tiles' P and dS (seven products per
-// tile, over every thread). With GQA the per-query-head dK/dV go to an fp32 buffer that is
-// summed over each group of heads afterwards.
+// owns that head's dQ, so no two threads ever add into the same memory. With too few such pairs
+// to keep the threads busy the work splits by blocks instead: one task per (head, key block)
+// for dK and dV, one per (head, query block) for dQ, which recomputes its tiles' P and dS
+// (seven products per tile, over every thread). With GQA the per-query-head dK/dV go to an fp32
+// buffer that is summed over each group of heads afterwards.
 //
 // Packed sequences (varlen) run through the same two kernels: batch entry b is then sequence b
 // of the packed (total, H, D) tensors, with its own lengths and bottom-right diagonal
@@ -641,14 +641,13 @@ struct BackwardIO {
   }
 };
 
-// Backward (FlashAttention-2). With at least as many (batch, query head) pairs as threads,
-// one task per pair owns that head's dQ and visits each tile once: five block products per
-// tile, the minimum. With fewer (a long sequence on few heads, or a single sequence of a
-// varlen batch), that would leave threads idle, so the work splits three ways instead: the
-// rows' delta per head, then one task per (head, key block) for dK and dV, then one per
-// (head, query block) for dQ, which recomputes its tiles' P and dS: seven block products per
-// tile instead of five, over every thread. Either way no two threads add into the same memory
-// and the result does not depend on the thread count (only on which way it split).
+// Backward (FlashAttention-2). With enough (batch, query head) pairs for the threads, one task
+// per pair owns that head's dQ and visits each tile once: five block products per tile, the
+// minimum. With few (a long sequence on few heads), that would leave threads idle, so the work
+// splits three ways instead (run_backward decides): the rows' delta per head, then one task
+// per (head, key block) for dK and dV, then one per (head, query block) for dQ, which
+// recomputes its tiles' P and dS: seven block products per tile instead of five, over every
+// thread. Either way no two threads add into the same memory.
 template <typename scalar_t>
 void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq,
@@ -771,9 +770,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
     at::Tensor dq, std::vector<int64_t> shape) {
   const bool grouped = pr.H != pr.Hkv;
-  // Fewer (batch, head) pairs than threads, and more than one block to split: see backward().
+  // Few (batch, head) pairs for the threads, and more than one block to split: see backward().
+  // The split does 7 block products per tile where the per-head path does 5, so it only pays
+  // when the per-head path would leave more than 2 threads in 7 idle: 7 B H < 5 threads.
   const bool split =
-      pr.B * pr.H < at::get_num_threads() && (pr.Sk > kBlockN || pr.Sq > kBlockM);
+      7 * pr.B * pr.H < 5 * at::get_num_threads() && (pr.Sk > kBlockN || pr.Sq > kBlockM);
   const auto fp32 = q.options().dtype(at::kFloat);
   at::Tensor dk = at::empty(shape, grouped ? fp32 : k.options());
   at::Tensor dv = at::empty(shape, grouped ? fp32 : v.options());

@@ -155,7 +155,8 @@ def _prune(kind):
     #   autotuner chose 64 x 64 with 4 warps and 3 stages for both backward kernels (and 64 x 64,
     #   4 warps, 2 stages, already the first config, for the forward), and the 8-warp dK/dV pick
     #   took 2.1x as long (6.2 against 2.9 ms per training step over 12 layers): spills of a few
-    #   hundred bytes cost less there than a second warpgroup. That config comes first.
+    #   hundred bytes cost less there than a second warpgroup. That config comes first, also
+    #   at the smaller head dims (not timed; their tiles hold less).
     # - dQ at D = 128 with 8 warps: 64 x 128 0 B, 128 x 64 0-32 B.
     # - 4 warps with a 128-wide tile: dK/dV 560-6400 B; dQ with 128 query rows 84-2300 B, and
     #   64 x 128 76-212 B at D = 128 but 0 B at D = 64 (kept there).
