@@ -16,14 +16,14 @@ import argparse
 import os
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from fastattn.models.gpt import GPT, config as gpt_config
-from fastattn.optim import clip_grad_norm_ as fa_clip
-from fastattn.train.pretrain import _autocast, _sync
+from fastattn.models.gpt import config as gpt_config
+from fastattn.train.pretrain import _autocast, _sync, bench_model
 
 
 def _device_time(evt) -> float:
@@ -38,10 +38,9 @@ def _device_time(evt) -> float:
 def run(backend: str, args) -> str:
     device = torch.device(args.device)
     cfg = gpt_config(args.preset, vocab_size=args.vocab, max_seq_len=max(args.seq_len, 1))
-    torch.manual_seed(0)
-    model = GPT(cfg, backend=backend).to(device)
-    opt = model.configure_optimizer(3e-4, 0.1)
-    clip = fa_clip if backend == "fastattn" else torch.nn.utils.clip_grad_norm_
+    # the bench's model, optimizer and clipping for this backend
+    model, opt, clip, _ = bench_model(SimpleNamespace(seed=0, lr=3e-4, weight_decay=0.1), cfg,
+                                      backend, device)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g).to(device)
     y = torch.randint(0, args.vocab, (args.batch_size, args.seq_len), generator=g).to(device)

@@ -581,13 +581,20 @@ struct BackwardIO {
   }
 
   // delta_i = dO_i . O_i = sum_j P~_ij dP~_ij (the softmax Jacobian's row term), rows of (b, h).
+  // dO's rows come from g when it holds them all (the per-head path converted them already),
+  // else they are converted into dobuf.
   void deltas(int64_t b, int64_t h, float* delta, std::vector<float>& obuf,
-              std::vector<float>& dobuf) const {
+              std::vector<float>& dobuf, const HeadGrad* g = nullptr) const {
     const Problem sp = pr.sequence(b);
     const HeadRows outr = head_rows(out, pr.cu_q, b, h), dor = head_rows(dout, pr.cu_q, b, h);
     int64_t ldo, ldout;
-    const float* dO = rows_fp32(dout.data_ptr<scalar_t>() + dor.offset, dor.ld, sp.Sq, pr.D,
-                                dobuf, &ldo);
+    const float* dO;
+    if (g != nullptr) {
+      dO = g->dout(0);
+      ldo = g->ldo;
+    } else {
+      dO = rows_fp32(dout.data_ptr<scalar_t>() + dor.offset, dor.ld, sp.Sq, pr.D, dobuf, &ldo);
+    }
     const float* O = rows_fp32(out.data_ptr<scalar_t>() + outr.offset, outr.ld, sp.Sq, pr.D,
                                obuf, &ldout);
     for (int64_t i = 0; i < sp.Sq; ++i) delta[i] = dot_row(dO + i * ldo, O + i * ldout, pr.D);
@@ -663,8 +670,8 @@ void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, co
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / pr.H, h = bh % pr.H;
         const Problem sp = pr.sequence(b);
-        io.deltas(b, h, delta.data(), obuf, dobuf);
         const HeadGrad g = io.head(b, h, 0, sp.Sq, 0, sp.Sk, delta.data(), bufs);
+        io.deltas(b, h, delta.data(), obuf, dobuf, &g);   // g.delta is filled here
         std::fill(dq_acc.begin(), dq_acc.begin() + sp.Sq * D, 0.f);
         // Every key block is visited, even one no query sees: its dK, dV rows must be written.
         for (int64_t j0 = 0; j0 < sp.Sk; j0 += kBlockN) {

@@ -197,7 +197,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, ca
 
 
 @_eager.custom_op("fastattn::varlen_attention_bwd", mutates_args=(),
-                         device_types=("cpu", "cuda"))
+                  device_types=("cpu", "cuda"))
 def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                          cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                          max_seqlen_k: int, scale: float,

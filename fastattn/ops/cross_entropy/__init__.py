@@ -696,7 +696,7 @@ def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_s
 
 
 @_eager.custom_op("fastattn::linear_cross_entropy_bwd", mutates_args=(),
-                         device_types=_DEVICES)
+                  device_types=_DEVICES)
 def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor,
                               bias: Optional[Tensor], lse: Optional[Tensor], ignore_index: int,
                               label_smoothing: float, chunk_size: int, want_dx: bool,
@@ -1032,7 +1032,7 @@ def _(x, weight, target, bias, ignore_index, inv_temperature, with_entropy, chun
 
 
 @_eager.custom_op("fastattn::linear_token_logprobs_bwd", mutates_args=(),
-                         device_types=_DEVICES)
+                  device_types=_DEVICES)
 def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], x: Tensor,
                                weight: Tensor, target: Tensor, bias: Optional[Tensor], lse: Tensor,
                                entropy: Tensor, ignore_index: int, inv_temperature: float,
