@@ -299,6 +299,43 @@ def test_no_grad_returns_loss_only():
     assert loss.grad_fn is None
 
 
+@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_token_logprobs"])
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_logits_rows_are_aligned(monkeypatch, op, chunk_over):
+    """Every chunk of logits the GEMMs write (forward and backward) has rows a multiple of 64
+    elements apart, at a vocabulary (97) and a vocabulary chunk (40) that are not multiples:
+    the leading dimension cuBLAS's aligned kernels need. The pad columns change nothing: the
+    results equal those of unpadded chunks (alignment 1) to the last bit or, for the GEMMs'
+    blocking, within a few fp32 ulps."""
+    import fastattn.ops.cross_entropy as ce
+    x, w, b, t = make(13, 24, 97)
+    t = t.clamp(min=0) if op == "linear_token_logprobs" else t
+    chunk = 40 if chunk_over == "vocab" else 5
+    strides = []
+    real = ce._linear_into
+    monkeypatch.setattr(ce, "_linear_into",
+                        lambda out, *a: strides.append(out.stride(0)) or real(out, *a))
+
+    g = torch.rand(t.shape, generator=torch.Generator().manual_seed(2)) + 0.5
+    extra = {"reduction": "none"} if op == "linear_cross_entropy" else {}
+
+    def run():
+        leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+        out = getattr(fastattn, op)(leaves[0], leaves[1], t, leaves[2], chunk_size=chunk,
+                                    chunk_over=chunk_over, **extra)
+        return [out, *torch.autograd.grad(out, leaves, g)]
+
+    with fastattn.use_backend("cpu"):
+        padded = run()
+        assert strides and all(s % 64 == 0 for s in strides), strides
+        monkeypatch.setattr(ce, "_LOGITS_ROW_ALIGN", 1)
+        del strides[:]
+        plain = run()
+    assert strides == [97 if chunk_over == "tokens" else 40] * len(strides)
+    for name, a, e in zip(("out", "dx", "dw", "db"), padded, plain):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_default_chunk_bounds_memory():
     # a chunk of logits is about the size of the hidden states, never below 512 rows
     assert default_chunk_size(4096, 512, 32768) == 512

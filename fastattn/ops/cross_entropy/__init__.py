@@ -22,7 +22,6 @@ import os
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
@@ -465,6 +464,44 @@ def _addmm_acc(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
+# Row stride of every chunk of logits, in elements: a multiple of 64. cuBLAS's fastest GEMMs
+# (on Hopper, the TMA-fed ones) want 16-byte aligned leading dimensions, and a vocabulary such
+# as GPT-2's 50257, or a trained BPE's 44532, makes the logits' rows misaligned: every GEMM that
+# reads or writes them (logits, d input, d weight) then falls back to older kernels. On the
+# H200, gpt2-124m at vocabulary 44532 (benchmarks.profile_step, 2026-11-30) ran those three
+# GEMMs as Ampere CUTLASS kernels at ~240 TFLOP/s, ~13.9 ms of a 50 ms step, where the model's
+# aligned GEMMs ran Hopper kernels at ~700 (nanoGPT pads its vocabulary to 50304 for this
+# reason). Padding the row stride, not the vocabulary, keeps the op's results unchanged: the
+# pad columns are never computed or read. On the CPU the padded stride measured even with the
+# dense one (MKL, 512 x 192 x 8191, by hand).
+_LOGITS_ROW_ALIGN = 64
+
+
+def _logits_buffer(like: Tensor, rows: int, cols: int) -> Tensor:
+    """Uninitialised (rows, cols) storage for a chunk of logits in ``like``'s dtype and device,
+    rows _LOGITS_ROW_ALIGN-aligned apart (a plain contiguous tensor when cols is a multiple)."""
+    stride = -(-cols // _LOGITS_ROW_ALIGN) * _LOGITS_ROW_ALIGN
+    return like.new_empty((rows, stride))[:, :cols]
+
+
+def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """out = x @ weight^T + bias in place (``out``: rows of a _logits_buffer; ATen's GEMMs take
+    its row stride as their leading dimension, no copy)."""
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _token_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int):
+    """(start, end, logits of x[start:end]) per chunk of ``chunk`` rows; the logits share one
+    buffer, overwritten by the next chunk."""
+    n_tokens = x.shape[0]
+    buf = _logits_buffer(x, min(chunk, n_tokens), weight.shape[0])
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        yield start, end, _linear_into(buf[:end - start], x[start:end], weight, bias)
+
+
 def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
                    row_fn, want_dx: bool, want_dw: bool):
     """Shared loop: logits = x[s:e] @ W^T + b; ``row_fn(logits, s, e)`` may turn them into
@@ -475,10 +512,8 @@ def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int
     acc = _acc_dtype(weight.dtype)
     dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_dw else None
     db = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_db else None
-    for start in range(0, n_tokens, chunk):
-        end = min(start + chunk, n_tokens)
+    for start, end, logits in _token_chunks(x, weight, bias, chunk):
         xc = x[start:end]
-        logits = F.linear(xc, weight, bias)
         row_fn(logits, start, end)
         if dx is not None:
             torch.mm(logits, weight, out=dx[start:end])
@@ -505,6 +540,17 @@ def default_vocab_chunk_size(n_tokens: int, hidden: int, vocab: int,
 def _vocab_slices(vocab: int, chunk: int):
     for v0 in range(0, vocab, chunk):
         yield v0, min(v0 + chunk, vocab)
+
+
+def _vocab_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int):
+    """(v0, v1, logits of columns v0:v1 for every token) per chunk of ``chunk`` vocabulary
+    columns, in one buffer (as _token_chunks: the last chunk is usually narrower, and its
+    rows stay aligned)."""
+    vocab = weight.shape[0]
+    buf = _logits_buffer(x, x.shape[0], min(chunk, vocab))
+    for v0, v1 in _vocab_slices(vocab, chunk):
+        yield v0, v1, _linear_into(buf[:, :v1 - v0], x, weight[v0:v1],
+                                   None if bias is None else bias[v0:v1])
 
 
 def _slice_target(target: Tensor, valid: Tensor, v0: int, v1: int) -> Tensor:
@@ -545,8 +591,7 @@ def _vocab_stats(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     # a target in range for every row (column 0; its log-prob is not used): token_logprobs_fwd
     # returns 0 for the entropy of an ignored row, and the chunk's entropy may be needed here
     first = torch.zeros(n_tokens, dtype=torch.long, device=x.device)
-    for v0, v1 in _vocab_slices(weight.shape[0], chunk):
-        logits = F.linear(x, weight[v0:v1], None if bias is None else bias[v0:v1])
+    for v0, v1, logits in _vocab_chunks(x, weight, bias, chunk):
         _, ent_c, lse_c = kernels.token_logprobs_fwd(logits, first, -1, inv_temperature,
                                                      with_entropy)
         lse_c = lse_c.to(f64)
@@ -591,9 +636,8 @@ def _vocab_pass2(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     dw = torch.empty_like(weight) if want_dw else None
     db = torch.empty_like(bias) if want_db else None
     scale = row_scale.to(acc).contiguous()
-    for v0, v1 in _vocab_slices(weight.shape[0], chunk):
+    for v0, v1, logits in _vocab_chunks(x, weight, bias, chunk):
         w_chunk = weight[v0:v1]
-        logits = F.linear(x, w_chunk, None if bias is None else bias[v0:v1])
         kernels.cross_entropy_slice_bwd(logits, _slice_target(target, valid, v0, v1), lse,
                                         entropy, scale, grad_entropy, logits, inv_temperature,
                                         target_coef, smoothing)
@@ -668,9 +712,8 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
                 dx, dw, db = _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx,
                                             want_dw)
             else:
-                for start in range(0, n_tokens, chunk_size):
-                    end = min(start + chunk_size, n_tokens)
-                    row_fn(F.linear(x[start:end], weight, bias), start, end)
+                for start, end, logits in _token_chunks(x, weight, bias, chunk_size):
+                    row_fn(logits, start, end)
     if reduction == "none":
         loss = rows
     else:
@@ -1012,10 +1055,8 @@ def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: 
     entropy = torch.zeros(n_tokens if with_entropy else 0, dtype=acc, device=x.device)
     lse = torch.zeros(n_tokens, dtype=acc, device=x.device)
     with torch.no_grad():
-        for start in range(0, n_tokens, chunk_size):
-            end = min(start + chunk_size, n_tokens)
-            lp, ent, ls = kernels.token_logprobs_fwd(F.linear(x[start:end], weight, bias),
-                                                     target[start:end], ignore_index,
+        for start, end, logits in _token_chunks(x, weight, bias, chunk_size):
+            lp, ent, ls = kernels.token_logprobs_fwd(logits, target[start:end], ignore_index,
                                                      inv_temperature, with_entropy)
             logp[start:end], lse[start:end] = lp, ls
             if with_entropy:
