@@ -1218,8 +1218,13 @@ def format_bench_table(report: dict) -> str:
              f"{report['seq_len']}, {report['steps']} timed steps after {report['warmup']} "
              f"warm-up, {report['device']} ({report['device_name']}, {report['threads']} "
              f"threads), torch {report['torch']}, triton {report['triton']}, {report['date']}",
-             f"peak memory: {report['memory']}; ratios against {report['baseline']}",
-             ""]
+             f"peak memory: {report['memory']}; ratios against {report['baseline']}"]
+    vocab = report.get("config", {}).get("vocab_size")
+    if vocab and vocab % 64:
+        lines.append(f"vocabulary {vocab}, not a multiple of 64: plain PyTorch's lm-head GEMMs "
+                     f"read and write unaligned rows of logits (slower kernels on GPUs); "
+                     f"fastattn's linear_cross_entropy pads its rows")
+    lines.append("")
     w = max([14] + [len(r["variant"]) for r in report["results"]])
     lines += [f"| {'variant':<{w}} | {'median step ms':>14} | {'tokens/s':>10} | "
               f"{'peak MB':>8} | {'vs base':>8} | {'mem vs base':>12} | {'final loss':>10} |",

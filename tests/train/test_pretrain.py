@@ -249,6 +249,9 @@ def test_bench(tmp_path, cache, capsys):
     captured = capsys.readouterr()
     assert "| fastattn" in captured.out
     assert "| torch eager" in format_bench_table(report)
+    assert report["config"]["vocab_size"] % 64 or "not a multiple of 64" not in captured.out
+    report["config"]["vocab_size"] = 44532          # an unaligned vocabulary is pointed out
+    assert "vocabulary 44532, not a multiple of 64" in format_bench_table(report)
     # each variant's line as it ends (what a run cut off by a time limit still leaves)
     line = next(x for x in captured.err.splitlines() if x.startswith("bench: fastattn done in"))
     assert f"median step {1e3 * rows[1]['step_time_median_s']:.1f} ms" in line
