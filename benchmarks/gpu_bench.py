@@ -364,6 +364,42 @@ def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
         del q, kc, vc
 
 
+def norm_cases(results, tokens=16384):
+    """A pre-norm block's seam under autocast: s = x + branch (x the fp32 residual stream, branch
+    a bf16 matmul output), y = norm(s) in bf16 for the next matmul, forward and backward with
+    gradients into y and s. GPT-2's rows (LayerNorm, 768) and Llama's (RMSNorm, 4096). Bytes
+    per element, whoever runs it: forward reads branch (2) and x (4), writes s (4) and y (2);
+    backward reads dy (2), ds (4) and s (4), writes d x (4) and d branch (2): 28."""
+    for kind, d in (("LayerNorm", 768), ("RMSNorm", 4096)):
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        x = torch.randn(tokens, d, device=DEVICE, generator=g).requires_grad_()
+        branch = torch.randn(tokens, d, device=DEVICE, generator=g).to(DTYPE).requires_grad_()
+        w = (torch.rand(d, device=DEVICE, generator=g) + 0.5).requires_grad_()
+        b = torch.randn(d, device=DEVICE, generator=g).requires_grad_()
+        dy = torch.randn(tokens, d, device=DEVICE, generator=g).to(DTYPE)
+        ds = torch.randn(tokens, d, device=DEVICE, generator=g)
+        rms = kind == "RMSNorm"
+
+        def eager(x, branch, w, b, rms=rms, d=d):   # what autocast runs: the norm in fp32,
+            s = x + branch                           # then the next matmul's cast
+            y = F.rms_norm(s, (d,), w, 1e-5) if rms else F.layer_norm(s, (d,), w, b)
+            return y.to(DTYPE), s
+
+        def ours(x, branch, w, b, rms=rms, d=d):
+            if rms:
+                return fastattn.rms_norm(branch, d, w, 1e-5, residual=x, out_dtype=DTYPE)
+            return fastattn.layer_norm(branch, d, w, b, residual=x, out_dtype=DTYPE)
+
+        impls = {"fastattn": ours, "torch eager": eager, "torch.compile": torch.compile(eager)}
+        for impl, fn in impls.items():
+            def step(fn=fn):
+                for t in (x, branch, w, b):
+                    t.grad = None
+                torch.autograd.backward(fn(x, branch, w, b), (dy, ds))
+            _record(results, f"add + {kind} fwd+bwd {tokens}x{d} {_dt()} (fp32 stream)", impl,
+                    step, 28 * tokens * d, "GB/s")
+
+
 def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 11008),
               mlp=(1024, 4096)):
     """SwiGLU 4096 -> 11008 and GELU MLP 1024 -> 4096 (dim, hidden), bf16. FLOPs: 2*T*D*F per matmul; an MLP
@@ -510,7 +546,7 @@ def _record(results, case, impl, step, work, unit, graph=False):
 
 
 CASE_GROUPS = ("attention", "decode_attention", "cross_entropy", "linear_cross_entropy",
-               "adamw", "clip_grad_norm", "token_logprobs", "ffn", "attention_variants",
+               "adamw", "clip_grad_norm", "token_logprobs", "ffn", "norm", "attention_variants",
                "ffn_variants", "ffn_gemm", "optim_compiled", "flex_attention", "attention_sweep")
 
 
@@ -553,6 +589,7 @@ def main() -> int:
         # on 2026-11-29 it used the last of a budget the build had shortened, so that no
         # cross-entropy, AdamW or clipping number came back
         ("ffn", lambda: ffn_cases(results, deadline, tokens=16384 // scale)),
+        ("norm", lambda: norm_cases(results, tokens=16384 // scale)),
         # fastattn's alternative attention kernels at the headline shape, beside its default
         ("attention_variants", lambda: attention_cases(results, deadline, [(128, 4096)],
                                                        tokens=16384 // scale, variants=True)),

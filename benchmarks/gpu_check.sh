@@ -130,7 +130,7 @@ if [ $mode = train ]; then
     stamp "end-to-end training step, gpt2-124m (${budget} s)"
     timeout "$budget" $PY -m fastattn.train bench --preset gpt2-124m --device cuda --batch-size 16 \
       --seq-len 1024 --steps 8 --warmup 2 \
-      --variants "torch eager,fastattn,torch.compile,fastattn + torch.compile" \
+      --variants "torch eager,fastattn,torch.compile,fastattn + torch.compile,fastattn (plain norms)" \
       --out "$OUT/train_bench" >"$OUT/train_bench.log" 2>&1
     rc=$?; echo "train bench exit $rc"; [ $rc -eq 0 ] || failed="$failed train"
   fi
@@ -163,12 +163,11 @@ if [ $mode = train ]; then
 fi
 
 stamp "gpu tests (FASTATTN_AUTOTUNE=0: one pruned config per shape)"
-# Files in priority order (the kernels changed since the last GPU run first: on 2026-11-30 the
-# vocabulary-chunked linear cross-entropy, the sliced FFN epilogues, the attention tuning space
-# and the whole-tensor AdamW launches), one line per test in the log, and each failure's
-# traceback in gpu_test_failures.txt as it happens, so that a run cut off by the time limit
-# still tells what passed, what failed and why.
-gpu_files="tests/ops/test_linear_cross_entropy.py tests/ops/test_ffn_triton.py
+# Files in priority order (the kernels changed since the last GPU run first: after 2026-11-30
+# the Triton norms (new) and the linear cross-entropy's aligned logits rows), one line per
+# test in the log, and each failure's traceback in gpu_test_failures.txt as it happens, so
+# that a run cut off by the time limit still tells what passed, what failed and why.
+gpu_files="tests/ops/test_norm.py tests/ops/test_linear_cross_entropy.py tests/ops/test_ffn_triton.py
   tests/ops/test_ffn_kernels.py tests/ops/test_attention_triton.py tests/ops/test_triton_recompiles.py
   tests/optim tests/ops/test_attention.py tests/ops/test_attention_decode.py tests/models/test_gpt.py
   tests/ops/test_ffn.py tests/nn tests/ops/test_cross_entropy.py tests/ops/test_token_logprobs.py tests"

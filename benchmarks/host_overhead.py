@@ -61,10 +61,19 @@ def cases(device: str) -> dict:
         "cross_entropy, no grad (8 x 512)": (
             lambda: fastattn.cross_entropy(logits, tgt),
             lambda: F.cross_entropy(logits, tgt)),
+        "layer_norm + residual, no grad (8 x 64)": (
+            lambda: fastattn.layer_norm(x, 64, b2, b2, residual=logits[:, :64]),
+            lambda: (lambda s: (F.layer_norm(s, (64,), b2, b2), s))(x + logits[:, :64])),
         # with a gradient to record: forward and backward (what a training step pays)
         "flash_attention causal, forward+backward (B=2, H=4, S=16, D=32)": (
             lambda: fastattn.flash_attention(qg, kg, vg, causal=True).sum().backward(),
             lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward(),
+            GRAD),
+        "layer_norm + residual, forward+backward (8 x 64)": (
+            lambda: torch.autograd.backward(
+                fastattn.layer_norm(xg, 64, b2, b2, residual=logits[:, :64]), (x, x)),
+            lambda: torch.autograd.backward(
+                (lambda s: (F.layer_norm(s, (64,), b2, b2), s))(xg + logits[:, :64]), (x, x)),
             GRAD),
         "mlp gelu, forward+backward (8 x 64 -> 256)": (
             lambda: fastattn.mlp(xg, w1g, b1, w2g, b2, activation="gelu").sum().backward(),

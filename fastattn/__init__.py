@@ -11,6 +11,7 @@ from .ops.attention import (
     varlen_attention,
 )
 from .ops.ffn import mlp, swiglu
+from .ops.norm import layer_norm, rms_norm
 from .ops.cross_entropy import (
     cross_entropy,
     linear_cross_entropy,
@@ -32,6 +33,8 @@ __all__ = [
     "decode_attention",
     "mlp",
     "swiglu",
+    "layer_norm",
+    "rms_norm",
     "cross_entropy",
     "linear_cross_entropy",
     "token_logprobs",

@@ -51,7 +51,23 @@ def _cases():
     fw3 = torch.randn(12, 8, generator=g, requires_grad=True)
     fh = torch.randn(6, 12, generator=g)
     fdo = torch.randn(6, 8, generator=g)
+    import fastattn.ops.norm  # noqa: F401  (registers the norm ops)
+    nx = torch.randn(5, 24, generator=g, requires_grad=True)
+    nr = torch.randn(5, 24, generator=g, requires_grad=True)
+    nw = (torch.rand(24, generator=g) + 0.5).requires_grad_()
+    nb = torch.randn(24, generator=g, requires_grad=True)
+    _, ns, nmean, nrstd = ops.norm_fwd(nx.detach(), nr.detach(), None, None, 1e-5, False,
+                                       torch.float32)
     return [
+        ("norm_residual", ops.norm_fwd.default, (nx, nr, nw, nb, 1e-5, False, torch.float32)),
+        ("norm_rms_bf16_out", ops.norm_fwd.default,
+         (nx.detach().bfloat16().requires_grad_(), None, nw, None, 1e-6, True, torch.bfloat16)),
+        ("norm_bwd", ops.norm_bwd.default,
+         (torch.randn(5, 24, generator=g), torch.randn(5, 24, generator=g), ns, nw.detach(),
+          nmean, nrstd, False, True, True, None)),
+        ("norm_bwd_bf16_dx", ops.norm_bwd.default,
+         (torch.randn(5, 24, generator=g).bfloat16(), None, ns, None, nmean.new_empty(0), nrstd,
+          True, False, False, torch.bfloat16)),
         ("mlp", ops.mlp_fwd.default, (fx, fw1, fb1, fw2, None, "gelu")),
         ("mlp_bwd", ops.mlp_bwd.default,
          (fdo, fx.detach(), fw1.detach(), fh, fw2.detach(), "silu", True, False)),
@@ -216,6 +232,29 @@ def test_compile_ffn_fullgraph_matches_eager():
     grads = torch.autograd.grad(eager, (x, w1, b1, w2, w3))
     compiled = torch.compile(fn, fullgraph=True)(x, w1, b1, w2, w3)
     cgrads = torch.autograd.grad(compiled, (x, w1, b1, w2, w3))
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(cgrads, grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_compile_norm_fullgraph_matches_eager():
+    """The norms with the residual add and a bf16 output, compiled with the eager glue around
+    them (what a compiled GPT block does)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(4)
+    x, branch = (torch.randn(2, 5, 24, generator=g, requires_grad=True) for _ in range(2))
+    w, b = torch.randn(24, generator=g, requires_grad=True), torch.randn(24, generator=g,
+                                                                          requires_grad=True)
+
+    def fn(x, branch, w, b):
+        y, s = fastattn.layer_norm(branch * 2, 24, w, b, residual=x, out_dtype=torch.bfloat16)
+        z, s2 = fastattn.rms_norm(y.float().relu(), 24, w, residual=s)
+        return (z * s2).sum() + fastattn.layer_norm(s, [24]).square().sum()
+    leaves = (x, branch, w, b)
+    eager = fn(*leaves)
+    grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(fn, fullgraph=True)(*leaves)
+    cgrads = torch.autograd.grad(compiled, leaves)
     torch.testing.assert_close(compiled, eager)
     for a, e in zip(cgrads, grads):
         torch.testing.assert_close(a, e)

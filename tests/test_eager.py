@@ -29,6 +29,7 @@ def _inputs(leaves=None):
     logits = r(5, 33)
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)
     qv, kv = r(10, 4, 16), r(10, 2, 16)
+    branch, nw, nb = r(5, 12), r(12), r(12)
     return {
         "decode_attention": lambda: fastattn.decode_attention(q1, kc, vc, lens),
         "flash_attention": lambda: fastattn.flash_attention(q, k, v, causal=True),
@@ -43,6 +44,8 @@ def _inputs(leaves=None):
         "token_logprobs": lambda: fastattn.token_logprobs(logits, tgt, return_entropy=True),
         "linear_token_logprobs": lambda: fastattn.linear_token_logprobs(x, wv, tgt,
                                                                         return_entropy=True),
+        "layer_norm": lambda: fastattn.layer_norm(branch, 12, nw, nb, residual=x),
+        "rms_norm": lambda: fastattn.rms_norm(x, 12, nw),
     }
 
 

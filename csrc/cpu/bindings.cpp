@@ -338,6 +338,89 @@ void adam_step(const TensorList& params, const TensorList& grads, const TensorLi
                            inv_scale, found_inf);
 }
 
+// ---- layer norm / RMS norm ---------------------------------------------------------------------
+
+// A 2-D (N, D), D >= 1, contiguous strided CPU tensor of a dtype the norm kernels handle.
+void check_norm_input(const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
+  FA_CHECK(t.layout() == at::kStrided, "fastattn._C: ", name, " must be a dense (strided) "
+           "tensor, got layout ", t.layout());
+  FA_CHECK(t.dim() == 2, "fastattn._C: ", name, " must be 2-D (rows, features), got shape ",
+           shape_str(t));
+  const auto dt = t.scalar_type();
+  FA_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+           "fastattn._C: ", name, " must be float32, float16, bfloat16 or float64, got ", dt);
+  FA_CHECK(t.size(1) >= 1, "fastattn._C: ", name, " must have at least 1 feature (D >= 1), "
+           "got shape ", shape_str(t));
+  FA_CHECK(t.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got shape ",
+           shape_str(t), " with strides ", t.strides());
+}
+
+// t: the dtype and shape of ref, contiguous, on the CPU.
+void check_norm_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                     const char* ref_name) {
+  check_cpu(t, name);
+  FA_CHECK(t.layout() == at::kStrided, "fastattn._C: ", name, " must be a dense (strided) "
+           "tensor, got layout ", t.layout());
+  FA_CHECK(t.scalar_type() == ref.scalar_type(), "fastattn._C: ", name,
+           " must have the dtype of ", ref_name, " (", ref.scalar_type(), "), got ",
+           t.scalar_type());
+  FA_CHECK(t.sizes() == ref.sizes(), "fastattn._C: ", name, " must have the shape of ",
+           ref_name, " ", shape_str(ref), ", got ", shape_str(t));
+  FA_CHECK(t.is_contiguous(), "fastattn._C: ", name, " must be contiguous, got strides ",
+           t.strides());
+}
+
+// weight / bias: (D,) in the acc dtype (float64 for float64 inputs, float32 otherwise).
+void check_norm_param(const std::optional<at::Tensor>& t, const char* name,
+                      const at::Tensor& ref) {
+  if (!t.has_value()) return;
+  check_cpu(*t, name);
+  FA_CHECK(t->layout() == at::kStrided, "fastattn._C: ", name, " must be a dense (strided) "
+           "tensor, got layout ", t->layout());
+  const auto acc = acc_dtype_of(ref);
+  FA_CHECK(t->scalar_type() == acc, "fastattn._C: ", name, " must have dtype ", acc,
+           " (the accumulation dtype of ", ref.scalar_type(), " inputs), got ",
+           t->scalar_type());
+  check_vector(*t, name, acc, ref.size(1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool rms) {
+  check_norm_input(x, "x");
+  if (residual.has_value()) check_norm_like(*residual, "residual", x, "x");
+  check_norm_param(weight, "weight", x);
+  FA_CHECK(!(rms && bias.has_value()), "fastattn._C: bias must be None for RMS norm "
+           "(rms=True), got a tensor of shape ", bias.has_value() ? shape_str(*bias) : "");
+  check_norm_param(bias, "bias", x);
+  FA_CHECK(std::isfinite(eps) && eps >= 0.0, "fastattn._C: eps must be finite and >= 0, got ",
+           eps);
+  return fastattn::cpu::norm_fwd(x, residual, weight, bias, eps, rms);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
+    const at::Tensor& dy, const std::optional<at::Tensor>& dsum, const at::Tensor& s,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    bool rms, bool want_dweight, bool want_dbias) {
+  check_norm_input(s, "s");
+  check_norm_like(dy, "dy", s, "s");
+  if (dsum.has_value()) check_norm_like(*dsum, "dsum", s, "s");
+  check_norm_param(weight, "weight", s);
+  const int64_t N = s.size(0);
+  const auto acc = acc_dtype_of(s);
+  if (rms) {
+    FA_CHECK(mean.dim() == 1 && mean.size(0) == 0, "fastattn._C: mean must be an empty (0,) "
+             "tensor for RMS norm (rms=True), got shape ", shape_str(mean));
+    check_vector(mean, "mean", acc, 0);
+  } else {
+    check_vector(mean, "mean", acc, N);
+  }
+  check_vector(rstd, "rstd", acc, N);
+  return fastattn::cpu::norm_bwd(dy, dsum, s, weight, mean, rstd, rms, want_dweight, want_dbias);
+}
+
 // ---- attention -------------------------------------------------------------------------------
 
 // q (B, H, Sq, D); k, v (B, Hkv, Sk, D) with H % Hkv == 0; one dtype; last dim contiguous.
@@ -570,6 +653,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
         py::arg("decoupled"), py::arg("amsgrad"), py::arg("maximize"), py::arg("inv_scale"),
         py::arg("found_inf"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("norm_fwd", &norm_fwd,
+        "Layer norm (rms=False) or RMS norm of s = x + residual (s = x without one): "
+        "(y, s, mean, rstd); s is empty without a residual, mean empty for rms "
+        "(fastattn/ops/norm/reference.py)",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::arg("rms"), py::call_guard<py::gil_scoped_release>());
+  m.def("norm_bwd", &norm_bwd,
+        "Norm backward: (ds, dweight, dbias) from the forward's s, mean and rstd; ds includes "
+        "dsum (the gradient at s) when given; dweight / dbias are empty unless wanted",
+        py::arg("dy"), py::arg("dsum"), py::arg("s"), py::arg("weight"), py::arg("mean"),
+        py::arg("rstd"), py::arg("rms"), py::arg("want_dweight"), py::arg("want_dbias"),
+        py::call_guard<py::gil_scoped_release>());
 
   m.def("attention_fwd", &attention_fwd,
         "Tiled flash-attention forward: (out, lse) (fastattn/ops/attention/reference.py)",

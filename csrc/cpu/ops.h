@@ -94,6 +94,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_bwd(const at::Tensor& dm, con
                                                        const at::Tensor& u,
                                                        const std::string& activation);
 
+// ---- layer norm / RMS norm (fastattn/ops/norm/reference.py) -----------------------------
+// All tensors contiguous. x (N, D), D >= 1, float32/float16/bfloat16/float64; acc dtype =
+// float64 for float64 x, float32 otherwise (all math in acc). residual (N, D) in x's dtype or
+// none; weight, bias (D,) in acc dtype or none (weight 1 / bias 0); rms: bias none.
+// s = x + residual, rounded to x's dtype (s = x without a residual); statistics come from s:
+// layer norm mean = mean_j s_j, var = mean_j (s_j - mean)^2 (biased), rstd = 1 / sqrt(var + eps),
+// y = (s - mean) rstd w + b; RMS norm rstd = 1 / sqrt(mean_j s_j^2 + eps), y = s rstd w.
+// Returns (y (N, D) in x's dtype, s (N, D) -- an empty (0,) tensor without a residual,
+// mean (N,) acc -- empty (0,) for rms, rstd (N,) acc).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd(
+    const at::Tensor& x, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool rms);
+
+// dy (N, D) and dsum (N, D) or none in s's dtype; s the forward's s (x itself without a
+// residual); weight (D,) acc or none; mean (N,) acc (empty (0,) for rms), rstd (N,) acc.
+// With xhat = (s - mean) rstd (rms: s rstd) and g = dy w:
+//   ds = rstd (g - mean_j g_j - xhat mean_j(g_j xhat_j)) + dsum   (rms: without mean_j g_j).
+// Returns (ds (N, D) in s's dtype, dweight = sum_rows dy xhat, dbias = sum_rows dy), the two
+// (D,) in acc dtype (zeros for N == 0), each an empty (0,) tensor when not wanted; they are
+// bitwise the same for any thread count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd(
+    const at::Tensor& dy, const std::optional<at::Tensor>& dsum, const at::Tensor& s,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd,
+    bool rms, bool want_dweight, bool want_dbias);
+
 // ---- attention (fastattn/ops/attention/reference.py) ------------------------------------
 // q (B, H, Sq, D); k, v (B, Hkv, Sk, D), H % Hkv == 0, float32/float16/bfloat16, head_dim
 // contiguous; bias float32 (B, H, Sq, Sk) with any strides (0 = broadcast) or none.

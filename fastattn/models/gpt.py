@@ -9,8 +9,10 @@ Two backends run the same parameters:
 * ``"torch"``: ``F.scaled_dot_product_attention``, the same FFN submodules called eagerly,
   ``F.cross_entropy(F.linear(...))``, ``torch.optim.AdamW``.
 
-Norms and rotary embeddings are plain PyTorch on both. ``set_backend`` switches kernels only:
-the state_dict is the same, so a checkpoint of one backend loads into the other.
+The norms run ``fastattn.layer_norm`` / ``rms_norm`` with the residual add before them fused
+in (``add_norm``), or the plain modules; rotary embeddings are plain PyTorch on both.
+``set_backend`` switches kernels only: the state_dict is the same, so a checkpoint of one
+backend loads into the other.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastattn
+from fastattn import _autocast
 from fastattn.nn import MLP, SwiGLU
 
 BACKENDS = ("fastattn", "torch")
@@ -368,8 +371,33 @@ def make_norm(cfg: GPTConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=NORM_EPS, bias=cfg.bias)
 
 
+def add_norm(norm: nn.Module, x: Tensor, branch: Optional[Tensor], backend: str,
+             cast: bool = True) -> tuple[Tensor, Tensor]:
+    """(norm(s), s) for the residual stream s = x + branch (branch None: s = x).
+
+    fastattn: one pass of fastattn.layer_norm / rms_norm that adds, normalizes and, with
+    ``cast`` inside torch.autocast, writes the normalized rows in the autocast dtype, which is
+    what the matmul after the norm would cast them to (the same rounding). torch: the add and
+    the module, as written."""
+    if backend == "torch":
+        s = x if branch is None else x + branch
+        return norm(s), s
+    autocast = _autocast.dtype(x.device.type) if cast else None
+    if isinstance(norm, nn.RMSNorm):
+        fn, params = fastattn.rms_norm, (norm.weight,)
+    else:
+        fn, params = fastattn.layer_norm, (norm.weight, norm.bias)
+    if branch is None:
+        return fn(x, norm.normalized_shape, *params, norm.eps, out_dtype=autocast), x
+    return fn(branch, norm.normalized_shape, *params, norm.eps, residual=x, out_dtype=autocast)
+
+
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    ``forward`` takes and returns the residual stream as ``(x, branch)``, the stream being
+    ``x + branch``: the block's last add (its MLP output) is left to the next norm, so that on
+    the fastattn backend every residual add runs inside a norm's pass (``add_norm``)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -382,10 +410,14 @@ class Block(nn.Module):
             self.mlp = MLP(cfg.d_model, cfg.ffn_dim, activation="gelu", bias=cfg.bias)
         self.mlp_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, backend: str, rotary: Optional[Rotary], pos: int = 0,
-                cache: Optional[KVCache] = None, packed: Optional[Packed] = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), backend, rotary, pos, cache, packed)
-        return x + self.mlp_drop(feed_forward(self.mlp, self.norm2(x), backend))
+    def forward(self, x: Tensor, branch: Optional[Tensor], backend: str,
+                rotary: Optional[Rotary], pos: int = 0, cache: Optional[KVCache] = None,
+                packed: Optional[Packed] = None,
+                norms: Optional[str] = None) -> tuple[Tensor, Tensor]:
+        norms = norms or backend     # the norms' backend (add_norm)
+        h, x = add_norm(self.norm1, x, branch, norms)
+        h, x = add_norm(self.norm2, x, self.attn(h, backend, rotary, pos, cache, packed), norms)
+        return x, self.mlp_drop(feed_forward(self.mlp, h, backend))
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,13 +467,18 @@ def _check_shared_layout(fn: str, total: int, cu_q: list, kv: list,
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig, backend: str = "fastattn"):
+    def __init__(self, config: GPTConfig, backend: str = "fastattn", *, fused_norms: bool = True):
+        """``fused_norms=False``: the fastattn backend runs its norms as the torch backend does
+        (a plain add, then the module), for measuring what the fused ones buy."""
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
+        if not isinstance(fused_norms, bool):
+            raise TypeError(f"GPT: fused_norms must be a bool, got {fused_norms!r}")
         config.validate()
         self.config = config
         self.backend = _check_backend(backend)
+        self.fused_norms = fused_norms
 
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model) \
@@ -506,11 +543,13 @@ class GPT(nn.Module):
             else:
                 where = torch.arange(pos, pos + idx.shape[1], device=idx.device)
             x = x + self.wpe(where)
-        x = self.drop(x)
+        x, branch = self.drop(x), None
+        norms = self.backend if getattr(self, "fused_norms", True) else "torch"
         for i, block in enumerate(self.blocks):
-            x = block(x, self.backend, self.rotary, pos, None if caches is None else caches[i],
-                      packed)
-        return self.norm_f(x)
+            x, branch = block(x, branch, self.backend, self.rotary, pos,
+                              None if caches is None else caches[i], packed, norms)
+        # Not cast: the hidden states keep the dtype they have on the torch backend.
+        return add_norm(self.norm_f, x, branch, norms, cast=False)[0]
 
     def hidden_states(self, idx: Tensor) -> Tensor:
         """(B, T, d_model) after the final norm: the input of lm_head (for log-prob losses)."""

@@ -3,5 +3,7 @@
 from .attention import MultiheadAttention
 from .ffn import MLP, SwiGLU
 from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
+from .norm import LayerNorm, RMSNorm
 
-__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss", "MLP", "MultiheadAttention", "SwiGLU"]
+__all__ = ["CrossEntropyLoss", "LayerNorm", "LinearCrossEntropyLoss", "MLP", "MultiheadAttention",
+           "RMSNorm", "SwiGLU"]

@@ -166,8 +166,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    "peak-RSS of one variant is not hidden in memory freed by another)")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of: " + ", ".join(BENCH_VARIANTS)
-                   + " (the first is the baseline of the ratios; default: all; --stage sft / "
-                   "dpo / grpo: torch eager, fastattn)")
+                   + " (the first is the baseline of the ratios; default: all but "
+                   + ", ".join(OPTIONAL_VARIANTS) + "; --stage sft / dpo / grpo: torch eager, "
+                   "fastattn)")
     p.add_argument("--stage", choices=("pretrain", "sft", "dpo", "grpo"), default="pretrain",
                    help="the step to time: pretraining, or one SFT / DPO / GRPO step phase by "
                    "phase (fastattn/train/align_bench.py)")
@@ -1022,13 +1023,18 @@ BENCH_VARIANTS = {            # name: (backend, compile)
     "torch eager": ("torch", False),
     "torch.compile": ("torch", True),
     "fastattn": ("fastattn", False),
-    # fastattn's ops stay opaque custom ops; the compiler fuses what lies between them (norms,
-    # residual adds, casts) and calls them with less Python around each
+    # fastattn's ops stay opaque custom ops; the compiler fuses what lies between them (the
+    # rotary embedding, casts) and calls them with less Python around each
     "fastattn + torch.compile": ("fastattn", True),
+    # the norms as on the torch backend (a plain add, then nn.LayerNorm / nn.RMSNorm): what the
+    # fused norms buy, against the host time of one more custom op per norm
+    "fastattn (plain norms)": ("fastattn", False),
 }
+# Variants that are not in the default list (run them by name with --variants).
+OPTIONAL_VARIANTS = ("fastattn (plain norms)",)
 
 
-def bench_model(args, cfg, backend: str, device: torch.device):
+def bench_model(args, cfg, backend: str, device: torch.device, plain_norms: bool = False):
     """A benchmark variant's model (seeded), its optimizer and clipping function, and the
     memory in use before they were built (the base its peak is measured from)."""
     from ..models.gpt import GPT
@@ -1039,7 +1045,7 @@ def bench_model(args, cfg, backend: str, device: torch.device):
     else:
         base = _reset_cpu_peak()
     _seed_all(args.seed)
-    model = GPT(cfg, backend=backend).to(device)
+    model = GPT(cfg, backend=backend, fused_norms=not plain_norms).to(device)
     opt = model.configure_optimizer(args.lr, args.weight_decay)
     if backend == "fastattn":
         from ..optim import clip_grad_norm_
@@ -1064,7 +1070,8 @@ def _bench_variant(args, corpus, name: str) -> dict:
                for i in range(args.warmup + args.steps)]
     import gc
     gc.collect()
-    model, opt, clip_grad_norm_, base = bench_model(args, cfg, backend, device)
+    model, opt, clip_grad_norm_, base = bench_model(args, cfg, backend, device,
+                                                    plain_norms=name in OPTIONAL_VARIANTS)
     fwd = torch.compile(model) if compile_ else model
     times, losses = [], []
     for i, (x, y) in enumerate(batches):
@@ -1107,7 +1114,8 @@ def bench(args: argparse.Namespace) -> dict:
     isolate = args.isolate == "yes" or (args.isolate == "auto" and device.type == "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [n.strip() for n in (args.variants or ",".join(BENCH_VARIANTS)).split(",")
+    default = ",".join(n for n in BENCH_VARIANTS if n not in OPTIONAL_VARIANTS)
+    names = [n.strip() for n in (args.variants or default).split(",")
              if n.strip()]
     unknown = [n for n in names if n not in BENCH_VARIANTS]
     if unknown or not names:

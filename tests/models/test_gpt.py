@@ -73,6 +73,35 @@ def test_backends_same_logits_and_grads(name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_norms_are_what_the_plain_ones_compute(name, monkeypatch):
+    """The fastattn backend's norms with their residual adds fused in (the default) against the
+    same model with plain ones (fused_norms=False): same loss and gradients; the fused model
+    calls the norm op once per norm (2 per block, the final one), the plain one never."""
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    fused = GPT(cfg, backend="fastattn")
+    plain = GPT(cfg, backend="fastattn", fused_norms=False)
+    plain.load_state_dict(fused.state_dict())
+    idx, tgt = _tokens(cfg), _tokens(cfg, seed=3)
+    import fastattn.ops.norm as norm_ops
+    calls = []
+    real = norm_ops._norm
+    monkeypatch.setattr(norm_ops, "_norm", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    res = []
+    for model in (fused, plain):
+        del calls[:]
+        loss = model(idx, tgt)
+        (1.5 * loss).backward()
+        res.append((loss.detach(), _grads(model), len(calls)))
+    assert res[0][2] == 2 * cfg.n_layer + 1 and res[1][2] == 0
+    torch.testing.assert_close(res[0][0], res[1][0], **TOL)
+    for n in res[0][1]:
+        _close(res[0][1][n], res[1][1][n], msg=n)
+    with pytest.raises(TypeError, match="fused_norms must be a bool"):
+        GPT(cfg, fused_norms="yes")
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_backends_same_loss_and_grads(name):
     cfg = CONFIGS[name]
     a, b = _pair(cfg)

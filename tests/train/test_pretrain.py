@@ -236,10 +236,11 @@ def test_bench(tmp_path, cache, capsys):
     # torch.compile (tens of seconds to compile on 2 cores) is left to the measured CLI run
     assert main(["bench", *MODEL,
                  "--cache-dir", cache, "--out", str(tmp_path), "--steps", "2", "--warmup", "1",
-                 "--variants", "torch eager,fastattn", "--isolate", "no"]) == 0
+                 "--variants", "torch eager,fastattn,fastattn (plain norms)",
+                 "--isolate", "no"]) == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["results"]
-    assert [r["variant"] for r in rows] == ["torch eager", "fastattn"]
+    assert [r["variant"] for r in rows] == ["torch eager", "fastattn", "fastattn (plain norms)"]
     assert all("error" not in r for r in rows)
     assert rows[0]["speedup_vs_baseline"] == 1.0 and rows[1]["tokens_per_s"] > 0
     # the same steps: the same batches and initial weights, losses agree
