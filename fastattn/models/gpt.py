@@ -544,7 +544,7 @@ class GPT(nn.Module):
                 where = torch.arange(pos, pos + idx.shape[1], device=idx.device)
             x = x + self.wpe(where)
         x, branch = self.drop(x), None
-        norms = self.backend if getattr(self, "fused_norms", True) else "torch"
+        norms = self.backend if self.fused_norms else "torch"
         for i, block in enumerate(self.blocks):
             x, branch = block(x, branch, self.backend, self.rotary, pos,
                               None if caches is None else caches[i], packed, norms)
