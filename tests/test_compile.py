@@ -65,6 +65,9 @@ def _cases():
         ("norm_bwd", ops.norm_bwd.default,
          (torch.randn(5, 24, generator=g), torch.randn(5, 24, generator=g), ns, nw.detach(),
           nmean, nrstd, False, True, True, None)),
+        ("norm_bwd_transposed_s_fp32_dx", ops.norm_bwd.default,
+         (torch.randn(5, 24, generator=g), None, ns.t().contiguous().t(), nw.detach(), nmean,
+          nrstd, False, True, False, torch.float32)),
         ("norm_bwd_bf16_dx", ops.norm_bwd.default,
          (torch.randn(5, 24, generator=g).bfloat16(), None, ns, None, nmean.new_empty(0), nrstd,
           True, False, False, torch.bfloat16)),
@@ -249,7 +252,9 @@ def test_compile_norm_fullgraph_matches_eager():
     def fn(x, branch, w, b):
         y, s = fastattn.layer_norm(branch * 2, 24, w, b, residual=x, out_dtype=torch.bfloat16)
         z, s2 = fastattn.rms_norm(y.float().relu(), 24, w, residual=s)
-        return (z * s2).sum() + fastattn.layer_norm(s, [24]).square().sum()
+        # rows that are a transposed view (backward's d input is contiguous all the same)
+        t = fastattn.layer_norm(s.reshape(10, 24).t().contiguous().t(), 24, w)
+        return (z * s2).sum() + fastattn.layer_norm(s, [24]).square().sum() + t.square().sum()
     leaves = (x, branch, w, b)
     eager = fn(*leaves)
     grads = torch.autograd.grad(eager, leaves)

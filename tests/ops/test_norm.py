@@ -125,9 +125,48 @@ def test_float64(backend):
         check("cpu", backend, torch.float64, rms, torch.float64, eps=1e-6)
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_strided_weight_and_bias(device, backend):
+    """Parameters that are views with a stride (a column of a matrix) are read as such."""
+    g = torch.Generator().manual_seed(7)
+    x, r = (torch.randn(5, 16, generator=g).to(device) for _ in range(2))
+    w = torch.randn(16, 2, generator=g).to(device)[:, 0].requires_grad_()
+    b = torch.randn(16, 3, generator=g).to(device)[:, 1]
+    with fastattn.use_backend(backend):
+        y, s = fastattn.layer_norm(x, 16, w, b, residual=r)
+        z = fastattn.rms_norm(x, 16, w, 1e-5)
+        (dw,) = torch.autograd.grad((y * z).sum(), w)
+    w64, b64 = w.detach().double(), b.double()
+    y64 = F.layer_norm((x + r).double(), (16,), w64, b64)
+    z64 = _rms_norm64(x.double(), (16,), w64, 1e-5)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.double(), z64, rtol=1e-5, atol=1e-5)
+    w64.requires_grad_()
+    (dw64,) = torch.autograd.grad((F.layer_norm((x + r).double(), (16,), w64, b64)
+                                   * _rms_norm64(x.double(), (16,), w64, 1e-5)).sum(), w64)
+    torch.testing.assert_close(dw.double(), dw64, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_float16_and_bfloat16_round_once(backend):
+    """Rows in one half dtype, output in the other: y is the float32 result rounded once."""
+    g = torch.Generator().manual_seed(8)
+    for rows, out in ((torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)):
+        x = (torch.randn(6, 40, generator=g) * 3).to(rows)
+        w = torch.rand(40, generator=g) * 100
+        with fastattn.use_backend(backend):
+            y = fastattn.layer_norm(x, 40, w, out_dtype=out)
+        torch.testing.assert_close(y, F.layer_norm(x.float(), (40,), w).to(out), rtol=0, atol=0)
+
+
 def test_defaults_follow_torch():
-    """eps defaults as torch's (1e-5; finfo(dtype).eps for rms_norm); inside the CPU's autocast
-    the output dtype is F.layer_norm's there (the input's)."""
+    """eps defaults as torch's (1e-5; for rms_norm the accumulation dtype's epsilon, current
+    torch's rule); inside the CPU's autocast the output dtype is F.layer_norm's there (the
+    input's)."""
+    xb = (torch.randn(4, 64) * 0.01).bfloat16()
+    y64 = xb.double() * torch.rsqrt(xb.double().square().mean(-1, keepdim=True)
+                                    + torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(fastattn.rms_norm(xb, 64), y64.bfloat16(), rtol=0, atol=0)
     x = torch.randn(4, 33, dtype=torch.bfloat16)
     w = torch.rand(33) + 0.5
     ours = fastattn.rms_norm(x.float(), [33], w)

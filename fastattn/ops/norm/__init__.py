@@ -56,9 +56,10 @@ def _unit_cols(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _wider(a: torch.dtype, b: torch.dtype) -> bool:
-    """Whether a holds more precision than b (rounding a value to b would lose some)."""
-    return a != b and torch.promote_types(a, b) == a
+def _exact_in(a: torch.dtype, b: torch.dtype) -> bool:
+    """Whether every value of dtype a is exactly a value of dtype b (b holds a: float16 and
+    bfloat16 hold neither each other)."""
+    return torch.promote_types(a, b) == b
 
 
 # The C++ kernels take rows of one dtype and weight / bias in the accumulation dtype (see
@@ -74,7 +75,7 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 
 def _cpu_fwd(mod, x, residual, weight, bias, eps, rms, out_dtype):
     s_dtype = _sum_dtype(x, residual)
-    if _wider(out_dtype, s_dtype):
+    if not _exact_in(out_dtype, s_dtype):  # y rounded in s_dtype first would round twice
         return reference.norm_fwd(x, residual, weight, bias, eps, rms, out_dtype)
     acc = reference.acc_dtype(s_dtype)
     y, s, mean, rstd = mod.norm_fwd(_as(x, s_dtype), _as(residual, s_dtype), _as(weight, acc),
@@ -83,13 +84,14 @@ def _cpu_fwd(mod, x, residual, weight, bias, eps, rms, out_dtype):
 
 
 def _cpu_bwd(mod, dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db, dx_dtype):
-    if _wider(dy.dtype, s.dtype):
+    if not _exact_in(dy.dtype, s.dtype):   # dy would be rounded on the way in
         return reference.norm_bwd(dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db,
                                   dx_dtype)
     ds, dw, db = mod.norm_bwd(_as(dy, s.dtype), _as(dsum, s.dtype), _as(s, s.dtype),
                               _as(weight, reference.acc_dtype(s.dtype)), mean, rstd, rms, want_dw,
                               want_db)
-    return ds, ds.to(dx_dtype) if dx_dtype is not None else ds.new_empty(0), dw, db
+    # copy=True: a dx_dtype equal to s's must still give a tensor of its own (no aliasing)
+    return ds, ds.to(dx_dtype, copy=True) if dx_dtype is not None else ds.new_empty(0), dw, db
 
 
 @_eager.custom_op("fastattn::norm_fwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -99,11 +101,15 @@ def norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
     """(y, s, mean, rstd) of rows x (N, D) [+ residual]: y in out_dtype; s = x + residual in
     their promoted dtype (empty without residual); mean (empty for RMSNorm) and rstd per row in
     the accumulation dtype (float32, float64 for float64 rows)."""
+    if rms and bias is not None:
+        raise ValueError("norm_fwd: RMSNorm takes no bias (rms=True with a bias tensor)")
     s_dtype = _sum_dtype(x, residual)
     name, impl = _impl("norm", s_dtype, x.device, x.shape[1])
     if name == "cpu":
         return _cpu_fwd(impl, x, residual, weight, bias, eps, rms, out_dtype)
-    return impl.norm_fwd(_unit_cols(x), _unit_cols(residual), weight, bias, eps, rms, out_dtype)
+    # (weight and bias too: the kernels index them with unit stride)
+    return impl.norm_fwd(_unit_cols(x), _unit_cols(residual), _unit_cols(weight),
+                         _unit_cols(bias), eps, rms, out_dtype)
 
 
 @norm_fwd.register_fake
@@ -128,15 +134,15 @@ def norm_bwd(dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optional[Ten
     name, impl = _impl("norm", s.dtype, s.device, s.shape[1])
     if name == "cpu":
         return _cpu_bwd(impl, dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db, dx_dtype)
-    return impl.norm_bwd(_unit_cols(dy), _unit_cols(dsum), _unit_cols(s), weight, mean, rstd,
-                         rms, want_dw, want_db, dx_dtype)
+    return impl.norm_bwd(_unit_cols(dy), _unit_cols(dsum), _unit_cols(s), _unit_cols(weight),
+                         mean, rstd, rms, want_dw, want_db, dx_dtype)
 
 
 @norm_bwd.register_fake
 def _(dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db, dx_dtype=None):
     acc = reference.acc_dtype(s.dtype)
     d = s.shape[1]
-    return (torch.empty_like(s),
+    return (s.new_empty(s.shape),   # contiguous, as every backend returns it
             s.new_empty(s.shape if dx_dtype is not None else (0,),
                         dtype=dx_dtype if dx_dtype is not None else s.dtype),
             s.new_empty(d if want_dw else 0, dtype=acc), s.new_empty(d if want_db else 0, dtype=acc))
@@ -251,8 +257,8 @@ def _norm(fn: str, x: Tensor, normalized_shape, weight: Optional[Tensor],
     shape = _check(fn, x, normalized_shape, weight, bias, residual,
                    0.0 if eps is None else eps, out_dtype)
     s_dtype = _sum_dtype(x, residual)
-    if eps is None:   # F.rms_norm's default
-        eps = torch.finfo(s_dtype).eps
+    if eps is None:   # F.rms_norm's default in current torch: the accumulation dtype's epsilon
+        eps = torch.finfo(reference.acc_dtype(s_dtype)).eps
     if out_dtype is None:
         # F.layer_norm's dtype: on autocast's CUDA fp32 list (its inputs are cast up, the
         # output is float32); on the CPU autocast leaves it alone.
@@ -288,7 +294,10 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
 def rms_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
              weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
              residual: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None):
-    """``F.rms_norm`` (``eps`` None: ``torch.finfo`` of the input's dtype) in one fused pass;
-    ``residual`` and ``out_dtype`` as in :func:`layer_norm`."""
+    """``F.rms_norm`` in one fused pass; ``residual`` and ``out_dtype`` as in :func:`layer_norm`.
+
+    ``eps`` None: ``torch.finfo(torch.float32).eps`` for float32/float16/bfloat16 rows (float64's
+    for float64), as ``F.rms_norm`` in current torch; torch 2.4 took the input dtype's own
+    (7.8e-3 for bf16), so half-precision results differ from that release's by design."""
     return _norm("rms_norm", input, normalized_shape, weight, None, eps, residual, out_dtype,
                  rms=True)
