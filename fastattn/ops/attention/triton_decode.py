@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton_common import INTERPRET
+from .._triton_common import INTERPRET, sm_count
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -174,12 +174,6 @@ def _decode_combine_kernel(
     tl.store(lse_ptr + row, lse)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 0
-
-
 def pick_num_splits(batch: int, hkv: int, m_blocks: int, s_max: int, device: torch.device) -> int:
     """Splits of the KV length: enough programs (batch * hkv * m_blocks * splits) for ~2 per SM,
     each split at least MIN_SPLIT_LEN positions, at most MAX_SPLITS. Uses S_max, not the
@@ -187,7 +181,7 @@ def pick_num_splits(batch: int, hkv: int, m_blocks: int, s_max: int, device: tor
     if s_max <= 0:
         return 1
     by_len = max(1, s_max // MIN_SPLIT_LEN)
-    sms = _num_sms(device)
+    sms = sm_count(device)
     if sms == 0:
         # CPU / interpreter: few programs (each is slow), but > 1 split on a long cache so that
         # the combine path is what gets tested.

@@ -16,13 +16,11 @@ Rows are held whole: D up to MAX_D elements (a register tile of BLOCK_D = D roun
 power of two). Wider rows take the reference path (see the op's dispatch).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .._triton_common import INTERPRET, cast_for, on_device
+from .._triton_common import INTERPRET, cast_for, on_device, sm_count
 
 MAX_D = 16384
 
@@ -115,17 +113,12 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _programs(n: int, device: torch.device) -> int:
     """Backward programs: 8 per SM (a few rows in flight per SM while the others compute their
     row sums), at most one per row; few in the interpreter, which runs them one by one."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(n, 3))
-    return max(1, min(n, 8 * _sm_count(device.index or 0)))
+    return max(1, min(n, 8 * sm_count(device)))
 
 
 def norm_fwd(x, residual, weight, bias, eps, rms, out_dtype):
