@@ -90,19 +90,21 @@ def _cuda_device_name() -> str | None:
 def status(name: str) -> BackendStatus:
     """Whether backend ``name`` can run on this machine, and why (not) — may build an extension."""
     _check_name(name, allow_auto=False)
+    if name == "triton" and _triton_interpret():
+        return _interpreter_status()
+    return _status(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _status(name: str) -> BackendStatus:
+    # Asked on every kernel selection, so cached: outside the interpreter (which reads the
+    # environment, and is for tests) nothing it depends on changes while the process runs.
     if name == "reference":
         return BackendStatus(True, "pure PyTorch; every device and dtype (slow)")
     if name == "triton":
         version = _triton_version()
         if version is None:
             return BackendStatus(False, "triton is not installed (pip install triton)")
-        if _triton_interpret():
-            import numpy
-
-            if (problem := _interpreter_problem(version, numpy.__version__)) is not None:
-                return BackendStatus(False, problem)
-            return BackendStatus(True, f"triton {version} in the interpreter (TRITON_INTERPRET=1): "
-                                       "runs on CPU tensors, slowly; for tests")
         if (gpu := _cuda_device_name()) is not None:
             return BackendStatus(True, f"triton {version} on {gpu}")
         return BackendStatus(False, "no CUDA device; set TRITON_INTERPRET=1 before importing "
@@ -110,6 +112,18 @@ def status(name: str) -> BackendStatus:
     if name == "cuda" and _cuda_device_name() is None:
         return BackendStatus(False, "no CUDA device (torch.cuda.is_available() is False)")
     return _extension_status(name)
+
+
+def _interpreter_status() -> BackendStatus:
+    version = _triton_version()
+    if version is None:
+        return BackendStatus(False, "triton is not installed (pip install triton)")
+    import numpy
+
+    if (problem := _interpreter_problem(version, numpy.__version__)) is not None:
+        return BackendStatus(False, problem)
+    return BackendStatus(True, f"triton {version} in the interpreter (TRITON_INTERPRET=1): "
+                               "runs on CPU tensors, slowly; for tests")
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,20 +143,27 @@ def backends() -> dict[str, BackendStatus]:
     return {name: status(name) for name in NAMES}
 
 
+_VALID = NAMES + ("auto",)
+
+
 def _check_name(name: str, allow_auto: bool = True) -> None:
-    valid = NAMES + (("auto",) if allow_auto else ())
-    if name not in valid:
+    if name not in (_VALID if allow_auto else NAMES):
+        valid = _VALID if allow_auto else NAMES
         raise ValueError(f"unknown fastattn backend {name!r}; expected one of {', '.join(valid)}")
 
 
 def requested() -> str:
     """The backend asked for in this context: use_backend(), else $FASTATTN_BACKEND, else auto."""
     name = _override.get()
-    if name is None:
-        name = os.environ.get("FASTATTN_BACKEND", "auto").strip().lower() or "auto"
-        if name not in NAMES + ("auto",):
-            raise BackendError(f"FASTATTN_BACKEND={name!r} is not a backend; expected one of "
-                               f"auto, {', '.join(NAMES)}")
+    if name is not None:
+        return name
+    raw = os.environ.get("FASTATTN_BACKEND")
+    if raw is None:
+        return "auto"
+    name = raw.strip().lower() or "auto"
+    if name not in _VALID:
+        raise BackendError(f"FASTATTN_BACKEND={name!r} is not a backend; expected one of "
+                           f"auto, {', '.join(NAMES)}")
     return name
 
 
@@ -162,16 +183,22 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
-@contextlib.contextmanager
-def restored(name: str) -> Iterator[None]:
+class restored:
     """Re-enter a request recorded earlier (``requested()`` at forward time) — for backward
     passes, which PyTorch runs on its own threads for CUDA tensors, where the context of the
-    forward's ``use_backend`` block is not set."""
-    token = _override.set(name)
-    try:
-        yield
-    finally:
-        _override.reset(token)
+    forward's ``use_backend`` block is not set. (A class, not a generator: every backward of
+    every op enters one, and this costs a fraction of a generator-based context manager.)"""
+
+    __slots__ = ("name", "token")
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.token = _override.set(self.name)
+
+    def __exit__(self, *exc) -> None:
+        _override.reset(self.token)
 
 
 _warned_fallback = False
@@ -197,43 +224,49 @@ def select(op: str, device: torch.device, dtype: torch.dtype, *,
     ``cuda_order`` is the op's preference on CUDA tensors; ``dtypes`` maps each kernel backend to
     the input dtypes it supports (``reference`` supports all).
     """
-    global _warned_fallback
     name = requested()
-
-    def supports(backend: str) -> bool:
-        return backend == "reference" or dtype in dtypes.get(backend, ())
-
     if name != "auto":
-        if not (st := status(name)):
-            raise BackendError(f"{op}: backend {name!r} is not available: {st.reason}")
-        if (why := _runs_on(name, device)) is not None:
-            raise BackendError(f"{op}: backend {name!r} cannot run here: {why}; move the tensors "
-                               f"or choose another backend (fastattn.backends() lists them)")
-        if name != "reference" and name not in dtypes:
-            have = ", ".join([*dtypes, "reference"])
-            raise BackendError(f"{op}: backend {name!r} has no kernel for this op (backends "
-                               f"with one: {have}); choose one of those, or 'auto'")
-        if not supports(name):
-            raise BackendError(f"{op}: backend {name!r} does not support {dtype} inputs "
-                               f"(it supports {', '.join(map(str, dtypes.get(name, ())))}); "
-                               f"cast the inputs or use backend 'reference'")
-        return name
-
-    if device.type == "cpu":
-        if supports("cpu"):
+        return _check_forced(name, op, device, dtype, dtypes)
+    kind = device.type
+    if kind == "cpu":
+        if dtype in dtypes.get("cpu", ()):
             if status("cpu"):
                 return "cpu"
-            if not _warned_fallback:
-                _warned_fallback = True
-                warnings.warn(f"fastattn: C++ CPU kernels unavailable ({status('cpu').reason}); "
-                              "falling back to the slow pure-PyTorch reference",
-                              RuntimeWarning, stacklevel=3)
+            _warn_fallback()
         return "reference"
-    if device.type == "cuda":
+    if kind == "cuda":
         for backend in cuda_order:
-            if supports(backend) and status(backend):
+            if dtype in dtypes.get(backend, ()) and status(backend):
                 return backend
     return "reference"
+
+
+def _check_forced(name: str, op: str, device: torch.device, dtype: torch.dtype,
+                  dtypes: Mapping[str, tuple[torch.dtype, ...]]) -> str:
+    """``name``, asked for by the caller, if it can run this call; else a BackendError why not."""
+    if not (st := status(name)):
+        raise BackendError(f"{op}: backend {name!r} is not available: {st.reason}")
+    if (why := _runs_on(name, device)) is not None:
+        raise BackendError(f"{op}: backend {name!r} cannot run here: {why}; move the tensors "
+                           f"or choose another backend (fastattn.backends() lists them)")
+    if name != "reference" and name not in dtypes:
+        have = ", ".join([*dtypes, "reference"])
+        raise BackendError(f"{op}: backend {name!r} has no kernel for this op (backends "
+                           f"with one: {have}); choose one of those, or 'auto'")
+    if name != "reference" and dtype not in dtypes[name]:
+        raise BackendError(f"{op}: backend {name!r} does not support {dtype} inputs "
+                           f"(it supports {', '.join(map(str, dtypes[name]))}); "
+                           f"cast the inputs or use backend 'reference'")
+    return name
+
+
+def _warn_fallback() -> None:
+    global _warned_fallback
+    if not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"fastattn: C++ CPU kernels unavailable ({status('cpu').reason}); "
+                      "falling back to the slow pure-PyTorch reference",
+                      RuntimeWarning, stacklevel=4)
 
 
 def implementation(name: str, package: str) -> ModuleType:

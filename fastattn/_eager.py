@@ -42,7 +42,7 @@ from torch import Tensor
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _FUNCTIONS: dict[int, tuple[str, Callable]] = {}
-_AUTOGRAD: dict[int, tuple[Callable, Callable, type]] = {}
+_AUTOGRAD: dict[int, tuple["_Formula", type]] = {}
 
 
 def custom_op(name: str, **kwargs) -> Callable:
@@ -58,8 +58,9 @@ def register_autograd(op: Callable, backward: Callable, setup_context: Callable)
     """``op.register_autograd(backward, setup_context=setup_context)``, also remembered for
     call()'s direct path with gradients."""
     op.register_autograd(backward, setup_context=setup_context)
-    name = _FUNCTIONS[id(op)][0].replace("::", "_")
-    _AUTOGRAD[id(op)] = (backward, setup_context, type(f"{name}_Direct", (_Direct,), {}))
+    name, fn = _FUNCTIONS[id(op)]
+    function = type(f"{name.replace('::', '_')}_Direct", (_Direct,), {})
+    _AUTOGRAD[id(op)] = (_Formula(fn, backward, setup_context), function)
 
 
 class _Formula:
@@ -105,9 +106,15 @@ _is_compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: True)
 ENABLED = os.environ.get("FASTATTN_EAGER_DIRECT", "1") != "0"
 
 
-def _plain(t: Tensor, grad: bool) -> bool:
-    return (type(t) in _PLAIN and (t.is_cpu or t.is_cuda) and t.layout is torch.strided
-            and not t.is_nested and not (grad and t.requires_grad))
+_STRIDED = torch.strided
+
+# What _route decides for a call.
+_OP, _DIRECT, _DIRECT_AUTOGRAD = 0, 1, 2
+
+
+def _plain(t: Tensor) -> bool:
+    return (type(t) in _PLAIN and t.layout is _STRIDED and (t.is_cpu or t.is_cuda)
+            and not t.is_nested)
 
 
 def _modes_off() -> bool:
@@ -117,22 +124,42 @@ def _modes_off() -> bool:
             and not _functorch_active() and not _profiling() and _tracing_state() is None)
 
 
+def _route(args: tuple) -> int:
+    """How a call with these arguments runs: _DIRECT (the function itself: nothing to record),
+    _DIRECT_AUTOGRAD (the op's formula as an autograd.Function: some input requires grad, in
+    grad mode, and no tensor sits inside a list) or _OP (the dispatcher). One pass over the
+    arguments: this runs on every call."""
+    if not _modes_off():
+        return _OP
+    grad = torch.is_grad_enabled()
+    records = listed = False
+    for a in args:
+        if isinstance(a, Tensor):
+            if not _plain(a):
+                return _OP
+            records = records or (grad and a.requires_grad)
+        elif isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, Tensor):
+                    if not _plain(t):
+                        return _OP
+                    listed = True
+                    records = records or (grad and t.requires_grad)
+    if not records:
+        return _DIRECT
+    return _OP if listed else _DIRECT_AUTOGRAD
+
+
 def direct_ok(args: tuple) -> bool:
     """Whether a call with these arguments may skip the dispatcher (see the module docstring)."""
-    if not _modes_off():
-        return False
-    grad = torch.is_grad_enabled()
-    return all(_plain(t, grad) for t in _tensors(args))
+    return _route(args) == _DIRECT
 
 
 def direct_autograd_ok(args: tuple) -> bool:
     """Whether a call that records a gradient may run its op's formula as an autograd.Function
     (the same conditions as direct_ok, with inputs that require grad allowed, and no tensors
     inside lists: autograd.Function sees only top-level tensor arguments)."""
-    return (torch.is_grad_enabled() and _modes_off()
-            and not any(isinstance(a, (list, tuple)) and any(isinstance(t, Tensor) for t in a)
-                        for a in args)
-            and all(_plain(t, False) for t in _tensors(args)))
+    return _route(args) == _DIRECT_AUTOGRAD
 
 
 def _tensors(args: tuple):
@@ -146,8 +173,7 @@ def _tensors(args: tuple):
 def _check_no_tangents(name: str, args: tuple) -> None:
     """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no rule in these ops; the
     dispatcher would return outputs without tangents, i.e. a zero derivative, silently."""
-    if _forward_ad._current_level >= 0 and any(
-            _forward_ad.unpack_dual(t).tangent is not None for t in _tensors(args)):
+    if any(_forward_ad.unpack_dual(t).tangent is not None for t in _tensors(args)):
         raise NotImplementedError(
             f"{name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
             f"supported; its tangents would be dropped. Use reverse mode (backward, "
@@ -156,14 +182,17 @@ def _check_no_tangents(name: str, args: tuple) -> None:
 
 def call(op: Callable, *args):
     """``op(*args)``, without the dispatcher where that changes nothing (module docstring)."""
-    name, fn = _FUNCTIONS.get(id(op), (None, None))
-    if name is not None:
-        _check_no_tangents(name, args)
-    if fn is not None:
-        if direct_ok(args):
-            return fn(*args)
-        formula = _AUTOGRAD.get(id(op))
-        if formula is not None and direct_autograd_ok(args):
-            backward, setup_context, function = formula
-            return function.apply(*args, _Formula(fn, backward, setup_context))
+    entry = _FUNCTIONS.get(id(op))
+    if entry is None:
+        return op(*args)
+    if _forward_ad._current_level >= 0:   # inside a forward-AD level: any tangents?
+        _check_no_tangents(entry[0], args)
+    route = _route(args)
+    if route == _DIRECT:
+        return entry[1](*args)
+    if route == _DIRECT_AUTOGRAD:
+        autograd = _AUTOGRAD.get(id(op))
+        if autograd is not None:
+            formula, function = autograd
+            return function.apply(*args, formula)
     return op(*args)

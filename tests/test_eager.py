@@ -79,8 +79,14 @@ def _fastattn_ops(fn):
 def test_direct_path_equals_dispatcher_path(name, monkeypatch):
     fn = _inputs()[name]
     taken = []
-    real = _eager.direct_ok
-    monkeypatch.setattr(_eager, "direct_ok", lambda args: taken.append(real(args)) or taken[-1])
+    real = _eager._route
+
+    def spy(args):
+        route = real(args)
+        taken.append(route == _eager._DIRECT)
+        return route
+
+    monkeypatch.setattr(_eager, "_route", spy)
     with torch.no_grad():
         direct = fn()
         assert taken and all(taken), "the direct path was not taken"

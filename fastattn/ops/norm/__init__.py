@@ -59,7 +59,7 @@ def _unit_cols(t: Optional[Tensor]) -> Optional[Tensor]:
 def _exact_in(a: torch.dtype, b: torch.dtype) -> bool:
     """Whether every value of dtype a is exactly a value of dtype b (b holds a: float16 and
     bfloat16 hold neither each other)."""
-    return torch.promote_types(a, b) == b
+    return a is b or torch.promote_types(a, b) == b
 
 
 # The C++ kernels take rows of one dtype and weight / bias in the accumulation dtype (see
@@ -201,22 +201,27 @@ def _describe(t) -> str:
     return f"{t.dtype} tensor" if isinstance(t, Tensor) else type(t).__name__
 
 
+def _normalized(fn: str, normalized_shape) -> tuple:
+    if type(normalized_shape) is int:   # the common case first: no generic checks
+        return (normalized_shape,)
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        return (int(normalized_shape),)
+    if isinstance(normalized_shape, (tuple, list, torch.Size, Sequence)) and all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool)
+            for n in normalized_shape):
+        return tuple(int(n) for n in normalized_shape)
+    raise TypeError(f"{fn}: normalized_shape must be an int or a sequence of ints, got "
+                    f"{normalized_shape!r}")
+
+
 def _check(fn: str, x, normalized_shape, weight, bias, residual, eps, out_dtype) -> tuple:
     """The normalized shape as a tuple, after checking every argument."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{fn}: input must be a floating-point tensor, got {_describe(x)}")
-    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
-        shape = (int(normalized_shape),)
-    elif isinstance(normalized_shape, (Sequence, torch.Size)) and all(
-            isinstance(n, numbers.Integral) and not isinstance(n, bool)
-            for n in normalized_shape):
-        shape = tuple(int(n) for n in normalized_shape)
-    else:
-        raise TypeError(f"{fn}: normalized_shape must be an int or a sequence of ints, got "
-                        f"{normalized_shape!r}")
+    shape = _normalized(fn, normalized_shape)
     if not shape or math.prod(shape) < 1:
         raise ValueError(f"{fn}: normalized_shape must name at least one feature, got {shape}")
-    if x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+    if x.dim() < len(shape) or x.shape[x.dim() - len(shape):] != shape:
         raise ValueError(f"{fn}: input of shape {tuple(x.shape)} does not end with "
                          f"normalized_shape {shape} (expected input of shape (*, "
                          f"{', '.join(map(str, shape))}))")
@@ -226,7 +231,7 @@ def _check(fn: str, x, normalized_shape, weight, bias, residual, eps, out_dtype)
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{fn}: {name} must be a floating-point tensor or None, got "
                             f"{_describe(t)}")
-        if tuple(t.shape) != shape:
+        if t.shape != shape:
             raise ValueError(f"{fn}: {name} must have shape normalized_shape {shape}, got "
                              f"{tuple(t.shape)}")
         if t.device != x.device:
@@ -242,8 +247,8 @@ def _check(fn: str, x, normalized_shape, weight, bias, residual, eps, out_dtype)
         if residual.device != x.device:
             raise ValueError(f"{fn}: residual must be on input's device {x.device}, got "
                              f"{residual.device}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) \
-            or eps < 0:
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)) \
+            or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"{fn}: eps must be a finite real number >= 0, got {eps!r}")
     if out_dtype is not None and out_dtype not in _FLOATING:
         raise TypeError(f"{fn}: out_dtype must be None or one of float16, bfloat16, float32, "
@@ -265,13 +270,20 @@ def _norm(fn: str, x: Tensor, normalized_shape, weight: Optional[Tensor],
         autocast = x.device.type == "cuda" and s_dtype != torch.float64 \
             and _autocast.dtype("cuda") is not None
         out_dtype = torch.float32 if autocast else s_dtype
-    d = math.prod(shape)
+    # Rows (N, D) for the op; a 2-D input with one normalized dim is already that (each
+    # reshape or view costs a microsecond of host time, and this runs per block per step).
+    d = shape[0] if len(shape) == 1 else math.prod(shape)
+    rows = x.dim() == 2 and len(shape) == 1
     y, s, _, _ = _eager.call(
-        norm_fwd, x.reshape(-1, d), None if residual is None else residual.reshape(-1, d),
-        None if weight is None else weight.reshape(d), None if bias is None else bias.reshape(d),
+        norm_fwd, x if rows else x.reshape(-1, d),
+        None if residual is None else residual if rows else residual.reshape(-1, d),
+        weight if weight is None or weight.dim() == 1 else weight.reshape(d),
+        bias if bias is None or bias.dim() == 1 else bias.reshape(d),
         float(eps), rms, out_dtype)
-    y = y.view(x.shape)
-    return y if residual is None else (y, s.view(x.shape))
+    if not rows:
+        y = y.view_as(x)   # (view_as: a view to x.shape costs twice as long, torch.Size args)
+        s = s.view_as(x) if residual is not None else s
+    return y if residual is None else (y, s)
 
 
 def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
