@@ -108,6 +108,43 @@ def cases(device: str) -> dict:
 GRAD = "grad"   # a case's third entry: run with grad mode on
 
 
+def step_cases(device: str) -> dict:
+    """Whole training steps of a GPT too small for its kernels to matter (12 layers as in
+    gpt2-124m, width 32, 8 tokens): forward with the loss, backward, clipping and the optimizer,
+    the bench's step (`python -m fastattn.train bench`, bf16 autocast on CUDA). The host's cost
+    of a step, which on a GPU is what the device waits for when its kernels are short."""
+    from types import SimpleNamespace
+
+    from fastattn.models.gpt import GPTConfig
+    from fastattn.train.pretrain import _autocast, bench_model
+
+    cfg = GPTConfig(n_layer=12, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 64, (1, 8), generator=g).to(dev)
+    tgt = torch.randint(0, 64, (1, 8), generator=g).to(dev)
+
+    def make(backend: str, plain_norms: bool = False):
+        model, opt, clip, _ = bench_model(SimpleNamespace(seed=0, lr=1e-3, weight_decay=0.1), cfg,
+                                          backend, dev, plain_norms=plain_norms)
+
+        def step():
+            with _autocast(dev):
+                loss = model(idx, tgt)
+            loss.backward()
+            clip(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    torch_step = make("torch")
+    return {
+        "gpt training step (12 layers, width 32, 8 tokens)": (make("fastattn"), torch_step, GRAD),
+        "the same, fastattn with plain norms (fused_norms=False)": (
+            make("fastattn", plain_norms=True), torch_step, GRAD),
+    }
+
+
 def per_call_us(fn, calls: int, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -126,6 +163,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: the host path alone, no thread hand-off)")
+    p.add_argument("--no-steps", action="store_true",
+                   help="leave out the whole training steps (run --calls / 100 times each)")
     p.add_argument("--profile", default=None, metavar="TEXT",
                    help="instead of the table: cProfile --calls calls of each case whose name "
                         "contains TEXT (fastattn's direct path) and print where the host time "
@@ -143,7 +182,11 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: |")
     saved = _eager.ENABLED
     try:
-        for name, (fa, ref, *grad) in cases(args.device).items():
+        every = [(name, case, args.calls) for name, case in cases(args.device).items()]
+        if not args.no_steps:   # a step costs about a hundred op calls
+            every += [(name, case, max(1, args.calls // 100))
+                      for name, case in step_cases(args.device).items()]
+        for name, (fa, ref, *grad), calls in every:
             with torch.set_grad_enabled(bool(grad)):
                 runs = {"direct": [], "dispatcher": [], "torch": []}
                 for _ in range(args.rounds):
@@ -151,7 +194,7 @@ def main() -> None:
                                             ("torch", ref, True)):
                         _eager.ENABLED = direct
                         fn()  # warm (first call: kernel selection, compilation)
-                        runs[key].append(per_call_us(fn, args.calls, args.device))
+                        runs[key].append(per_call_us(fn, calls, args.device))
             med = {k: statistics.median(v) for k, v in runs.items()}
             print(f"| {name} | {med['direct']:.1f} | {med['dispatcher']:.1f} | "
                   f"{med['torch']:.1f} | {med['direct'] / med['torch']:.2f}x |", flush=True)
@@ -163,18 +206,20 @@ def profile_cases(args) -> None:
     import cProfile
     import pstats
 
-    found = {k: v for k, v in cases(args.device).items() if args.profile in k}
+    found = {k: (v, args.calls) for k, v in cases(args.device).items() if args.profile in k}
+    found.update({k: (v, max(1, args.calls // 100))
+                  for k, v in step_cases(args.device).items() if args.profile in k})
     if not found:
         raise SystemExit(f"--profile: no case name contains {args.profile!r}")
-    for name, (fa, _, *grad) in found.items():
+    for name, ((fa, _, *grad), calls) in found.items():
         with torch.set_grad_enabled(bool(grad)):
             fa()
             per_call_us(fa, 10, args.device)  # warm
             prof = cProfile.Profile()
             prof.enable()
-            per_call_us(fa, args.calls, args.device)
+            per_call_us(fa, calls, args.device)
             prof.disable()
-        print(f"## {name}: cProfile of {args.calls} calls, {args.device}, "
+        print(f"## {name}: cProfile of {calls} calls, {args.device}, "
               f"torch {torch.__version__}")
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 

@@ -227,7 +227,11 @@ def select(op: str, device: torch.device, dtype: torch.dtype, *,
     name = requested()
     if name != "auto":
         return _check_forced(name, op, device, dtype, dtypes)
-    kind = device.type
+    return _auto(device.type, dtype, cuda_order, dtypes)
+
+
+def _auto(kind: str, dtype: torch.dtype, cuda_order: tuple[str, ...],
+          dtypes: Mapping[str, tuple[torch.dtype, ...]]) -> str:
     if kind == "cpu":
         if dtype in dtypes.get("cpu", ()):
             if status("cpu"):
@@ -271,6 +275,14 @@ def _warn_fallback() -> None:
 
 def implementation(name: str, package: str) -> ModuleType:
     """The module holding backend ``name``'s kernels for the op package ``package``."""
-    if name in ("reference", "triton"):
-        return importlib.import_module(f"{package}.{name}")
-    return _ext.load(name)
+    module = _modules.get((name, package))
+    if module is None:
+        if name in ("reference", "triton"):
+            module = importlib.import_module(f"{package}.{name}")
+        else:
+            module = _ext.load(name)
+        _modules[(name, package)] = module   # (loaded: a failure raised above, uncached)
+    return module
+
+
+_modules: dict = {}
