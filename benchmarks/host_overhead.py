@@ -116,7 +116,7 @@ def step_cases(device: str) -> dict:
     from types import SimpleNamespace
 
     from fastattn.models.gpt import GPTConfig
-    from fastattn.train.pretrain import _autocast, bench_model
+    from fastattn.train.pretrain import _corpus_loss, bench_model
 
     cfg = GPTConfig(n_layer=12, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
     dev = torch.device(device)
@@ -129,7 +129,7 @@ def step_cases(device: str) -> dict:
                                           backend, dev, plain_norms=plain_norms)
 
         def step():
-            with _autocast(dev):
+            with _corpus_loss(dev):
                 loss = model(idx, tgt)
             loss.backward()
             clip(model.parameters(), 1.0)

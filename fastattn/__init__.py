@@ -17,6 +17,7 @@ from .ops.cross_entropy import (
     linear_cross_entropy,
     linear_token_logprobs,
     token_logprobs,
+    trusted_targets,
 )
 from . import nn, optim  # noqa: E402  (after the ops they wrap)
 
@@ -39,6 +40,7 @@ __all__ = [
     "linear_cross_entropy",
     "token_logprobs",
     "linear_token_logprobs",
+    "trusted_targets",
     "nn",
     "optim",
 ]

@@ -258,6 +258,18 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _corpus_loss(device: torch.device):
+    """The context of a loss on a corpus batch: autocast, and fastattn.trusted_targets(): the
+    targets were checked against the vocabulary (the model's) when the batch was cut
+    (Corpus.get_batch), so the loss does not check them again on the GPU, where that is a
+    host-device synchronisation per step (the GPU idles while the host then queues the
+    backward)."""
+    from ..ops.cross_entropy import trusted_targets
+    with _autocast(device), trusted_targets():
+        yield
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -845,7 +857,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         for i in range(args.eval_iters):
             x, y = corpus.get_batch("val", B, T, step=i, seed=args.seed, rank=dist_info.rank,
                                     world_size=dist_info.world_size)
-            with _autocast(device):
+            with _corpus_loss(device):
                 total += raw(x.to(device), y.to(device)).float()
         raw.train()
         return float(_all_reduce_mean(total / args.eval_iters, dist_info))
@@ -899,7 +911,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 no_sync = (dist_info.kind == "ddp" and micro < args.grad_accum - 1)
                 with (model.no_sync() if no_sync else contextlib.nullcontext()):
-                    with _autocast(device):
+                    with _corpus_loss(device):
                         loss = fwd(x, y)
                     scaled = loss / args.grad_accum
                     if dist_info.grad_scale != 1.0:   # gloo's AVG that sums (_avg_is_sum)
@@ -1078,7 +1090,7 @@ def _bench_variant(args, corpus, name: str) -> dict:
         x, y = x.to(device), y.to(device)
         _sync(device)
         t0 = time.perf_counter()
-        with _autocast(device):
+        with _corpus_loss(device):
             loss = fwd(x, y)
         loss.backward()
         if args.clip > 0:

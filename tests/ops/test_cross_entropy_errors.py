@@ -170,3 +170,98 @@ def test_out_of_range_target_raises_under_compile():
 
     with pytest.raises(Exception, match="out of range"):
         loss(torch.randn(2, 10, 3), torch.tensor([[0, 1, 2], [3, 10, 0]]))
+
+
+# ---- trusted_targets: no range check (a host-device sync on CUDA) for known-valid targets ----
+
+_FAMILY = {
+    "cross_entropy": lambda x, w, t, **kw: fastattn.cross_entropy(x @ w.t(), t, reduction="none"),
+    "token_logprobs": lambda x, w, t, **kw: fastattn.token_logprobs(x @ w.t(), t),
+    "linear_cross_entropy": lambda x, w, t, **kw: fastattn.linear_cross_entropy(
+        x, w, t, reduction="none", **kw),
+    "linear_token_logprobs": lambda x, w, t, **kw: fastattn.linear_token_logprobs(x, w, t, **kw),
+}
+
+
+@pytest.mark.parametrize("name", list(_FAMILY))
+def test_trusted_targets_keeps_the_cpu_check(name):
+    # On the CPU the check costs no synchronisation, so a bad target is an error even here.
+    with fastattn.trusted_targets():
+        with pytest.raises(ValueError, match=r"target\[2\] = 12 is out of range"):
+            _FAMILY[name](H, W, torch.tensor([1, 2, 12, 0]))
+
+
+def test_trusted_targets_is_scoped():
+    from fastattn.ops.cross_entropy import _TRUSTED
+    assert not _TRUSTED.get()
+    with fastattn.trusted_targets():
+        assert _TRUSTED.get()
+        with fastattn.trusted_targets(False):
+            assert not _TRUSTED.get()
+        assert _TRUSTED.get()
+    assert not _TRUSTED.get()
+
+
+# (vocabulary chunks: the linear functions' option)
+_CHUNKINGS = [(n, "tokens") for n in _FAMILY] + [(n, "vocab") for n in _FAMILY if "linear" in n]
+
+
+@pytest.mark.parametrize("name,chunk_over", _CHUNKINGS)
+def test_unchecked_out_of_range_targets_give_nan_rows(name, chunk_over, monkeypatch):
+    """What a trusted (unchecked) call computes for a bad target, on the C++ kernels (the CPU
+    check switched off as trusted_targets switches off the CUDA one): NaN in that row's loss or
+    log-prob and in its input gradient; every other row as with the bad row ignored. Over
+    vocabulary chunks such a target lies in no chunk: without the NaN lse of _vocab_stats its
+    loss would read as the row's log-sum-exp, a finite wrong number."""
+    import fastattn.ops.cross_entropy as ce
+    monkeypatch.setattr(ce, "_validate_targets", lambda *args: None)
+    kw = {"chunk_over": chunk_over, "chunk_size": 4} if name.startswith("linear") else {}
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 6, generator=g), torch.randn(10, 6, generator=g)
+    bad, ok = torch.tensor([1, 12, 3, -5, 0]), torch.tensor([1, -100, 3, -100, 0])
+    results = []
+    for t in (bad, ok):
+        xg = x.clone().requires_grad_()
+        with fastattn.use_backend("cpu"):
+            out = _FAMILY[name](xg, w, t, **kw)
+            out.sum().backward()
+        results.append((out.detach(), xg.grad))
+    (out, dx), (ref, ref_dx) = results
+    rows = torch.tensor([False, True, False, True, False])
+    assert torch.isnan(out[rows]).all() and torch.isnan(dx[rows]).all()
+    torch.testing.assert_close(out[~rows], ref[~rows])
+    torch.testing.assert_close(dx[~rows], ref_dx[~rows])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name,chunk_over", _CHUNKINGS)
+def test_gpu_trusted_targets_do_not_sync(backend, name, chunk_over):
+    kw = {"chunk_over": chunk_over} if name.startswith("linear") else {}
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 32, generator=g).cuda().requires_grad_()
+    w = torch.randn(1000, 32, generator=g).cuda().requires_grad_()
+    t = torch.randint(0, 1000, (64,), generator=g).cuda()
+    t[5], t[9] = 1000, -3   # out of range: NaN rows, no error
+
+    def run():
+        out = _FAMILY[name](x, w, t, **kw)
+        out.sum().backward()
+        return out
+
+    with fastattn.use_backend(backend):
+        with pytest.raises(ValueError, match="out of range"):   # the checked call: it syncs
+            run()
+        with fastattn.trusted_targets():   # compiles and autotunes (which syncs), not timed
+            run()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with fastattn.trusted_targets():
+                out = run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    bad = torch.zeros(64, dtype=torch.bool, device="cuda")
+    bad[[5, 9]] = True
+    assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
+    assert torch.isnan(x.grad[bad]).all() and torch.isfinite(x.grad[~bad]).all()

