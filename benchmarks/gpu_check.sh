@@ -164,10 +164,12 @@ fi
 
 stamp "gpu tests (FASTATTN_AUTOTUNE=0: one pruned config per shape)"
 # Files in priority order (the kernels changed since the last GPU run first: after 2026-11-30
-# the Triton norms (new) and the linear cross-entropy's aligned logits rows), one line per
-# test in the log, and each failure's traceback in gpu_test_failures.txt as it happens, so
-# that a run cut off by the time limit still tells what passed, what failed and why.
-gpu_files="tests/ops/test_norm.py tests/ops/test_linear_cross_entropy.py tests/ops/test_ffn_triton.py
+# the Triton norms (new), the linear cross-entropy's aligned logits rows, and (2026-12-01) the
+# sync-free trusted targets and training step), one line per test in the log, and each
+# failure's traceback in gpu_test_failures.txt as it happens, so that a run cut off by the time
+# limit still tells what passed, what failed and why.
+gpu_files="tests/ops/test_norm.py tests/ops/test_linear_cross_entropy.py
+  tests/ops/test_cross_entropy_errors.py tests/train/test_pretrain.py tests/ops/test_ffn_triton.py
   tests/ops/test_ffn_kernels.py tests/ops/test_attention_triton.py tests/ops/test_triton_recompiles.py
   tests/optim tests/ops/test_attention.py tests/ops/test_attention_decode.py tests/models/test_gpt.py
   tests/ops/test_ffn.py tests/nn tests/ops/test_cross_entropy.py tests/ops/test_token_logprobs.py tests"
