@@ -41,7 +41,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -1031,19 +1031,33 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
 # Benchmark: the same steps with torch eager, torch.compile and fastattn
 
 
-BENCH_VARIANTS = {            # name: (backend, compile)
-    "torch eager": ("torch", False),
-    "torch.compile": ("torch", True),
-    "fastattn": ("fastattn", False),
+class BenchVariant(NamedTuple):
+    backend: str
+    compile: Optional[str] = None   # a torch.compile mode ("default", "reduce-overhead"), or None
+    plain_norms: bool = False       # the fastattn backend with the torch backend's norms
+    optional: bool = False          # only when asked for by name (--variants)
+
+
+BENCH_VARIANTS = {
+    "torch eager": BenchVariant("torch"),
+    "torch.compile": BenchVariant("torch", "default"),
+    "fastattn": BenchVariant("fastattn"),
     # fastattn's ops stay opaque custom ops; the compiler fuses what lies between them (the
     # rotary embedding, casts) and calls them with less Python around each
-    "fastattn + torch.compile": ("fastattn", True),
+    "fastattn + torch.compile": BenchVariant("fastattn", "default"),
     # the norms as on the torch backend (a plain add, then nn.LayerNorm / nn.RMSNorm): what the
     # fused norms buy, against the host time of one more custom op per norm
-    "fastattn (plain norms)": ("fastattn", False),
+    "fastattn (plain norms)": BenchVariant("fastattn", plain_norms=True, optional=True),
+    # torch.compile's CUDA graphs (mode "reduce-overhead": forward and backward replayed as
+    # graphs, the optimizer eager): the step without the host's per-kernel cost, for both
+    # backends alike, where a step is host-bound (gpt2-124m on an H200, 2026-11-30). On a CPU
+    # the mode compiles as "default" does.
+    "torch.compile (CUDA graphs)": BenchVariant("torch", "reduce-overhead", optional=True),
+    "fastattn + torch.compile (CUDA graphs)": BenchVariant("fastattn", "reduce-overhead",
+                                                           optional=True),
 }
 # Variants that are not in the default list (run them by name with --variants).
-OPTIONAL_VARIANTS = ("fastattn (plain norms)",)
+OPTIONAL_VARIANTS = tuple(n for n, v in BENCH_VARIANTS.items() if v.optional)
 
 
 def bench_model(args, cfg, backend: str, device: torch.device, plain_norms: bool = False):
@@ -1074,7 +1088,8 @@ def peak_since(device: torch.device, base: Optional[int]) -> Optional[int]:
 
 
 def _bench_variant(args, corpus, name: str) -> dict:
-    backend, compile_ = BENCH_VARIANTS[name]
+    variant = BENCH_VARIANTS[name]
+    backend, compile_ = variant.backend, variant.compile
     device = resolve_device(args.device)
     cfg = _model_config(args, corpus.vocab_size)
     T, B = args.seq_len, args.batch_size
@@ -1083,8 +1098,8 @@ def _bench_variant(args, corpus, name: str) -> dict:
     import gc
     gc.collect()
     model, opt, clip_grad_norm_, base = bench_model(args, cfg, backend, device,
-                                                    plain_norms=name in OPTIONAL_VARIANTS)
-    fwd = torch.compile(model) if compile_ else model
+                                                    plain_norms=variant.plain_norms)
+    fwd = torch.compile(model, mode=compile_) if compile_ else model
     times, losses = [], []
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
