@@ -8,6 +8,7 @@ import contextlib
 import functools
 import os
 import warnings
+from typing import Optional
 
 import torch
 import triton
@@ -23,6 +24,17 @@ except ImportError:  # pragma: no cover - depends on the installed triton
     OutOfResources = MemoryError
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Host-side integer helpers. triton.cdiv / triton.next_power_of_2 are constexpr_function
+# wrappers in triton >= 3.5, about 2 us a call each, and the launch paths call them several
+# times per launch; these compute the same values (next_power_of_2(0) is 0, as triton's).
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def on_device(x: torch.Tensor):
@@ -105,6 +117,62 @@ class TmaSwitch:
                 stacklevel=3,
             )
             return result
+
+
+class CachedAutotune:
+    """``kernel[grid](*args, **kwargs)`` for a ``triton.autotune``'d kernel that skips the
+    Autotuner's per-call bookkeeping once a call's config is known.
+
+    ``Autotuner.run`` rebuilds its key on every launch: dicts of all the arguments, a list
+    membership test per argument (quadratic in their number: the attention kernels take ~55),
+    ``str(dtype)`` of each tensor. 27 us per launch of the attention forward on this project's
+    CPU (triton 3.8, the launch itself stubbed), 4 autotuned launches per layer per training
+    step. Here a call's key (the values of the autotuner's key arguments, every keyword
+    argument, the dtypes of the tensor arguments: at least as fine as the autotuner's own) is
+    looked up in a dict; a new key goes through ``Autotuner.run`` (pruning, timing, its own
+    cache) once, and its ``best_config`` is remembered. A known key runs the config's pre-hook
+    and the kernel as ``Autotuner.run`` would (``fn.run`` with the config's keyword arguments).
+    ``fn`` is the autotuner, for tools that walk ``.fn`` down to the JIT function.
+    """
+
+    def __init__(self, autotuner):
+        self.fn = autotuner
+        self._chosen: dict = {}
+        self._key_positions: dict = {}   # number of positional args -> indices of key args
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self._run(grid, args, kwargs)
+
+    def _key(self, args: tuple, kwargs: dict) -> Optional[tuple]:
+        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return None     # (keyword tensors: not a key to keep; the autotuner decides)
+        positions = self._key_positions.get(len(args))
+        if positions is None:
+            names = self.fn.arg_names
+            keys = set(getattr(self.fn, "keys", None) or [names[i] for i in self.fn.key_idx])
+            positions = self._key_positions[len(args)] = tuple(
+                i for i in range(len(args)) if names[i] in keys)
+        tensor = torch.Tensor
+        return (tuple([args[i] for i in positions]), tuple(kwargs.items()),
+                tuple([a.dtype for a in args if isinstance(a, tensor)]))
+
+    def _run(self, grid, args: tuple, kwargs: dict):
+        key = self._key(args, kwargs)
+        chosen = None if key is None else self._chosen.get(key)
+        tuner = self.fn
+        if chosen is None:
+            result = tuner.run(*args, grid=grid, warmup=False, **kwargs)
+            if key is not None:
+                config = tuner.best_config
+                self._chosen[key] = (config, config.all_kwargs())
+            return result
+        config, extra = chosen
+        if config.pre_hook is not None:
+            nargs = dict(zip(tuner.arg_names, args))
+            nargs.update(kwargs)
+            nargs.update(extra)
+            config.pre_hook(nargs)
+        return tuner.fn.run(*args, grid=grid, warmup=False, **kwargs, **extra)
 
 
 @triton.jit

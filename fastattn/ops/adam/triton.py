@@ -33,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._triton_common import INTERPRET
+from .._triton_common import cdiv as _cdiv
 from .._triton_common import on_device as _on_device
 from .._triton_common import cast_for as _cast_for
 
@@ -229,7 +230,7 @@ def _launch_all(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, 
             if t.numel() != numel:
                 raise ValueError(f"adam_step (triton): `{name}[{i}]` has {t.numel()} elements, "
                                  f"`params[{i}]` has {numel}")
-        grid = (triton.cdiv(numel, BLOCK),)
+        grid = (_cdiv(numel, BLOCK),)
         _adam_kernel[grid](
             p, g, m, v, vmax, master, step, lr,
             inv_scale if inv_scale is not None else step,

@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton_common import INTERPRET, TensorDescriptor, TmaSwitch
+from .._triton_common import INTERPRET, CachedAutotune, TensorDescriptor, TmaSwitch
+from .._triton_common import cdiv as _cdiv, next_power_of_2 as _next_power_of_2
 from .._triton_common import on_device as _on_device
 from .._triton_common import tanh as _tanh
 
@@ -234,7 +235,9 @@ def _tuned(kind):
         prune = {"early_config_prune": _prune(kind)}
         key, reset = (_TUNE_KEY + ["ATOMIC_DQ"], ["DQAcc"]) if kind == "dkdv" else (_TUNE_KEY, None)
         # reset_to_zero: each config timed adds its dQ shares into DQAcc again
-        return triton.autotune(configs=_configs(kind), key=key, prune_configs_by=prune, reset_to_zero=reset)(kernel)
+        return CachedAutotune(
+            triton.autotune(configs=_configs(kind), key=key, prune_configs_by=prune, reset_to_zero=reset)(kernel)
+        )
 
     return wrap
 
@@ -1109,7 +1112,7 @@ def _window(w: int, wide: int) -> int:
 
 
 def _head_block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, _next_power_of_2(d))
 
 
 def _blocks(kwargs: dict) -> dict:
@@ -1179,7 +1182,7 @@ def _forward(q, k, v, bias, out, lse, cu_q, cu_k, qs, ks, vs, os_, ls, batch, n_
     d = q.shape[-1]
     threshold, drop_scale, seed_lo, seed_hi = _dropout_args(dropout_p, seed)
     wide = 2 * (sq + sk) + abs(diag) + 1
-    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    grid = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     kv_rows = k.shape[0] if varlen else sk
     descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N")
 
@@ -1190,7 +1193,7 @@ def _forward(q, k, v, bias, out, lse, cu_q, cu_k, qs, ks, vs, os_, ls, batch, n_
             *qs, *ks, *vs, *os_, *_bias_strides(bias), *ls,
             n_heads, n_heads // n_kv, sq, sk, float(scale), float(softcap), diag,
             _window(wl, wide), _window(wr, wide), threshold, drop_scale, seed_lo, seed_hi,
-            triton.next_power_of_2(sq), triton.next_power_of_2(sk),
+            _next_power_of_2(sq), _next_power_of_2(sk),
             **_blocks(dict(
                 HEAD_DIM=d, BLOCK_D=_head_block(d), HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap > 0,
                 HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, USE_TMA=use_tma, PRECISION=_precision(q.dtype),
@@ -1224,17 +1227,17 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
     q_descs = _tma_descriptors(((q, qs, n_heads, q_rows), (dout, dos, n_heads, q_rows)), batch, "BLOCK_M")
     common = (
         float(scale), float(softcap), diag, _window(wl, wide), _window(wr, wide), threshold, drop_scale,
-        seed_lo, seed_hi, triton.next_power_of_2(sq), triton.next_power_of_2(sk),
+        seed_lo, seed_hi, _next_power_of_2(sq), _next_power_of_2(sk),
     )  # fmt: skip
     # delta is a pure streaming pass (2 * Sq * D reads, Sq writes); 64 rows per program keeps
     # the D = 256 tile at 64 fp32 registers per thread.
     pre_block = 16 if INTERPRET else 64
     with _on_device(q):
-        _bwd_preprocess[(triton.cdiv(sq, pre_block), batch * n_heads)](
+        _bwd_preprocess[(_cdiv(sq, pre_block), batch * n_heads)](
             out, dout, delta, cu_q_arg, *os_, *dos, *ls, n_heads, sq,
             HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, BLOCK_M=pre_block,
         )  # fmt: skip
-        grid_kv = lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
+        grid_kv = lambda meta: (_cdiv(sk, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
         TMA.launch(lambda descs, use_tma: _bwd_dkdv_kernel[grid_kv](
             q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc, cu_q_arg, cu_k_arg, *descs,
             *qs, *ks, *vs, *dos, *dks, *dvs, *(dqs if atomic else (0, 0, 0)), *_bias_strides(bias), *ls,
@@ -1245,7 +1248,7 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
             dq.copy_(dq_acc.mul_(scale))
             return
         kv_descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N")
-        grid_q = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+        grid_q = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
         TMA.launch(lambda descs, use_tma: _bwd_dq_kernel[grid_q](
             q, k, v, bias_arg, dout, lse, delta, dq, cu_q_arg, cu_k_arg, *descs,
             *qs, *ks, *vs, *dos, *dqs, *_bias_strides(bias), *ls,

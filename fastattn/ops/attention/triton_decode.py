@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._triton_common import INTERPRET, sm_count
+from .._triton_common import cdiv as _cdiv, next_power_of_2 as _next_power_of_2
 
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -185,9 +186,9 @@ def pick_num_splits(batch: int, hkv: int, m_blocks: int, s_max: int, device: tor
     if sms == 0:
         # CPU / interpreter: few programs (each is slow), but > 1 split on a long cache so that
         # the combine path is what gets tested.
-        return max(1, min(4, triton.cdiv(s_max, 64)))
+        return max(1, min(4, _cdiv(s_max, 64)))
     programs = max(1, batch * hkv * m_blocks)
-    want = triton.cdiv(2 * sms, programs)
+    want = _cdiv(2 * sms, programs)
     return max(1, min(want, by_len, MAX_SPLITS))
 
 
@@ -232,12 +233,12 @@ def decode_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tenso
         lse.fill_(float("-inf"))
         return out, lse
 
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = max(16, _next_power_of_2(D))
     # tl.dot needs >= 16 rows. Up to 64 packed rows per tile (128 at small D): typical decode
     # (G * Sq <= 64) then reads K/V once; the fp32 accumulator BLOCK_M x BLOCK_D stays <= 64 KB.
     max_m = 128 if BLOCK_D <= 64 else 64
-    BLOCK_M = max(16, min(triton.next_power_of_2(M), max_m))
-    m_blocks = triton.cdiv(M, BLOCK_M)
+    BLOCK_M = max(16, min(_next_power_of_2(M), max_m))
+    m_blocks = _cdiv(M, BLOCK_M)
     # K/V tile of BLOCK_N x BLOCK_D per loop step: 64 rows keeps two 16-KB (bf16, D=128) tiles in
     # flight per step; 32 in the interpreter so short test caches still loop over several blocks.
     if INTERPRET:
@@ -265,7 +266,7 @@ def decode_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tenso
     _decode_combine_kernel[(B * Hkv * M,)](
         o_part, lse_part, out, lse,
         Hkv, G, Sq, M, D, num_splits,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)), BLOCK_D=BLOCK_D,
+        BLOCK_S=max(2, _next_power_of_2(num_splits)), BLOCK_D=BLOCK_D,
         num_warps=4,
     )
     return out, lse

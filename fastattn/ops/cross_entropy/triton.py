@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._triton_common import INTERPRET
+from .._triton_common import next_power_of_2 as _next_power_of_2
 from .._triton_common import on_device as _on_device
 
 
@@ -47,7 +48,7 @@ def _launch_config(n_cols: int) -> Tuple[int, int]:
     # BLOCK >= 16 keeps tl.arange away from degenerate 1- and 2-wide layouts at tiny vocabs.
     # 4 warps up to 2048 elements, 8 above: 8 to 32 elements per thread from 1024 elements on,
     # i.e. whole 16-byte vector loads; smaller vocabularies leave threads idle, which is cheap.
-    block = max(16, min(triton.next_power_of_2(n_cols), MAX_BLOCK))
+    block = max(16, min(_next_power_of_2(n_cols), MAX_BLOCK))
     return block, 4 if block <= 2048 else 8
 
 

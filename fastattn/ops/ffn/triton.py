@@ -52,7 +52,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._triton_common import INTERPRET, TensorDescriptor, TmaSwitch
+from .._triton_common import INTERPRET, CachedAutotune, TensorDescriptor, TmaSwitch
+from .._triton_common import cdiv as _cdiv, next_power_of_2 as _next_power_of_2
 from .._triton_common import on_device as _on_device
 from .._triton_common import tanh as _tanh
 
@@ -154,7 +155,9 @@ def _tuned(configs):
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+        return CachedAutotune(
+            triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune})(kernel)
+        )
 
     return wrap
 
@@ -679,7 +682,7 @@ def _tma_plan(a: Tensor, bs: Tuple[Tensor, ...]):
 
 
 def _buckets(m: int, n: int, k: int) -> Tuple[int, int, int]:
-    return triton.next_power_of_2(max(m, 1)), triton.next_power_of_2(max(n, 1)), triton.next_power_of_2(max(k, 1))
+    return _next_power_of_2(max(m, 1)), _next_power_of_2(max(n, 1)), _next_power_of_2(max(k, 1))
 
 
 def _gemm(a: Tensor, b: Tensor, epi: str, activation: Optional[str], bias: Optional[Tensor] = None,
@@ -695,7 +698,7 @@ def _gemm(a: Tensor, b: Tensor, epi: str, activation: Optional[str], bias: Optio
     o3 = outs[2] if n_out > 2 else o1
     e1_arg = e1 if e1 is not None else o1
     e2_arg = e2 if e2 is not None else o1
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(m, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     plan = _tma_plan(a, (b,))
 
     def launch(operands, use_tma):
@@ -780,7 +783,7 @@ def linear_glu(x: Tensor, w_gate: Tensor, w_up: Tensor, activation: str) -> Tupl
     g, u, m = (torch.empty((m_, n), dtype=x.dtype, device=x.device) for _ in range(3))
     if m_ == 0 or n == 0:
         return g, u, m
-    grid = lambda meta: (triton.cdiv(m_, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (_cdiv(m_, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     plan = _tma_plan(x, (w_gate, w_up))
 
     def launch(operands, use_tma):

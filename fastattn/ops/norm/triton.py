@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._triton_common import INTERPRET, cast_for, on_device, sm_count
+from .._triton_common import cdiv as _cdiv, next_power_of_2 as _next_power_of_2
 
 MAX_D = 16384
 
@@ -105,7 +106,7 @@ def _norm_bwd_kernel(
 
 
 def _block(d: int) -> int:
-    return triton.next_power_of_2(d)
+    return _next_power_of_2(d)
 
 
 def _warps(block: int) -> int:
@@ -152,8 +153,8 @@ def norm_bwd(dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db, dx_dtype=No
     ds = torch.empty((n, d), dtype=s.dtype, device=s.device)
     dx = torch.empty((n, d), dtype=dx_dtype, device=s.device) if dx_dtype is not None \
         else s.new_empty(0)
-    rows = triton.cdiv(n, _programs(n, s.device))
-    programs = triton.cdiv(n, rows) if n else 0   # every program gets at least one row
+    rows = _cdiv(n, _programs(n, s.device))
+    programs = _cdiv(n, rows) if n else 0   # every program gets at least one row
     part = (programs, d) if n else (1, d)
     new = torch.empty if n else torch.zeros  # no rows: zero gradients
     dw_part = new(part, dtype=torch.float32, device=s.device) if want_dw else None
