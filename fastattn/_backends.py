@@ -270,7 +270,7 @@ def _warn_fallback() -> None:
         _warned_fallback = True
         warnings.warn(f"fastattn: C++ CPU kernels unavailable ({status('cpu').reason}); "
                       "falling back to the slow pure-PyTorch reference",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=5)   # the op function that asked select()
 
 
 def implementation(name: str, package: str) -> ModuleType:

@@ -7,6 +7,7 @@ No `from __future__ import annotations` here: Triton 3.0's interpreter needs rea
 import contextlib
 import functools
 import os
+import threading
 import warnings
 from typing import Optional
 
@@ -139,6 +140,9 @@ class CachedAutotune:
         self.fn = autotuner
         self._chosen: dict = {}
         self._key_positions: dict = {}   # number of positional args -> indices of key args
+        # A miss reads the autotuner's best_config after its run: a launch from another thread
+        # in between would change it, and the wrong config would be kept for good.
+        self._miss = threading.RLock()
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self._run(grid, args, kwargs)
@@ -161,10 +165,11 @@ class CachedAutotune:
         chosen = None if key is None else self._chosen.get(key)
         tuner = self.fn
         if chosen is None:
-            result = tuner.run(*args, grid=grid, warmup=False, **kwargs)
-            if key is not None:
-                config = tuner.best_config
-                self._chosen[key] = (config, config.all_kwargs())
+            with self._miss:
+                result = tuner.run(*args, grid=grid, warmup=False, **kwargs)
+                if key is not None:
+                    config = tuner.best_config
+                    self._chosen[key] = (config, config.all_kwargs())
             return result
         config, extra = chosen
         if config.pre_hook is not None:

@@ -68,6 +68,19 @@ def test_known_calls_skip_the_autotuner_and_launch_the_same():
     assert len(tuner.tuned) == 4 and tuner.fn.launches[-1][3]["BLOCK"] == 64
 
 
+def test_key_arguments_by_index_as_in_triton_3_0():
+    """triton 3.0's Autotuner names its key arguments by index (key_idx), not by name (keys)."""
+    tuner = _Tuner([])
+    tuner.keys = None
+    tuner.key_idx = [2, 3]
+    kernel = CachedAutotune(tuner)
+    x = torch.zeros(2)
+    for n, bucket in ((1, 16), (2, 16), (3, 32), (4, 32)):
+        kernel[(1,)](x, n, bucket, FLAG=True)
+    assert len(tuner.tuned) == 2 and [launch[3]["BLOCK"] for launch in tuner.fn.launches] == \
+        [16, 16, 64, 64]
+
+
 def test_tensor_keyword_arguments_are_never_kept():
     tuner = _Tuner([])
     kernel = CachedAutotune(tuner)
@@ -106,3 +119,53 @@ def test_real_autotuner_under_the_interpreter():
         kernel[lambda meta: (cdiv(n, meta["BLOCK"]),)](x, y, out, n)
         torch.testing.assert_close(out, x + y)
     assert len(kernel._chosen) == 2
+
+
+def test_real_autotuner_choosing_among_configs():
+    """Several configs (timed by a stand-in benchmark that prefers one per bucket), a config
+    pre-hook, reset_to_zero and triton.heuristics under the autotuner: every launch gives the
+    right numbers, a key seen before never reaches the autotuner again, and the config kept for
+    each key is the one the autotuner chose for it."""
+    import inspect
+    import os
+
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    if os.environ.get("TRITON_INTERPRET") != "1" or not hasattr(InterpretedFunction, "run") \
+            or "do_bench" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip("needs the interpreter and triton.autotune(do_bench=) (triton >= 3.3)")
+
+    @triton.jit
+    def scaled_add(X, Y, Out, N, NB, BLOCK: tl.constexpr, EVEN: tl.constexpr, SCALE: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        tl.store(Out + offs, (tl.load(X + offs, mask=mask) + tl.load(Y + offs, mask=mask)) * SCALE,
+                 mask=mask)
+
+    hooked = []
+    timed = []
+
+    def bench(fn, quantiles):
+        fn()
+        timed.append(1)
+        return [float(len(timed) % 3 + 1)] * 3   # an order that differs from bucket to bucket
+
+    heuristic = triton.heuristics({"EVEN": lambda a: a["N"] % a["BLOCK"] == 0})(scaled_add)
+    tuner = triton.autotune(
+        configs=[triton.Config({"BLOCK": b}, num_warps=w, pre_hook=lambda n: hooked.append(n["BLOCK"]))
+                 for b in (16, 32) for w in (1, 2)],
+        key=["NB"], reset_to_zero=["Out"], do_bench=bench)(heuristic)
+    kernel = CachedAutotune(tuner)
+    runs = []
+    real_run = tuner.run
+    tuner.run = lambda *a, **k: (runs.append(a[4]), real_run(*a, **k))[1]
+    for n in (37, 40, 37, 100, 37, 120):
+        x, y = torch.randn(n), torch.randn(n)
+        out = torch.full((n,), 7.0)
+        kernel[lambda meta: (cdiv(n, meta["BLOCK"]),)](x, y, out, n, next_power_of_2(n), SCALE=2)
+        torch.testing.assert_close(out, (x + y) * 2)
+    assert runs == [64, 128]                   # one autotuner run per bucket of N
+    assert {key[0]: chosen[0] for key, chosen in kernel._chosen.items()} == \
+        {(nb,): config for (nb, *_), config in tuner.cache.items()}
+    assert len(hooked) >= 6                    # the chosen config's pre-hook ran at every launch

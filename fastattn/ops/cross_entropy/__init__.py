@@ -129,7 +129,8 @@ def trusted_targets(enabled: bool = True) -> Iterator[None]:
 def _validate_targets(fn: str, target: Tensor, n_classes: int, ignore_index: int) -> None:
     """Every target must be ignore_index or in [0, C). One reduction over R ints; on CUDA it
     syncs to report the bad entry (trusted_targets() or FASTATTN_CHECK_TARGETS=0 skip it there:
-    kernels then give NaN for such rows instead of an error, and never read out of bounds)."""
+    kernels then give NaN for such rows instead of an error, and never read out of bounds).
+    Called inside the ops' implementations only, which torch.compile does not trace."""
     if target.numel() == 0:
         return
     if target.device.type != "cpu" and (
