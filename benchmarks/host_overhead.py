@@ -116,7 +116,7 @@ def step_cases(device: str) -> dict:
     from types import SimpleNamespace
 
     from fastattn.models.gpt import GPTConfig
-    from fastattn.train.pretrain import _corpus_loss, bench_model
+    from fastattn.train.pretrain import bench_model, bench_step
 
     cfg = GPTConfig(n_layer=12, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
     dev = torch.device(device)
@@ -128,14 +128,7 @@ def step_cases(device: str) -> dict:
         model, opt, clip, _ = bench_model(SimpleNamespace(seed=0, lr=1e-3, weight_decay=0.1), cfg,
                                           backend, dev, plain_norms=plain_norms)
 
-        def step():
-            with _corpus_loss(dev):
-                loss = model(idx, tgt)
-            loss.backward()
-            clip(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
+        return lambda: bench_step(model, opt, clip, idx, tgt, dev)
 
     torch_step = make("torch")
     return {

@@ -1080,6 +1080,20 @@ def bench_model(args, cfg, backend: str, device: torch.device, plain_norms: bool
     return model, opt, clip_grad_norm_, base
 
 
+def bench_step(model, opt, clip_grad_norm_, x: torch.Tensor, y: torch.Tensor,
+               device: torch.device, clip: float = 1.0) -> torch.Tensor:
+    """One step of the bench (and of the profiling and host-time tools): the loss on a corpus
+    batch (``_corpus_loss``), backward, clipping (``clip`` > 0), the optimizer; the loss."""
+    with _corpus_loss(device):
+        loss = model(x, y)
+    loss.backward()
+    if clip > 0:
+        clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def peak_since(device: torch.device, base: Optional[int]) -> Optional[int]:
     """Peak memory above ``base`` (from ``bench_model``) since it was taken."""
     if device.type == "cuda":
@@ -1105,13 +1119,7 @@ def _bench_variant(args, corpus, name: str) -> dict:
         x, y = x.to(device), y.to(device)
         _sync(device)
         t0 = time.perf_counter()
-        with _corpus_loss(device):
-            loss = fwd(x, y)
-        loss.backward()
-        if args.clip > 0:
-            clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = bench_step(fwd, opt, clip_grad_norm_, x, y, device, args.clip)
         losses.append(float(loss.detach()))
         _sync(device)
         times.append(time.perf_counter() - t0)

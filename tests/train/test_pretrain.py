@@ -517,7 +517,7 @@ def test_gpu_training_step_has_no_host_sync(preset):
     from types import SimpleNamespace
 
     from fastattn.models.gpt import config
-    from fastattn.train.pretrain import _corpus_loss, bench_model
+    from fastattn.train.pretrain import bench_model, bench_step
 
     cfg = config(preset, n_layer=2, vocab_size=1000, max_seq_len=128)
     device = torch.device("cuda")
@@ -525,18 +525,10 @@ def test_gpu_training_step_has_no_host_sync(preset):
                                       "fastattn", device)
     x, y = torch.randint(0, 1000, (2, 2, 128), device=device)
 
-    def step():
-        with _corpus_loss(device):
-            loss = model(x, y)
-        loss.backward()
-        clip(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()      # first step: kernel compilation, optimizer state
+    bench_step(model, opt, clip, x, y, device)  # first step: kernel compilation, optimizer state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step()
+        bench_step(model, opt, clip, x, y, device)
     finally:
         torch.cuda.set_sync_debug_mode("default")
