@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
       "--rounds", "2"],
      ["eager", "fastattn", "GEMMs alone", "the fusion ceiling"]),
     (["benchmarks.host_overhead", "--calls", "5", "--rounds", "1"],
-     ["| decode_attention", "| cross_entropy", "fastattn via dispatcher", "forward+backward"]),
+     ["| decode_attention", "| cross_entropy", "fastattn via dispatcher", "forward+backward",
+      "| gpt training step", "plain norms"]),
     (["benchmarks.host_overhead", "--calls", "3", "--profile", "mlp gelu, forward"],
      ["## mlp gelu, forward+backward", "cProfile of 3 calls", "tottime"]),
     (["benchmarks.profile_step", "--preset", "tiny", "--device", "cpu", "--batch-size", "1",
@@ -30,4 +31,15 @@ def test_script_runs(args, expect):
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     for word in expect:
+        assert word in proc.stdout, (word, proc.stdout)
+
+
+def test_triton_host_path_runs():
+    """benchmarks/triton_host_path.py (the Triton attention launches' host path without a GPU:
+    a stand-in driver and stand-in compiled kernels) runs; it needs triton.knobs (>= 3.4)."""
+    pytest.importorskip("triton.knobs", reason="triton < 3.4: no triton.knobs")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.triton_host_path", "--calls", "5",
+                           "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("| forward (1 launch)", "| backward (3 launches)", "through Autotuner.run"):
         assert word in proc.stdout, (word, proc.stdout)
