@@ -265,3 +265,60 @@ def test_forward_mode_ad_raises(name):
         call(fwAD.make_dual(primal, torch.ones_like(primal)))
     with fwAD.dual_level():     # inputs without tangents: runs as usual
         call(primal)
+
+
+def _optimizer_calls():
+    """The ops that write their arguments (the optimizer step, gradient clipping), called as
+    fastattn.optim calls them; each returns the tensors it wrote."""
+    from fastattn.ops import adam as adam_op
+    from fastattn.ops import grad_norm as grad_norm_op
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(7, generator=g), torch.randn(3, 4, generator=g)]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    step, lr = torch.ones(()), torch.tensor(1e-2)
+
+    def adam():
+        _eager.call(adam_op.adam_step_, params, grads, m, v, [], [], step, lr, 0.9, 0.999, 1e-8,
+                    0.01, True, False, False, None, None)
+        return params + m + v
+
+    def clip():
+        norm = _eager.call(grad_norm_op.grad_norm, grads, 2.0)
+        _eager.call(grad_norm_op.scale_grads_, grads, 0.5, norm)
+        return grads
+    return {"adam_step_": adam, "scale_grads_": clip}
+
+
+@pytest.mark.parametrize("name", ["adam_step_", "scale_grads_"])
+def test_written_arguments_get_new_versions_on_either_path(name, monkeypatch):
+    """An op that writes its arguments bumps their version counters on the direct path as the
+    dispatcher does (autograd's check that a saved tensor was not changed in place relies on it),
+    and writes the same numbers."""
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setattr(_eager, "ENABLED", enabled)
+        call = _optimizer_calls()[name]
+        with torch.no_grad():
+            written = call()                 # the first call: the state as the call leaves it
+            before = [t._version for t in written]
+            written = call()
+        assert all(t._version > b for t, b in zip(written, before)), (enabled, before)
+        results.append([t.clone() for t in written])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_in_place_step_on_a_saved_parameter_is_caught():
+    # The autograd error a version bump exists for: a parameter saved for backward, stepped
+    # in place before the backward (the direct path: no grad mode, plain tensors).
+    from fastattn.ops import adam as adam_op
+    w = torch.randn(3, requires_grad=True)
+    loss = (w * w).sum()                      # saves w
+    with torch.no_grad():
+        _eager.call(adam_op.adam_step_, [w], [torch.ones(3)], [torch.zeros(3)],
+                    [torch.zeros(3)], [], [], torch.ones(()), torch.tensor(0.1), 0.9, 0.999,
+                    1e-8, 0.0, True, False, False, None, None)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

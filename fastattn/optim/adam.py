@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor
 
-from ..ops import adam as _adam_op  # noqa: F401  (registers fastattn::adam_step_)
+from .. import _eager
+from ..ops import adam as _adam_op
 
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -241,8 +242,8 @@ class Adam(torch.optim.Optimizer):
             targets = [local(p) for p in params]
             work = [t.contiguous() for t in targets]
             grads = [local(p.grad) for p in params]
-            torch.ops.fastattn.adam_step_(
-                work, [g.contiguous() for g in grads],
+            _eager.call(
+                _adam_op.adam_step_, work, [g.contiguous() for g in grads],
                 [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
                 [local(s["max_exp_avg_sq"]) for s in states] if group["amsgrad"] else [],
                 [local(s["master_param"]) for s in states] if has_master else [],

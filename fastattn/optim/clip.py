@@ -25,6 +25,7 @@ from typing import Iterable, Optional, Union
 import torch
 from torch import Tensor
 
+from .. import _eager
 from ..ops import grad_norm as _op
 from .adam import _is_dtensor
 from ..ops.grad_norm import reference as _ref
@@ -72,14 +73,14 @@ def _groups(grads: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[
 
 def _group_norm(device: torch.device, tensors: list[Tensor], p: float) -> Tensor:
     if device.type in _KERNEL_DEVICES:
-        return _op.grad_norm(tensors, p)
+        return _eager.call(_op.grad_norm, tensors, p)
     return _ref.grad_norm(tensors, p)
 
 
 def _group_scale(device: torch.device, tensors: list[Tensor], max_norm: float,
                  total: Tensor) -> None:
     if device.type in _KERNEL_DEVICES:
-        _op.scale_grads_(tensors, max_norm, total)
+        _eager.call(_op.scale_grads_, tensors, max_norm, total)
     else:
         _ref.scale_grads_(tensors, max_norm, total)
 

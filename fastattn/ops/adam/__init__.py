@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from ... import _backends
+from ... import _backends, _eager
 
 _PKG = __name__
 _CUDA_ORDER = ("cuda", "triton")
@@ -19,7 +19,7 @@ _LOW = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPES = {"cpu": _LOW, "cuda": _LOW, "triton": _LOW}
 
 
-@torch.library.custom_op(
+@_eager.custom_op(
     "fastattn::adam_step_",
     mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"),
     device_types=("cpu", "cuda"),

@@ -27,7 +27,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from ... import _backends
+from ... import _backends, _eager
 from . import reference
 
 _PKG = __name__
@@ -58,7 +58,7 @@ def _backend(tensors: List[Tensor]) -> str:
                             cuda_order=_CUDA_ORDER, dtypes=_DTYPES)
 
 
-@torch.library.custom_op("fastattn::grad_norm", mutates_args=(), device_types=("cpu", "cuda"))
+@_eager.custom_op("fastattn::grad_norm", mutates_args=(), device_types=("cpu", "cuda"))
 def grad_norm(tensors: List[Tensor], norm_type: float) -> Tensor:
     """The norm_type-norm of all tensors viewed as one vector (see reference.py)."""
     _check_group(tensors, "grad_norm")
@@ -80,7 +80,7 @@ def _(tensors, norm_type):
     return tensors[0].new_empty((), dtype=reference.acc_dtype(tensors[0].dtype))
 
 
-@torch.library.custom_op("fastattn::scale_grads_", mutates_args=("tensors",),
+@_eager.custom_op("fastattn::scale_grads_", mutates_args=("tensors",),
                          device_types=("cpu", "cuda"))
 def scale_grads_(tensors: List[Tensor], max_norm: float, total_norm: Tensor) -> None:
     """tensors *= min(max_norm / (total_norm + 1e-6), 1), in place (see reference.py)."""
