@@ -231,7 +231,10 @@ if host_s=$(limit 60 20); then
     >"$OUT/host_overhead.md" 2>&1 || echo "host overhead: exit $? (see host_overhead.md)"
   # Where flash_attention's host time goes (cProfile; 362 us a call without grad on 2026-11-30
   # against SDPA's 25, the Triton launch path unexamined)
-  for case in "flash_attention causal, no grad" "flash_attention causal, forward" "kernel entry only"; do
+  # and of a whole training step of the tiny 12-layer GPT (fastattn's: where a step's host time
+  # goes, op layer against Triton launches against autograd)
+  for case in "flash_attention causal, no grad" "flash_attention causal, forward" "kernel entry only" \
+      "gpt training step"; do
     if prof_s=$(limit 20); then
       FASTATTN_AUTOTUNE=0 timeout "$prof_s" $PY -m benchmarks.host_overhead --device cuda --calls 300 \
         --profile "$case" >>"$OUT/host_profile.txt" 2>&1
