@@ -101,7 +101,15 @@ def main() -> int:
                   ("val loss", f"{base['val_loss']:.4f}", f"{ours['val_loss']:.4f}", ""),
                   ("peak memory MB", f"{base['peak_memory_bytes'] / 2**20:,.0f}",
                    f"{ours['peak_memory_bytes'] / 2**20:,.0f}",
-                   f"{ours['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x")]))
+                   f"{ours['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x"),
+                  ("page faults per step", f"{base['page_faults_per_step']:,.0f}",
+                   f"{ours['page_faults_per_step']:,.0f}", "")]))
+    if base["page_faults_per_step"] > 1000 and not base["allocator_env"]:
+        # (README, "Reading the CPU numbers")
+        print("Part of torch's step is page faults: under the C library's default malloc the "
+              "large blocks freed\nin a step go back to the OS and are mapped and zeroed again "
+              "in the next. MALLOC_TRIM_THRESHOLD_\nand MALLOC_MMAP_THRESHOLD_ (or jemalloc) keep "
+              "them; the README gives the ratio both ways.", flush=True)
 
     # The addition task's shapes: prompt "Q:ab+cd=" (8 tokens), completion <= 5 tokens.
     task = ["--digits", "2", "--seed", "0", "--no-progress"]

@@ -24,3 +24,4 @@ def test_demo_fast(tmp_path):
     for name in ("rm", "ppo"):
         assert (tmp_path / name / "summary.json").exists()
     assert "reward model:" in out and "held-out pair accuracy" in out
+    assert "page faults per step" in out.split("== 2.")[0]

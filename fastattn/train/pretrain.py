@@ -234,6 +234,23 @@ def _reset_cpu_peak() -> Optional[int]:
     return None if kb is None else kb * 1024
 
 
+def minor_page_faults() -> int:
+    """The process's minor page faults so far (getrusage): each one a fresh page of memory
+    mapped and zeroed by the kernel on first touch."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+# What sets the C allocator's behaviour in a process (glibc malloc's tunables, a preloaded
+# jemalloc / tcmalloc): a CPU result is read with them.
+_ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "TCMALLOC_")
+
+
+def allocator_env() -> dict:
+    """The environment variables of this process that change how memory is allocated."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("MALLOC_") or k.startswith(_ALLOCATOR_ENV)}
+
+
 def device_peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -891,6 +908,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
 
     raw.train()
     step_times: list[float] = []
+    step_faults: list[int] = []
     last_eval: Optional[float] = None
     last_eval_step = -1
     run_t0 = time.perf_counter()
@@ -902,6 +920,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             _sync(device)
+            f0 = minor_page_faults()
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             for micro in range(args.grad_accum):
@@ -926,6 +945,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
             _sync(device)
             dt = time.perf_counter() - t0
             step_times.append(dt)
+            step_faults.append(minor_page_faults() - f0)
             step = it + 1
             tps = tokens_per_step / dt
             mfu = (flops_per_token * tps / (peak_flops * dist_info.world_size)
@@ -1013,6 +1033,9 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         "steps": final_step, "steps_this_run": len(step_times), "resumed_from": start or None,
         "tokens_per_s": tokens_per_s,
         "step_time_median_s": statistics.median(step_times) if step_times else None,
+        # host memory freshly mapped per step (see _bench_variant), and what sets it
+        "page_faults_per_step": statistics.median(step_faults) if step_faults else None,
+        "allocator_env": allocator_env(),
         "train_time_s": train_s,
         "mfu": (flops_per_token * tokens_per_s / (peak_flops * dist_info.world_size)
                 if peak_flops and tokens_per_s else None),
@@ -1114,21 +1137,26 @@ def _bench_variant(args, corpus, name: str) -> dict:
     model, opt, clip_grad_norm_, base = bench_model(args, cfg, backend, device,
                                                     plain_norms=variant.plain_norms)
     fwd = torch.compile(model, mode=compile_) if compile_ else model
-    times, losses = [], []
+    times, faults, losses = [], [], []
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         _sync(device)
+        f0 = minor_page_faults()
         t0 = time.perf_counter()
         loss = bench_step(fwd, opt, clip_grad_norm_, x, y, device, args.clip)
         losses.append(float(loss.detach()))
         _sync(device)
         times.append(time.perf_counter() - t0)
+        faults.append(minor_page_faults() - f0)
     peak = peak_since(device, base)
     timed = times[args.warmup:]
     med = statistics.median(timed)
     return {"variant": name, "backend": backend, "compile": compile_,
             "step_time_median_s": med, "tokens_per_s": B * T / med,
             "first_step_s": times[0], "peak_memory_bytes": peak, "losses": losses,
+            # host memory freshly mapped per step: under glibc's default malloc, large blocks
+            # freed at the end of a step go back to the OS and are faulted in again next step
+            "page_faults_per_step": statistics.median(faults[args.warmup:]),
             "params": model.num_params()}
 
 
@@ -1170,7 +1198,9 @@ def bench(args: argparse.Namespace) -> dict:
                         else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(), "batch_size": args.batch_size,
         "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
-        "memory": memory_how, "baseline": names[0], "results": results, **_versions(),
+        "memory": memory_how, "baseline": names[0], "results": results,
+        # bench children inherit this process's environment
+        "allocator_env": allocator_env(), **_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -1262,6 +1292,11 @@ def format_bench_table(report: dict) -> str:
              f"warm-up, {report['device']} ({report['device_name']}, {report['threads']} "
              f"threads), torch {report['torch']}, triton {report['triton']}, {report['date']}",
              f"peak memory: {report['memory']}; ratios against {report['baseline']}"]
+    if "allocator_env" in report:
+        env = report["allocator_env"]
+        lines.append("allocator: " + (", ".join(f"{k}={v}" for k, v in env.items()) if env
+                                      else "the C library's defaults") +
+                     "; faults/step: minor page faults of the process per timed step (median)")
     vocab = report.get("config", {}).get("vocab_size")
     if vocab and vocab % 64:
         lines.append(f"vocabulary {vocab}, not a multiple of 64: plain PyTorch's lm-head GEMMs "
@@ -1269,23 +1304,28 @@ def format_bench_table(report: dict) -> str:
                      f"fastattn's linear_cross_entropy pads its rows")
     lines.append("")
     w = max([14] + [len(r["variant"]) for r in report["results"]])
+    faults = any("page_faults_per_step" in r for r in report["results"])
     lines += [f"| {'variant':<{w}} | {'median step ms':>14} | {'tokens/s':>10} | "
-              f"{'peak MB':>8} | {'vs base':>8} | {'mem vs base':>12} | {'final loss':>10} |",
+              f"{'peak MB':>8} | {'vs base':>8} | {'mem vs base':>12} | {'final loss':>10} |"
+              + (f" {'faults/step':>11} |" if faults else ""),
               "| " + " | ".join(["-" * w, "-" * 13 + ":", "-" * 9 + ":", "-" * 7 + ":",
-                               "-" * 7 + ":", "-" * 11 + ":", "-" * 9 + ":"]) + " |"]
+                               "-" * 7 + ":", "-" * 11 + ":", "-" * 9 + ":"]
+                              + (["-" * 10 + ":"] if faults else [])) + " |"]
     for r in report["results"]:
         if "error" in r:
             lines.append(f"| {r['variant']:<{w}} | failed: {r['error'][:200]}")
             continue
         mem = r["peak_memory_bytes"]
         mem_ratio = f"{r['memory_vs_baseline']:.2f}x" if "memory_vs_baseline" in r else "-"
+        pf = r.get("page_faults_per_step")
         lines.append(
             f"| {r['variant']:<{w}} | {1e3 * r['step_time_median_s']:>14.1f} | "
             f"{r['tokens_per_s']:>10,.0f} | "
             f"{'-' if mem is None else f'{mem / 2**20:.0f}':>8} | "
             f"{r.get('speedup_vs_baseline', float('nan')):>7.2f}x | "
             f"{mem_ratio:>12} | "
-            f"{r['losses'][-1]:>10.4f} |")
+            f"{r['losses'][-1]:>10.4f} |"
+            + (f" {'-' if pf is None else f'{pf:,.0f}':>11} |" if faults else ""))
     return "\n".join(lines)
 
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from fastattn.train.__main__ import build_parser, main
-from fastattn.train.pretrain import (CheckpointError, PEAK_BF16_FLOPS, format_bench_table,
+from fastattn.train.pretrain import (CheckpointError, PEAK_BF16_FLOPS, allocator_env,
+                                     format_bench_table, minor_page_faults,
                                      lr_at, pretrain, save_checkpoint)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,6 +83,7 @@ def test_pretrain_outputs(tmp_path, cache, capsys):
     assert s["backend"] == "fastattn" and s["steps"] == 8 and s["device"] == "cpu"
     assert s["mfu"] is None and s["tokens_per_s"] > 0 and s["peak_memory_bytes"] > 2**20
     assert s["tokens_per_step"] == 4 * 2 * 32
+    assert s["page_faults_per_step"] >= 0 and s["allocator_env"] == allocator_env()
     assert s["initial_loss"] == pytest.approx(math.log(512), rel=0.1)
     assert s["final_loss"] < s["initial_loss"] and math.isfinite(s["val_loss"])
     records = [json.loads(ln) for ln in (out / "log.jsonl").read_text().splitlines()]
@@ -273,6 +275,17 @@ def test_bench(tmp_path, cache, capsys):
     assert report["config"]["vocab_size"] % 64 or "not a multiple of 64" not in captured.out
     report["config"]["vocab_size"] = 44532          # an unaligned vocabulary is pointed out
     assert "vocabulary 44532, not a multiple of 64" in format_bench_table(report)
+    # page faults per step and the allocator's settings, which CPU step times depend on
+    assert all(isinstance(r["page_faults_per_step"], (int, float))
+               and r["page_faults_per_step"] >= 0 for r in rows)
+    assert report["allocator_env"] == allocator_env()
+    table = format_bench_table(report)
+    assert "faults/step |" in table.splitlines()[-5]      # the header over 3 rows
+    assert table.splitlines()[-1].endswith(f" {rows[2]['page_faults_per_step']:,.0f} |")
+    report["allocator_env"] = {}
+    assert "allocator: the C library's defaults" in format_bench_table(report)
+    report["allocator_env"] = {"MALLOC_TRIM_THRESHOLD_": "4294967296"}
+    assert "allocator: MALLOC_TRIM_THRESHOLD_=4294967296;" in format_bench_table(report)
     # each variant's line as it ends (what a run cut off by a time limit still leaves)
     line = next(x for x in captured.err.splitlines() if x.startswith("bench: fastattn done in"))
     assert f"median step {1e3 * rows[1]['step_time_median_s']:.1f} ms" in line
@@ -280,6 +293,28 @@ def test_bench(tmp_path, cache, capsys):
     # the peak is said when one was measured (on the CPU the process's high-water mark may
     # not rise again for the second variant of a run)
     assert ("; peak " in line) == bool(rows[1]["peak_memory_bytes"])
+
+
+def test_allocator_env_and_page_faults(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1073741824")
+    monkeypatch.setenv("MALLOC_NOT_A_TUNABLE_BUT_KEPT", "1")
+    monkeypatch.setenv("FASTATTN_BACKEND_UNRELATED", "x")
+    env = allocator_env()
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "4294967296"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.mmap_threshold=1073741824"
+    assert "FASTATTN_BACKEND_UNRELATED" not in env
+    # a fresh 32 MB mapping written page by page: one minor fault per 4 KB page at least
+    import mmap
+    before = minor_page_faults()
+    buf = mmap.mmap(-1, 32 << 20)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):         # 4 KB pages even under transparent huge pages
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    for i in range(0, 32 << 20, 4096):
+        buf[i] = 1
+    faults = minor_page_faults() - before
+    buf.close()
+    assert faults >= (32 << 20) // 4096
 
 
 def _torchrun(out, cache, dist, *extra):
