@@ -109,7 +109,8 @@ def main() -> int:
         print("Part of torch's step is page faults: under the C library's default malloc the "
               "large blocks freed\nin a step go back to the OS and are mapped and zeroed again "
               "in the next. MALLOC_TRIM_THRESHOLD_\nand MALLOC_MMAP_THRESHOLD_ (or jemalloc) keep "
-              "them; the README gives the ratio both ways.", flush=True)
+              "them, torch's THP_MEM_ALLOC_ENABLE=1 makes them\nrarer; the README gives the "
+              "ratios with each.", flush=True)
 
     # The addition task's shapes: prompt "Q:ab+cd=" (8 tokens), completion <= 5 tokens.
     task = ["--digits", "2", "--seed", "0", "--no-progress"]

@@ -1,6 +1,7 @@
 """The stand-alone CPU benchmark scripts run end to end at toy sizes and print their results
 (their numbers are for the README, not asserted here: timing belongs in benchmarks)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,25 @@ def test_triton_host_path_runs():
     assert proc.returncode == 0, proc.stderr
     for word in ("| forward (1 launch)", "| backward (3 launches)", "through Autotuner.run"):
         assert word in proc.stdout, (word, proc.stdout)
+
+
+def test_bench_table_page_faults_and_allocator(tmp_path, monkeypatch):
+    """make bench's table and CSV carry each call's page faults and the allocator's settings
+    (CPU times of calls that allocate large tensors depend on both)."""
+    from benchmarks.common import Result, environment, table, write
+    for key in list(os.environ):
+        if key.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "TCMALLOC_", "THP_MEM")):
+            monkeypatch.delenv(key)
+    assert environment()["allocator"] == "defaults"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")
+    assert environment()["allocator"] == "MALLOC_TRIM_THRESHOLD_=4294967296 THP_MEM_ALLOC_ENABLE=1"
+    results = [Result("ce", "torch eager", 3.0, extra={"page faults": 393219}),
+               Result("ce", "fastattn", 1.0, extra={"page faults": 7})]
+    text = table(results)
+    assert "page faults 393219" in text and "page faults 7" in text and "3.00x" in text
+    csv_path, _ = write(results, "faults", tmp_path)
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].endswith(",allocator") or ",allocator," in rows[0]
+    assert "MALLOC_TRIM_THRESHOLD_=4294967296 THP_MEM_ALLOC_ENABLE=1" in rows[1]
+    assert "page faults 7" in rows[2]

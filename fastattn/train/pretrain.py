@@ -240,9 +240,10 @@ def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-# What sets the C allocator's behaviour in a process (glibc malloc's tunables, a preloaded
-# jemalloc / tcmalloc): a CPU result is read with them.
-_ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "TCMALLOC_")
+# What sets how a process gets its memory (glibc malloc's tunables, a preloaded jemalloc /
+# tcmalloc, torch's transparent-huge-page switch for CPU tensors): a CPU result is read with them.
+_ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "TCMALLOC_",
+                  "THP_MEM_ALLOC_ENABLE")
 
 
 def allocator_env() -> dict:
