@@ -68,6 +68,10 @@ def _table(rows: list[tuple[str, ...]]) -> str:
                                enumerate(zip(r, widths))) for r in rows)
 
 
+def _count(x) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -102,9 +106,9 @@ def main() -> int:
                   ("peak memory MB", f"{base['peak_memory_bytes'] / 2**20:,.0f}",
                    f"{ours['peak_memory_bytes'] / 2**20:,.0f}",
                    f"{ours['peak_memory_bytes'] / base['peak_memory_bytes']:.2f}x"),
-                  ("page faults per step", f"{base['page_faults_per_step']:,.0f}",
-                   f"{ours['page_faults_per_step']:,.0f}", "")]))
-    if base["page_faults_per_step"] > 1000 and not base["allocator_env"]:
+                  ("page faults per step", _count(base.get("page_faults_per_step")),
+                   _count(ours.get("page_faults_per_step")), "")]))
+    if (base.get("page_faults_per_step") or 0) > 1000 and not base.get("allocator_env"):
         # (README, "Reading the CPU numbers")
         print("Part of torch's step is page faults: under the C library's default malloc the "
               "large blocks freed\nin a step go back to the OS and are mapped and zeroed again "

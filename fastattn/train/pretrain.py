@@ -240,16 +240,15 @@ def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-# What sets how a process gets its memory (glibc malloc's tunables, a preloaded jemalloc /
-# tcmalloc, torch's transparent-huge-page switch for CPU tensors): a CPU result is read with them.
-_ALLOCATOR_ENV = ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF", "TCMALLOC_",
-                  "THP_MEM_ALLOC_ENABLE")
+# What sets how a process gets its host memory (glibc malloc's MALLOC_* tunables, jemalloc's
+# MALLOC_CONF, a preloaded jemalloc / tcmalloc, torch's transparent-huge-page switch for CPU
+# tensors): a CPU result is read with them. (Device memory: torch.cuda's own statistics.)
+_ALLOCATOR_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "TCMALLOC_", "THP_MEM_ALLOC_ENABLE")
 
 
 def allocator_env() -> dict:
     """The environment variables of this process that change how memory is allocated."""
-    return {k: v for k, v in sorted(os.environ.items())
-            if k.startswith("MALLOC_") or k.startswith(_ALLOCATOR_ENV)}
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ALLOCATOR_ENV)}
 
 
 def device_peak_flops(device: torch.device) -> Optional[float]:
@@ -1034,8 +1033,10 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         "steps": final_step, "steps_this_run": len(step_times), "resumed_from": start or None,
         "tokens_per_s": tokens_per_s,
         "step_time_median_s": statistics.median(step_times) if step_times else None,
-        # host memory freshly mapped per step (see _bench_variant), and what sets it
-        "page_faults_per_step": statistics.median(step_faults) if step_faults else None,
+        # host memory freshly mapped per step (see _bench_variant), and what sets it; the
+        # first step left out as for tokens_per_s
+        "page_faults_per_step": statistics.median(step_faults[1:] if len(step_faults) > 1
+                                                  else step_faults) if step_faults else None,
         "allocator_env": allocator_env(),
         "train_time_s": train_s,
         "mfu": (flops_per_token * tokens_per_s / (peak_flops * dist_info.world_size)
