@@ -93,7 +93,7 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
     """The timed steps of one variant in this process; ``memory``: measure the phases' peaks
     too."""
     from . import align
-    from .pretrain import _autocast, bench_model, peak_since, resolve_device
+    from .pretrain import _autocast, bench_model, minor_page_faults, peak_since, resolve_device
     backend = {"torch eager": "torch", "fastattn": "fastattn"}[name]
     device = resolve_device(args.device)
     cfg = _config(args)
@@ -136,6 +136,7 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
         phases.reset()
         with _autocast(device):
             t0 = _now(device)
+            f0 = minor_page_faults()
             if args.stage in ("sft", "dpo"):
                 seqs, starts = [], []
                 for _ in range(args.batch_size):
@@ -158,8 +159,9 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
                 rec = align.grpo_step(model, ref, prompts, score, grpo_args, max_new=C,
                                       eos=EOS, generator=gen, update=update, phases=phases)
             step_s = _now(device) - t0
+            faults = minor_page_faults() - f0
         if i >= args.warmup:
-            steps.append({"step_s": step_s, "times": dict(phases.times),
+            steps.append({"step_s": step_s, "faults": faults, "times": dict(phases.times),
                           "peaks": dict(phases.peaks), "loss": rec["loss"],
                           "tokens": rec["tokens"]})
     # Phases reset the peak counter at every phase: the run's peak is their running maximum.
@@ -168,6 +170,8 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
     names = PHASES[args.stage]
     return {"variant": name, "backend": backend, "memory_measured": memory,
             "step_time_median_s": statistics.median(s["step_s"] for s in steps),
+            # host memory mapped afresh per step (see the pretraining bench)
+            "page_faults_per_step": statistics.median(s["faults"] for s in steps),
             "phase_time_median_s": {n: statistics.median(s["times"].get(n, 0.0) for s in steps)
                                     for n in names},
             "phase_peak_bytes": {n: max(s["peaks"].get(n, 0) for s in steps) for n in names},
@@ -199,7 +203,7 @@ def _run_child(args, name: str, out: Path, memory: bool) -> dict:
 
 
 def bench_stage(args) -> dict:
-    from .pretrain import _versions, resolve_device, run_bench_variants
+    from .pretrain import _versions, allocator_env, resolve_device, run_bench_variants
     check_args(args)
     device = resolve_device(args.device)
     cfg = _config(args)
@@ -250,7 +254,9 @@ def bench_stage(args) -> dict:
                    "rise of the process RSS high-water mark over the phase (clear_refs + "
                    "VmHWM)" + (", in a separate run of each variant in its own process with "
                                "glibc's mmap threshold at 64 KiB" if isolate else "")),
-        "baseline": names[0], "results": results, **_versions(),
+        "baseline": names[0], "results": results,
+        "allocator_env": allocator_env(),   # of the timed runs (the memory pass sets its own)
+        **_versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -301,6 +307,13 @@ def format_table(report: dict) -> str:
     lines.append(f"(step MB: the whole run's peak above the memory before the model was built; "
                  f"log-prob phases' peak, fastattn / torch: "
                  f"{ratio(ours.get('logprob_phases_peak_ratio'))})")
+    if "page_faults_per_step" in base and "page_faults_per_step" in ours:
+        env = report.get("allocator_env") or {}
+        lines.append(f"page faults per step (median): {base['variant']} "
+                     f"{base['page_faults_per_step']:,.0f}, {ours['variant']} "
+                     f"{ours['page_faults_per_step']:,.0f}; allocator: "
+                     + (", ".join(f"{k}={v}" for k, v in env.items()) if env
+                        else "the C library's defaults"))
     return "\n".join(lines)
 
 

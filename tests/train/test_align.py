@@ -1007,6 +1007,13 @@ def test_stage_bench(tmp_path, capsys, stage, isolate):
             assert x == pytest.approx(y, rel=1e-4, abs=1e-5)
     captured = capsys.readouterr()
     assert "| policy_logprobs" in captured.out and "| step" in captured.out
+    # host memory mapped afresh per step, with the allocator settings it depends on (the timed
+    # runs' own, not the memory pass's)
+    from fastattn.train.pretrain import allocator_env
+    assert all(isinstance(r["page_faults_per_step"], (int, float)) for r in rows)
+    assert report["allocator_env"] == allocator_env()
+    assert (f"page faults per step (median): torch eager {rows[0]['page_faults_per_step']:,.0f}, "
+            f"fastattn {rows[1]['page_faults_per_step']:,.0f}; allocator: ") in captured.out
     done = [x for x in captured.err.splitlines() if x.startswith(f"bench --stage {stage}: ")
             and " done in " in x]
     assert len(done) == 2 and all("phase ms: " in x for x in done), done
