@@ -58,7 +58,7 @@ def cpu_peak_mb(fn) -> float | None:
 
 
 def environment() -> dict:
-    from fastattn.train.pretrain import allocator_env
+    from fastattn.train.hostmem import allocator_env
     info = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,

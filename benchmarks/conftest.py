@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from benchmarks.common import Result, cpu_peak_mb, environment, table, write
-from fastattn.train.pretrain import minor_page_faults
+from fastattn.train.hostmem import minor_page_faults
 
 _RESULTS: list[Result] = []
 

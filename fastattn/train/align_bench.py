@@ -93,7 +93,8 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
     """The timed steps of one variant in this process; ``memory``: measure the phases' peaks
     too."""
     from . import align
-    from .pretrain import _autocast, bench_model, minor_page_faults, peak_since, resolve_device
+    from .hostmem import minor_page_faults
+    from .pretrain import _autocast, bench_model, peak_since, resolve_device
     backend = {"torch eager": "torch", "fastattn": "fastattn"}[name]
     device = resolve_device(args.device)
     cfg = _config(args)
@@ -203,7 +204,8 @@ def _run_child(args, name: str, out: Path, memory: bool) -> dict:
 
 
 def bench_stage(args) -> dict:
-    from .pretrain import _versions, allocator_env, resolve_device, run_bench_variants
+    from .hostmem import allocator_env
+    from .pretrain import _versions, resolve_device, run_bench_variants
     check_args(args)
     device = resolve_device(args.device)
     cfg = _config(args)

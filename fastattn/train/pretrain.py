@@ -46,6 +46,8 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 import torch
 
+from .hostmem import allocator_env, minor_page_faults  # noqa: F401 - also this module's API
+
 CKPT_NAME = "ckpt.pt"
 CKPT_FORMAT = "fastattn.pretrain/1"
 
@@ -232,23 +234,6 @@ def _reset_cpu_peak() -> Optional[int]:
         return None
     kb = _proc_status_kb("VmRSS")
     return None if kb is None else kb * 1024
-
-
-def minor_page_faults() -> int:
-    """The process's minor page faults so far (getrusage): each one a fresh page of memory
-    mapped and zeroed by the kernel on first touch."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-# What sets how a process gets its host memory (glibc malloc's MALLOC_* tunables, jemalloc's
-# MALLOC_CONF, a preloaded jemalloc / tcmalloc, torch's transparent-huge-page switch for CPU
-# tensors): a CPU result is read with them. (Device memory: torch.cuda's own statistics.)
-_ALLOCATOR_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "TCMALLOC_", "THP_MEM_ALLOC_ENABLE")
-
-
-def allocator_env() -> dict:
-    """The environment variables of this process that change how memory is allocated."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ALLOCATOR_ENV)}
 
 
 def device_peak_flops(device: torch.device) -> Optional[float]:

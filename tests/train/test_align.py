@@ -1009,7 +1009,7 @@ def test_stage_bench(tmp_path, capsys, stage, isolate):
     assert "| policy_logprobs" in captured.out and "| step" in captured.out
     # host memory mapped afresh per step, with the allocator settings it depends on (the timed
     # runs' own, not the memory pass's)
-    from fastattn.train.pretrain import allocator_env
+    from fastattn.train.hostmem import allocator_env
     assert all(isinstance(r["page_faults_per_step"], (int, float)) for r in rows)
     assert report["allocator_env"] == allocator_env()
     assert (f"page faults per step (median): torch eager {rows[0]['page_faults_per_step']:,.0f}, "
