@@ -58,14 +58,14 @@ def cpu_peak_mb(fn) -> float | None:
 
 
 def environment() -> dict:
-    from fastattn.train.hostmem import allocator_env
+    from fastattn.train.hostmem import allocator_env, describe_allocator
     info = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
         # CPU times of calls that allocate large tensors depend on it (page faults)
-        "allocator": " ".join(f"{k}={v}" for k, v in allocator_env().items()) or "defaults",
+        "allocator": describe_allocator(allocator_env()),
     }
     try:
         import triton

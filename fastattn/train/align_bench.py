@@ -47,6 +47,8 @@ from types import SimpleNamespace
 
 import torch
 
+from .hostmem import allocator_env, describe_allocator, minor_page_faults
+
 STAGES = ("sft", "dpo", "grpo")
 VARIANTS = ("torch eager", "fastattn")      # the first is the baseline of the ratios
 PHASES = {"sft": ("policy_logprobs", "backward", "optimizer"),
@@ -93,7 +95,6 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
     """The timed steps of one variant in this process; ``memory``: measure the phases' peaks
     too."""
     from . import align
-    from .hostmem import minor_page_faults
     from .pretrain import _autocast, bench_model, peak_since, resolve_device
     backend = {"torch eager": "torch", "fastattn": "fastattn"}[name]
     device = resolve_device(args.device)
@@ -204,7 +205,6 @@ def _run_child(args, name: str, out: Path, memory: bool) -> dict:
 
 
 def bench_stage(args) -> dict:
-    from .hostmem import allocator_env
     from .pretrain import _versions, resolve_device, run_bench_variants
     check_args(args)
     device = resolve_device(args.device)
@@ -310,12 +310,10 @@ def format_table(report: dict) -> str:
                  f"log-prob phases' peak, fastattn / torch: "
                  f"{ratio(ours.get('logprob_phases_peak_ratio'))})")
     if "page_faults_per_step" in base and "page_faults_per_step" in ours:
-        env = report.get("allocator_env") or {}
         lines.append(f"page faults per step (median): {base['variant']} "
                      f"{base['page_faults_per_step']:,.0f}, {ours['variant']} "
                      f"{ours['page_faults_per_step']:,.0f}; allocator: "
-                     + (", ".join(f"{k}={v}" for k, v in env.items()) if env
-                        else "the C library's defaults"))
+                     + describe_allocator(report.get("allocator_env") or {}))
     return "\n".join(lines)
 
 

@@ -29,3 +29,8 @@ _ALLOCATOR_ENV = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "TCMALLOC_", "THP_M
 def allocator_env() -> dict:
     """The environment variables of this process that change how memory is allocated."""
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(_ALLOCATOR_ENV)}
+
+
+def describe_allocator(env: dict) -> str:
+    """``allocator_env()``'s record as one line of a result table."""
+    return ", ".join(f"{k}={v}" for k, v in env.items()) or "the C library's defaults"

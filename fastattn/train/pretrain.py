@@ -46,7 +46,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 import torch
 
-from .hostmem import allocator_env, minor_page_faults  # noqa: F401 - also this module's API
+from .hostmem import allocator_env, describe_allocator, minor_page_faults  # noqa: F401
 
 CKPT_NAME = "ckpt.pt"
 CKPT_FORMAT = "fastattn.pretrain/1"
@@ -1280,9 +1280,7 @@ def format_bench_table(report: dict) -> str:
              f"threads), torch {report['torch']}, triton {report['triton']}, {report['date']}",
              f"peak memory: {report['memory']}; ratios against {report['baseline']}"]
     if "allocator_env" in report:
-        env = report["allocator_env"]
-        lines.append("allocator: " + (", ".join(f"{k}={v}" for k, v in env.items()) if env
-                                      else "the C library's defaults") +
+        lines.append("allocator: " + describe_allocator(report["allocator_env"]) +
                      "; faults/step: minor page faults of the process per timed step (median)")
     vocab = report.get("config", {}).get("vocab_size")
     if vocab and vocab % 64:
