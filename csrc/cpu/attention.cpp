@@ -14,7 +14,8 @@
 //
 // Backward (FlashAttention-2): for each key block, over the query blocks that see it, recompute
 // P = exp(S - lse) from the saved lse, then dV += P~^T dO, dP = dO V^T, dS = P * (dP - delta),
-// dK += dS^T Q, dQ += dS K: five block products, the minimum. One task per (batch, query head)
+// dK += dS^T Q, dQ += dS K: five block products, the minimum, each over only the key columns
+// that some row of the tile sees (visible_cols). One task per (batch, query head)
 // owns that head's dQ, so no two threads ever add into the same memory. With too few such pairs
 // to keep the threads busy the work splits by blocks instead: one task per (head, key block)
 // for dK and dV, one per (head, query block) for dQ, which recomputes its tiles' P and dS
@@ -499,6 +500,17 @@ FA_INLINE void rows_seeing(const Problem& sp, int64_t i0, int64_t m, int64_t j0,
   *end = std::min(i0 + m, last);
 }
 
+// The columns [*c0, *c1) of key block [j0, j0 + n) that some row of [i0, i0 + m) sees (lo and
+// hi are non-decreasing, so the rows' visible ranges union to [lo(i0), hi(i0 + m - 1))). The
+// tile's other columns are masked for all its rows: P and dS are 0 there and the products can
+// leave them out. Under a causal mask this halves the tiles on the diagonal whenever the key
+// block is wider than the query block.
+FA_INLINE void visible_cols(const Problem& sp, int64_t i0, int64_t m, int64_t j0, int64_t n,
+                            int64_t* c0, int64_t* c1) {
+  *c0 = std::max(j0, sp.lo(i0));
+  *c1 = std::min(j0 + n, sp.hi(i0 + m - 1));
+}
+
 // Scratch of one thread: the tile's P (s), its dropped copy (pd), dP then dS (dp), tanh (t).
 struct TileScratch {
   std::vector<float> s, dp, pd, t;
@@ -636,13 +648,17 @@ struct BackwardIO {
     std::fill(dv_blk, dv_blk + n * D, 0.f);
     for (int64_t i0 = i_begin; i0 < i_end; i0 += kBlockM) {
       const int64_t m = std::min(kBlockM, i_end - i0);
-      tile_grads(pr, g, i0, m, j0, n, w);
-      gemm(pr.blas, true, false, n, D, m, 1.f, w.p_out(pr), kBlockN, g.dout(i0), g.ldo, 1.f,
-           dv_blk, D);
-      gemm(pr.blas, true, false, n, D, m, pr.scale, w.dp.data(), kBlockN, g.q(i0), g.ldq, 1.f,
-           dk_blk, D);
+      int64_t c0, c1;
+      visible_cols(g.sp, i0, m, j0, n, &c0, &c1);
+      if (c0 >= c1) continue;
+      const int64_t nc = c1 - c0;
+      tile_grads(pr, g, i0, m, c0, nc, w);
+      gemm(pr.blas, true, false, nc, D, m, 1.f, w.p_out(pr), kBlockN, g.dout(i0), g.ldo, 1.f,
+           dv_blk + (c0 - j0) * D, D);
+      gemm(pr.blas, true, false, nc, D, m, pr.scale, w.dp.data(), kBlockN, g.q(i0), g.ldq, 1.f,
+           dk_blk + (c0 - j0) * D, D);
       if (dq_acc != nullptr)
-        gemm(pr.blas, false, false, m, D, n, pr.scale, w.dp.data(), kBlockN, g.k(j0), g.ldk,
+        gemm(pr.blas, false, false, m, D, nc, pr.scale, w.dp.data(), kBlockN, g.k(c0), g.ldk,
              1.f, dq_acc + i0 * D, D);
     }
   }
@@ -730,9 +746,12 @@ void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, co
         int64_t r_begin, r_end;
         rows_seeing(sp, i0, m, j0, n, &r_begin, &r_end);
         if (r_begin >= r_end) continue;
-        tile_grads(pr, g, r_begin, r_end - r_begin, j0, n, w);
-        gemm(pr.blas, false, false, r_end - r_begin, D, n, pr.scale, w.dp.data(), kBlockN,
-             g.k(j0), g.ldk, 1.f, dq_acc.data() + (r_begin - i0) * D, D);
+        int64_t c0, c1;
+        visible_cols(sp, r_begin, r_end - r_begin, j0, n, &c0, &c1);
+        if (c0 >= c1) continue;
+        tile_grads(pr, g, r_begin, r_end - r_begin, c0, c1 - c0, w);
+        gemm(pr.blas, false, false, r_end - r_begin, D, c1 - c0, pr.scale, w.dp.data(), kBlockN,
+             g.k(c0), g.ldk, 1.f, dq_acc.data() + (r_begin - i0) * D, D);
       }
       io.store_q(b, h, i0, m, dq_acc.data());
     }
