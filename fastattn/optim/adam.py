@@ -13,7 +13,9 @@ amsgrad, ``max_exp_avg_sq``), so a checkpoint of either loads into the other. Ad
   after a taken step (scaled, and non-finite, after a skipped one).
 
 Parameters of any layout are stepped (a parameter that is not contiguous, e.g. channels_last,
-through a contiguous copy). Checkpoints of older torch releases (integer ``step``, groups
+through a contiguous copy). float64 and complex parameters, which the float32 kernels do not
+serve, are stepped by torch.optim's own single-tensor Adam(W), with their moments in the
+parameter's dtype as torch keeps them. Checkpoints of older torch releases (integer ``step``, groups
 without ``maximize`` and the later options) load like they do into torch.optim. A master copy
 that no longer rounds to its parameter (the parameter was changed outside this optimizer, or
 the checkpoint went through an optimizer without master weights) is re-seeded from the
@@ -28,6 +30,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
+import torch.optim.adam as _torch_adam
+import torch.optim.adamw as _torch_adamw
 from torch import Tensor
 
 from .. import _eager
@@ -35,7 +39,7 @@ from ..ops import adam as _adam_op
 
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the kernels'; others: torch's
 
 
 def _is_dtensor(t) -> bool:
@@ -133,7 +137,7 @@ class Adam(torch.optim.Optimizer):
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
-        moment = _moment_dtype(group)
+        moment = _moment_dtype(group) if p.dtype in _PARAM_DTYPES else p.dtype
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.contiguous_format)
@@ -143,7 +147,7 @@ class Adam(torch.optim.Optimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                        memory_format=torch.contiguous_format)
-        if group["master_weights"] and p.dtype != torch.float32:
+        if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16):
             master = state.get("master_param")
             if master is None or (p in self._check_master
                                   and not torch.equal(master.to(p.dtype), p.detach())):
@@ -175,7 +179,8 @@ class Adam(torch.optim.Optimizer):
                     value = torch.tensor(float(value))
                 if not isinstance(value, Tensor):
                     continue
-                dtype = torch.float32 if key in ("step", "master_param") else _moment_dtype(group)
+                dtype = (torch.float32 if key in ("step", "master_param") else
+                         _moment_dtype(group) if p.dtype in _PARAM_DTYPES else p.dtype)
                 state[key] = value.to(device=p.device, dtype=dtype,
                                       memory_format=torch.contiguous_format, copy=True)
             self._step_keys.pop(p, None)
@@ -191,6 +196,11 @@ class Adam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        name = type(self).__name__
+        for group in self.param_groups:   # before any group steps: all of them or none
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
         for group in self.param_groups:
             self._step_group(group, grad_scale, found_inf)
         return loss
@@ -205,19 +215,14 @@ class Adam(torch.optim.Optimizer):
 
     def _step_group(self, group: dict, grad_scale: Optional[Tensor],
                     found_inf: Optional[Tensor]) -> None:
-        name = type(self).__name__
         buckets: dict[tuple, list] = {}
+        others: dict[torch.device, list] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients")
-            if p.is_complex():
-                raise RuntimeError(f"{name}: complex parameters are not supported "
-                                   "(view them as real with torch.view_as_real)")
-            if p.dtype not in _PARAM_DTYPES:
-                raise RuntimeError(f"{name}: parameters must be float32, float16 or bfloat16, "
-                                   f"got {p.dtype}")
+            if p.dtype not in _PARAM_DTYPES:  # float64, complex
+                others.setdefault(p.device, []).append(p)
+                continue
             state = self._init_state(p, group)
             key = (p.device, p.dtype, "master_param" in state, self._step_keys[p])
             buckets.setdefault(key, []).append(p)
@@ -263,6 +268,37 @@ class Adam(torch.optim.Optimizer):
             self._fresh_key[0] += 1
             for p in params:
                 self._step_keys[p] = self._fresh_key[0]
+        for device, params in others.items():
+            self._step_with_torch(group, device, params, grad_scale, found_inf)
+
+    def _step_with_torch(self, group: dict, device: torch.device, params: list,
+                         grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+        """float64 / complex parameters on one device: torch.optim's single-tensor Adam(W)
+        (torch computes them in their own dtype, complex ones through view_as_real). That
+        implementation takes no GradScaler arguments, so the scaler's part is done here: a
+        skipped step (one host read of the inf flag) changes nothing, a taken one unscales the
+        gradients first, as the fused path leaves them."""
+        if found_inf is not None and bool(found_inf.ne(0).any()):
+            return
+        grads = [p.grad for p in params]
+        if grad_scale is not None:
+            inv = grad_scale.to(device=device, dtype=torch.float32).reciprocal()
+            for g in grads:
+                g.mul_(inv)
+        states = [self._init_state(p, group) for p in params]
+        beta1, beta2 = group["betas"]
+        fn = _torch_adamw.adamw if group["decoupled_weight_decay"] else _torch_adam.adam
+        fn(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+           [s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
+           [s["step"] for s in states], foreach=False,
+           capturable=device.type != "cpu",   # the step counts live on the device (no sync)
+           has_complex=any(p.is_complex() for p in params), amsgrad=bool(group["amsgrad"]),
+           beta1=float(beta1), beta2=float(beta2), lr=group["lr"],
+           weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+           maximize=bool(group["maximize"]))
+        self._fresh_key[0] += 1
+        for p in params:
+            self._step_keys[p] = self._fresh_key[0]
 
 
 class AdamW(Adam):
@@ -279,3 +315,9 @@ class AdamW(Adam):
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, master_weights=master_weights,
                          moment_dtype=moment_dtype)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # as torch.optim.AdamW: a loaded group (say, an Adam checkpoint's) stays decoupled
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True

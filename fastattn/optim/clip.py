@@ -11,7 +11,8 @@ can differ from torch's in the last bits of that dtype: it is the more accurate 
 Gradients are grouped by (device, dtype) as torch groups them; each group costs one
 ``fastattn::grad_norm`` and one ``fastattn::scale_grads_`` call (one fused pass each, see
 fastattn/ops/grad_norm). norm_type 2 and inf run the kernels; any other p runs the pure-PyTorch
-reference.
+reference. Sparse or complex gradients, and FSDP2's sharded (DTensor) ones, are clipped by
+torch's own implementation.
 """
 
 from __future__ import annotations
@@ -93,7 +94,6 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
     to total norm ``max_norm`` and returns the total norm before clipping.
 
     ``foreach`` is accepted for signature compatibility and ignored (this is always fused).
-    Sparse gradients are not supported (``ValueError``).
     """
     name = "clip_grad_norm_"
     params = _as_list(parameters, name)
@@ -106,17 +106,11 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
     grads = [q.grad for q in params if q.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    for i, g in enumerate(grads):
-        if g.layout != torch.strided:
-            raise ValueError(f"{name}: the gradient of parameter {i} (among those with a grad) "
-                             f"is {g.layout}; sparse gradients are not supported — use "
-                             "torch.nn.utils.clip_grad_norm_ for them")
-        if not g.is_floating_point():
-            raise TypeError(f"{name}: gradients must be floating point, got {g.dtype}")
-    if any(_is_dtensor(g) for g in grads):
-        # FSDP2 shards: the norm needs a reduction across ranks, which DTensor's own ops do, so
-        # torch's implementation runs as is (no fused kernel for sharded gradients yet).
-        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, error_if_nonfinite)
+    if any(g.layout != torch.strided or g.is_complex() or _is_dtensor(g) for g in grads):
+        # Sparse and complex gradients, which the kernels do not take, and FSDP2 shards, whose
+        # norm needs a reduction across ranks that DTensor's own ops do: torch's implementation
+        # runs as is.
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, p, error_if_nonfinite)
     first = grads[0].device
     out_dtype = grads[0].dtype
     for g in grads[1:]:

@@ -235,10 +235,82 @@ def test_constructor_errors():
         fastattn.optim.Adam(p, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="moment_dtype"):
         fastattn.optim.Adam(p, moment_dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="complex"):
-        z = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
-        z.grad = torch.ones_like(z)
-        fastattn.optim.Adam([z]).step()
+
+
+def test_a_sparse_gradient_fails_the_step_before_any_group_steps():
+    first, second = torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)
+    opt = fastattn.optim.AdamW([{"params": [first]}, {"params": [second]}], lr=0.1)
+    first.grad = torch.ones(3)
+    second.grad = torch.ones(4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(first, torch.zeros(3)) and not opt.state    # nothing stepped
+
+
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex64, torch.complex128])
+@pytest.mark.parametrize("flags", [{}, dict(weight_decay=0.1, amsgrad=True, maximize=True),
+                                   dict(lr=torch.tensor(3e-3), weight_decay=0.05)],
+                         ids=["defaults", "wd-amsgrad-maximize", "tensor-lr"])
+def test_float64_and_complex_parameters_step_as_torch(cls, dtype, flags):
+    """The kernels compute in float32 on real numbers: float64 and complex parameters go
+    through torch.optim's own arithmetic, beside float32 parameters of the same group that the
+    kernels step, and their state round-trips through a state_dict."""
+    ours_p = _params("cpu", dtype, [(5,), (3, 4)], seed=3) + _params("cpu", sizes=[(7,)])
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    ours = getattr(fastattn.optim, cls)(ours_p, **flags)
+    ref = getattr(torch.optim, cls)(ref_p, foreach=False, **flags)
+    _run(ours, ours_p, steps=3)
+    _run(ref, ref_p, steps=3)
+    for a, b in zip(ours_p, ref_p):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert ours.state[ours_p[0]][key].dtype == dtype
+        torch.testing.assert_close(ours.state[ours_p[0]][key], ref.state[ref_p[0]][key])
+    again_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    again = getattr(fastattn.optim, cls)(again_p, **flags)
+    again.load_state_dict(copy.deepcopy(ours.state_dict()))
+    for opt, ps in ((again, again_p), (ref, ref_p)):
+        _run(opt, ps, steps=2, start=3)
+    for a, b in zip(again_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_float64_parameters_under_grad_scaler_steps():
+    """GradScaler hands the scale and the inf flag to step(); torch's single-tensor Adam takes
+    neither, so the float64 path unscales and skips itself."""
+    ours_p = _params("cpu", torch.float64, [(6,)], seed=4)
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    ours, ref = fastattn.optim.AdamW(ours_p, lr=0.1), torch.optim.AdamW(ref_p, lr=0.1,
+                                                                        foreach=False)
+    for inf in (0.0, 1.0, 0.0):
+        _grads(ours_p, 0, scale=8.0)
+        _grads(ref_p, 0)
+        ours.grad_scale, ours.found_inf = torch.tensor(8.0), torch.tensor(inf)
+        ours.step()
+        if not inf:
+            ref.step()
+        torch.testing.assert_close(ours_p[0], ref_p[0], rtol=1e-12, atol=1e-12)
+    assert ours.state[ours_p[0]]["step"].item() == 2
+
+
+def test_adamw_keeps_decoupled_weight_decay_after_loading_an_adam_checkpoint():
+    """As torch.optim.AdamW: an Adam state dict (decoupled_weight_decay False in its groups)
+    loaded into AdamW does not turn it into Adam with L2 regularisation."""
+    start = torch.randn(5)
+    sd = torch.optim.Adam([start.clone().requires_grad_()], lr=0.1, weight_decay=0.5).state_dict()
+    results = []
+    for cls in (torch.optim.AdamW, fastattn.optim.AdamW):
+        p = start.clone().requires_grad_()
+        opt = cls([p], lr=0.1, weight_decay=0.5)
+        opt.load_state_dict(copy.deepcopy(sd))
+        assert opt.param_groups[0]["decoupled_weight_decay"] is True
+        for _ in range(3):
+            p.grad = torch.ones(5)
+            opt.step()
+        results.append(p.detach())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
 
 
 @GPU
