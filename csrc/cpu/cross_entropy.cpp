@@ -127,9 +127,9 @@ FA_INLINE Pair<double> row_sum2(int64_t n, const Term& term) {
   return total;
 }
 
-// max_j scale * x_j. A NaN element is skipped here but turns the exp sum (and so lse) NaN.
+// max_j x_j. A NaN element is skipped here but turns the exp sum (and so lse) NaN.
 template <typename scalar_t>
-FA_INLINE acc_of<scalar_t> row_max(const raw_of<scalar_t>* x, int64_t n, acc_of<scalar_t> scale) {
+FA_INLINE acc_of<scalar_t> row_max(const raw_of<scalar_t>* x, int64_t n) {
   using E = Elem<scalar_t>;
   using acc_t = acc_of<scalar_t>;
   acc_t mx[kLanes];
@@ -139,16 +139,43 @@ FA_INLINE acc_of<scalar_t> row_max(const raw_of<scalar_t>* x, int64_t n, acc_of<
     for (int64_t l = 0; l < kLanes; ++l) {
       // Both operands loaded unconditionally: a select GCC turns into vmaxps, where
       // "v > mx[l] ? v : mx[l]" would be a conditional load that blocks vectorisation.
-      const acc_t v = E::load(x[j + l]) * scale;
+      const acc_t v = E::load(x[j + l]);
       const acc_t cur = mx[l];
       mx[l] = v > cur ? v : cur;
     }
   }
   for (; j < n; ++j) {
-    const acc_t v = E::load(x[j]) * scale;
+    const acc_t v = E::load(x[j]);
     mx[0] = v > mx[0] ? v : mx[0];
   }
   return lanes_max(mx);
+}
+
+// Temperature-scaled logits s_j = z_j / T, relative to a pivot, are always formed here as
+//   s_j - (m + c) = (z_j - p) * (1/T) - c,   p a raw logit (the row max), m = p * (1/T),
+// never as z_j * (1/T) - (m + c), and m is materialised (one rounding wherever it is used).
+// The compiler may fuse a product and a subtraction into one FMA (no rounding of the product);
+// then the max element, whose m was rounded, would no longer land on an exact 0: at |s| ~ 1e9
+// the exp argument errs by hundreds (inf and NaN results), at ordinary |s| log-probs come out
+// positive by ~1e-8. In the difference form the max element gives exactly -c, whatever the
+// compiler fuses, and every other element less. At T = 1 both forms are the same arithmetic.
+
+// v as a stored value: the product that made it cannot be fused into a later addition (FMA),
+// so every use sees the one rounding. For per-row scalars, outside the vectorised loops.
+template <typename T>
+FA_INLINE T materialised(T v) {
+#if defined(__GNUC__)
+  asm("" : "+m"(v));
+#endif
+  return v;
+}
+
+template <typename scalar_t>
+FA_INLINE acc_of<scalar_t> pivot_of(const raw_of<scalar_t>* x, int64_t n) {
+  const acc_of<scalar_t> mx = row_max<scalar_t>(x, n);
+  // a row of -inf (a vocabulary chunk masked by a -inf bias): 0, so that its lse is -inf as
+  // the reference's, not -inf - -inf = NaN
+  return mx == -std::numeric_limits<acc_of<scalar_t>>::infinity() ? acc_of<scalar_t>(0) : mx;
 }
 
 template <typename scalar_t>
@@ -214,7 +241,7 @@ FA_ROW_KERNEL void cross_entropy_rows(const CeArgs<scalar_t>& a, int64_t begin, 
       continue;
     }
 
-    const acc m = row_max<scalar_t>(x, C, acc(1));
+    const acc m = row_max<scalar_t>(x, C);
     acc wz = 0;  // sum_j w_j (z_j - m): relative to m, so no cancellation at a large offset
     if (eps != 0 && a.weight == nullptr) {
       wz = row_sum<acc>(C, [&](int64_t j) { return E::load(x[j]) - m; });
@@ -292,8 +319,7 @@ struct TokFwdArgs {
 // e_j = exp(s_j - m). Then lse = m + log sum e and
 //   entropy = lse - sum_j p_j s_j = log(sum e) - sum_j e_j (s_j - m) / sum e,
 // the shifted form, which has no cancellation between lse and E[s] for large logits.
-// s_j = z_j * (1/T) is recomputed in each pass rather than stored; the compiler may fuse that
-// multiply with the following subtraction (FMA), which only drops a rounding.
+// s_j - m is recomputed in each pass rather than stored, as (z_j - p) / T (see pivot_of).
 template <typename scalar_t>
 FA_ROW_KERNEL void token_logprobs_fwd_rows(const TokFwdArgs<scalar_t>& a, int64_t begin,
                                            int64_t end) {
@@ -305,21 +331,19 @@ FA_ROW_KERNEL void token_logprobs_fwd_rows(const TokFwdArgs<scalar_t>& a, int64_
   const Exp<acc> exp_acc = Exp<acc>::make();
   for (int64_t r = begin; r < end; ++r) {
     const raw* x = a.logits + r * a.logits_row_stride;
-    // The pivot: the row max, or 0 for a row of -inf (whose lse is then -inf, as the
-    // reference's, not -inf - -inf = NaN: a vocabulary chunk masked by a -inf bias is such a row).
-    const acc row_m = row_max<scalar_t>(x, C, inv_t);
-    const acc m = row_m == -std::numeric_limits<acc>::infinity() ? acc(0) : row_m;
+    const acc p = pivot_of<scalar_t>(x, C);
+    const acc m = materialised(p * inv_t);
     // sum_j e_j and sum_j e_j (s_j - m)
     Pair<double> sums{0, 0};
     if (a.entropy != nullptr) {
       sums = row_sum2<acc>(C, [&](int64_t j) {
         // y = -inf (a masked class) is raised to exp's floor: e = 0 and e * y = 0, not NaN.
-        const acc y = exp_acc.floor(E::load(x[j]) * inv_t - m);
+        const acc y = exp_acc.floor((E::load(x[j]) - p) * inv_t);
         const acc e = exp_acc(y);
         return Pair<acc>{e, e * y};
       });
     } else {
-      sums.first = row_sum<acc>(C, [&](int64_t j) { return exp_acc(E::load(x[j]) * inv_t - m); });
+      sums.first = row_sum<acc>(C, [&](int64_t j) { return exp_acc((E::load(x[j]) - p) * inv_t); });
     }
     const acc log_sum = static_cast<acc>(std::log(sums.first));
     const acc lse = m + log_sum;
@@ -331,7 +355,7 @@ FA_ROW_KERNEL void token_logprobs_fwd_rows(const TokFwdArgs<scalar_t>& a, int64_
       if (t < 0 || t >= C) {
         logp = ent = quiet_nan<acc>();
       } else {
-        logp = (E::load(x[t]) * inv_t - m) - log_sum;
+        logp = (E::load(x[t]) - p) * inv_t - log_sum;
         ent = log_sum - static_cast<acc>(sums.second / sums.first);
       }
     }
@@ -366,6 +390,8 @@ struct TokBwdArgs {
 // (grad may alias logits; the pass itself reads x_j just before writing g_j).
 // s_j - E[s] is formed as (s_j - lse) + entropy: s_j - lse is exp's argument anyway, and
 // raised to exp's floor it makes a masked (-inf) class give 0 instead of 0 * -inf = NaN.
+// s_j - lse = (z_j - p) / T - (lse - p / T) (see pivot_of): at T != 1 a first pass finds the
+// row max p (the row is then in cache for the second); at T = 1, p = 0.
 // Traffic: one read of the logits and one write of the gradient per element.
 template <typename scalar_t>
 FA_ROW_KERNEL void token_logprobs_bwd_rows(const TokBwdArgs<scalar_t>& a, int64_t begin,
@@ -388,23 +414,25 @@ FA_ROW_KERNEL void token_logprobs_bwd_rows(const TokBwdArgs<scalar_t>& a, int64_
       fill_row<scalar_t>(g, C, quiet_nan<acc>());
       continue;
     }
-    const acc lse = a.lse[r];
+    const acc p = inv_t == acc(1) ? acc(0) : pivot_of<scalar_t>(x, C);
+    // s_j - lse = (z_j - p) / T - lse_p; p / T rounded as the forward's m was, so that
+    // lse_p >= 0 for the row max
+    const acc lse_p = a.lse[r] - materialised(p * inv_t);
     const acc gl = a.grad_logp[r];
-    const acc s_t = E::load(x[t]) * inv_t;
+    const acc d_t = exp_acc.floor((E::load(x[t]) - p) * inv_t - lse_p);  // s_t - lse
     if (a.grad_entropy == nullptr) {
       const acc c = -gl * inv_t;
-      for (int64_t j = 0; j < C; ++j) g[j] = E::store(exp_acc(E::load(x[j]) * inv_t - lse) * c);
-      const acc p_t = exp_acc(s_t - lse);
-      g[t] = E::store(inv_t * gl * (1 - p_t));
+      for (int64_t j = 0; j < C; ++j)
+        g[j] = E::store(exp_acc((E::load(x[j]) - p) * inv_t - lse_p) * c);
+      g[t] = E::store(inv_t * gl * (1 - exp_acc(d_t)));
     } else {
       const acc ge = a.grad_entropy[r];
       const acc ent = a.entropy[r];
       const acc c = -inv_t;
       for (int64_t j = 0; j < C; ++j) {
-        const acc d = exp_acc.floor(E::load(x[j]) * inv_t - lse);  // s_j - lse
+        const acc d = exp_acc.floor((E::load(x[j]) - p) * inv_t - lse_p);  // s_j - lse
         g[j] = E::store(c * exp_acc(d) * (gl + ge * (d + ent)));
       }
-      const acc d_t = exp_acc.floor(s_t - lse);
       const acc g_t = gl - exp_acc(d_t) * (gl + ge * (d_t + ent));
       g[t] = E::store(inv_t * g_t);
     }
@@ -435,8 +463,9 @@ struct SliceBwdArgs {
 // One pass per row, as token_logprobs_bwd, from the whole row's lse (and entropy):
 //   g_j = (1/T) (a (p_j - smoothing) - h p_j (s_j - E[s])),  a = row_scale, h = grad_entropy,
 // s_j - E[s] formed as (s_j - lse) + entropy (floored: a -inf logit gives 0, not 0 * -inf),
-// then the target column, if it lies in this slice, from the s_t read before the pass (grad
-// may alias logits). A row with a = 0 (and h = 0) is written as zeros without being read.
+// s_j - lse as in token_logprobs_bwd (a pivot pass at T != 1), then the target column, if it
+// lies in this slice, from the s_t read before the pass (grad may alias logits). A row with
+// a = 0 (and h = 0) is written as zeros without being read.
 template <typename scalar_t>
 FA_ROW_KERNEL void slice_bwd_rows(const SliceBwdArgs<scalar_t>& a, int64_t begin, int64_t end) {
   using E = Elem<scalar_t>;
@@ -457,23 +486,25 @@ FA_ROW_KERNEL void slice_bwd_rows(const SliceBwdArgs<scalar_t>& a, int64_t begin
     }
     const int64_t t = a.target[r];
     const bool hit = t >= 0 && t < C;
-    const acc lse = a.lse[r];
-    const acc s_t = hit ? E::load(x[t]) * inv_t : acc(0);
+    const acc p = inv_t == acc(1) ? acc(0) : pivot_of<scalar_t>(x, C);
+    // s_j - lse = (z_j - p) / T - lse_p; p / T rounded as the forward's m was, so that
+    // lse_p >= 0 for the row max
+    const acc lse_p = a.lse[r] - materialised(p * inv_t);
+    const acc d_t = hit ? exp_acc.floor((E::load(x[t]) - p) * inv_t - lse_p) : acc(0);
     const acc c = scale * inv_t;
     if (a.grad_entropy == nullptr) {
       for (int64_t j = 0; j < C; ++j)
-        g[j] = E::store(c * (exp_acc(E::load(x[j]) * inv_t - lse) - smooth));
-      if (hit) g[t] = E::store(c * (exp_acc(s_t - lse) - smooth - a.target_coef));
+        g[j] = E::store(c * (exp_acc((E::load(x[j]) - p) * inv_t - lse_p) - smooth));
+      if (hit) g[t] = E::store(c * (exp_acc(d_t) - smooth - a.target_coef));
     } else {
       const acc ent = a.entropy[r];
       const acc ch = h * inv_t;
       for (int64_t j = 0; j < C; ++j) {
-        const acc d = exp_acc.floor(E::load(x[j]) * inv_t - lse);  // s_j - lse
-        const acc p = exp_acc(d);
-        g[j] = E::store(c * (p - smooth) - ch * p * (d + ent));
+        const acc d = exp_acc.floor((E::load(x[j]) - p) * inv_t - lse_p);  // s_j - lse
+        const acc pj = exp_acc(d);
+        g[j] = E::store(c * (pj - smooth) - ch * pj * (d + ent));
       }
       if (hit) {
-        const acc d_t = exp_acc.floor(s_t - lse);
         const acc p_t = exp_acc(d_t);
         g[t] = E::store(c * (p_t - smooth - a.target_coef) - ch * p_t * (d_t + ent));
       }

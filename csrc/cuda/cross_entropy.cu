@@ -153,6 +153,12 @@ struct MergeStats {
   }
 };
 
+// s = z / T as the rounded product z * (1/T), never fused into a following subtraction (an FMA
+// would compare the unrounded product with a max taken of rounded ones: the max element's
+// exp argument then errs by ~|s| 2^-24, hundreds at |s| ~ 1e9, so inf / NaN, and at ordinary
+// |s| log-probs come out positive). __fmul_rn is never contracted.
+__device__ __forceinline__ float scaled(float z, float inv_t) { return __fmul_rn(z, inv_t); }
+
 // Pass 1 over one row x (C elements, split sp): folds s = z * inv_t (z itself when !kScale)
 // into st; with kSmooth also sum w (z - pivot) and sum w (w = 1 when kSmooth == 1), kept
 // relative to the running pivot so that the smoothing term W log(sum) - sz has no
@@ -170,7 +176,7 @@ __device__ __forceinline__ void accumulate_row(const T* x, const RowSplit& sp, i
   };
   auto fold_scalar = [&](int col) {
     const float z = to_float(x[col]);
-    const float s[1] = {kScale ? z * inv_t : z};
+    const float s[1] = {kScale ? scaled(z, inv_t) : z};
     const float old_pivot = pivot_of(st.m);
     online_update<1, kEnt>(st, s);
     shift(old_pivot);
@@ -200,7 +206,7 @@ __device__ __forceinline__ void accumulate_row(const T* x, const RowSplit& sp, i
         Pack16<T>::unpack(raw[u], z);
         float s[kN];
 #pragma unroll
-        for (int i = 0; i < kN; ++i) s[i] = kScale ? z[i] * inv_t : z[i];
+        for (int i = 0; i < kN; ++i) s[i] = kScale ? scaled(z[i], inv_t) : z[i];
         const float old_pivot = pivot_of(st.m);
         online_update<kN, kEnt>(st, s);
         if (kSmooth != 0) {
@@ -386,7 +392,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   const bool valid = t != a.ignore_index;
   const bool t_ok = valid && t >= 0 && t < C;
   const T* x = a.logits + row * a.logits_row_stride;
-  const float s_t = (tid == 0 && t_ok) ? to_float(x[t]) * a.inv_t : quiet_nan();
+  const float s_t = (tid == 0 && t_ok) ? scaled(to_float(x[t]), a.inv_t) : quiet_nan();
 
   const RowSplit sp = split_row(x, C);
   RowStats st = stats_identity();
@@ -449,7 +455,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
     mean_s = lse - a.entropy[row];
   }
   auto grad_of = [&](float z, int col) {
-    const float s = z * inv_t;
+    const float s = scaled(z, inv_t);
     const float p = fast_exp2((s - lse) * kLog2e);
     float gk = p * (kEnt ? fmaf(c1, s - mean_s, c0) : c0);
     if (col == t_col) gk += c_t;
@@ -506,7 +512,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads)
   const float ent = kEnt ? a.entropy[row] : 0.0f;
   const float smooth = a.smoothing;
   auto grad_of = [&](float z, int col) {
-    const float d = z * inv_t - lse;  // s_k - lse
+    const float d = scaled(z, inv_t) - lse;  // s_k - lse
     const float p = fast_exp2(d * kLog2e);
     float gk = c * (p - smooth);
     // s_k - E[s] = d + entropy, floored so that a -inf logit gives 0 rather than 0 * -inf

@@ -53,6 +53,33 @@ def test_matches_float64(device, backend, dtype, vocab, temperature, grads):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("temperature", [1e-3, 1e-10])
+def test_low_temperature_is_finite_and_nonpositive(device, backend, temperature):
+    """s = z / T is huge at a low temperature: the row max must still sit at exactly 0 in exp's
+    argument. (Formed as z * (1/T) - max with the product fused into the subtraction, the C++
+    kernels gave inf / NaN at T = 1e-10 and log-probs of +3e-8 at T = 1e-3.) Beyond that, the
+    gradient from the saved lse carries its rounding, |s|max * 2^-24 on every p."""
+    logits, target = make((64,), 33, torch.float32, device, seed=4)
+    leaf = logits.clone().requires_grad_()
+    with fastattn.use_backend(backend):
+        logp, ent = fastattn.token_logprobs(leaf, target, temperature=temperature,
+                                            return_entropy=True)
+        (grad,) = torch.autograd.grad(logp.sum() + ent.sum(), leaf)
+    ref_leaf = logits.double().requires_grad_()
+    ref_logp, ref_ent = oracle(ref_leaf, target, temperature)
+    (ref_grad,) = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), ref_leaf)
+    for name, t in (("logp", logp), ("entropy", ent), ("grad", grad)):
+        assert t.isfinite().all(), name
+    assert (logp <= 0).all() and (ent >= 0).all()
+    ulp = 2.0 ** -24 * float(logits.abs().max()) / temperature     # of the largest |s|
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-6, atol=8 * ulp)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=1e-6, atol=8 * ulp)
+    # in units of 1/T (a gradient of p): each p errs by up to ~ulp, and never by more than 1
+    torch.testing.assert_close(grad.double() * temperature, ref_grad * temperature, rtol=0,
+                               atol=min(8 * ulp, 1e-2))
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_without_entropy_and_strided(device, backend):
     base, target = make((3,), 64, torch.float32, device)
     logits = torch.randn(3, 100, device=device)[:, 10:74]      # row stride 100

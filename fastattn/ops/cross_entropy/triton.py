@@ -330,6 +330,15 @@ def _cross_entropy_slice_bwd_kernel(
             tl.store(g_row + cols, (g * inv_temperature).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+def _fusable(inv_temperature: float) -> bool:
+    """Whether a temperature kernel may fuse multiplies into adds (FMA): not at T != 1, where
+    s = z * (1/T) must be the rounded product everywhere. Fused into the following subtraction,
+    it would be compared unrounded against a max taken of rounded ones: the max element's exp
+    argument then errs by ~|s| 2^-24 (hundreds at |s| ~ 1e9: inf and NaN), and log-probs come
+    out positive at ordinary |s|. At T = 1 the product is exact and fusion changes nothing."""
+    return float(inv_temperature) == 1.0
+
+
 def _check_rows(name: str, x: Tensor, like: Tensor) -> None:
     if x.dim() != 2 or x.shape != like.shape:
         raise ValueError(f"{name} must be 2-D (rows, classes) shaped like logits {tuple(like.shape)}, got {tuple(x.shape)}")
@@ -421,6 +430,7 @@ def token_logprobs_fwd(
             WITH_ENTROPY=bool(with_entropy),
             BLOCK=block,
             num_warps=warps,
+            enable_fp_fusion=_fusable(inv_temperature),
         )
     return logp, entropy, lse
 
@@ -468,6 +478,7 @@ def token_logprobs_bwd(
             HAS_ENTROPY=has_entropy,
             BLOCK=block,
             num_warps=warps,
+            enable_fp_fusion=_fusable(inv_temperature),
         )
 
 
@@ -517,4 +528,5 @@ def cross_entropy_slice_bwd(
             HAS_ENTROPY=has_entropy,
             BLOCK=block,
             num_warps=warps,
+            enable_fp_fusion=_fusable(inv_temperature),
         )
