@@ -37,6 +37,7 @@ raises: the ops have no forward-mode rule, and the dispatcher would return a zer
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -97,6 +98,38 @@ def _mark_written(args: tuple, positions: tuple) -> None:
             written.extend(t for t in a if isinstance(t, Tensor))
     if written:
         _bump_versions(tuple(written))
+
+
+def first_order(public_name: str) -> Callable[[Callable], Callable]:
+    """Decorates a registered backward whose gradients are computed from tensors saved without
+    a graph (a gradient the forward kernel already wrote, say): under create_graph=True such a
+    gradient would come back as a constant, and a second derivative through it would be
+    silently wrong. Like torch.autograd.function.once_differentiable, the backward then runs
+    without recording and its gradients carry a node that raises when differentiated, here
+    also when the incoming gradient itself needs none (autograd.grad(loss, x,
+    create_graph=True) hands backward a constant)."""
+    message = (f"{public_name}: its gradient cannot be differentiated again (double backward, "
+               "as through autograd.grad(..., create_graph=True), is not supported); compute "
+               "this loss with torch's own ops where second derivatives are needed")
+
+    def wrap(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            recording = torch.is_grad_enabled() and not _is_compiling()
+            with torch.no_grad():
+                result = backward(ctx, *grads)
+            if not recording:
+                return result
+            outputs = result if isinstance(result, tuple) else (result,)
+            if not any(isinstance(o, Tensor) for o in outputs):
+                return result
+            raise_later = torch._C._functions.DelayedError(message, len(outputs))
+            marked = raise_later(*[o.detach().requires_grad_() if isinstance(o, Tensor) else o
+                                   for o in outputs])
+            marked = marked if isinstance(marked, tuple) else (marked,)
+            return marked if isinstance(result, tuple) else marked[0]
+        return run
+    return wrap
 
 
 def register_autograd(op: Callable, backward: Callable, setup_context: Callable) -> None:

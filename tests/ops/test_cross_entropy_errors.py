@@ -265,3 +265,61 @@ def test_gpu_trusted_targets_do_not_sync(backend, name, chunk_over):
     bad[[5, 9]] = True
     assert torch.isnan(out[bad]).all() and torch.isfinite(out[~bad]).all()
     assert torch.isnan(x.grad[bad]).all() and torch.isfinite(x.grad[~bad]).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+def test_double_backward_raises_instead_of_dropping_second_order_terms(backend, reduction, name):
+    """The gradient comes from a tensor the forward kernel wrote (or a recomputing kernel):
+    differentiated again, it would be a constant and the second-order terms silently 0."""
+    logits, hidden = X.clone().requires_grad_(), H.clone().requires_grad_()
+    with fastattn.use_backend(backend):
+        if name == "cross_entropy":
+            leaf, loss = logits, fastattn.cross_entropy(logits, T, reduction=reduction)
+        else:
+            leaf, loss = hidden, fastattn.linear_cross_entropy(hidden, W, T, reduction=reduction)
+        loss = loss.sum()
+        (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    # the gradient itself is right, and usable as a value
+    ref_leaf = leaf.detach().double().requires_grad_()
+    ref_logits = ref_leaf if name == "cross_entropy" else ref_leaf @ W.double().t()
+    ref = torch.nn.functional.cross_entropy(ref_logits, T, reduction=reduction).sum()
+    (ref_g,) = torch.autograd.grad(ref, ref_leaf)
+    torch.testing.assert_close(g.detach().double(), ref_g, rtol=2e-5, atol=2e-6)
+    with pytest.raises(RuntimeError, match=f"fastattn.{name}: its gradient cannot be "
+                                           "differentiated again"):
+        (loss + (g ** 2).sum()).backward()
+    again = (X if name == "cross_entropy" else H).clone().requires_grad_()
+    with fastattn.use_backend(backend):   # a plain backward is untouched
+        out = (fastattn.cross_entropy(again, T, reduction=reduction) if name == "cross_entropy"
+               else fastattn.linear_cross_entropy(again, W, T, reduction=reduction))
+        out.sum().backward()
+    torch.testing.assert_close(again.grad.double(), ref_g, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy"])
+def test_float64_mean_gradients(backend, name):
+    """float64 "mean": every target ignored gives zero gradients (as PyTorch; not 0 / 0), and
+    otherwise the gradients are float64-accurate (the kernels take a float32 scale, so the
+    division by the count happens after them)."""
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    weight = torch.randn(9, 6, dtype=torch.float64, generator=g)
+    logits = hidden @ weight.t()
+    for target in (torch.full((5,), -100), torch.tensor([1, -100, 3, 8, 0])):
+        leaves = [t.clone().requires_grad_() for t in (logits, hidden, weight)]
+        with fastattn.use_backend(backend):
+            if name == "cross_entropy":
+                loss = fastattn.cross_entropy(leaves[0], target)
+            else:
+                loss = fastattn.linear_cross_entropy(leaves[1], leaves[2], target)
+            loss.backward()
+        refs = [t.clone().requires_grad_() for t in (logits, hidden, weight)]
+        ref_logits = refs[0] if name == "cross_entropy" else refs[1] @ refs[2].t()
+        torch.nn.functional.cross_entropy(ref_logits, target).backward()
+        used = [0] if name == "cross_entropy" else [1, 2]
+        for i in used:
+            assert leaves[i].grad.isfinite().all()
+            torch.testing.assert_close(leaves[i].grad, refs[i].grad, rtol=1e-12, atol=1e-14)

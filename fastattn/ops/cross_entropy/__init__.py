@@ -212,6 +212,12 @@ def _mean_denominator(target: Tensor, weight32: Optional[Tensor], ignore_index: 
     return (picked * valid).sum()
 
 
+def _nonzero(denominator: Tensor) -> Tensor:
+    """The divisor of a "mean" gradient: 1 where no target counts (the gradient rows are then
+    all zero and stay zero, as PyTorch's, not 0 / 0 = NaN)."""
+    return torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+
+
 def _defers_mean(dtype: torch.dtype, reduction: str) -> bool:
     """float16 + "mean": the stored gradient is w_t (p - y) / max|w| (no class weights: p - y)
     without the 1/denominator, which backward applies together with grad_output. Folded in,
@@ -253,7 +259,7 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
         rows = _kernels(fn, logits).cross_entropy_fwd(
             logits, target, weight32, grad, grad_scale, ignore_index, label_smoothing, z_loss)
         if grad is not None and acc == torch.float64 and denominator is not None:
-            grad.div_(denominator)
+            grad.div_(_nonzero(denominator))
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -315,6 +321,7 @@ def _ce_setup_context(ctx, inputs, output):
     _deferred_scale(ctx, logits, target, weight, ignore_index, reduction)
 
 
+@_eager.first_order("fastattn.cross_entropy")
 def _ce_backward(ctx, grad_loss, _grad_of_grad):
     if not ctx.compute_grad:
         raise RuntimeError("fastattn::cross_entropy_fwd ran with compute_grad=False, so it holds "
@@ -712,8 +719,13 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
     recompute = _lce_recomputes(x.dtype, reduction, want_dx, want_dw)
     need_grad = (want_dx or want_dw) and not recompute
     valid = target != ignore_index
-    denominator = valid.sum(dtype=torch.float32) if reduction == "mean" else None
-    grad_scale = denominator.reciprocal() if (need_grad and denominator is not None) else None
+    acc = _acc_dtype(x.dtype)
+    denominator = valid.sum(dtype=acc) if reduction == "mean" else None
+    # The row kernels take a float32 scale: float64 token-chunk gradients are divided after,
+    # at float64 precision (as in _ce_rows).
+    divide_after = need_grad and denominator is not None and acc == torch.float64 and not by_vocab
+    grad_scale = (denominator.reciprocal() if (need_grad and denominator is not None
+                                               and not divide_after) else None)
     kernels = _kernels(fn, x)
     lse_out = x.new_empty(0, dtype=_acc_dtype(x.dtype))
     dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
@@ -743,6 +755,10 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
             if need_grad:
                 dx, dw, db = _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx,
                                             want_dw)
+                if divide_after:
+                    for g in (dx, dw, db):
+                        if g.numel():
+                            g.div_(_nonzero(denominator))
             else:
                 for start, end, logits in _token_chunks(x, weight, bias, chunk_size):
                     row_fn(logits, start, end)
@@ -834,6 +850,7 @@ def _lce_setup_context(ctx, inputs, output):
         ctx.save_for_backward(dx, dw, db)
 
 
+@_eager.first_order("fastattn.linear_cross_entropy")
 def _lce_backward(ctx, grad_loss, *_unused):
     want_dx, want_dw = ctx.want
     if grad_loss is None:
