@@ -86,9 +86,10 @@ import torch.nn.functional as F
 from . import tasks
 from .pretrain import (_RESUME_WARNS, CKPT_FORMAT, CKPT_NAME, CheckpointError,
                        TrainingInterrupted, _autocast, _json_args, _rng_state, _seed_all,
-                       _StopOnSignals, check_out_dir, check_resume_args, clear_out_dir,
-                       load_checkpoint, lr_at, open_run_log, peak_memory_bytes, resolve_device,
-                       restore_rng_state, resume_start, run_summary, save_checkpoint)
+                       _StopOnSignals, check_out_dir, check_resume_args, checkpoint_fingerprint,
+                       clear_out_dir, closing_phase, load_checkpoint, lr_at, open_run_log,
+                       peak_memory_bytes, resolve_device, restore_rng_state, resume_start,
+                       run_summary, save_checkpoint)
 
 STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
 HEAD_KEYS = {"rm": "reward_head", "ppo": "value_head"}    # checkpoint key of the scalar head
@@ -773,13 +774,25 @@ def _task(args, ckpt: dict) -> tasks.AdditionTask:
 
 
 def _corpus(args, ckpt: dict):
+    """The corpus (and its tokenizer) the --init checkpoint was trained on, rebuilt from its
+    text; a CheckpointError if that text has changed since (the tokenizer would then not be
+    the model's). The info recorded in a stage's checkpoint carries the check on."""
     from .data import Corpus
-    info = ckpt.get("corpus") or {k: ckpt.get("args", {}).get(k)
-                                  for k in ("data", "vocab_size", "cache_dir")}
+    info = dict(ckpt.get("corpus") or {k: ckpt.get("args", {}).get(k)
+                                       for k in ("data", "vocab_size", "cache_dir")})
+    if ckpt.get("data_path") is not None:    # absolute: a relative --data was the pretraining
+        info["data"] = ckpt["data_path"]     # run's working folder's
+    expected = info.get("key", ckpt.get("data_key"))
     if args.cache_dir is not None:
         info["cache_dir"] = args.cache_dir
     corpus = Corpus.build(info.get("data"), vocab_size=info.get("vocab_size") or 8192,
                           cache_dir=info.get("cache_dir"))
+    info["key"] = corpus.meta.get("key")
+    if expected is not None and info["key"] != expected:
+        where = "the embedded corpus" if info.get("data") is None else repr(info["data"])
+        raise CheckpointError(f"--init {args.init}: the text at {where} has changed since the "
+                              "checkpoint was trained on it, so the rebuilt tokenizer would not "
+                              "be the model's; restore that text, or pretrain again on it")
     return corpus, info
 
 
@@ -812,8 +825,11 @@ def _check_ranges(args: argparse.Namespace, stage: str) -> None:
         ("beta", (lambda v: finite(v) and v > 0) if stage == "dpo" else
                  (lambda v: finite(v) and v >= 0), "> 0" if stage == "dpo" else ">= 0"),
     ]
-    if stage in ("grpo", "ppo"):  # sampled rollouts: at 0 every sample of a prompt is the same
-        rules.append(("temperature", lambda v: finite(v) and v > 0, "a finite number > 0"))
+    # sampled pairs and rollouts: at 0 every sample of a prompt is the same
+    rules.append(("temperature", lambda v: finite(v) and v > 0, "a finite number > 0"))
+    if stage == "rm":
+        rules += [("holdout", lambda v: 0 < v < 1, "in (0, 1)"),
+                  ("center_rewards", lambda v: finite(v) and v >= 0, "a finite number >= 0")]
     for name, ok, what in rules:
         value = getattr(args, name, None)
         if value is not None and not ok(value):
@@ -853,6 +869,11 @@ def _check_stage_resume(rck: dict, path: Path, args, stage: str, init_path: Path
     if Path(str(rck.get("init"))).resolve() != Path(init_path).resolve():
         raise CheckpointError(f"--resume {path}: the run started from --init {rck.get('init')}, "
                               f"this one from {init_path}")
+    if (Path(init_path).is_file()       # (a missing one: load_checkpoint's error, next)
+            and rck.get("init_fingerprint") not in (None, checkpoint_fingerprint(init_path))):
+        raise CheckpointError(f"--resume {path}: --init {init_path} has changed since the run "
+                              "started from it (its pairs, reference and starting weights "
+                              "would not be the run's); restore it, or start the stage again")
     skip = set(_STAGE_RESUME_FREE) | set(_RESUME_WARNS)
     keeps = [k for k in rck.get("args", {}) if k not in skip]
     for warning in check_resume_args(rck, path, args, keeps=keeps):
@@ -901,6 +922,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                               f"from a policy trained on the task: run `fastattn-train sft` "
                               f"first and pass its --out")
     corpus, corpus_info = _corpus(args, ckpt)
+    init_fingerprint = checkpoint_fingerprint(ckpt_path)
     cfg = GPTConfig(**ckpt["config"])
     if cfg.vocab_size != corpus.vocab_size:
         raise CheckpointError(f"{ckpt_path}: vocabulary {cfg.vocab_size} but the rebuilt "
@@ -957,9 +979,16 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
 
     if args.overwrite and new_run:  # every check passed: the old run's files go now
         clear_out_dir(out)
-    log_f = open_run_log(out / "log.jsonl", start if resume_ck is not None else None)
+    # log.jsonl is opened when the first step starts (records before it wait in `pending`): a
+    # run that fails in its setup (no preference pairs, a resume that does not fit) leaves no
+    # log behind to block its folder, and a resume that fails keeps its log as it was.
+    pending: list = []
+    log_f = None
 
     def log(record: dict) -> None:
+        if log_f is None:
+            pending.append(record)
+            return
         log_f.write(json.dumps(record) + "\n")
         log_f.flush()
 
@@ -1019,11 +1048,6 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             with _autocast(device):     # as the policy's log-probs in the loop
                 ref_c, ref_r = _ref_logprobs(ref, data, eos, device)
     elif stage == "rm":
-        if not 0 < args.holdout < 1:
-            raise ValueError("--holdout must be in (0, 1)")
-        if not (math.isfinite(args.center_rewards) and args.center_rewards >= 0):
-            raise ValueError(f"--center-rewards must be a finite number >= 0, got "
-                             f"{args.center_rewards}")
         t0 = time.perf_counter()
         pairs, pair_stats = build_pairs(model, corpus, task, args.k, args.temperature, gen,
                                         min_chosen=args.min_chosen_reward,
@@ -1097,6 +1121,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             "history": {"train": [list(x) for x in history["train"]],
                         "eval": [list(x) for x in history["eval"]]},
             "corpus": corpus_info, "task": task_json, "init": str(ckpt_path),
+            "init_fingerprint": init_fingerprint,
             "trained": trained, "torch": str(torch.__version__),
             **({} if head is None else {HEAD_KEYS[stage]: {k: v.detach().cpu() for k, v in
                                                            head.state_dict().items()}}),
@@ -1152,6 +1177,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         return dpo_step(model, batch, ref_c[idx], ref_r[idx], args.beta, update, phases,
                         rpo_alpha=args.rpo_alpha)
 
+    log_f = open_run_log(out / "log.jsonl", start if resume_ck is not None else None)
+    for record in pending:
+        log(record)
     stop = _StopOnSignals(enabled=True)     # SIGINT / SIGTERM: a checkpoint at a step's end
     interrupted = None
     with stop:
@@ -1224,13 +1252,17 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                                       stop.signum)
         return {"stage": stage, "steps": paused, "paused": True}
     train_s = train_s_before + time.perf_counter() - run_t0
-    final = do_eval(args.max_steps)
+    if end > start:     # first: a stop in the closing evaluation loses no step
+        checkpoint(args.max_steps)
+    with closing_phase(out / CKPT_NAME, args.max_steps):
+        final = do_eval(args.max_steps)
+        if stage == "rm":
+            extra["train_pair_accuracy"] = rm_evaluate(model, head, data, eos, device)[
+                "pair_accuracy"]
+            extra.update(rm_best_of_k(model, head, candidates, eos, device))
     history["eval"].append((args.max_steps, final[eval_key]))
     if stage == "rm":
-        extra["train_pair_accuracy"] = rm_evaluate(model, head, data, eos, device)[
-            "pair_accuracy"]
         extra["initial_pair_accuracy"] = first_eval["pair_accuracy"]
-        extra.update(rm_best_of_k(model, head, candidates, eos, device))
         # a reward model's accuracy on the held-out prompts: that of the candidate it picks
         # among the SFT policy's K samples; its held-out loss: the Bradley-Terry loss
         extra.update(eval_accuracy=extra["rm_best_of_k_accuracy"], val_loss=final["pair_loss"])
@@ -1242,7 +1274,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         bar.close()
     log_f.close()
 
-    checkpoint(args.max_steps)
+    checkpoint(args.max_steps)      # again, with the closing evaluation in its history
 
     timed = step_times[1:] if len(step_times) > 1 else step_times
     summary = {
@@ -1487,8 +1519,11 @@ def _load_reward_model(path, cfg, corpus_info: dict, backend: str, device):
                               f"{ck.get('stage')!r}); train one with `fastattn-train rm`")
     rm_cfg = GPTConfig(**ck["config"])
     theirs = ck.get("corpus") or {}
+    # the corpus by its content key where both record one (paths may be spelled differently)
+    same = ("key", "vocab_size") if theirs.get("key") and corpus_info.get("key") else \
+        ("data", "vocab_size")
     mismatch = [f"{k} {theirs.get(k)!r} (policy: {corpus_info.get(k)!r})"
-                for k in ("data", "vocab_size") if theirs.get(k) != corpus_info.get(k)]
+                for k in same if theirs.get(k) != corpus_info.get(k)]
     if rm_cfg.vocab_size != cfg.vocab_size:
         mismatch.insert(0, f"vocabulary {rm_cfg.vocab_size} (policy: {cfg.vocab_size})")
     if mismatch:

@@ -191,8 +191,10 @@ def load_texts(data: str | os.PathLike | None) -> list[str]:
         )
         if not files:
             raise ValueError(f"folder {str(path)!r} has no .txt or .md files")
-    else:
+    elif path.is_file():
         files = [path]
+    else:   # a FIFO would block, /dev/urandom would fill the memory
+        raise ValueError(f"data path {str(path)!r} is neither a regular file nor a folder")
     texts = [_decode(f.read_bytes(), f"file {str(f)!r}") for f in files]
     texts = [t for t in texts if t.strip()]
     if not texts:

@@ -461,7 +461,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
             os.close(dfd)
 
 
-RUN_FILES = (CKPT_NAME, "summary.json", "log.jsonl")   # what marks a folder as holding a run
+RUN_FILES = (CKPT_NAME, "summary.json", "log.jsonl", "loss.png")   # a run's files
 
 
 def check_out_dir(out: Path, overwrite: bool, resumable: bool = False) -> None:
@@ -483,7 +483,7 @@ def clear_out_dir(out: Path) -> None:
     """``--overwrite``: remove the old run's files before the new run starts, so that a new run
     that dies before its first checkpoint leaves no mix of the two (an old ckpt.pt that
     ``--resume`` would continue against the new log, an old summary.json)."""
-    for name in (*RUN_FILES, "loss.png"):
+    for name in RUN_FILES:
         with contextlib.suppress(FileNotFoundError):
             (Path(out) / name).unlink()
 
@@ -521,6 +521,18 @@ def load_checkpoint(path: Path, option: str = "--resume") -> dict:
     return ckpt
 
 
+def checkpoint_fingerprint(path: Path) -> Optional[str]:
+    """A digest of a checkpoint's content from its zip directory alone (each member's name,
+    size and stored CRC-32): no second read of the tensors. None for a file that is not a zip."""
+    import hashlib
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = sorted(f"{i.filename}:{i.file_size}:{i.CRC:08x}" for i in z.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return None
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
 # Options that decide which batches come at which step: a resumed run must keep them, or it
 # would not continue the checkpoint's run. Those of the update rule may change (lowering --lr
 # after a spike is common practice); a warning says the run no longer repeats the original.
@@ -540,8 +552,10 @@ def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str] = No
                 for k in keys if k in theirs and theirs[k] != mine.get(k)]
     diffs = changed(keeps)
     if ckpt.get("data_key") not in (None, data_key):
-        diffs.insert(0, f"--data {args.data!r} is not the corpus the checkpoint trained on "
-                        f"(checkpoint: {theirs.get('data')!r})")
+        what = ("its text has changed since the checkpoint was trained on it"
+                if args.data == theirs.get("data") else
+                f"the checkpoint trained on {theirs.get('data')!r}")
+        diffs.insert(0, f"--data {args.data!r} ({what})")
     if diffs:
         raise CheckpointError(f"--resume {path}: this run differs from the checkpoint's in "
                               + "; ".join(diffs) + ". Resume with the checkpoint's options, or "
@@ -557,6 +571,10 @@ def resume_start(ckpt: dict, path: Path, args) -> int:
     """The step a resumed run continues from; a CheckpointError when --max-steps or
     --stop-after leaves it nothing to train."""
     start = int(ckpt["step"])
+    if start == args.max_steps and not (Path(path).parent / "summary.json").exists():
+        # stopped after its last step's checkpoint, in the closing evaluation: the resumed run
+        # takes no step, it evaluates and writes the summary
+        return start
     if start >= args.max_steps:
         raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, already at "
                               f"--max-steps {args.max_steps}: nothing to train (its "
@@ -582,6 +600,31 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, signum: Optional[int] = None):
         super().__init__(message)
         self.signum = signum
+
+
+@contextlib.contextmanager
+def closing_phase(checkpoint_path: Path, step: int, enabled: bool = True):
+    """The closing evaluation of a run whose last step is checkpointed already: SIGINT and
+    SIGTERM stop it at once with a TrainingInterrupted that says --resume finishes the run (its
+    evaluation and summary), instead of a traceback from inside the model or a silent kill."""
+    def handler(signum, frame):
+        name = {2: "SIGINT", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+        raise TrainingInterrupted(f"{name}: stopped in the closing evaluation; the checkpoint of "
+                                  f"step {step} ({checkpoint_path}) is written; --resume "
+                                  "finishes the run (evaluation and summary)", signum)
+
+    old: dict = {}
+    if enabled and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if previous != signal.SIG_IGN:
+                old[sig] = signal.SIG_DFL if previous is None else previous
+                signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def open_run_log(path: Path, resumed_at: Optional[int]):
@@ -877,6 +920,8 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                 "format": CKPT_FORMAT, "step": step, "model": model_sd, "optimizer": optim_sd,
                 "rng": states, "config": cfg_dict, "preset": args.preset,
                 "data_key": corpus.meta.get("key"),
+                # where the alignment stages rebuild the corpus, whatever their working folder
+                "data_path": None if args.data is None else str(Path(args.data).resolve()),
                 "backend": args.backend, "args": _json_args(args),
                 "history": {"train": [list(x) for x in history["train"]],
                             "eval": [list(x) for x in history["eval"]]},
@@ -895,7 +940,6 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     step_times: list[float] = []
     step_faults: list[int] = []
     last_eval: Optional[float] = None
-    last_eval_step = -1
     run_t0 = time.perf_counter()
     stop = _StopOnSignals(enabled=dist_info.kind == "none")
     interrupted = None
@@ -945,7 +989,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                 bar.set_postfix_str(f"loss {loss_value:.4f} | {tps:,.0f} tok/s | mfu "
                                     + ("-" if mfu is None else f"{100 * mfu:.1f}%"))
             if args.eval_iters > 0 and args.eval_every > 0 and step % args.eval_every == 0:
-                last_eval, last_eval_step = evaluate(), step
+                last_eval = evaluate()
                 history["eval"].append((step, last_eval))
                 log({"kind": "eval", "step": step, "val_loss": last_eval})
                 if bar is not None:
@@ -968,15 +1012,18 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                                   stop.signum)
     train_s = time.perf_counter() - run_t0
     final_step = max(start, end)
+    if end > start:     # first: a stop in the closing evaluation loses no step
+        checkpoint(final_step)
+    if history["eval"] and history["eval"][-1][0] == final_step:
+        last_eval = history["eval"][-1][1]    # (evaluated at its last step already)
     # the closing evaluation ends the run (not a --stop-after pause: the resumed run's log and
     # loss curve then hold the evaluations of an uninterrupted run, no extra one)
-    if (args.eval_iters > 0 and last_eval_step != final_step and end > start
-            and end == args.max_steps):
-        last_eval = evaluate()
+    elif args.eval_iters > 0 and end == args.max_steps:
+        with closing_phase(out / CKPT_NAME, final_step, enabled=dist_info.kind == "none"):
+            last_eval = evaluate()
         history["eval"].append((final_step, last_eval))
         log({"kind": "eval", "step": final_step, "val_loss": last_eval})
-    if end > start:
-        checkpoint(final_step)
+        checkpoint(final_step)      # again, with the evaluation in its history
     if bar is not None:
         bar.close()
 

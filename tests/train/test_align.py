@@ -551,6 +551,9 @@ def test_cli_errors(tmp_path, capsys):
     (["ppo", "--reward-model", "r", "--value-clip", "-0.1"], "--value-clip must be"),
     (["ppo", "--reward-model", "r", "--vf-coef", "nan"], "--vf-coef must be"),
     (["dpo", "--k", "1"], "--k must be >= 2"),
+    (["dpo", "--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["rm", "--holdout", "0"], r"--holdout must be in \(0, 1\)"),
+    (["rm", "--center-rewards", "-1"], "--center-rewards must be a finite number >= 0"),
 ])
 def test_out_of_range_stage_options_are_refused(tmp_path, capsys, argv, match):
     """Checked before anything is loaded (--init x does not exist)."""
@@ -608,7 +611,8 @@ def test_a_stage_does_not_replace_another_run_in_its_out(chain, tmp_path, capsys
     before = (out / "ckpt.pt").read_bytes()
     assert main([*argv, "--seed", "1"]) == 2
     err = capsys.readouterr().err
-    assert ("already holds a run (ckpt.pt, summary.json, log.jsonl): --resume continues it, "
+    assert ("already holds a run (ckpt.pt, summary.json, log.jsonl, loss.png): --resume "
+            "continues it, "
             "--overwrite replaces it") in err
     assert (out / "ckpt.pt").read_bytes() == before
     assert main([*argv, "--seed", "1", "--overwrite"]) == 0
@@ -836,14 +840,13 @@ def test_ppo_run(chain, capsys):
                  "--out", str(root / "bad")]) == 2      # an sft checkpoint has no reward head
     # a reward model of another tokenizer (another corpus, the same vocabulary size)
     other = torch.load(root / "rm" / "ckpt.pt", weights_only=True)
-    other["corpus"] = dict(other["corpus"], data="/elsewhere/corpus.txt")
+    other["corpus"] = dict(other["corpus"], data="/elsewhere/corpus.txt", key="f" * 64)
     from fastattn.train.pretrain import save_checkpoint
     save_checkpoint(root / "rm_other" / "ckpt.pt", other)
     capsys.readouterr()
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm_other"),
                  "--out", str(root / "bad")]) == 2
-    assert "does not read the policy's tokens: data '/elsewhere/corpus.txt'" in \
-        capsys.readouterr().err
+    assert f"does not read the policy's tokens: key {'f' * 64!r}" in capsys.readouterr().err
     assert main(["ppo", "--init", str(root / "sft"), "--reward-model", str(root / "rm"),
                  "--out", str(root / "bad"), "--format-penalty", "-1"]) == 2
     capsys.readouterr()
@@ -930,6 +933,94 @@ def test_sigterm_stops_a_stage_with_a_checkpoint_and_resume_continues(chain, tmp
     losses = [[r["loss"] for r in _log(d) if r["kind"] == "train"]
               for d in (tmp_path / "full", out)]
     assert len(losses[0]) == 5 and losses[0] == losses[1]
+
+
+def test_a_stop_in_a_stages_closing_evaluation_loses_no_step(chain, tmp_path, monkeypatch,
+                                                              capsys):
+    """The last step's checkpoint comes before the closing evaluation; --resume then takes no
+    step and writes what the uninterrupted run writes."""
+    import contextlib
+    root, common = chain
+    argv = ["sft", "--init", str(root / "pre"), *common, "--max-steps", "3", "--eval-every", "0",
+            "--batch-size", "4"]
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+
+    @contextlib.contextmanager
+    def stopped(path, step, enabled=True):
+        raise align.TrainingInterrupted(f"SIGINT: stopped in the closing evaluation ({step})", 2)
+        yield
+    monkeypatch.setattr(align, "closing_phase", stopped)
+    out = tmp_path / "stopped"
+    assert main([*argv, "--out", str(out)]) == 130
+    assert "stopped in the closing evaluation" in capsys.readouterr().err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+    assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    full, resumed = _summary(tmp_path / "full"), _summary(out)
+    assert resumed["steps_this_run"] == 0
+    for key in ("eval_accuracy", "final_loss"):
+        assert resumed[key] == full[key], key
+    strip = lambda log: [{k: v for k, v in r.items() if k not in ("step_time_s", "phase_s")}
+                         for r in log]                                        # noqa: E731
+    assert strip(_log(out)) == strip(_log(tmp_path / "full"))
+
+
+def test_a_stage_refuses_an_init_whose_corpus_text_changed(tmp_path, capsys):
+    """The tokenizer is rebuilt from the pretraining run's text: changed since, it would not be
+    the model's (ids shifted silently). A relative --data is found from any working folder."""
+    import os
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.txt").write_text("".join(f"Q:{a}+{b}={a + b}\nThe quick brown fox {a}.\n"
+                                        for a in range(60) for b in range(3)))
+    cache = str(tmp_path / "cache")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["pretrain", *MODEL, "--no-progress", "--cache-dir", cache, "--max-steps",
+                     "1", "--eval-iters", "1", "--vocab-size", "300", "--data", "corpus",
+                     "--out", str(tmp_path / "pre")]) == 0
+    finally:
+        os.chdir(cwd)
+    argv = ["sft", "--init", str(tmp_path / "pre"), "--no-progress", "--digits", "1",
+            "--n-eval", "4", "--max-steps", "1", "--batch-size", "2"]
+    assert main([*argv, "--out", str(tmp_path / "sft")]) == 0      # from another folder
+    (data / "a.txt").write_text((data / "a.txt").read_text().replace("quick", "slow"))
+    assert main([*argv, "--out", str(tmp_path / "sft2")]) == 2
+    assert "has changed since the checkpoint was trained on it" in capsys.readouterr().err
+
+
+def test_a_stage_resume_refuses_a_replaced_init(chain, tmp_path, capsys):
+    root, common = chain
+    init = tmp_path / "init"
+    init.mkdir()
+    (init / "ckpt.pt").write_bytes((root / "sft" / "ckpt.pt").read_bytes())
+    argv = ["sft", "--init", str(init), *common, "--max-steps", "3", "--eval-every", "0",
+            "--batch-size", "2", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--stop-after", "1"]) == 0
+    other = torch.load(init / "ckpt.pt", weights_only=True)     # another checkpoint, same path
+    other["model"] = {k: v + 0.01 if v.is_floating_point() else v
+                      for k, v in other["model"].items()}
+    from fastattn.train.pretrain import save_checkpoint
+    save_checkpoint(init / "ckpt.pt", other)
+    assert main([*argv, "--resume"]) == 2
+    assert "has changed since the run started from it" in capsys.readouterr().err
+
+
+def test_a_stage_that_fails_in_its_setup_leaves_no_log(chain, tmp_path, monkeypatch, capsys):
+    """No preference pairs (known only after sampling): the error, and nothing in --out that
+    would block the next attempt there."""
+    root, common = chain
+    monkeypatch.setattr(align, "build_pairs", lambda *a, **kw: ([], {
+        "pairs": 0, "prompts": 0, "best_of_k_accuracy": 0.0, "sample_accuracy": 0.0}))
+    out = tmp_path / "dpo"
+    argv = ["dpo", "--init", str(root / "sft"), "--out", str(out), *common, "--max-steps", "1"]
+    assert main(argv) == 2
+    assert "no preference pairs" in capsys.readouterr().err
+    assert not (out / "log.jsonl").exists() and not (out / "ckpt.pt").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--k", "4", "--batch-size", "2"]) == 0
 
 
 def test_dpo_grad_accum_equals_the_whole_batch(chain, tmp_path):

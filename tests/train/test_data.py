@@ -1,5 +1,6 @@
 """Data pipeline: text loading and cleaning, BPE round trips, the token cache, batches."""
 
+import os
 import random
 
 import numpy as np
@@ -98,6 +99,11 @@ def test_load_texts_errors(tmp_path):
     (tmp_path / "blank.md").write_text("\n\n")
     with pytest.raises(ValueError, match="empty"):
         load_texts(tmp_path)
+    fifo = tmp_path / "pipe"          # reading it would block; /dev/urandom would never end
+    os.mkfifo(fifo)
+    for special in (fifo, "/dev/urandom"):
+        with pytest.raises(ValueError, match="neither a regular file nor a folder"):
+            load_texts(special)
     with pytest.raises(ValueError, match="empty"):
         load_texts(tmp_path / "blank.md")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))

@@ -9,6 +9,7 @@ Every run here is a 2-layer, d_model 64 model on 32-token windows of the default
   - 2 ranks (DDP / FSDP2, gloo) vs 1 process on the same global batch: 1e-5 relative.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -20,9 +21,9 @@ import pytest
 import torch
 
 from fastattn.train.__main__ import build_parser, main
-from fastattn.train.pretrain import (CheckpointError, PEAK_BF16_FLOPS, allocator_env,
-                                     format_bench_table, minor_page_faults,
-                                     lr_at, pretrain, save_checkpoint)
+from fastattn.train.pretrain import (CheckpointError, PEAK_BF16_FLOPS, TrainingInterrupted,
+                                     allocator_env, closing_phase, format_bench_table,
+                                     minor_page_faults, lr_at, pretrain, save_checkpoint)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,8 +142,8 @@ def test_a_new_run_does_not_replace_another_in_its_folder(tmp_path, cache, capsy
     before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "summary.json",
                                                            "log.jsonl")}
     with pytest.raises(ValueError, match=r"--out .*run already holds a run \(ckpt.pt, "
-                                         r"summary.json, log.jsonl\): --resume continues it, "
-                                         r"--overwrite replaces it"):
+                                         r"summary.json, log.jsonl, loss.png\): --resume "
+                                         r"continues it, --overwrite replaces it"):
         _pretrain(out, cache, *common, "--seed", "1")
     # resuming another folder's checkpoint into this one is a new run here as well
     _pretrain(tmp_path / "other", cache, "--max-steps", "4", "--eval-iters", "0",
@@ -493,6 +494,45 @@ def test_sigterm_writes_a_checkpoint_and_resume_continues_exactly(tmp_path, cach
     assert resumed == full
 
 
+def test_a_stop_in_the_closing_evaluation_loses_no_step_and_resume_finishes(tmp_path, cache,
+                                                                             monkeypatch):
+    """The last step's checkpoint is written before the closing evaluation: a stop there
+    (SIGINT / SIGTERM, here simulated) leaves a checkpoint that --resume turns into the
+    finished run, with the uninterrupted run's evaluation and summary."""
+    import fastattn.train.pretrain as P
+    common = ["--max-steps", "3", "--eval-iters", "2", "--eval-every", "0"]
+    full = _pretrain(tmp_path / "full", cache, *common)
+    real = P.closing_phase
+
+    @contextlib.contextmanager
+    def stopped(path, step, enabled=True):
+        raise P.TrainingInterrupted(f"SIGTERM: stopped in the closing evaluation ({step})", 15)
+        yield
+
+    monkeypatch.setattr(P, "closing_phase", stopped)
+    out = tmp_path / "stopped"
+    with pytest.raises(P.TrainingInterrupted):
+        _pretrain(out, cache, *common)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+    assert not (out / "summary.json").exists()
+    monkeypatch.setattr(P, "closing_phase", real)
+    resumed = _pretrain(out, cache, *common, "--resume")
+    assert resumed["steps_this_run"] == 0 and resumed["val_loss"] == full["val_loss"]
+    assert _losses(out) == _losses(tmp_path / "full")
+    with pytest.raises(CheckpointError, match="nothing to train"):    # finished now
+        _pretrain(out, cache, *common, "--resume")
+
+
+def test_closing_phase_turns_signals_into_a_resumable_stop(tmp_path):
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="--resume finishes the run") as info:
+        with closing_phase(tmp_path / "ckpt.pt", 7):
+            signal.raise_signal(signal.SIGTERM)
+    assert info.value.signum == signal.SIGTERM and "step 7" in str(info.value)
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_signal_handling_respects_ignored_signals_and_restores_handlers():
     import signal
     from fastattn.train.pretrain import _StopOnSignals
@@ -571,3 +611,12 @@ def test_gpu_training_step_has_no_host_sync(preset):
         bench_step(model, opt, clip, x, y, device)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_loss_png_in_out_is_not_replaced_without_overwrite(tmp_path, cache):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "loss.png").write_bytes(b"precious")
+    with pytest.raises(ValueError, match=r"already holds a run \(loss.png\)"):
+        _pretrain(out, cache, "--max-steps", "1")
+    assert (out / "loss.png").read_bytes() == b"precious"
