@@ -32,8 +32,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     state_dict and forward. The fused path runs when ``need_weights=False``; with
     ``need_weights=True`` (PyTorch's default) the attention weights must be materialised, so
     the call is served by PyTorch's implementation, as are ``add_bias_kv`` and
-    ``add_zero_attn``, and a float ``attn_mask`` or ``key_padding_mask`` that requires grad (a
-    learned bias: the fused kernels give no gradient to their bias). Differences on the fused
+    ``add_zero_attn``, a float ``attn_mask`` or ``key_padding_mask`` that requires grad (a
+    learned bias: the fused kernels give no gradient to their bias), and ``dropout=1.0`` in
+    training. Differences on the fused
     path: a query that may attend to no key returns 0 instead of NaN; ``is_causal=True`` (a hint
     in PyTorch that ``attn_mask`` is the causal mask) applies the top-left causal mask directly
     when there is no key padding mask; float masks are added in fp32 (the kernels' bias dtype),
@@ -46,7 +47,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
         learned_mask = torch.is_grad_enabled() and any(
             m is not None and m.requires_grad for m in (attn_mask, key_padding_mask))
-        if need_weights or self.bias_k is not None or self.add_zero_attn or learned_mask:
+        # dropout 1 (every weight dropped) is outside the kernels' range [0, 1)
+        drop_all = self.training and self.dropout == 1.0
+        if (need_weights or self.bias_k is not None or self.add_zero_attn or learned_mask
+                or drop_all):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights,
@@ -126,7 +130,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if bias is not None:
             bias = _float_mask_to_fp32(bias).expand(bsz, heads, tgt_len, src_len)
 
-        # the kernels' range, checked only where applied (torch's module also takes 1.0)
         dropout_p = (_check_dropout("MultiheadAttention", self.dropout, "dropout")
                      if self.training and self.dropout else 0.0)
         out, _ = _run_dense(q, k, v, bias, head_dim ** -0.5, 0, -1, 0 if causal else -1, 0.0,

@@ -9,11 +9,14 @@ from ..ops.cross_entropy import check_chunk_over, cross_entropy, linear_cross_en
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
-    """Drop-in for ``torch.nn.CrossEntropyLoss`` (class-index targets) on the fused kernel.
+    """Drop-in for ``torch.nn.CrossEntropyLoss`` on the fused kernel (class-index targets).
 
     Same constructor, buffers and call; a subclass, so ``isinstance`` checks and state_dicts keep
     working. Extra keyword arguments: ``z_loss`` (PaLM's ``z_loss * logsumexp**2`` per token) and
     ``inplace_backward`` (the gradient overwrites the logits; see ``fastattn.cross_entropy``).
+    Class-probability targets (a floating-point target shaped like the input: mixup,
+    distillation) are computed by ``torch.nn.functional.cross_entropy``, as the parent class
+    would; ``z_loss`` and ``inplace_backward`` do not apply to them (an error if set).
     """
 
     def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
@@ -24,6 +27,12 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.inplace_backward = inplace_backward
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if isinstance(target, Tensor) and target.is_floating_point():
+            if self.z_loss or self.inplace_backward:
+                raise ValueError("CrossEntropyLoss: z_loss and inplace_backward apply to "
+                                 "class-index targets only, got class-probability targets "
+                                 f"(a {target.dtype} target)")
+            return super().forward(input, target)
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing,
                              z_loss=self.z_loss, inplace_backward=self.inplace_backward)

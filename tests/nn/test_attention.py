@@ -87,6 +87,15 @@ def test_state_dict_names_are_torchs():
     assert "q_proj_weight" in ours.state_dict()
 
 
+def test_dropout_one_drops_every_weight_as_torch_does():
+    ours, theirs = _pair(8, 2, "cpu", dropout=1.0)
+    x = torch.randn(3, 2, 8)
+    a, _ = ours.train()(x, x, x, need_weights=False)
+    b, _ = theirs.train()(x, x, x, need_weights=False)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, ours.out_proj.bias.expand_as(a))
+
+
 def test_dropout_in_training_only():
     ours, _ = _pair(16, 2, "cpu", dropout=0.5)
     x = torch.randn(4, 2, 16)
@@ -205,7 +214,7 @@ def test_masks_on_another_device_and_bad_dropout_are_refused(backend):
         with pytest.raises(ValueError, match="key_padding_mask must be on the query's device"):
             ours(q, q, q, need_weights=False,
                  key_padding_mask=torch.zeros(2, 3, dtype=torch.bool, device="meta"))
-        for p in (1.0, -0.5, 2.0, float("nan")):
+        for p in (-0.5, 2.0, float("nan")):
             ours.dropout = p
             with pytest.raises(ValueError, match=r"MultiheadAttention: dropout must be in \[0, 1\)"):
                 ours.train()(q, q, q, need_weights=False)

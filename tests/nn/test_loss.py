@@ -58,3 +58,22 @@ def test_linear_cross_entropy_loss(chunk_over):
 def test_linear_cross_entropy_loss_checks_chunk_over():
     with pytest.raises(ValueError, match="chunk_over must be 'tokens' or 'vocab', got 'cols'"):
         fastattn.nn.LinearCrossEntropyLoss(chunk_over="cols")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(label_smoothing=0.1, weight=torch.rand(5) + 0.5),
+                                dict(reduction="none")], ids=["plain", "smoothing-weight", "none"])
+def test_class_probability_targets_work_as_in_torch(kw):
+    """A drop-in takes what the parent takes: soft targets (mixup, distillation) run through
+    torch's own cross-entropy."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=g, requires_grad=True)
+    probs = torch.softmax(torch.randn(6, 5, generator=g), -1)
+    ours = fastattn.nn.CrossEntropyLoss(**kw)(x, probs)
+    ref_x = x.detach().clone().requires_grad_()
+    ref = torch.nn.CrossEntropyLoss(**kw)(ref_x, probs)
+    torch.testing.assert_close(ours, ref)
+    ours.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    with pytest.raises(ValueError, match="class-index targets only"):
+        fastattn.nn.CrossEntropyLoss(z_loss=1e-4)(x, probs)

@@ -828,3 +828,38 @@ def test_ops_run_on_meta_tensors():
     assert q.grad.shape == q.shape
     _, lse = fastattn.flash_attention(q, q, q, return_lse=True)
     assert lse.shape == (2, 4, 16) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("shapes", [
+    ((5, 8), (7, 8), (7, 8)),                      # 2-D: one head
+    ((2, 1, 5, 8), (2, 4, 7, 8), (2, 4, 7, 8)),    # one query head against four: broadcast
+    ((3, 5, 8), (1, 7, 8), (3, 7, 8)),             # 3-D, key heads broadcast
+    ((5, 8), (3, 7, 8), (3, 7, 8)),                # 2-D query against 3-D keys
+])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sdpa_broadcasts_heads_and_takes_2d_inputs_as_torch(shapes, backend):
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(s, generator=g) for s in shapes)
+    with fastattn.use_backend(backend):
+        ours = fastattn.scaled_dot_product_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_sdpa_heads_that_do_not_broadcast_name_enable_gqa():
+    q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="enable_gqa=True: fewer key/value heads"):
+        fastattn.scaled_dot_product_attention(q, k, k)
+    assert fastattn.scaled_dot_product_attention(q, k, k, enable_gqa=True).shape == q.shape
+
+
+@pytest.mark.parametrize("name", ["scale", "softcap", "dropout_p"])
+def test_number_arguments_of_the_wrong_type_are_named(name):
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(TypeError, match=f"flash_attention: {name} must be a real number, "
+                                        "got str 'a'"):
+        fastattn.flash_attention(q, q, q, **{name: "a"})
+    with pytest.raises(TypeError, match=f"scaled_dot_product_attention: scale must be a real "
+                                        r"number, got list \[1.0\]"):
+        fastattn.scaled_dot_product_attention(q, q, q, scale=[1.0])

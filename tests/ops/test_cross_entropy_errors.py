@@ -323,3 +323,14 @@ def test_float64_mean_gradients(backend, name):
         for i in used:
             assert leaves[i].grad.isfinite().all()
             torch.testing.assert_close(leaves[i].grad, refs[i].grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("call", [
+    lambda i: fastattn.cross_entropy(X, T, ignore_index=i),
+    lambda i: fastattn.linear_cross_entropy(H, W, T, ignore_index=i),
+    lambda i: fastattn.token_logprobs(X, T, ignore_index=i),
+    lambda i: fastattn.linear_token_logprobs(H, W, T, ignore_index=i),
+])
+def test_an_ignore_index_beyond_int64_is_named(call):
+    with pytest.raises(ValueError, match="ignore_index must fit in int64, got " + str(2 ** 70)):
+        call(2 ** 70)

@@ -27,6 +27,7 @@ and ``fastattn::decode_attention`` (inference, no autograd).
 # of the functions it registers and rejects them as strings.
 import contextlib
 import math
+import numbers
 import operator
 import threading
 from typing import Optional, Sequence
@@ -337,17 +338,27 @@ def _check_qkv4(fn: str, q: Tensor, k: Tensor, v: Tensor, gqa: bool,
                          f"for grouped-query attention")
 
 
+def _real(fn: str, name: str, value) -> float:
+    """A number argument as a float; a TypeError naming it otherwise (float("a") would not)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} "
+                        f"{value!r}")
+    return float(value)
+
+
 def _check_scale(fn: str, scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    scale = float(scale)
+    scale = _real(fn, "scale", scale)
     if not math.isfinite(scale):
         raise ValueError(f"{fn}: scale must be finite, got {scale}")
     return scale
 
 
 def _check_dropout(fn: str, dropout_p: float, name: str = "dropout_p") -> float:
-    dropout_p = float(dropout_p)
+    dropout_p = _real(fn, name, dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: {name} must be in [0, 1), got {dropout_p}")
     return dropout_p
@@ -425,8 +436,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  enable_gqa: bool = False) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
 
-    query ``(..., Hq, L, E)``, key/value ``(..., H, S, E)``, the batch dimensions ``...``
-    broadcasting as in PyTorch (a 3-D input's first dimension plays the heads' part);
+    query ``(..., Hq, L, E)``, key/value ``(..., H, S, E)``, the batch dimensions ``...`` and,
+    without ``enable_gqa``, the heads broadcasting as in PyTorch (a 3-D input's first dimension
+    plays the heads' part, a 2-D one is a single head);
     ``attn_mask`` boolean (True = take part) or additive float, broadcastable to
     ``(..., Hq, L, S)``; ``is_causal`` is top-left aligned (query i sees keys j <= i) and cannot
     be combined with a mask, as in PyTorch. Dropout is applied whenever ``dropout_p > 0``, as in
@@ -438,24 +450,36 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     if isinstance(query, Tensor):
         query, key, value = _autocast.cast(query.device.type, query, key, value)
     _check_float(fn, query=query, key=key, value=value)
-    if min(query.dim(), key.dim(), value.dim()) < 3:
-        raise ValueError(f"{fn}: query, key and value must have rank >= 3 "
+    if min(query.dim(), key.dim(), value.dim()) < 2:
+        raise ValueError(f"{fn}: query, key and value must have rank >= 2 "
                          f"(..., heads, seq, head_dim), got shapes {tuple(query.shape)}, "
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
     if attn_mask is not None and is_causal:
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as in PyTorch)")
     dropout_p = _check_dropout(fn, dropout_p)
-    # Dimension -3 is the heads (the batch of a 3-D input); those before it broadcast as in
-    # PyTorch and are flattened into one batch dimension (a copy only where broadcast).
+    shapes = tuple(tuple(x.shape) for x in (query, key, value))
+    query, key, value = (x if x.dim() > 2 else x.unsqueeze(0) for x in (query, key, value))
+    # Dimension -3 is the heads (the batch of a 3-D input); those before it (and without
+    # enable_gqa the heads too) broadcast as in PyTorch and are flattened into one batch
+    # dimension (a copy only where broadcast).
+    shared = 3 if enable_gqa else 2
     try:
-        lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        lead = torch.broadcast_shapes(*(x.shape[:-shared] for x in (query, key, value)))
     except RuntimeError:
-        raise ValueError(f"{fn}: the batch dimensions of query, key and value do not broadcast, "
-                         f"got shapes {tuple(query.shape)}, {tuple(key.shape)}, "
-                         f"{tuple(value.shape)}") from None
+        what = "batch" if enable_gqa else "batch and head"
+        raise ValueError(f"{fn}: the {what} dimensions of query, key and value do not broadcast, "
+                         f"got shapes {shapes[0]}, {shapes[1]}, {shapes[2]}"
+                         + ("" if enable_gqa else " (enable_gqa=True: fewer key/value heads)")
+                         ) from None
+    lead = tuple(lead)
+    if enable_gqa:
+        sizes = [lead + tuple(x.shape[-3:]) for x in (query, key, value)]
+    else:
+        lead, heads = lead[:-1], lead[-1]
+        sizes = [lead + (heads,) + tuple(x.shape[-2:]) for x in (query, key, value)]
     batch = math.prod(lead)
-    q, k, v = (x.expand(tuple(lead) + tuple(x.shape[-3:])).reshape((batch,) + tuple(x.shape[-3:]))
-               for x in (query, key, value))
+    q, k, v = (x.expand(size).reshape((batch,) + size[len(lead):])
+               for x, size in zip((query, key, value), sizes))
     _check_qkv4(fn, q, k, v, gqa=enable_gqa)
     scale = _check_scale(fn, scale, q.shape[-1])
     bias = None
@@ -464,7 +488,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                              tuple(lead) + (q.shape[1], q.shape[2], k.shape[2]),
                              q.shape[:3] + (k.shape[2],))
     out, _ = _run_dense(q, k, v, bias, scale, 0, -1, 0 if is_causal else -1, 0.0, dropout_p)
-    return out.view(tuple(lead) + tuple(out.shape[1:]))
+    out = out.view(lead + tuple(out.shape[1:]))
+    return out.squeeze(0) if max(len(shape) for shape in shapes) == 2 else out
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
@@ -503,7 +528,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     # arithmetic: i + (Sk - Sq) + right is computed in int64)
     reach = q.shape[2] + k.shape[2]
     left, right = (-1 if w >= reach else w for w in (left, right))
-    softcap = float(softcap)
+    softcap = _real(fn, "softcap", softcap)
     if not (softcap >= 0.0 and math.isfinite(softcap)):
         raise ValueError(f"{fn}: softcap must be >= 0 (0 disables it), got {softcap}")
     out, lse = _run_dense(q, k, v, None, scale, k.shape[2] - q.shape[2], left, right, softcap,

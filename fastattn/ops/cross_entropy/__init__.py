@@ -100,6 +100,8 @@ def _check_options(fn: str, reduction: str, label_smoothing: float, ignore_index
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2 ** 63 <= int(ignore_index) < 2 ** 63:    # the targets' int64 range
+        raise ValueError(f"{fn}: ignore_index must fit in int64, got {int(ignore_index)}")
     return int(ignore_index)
 
 
