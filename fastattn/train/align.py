@@ -906,7 +906,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     out = Path(args.out)
     resume_ck, start = None, 0
     if args.resume:
-        resume_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
+        resume_path = out / CKPT_NAME if args.resume == "auto" else ckpt_file(args.resume)
         resume_ck = load_checkpoint(resume_path, "--resume")
         start = _check_stage_resume(resume_ck, resume_path, args, stage, ckpt_path)
     new_run = resume_ck is None or resume_path.resolve() != (out / CKPT_NAME).resolve()

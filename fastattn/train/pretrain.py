@@ -146,7 +146,8 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="steps between checkpoints (0 = only at the end of the run)")
     p.add_argument("--out", default="out/pretrain", help="output folder")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                   help="continue from a checkpoint (default file: OUT/ckpt.pt)")
+                   help="continue from a checkpoint: a file or a run's folder (default: "
+                   "OUT/ckpt.pt)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run even if --out holds one (its checkpoint, log and "
                    "summary are replaced); without it such a run is refused")
@@ -814,6 +815,8 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     ckpt = ckpt_path = None
     if args.resume:
         ckpt_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
+        if ckpt_path.is_dir():      # a run's folder, as --init takes
+            ckpt_path = ckpt_path / CKPT_NAME
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("stage") is not None:
             raise CheckpointError(f"--resume {ckpt_path}: a checkpoint of the alignment stage "

@@ -620,3 +620,12 @@ def test_a_loss_png_in_out_is_not_replaced_without_overwrite(tmp_path, cache):
     with pytest.raises(ValueError, match=r"already holds a run \(loss.png\)"):
         _pretrain(out, cache, "--max-steps", "1")
     assert (out / "loss.png").read_bytes() == b"precious"
+
+
+def test_resume_takes_a_run_folder_as_init_does(tmp_path, cache):
+    common = ["--max-steps", "2", "--eval-iters", "0"]
+    _pretrain(tmp_path / "full", cache, *common)
+    out = tmp_path / "run"
+    _pretrain(out, cache, *common, "--stop-after", "1")
+    summary = _pretrain(out, cache, *common, "--resume", str(out))
+    assert summary["resumed_from"] == 1 and _losses(out) == _losses(tmp_path / "full")
