@@ -104,10 +104,12 @@ def first_order(public_name: str) -> Callable[[Callable], Callable]:
     """Decorates a registered backward whose gradients are computed from tensors saved without
     a graph (a gradient the forward kernel already wrote, say): under create_graph=True such a
     gradient would come back as a constant, and a second derivative through it would be
-    silently wrong. Like torch.autograd.function.once_differentiable, the backward then runs
-    without recording and its gradients carry a node that raises when differentiated, here
-    also when the incoming gradient itself needs none (autograd.grad(loss, x,
-    create_graph=True) hands backward a constant)."""
+    silently wrong. As with torch.autograd.function.once_differentiable, the backward then runs
+    without recording and its gradients pass through a node that raises when differentiated.
+    That node also takes the anchors ``keep_anchors`` stored in setup_context, so it lies on
+    every path back to the op's inputs: ``autograd.grad(loss + penalty(g), x)``, which
+    follows only the paths that reach x, meets it too (once_differentiable's node hangs off
+    detached copies, which such a call never visits)."""
     message = (f"{public_name}: its gradient cannot be differentiated again (double backward, "
                "as through autograd.grad(..., create_graph=True), is not supported); compute "
                "this loss with torch's own ops where second derivatives are needed")
@@ -123,13 +125,25 @@ def first_order(public_name: str) -> Callable[[Callable], Callable]:
             outputs = result if isinstance(result, tuple) else (result,)
             if not any(isinstance(o, Tensor) for o in outputs):
                 return result
-            raise_later = torch._C._functions.DelayedError(message, len(outputs))
+            anchors = getattr(ctx, "first_order_anchors", ())
+            raise_later = torch._C._functions.DelayedError(message, len(outputs) + len(anchors))
             marked = raise_later(*[o.detach().requires_grad_() if isinstance(o, Tensor) else o
-                                   for o in outputs])
-            marked = marked if isinstance(marked, tuple) else (marked,)
+                                   for o in outputs], *anchors)
+            marked = (marked if isinstance(marked, tuple) else (marked,))[:len(outputs)]
             return marked if isinstance(result, tuple) else marked[0]
         return run
     return wrap
+
+
+def keep_anchors(ctx, *tensors) -> None:
+    """For ``first_order``, in setup_context: a one-element copy of each differentiable input,
+    with the input's autograd history but not its memory (as_strided saves the geometry only)."""
+    if _is_compiling():     # (compiled graphs have no double backward to guard)
+        return
+    with torch.enable_grad():   # setup_context runs inside the op's forward, unrecorded
+        ctx.first_order_anchors = tuple(
+            t.as_strided((), (), t.storage_offset()).clone() for t in tensors
+            if isinstance(t, Tensor) and t.requires_grad and t.numel())
 
 
 def register_autograd(op: Callable, backward: Callable, setup_context: Callable) -> None:

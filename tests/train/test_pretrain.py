@@ -516,6 +516,8 @@ def test_a_stop_in_the_closing_evaluation_loses_no_step_and_resume_finishes(tmp_
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
     assert not (out / "summary.json").exists()
     monkeypatch.setattr(P, "closing_phase", real)
+    with pytest.raises(CheckpointError, match="at or past --stop-after 1: nothing to train"):
+        _pretrain(out, cache, *common, "--resume", "--stop-after", "1")
     resumed = _pretrain(out, cache, *common, "--resume")
     assert resumed["steps_this_run"] == 0 and resumed["val_loss"] == full["val_loss"]
     assert _losses(out) == _losses(tmp_path / "full")

@@ -342,7 +342,9 @@ def _real(fn: str, name: str, value) -> float:
     """A number argument as a float; a TypeError naming it otherwise (float("a") would not)."""
     if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real)
+                                       or (hasattr(value, "__float__")   # 0-d numpy arrays
+                                           and not isinstance(value, (str, bytes, complex)))):
         raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} "
                         f"{value!r}")
     return float(value)
@@ -466,11 +468,17 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     try:
         lead = torch.broadcast_shapes(*(x.shape[:-shared] for x in (query, key, value)))
     except RuntimeError:
-        what = "batch" if enable_gqa else "batch and head"
-        raise ValueError(f"{fn}: the {what} dimensions of query, key and value do not broadcast, "
-                         f"got shapes {shapes[0]}, {shapes[1]}, {shapes[2]}"
-                         + ("" if enable_gqa else " (enable_gqa=True: fewer key/value heads)")
-                         ) from None
+        heads_only = False
+        if not enable_gqa:
+            try:
+                torch.broadcast_shapes(*(x.shape[:-3] for x in (query, key, value)))
+                heads_only = True       # the batch dimensions broadcast: the heads do not
+            except RuntimeError:
+                pass
+        raise ValueError(f"{fn}: the {'head' if heads_only else 'batch'} dimensions of query, "
+                         f"key and value do not broadcast, got shapes {shapes[0]}, {shapes[1]}, "
+                         f"{shapes[2]}" + (" (enable_gqa=True: fewer key/value heads)"
+                                           if heads_only else "")) from None
     lead = tuple(lead)
     if enable_gqa:
         sizes = [lead + tuple(x.shape[-3:]) for x in (query, key, value)]

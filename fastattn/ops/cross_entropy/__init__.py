@@ -214,10 +214,11 @@ def _mean_denominator(target: Tensor, weight32: Optional[Tensor], ignore_index: 
     return (picked * valid).sum()
 
 
-def _nonzero(denominator: Tensor) -> Tensor:
-    """The divisor of a "mean" gradient: 1 where no target counts (the gradient rows are then
-    all zero and stay zero, as PyTorch's, not 0 / 0 = NaN)."""
-    return torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+def _nonzero(denominator: Tensor, valid: Tensor) -> Tensor:
+    """The divisor of a "mean" gradient: 1 where no target is valid (the gradient rows are then
+    all zero and stay zero, as PyTorch's, not 0 / 0 = NaN). Valid targets of total class weight
+    0 keep the 0 (NaN, as PyTorch's)."""
+    return torch.where(valid.any(), denominator, torch.ones_like(denominator))
 
 
 def _defers_mean(dtype: torch.dtype, reduction: str) -> bool:
@@ -261,7 +262,7 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
         rows = _kernels(fn, logits).cross_entropy_fwd(
             logits, target, weight32, grad, grad_scale, ignore_index, label_smoothing, z_loss)
         if grad is not None and acc == torch.float64 and denominator is not None:
-            grad.div_(_nonzero(denominator))
+            grad.div_(_nonzero(denominator, target != ignore_index))
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -321,6 +322,7 @@ def _ce_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad)
     _deferred_scale(ctx, logits, target, weight, ignore_index, reduction)
+    _eager.keep_anchors(ctx, logits)
 
 
 @_eager.first_order("fastattn.cross_entropy")
@@ -760,7 +762,7 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
                 if divide_after:
                     for g in (dx, dw, db):
                         if g.numel():
-                            g.div_(_nonzero(denominator))
+                            g.div_(_nonzero(denominator, valid))
             else:
                 for start, end, logits in _token_chunks(x, weight, bias, chunk_size):
                     row_fn(logits, start, end)
@@ -843,6 +845,7 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.backend = _backends.requested()
     ctx.recompute = _lce_recomputes(x.dtype, reduction, want_dx, want_dw)
+    _eager.keep_anchors(ctx, x, weight, bias)
     if ctx.recompute:
         ctx.save_for_backward(x, weight, target, bias, lse)
         if reduction == "mean":     # no valid target: gradient 0, not 0 * inf
