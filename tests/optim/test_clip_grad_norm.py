@@ -165,8 +165,14 @@ def _sparse_and_complex():
 def test_sparse_and_complex_gradients_are_clipped_as_torch_clips_them(pick):
     ours, ref = ([params[i] for i in pick] for params in (_sparse_and_complex(),
                                                           _sparse_and_complex()))
+    try:
+        expected = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    except (RuntimeError, NotImplementedError) as e:    # torch 2.4: no norm of sparse grads
+        with pytest.raises(type(e)):
+            fastattn.optim.clip_grad_norm_(ours, 0.5)
+        return
     total = fastattn.optim.clip_grad_norm_(ours, 0.5)
-    torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(ref, 0.5))
+    torch.testing.assert_close(total, expected)
     for p, q in zip(ours, ref):
         torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense())
 
