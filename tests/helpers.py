@@ -1,5 +1,7 @@
 """Shared test helpers: which (device, backend) pairs to test, tolerances, comparisons."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -52,3 +54,16 @@ def forced_tma(monkeypatch, module, planner, record, device):
     yield taken
     assert not module.TMA.failed, "a TMA launch failed and fell back to pointer loads"
 
+
+
+def stopped_closing_phase(signum: int):
+    """A stand-in for the training loops' ``closing_phase``: the closing evaluation stops at
+    once, as SIGINT (2) or SIGTERM (15) there would stop it."""
+    from fastattn.train.pretrain import TrainingInterrupted
+
+    @contextlib.contextmanager
+    def closing_phase(path, step, enabled=True):
+        raise TrainingInterrupted(f"signal {signum}: stopped in the closing evaluation ({step})",
+                                  signum)
+        yield
+    return closing_phase

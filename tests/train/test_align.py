@@ -22,6 +22,7 @@ import torch
 from fastattn.models.gpt import GPT, GPTConfig, config
 from fastattn.train import align, tasks
 from fastattn.train.__main__ import build_parser, main
+from tests.helpers import stopped_closing_phase
 
 MODEL = ["--preset", "tiny", "--set", "n_layer=2", "--set", "d_model=64", "--set", "n_head=2",
          "--set", "max_seq_len=32", "--vocab-size", "512", "--batch-size", "4"]
@@ -453,6 +454,14 @@ def chain(tmp_path_factory):
     return root, common
 
 
+def _copy_checkpoint(src_dir, dst_dir):
+    """dst_dir/ckpt.pt, a byte copy of src_dir's; returns its bytes."""
+    dst_dir.mkdir()
+    data = (src_dir / "ckpt.pt").read_bytes()
+    (dst_dir / "ckpt.pt").write_bytes(data)
+    return data
+
+
 def _summary(path):
     return json.loads((Path(path) / "summary.json").read_text())
 
@@ -567,9 +576,7 @@ def test_init_must_be_a_policy_and_out_must_not_be_it(chain, tmp_path, capsys):
     assert main(["dpo", "--init", str(root / "pre"), "--out", str(tmp_path / "a"), *common]) == 2
     assert "is a pretraining checkpoint" in capsys.readouterr().err
     copy_dir = tmp_path / "sftcopy"
-    copy_dir.mkdir()
-    (copy_dir / "ckpt.pt").write_bytes((root / "sft" / "ckpt.pt").read_bytes())
-    before = (copy_dir / "ckpt.pt").read_bytes()
+    before = _copy_checkpoint(root / "sft", copy_dir)
     assert main(["grpo", "--init", str(copy_dir), "--out", str(copy_dir), *common]) == 2
     assert "is the folder of --init" in (err := capsys.readouterr().err)
     assert "would overwrite the checkpoint it reads" in err
@@ -581,9 +588,7 @@ def test_init_must_be_a_policy_and_out_must_not_be_it(chain, tmp_path, capsys):
 def test_pretrain_does_not_resume_an_alignment_checkpoint(chain, tmp_path, capsys):
     root, _ = chain
     out = tmp_path / "sftcopy"
-    out.mkdir()
-    (out / "ckpt.pt").write_bytes((root / "sft" / "ckpt.pt").read_bytes())
-    before = (out / "ckpt.pt").read_bytes()
+    before = _copy_checkpoint(root / "sft", out)
     assert main(["pretrain", *MODEL, "--no-progress", "--out", str(out), "--resume",
                  "--max-steps", "1000"]) == 2
     assert "a checkpoint of the alignment stage 'sft', not of a pretraining run" in \
@@ -939,17 +944,11 @@ def test_a_stop_in_a_stages_closing_evaluation_loses_no_step(chain, tmp_path, mo
                                                               capsys):
     """The last step's checkpoint comes before the closing evaluation; --resume then takes no
     step and writes what the uninterrupted run writes."""
-    import contextlib
     root, common = chain
     argv = ["sft", "--init", str(root / "pre"), *common, "--max-steps", "3", "--eval-every", "0",
             "--batch-size", "4"]
     assert main([*argv, "--out", str(tmp_path / "full")]) == 0
-
-    @contextlib.contextmanager
-    def stopped(path, step, enabled=True):
-        raise align.TrainingInterrupted(f"SIGINT: stopped in the closing evaluation ({step})", 2)
-        yield
-    monkeypatch.setattr(align, "closing_phase", stopped)
+    monkeypatch.setattr(align, "closing_phase", stopped_closing_phase(2))
     out = tmp_path / "stopped"
     assert main([*argv, "--out", str(out)]) == 130
     assert "stopped in the closing evaluation" in capsys.readouterr().err
@@ -994,8 +993,7 @@ def test_a_stage_refuses_an_init_whose_corpus_text_changed(tmp_path, capsys):
 def test_a_stage_resume_refuses_a_replaced_init(chain, tmp_path, capsys):
     root, common = chain
     init = tmp_path / "init"
-    init.mkdir()
-    (init / "ckpt.pt").write_bytes((root / "sft" / "ckpt.pt").read_bytes())
+    _copy_checkpoint(root / "sft", init)
     argv = ["sft", "--init", str(init), *common, "--max-steps", "3", "--eval-every", "0",
             "--batch-size", "2", "--out", str(tmp_path / "run")]
     assert main([*argv, "--stop-after", "1"]) == 0

@@ -9,7 +9,6 @@ Every run here is a 2-layer, d_model 64 model on 32-token windows of the default
   - 2 ranks (DDP / FSDP2, gloo) vs 1 process on the same global batch: 1e-5 relative.
 """
 
-import contextlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from fastattn.train.__main__ import build_parser, main
 from fastattn.train.pretrain import (CheckpointError, PEAK_BF16_FLOPS, TrainingInterrupted,
                                      allocator_env, closing_phase, format_bench_table,
                                      minor_page_faults, lr_at, pretrain, save_checkpoint)
+from tests.helpers import stopped_closing_phase
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -503,13 +503,7 @@ def test_a_stop_in_the_closing_evaluation_loses_no_step_and_resume_finishes(tmp_
     common = ["--max-steps", "3", "--eval-iters", "2", "--eval-every", "0"]
     full = _pretrain(tmp_path / "full", cache, *common)
     real = P.closing_phase
-
-    @contextlib.contextmanager
-    def stopped(path, step, enabled=True):
-        raise P.TrainingInterrupted(f"SIGTERM: stopped in the closing evaluation ({step})", 15)
-        yield
-
-    monkeypatch.setattr(P, "closing_phase", stopped)
+    monkeypatch.setattr(P, "closing_phase", stopped_closing_phase(15))
     out = tmp_path / "stopped"
     with pytest.raises(P.TrainingInterrupted):
         _pretrain(out, cache, *common)
