@@ -265,6 +265,25 @@ def test_compile_norm_fullgraph_matches_eager():
         torch.testing.assert_close(a, e)
 
 
+def test_compile_dynamic_gpt_step_matches_eager():
+    """dynamic=True makes module float attributes (a norm's eps) symbolic: the ops' argument
+    checks must trace them (math.isfinite on one broke the graph)."""
+    from fastattn.models.gpt import GPT, GPTConfig
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=4, d_model=64, vocab_size=97, max_seq_len=32),
+                backend="fastattn")
+    g = torch.Generator().manual_seed(5)
+    x, y = (torch.randint(0, 97, (2, 8), generator=g) for _ in range(2))
+    params = list(model.parameters())
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)(x, y)
+    cgrads = torch.autograd.grad(compiled, params)
+    eager = model(x, y)
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(cgrads, torch.autograd.grad(eager, params)):
+        torch.testing.assert_close(a, e)
+
+
 def _attention_fn(q, k, v, mask, qv, kv, cu_q, cu_k):
     return (fastattn.flash_attention(q, k, v, causal=True, window=(5, -1), softcap=3.0).sum()
             + fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).sum()

@@ -354,7 +354,7 @@ def _check_scale(fn: str, scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     scale = _real(fn, "scale", scale)
-    if not math.isfinite(scale):
+    if not -math.inf < scale < math.inf:
         raise ValueError(f"{fn}: scale must be finite, got {scale}")
     return scale
 
@@ -537,7 +537,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     reach = q.shape[2] + k.shape[2]
     left, right = (-1 if w >= reach else w for w in (left, right))
     softcap = _real(fn, "softcap", softcap)
-    if not (softcap >= 0.0 and math.isfinite(softcap)):
+    if not 0.0 <= softcap < math.inf:
         raise ValueError(f"{fn}: softcap must be >= 0 (0 disables it), got {softcap}")
     out, lse = _run_dense(q, k, v, None, scale, k.shape[2] - q.shape[2], left, right, softcap,
                           dropout_p, deterministic)

@@ -416,7 +416,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     _check_float(fn, "input", input)
     target = _check_target(fn, target)
     ignore_index = _check_options(fn, reduction, label_smoothing, ignore_index)
-    if not math.isfinite(_real(fn, "z_loss", z_loss)) or z_loss < 0:
+    if not 0 <= _real(fn, "z_loss", z_loss) < math.inf:
         raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
     if input.dim() == 0:
         raise ValueError(f"{fn}: input must have a class dimension, got a 0-d tensor")
@@ -1047,7 +1047,7 @@ def _check_temperature(fn: str, temperature: float) -> float:
     if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
         raise TypeError(f"{fn}: temperature must be a Python number, got "
                         f"{type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not 0 < temperature < math.inf:
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
     return 1.0 / float(temperature)
 

@@ -248,7 +248,7 @@ def _check(fn: str, x, normalized_shape, weight, bias, residual, eps, out_dtype)
             raise ValueError(f"{fn}: residual must be on input's device {x.device}, got "
                              f"{residual.device}")
     if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)) \
-            or not math.isfinite(eps) or eps < 0:
+            or not -math.inf < eps < math.inf or eps < 0:
         raise ValueError(f"{fn}: eps must be a finite real number >= 0, got {eps!r}")
     if out_dtype is not None and out_dtype not in _FLOATING:
         raise TypeError(f"{fn}: out_dtype must be None or one of float16, bfloat16, float32, "
