@@ -67,3 +67,15 @@ def test_bench_table_page_faults_and_allocator(tmp_path, monkeypatch):
     assert rows[0].endswith(",allocator") or ",allocator," in rows[0]
     assert "MALLOC_TRIM_THRESHOLD_=4294967296, THP_MEM_ALLOC_ENABLE=1" in rows[1]
     assert "page faults 7" in rows[2]
+
+
+def test_a_case_without_torch_eager_is_compared_with_its_fastest_pytorch_row():
+    """Attention against the SDPA backends, GEMMs against cuBLAS: the speedup is against the
+    fastest PyTorch implementation measured (a failed one, NaN, never counts)."""
+    from benchmarks.common import Result, ratios
+    results = [Result("attn", "fastattn[triton]", 2.0), Result("attn", "sdpa flash", 3.0),
+               Result("attn", "sdpa cudnn", 1.6), Result("attn", "sdpa efficient FAILED: X",
+                                                           float("nan")),
+               Result("ce", "torch eager", 4.0), Result("ce", "torch.compile", 1.0),
+               Result("ce", "fastattn", 2.0)]
+    assert ratios(results) == {0: 0.8, 1: 1.6 / 3.0, 2: 1.0, 4: 1.0, 5: 4.0, 6: 2.0}
