@@ -265,9 +265,7 @@ class Adam(torch.optim.Optimizer):
                 torch._foreach_mul_(grads, factor)
             if inf is not None:  # a skipped step does not count
                 torch._foreach_sub_(steps, [inf] * len(steps))
-            self._fresh_key[0] += 1
-            for p in params:
-                self._step_keys[p] = self._fresh_key[0]
+            self._stepped_together(params)
         for device, params in others.items():
             self._step_with_torch(group, device, params, grad_scale, found_inf)
 
@@ -296,6 +294,10 @@ class Adam(torch.optim.Optimizer):
            beta1=float(beta1), beta2=float(beta2), lr=group["lr"],
            weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
            maximize=bool(group["maximize"]))
+        self._stepped_together(params)
+
+    def _stepped_together(self, params: list) -> None:
+        """params took this step together: one fresh bucket key (their step counts are equal)."""
         self._fresh_key[0] += 1
         for p in params:
             self._step_keys[p] = self._fresh_key[0]

@@ -27,7 +27,6 @@ and ``fastattn::decode_attention`` (inference, no autograd).
 # of the functions it registers and rejects them as strings.
 import contextlib
 import math
-import numbers
 import operator
 import threading
 from typing import Optional, Sequence
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
+from .._args import real_number
 from . import reference
 
 _PKG = __name__
@@ -338,29 +338,17 @@ def _check_qkv4(fn: str, q: Tensor, k: Tensor, v: Tensor, gqa: bool,
                          f"for grouped-query attention")
 
 
-def _real(fn: str, name: str, value) -> float:
-    """A number argument as a float; a TypeError naming it otherwise (float("a") would not)."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real)
-                                       or (hasattr(value, "__float__")   # 0-d numpy arrays
-                                           and not isinstance(value, (str, bytes, complex)))):
-        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} "
-                        f"{value!r}")
-    return float(value)
-
-
 def _check_scale(fn: str, scale: Optional[float], head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    scale = _real(fn, "scale", scale)
+    scale = real_number(fn, "scale", scale)
     if not -math.inf < scale < math.inf:
         raise ValueError(f"{fn}: scale must be finite, got {scale}")
     return scale
 
 
 def _check_dropout(fn: str, dropout_p: float, name: str = "dropout_p") -> float:
-    dropout_p = _real(fn, name, dropout_p)
+    dropout_p = real_number(fn, name, dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{fn}: {name} must be in [0, 1), got {dropout_p}")
     return dropout_p
@@ -536,7 +524,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     # arithmetic: i + (Sk - Sq) + right is computed in int64)
     reach = q.shape[2] + k.shape[2]
     left, right = (-1 if w >= reach else w for w in (left, right))
-    softcap = _real(fn, "softcap", softcap)
+    softcap = real_number(fn, "softcap", softcap)
     if not 0.0 <= softcap < math.inf:
         raise ValueError(f"{fn}: softcap must be >= 0 (0 disables it), got {softcap}")
     out, lse = _run_dense(q, k, v, None, scale, k.shape[2] - q.shape[2], left, right, softcap,

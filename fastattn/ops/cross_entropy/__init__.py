@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
+from .._args import real_number
 
 _PKG = __name__
 _CUDA_ORDER = ("cuda", "triton")
@@ -83,20 +84,12 @@ def _check_same_device(fn: str, **tensors: Optional[Tensor]) -> None:
                              "all tensors must be on one device")
 
 
-def _real(fn: str, name: str, value) -> float:
-    """A real-number option as a float, or a TypeError that names it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} "
-                        f"{value!r}")
-    return float(value)
-
-
 def _check_options(fn: str, reduction: str, label_smoothing: float, ignore_index: int) -> int:
     """Checks the options F.cross_entropy shares; returns ignore_index as a Python int (numpy
     and other integral types are accepted, as PyTorch accepts them)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= _real(fn, "label_smoothing", label_smoothing) <= 1.0:
+    if not 0.0 <= real_number(fn, "label_smoothing", label_smoothing) <= 1.0:
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -416,7 +409,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     _check_float(fn, "input", input)
     target = _check_target(fn, target)
     ignore_index = _check_options(fn, reduction, label_smoothing, ignore_index)
-    if not 0 <= _real(fn, "z_loss", z_loss) < math.inf:
+    if not 0 <= real_number(fn, "z_loss", z_loss) < math.inf:
         raise ValueError(f"{fn}: z_loss must be a finite number >= 0, got {z_loss}")
     if input.dim() == 0:
         raise ValueError(f"{fn}: input must have a class dimension, got a 0-d tensor")
