@@ -89,7 +89,7 @@ from .pretrain import (_RESUME_WARNS, CKPT_FORMAT, CKPT_NAME, CheckpointError,
                        _StopOnSignals, check_out_dir, check_resume_args, checkpoint_fingerprint,
                        clear_out_dir, closing_phase, load_checkpoint, lr_at, open_run_log,
                        peak_memory_bytes, resolve_device, restore_rng_state, resume_start,
-                       run_summary, save_checkpoint)
+                       run_summary, save_checkpoint, signal_name)
 
 STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
 HEAD_KEYS = {"rm": "reward_head", "ppo": "value_head"}    # checkpoint key of the scalar head
@@ -1246,10 +1246,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             bar.close()
         log_f.close()
         if interrupted is not None:
-            name = {2: "SIGINT", 15: "SIGTERM"}.get(stop.signum, f"signal {stop.signum}")
-            raise TrainingInterrupted(f"{name}: stopped after step {interrupted}; checkpoint "
-                                      f"{out / CKPT_NAME} written; --resume continues the run",
-                                      stop.signum)
+            raise TrainingInterrupted(f"{signal_name(stop.signum)}: stopped after step "
+                                      f"{interrupted}; checkpoint {out / CKPT_NAME} written; "
+                                      "--resume continues the run", stop.signum)
         return {"stage": stage, "steps": paused, "paused": True}
     train_s = train_s_before + time.perf_counter() - run_t0
     if end > start:     # first: a stop in the closing evaluation loses no step

@@ -603,29 +603,17 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextlib.contextmanager
-def closing_phase(checkpoint_path: Path, step: int, enabled: bool = True):
+def signal_name(signum: int) -> str:
+    return {2: "SIGINT", 15: "SIGTERM"}.get(signum, f"signal {signum}")
+
+
+def closing_phase(checkpoint_path: Path, step: int, enabled: bool = True) -> "_StopOnSignals":
     """The closing evaluation of a run whose last step is checkpointed already: SIGINT and
     SIGTERM stop it at once with a TrainingInterrupted that says --resume finishes the run (its
     evaluation and summary), instead of a traceback from inside the model or a silent kill."""
-    def handler(signum, frame):
-        name = {2: "SIGINT", 15: "SIGTERM"}.get(signum, f"signal {signum}")
-        raise TrainingInterrupted(f"{name}: stopped in the closing evaluation; the checkpoint of "
-                                  f"step {step} ({checkpoint_path}) is written; --resume "
-                                  "finishes the run (evaluation and summary)", signum)
-
-    old: dict = {}
-    if enabled and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous = signal.getsignal(sig)
-            if previous != signal.SIG_IGN:
-                old[sig] = signal.SIG_DFL if previous is None else previous
-                signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
+    return _StopOnSignals(enabled, stop_now=(
+        f"stopped in the closing evaluation; the checkpoint of step {step} ({checkpoint_path}) "
+        "is written; --resume finishes the run (evaluation and summary)"))
 
 
 def open_run_log(path: Path, resumed_at: Optional[int]):
@@ -655,14 +643,18 @@ def open_run_log(path: Path, resumed_at: Optional[int]):
 class _StopOnSignals:
     """Turns SIGINT and SIGTERM into a flag the loop checks between steps (one process only: the
     ranks of a distributed run could stop at different steps and deadlock in the checkpoint's
-    collectives). A second signal acts at once, as it would without this."""
+    collectives). A second signal acts at once, as it would without this. With ``stop_now``,
+    the first one raises TrainingInterrupted("<signal>: <stop_now>") at once instead."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, stop_now: Optional[str] = None):
         self.signum: Optional[int] = None
         self._enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._stop_now = stop_now
         self._old: dict = {}
 
     def _handler(self, signum, frame) -> None:
+        if self._stop_now is not None:
+            raise TrainingInterrupted(f"{signal_name(signum)}: {self._stop_now}", signum)
         self.signum = signum
         signal.signal(signum, self._old[signum])
 
@@ -1009,10 +1001,9 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
             bar.close()
         if log_f is not None:
             log_f.close()
-        name = {2: "SIGINT", 15: "SIGTERM"}.get(stop.signum, f"signal {stop.signum}")
-        raise TrainingInterrupted(f"{name}: stopped after step {interrupted}; checkpoint "
-                                  f"{out / CKPT_NAME} written; --resume continues the run",
-                                  stop.signum)
+        raise TrainingInterrupted(f"{signal_name(stop.signum)}: stopped after step {interrupted}; "
+                                  f"checkpoint {out / CKPT_NAME} written; --resume continues "
+                                  "the run", stop.signum)
     train_s = time.perf_counter() - run_t0
     final_step = max(start, end)
     if end > start:     # first: a stop in the closing evaluation loses no step
