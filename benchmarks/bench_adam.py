@@ -1,11 +1,14 @@
 """CPU benchmark: one AdamW step over 32 tensors of 1M fp32 parameters against torch.optim.AdamW
 (fused=True, foreach=True, the for-loop, and the step compiled with torch.compile), same run.
-Rate: 28 bytes per parameter (param, grad, m, v read; param, m, v written) over the step time."""
+Rate: 28 bytes per parameter (param, grad, m, v read; param, m, v written) over the step time.
+Each row is checked against torch's foreach AdamW (three steps' updates of four of the tensors)
+or clip_grad_norm_ (norm and clipped gradients) before it is timed."""
 
 import pytest
 import torch
 
 import fastattn
+from benchmarks.common import adam_updates, clipped
 
 N_TENSORS, NUMEL = 32, 1 << 20
 
@@ -39,11 +42,19 @@ IMPLS = {
 }
 
 
+def _adam_outputs(make):
+    g = torch.Generator().manual_seed(1)
+    start = [torch.randn(NUMEL, generator=g) * 1e-3 for _ in range(4)]
+    steps = [[torch.randn(NUMEL, generator=g) for _ in start] for _ in range(3)]
+    return lambda: adam_updates(make, start, steps, torch.float32, False)
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_adamw_step(measure, impl):
     state = _setup(IMPLS[impl])
     measure(f"AdamW step {N_TENSORS}x{NUMEL} fp32", impl, lambda opt: opt.step(),
-            lambda: state, work=28 * N_TENSORS * NUMEL, unit="GB/s", rounds=10)
+            lambda: state, work=28 * N_TENSORS * NUMEL, unit="GB/s", rounds=10,
+            outputs=(_adam_outputs(IMPLS[impl]), _adam_outputs(IMPLS["torch foreach"])))
 
 
 # clip_grad_norm_ over the same 32 x 1M fp32 grads. Rate: 12 bytes per element (the norm reads
@@ -65,5 +76,10 @@ def test_clip_grad_norm(measure, impl):
     params = [torch.zeros(NUMEL).requires_grad_() for _ in range(N_TENSORS)]
     for p in params:
         p.grad = torch.randn(NUMEL, generator=g)
+    grads = [p.grad.clone() for p in params[:4]]    # (the timed calls clip them in place)
+
+    def outputs_of(fn):
+        return lambda: clipped(lambda ps, max_norm: fn(ps), grads)
     measure(f"clip_grad_norm_ {N_TENSORS}x{NUMEL} fp32", impl, CLIP_IMPLS[impl],
-            lambda: (params,), work=12 * N_TENSORS * NUMEL, unit="GB/s", rounds=10)
+            lambda: (params,), work=12 * N_TENSORS * NUMEL, unit="GB/s", rounds=10,
+            outputs=(outputs_of(CLIP_IMPLS[impl]), outputs_of(CLIP_IMPLS["torch foreach"])))

@@ -3,6 +3,7 @@
 FLOPs, written out: forward = 4 * B * H * Sq * Sk * D (two products, 2 FLOPs per multiply-add),
 halved when causal; backward = 2.5 x forward (five products instead of two), so
 forward+backward = 3.5 x forward. Every implementation is credited with the same count.
+Each row's output and gradients are checked against torch eager's before it is timed.
 """
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from benchmarks.common import against
 
 B, H, S, D = 4, 8, 512, 64
 FWD_FLOPS = 4 * B * H * S * S * D / 2  # causal
@@ -34,24 +36,32 @@ def _inputs():
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_attention_fwd_bwd(measure, impl):
     (q, k, v), dout = _inputs()
-    fn = IMPLS[impl]
 
-    def step(q, k, v):
-        fn(q, k, v).backward(dout)
+    def make_step(fn):
+        def step(q, k, v):
+            out = fn(q, k, v)
+            out.backward(dout)
+            return out
+        return step
 
-    measure(f"attention fwd+bwd causal ({B},{H},{S},{D}) fp32", impl, step,
-            lambda: tuple(x.clone().requires_grad_() for x in (q, k, v)),
-            work=3.5 * FWD_FLOPS, unit="GFLOP/s")
+    def setup():
+        return tuple(x.clone().requires_grad_() for x in (q, k, v))
+
+    measure(f"attention fwd+bwd causal ({B},{H},{S},{D}) fp32", impl, make_step(IMPLS[impl]),
+            setup, work=3.5 * FWD_FLOPS, unit="GFLOP/s",
+            outputs=against(make_step, IMPLS[impl], _sdpa, setup))
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_attention_fwd(measure, impl):
     (q, k, v), _ = _inputs()
-    fn = IMPLS[impl]
 
-    def step(q, k, v):
-        with torch.no_grad():
-            fn(q, k, v)
+    def make_step(fn):
+        def step(q, k, v):
+            with torch.no_grad():
+                return fn(q, k, v)
+        return step
 
-    measure(f"attention fwd causal ({B},{H},{S},{D}) fp32", impl, step, lambda: (q, k, v),
-            work=FWD_FLOPS, unit="GFLOP/s")
+    measure(f"attention fwd causal ({B},{H},{S},{D}) fp32", impl, make_step(IMPLS[impl]),
+            lambda: (q, k, v), work=FWD_FLOPS, unit="GFLOP/s",
+            outputs=against(make_step, IMPLS[impl], _sdpa, lambda: (q, k, v)))

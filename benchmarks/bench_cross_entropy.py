@@ -4,6 +4,9 @@ Rates: cross-entropy moves 3 x logits bytes (read twice, gradient written once) 
 it, so GB/s compares like with like; linear cross-entropy is 3 matmuls of 2*T*H*V FLOPs each
 (forward logits, d input, d weight) -- also for chunk_over="vocab", which does a fourth (the
 logits again), so its rate counts the work of the others, not its own.
+
+Each row's loss (or log-probs) and gradients are checked against torch eager's before it is
+timed (``outputs=`` of the measure fixture).
 """
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from benchmarks.common import against
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -41,13 +45,20 @@ CE_IMPLS = {
 @pytest.mark.parametrize("impl", list(CE_IMPLS))
 def test_cross_entropy_fwd_bwd(measure, impl):
     base, target = _ce_case()
-    loss_fn = CE_IMPLS[impl]
 
-    def step(x):
-        loss_fn(x, target).backward()
+    def make_step(loss_fn):
+        def step(x):
+            loss = loss_fn(x, target)
+            loss.backward()
+            return loss
+        return step
 
-    measure(f"cross_entropy fwd+bwd {N}x{V} fp32", impl, step,
-            lambda: (base.clone().requires_grad_(),), work=3 * base.numel() * 4, unit="GB/s")
+    def setup():
+        return (base.clone().requires_grad_(),)
+
+    measure(f"cross_entropy fwd+bwd {N}x{V} fp32", impl, make_step(CE_IMPLS[impl]), setup,
+            work=3 * base.numel() * 4, unit="GB/s",
+            outputs=against(make_step, CE_IMPLS[impl], _eager_ce, setup))
 
 
 def _eager_logprobs(x, t):
@@ -64,14 +75,21 @@ LOGPROB_IMPLS = {
 @pytest.mark.parametrize("impl", list(LOGPROB_IMPLS))
 def test_token_logprobs_fwd_bwd(measure, impl):
     base, target = _ce_case()
-    fn = LOGPROB_IMPLS[impl]
-    weights = torch.randn(N)
+    weights = torch.randn(N, generator=torch.Generator().manual_seed(1))   # the same for each impl
 
-    def step(x):
-        (fn(x, target) * weights).sum().backward()
+    def make_step(fn):
+        def step(x):
+            logprobs = fn(x, target)
+            (logprobs * weights).sum().backward()
+            return logprobs
+        return step
 
-    measure(f"token_logprobs fwd+bwd {N}x{V} fp32", impl, step,
-            lambda: (base.clone().requires_grad_(),), work=3 * base.numel() * 4, unit="GB/s")
+    def setup():
+        return (base.clone().requires_grad_(),)
+
+    measure(f"token_logprobs fwd+bwd {N}x{V} fp32", impl, make_step(LOGPROB_IMPLS[impl]), setup,
+            work=3 * base.numel() * 4, unit="GB/s",
+            outputs=against(make_step, LOGPROB_IMPLS[impl], _eager_logprobs, setup))
 
 
 def _eager_linear_ce(h, w, t):
@@ -96,13 +114,17 @@ def test_linear_cross_entropy_fwd_bwd(measure, impl):
     hidden = torch.randn(T, H, generator=g)
     weight = torch.randn(V, H, generator=g) / H ** 0.5
     target = torch.randint(0, V, (T,), generator=g)
-    fn = LINEAR_IMPLS[impl]
 
     def setup():
         return hidden.clone().requires_grad_(), weight.clone().requires_grad_()
 
-    def step(h, w):
-        fn(h, w, target).backward()
+    def make_step(fn):
+        def step(h, w):
+            loss = fn(h, w, target)
+            loss.backward()
+            return loss
+        return step
 
-    measure(f"linear_cross_entropy fwd+bwd {T}x{H}->{V} fp32", impl, step,
-            setup, work=3 * 2 * T * H * V, unit="TFLOP/s", rounds=3)
+    measure(f"linear_cross_entropy fwd+bwd {T}x{H}->{V} fp32", impl, make_step(LINEAR_IMPLS[impl]),
+            setup, work=3 * 2 * T * H * V, unit="TFLOP/s", rounds=3,
+            outputs=against(make_step, LINEAR_IMPLS[impl], _eager_linear_ce, setup))

@@ -5,7 +5,8 @@ d weight of each): 12*T*D*F for forward+backward; SwiGLU has 3 matmuls: 18*T*D*F
 is what autograd keeps for backward (measured with saved_tensors_hooks, parameters excluded):
 eager MLP keeps x, h and act(h); fastattn keeps x and h. Eager SwiGLU keeps x, g, act(g), u and
 act(g)*u; fastattn keeps x, g and u. (torch.compile's saved tensors live inside its compiled
-graph, out of the hooks' reach, so its column stays empty.)
+graph, out of the hooks' reach, so its column stays empty.) Each row's output and gradients
+are checked against torch eager's before it is timed.
 """
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks.common import Result
+from benchmarks.common import against
 from fastattn.ops.ffn import reference as ref
 
 T, D = 2048, 512
@@ -69,17 +70,25 @@ def _saved_mb(fn, x, params):
 def test_ffn_fwd_bwd(measure, block, impl):
     x, params = _params(block)
     fn = IMPLS[block][impl]
-    dout = torch.randn(T, D)
+    dout = torch.randn(T, D, generator=torch.Generator().manual_seed(1))   # the same for each impl
     flops = (12 if block == "mlp" else 18) * T * D * HIDDEN[block]
 
-    def step(x):
-        for p in params:
-            p.grad = None
-        fn(x, *params).backward(dout)
+    def make_step(fn):
+        def step(x):
+            for p in params:
+                p.grad = None
+            out = fn(x, *params)
+            out.backward(dout)
+            return out
+        return step
+
+    def setup():
+        return (x.clone().requires_grad_(),)
 
     label = "gelu MLP" if block == "mlp" else "SwiGLU"
-    measure(f"{label} fwd+bwd {T}x{D}->{HIDDEN[block]} fp32", impl, step,
-            lambda: (x.clone().requires_grad_(),), work=flops, unit="GFLOP/s")
+    measure(f"{label} fwd+bwd {T}x{D}->{HIDDEN[block]} fp32", impl, make_step(fn), setup,
+            work=flops, unit="GFLOP/s",
+            outputs=against(make_step, fn, IMPLS[block]["torch eager"], setup, *params))
     if impl != "torch.compile":  # compiled graphs save inside the compiled region, not via hooks
         from benchmarks.conftest import _RESULTS
         _RESULTS[-1].extra["saved MB"] = round(_saved_mb(fn, x.clone().requires_grad_(), params), 1)

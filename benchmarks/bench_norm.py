@@ -5,7 +5,8 @@ The measured step is a pre-norm block's seam: s = x + branch, y = norm(s), forwa
 backward with gradients arriving at both y and s (as in a transformer, where s goes on to the
 next residual add). Bytes, written out (fp32, T x D elements each): forward reads x and branch
 and writes s and y (4), backward reads dy, ds_in and s and writes d branch (one gradient serves
-x and branch) (4): 8 * T * D * 4 bytes per step, whoever runs it.
+x and branch) (4): 8 * T * D * 4 bytes per step, whoever runs it. Each row's outputs and
+gradients are checked against torch eager's before it is timed.
 """
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from benchmarks.common import against
 
 T, D = 8192, 768
 
@@ -45,12 +47,18 @@ def test_add_norm_fwd_bwd(measure, kind, impl):
     dy, ds = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
     fn = IMPLS[kind][impl]
 
-    def step(x, branch):
-        w.grad = b.grad = None
-        y, s = fn(x, branch, w, b)
-        torch.autograd.backward((y, s), (dy, ds))
+    def make_step(fn):
+        def step(x, branch):
+            w.grad = b.grad = None
+            y, s = fn(x, branch, w, b)
+            torch.autograd.backward((y, s), (dy, ds))
+            return y, s
+        return step
+
+    def setup():
+        return x.clone().requires_grad_(), branch.clone().requires_grad_()
 
     name = "add + LayerNorm" if kind == "layer" else "add + RMSNorm"
-    measure(f"{name} fwd+bwd {T}x{D} fp32", impl, step,
-            lambda: (x.clone().requires_grad_(), branch.clone().requires_grad_()),
-            work=8 * T * D * 4, unit="GB/s")
+    measure(f"{name} fwd+bwd {T}x{D} fp32", impl, make_step(fn), setup,
+            work=8 * T * D * 4, unit="GB/s",
+            outputs=against(make_step, fn, IMPLS[kind]["torch eager"], setup, w, b))

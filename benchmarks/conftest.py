@@ -3,26 +3,38 @@
 import pytest
 import torch
 
-from benchmarks.common import Result, cpu_peak_mb, environment, table, write
-from fastattn.train.hostmem import minor_page_faults
+from benchmarks.common import Result, check, cpu_peak_mb, environment, table, write
+from fastattn.train.hostmem import allocator_env, blocks_kept, minor_page_faults
 
 _RESULTS: list[Result] = []
+_REFERENCE: dict[str, list] = {}    # the current case's reference outputs (one case at a time)
 
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(case, impl, fn, setup, work, unit, rounds): time fn(*setup()) (setup returns a
-    tuple of fresh arguments, built outside the timed region) with
-    pytest-benchmark, then its peak memory and page faults on one more call, and record the
-    result."""
+    """measure(case, impl, fn, setup, work, unit, rounds, outputs): time fn(*setup()) (setup
+    returns a tuple of fresh arguments, built outside the timed region) with pytest-benchmark,
+    then its peak memory and page faults on one more call, and record the result.
 
-    def run(case, impl, fn, setup, work=0.0, unit="", rounds=5):
+    ``outputs`` = (mine, reference), two zero-argument callables returning this implementation's
+    outputs and gradients and those of the case's PyTorch reference (computed once a case): they
+    are compared before the timing (``benchmarks.common.check``); a row off the reference is
+    recorded, marked, given no ratio, and fails its test."""
+
+    def run(case, impl, fn, setup, work=0.0, unit="", rounds=5, outputs=None):
+        verdict = {}
+        if outputs is not None:
+            mine, reference = outputs
+            if case not in _REFERENCE:
+                _REFERENCE.clear()
+                _REFERENCE[case] = reference()
+            verdict = check(mine, _REFERENCE[case])
         benchmark.group = case
         benchmark.name = impl
         benchmark.pedantic(lambda args: fn(*args), setup=lambda: ((setup(),), {}),
                            rounds=rounds, warmup_rounds=3)
         args = setup()
-        extra = {}
+        extra = dict(verdict)
         if torch.cuda.is_available():
             peak = None
         else:
@@ -30,9 +42,13 @@ def measure(benchmark):
             # glibc's default malloc, every large tensor it allocates; see the README)
             f0 = minor_page_faults()
             peak = cpu_peak_mb(lambda: fn(*args))
+            if peak is None and blocks_kept(allocator_env()):   # (why: the header's allocator)
+                extra["peak"] = "n/a, freed blocks kept"
             extra["page faults"] = minor_page_faults() - f0
         _RESULTS.append(Result(case, impl, benchmark.stats.stats.median * 1e3, work, unit, peak,
                                extra))
+        assert "check" not in verdict, (
+            f"{case} [{impl}]: outputs off the reference's ({verdict}); see benchmarks.common.check")
 
     return run
 

@@ -5,6 +5,12 @@ Rates: memory-bound ops in GB/s against the device-to-device copy bandwidth meas
 (copy moves 2 x bytes: read + write); cross-entropy counts 3 x logits bytes (read, read,
 write the gradient); linear cross-entropy counts 3 matmuls of 2*T*H*V FLOPs (also for
 chunk_over="vocab", which does 4: its rate is of the same work as the others').
+
+Every row's outputs and gradients are compared with a PyTorch reference's on the same inputs
+once, before its timing (``err``: the greatest absolute difference over each output, relative
+to the reference output's greatest magnitude, the worst over the outputs). A row past its
+dtype's tolerance is timed all the same but marked ``check FAILED``, gets no speedup ratio and
+fails the run: a fast wrong kernel is not a result.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks.common import Result, environment, table, write
+from benchmarks.common import (Result, adam_updates, check, clipped, environment, outputs,
+                               table, write)
 
 
 # Where and in which half precision the cases run: an H200 in bf16 for `make gpu-check`; the
@@ -107,13 +114,20 @@ def _logits_cases(results, name, fastattn_fn, eager_fn, weighted, n, v):
         "torch eager": eager_fn,
         "torch.compile": torch.compile(eager_fn),
     }
-    for impl, fn in impls.items():
+    def make_step(fn):
         def step():
             x.grad = None
             out = fn(x, t)
             (out * w).sum().backward() if weighted else out.backward()
+            return out
+        return step
+    reference = outputs(make_step(eager_fn), x)
+    for impl, fn in impls.items():
+        step = make_step(fn)
         _record(results, f"{name} fwd+bwd {n}x{v} {_dt()}", impl, step,
-                3 * x.numel() * x.element_size(), "GB/s")
+                3 * x.numel() * x.element_size(), "GB/s",
+                extra=check(lambda: outputs(step, x), reference))
+    del reference
 
 
 def _eager_logprobs(x, t):
@@ -134,11 +148,19 @@ def linear_cross_entropy_cases(results, n=16384, h=4096, v=131072):
         "torch eager": eager,
         "torch.compile": torch.compile(eager),
     }
-    for name, fn in impls.items():
+    def make_step(fn):
         def step():
             x.grad = w.grad = None
-            fn(x, w, t).backward()
-        _record(results, case, name, step, 3 * 2 * n * h * v, "TFLOP/s")
+            loss = fn(x, w, t)
+            loss.backward()
+            return loss
+        return step
+    reference = outputs(make_step(eager), x, w)
+    for name, fn in impls.items():
+        step = make_step(fn)
+        _record(results, case, name, step, 3 * 2 * n * h * v, "TFLOP/s",
+                extra=check(lambda: outputs(step, x, w), reference))
+    del reference
 
 
 def _compiled_adamw(params):
@@ -174,11 +196,16 @@ def adam_cases(results, total=1 << 30, n_tensors=200, compiled=False):
         elif not master:  # torch has no master-weight policy to compare with
             impls["torch fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
             impls["torch foreach"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)
+        start = [params[i].detach().float() * 1e-3 for i in range(min(4, len(params)))]
+        steps = [[torch.randn_like(p) for p in start] for _ in range(3)]
+        reference = adam_updates(lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+                                  start, steps, dtype, master, reference=True)
         for impl, make in impls.items():
+            verdict = check(lambda: adam_updates(make, start, steps, dtype, master), reference)
             opt = make(params)
-            _record(results, case, impl, opt.step, bytes_per * numel, "GB/s")
+            _record(results, case, impl, opt.step, bytes_per * numel, "GB/s", extra=verdict)
             del opt
-        del params
+        del params, start, steps, reference
 
 
 def clip_grad_norm_cases(results, total=1 << 30, n_tensors=200, compiled=False):
@@ -203,10 +230,15 @@ def clip_grad_norm_cases(results, total=1 << 30, n_tensors=200, compiled=False):
         }
         if compiled:
             impls = {"torch.compile": torch.compile(torch.nn.utils.clip_grad_norm_)}
+        # (copies: each timed row clips the case's gradients in place)
+        grads = [params[i].grad.clone() for i in range(min(4, len(params)))]
+        reference = clipped(lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True),
+                             grads)
         for impl, fn in impls.items():
             _record(results, case, impl, lambda: fn(params, 1.0),
-                    3 * torch.tensor([], dtype=dtype).element_size() * numel, "GB/s")
-        del params
+                    3 * torch.tensor([], dtype=dtype).element_size() * numel, "GB/s",
+                    extra=check(lambda: clipped(fn, grads), reference))
+        del params, grads, reference
 
 
 def _sdpa_backend_fn(backend_name):
@@ -298,6 +330,17 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
             dout = torch.randn_like(q)
             fwd_flops = 4 * b * h * s * s * d / (2 if causal else 1)
             case = f"attention d={d} s={s}{' causal' if causal else ''} {_dt()}"
+
+            def make_fwd_bwd(fn):
+                def fwd_bwd():
+                    q.grad = k.grad = v.grad = None
+                    out = fn(q, k, v, causal)
+                    out.backward(dout)
+                    return out
+                return fwd_bwd
+            # the reference: SDPA with the kernel torch picks (on an H200 in bf16, its flash)
+            reference = outputs(make_fwd_bwd(lambda q, k, v, causal: F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal)), q, k, v)
             for impl, fn in impls.items():
                 if impl == "flex_attention" and (d, s) not in flex:
                     continue
@@ -305,25 +348,27 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                     with torch.no_grad():
                         fn(q, k, v, causal)
 
-                def fwd_bwd():
-                    q.grad = k.grad = v.grad = None
-                    fn(q, k, v, causal).backward(dout)
+                fwd_bwd = make_fwd_bwd(fn)
                 n = len(results)
                 changes = settings.get(impl, [])
                 saved = [(obj, name, getattr(obj, name)) for obj, name, _ in changes]
                 for obj, name, value in changes:
                     setattr(obj, name, value)
                 try:
-                    _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
-                    _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops, "TFLOP/s")
+                    # one check (forward output and gradients) for both rows
+                    verdict = check(lambda: outputs(fwd_bwd, q, k, v), reference)
+                    _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s",
+                            extra=verdict)
+                    _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops,
+                            "TFLOP/s", extra=verdict)
                 finally:
                     for obj, name, value in saved:
                         setattr(obj, name, value)
                 if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                     bwd_ms = results[-1].median_ms - results[-2].median_ms
                     results.append(Result(f"{case} bwd", impl, bwd_ms, 2.5 * fwd_flops,
-                                          "TFLOP/s"))
-            del q, k, v, dout
+                                          "TFLOP/s", extra=dict(verdict)))
+            del q, k, v, dout, reference
 
 
 def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
@@ -355,13 +400,16 @@ def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
                                                                               enable_gqa=True)
         except TypeError:
             pass
+        reference = outputs(impls["sdpa (repeat kv)"])
+        verdicts = {impl: check(lambda: outputs(fn), reference) for impl, fn in impls.items()}
         for impl, fn in impls.items():
-            _record(results, case, impl, fn, work, "GB/s")
+            _record(results, case, impl, fn, work, "GB/s", extra=verdicts[impl])
         # The same calls replayed from a CUDA graph: the kernels' own bandwidth. At these sizes
         # a call's host time (Python, argument checks, launches) can exceed the kernel's.
         for impl, fn in impls.items():
-            _record(results, case, f"{impl} (CUDA graph)", fn, work, "GB/s", graph=True)
-        del q, kc, vc
+            _record(results, case, f"{impl} (CUDA graph)", fn, work, "GB/s", graph=True,
+                    extra=verdicts[impl])
+        del q, kc, vc, reference
 
 
 def norm_cases(results, tokens=16384):
@@ -391,13 +439,22 @@ def norm_cases(results, tokens=16384):
             return fastattn.layer_norm(branch, d, w, b, residual=x, out_dtype=DTYPE)
 
         impls = {"fastattn": ours, "torch eager": eager, "torch.compile": torch.compile(eager)}
-        for impl, fn in impls.items():
-            def step(fn=fn):
+
+        def make_step(fn):
+            def step():
                 for t in (x, branch, w, b):
                     t.grad = None
-                torch.autograd.backward(fn(x, branch, w, b), (dy, ds))
+                out = fn(x, branch, w, b)
+                torch.autograd.backward(out, (dy, ds))
+                return out
+            return step
+        reference = outputs(make_step(eager), x, branch, w, b)
+        for impl, fn in impls.items():
+            step = make_step(fn)
             _record(results, f"add + {kind} fwd+bwd {tokens}x{d} {_dt()} (fp32 stream)", impl,
-                    step, 28 * tokens * d, "GB/s")
+                    step, 28 * tokens * d, "GB/s",
+                    extra=check(lambda: outputs(step, x, branch, w, b), reference))
+        del reference
 
 
 def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 11008),
@@ -446,20 +503,30 @@ def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 110
                      "fastattn[triton]": _backend_fn(ours, "triton"),
                      "torch eager": eager, "torch.compile": torch.compile(eager)}
         saved_mode = ffn_triton.TMA.mode
+
+        def make_fwd_bwd(fn):
+            def fwd_bwd():
+                for p in (x, *params):
+                    p.grad = None
+                out = fn(x, *params)
+                out.backward(dout)
+                return out
+            return fwd_bwd
+        reference = outputs(make_fwd_bwd(eager), x, *params)
         for impl, fn in impls.items():
             def fwd():
                 with torch.no_grad():
                     fn(x, *params)
 
-            def fwd_bwd():
-                for p in (x, *params):
-                    p.grad = None
-                fn(x, *params).backward(dout)
+            fwd_bwd = make_fwd_bwd(fn)
             n = len(results)
             ffn_triton.TMA.mode = "0" if variants else saved_mode
             try:
-                _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s")
-                _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3 * fwd_flops, "TFLOP/s")
+                # one check (output and every gradient) for both rows
+                verdict = check(lambda: outputs(fwd_bwd, x, *params), reference)
+                _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s", extra=verdict)
+                _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3 * fwd_flops, "TFLOP/s",
+                        extra=verdict)
             finally:
                 ffn_triton.TMA.mode = saved_mode
             if len(results) == n + 2 and results[-1].median_ms == results[-1].median_ms:
@@ -471,8 +538,8 @@ def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 110
             if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                 results.append(Result(f"{case} bwd", impl,
                                       results[-1].median_ms - results[-2].median_ms,
-                                      2 * fwd_flops, "TFLOP/s"))
-        del x, params, dout
+                                      2 * fwd_flops, "TFLOP/s", extra=dict(verdict)))
+        del x, params, dout, reference
 
 
 def _held_after_forward_mb(fn, x, params) -> float:
@@ -514,6 +581,7 @@ def gemm_cases(results, deadline, tokens=16384, d=4096, f=11008):
             print(f"gpu_bench: skipped {case} (budget)")
             continue
         flops = 2 * a.shape[0] * a.shape[1] * b_t.shape[0]
+        reference = [torch.matmul(a, b_t.t())]
         for impl, mode in impls.items():
             if mode is None:
                 step = lambda: torch.matmul(a, b_t.t())  # noqa: E731
@@ -521,23 +589,28 @@ def gemm_cases(results, deadline, tokens=16384, d=4096, f=11008):
                 step = lambda: ffn_triton.matmul(a, b_t)  # noqa: E731
             ffn_triton.TMA.mode = saved_mode if mode is None else mode
             try:
-                _record(results, f"{case} {_dt()}", impl, step, flops, "TFLOP/s")
+                _record(results, f"{case} {_dt()}", impl, step, flops, "TFLOP/s",
+                        extra=check(lambda: outputs(step), reference))
             finally:
                 ffn_triton.TMA.mode = saved_mode
+        del reference
     del x, w, dh
 
 
-def _record(results, case, impl, step, work, unit, graph=False):
+def _record(results, case, impl, step, work, unit, graph=False, extra=None):
     """Times ``step`` (``graph``: replayed from a CUDA graph, ``bench_graph_ms``) and appends
-    its row; a failure is a row of NaN with the exception's name, and the run goes on."""
+    its row, with ``extra`` (its output check, see ``check``) in its notes; a failure is a row
+    of NaN with the exception's name, and the run goes on."""
     try:
         step()                                   # compile / autotune outside the timing
         ms = bench_graph_ms(step) if graph else bench_ms(step)
         mem = peak_mb(step)
-        results.append(Result(case, impl, ms, work, unit, mem))
+        results.append(Result(case, impl, ms, work, unit, mem, dict(extra or {})))
         r = results[-1]
-        print(f"result: {case} [{impl}]: {ms:.3f} ms, {r.rate:.1f} {unit}, peak {mem:.0f} MiB",
-              flush=True)   # as it comes: a run cut off by its time limit still says this much
+        verdict = "".join(f", {k} {v:.2g}" if isinstance(v, float) else f", {k} {v}"
+                          for k, v in r.extra.items())
+        print(f"result: {case} [{impl}]: {ms:.3f} ms, {r.rate:.1f} {unit}, peak {mem:.0f} MiB"
+              f"{verdict}", flush=True)  # as it comes: a run cut off by its time limit says this
     except Exception as exc:  # report and go on: one failing impl must not hide the others
         traceback.print_exc()
         results.append(Result(case, f"{impl} FAILED: {type(exc).__name__}", float("nan")))
@@ -636,6 +709,8 @@ def main() -> int:
     env["copy_GBps"] = round(copy.rate, 1)
     env["seconds"] = round(time.time() - t0, 1)
     env["failed_cases"] = failed
+    wrong = [f"{r.case} [{r.impl}]" for r in results if "check" in r.extra]
+    env["failed_checks"] = wrong
     for r in results:       # (before the CSV is written, so that it holds them too)
         if r.unit == "GB/s" and r is not copy and r.work:
             r.extra["of_copy"] = r.rate / copy.rate
@@ -649,7 +724,9 @@ def main() -> int:
             print(f"  {r.case} [{r.impl}]: {100 * r.extra['of_copy']:.0f}% of copy bandwidth")
     if failed:
         print(f"gpu_bench: failed cases: {', '.join(failed)}")
-    return 1 if failed else 0
+    if wrong:
+        print("gpu_bench: outputs off the reference (timed, no ratio): " + "; ".join(wrong))
+    return 1 if failed or wrong else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks import gpu_bench
+from benchmarks import common, gpu_bench
 
 # Rows that need a CUDA device whatever the inputs: fastattn's CUDA extension, SDPA's cuDNN and
 # memory-efficient kernels (its flash kernel has a CPU implementation).
@@ -102,3 +102,42 @@ def test_case_group_runs(on_cpu, group, capsys):
     cases = {r.case for r in results}
     timed = {r.case for r in results if r.median_ms == r.median_ms}
     assert cases == timed, f"{group}: cases with no successful row: {sorted(cases - timed)}"
+    # every row that ran had its outputs checked against PyTorch's, and they agreed
+    ran = [r for r in results if r.median_ms == r.median_ms]
+    unchecked = [f"{r.case} [{r.impl}]: {r.extra}" for r in ran
+                 if "err" not in r.extra or "check" in r.extra]
+    assert not unchecked, f"{group}: rows unchecked or off the reference:\n" + "\n".join(unchecked)
+
+
+def _scaled_cross_entropy(x, t):    # a wrong kernel: the right shape, the wrong numbers
+    return F.cross_entropy(x * 1.1, t)
+
+
+@pytest.mark.parametrize("wrong", [_scaled_cross_entropy,
+                                   lambda x, t: F.cross_entropy(x, t).detach().requires_grad_(),
+                                   lambda x, t: F.cross_entropy(x, t) * float("nan")])
+def test_a_row_whose_outputs_are_off_is_timed_but_marked_and_gets_no_ratio(on_cpu, wrong):
+    from benchmarks.common import ratios, table
+    results = []
+    gpu_bench._logits_cases(results, "cross_entropy", wrong, F.cross_entropy, False, 24, 300)
+    rows = {r.impl: r for r in results if "[cuda]" not in r.impl}
+    assert rows["fastattn[triton]"].median_ms == 1.0                   # timed all the same
+    assert rows["fastattn[triton]"].extra["check"] == "FAILED"
+    assert rows["fastattn[triton]"].extra["err"] > common.TOLERANCE[torch.float16]
+    assert "check" not in rows["torch eager"].extra
+    assert rows["torch eager"].extra["err"] == 0.0
+    speedups = ratios(results)
+    assert [results[i].impl for i in speedups] == ["torch eager", "torch.compile"]
+    assert "FAILED" in table(results)
+
+
+def test_relative_errors():
+    a = torch.tensor([1.0, -2.0, 4.0])
+    assert common.relative_errors([a], [a]) == [0.0]
+    assert common.relative_errors([a + 0.4], [a]) == [pytest.approx(0.1)]
+    assert common.relative_errors([a, None], [a, None]) == [0.0, 0.0]
+    assert common.relative_errors([None], [a]) == [math.inf]
+    assert common.relative_errors([a], [a[:2]]) == [math.inf]
+    assert common.relative_errors([a * float("nan")], [a]) == [math.inf]
+    assert common.relative_errors([a], [a, a]) == [math.inf]
+    assert common.relative_errors([torch.ones(2)], [torch.zeros(2)]) == [math.inf]
