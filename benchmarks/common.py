@@ -34,36 +34,28 @@ class Result:
         return self.work / (self.median_ms * 1e-3) / scale if self.work else 0.0
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
 def cpu_peak_mb(fn) -> float | None:
-    """Peak resident memory added while ``fn()`` runs, in MB (Linux only, else None).
-
-    Writing 5 to /proc/self/clear_refs resets the kernel's high-water mark (VmHWM) to the current
-    RSS, so VmHWM after the call minus RSS before it is the call's peak footprint: every tensor it
-    allocated and touched, including temporaries freed before it returned. None too where the
-    allocator keeps freed blocks (``hostmem.blocks_kept``): after the warm-up calls, this one
-    would reuse them and read near 0.
-    """
-    from fastattn.train.hostmem import allocator_env, blocks_kept
-    if blocks_kept(allocator_env()):
+    """Peak of the memory torch's CPU allocator holds during ``fn()`` above what it held before,
+    in MB: the profiler's allocation and free events (``profile_memory``) summed in time order,
+    every tensor the call allocated including temporaries freed before it returned -- on the
+    CPU what ``torch.cuda.max_memory_allocated`` minus the memory before is on a GPU. Unlike the
+    process's resident set, it does not depend on what the C library's allocator does with
+    freed blocks (one that keeps them, as glibc with large mmap and trim thresholds or a
+    preloaded jemalloc does, serves a call after the warm-up from memory already resident: its
+    RSS does not rise). None where this torch's profiler gives no such events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-        return None
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _status_kb("VmRSS")
-    except OSError:
-        fn()
+        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]"]
+    except AttributeError:      # (a profiler without the raw event list)
         return None
-    fn()
-    return max(0.0, (_status_kb("VmHWM") - before) / 1024)   # (the RSS may have fallen)
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def environment() -> dict:
@@ -255,12 +247,16 @@ def relative_errors(got, want) -> list[float]:
     return errors
 
 
-def check(run, reference) -> dict:
+def check(run, reference=None) -> dict:
     """The ``extra`` entries of a row whose outputs are ``run()`` (called once here) and
-    whose reference's are ``reference``: its worst relative error, and ``check: FAILED`` when an
-    output's error is past the tolerance of that reference output's dtype."""
+    whose reference's are ``reference`` (None: ``run()`` returns both, as a pair): its worst
+    relative error, and ``check: FAILED`` when an output's error is past the tolerance of that
+    reference output's dtype."""
     try:
-        errors = relative_errors(run(), reference)
+        got = run()
+        if reference is None:
+            got, reference = got
+        errors = relative_errors(got, reference)
     except Exception as exc:    # the row is still timed; the failure is its check's verdict
         traceback.print_exc()
         return {"check": f"FAILED ({type(exc).__name__})"}
@@ -271,16 +267,24 @@ def check(run, reference) -> dict:
     return verdict
 
 
+# The AdamW check's scale of the starting values and its weight decay: an update (~lr) stands
+# ~1e4 times above the values' fp32 rounding, and the decay (lr * 0.5 * 0.02 a step) is ~1% of it.
+ADAM_CHECK_SCALE, ADAM_CHECK_DECAY = 0.02, 0.5
+
+
 def adam_updates(make, start, steps, dtype, master, reference=False):
-    """The outputs an AdamW row is checked by: the steps of ``make(params)`` from copies of
-    ``start`` (small values, so that an update stands far above the parameters' rounding), with
-    the gradients ``steps`` (a list of per-step lists), both in ``dtype``; the outputs are the
-    float32 updates (of the master weights, with ``master``; and then the parameters).
-    ``reference``: an fp32 optimizer, run from the same values rounded to ``dtype``."""
+    """The outputs an AdamW row is checked by: the steps of ``make(params)`` (an optimizer with
+    ``param_groups``) from copies of ``start`` (values of about ``ADAM_CHECK_SCALE``), with the
+    gradients ``steps`` (a list of per-step lists), both in ``dtype``, at weight decay
+    ``ADAM_CHECK_DECAY``; the outputs are the float32 updates (of the master weights, with
+    ``master``; and then the parameters). ``reference``: an fp32 optimizer, run from the same
+    values rounded to ``dtype``."""
     params = [p.to(dtype).to(torch.float32 if reference else dtype).clone().requires_grad_()
               for p in start]
     before = [p.detach().float().clone() for p in params]
     opt = make(params)
+    for group in opt.param_groups:   # decoupled decay ~1% of the update: a kernel without it fails
+        group["weight_decay"] = ADAM_CHECK_DECAY
     for grads in steps:
         for p, grad in zip(params, grads):
             p.grad = grad.to(dtype).to(p.dtype)
@@ -292,11 +296,16 @@ def adam_updates(make, start, steps, dtype, master, reference=False):
             + [(f if reference else p.detach()).to(dtype) for f, p in zip(full, params)])
 
 
-def clipped(fn, grads):
-    """The outputs a clip_grad_norm_ row is checked by: the norm ``fn`` returns over copies of
-    ``grads`` (some of the case's) and the gradients it leaves, clipped to norm 1."""
-    params = [torch.empty_like(g).requires_grad_() for g in grads]
-    for p, g in zip(params, grads):
-        p.grad = g.clone()
-    return [fn(params, 1.0)] + [p.grad for p in params]
 
+def clip_check(fn, params, grads):
+    """A clip_grad_norm_ row's check, on its own first call: ``fn(params, 1.0)`` clips the
+    gradients of ``params`` in place; returns (outputs, reference): the norm it returned and the
+    first four of its clipped gradients, and the same computed from the gradients before the
+    call (the norm in float32 over every gradient, rounded to their dtype like torch's; the
+    clipping by ``1 / (norm + 1e-6)``). ``grads``: the gradients, as the call will find them."""
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                 for g in grads]))
+    coef = (1.0 / (norm + 1e-6)).clamp(max=1.0)
+    reference = [norm.to(grads[0].dtype)] + [(g.float() * coef).to(g.dtype) for g in grads[:4]]
+    total = fn(params, 1.0)
+    return [total] + [p.grad.clone() for p in params[:4]], reference

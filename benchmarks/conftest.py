@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from benchmarks.common import Result, check, cpu_peak_mb, environment, table, write
-from fastattn.train.hostmem import allocator_env, blocks_kept, minor_page_faults
+from fastattn.train.hostmem import minor_page_faults
 
 _RESULTS: list[Result] = []
 _REFERENCE: dict[str, list] = {}    # the current case's reference outputs (one case at a time)
@@ -17,13 +17,17 @@ def measure(benchmark):
     then its peak memory and page faults on one more call, and record the result.
 
     ``outputs`` = (mine, reference), two zero-argument callables returning this implementation's
-    outputs and gradients and those of the case's PyTorch reference (computed once a case): they
-    are compared before the timing (``benchmarks.common.check``); a row off the reference is
-    recorded, marked, given no ratio, and fails its test."""
+    outputs and gradients and those of the case's PyTorch reference (computed at the case's
+    first row), or one callable returning both as a pair: they are compared before the timing
+    (``benchmarks.common.check``); a row off the reference is recorded, marked, given no ratio,
+    and fails its test. (The timed calls' results are dropped at once: a loss kept until the
+    next round would keep its inputs and gradients alive through that round.)"""
 
     def run(case, impl, fn, setup, work=0.0, unit="", rounds=5, outputs=None):
         verdict = {}
-        if outputs is not None:
+        if callable(outputs):
+            verdict = check(outputs)
+        elif outputs is not None:
             mine, reference = outputs
             if case not in _REFERENCE:
                 _REFERENCE.clear()
@@ -31,7 +35,7 @@ def measure(benchmark):
             verdict = check(mine, _REFERENCE[case])
         benchmark.group = case
         benchmark.name = impl
-        benchmark.pedantic(lambda args: fn(*args), setup=lambda: ((setup(),), {}),
+        benchmark.pedantic(lambda args: (fn(*args), None)[1], setup=lambda: ((setup(),), {}),
                            rounds=rounds, warmup_rounds=3)
         args = setup()
         extra = dict(verdict)
@@ -41,9 +45,7 @@ def measure(benchmark):
             # the same call's minor page faults: memory the OS maps and zeroes for it (with
             # glibc's default malloc, every large tensor it allocates; see the README)
             f0 = minor_page_faults()
-            peak = cpu_peak_mb(lambda: fn(*args))
-            if peak is None and blocks_kept(allocator_env()):   # (why: the header's allocator)
-                extra["peak"] = "n/a, freed blocks kept"
+            peak = cpu_peak_mb(lambda: (fn(*args), None)[1])
             extra["page faults"] = minor_page_faults() - f0
         _RESULTS.append(Result(case, impl, benchmark.stats.stats.median * 1e3, work, unit, peak,
                                extra))

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
-from benchmarks.common import (Result, adam_updates, check, clipped, environment, outputs,
-                               table, write)
+from benchmarks.common import (ADAM_CHECK_SCALE, Result, adam_updates, check, clip_check,
+                               environment, outputs, table, write)
 
 
 # Where and in which half precision the cases run: an H200 in bf16 for `make gpu-check`; the
@@ -196,7 +196,7 @@ def adam_cases(results, total=1 << 30, n_tensors=200, compiled=False):
         elif not master:  # torch has no master-weight policy to compare with
             impls["torch fused"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True)
             impls["torch foreach"] = lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True)
-        start = [params[i].detach().float() * 1e-3 for i in range(min(4, len(params)))]
+        start = [params[i].detach().float() * ADAM_CHECK_SCALE for i in range(min(4, len(params)))]
         steps = [[torch.randn_like(p) for p in start] for _ in range(3)]
         reference = adam_updates(lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
                                   start, steps, dtype, master, reference=True)
@@ -230,15 +230,16 @@ def clip_grad_norm_cases(results, total=1 << 30, n_tensors=200, compiled=False):
         }
         if compiled:
             impls = {"torch.compile": torch.compile(torch.nn.utils.clip_grad_norm_)}
-        # (copies: each timed row clips the case's gradients in place)
-        grads = [params[i].grad.clone() for i in range(min(4, len(params)))]
-        reference = clipped(lambda ps, m: torch.nn.utils.clip_grad_norm_(ps, m, foreach=True),
-                             grads)
+        grads = [p.grad for p in params]
         for impl, fn in impls.items():
+            # the row's first call is its check: the norm of gradients 100x those the last
+            # row's calls left (of norm ~1), clipped back to 1 (a coefficient of ~0.01 to check)
+            torch._foreach_mul_(grads, 100.0)
+            verdict = check(lambda: clip_check(fn, params, grads))
             _record(results, case, impl, lambda: fn(params, 1.0),
                     3 * torch.tensor([], dtype=dtype).element_size() * numel, "GB/s",
-                    extra=check(lambda: clipped(fn, grads), reference))
-        del params, grads, reference
+                    extra=verdict)
+        del params, grads
 
 
 def _sdpa_backend_fn(backend_name):
@@ -346,7 +347,7 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                     continue
                 def fwd():
                     with torch.no_grad():
-                        fn(q, k, v, causal)
+                        return fn(q, k, v, causal)
 
                 fwd_bwd = make_fwd_bwd(fn)
                 n = len(results)
@@ -355,10 +356,11 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                 for obj, name, value in changes:
                     setattr(obj, name, value)
                 try:
-                    # one check (forward output and gradients) for both rows
-                    verdict = check(lambda: outputs(fwd_bwd, q, k, v), reference)
+                    # the forward without grad (its own path) against the reference's output;
+                    # forward+backward (and the backward row) against output and gradients
                     _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s",
-                            extra=verdict)
+                            extra=check(lambda: outputs(fwd), reference[:1]))
+                    verdict = check(lambda: outputs(fwd_bwd, q, k, v), reference)
                     _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops,
                             "TFLOP/s", extra=verdict)
                 finally:
@@ -367,7 +369,7 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                 if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                     bwd_ms = results[-1].median_ms - results[-2].median_ms
                     results.append(Result(f"{case} bwd", impl, bwd_ms, 2.5 * fwd_flops,
-                                          "TFLOP/s", extra=dict(verdict)))
+                                          "TFLOP/s", extra=_difference_check(results[-2:])))
             del q, k, v, dout, reference
 
 
@@ -516,15 +518,17 @@ def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 110
         for impl, fn in impls.items():
             def fwd():
                 with torch.no_grad():
-                    fn(x, *params)
+                    return fn(x, *params)
 
             fwd_bwd = make_fwd_bwd(fn)
             n = len(results)
             ffn_triton.TMA.mode = "0" if variants else saved_mode
             try:
-                # one check (output and every gradient) for both rows
+                # the forward without grad (its own path) against the reference's output;
+                # forward+backward (and the backward row) against output and every gradient
+                _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s",
+                        extra=check(lambda: outputs(fwd), reference[:1]))
                 verdict = check(lambda: outputs(fwd_bwd, x, *params), reference)
-                _record(results, f"{case} fwd", impl, fwd, fwd_flops, "TFLOP/s", extra=verdict)
                 _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3 * fwd_flops, "TFLOP/s",
                         extra=verdict)
             finally:
@@ -538,8 +542,19 @@ def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 110
             if len(results) == n + 2 and all(r.median_ms == r.median_ms for r in results[-2:]):
                 results.append(Result(f"{case} bwd", impl,
                                       results[-1].median_ms - results[-2].median_ms,
-                                      2 * fwd_flops, "TFLOP/s", extra=dict(verdict)))
+                                      2 * fwd_flops, "TFLOP/s",
+                                      extra=_difference_check(results[-2:])))
         del x, params, dout, reference
+
+
+def _difference_check(rows) -> dict:
+    """The check entries of a row timed as the difference of ``rows`` (fwd, fwd+bwd): the
+    forward+backward row's error, failed if either row failed."""
+    extra = {k: v for k, v in rows[-1].extra.items() if k in ("err", "check")}
+    for r in rows:
+        if "check" in r.extra:
+            extra["check"] = r.extra["check"]
+    return extra
 
 
 def _held_after_forward_mb(fn, x, params) -> float:

@@ -19,6 +19,7 @@ import contextvars
 import functools
 import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -264,13 +265,25 @@ def _check_forced(name: str, op: str, device: torch.device, dtype: torch.dtype,
     return name
 
 
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by this module's caller point at the first
+    frame outside fastattn and torch (the user's call; between it and here lie torch's
+    custom-op dispatch and a varying number of fastattn frames)."""
+    skip = (os.path.dirname(os.path.abspath(__file__)),
+            os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(2), 2      # 1: the function calling warnings.warn
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_fallback() -> None:
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True
         warnings.warn(f"fastattn: C++ CPU kernels unavailable ({status('cpu').reason}); "
                       "falling back to the slow pure-PyTorch reference",
-                      RuntimeWarning, stacklevel=5)   # the op function that asked select()
+                      RuntimeWarning, stacklevel=_caller_stacklevel())
 
 
 def implementation(name: str, package: str) -> ModuleType:

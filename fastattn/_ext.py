@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -55,11 +56,17 @@ def _jit_build(kind: str) -> ModuleType:
     sources = _buildinfo.sources(kind)
     if not sources:
         raise ExtensionUnavailable(f"no {kind} sources under {_buildinfo.csrc_root()}")
+    compiler = (os.environ.get("CXX") or "c++").split()[0]    # (CXX="ccache g++" runs ccache)
+    if shutil.which(compiler) is None:
+        raise ExtensionUnavailable(
+            f"no C++ compiler: {compiler!r} is not on the PATH (install g++ or clang++, or "
+            f"set CXX)")
     build_dir = cache_dir() / kind
     build_dir.mkdir(parents=True, exist_ok=True)
     name = _MODULE[kind].replace(".", "_")
-    print(f"fastattn: building {_MODULE[kind]} into {build_dir} (first use; about a minute)",
-          file=sys.stderr)
+    if not (build_dir / f"{name}.so").exists():   # (else torch rebuilds only a changed source)
+        print(f"fastattn: building {_MODULE[kind]} into {build_dir} (first use; a few minutes "
+              f"on a small machine)", file=sys.stderr)
     if kind == "cpu":
         return cpp_extension.load(
             name=name, sources=sources, build_directory=str(build_dir),
@@ -85,12 +92,25 @@ def _load(kind: str) -> ModuleType:
         )
     try:
         return _jit_build(kind)
-    except Exception as exc:  # compiler missing, compile error, ...
-        first = str(exc).strip().splitlines()
+    except ExtensionUnavailable as exc:
+        raise ExtensionUnavailable(f"{_MODULE[kind]} is not built ({import_error}) and {exc}") \
+            from exc
+    except Exception as exc:  # compile error, linker error, ...
         raise ExtensionUnavailable(
             f"{_MODULE[kind]} is not built ({import_error}) and building it failed: "
-            f"{first[-1] if first else type(exc).__name__}"
+            f"{build_failure(exc)}"
         ) from exc
+
+
+def build_failure(exc: BaseException) -> str:
+    """The line of a failed build's output that says why (the first compiler error, a missing
+    program or header), rather than its last ("ninja: build stopped: subcommand failed.")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for marker in ("error:", "not found", "No such file", "cannot find", "undefined reference"):
+        for line in lines:
+            if marker in line:
+                return line
+    return lines[-1] if lines else type(exc).__name__
 
 
 def load(kind: str) -> ModuleType:

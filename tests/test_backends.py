@@ -154,6 +154,8 @@ def test_missing_extension_without_jit_falls_back_with_one_warning():
             b = fastattn.cross_entropy(x, t)
         msgs = [str(w.message) for w in caught if "fastattn" in str(w.message)]
         assert len(msgs) == 1 and "falling back" in msgs[0], msgs
+        where = [w.filename for w in caught if "fastattn" in str(w.message)]
+        assert where == ["<string>"], where     # the user's call, not a frame inside fastattn
         torch.testing.assert_close(a, F.cross_entropy(x, t))
         try:
             with fastattn.use_backend("cpu"):
@@ -167,8 +169,9 @@ def test_missing_extension_without_jit_falls_back_with_one_warning():
 
 
 def test_missing_extension_is_built_on_first_use(tmp_path):
-    """With fastattn._C not importable, the first CPU call compiles csrc/cpu into the cache."""
-    res = _run(prelude=BLOCK_C, code="""
+    """With fastattn._C not importable, the first CPU call compiles csrc/cpu into the cache and
+    says so; a later process loads the cached build without saying it builds anything."""
+    code = """
         import torch, fastattn
         import torch.nn.functional as F
         from fastattn import _ext
@@ -177,9 +180,40 @@ def test_missing_extension_is_built_on_first_use(tmp_path):
             a = fastattn.cross_entropy(x, t)
         torch.testing.assert_close(a, F.cross_entropy(x, t))
         print("MODULE", _ext.load("cpu").__file__)
-    """, FASTATTN_CACHE_DIR=str(tmp_path), MAX_JOBS="2")
+    """
+    res = _run(prelude=BLOCK_C, code=code, FASTATTN_CACHE_DIR=str(tmp_path), MAX_JOBS="2")
     assert res.returncode == 0, res.stderr
     assert f"MODULE {tmp_path}" in res.stdout, res.stdout
+    assert "fastattn: building fastattn._C into" in res.stderr, res.stderr
+    again = _run(prelude=BLOCK_C, code=code, FASTATTN_CACHE_DIR=str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert f"MODULE {tmp_path}" in again.stdout and "building" not in again.stderr, again.stderr
+
+
+def test_no_compiler_falls_back_and_says_so(tmp_path):
+    res = _run(prelude=BLOCK_C, code="""
+        import warnings, torch, fastattn
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fastattn.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+        print([str(w.message) for w in caught])
+        print("CPU", fastattn.backends()["cpu"])
+    """, CXX="/nonexistent/c++", FASTATTN_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "no C++ compiler: '/nonexistent/c++' is not on the PATH" in res.stdout, res.stdout
+    assert "falling back" in res.stdout and not any(tmp_path.iterdir())
+
+
+def test_a_failed_build_reports_its_cause_not_ninjas_last_line():
+    from fastattn._ext import build_failure
+    log = ("Error building extension 'fastattn__C':\n[1/3] c++ -MMD -c adam.cpp\n"
+           "FAILED: adam.o\nadam.cpp:38:10: fatal error: ops.h: No such file or directory\n"
+           "compilation terminated.\nninja: build stopped: subcommand failed.")
+    assert build_failure(RuntimeError(log)) == (
+        "adam.cpp:38:10: fatal error: ops.h: No such file or directory")
+    assert build_failure(RuntimeError("Ninja is required to load C++ extensions")) == (
+        "Ninja is required to load C++ extensions")
+    assert build_failure(RuntimeError("")) == "RuntimeError"
 
 
 def test_backward_on_another_thread_keeps_the_forward_backend(monkeypatch):

@@ -141,3 +141,47 @@ def test_relative_errors():
     assert common.relative_errors([a * float("nan")], [a]) == [math.inf]
     assert common.relative_errors([a], [a, a]) == [math.inf]
     assert common.relative_errors([torch.ones(2)], [torch.zeros(2)]) == [math.inf]
+
+
+class _AdamWithoutDecay(torch.optim.AdamW):
+    """A wrong optimizer the AdamW check must catch: right moments, no weight decay."""
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["weight_decay"] = 0.0
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("dtype, master", [(torch.float32, False), (torch.bfloat16, True)])
+def test_the_adamw_check_passes_fastattn_and_catches_a_missing_weight_decay(dtype, master):
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(n, generator=g) * common.ADAM_CHECK_SCALE for n in (1000, 37)]
+    steps = [[torch.randn(p.shape, generator=g) for p in start] for _ in range(3)]
+    reference = common.adam_updates(lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True),
+                                    start, steps, dtype, master, reference=True)
+    good = common.check(lambda: common.adam_updates(
+        lambda ps: fastattn.optim.AdamW(ps, lr=1e-4, master_weights=master), start, steps,
+        dtype, master), reference)
+    assert "check" not in good and good["err"] < 1e-4, good
+    if not master:      # (torch has no master weights to build a wrong one from)
+        bad = common.check(lambda: common.adam_updates(
+            lambda ps: _AdamWithoutDecay(ps, lr=1e-4), start, steps, dtype, master), reference)
+        assert bad["check"] == "FAILED", bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_clip_check_passes_torch_and_fastattn_and_catches_a_clip_that_does_not_scale(dtype):
+    def fresh():
+        g = torch.Generator().manual_seed(0)
+        params = [torch.empty(n, dtype=dtype).requires_grad_() for n in (300, 7, 50, 1, 20)]
+        for p in params:
+            p.grad = (torch.randn(p.shape, generator=g) * 10).to(dtype)
+        return params
+
+    def norm_only(ps, max_norm):
+        return torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in ps]))
+
+    for fn in (fastattn.optim.clip_grad_norm_, torch.nn.utils.clip_grad_norm_, norm_only):
+        params = fresh()
+        verdict = common.check(lambda: common.clip_check(fn, params, [p.grad for p in params]))
+        assert ("check" in verdict) == (fn is norm_only), (fn, verdict)

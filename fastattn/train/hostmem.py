@@ -34,31 +34,3 @@ def allocator_env() -> dict:
 def describe_allocator(env: dict) -> str:
     """``allocator_env()``'s record as one line of a result table."""
     return ", ".join(f"{k}={v}" for k, v in env.items()) or "the C library's defaults"
-
-
-# glibc's largest dynamic mmap threshold on 64-bit Linux (DEFAULT_MMAP_THRESHOLD_MAX): a fixed
-# threshold above it serves the large blocks of a step from the heap, where a freed block stays.
-_GLIBC_DYNAMIC_MMAP_MAX = 32 << 20
-
-
-def blocks_kept(env: dict) -> str | None:
-    """Why, under the allocator settings ``env`` (``allocator_env()``), memory a process frees
-    stays resident, so that its RSS high-water mark misses what a later call allocates and frees
-    (a call that reuses kept blocks maps nothing new); None where large blocks are mapped for
-    the call and unmapped on free, the RSS then following the live memory."""
-    preload = env.get("LD_PRELOAD", "")
-    for lib in ("jemalloc", "tcmalloc", "mimalloc"):
-        if lib in preload:
-            return f"the preloaded {lib} keeps freed memory"
-    thresholds = {"MALLOC_MMAP_THRESHOLD_": env.get("MALLOC_MMAP_THRESHOLD_")}
-    for item in env.get("GLIBC_TUNABLES", "").split(":"):
-        name, _, value = item.partition("=")
-        if name == "glibc.malloc.mmap_threshold":
-            thresholds[name] = value
-    for name, value in thresholds.items():
-        try:
-            if value is not None and int(value, 0) > _GLIBC_DYNAMIC_MMAP_MAX:
-                return f"{name}={value} serves large blocks from the heap, which keeps them"
-        except ValueError:
-            continue
-    return None
