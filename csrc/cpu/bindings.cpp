@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <utility>
@@ -220,12 +221,21 @@ at::Tensor act_fwd(const at::Tensor& h, const std::string& activation) {
   return fastattn::cpu::act_fwd(h, activation);
 }
 
+void check_overwritable(const at::Tensor& buf, const char* name,
+                        std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* t : inputs) {
+    FA_CHECK(!buf.is_alias_of(*t), "fastattn._C: overwrite_", name, "=True needs ", name,
+             " in memory of its own, not shared with the other inputs");
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& da, const at::Tensor& h,
-                                           const std::string& activation) {
+                                           const std::string& activation, bool overwrite_da) {
   check_ffn_tensor(h, "h", h, "h");
   check_ffn_tensor(da, "da", h, "h");
   check_activation(activation);
-  return fastattn::cpu::act_bwd(da, h, activation);
+  if (overwrite_da) check_overwritable(da, "da", {&h});
+  return fastattn::cpu::act_bwd(da, h, activation, overwrite_da);
 }
 
 at::Tensor glu_fwd(const at::Tensor& g, const at::Tensor& u, const std::string& activation) {
@@ -237,12 +247,14 @@ at::Tensor glu_fwd(const at::Tensor& g, const at::Tensor& u, const std::string& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_bwd(const at::Tensor& dm, const at::Tensor& g,
                                                        const at::Tensor& u,
-                                                       const std::string& activation) {
+                                                       const std::string& activation,
+                                                       bool overwrite_dm) {
   check_ffn_tensor(g, "g", g, "g");
   check_ffn_tensor(u, "u", g, "g");
   check_ffn_tensor(dm, "dm", g, "g");
   check_activation(activation);
-  return fastattn::cpu::glu_bwd(dm, g, u, activation);
+  if (overwrite_dm) check_overwritable(dm, "dm", {&g, &u});
+  return fastattn::cpu::glu_bwd(dm, g, u, activation, overwrite_dm);
 }
 
 // ---- adam_step -----------------------------------------------------------------------------
@@ -636,14 +648,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   m.def("act_fwd", &act_fwd, "a = act(h), (T, F) in h's dtype (FFN kernel spec)",
         py::arg("h"), py::arg("activation"), py::call_guard<py::gil_scoped_release>());
-  m.def("act_bwd", &act_bwd, "(dh, a) = (da * act'(h), act(h)) in one pass", py::arg("da"),
-        py::arg("h"), py::arg("activation"), py::call_guard<py::gil_scoped_release>());
+  m.def("act_bwd", &act_bwd,
+        "(dh, a) = (da * act'(h), act(h)) in one pass; overwrite_da: dh written into da",
+        py::arg("da"), py::arg("h"), py::arg("activation"), py::arg("overwrite_da") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("glu_fwd", &glu_fwd, "m = act(g) * u", py::arg("g"), py::arg("u"),
         py::arg("activation"), py::call_guard<py::gil_scoped_release>());
   m.def("glu_bwd", &glu_bwd,
-        "(dg, du, m) = (dm * u * act'(g), dm * act(g), act(g) * u) in one pass", py::arg("dm"),
-        py::arg("g"), py::arg("u"), py::arg("activation"),
-        py::call_guard<py::gil_scoped_release>());
+        "(dg, du, m) = (dm * u * act'(g), dm * act(g), act(g) * u) in one pass; overwrite_dm: "
+        "dg written into dm", py::arg("dm"), py::arg("g"), py::arg("u"), py::arg("activation"),
+        py::arg("overwrite_dm") = false, py::call_guard<py::gil_scoped_release>());
 
   m.def("adam_step", &adam_step,
         "One Adam/AdamW step in place over lists of tensors (fastattn/ops/adam/reference.py); "

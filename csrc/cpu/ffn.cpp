@@ -156,9 +156,10 @@ FA_ROW_KERNEL void act_fwd_range(const raw_of<scalar_t>* FA_RESTRICT h,
 
 // dh = da * act'(h), a = act(h)
 template <typename scalar_t, Act A>
-FA_ROW_KERNEL void act_bwd_range(const raw_of<scalar_t>* FA_RESTRICT da,
-                                 const raw_of<scalar_t>* FA_RESTRICT h,
-                                 raw_of<scalar_t>* FA_RESTRICT dh, raw_of<scalar_t>* FA_RESTRICT a,
+// (da and dh may be the same array, dh written in place: not restrict; each element is read
+// before it is written.)
+FA_ROW_KERNEL void act_bwd_range(const raw_of<scalar_t>* da, const raw_of<scalar_t>* FA_RESTRICT h,
+                                 raw_of<scalar_t>* dh, raw_of<scalar_t>* FA_RESTRICT a,
                                  int64_t begin, int64_t end) {
   using E = Elem<scalar_t>;
   const Activation<A> act = Activation<A>::make();
@@ -180,12 +181,12 @@ FA_ROW_KERNEL void glu_fwd_range(const raw_of<scalar_t>* FA_RESTRICT g,
   for (int64_t i = begin; i < end; ++i) m[i] = E::store(act.value(E::load(g[i])) * E::load(u[i]));
 }
 
-// dg = dm * u * act'(g), du = dm * act(g), m = act(g) * u
+// dg = dm * u * act'(g), du = dm * act(g), m = act(g) * u (dm and dg may be the same array)
 template <typename scalar_t, Act A>
-FA_ROW_KERNEL void glu_bwd_range(const raw_of<scalar_t>* FA_RESTRICT dm,
+FA_ROW_KERNEL void glu_bwd_range(const raw_of<scalar_t>* dm,
                                  const raw_of<scalar_t>* FA_RESTRICT g,
                                  const raw_of<scalar_t>* FA_RESTRICT u,
-                                 raw_of<scalar_t>* FA_RESTRICT dg, raw_of<scalar_t>* FA_RESTRICT du,
+                                 raw_of<scalar_t>* dg, raw_of<scalar_t>* FA_RESTRICT du,
                                  raw_of<scalar_t>* FA_RESTRICT m, int64_t begin, int64_t end) {
   using E = Elem<scalar_t>;
   const Activation<A> act = Activation<A>::make();
@@ -257,9 +258,9 @@ at::Tensor act_fwd(const at::Tensor& h, const std::string& activation) {
 }
 
 std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& da, const at::Tensor& h,
-                                           const std::string& activation) {
+                                           const std::string& activation, bool overwrite_da) {
   const Act act = parse_activation(activation);
-  at::Tensor dh = at::empty_like(h, at::MemoryFormat::Contiguous);
+  at::Tensor dh = overwrite_da ? da : at::empty_like(h, at::MemoryFormat::Contiguous);
   at::Tensor a = at::empty_like(h, at::MemoryFormat::Contiguous);
   const int64_t n = h.numel();
   with_dtype(h.scalar_type(), [&](auto dtype_tag) {
@@ -297,9 +298,10 @@ at::Tensor glu_fwd(const at::Tensor& g, const at::Tensor& u, const std::string& 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_bwd(const at::Tensor& dm, const at::Tensor& g,
                                                        const at::Tensor& u,
-                                                       const std::string& activation) {
+                                                       const std::string& activation,
+                                                       bool overwrite_dm) {
   const Act act = parse_activation(activation);
-  at::Tensor dg = at::empty_like(g, at::MemoryFormat::Contiguous);
+  at::Tensor dg = overwrite_dm ? dm : at::empty_like(g, at::MemoryFormat::Contiguous);
   at::Tensor du = at::empty_like(g, at::MemoryFormat::Contiguous);
   at::Tensor m = at::empty_like(g, at::MemoryFormat::Contiguous);
   const int64_t n = g.numel();

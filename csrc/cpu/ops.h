@@ -84,15 +84,18 @@ void scale_grads_(const std::vector<at::Tensor>& tensors, double max_norm,
 // fresh contiguous tensors in that dtype; math in float32. activation: "gelu", "gelu_tanh",
 // "relu", "relu2" or "silu" (anything else: FA_CHECK error).
 at::Tensor act_fwd(const at::Tensor& h, const std::string& activation);  // act(h)
-// (dh, a) = (da * act'(h), act(h)) in one pass.
+// (dh, a) = (da * act'(h), act(h)) in one pass; overwrite_da: dh is written into da (a buffer
+// of the caller's own, contiguous, of h's shape and dtype, that it no longer needs).
 std::tuple<at::Tensor, at::Tensor> act_bwd(const at::Tensor& da, const at::Tensor& h,
-                                           const std::string& activation);
+                                           const std::string& activation, bool overwrite_da);
 at::Tensor glu_fwd(const at::Tensor& g, const at::Tensor& u,
                    const std::string& activation);  // act(g) * u
-// (dg, du, m) = (dm * u * act'(g), dm * act(g), act(g) * u) in one pass.
+// (dg, du, m) = (dm * u * act'(g), dm * act(g), act(g) * u) in one pass; overwrite_dm: dg is
+// written into dm (as overwrite_da above).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_bwd(const at::Tensor& dm, const at::Tensor& g,
                                                        const at::Tensor& u,
-                                                       const std::string& activation);
+                                                       const std::string& activation,
+                                                       bool overwrite_dm);
 
 // ---- layer norm / RMS norm (fastattn/ops/norm/reference.py) -----------------------------
 // All tensors contiguous. x (N, D), D >= 1, float32/float16/bfloat16/float64; acc dtype =

@@ -140,6 +140,31 @@ def test_keeps_only_what_backward_cannot_recompute(block):
     assert ours < eager
 
 
+@pytest.mark.parametrize("block", ["mlp", "swiglu"])
+def test_cpu_backward_peak_holds_no_hidden_buffer_it_can_drop(block):
+    """The memory torch's CPU allocator holds during forward+backward (the profiler's events,
+    benchmarks.common.cpu_peak_mb), in (T, F) hidden buffers: MLP keeps h, and its backward
+    holds d a -> dh (written in place) and the recomputed a: 3 at most; SwiGLU keeps g and u,
+    then d m -> dg, du and m: 5. Holding a (or m) to the end, or dh beside d a, adds one."""
+    from benchmarks.common import cpu_peak_mb
+    t, d, hidden = 1024, 16, 1024                  # the (T, F) buffers dwarf everything else
+    x, w1, b1, w2, b2, w3, _ = _tensors((t, d), d, hidden, d, torch.float32, "cpu", True)
+    for p in (x, w1, w2, w3):
+        p.requires_grad_()
+    dout = torch.randn(t, d)
+    with fastattn.use_backend("cpu"):
+        def step():
+            out = fastattn.mlp(x, w1, None, w2) if block == "mlp" else fastattn.swiglu(
+                x, w1, w3, w2)
+            out.backward(dout)
+        step()
+        peak = cpu_peak_mb(step)
+    buffer_mb = t * hidden * 4 / 2**20
+    small_mb = (4 * t * d + 6 * d * hidden) * 4 / 2**20    # x, out, dx parts, weight grads
+    assert peak is not None
+    assert peak <= (3 if block == "mlp" else 5) * buffer_mb + small_mb, (peak, buffer_mb)
+
+
 def test_bad_inputs_give_clear_errors():
     x, w1, b1, w2, b2, w3, _ = _tensors((4, 8), 8, 16, 8, torch.float32, "cpu", True)
     with pytest.raises(ValueError, match="unknown activation"):

@@ -155,6 +155,27 @@ def test_cpu_multithreaded_large(cpu_mod):
     _close(m, a_ref * u.double(), torch.bfloat16, "m")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_cpu_backward_written_over_the_incoming_gradient(cpu_mod, act, dtype):
+    """overwrite_da / overwrite_dm (the FFN backward's own d a / d m buffer): the same values
+    as the out-of-place call, dh / dg in that buffer; its memory must not be an input's."""
+    x, da, u = _inputs((7, 33333), dtype, 3)
+    want_dh, want_a = cpu_mod.act_bwd(da, x, act)
+    buf = da.clone()
+    dh, a = cpu_mod.act_bwd(buf, x, act, overwrite_da=True)
+    assert dh.data_ptr() == buf.data_ptr() and torch.equal(dh, want_dh) and torch.equal(a, want_a)
+    want = cpu_mod.glu_bwd(da, x, u, act)
+    buf = da.clone()
+    got = cpu_mod.glu_bwd(buf, x, u, act, overwrite_dm=True)
+    assert got[0].data_ptr() == buf.data_ptr()
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    with pytest.raises(RuntimeError, match="overwrite_da=True needs da in memory of its own"):
+        cpu_mod.act_bwd(x, x, act, overwrite_da=True)
+    with pytest.raises(RuntimeError, match="overwrite_dm=True needs dm in memory of its own"):
+        cpu_mod.glu_bwd(u, x, u, act, overwrite_dm=True)
+
+
 def _bad_calls(mod, device):
     x = torch.randn(4, 6, device=device)
     return [

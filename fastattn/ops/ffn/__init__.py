@@ -78,14 +78,20 @@ def mlp_bwd(dout: Tensor, x: Tensor, w1: Tensor, h: Tensor, w2: Tensor, activati
     """(dx, dw1, db1, dw2, db2); an absent bias gets an empty tensor."""
     name, impl = _impl("mlp", x)
     dout = dout.contiguous()
+    # The recomputed activation a is dropped as soon as dw2 is made, and on the CPU dh is
+    # written over d a (a product of our own, read once): two (T, F) buffers less at the
+    # backward's peak than holding all three to the end.
     if name == "triton":
         dh, a = impl.matmul_act_grad(dout, w2, h, activation)
         dw2 = impl.matmul(dout.t(), a.t())
+        del a
         dw1 = impl.matmul(dh.t(), x.t())
         dx = impl.matmul(dh, w1.t())
     else:
-        dh, a = impl.act_bwd(dout @ w2, h, activation)
+        extra = {"overwrite_da": True} if name == "cpu" else {}
+        dh, a = impl.act_bwd(dout @ w2, h, activation, **extra)
         dw2 = dout.t() @ a
+        del a
         dw1 = dh.t() @ x
         dx = dh @ w1
     return (dx, dw1, _maybe(has_b1, lambda: _colsum(dh), dout), dw2,
@@ -158,15 +164,19 @@ def swiglu_bwd(dout: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Te
     """(dx, dw_gate, dw_up, dw_down, db_gate, db_up, db_down); absent biases get empty tensors."""
     name, impl = _impl("swiglu", x)
     dout = dout.contiguous()
+    # (as in mlp_bwd: m dropped once dw_down is made; on the CPU dg written over d m)
     if name == "triton":
         dg, du, m = impl.matmul_glu_grad(dout, w_down, g, u, activation)
         dw_down = impl.matmul(dout.t(), m.t())
+        del m
         dw_gate = impl.matmul(dg.t(), x.t())
         dw_up = impl.matmul(du.t(), x.t())
         dx = impl.matmul(dg, w_gate.t()) + impl.matmul(du, w_up.t())
     else:
-        dg, du, m = _elementwise(name, impl).glu_bwd(dout @ w_down, g, u, activation)
+        extra = {"overwrite_dm": True} if name == "cpu" else {}
+        dg, du, m = _elementwise(name, impl).glu_bwd(dout @ w_down, g, u, activation, **extra)
         dw_down = dout.t() @ m
+        del m
         dw_gate = dg.t() @ x
         dw_up = du.t() @ x
         dx = torch.addmm(dg @ w_gate, du, w_up)
