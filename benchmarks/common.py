@@ -42,17 +42,21 @@ def cpu_peak_mb(fn) -> float | None:
     process's resident set, it does not depend on what the C library's allocator does with
     freed blocks (one that keeps them, as glibc with large mmap and trim thresholds or a
     preloaded jemalloc does, serves a call after the warm-up from memory already resident: its
-    RSS does not rise). None where this torch's profiler gives no such events."""
+    RSS does not rise). Allocations of threads the call starts itself are not seen (fastattn's
+    kernels allocate before their parallel loops), nor memory not from torch's allocator; the
+    call runs under the profiler, so fastattn's ops go through torch's dispatcher there, as
+    when compiled, not their direct eager path (the same tensors). None where this torch's
+    profiler gives no such events."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     try:
         events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                  if e.name() == "[memory]"]
+                  if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
     except AttributeError:      # (a profiler without the raw event list)
         return None
     live = peak = 0
-    for _, nbytes in sorted(events):
+    for _, nbytes in sorted(events, key=lambda e: e[0]):   # (ties: in the order recorded)
         live += nbytes
         peak = max(peak, live)
     return peak / 2**20

@@ -14,7 +14,7 @@ _REFERENCE: dict[str, list] = {}    # the current case's reference outputs (one 
 def measure(benchmark):
     """measure(case, impl, fn, setup, work, unit, rounds, outputs): time fn(*setup()) (setup
     returns a tuple of fresh arguments, built outside the timed region) with pytest-benchmark,
-    then its peak memory and page faults on one more call, and record the result.
+    then its peak memory and its page faults on two more calls, and record the result.
 
     ``outputs`` = (mine, reference), two zero-argument callables returning this implementation's
     outputs and gradients and those of the case's PyTorch reference (computed at the case's
@@ -42,10 +42,13 @@ def measure(benchmark):
         if torch.cuda.is_available():
             peak = None
         else:
-            # the same call's minor page faults: memory the OS maps and zeroes for it (with
-            # glibc's default malloc, every large tensor it allocates; see the README)
-            f0 = minor_page_faults()
             peak = cpu_peak_mb(lambda: (fn(*args), None)[1])
+            # one more call's minor page faults: memory the OS maps and zeroes for it (with
+            # glibc's default malloc, every large tensor it allocates; see the README), out of
+            # the profiler (whose own buffers would fault too)
+            args = setup()
+            f0 = minor_page_faults()
+            fn(*args)
             extra["page faults"] = minor_page_faults() - f0
         _RESULTS.append(Result(case, impl, benchmark.stats.stats.median * 1e3, work, unit, peak,
                                extra))

@@ -269,10 +269,10 @@ def _caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning issued by this module's caller point at the first
     frame outside fastattn and torch (the user's call; between it and here lie torch's
     custom-op dispatch and a varying number of fastattn frames)."""
-    skip = (os.path.dirname(os.path.abspath(__file__)),
-            os.path.dirname(os.path.abspath(torch.__file__)))
+    skip = tuple(os.path.join(os.path.dirname(os.path.abspath(f)), "")    # (".../fastattn/")
+                 for f in (__file__, torch.__file__))
     frame, level = sys._getframe(2), 2      # 1: the function calling warnings.warn
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -13,6 +13,11 @@ from pathlib import Path
 
 CPU_NAME = "fastattn._C"
 CUDA_NAME = "fastattn._cuda"
+# The version of each module's Python-facing functions (their names and arguments), which the
+# module exports as API_VERSION (csrc/*/bindings.cpp): raise both together whenever a binding
+# changes, so that a module built from older sources (an editable install before a pull) is
+# rebuilt on first use instead of failing at its first changed call.
+API_VERSION = {"cpu": 2, "cuda": 1}
 # sm_80 code + its PTX (which the driver JIT-compiles for newer GPUs) and Hopper-specific sm_90a.
 DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
 
@@ -24,6 +29,12 @@ def csrc_root() -> Path:
         if (candidate / "cpu").is_dir():
             return candidate
     raise FileNotFoundError(f"fastattn: no csrc/ folder beside or inside {here}")
+
+
+def newest_source_mtime(root: Path | None = None) -> float:
+    """The latest modification time of any file under csrc/ (sources and headers)."""
+    root = root or csrc_root()
+    return max((p.stat().st_mtime for p in root.rglob("*") if p.is_file()), default=0.0)
 
 
 def sources(kind: str, root: Path | None = None) -> list[str]:

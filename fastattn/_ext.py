@@ -56,17 +56,21 @@ def _jit_build(kind: str) -> ModuleType:
     sources = _buildinfo.sources(kind)
     if not sources:
         raise ExtensionUnavailable(f"no {kind} sources under {_buildinfo.csrc_root()}")
-    compiler = (os.environ.get("CXX") or "c++").split()[0]    # (CXX="ccache g++" runs ccache)
-    if shutil.which(compiler) is None:
-        raise ExtensionUnavailable(
-            f"no C++ compiler: {compiler!r} is not on the PATH (install g++ or clang++, or "
-            f"set CXX)")
     build_dir = cache_dir() / kind
-    build_dir.mkdir(parents=True, exist_ok=True)
     name = _MODULE[kind].replace(".", "_")
-    if not (build_dir / f"{name}.so").exists():   # (else torch rebuilds only a changed source)
-        print(f"fastattn: building {_MODULE[kind]} into {build_dir} (first use; a few minutes "
-              f"on a small machine)", file=sys.stderr)
+    built = build_dir / f"{name}.so"                  # (what torch's load names it)
+    if not built.exists() or built.stat().st_mtime < _buildinfo.newest_source_mtime():
+        # a compile is coming (torch's load decides per file; a cached build that is current
+        # loads without a compiler)
+        compiler = (os.environ.get("CXX") or "c++").split()[0]   # (CXX="ccache g++": ccache)
+        if shutil.which(compiler) is None:
+            raise ExtensionUnavailable(
+                f"no C++ compiler: {compiler!r} is not on the PATH (install g++ or clang++, or "
+                f"set CXX)")
+        what = "rebuilding (its sources changed)" if built.exists() else "building"
+        print(f"fastattn: {what} {_MODULE[kind]} into {build_dir} (a few minutes on a small "
+              f"machine)", file=sys.stderr)
+    build_dir.mkdir(parents=True, exist_ok=True)
     if kind == "cpu":
         return cpp_extension.load(
             name=name, sources=sources, build_directory=str(build_dir),
@@ -78,9 +82,19 @@ def _jit_build(kind: str) -> ModuleType:
     )
 
 
+def _import(kind: str) -> ModuleType:
+    """The module built with the package, if it imports and is of this package's bindings."""
+    module = importlib.import_module(_MODULE[kind])
+    version = getattr(module, "API_VERSION", None)
+    if version != _buildinfo.API_VERSION[kind]:
+        raise ImportError(f"{module.__file__} has bindings version {version}, this fastattn "
+                          f"needs {_buildinfo.API_VERSION[kind]} (built from older sources)")
+    return module
+
+
 def _load(kind: str) -> ModuleType:
     try:
-        return importlib.import_module(_MODULE[kind])
+        return _import(kind)
     except ImportError as exc:
         import_error = exc
     if kind == "cuda" and (blocker := _cuda_build_blocker()):
@@ -106,9 +120,10 @@ def build_failure(exc: BaseException) -> str:
     """The line of a failed build's output that says why (the first compiler error, a missing
     program or header), rather than its last ("ninja: build stopped: subcommand failed.")."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    for marker in ("error:", "not found", "No such file", "cannot find", "undefined reference"):
+    # the specific first: a linker's "cannot find -lgomp" over collect2's "error: ld returned 1"
+    for marker in ("undefined reference", "cannot find", "No such file", "not found", "error:"):
         for line in lines:
-            if marker in line:
+            if marker in line and not line.startswith("collect2:"):
                 return line
     return lines[-1] if lines else type(exc).__name__
 
@@ -134,7 +149,7 @@ def is_built(kind: str) -> bool:
     if isinstance(_results.get(kind), ModuleType):
         return True
     try:
-        importlib.import_module(_MODULE[kind])
+        _import(kind)
         return True
     except ImportError:
         return False

@@ -190,6 +190,21 @@ def test_missing_extension_is_built_on_first_use(tmp_path):
     assert f"MODULE {tmp_path}" in again.stdout and "building" not in again.stderr, again.stderr
 
 
+def test_a_module_built_from_older_bindings_is_not_used():
+    """fastattn._C of another bindings version (an editable install's build before a pull that
+    changed a binding) is refused like a missing one: rebuilt on first use, or here, with the
+    JIT off, the reference with the reason."""
+    res = _run("""
+        from fastattn import _buildinfo
+        _buildinfo.API_VERSION["cpu"] += 1
+        import fastattn
+        print("CPU", fastattn.backends()["cpu"])
+    """, FASTATTN_JIT="0")
+    assert res.returncode == 0, res.stderr
+    assert "has bindings version" in res.stdout and "built from older sources" in res.stdout, \
+        res.stdout
+
+
 def test_no_compiler_falls_back_and_says_so(tmp_path):
     res = _run(prelude=BLOCK_C, code="""
         import warnings, torch, fastattn

@@ -523,6 +523,8 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn CUDA kernels (math and conventions: fastattn/ops/<op>/reference.py)";
+  // fastattn/_buildinfo.py API_VERSION["cuda"]: raise both when a binding below changes
+  m.attr("API_VERSION") = 1;
 
   m.def("cross_entropy_fwd", &cross_entropy_fwd,
         "Per-row cross-entropy loss (R,) fp32; with `grad`, also writes d loss / d logits * "
