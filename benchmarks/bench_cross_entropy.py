@@ -42,23 +42,29 @@ CE_IMPLS = {
 }
 
 
-@pytest.mark.parametrize("impl", list(CE_IMPLS))
-def test_cross_entropy_fwd_bwd(measure, impl):
+def _logits_case(measure, name, fn, reference, impl, weights=None):
+    """forward+backward of a loss over the (N, V) logits: its output (``weights``: the
+    per-token outputs summed with those weights, as DPO and PPO do) then backward."""
     base, target = _ce_case()
 
     def make_step(loss_fn):
         def step(x):
-            loss = loss_fn(x, target)
-            loss.backward()
-            return loss
+            out = loss_fn(x, target)
+            (out if weights is None else (out * weights).sum()).backward()
+            return out
         return step
 
     def setup():
         return (base.clone().requires_grad_(),)
 
-    measure(f"cross_entropy fwd+bwd {N}x{V} fp32", impl, make_step(CE_IMPLS[impl]), setup,
+    measure(f"{name} fwd+bwd {N}x{V} fp32", impl, make_step(fn), setup,
             work=3 * base.numel() * 4, unit="GB/s",
-            outputs=against(make_step, CE_IMPLS[impl], _eager_ce, setup))
+            outputs=against(make_step, fn, reference, setup))
+
+
+@pytest.mark.parametrize("impl", list(CE_IMPLS))
+def test_cross_entropy_fwd_bwd(measure, impl):
+    _logits_case(measure, "cross_entropy", CE_IMPLS[impl], _eager_ce, impl)
 
 
 def _eager_logprobs(x, t):
@@ -74,22 +80,8 @@ LOGPROB_IMPLS = {
 
 @pytest.mark.parametrize("impl", list(LOGPROB_IMPLS))
 def test_token_logprobs_fwd_bwd(measure, impl):
-    base, target = _ce_case()
     weights = torch.randn(N, generator=torch.Generator().manual_seed(1))   # the same for each impl
-
-    def make_step(fn):
-        def step(x):
-            logprobs = fn(x, target)
-            (logprobs * weights).sum().backward()
-            return logprobs
-        return step
-
-    def setup():
-        return (base.clone().requires_grad_(),)
-
-    measure(f"token_logprobs fwd+bwd {N}x{V} fp32", impl, make_step(LOGPROB_IMPLS[impl]), setup,
-            work=3 * base.numel() * 4, unit="GB/s",
-            outputs=against(make_step, LOGPROB_IMPLS[impl], _eager_logprobs, setup))
+    _logits_case(measure, "token_logprobs", LOGPROB_IMPLS[impl], _eager_logprobs, impl, weights)
 
 
 def _eager_linear_ce(h, w, t):
