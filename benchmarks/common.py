@@ -6,9 +6,9 @@ from __future__ import annotations
 import csv
 import math
 import os
-import traceback
 import platform
 import re
+import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -134,7 +134,7 @@ def table(results: list[Result]) -> str:
              "notes")]
     for i, r in enumerate(results):
         mem_ratio = ""
-        # (a ratio of peaks under 1 MB would be of the RSS's noise)
+        # (a ratio of peaks under 1 MB says nothing, and one of 0 would divide by it)
         if r.peak_mb is not None and r.case in base and (base[r.case].peak_mb or 0) >= 1 \
                 and comparable(r):
             mem_ratio = f"{r.peak_mb / base[r.case].peak_mb:.2f}x"

@@ -50,9 +50,9 @@ def test_bench_table_page_faults_and_allocator(tmp_path, monkeypatch):
     """make bench's table and CSV carry each call's page faults and the allocator's settings
     (CPU times of calls that allocate large tensors depend on both)."""
     from benchmarks.common import Result, environment, table, write
-    for key in list(os.environ):
-        if key.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "TCMALLOC_", "THP_MEM")):
-            monkeypatch.delenv(key)
+    from fastattn.train.hostmem import allocator_env
+    for key in allocator_env():
+        monkeypatch.delenv(key)
     assert environment()["allocator"] == "the C library's defaults"
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4294967296")
@@ -81,8 +81,6 @@ def test_a_case_without_torch_eager_is_compared_with_its_fastest_pytorch_row():
     assert ratios(results) == {0: 0.8, 1: 1.6 / 3.0, 2: 1.0, 4: 1.0, 5: 4.0, 6: 2.0}
 
 
-
-
 @pytest.mark.parametrize("env", [
     {},                                                                  # glibc's defaults
     {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"},  # kept
@@ -92,10 +90,10 @@ def test_cpu_peak_counts_what_a_call_allocates_whatever_the_allocator_keeps(env)
     settings at start-up): a call holding 64 MiB, then another 64 MiB after freeing the first,
     peaks at 64 MiB; one holding both at once at 128 -- also where freed blocks stay resident
     and the RSS would not rise."""
+    from fastattn.train.hostmem import allocator_env
     if "LD_PRELOAD" in os.environ:
         pytest.skip("a preloaded allocator would decide for every case")
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "TCMALLOC_"))}
+    clean = {k: v for k, v in os.environ.items() if k not in allocator_env()}
     code = """if True:
         import torch
         from benchmarks.common import cpu_peak_mb
