@@ -48,13 +48,15 @@ test: build
 # The oldest stack fastattn supports, torch 2.4 with the triton it pins, for the CPU suite
 # (CI runs it after `make test`). It gets its own venv and its own copy of the tracked sources:
 # the extension is built in place, and its file name does not say which torch built it.
-# numpy < 2: triton 3.0's interpreter computes wrong numbers with numpy 2.
+# numpy < 2: triton 3.0's interpreter computes wrong numbers with numpy 2. No pip cache: torch 2.4.1
+# comes from PyPI as a CUDA 12 build (about 3 GB of wheels, 5 GB installed), and a cached copy of
+# the wheels would only take disk from the CI run it is installed in.
 OLDEST ?= build/oldest
 OLDEST_PINS ?= torch==2.4.1 triton==3.0.0 "numpy<2"
 $(OLDEST)/venv/.deps: requirements-dev.txt Makefile
 	test -x $(OLDEST)/venv/bin/python || $(PYTHON) -m venv $(OLDEST)/venv
 	$(OLDEST)/venv/bin/python -m pip install -q --upgrade pip
-	$(OLDEST)/venv/bin/python -m pip install -q $(OLDEST_PINS) -r requirements-dev.txt
+	PIP_NO_CACHE_DIR=1 $(OLDEST)/venv/bin/python -m pip install -q $(OLDEST_PINS) -r requirements-dev.txt
 	touch $@
 
 test-oldest: $(OLDEST)/venv/.deps
