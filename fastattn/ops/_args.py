@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 
+import torch
 from torch import Tensor
 
 
@@ -19,3 +20,20 @@ def real_number(fn: str, name: str, value) -> float:
         raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__} "
                         f"{value!r}")
     return float(value)
+
+
+def flag(fn: str, name: str, value) -> bool:
+    """A switch argument: a bool, as torch's own ops take them (``is_causal="False"`` would be
+    truthy and switch the option on). A TypeError naming the argument otherwise."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool (True or False), got "
+                        f"{type(value).__name__} {value!r}")
+    return value
+
+
+def dense(fn: str, name: str, t: Tensor) -> None:
+    """The kernels read strided memory: a sparse (or other non-strided) tensor gets a clear
+    error here rather than an internal one from the dispatcher."""
+    if t.layout is not torch.strided:
+        raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got layout {t.layout}; "
+                        f"call .to_dense() first")

@@ -27,6 +27,7 @@ tensors; step counts and learning rates live on the device.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
@@ -47,6 +48,45 @@ def _is_dtensor(t) -> bool:
     torch.distributed where it is not built."""
     cls = type(t)
     return cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed")
+
+
+def _check_hyperparameters(name: str, lr, betas, eps, weight_decay, where: str = "",
+                           read_device_lr: bool = False) -> None:
+    """A clear error for a value the kernels cannot step with: at construction, and for every
+    group before a step changes anything (a group edited since, or added with its own values).
+    ``lr`` as a tensor on an accelerator is read only if ``read_device_lr`` (at construction:
+    at each step that read would cost a sync)."""
+    def number(what, value, finite=True):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+                hasattr(value, "__float__") and not isinstance(value, (str, bytes, complex))):
+            raise TypeError(f"{name}: {what}{where} must be a real number, got "
+                            f"{type(value).__name__} {value!r}")
+        value = float(value)
+        if not (0.0 <= value < math.inf if finite else 0.0 <= value):
+            raise ValueError(f"{name}: invalid {what} {value}{where} (expected a finite number "
+                             f">= 0)")
+        return value
+
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{name}: lr as a Tensor must have one element, got shape "
+                             f"{tuple(lr.shape)}{where}")
+        readable = lr.device.type == "cpu" or (read_device_lr and lr.device.type != "meta")
+        if readable and not 0.0 <= float(lr) < math.inf:
+            raise ValueError(f"{name}: invalid learning rate {float(lr)}{where} (expected a "
+                             f"finite number >= 0)")
+    else:
+        number("learning rate", lr)
+    number("eps", eps)
+    number("weight_decay", weight_decay)
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
+        raise ValueError(f"{name}: betas{where} must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() == 1 and beta.device.type == "cpu":
+            beta = float(beta)
+        if not 0.0 <= number(f"beta parameter at index {i}", beta) < 1.0:
+            raise ValueError(f"{name}: invalid beta parameter at index {i}: {beta}{where} "
+                             "(expected 0 <= beta < 1)")
 
 
 def _moment_dtype(group: dict) -> torch.dtype:
@@ -71,24 +111,7 @@ class Adam(torch.optim.Optimizer):
                  fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
                  master_weights: bool = False, moment_dtype: torch.dtype = torch.float32):
         name = type(self).__name__
-        if isinstance(lr, Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"{name}: lr as a Tensor must have one element, got shape "
-                                 f"{tuple(lr.shape)}")
-            if lr.device.type != "meta" and not 0.0 <= float(lr):  # one read, at construction
-                raise ValueError(f"{name}: invalid learning rate {float(lr)} (expected >= 0)")
-        elif not 0.0 <= lr:
-            raise ValueError(f"{name}: invalid learning rate {lr} (expected >= 0)")
-        if not 0.0 <= eps:
-            raise ValueError(f"{name}: invalid eps {eps} (expected >= 0)")
-        if len(betas) != 2:
-            raise ValueError(f"{name}: betas must be a pair (beta1, beta2), got {betas}")
-        for i, beta in enumerate(betas):
-            if not 0.0 <= float(beta) < 1.0:
-                raise ValueError(f"{name}: invalid beta parameter at index {i}: {beta} "
-                                 "(expected 0 <= beta < 1)")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"{name}: invalid weight_decay {weight_decay} (expected >= 0)")
+        _check_hyperparameters(name, lr, betas, eps, weight_decay, read_device_lr=True)
         if differentiable:
             raise NotImplementedError(f"{name}: differentiable=True is not supported by the "
                                       "fused kernels; use torch.optim")
@@ -113,6 +136,29 @@ class Adam(torch.optim.Optimizer):
         self._fresh_key = [0]  # in a list: dynamo (torch 2.5) cannot trace an int attribute's +=
         # parameters whose loaded master copy is checked against them at their next step
         self._check_master: set = set()
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, refusing a group that lists a parameter twice: torch.optim only warns
+        (and steps it twice), where one fused call would read and write its memory as two
+        tensors at once."""
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if params is not None and not isinstance(params, (Tensor, set)):
+            params = list(params)     # a generator is consumed once: torch gets the list
+            param_group = {**param_group, "params": params}
+            seen: dict[int, int] = {}
+            for i, p in enumerate(params):
+                if id(p) in seen:
+                    raise ValueError(f"{type(self).__name__}: a parameter group lists the same "
+                                     f"parameter twice (at {seen[id(p)]} and {i}); list each "
+                                     f"parameter once")
+                seen[id(p)] = i
+        if isinstance(param_group, dict) and hasattr(self, "defaults"):
+            merged = {**self.defaults, **param_group}
+            _check_hyperparameters(type(self).__name__, merged["lr"], merged["betas"],
+                                   merged["eps"], merged["weight_decay"],
+                                   f" in param_groups[{len(self.param_groups)}]",
+                                   read_device_lr=True)
+        super().add_param_group(param_group)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -197,7 +243,9 @@ class Adam(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         name = type(self).__name__
-        for group in self.param_groups:   # before any group steps: all of them or none
+        for i, group in enumerate(self.param_groups):   # before any group steps: all or none
+            _check_hyperparameters(name, group["lr"], group["betas"], group["eps"],
+                                   group["weight_decay"], f" in param_groups[{i}]")
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{name} does not support sparse gradients")

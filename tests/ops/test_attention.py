@@ -639,6 +639,31 @@ def test_bad_inputs_give_clear_errors():
             fastattn.decode_attention(q, k, v, lens, num_splits=bad)
     with pytest.raises(ValueError, match="num_splits must be >= 0"):
         fastattn.decode_attention(q, k, v, lens, num_splits=-1)
+    with pytest.raises(TypeError, match="k must be a dense"):
+        fastattn.flash_attention(q, k.to_sparse(), v)
+
+
+def test_switches_must_be_bools():
+    """A string or a number for a switch would be truthy (is_causal="False" would mask):
+    refused, as torch's own SDPA refuses it."""
+    q, k, v = _qkv(1, 2, 2, 4, 4, 16, torch.float32, "cpu")
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    calls = {
+        "is_causal": lambda x: fastattn.scaled_dot_product_attention(q, k, v, is_causal=x),
+        "enable_gqa": lambda x: fastattn.scaled_dot_product_attention(q, k, v, enable_gqa=x),
+        "causal": lambda x: fastattn.flash_attention(q, k, v, causal=x),
+        "return_lse": lambda x: fastattn.flash_attention(q, k, v, return_lse=x),
+        "deterministic": lambda x: fastattn.flash_attention(q, k, v, deterministic=x),
+        "causal ": lambda x: fastattn.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1),
+                                                       v[0].transpose(0, 1), cu, cu, 4, 4,
+                                                       causal=x),
+    }
+    for name, call in calls.items():
+        for bad in ("False", 0, 1, None):
+            with pytest.raises(TypeError, match=f"{name.strip()} must be a bool"):
+                call(bad)
+        call(False)
+    assert fastattn.flash_attention(q, k, v, causal=True).shape == q.shape
 
 
 def test_mask_requiring_grad_is_refused():

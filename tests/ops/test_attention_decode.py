@@ -171,6 +171,23 @@ def test_triton_decode_rejects_bad_inputs():
         decode_fwd(q, k.half(), v, sl, 1.0)
 
 
+def test_decode_backward_says_it_has_none():
+    """Inference only: a query that requires grad gives an output whose backward names the op
+    and the way out (not autograd's message that no formula was registered); under no_grad
+    nothing is recorded, and with grad enabled the forward itself still runs."""
+    import fastattn
+    q, k, v, sl = make_inputs(1, 4, 2, 1, 16, 8, [8], torch.float32)
+    q = q.cpu().requires_grad_()
+    k, v, sl = k.cpu(), v.cpu(), sl.cpu()
+    out = fastattn.decode_attention(q, k, v, sl)
+    ref, _ = decode_reference(q.detach(), k, v, sl, 1 / math.sqrt(16))
+    torch.testing.assert_close(out.detach(), ref.float())
+    with pytest.raises(RuntimeError, match="decode_attention has no backward.*flash_attention"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not fastattn.decode_attention(q, k, v, sl).requires_grad
+
+
 # ---- GPU: CUDA kernel and compiled Triton -----------------------------------------------------
 
 def _cuda_decode():

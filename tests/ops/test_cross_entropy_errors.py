@@ -348,3 +348,63 @@ def test_float64_mean_gradients(backend, name):
 def test_an_ignore_index_beyond_int64_is_named(call):
     with pytest.raises(ValueError, match="ignore_index must fit in int64, got " + str(2 ** 70)):
         call(2 ** 70)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_inplace_backward_never_overwrites_a_leaf(backend):
+    """inplace_backward lends the logits' memory to their gradient: never a parameter's or a
+    requires_grad leaf's (or a view of one), whose values would be lost with no error (autograd
+    refuses in-place writes into those; the op writes from inside its Function). Those take the
+    out-of-place path and get the right gradient; a non-leaf still lends its memory."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, generator=g)
+    t = torch.randint(0, 10, (6,), generator=g)
+    ref = x.clone().requires_grad_()
+    F.cross_entropy(ref, t).backward()
+    with fastattn.use_backend(backend):
+        for make in (lambda: x.clone().requires_grad_(), lambda: torch.nn.Parameter(x.clone())):
+            leaf = make()
+            for logits in (leaf, leaf[:, :], leaf.view(6, 10)):
+                leaf.grad = None
+                loss = fastattn.cross_entropy(logits, t, inplace_backward=True)
+                assert torch.equal(leaf.detach(), x), "the leaf's values were overwritten"
+                loss.backward()
+                torch.testing.assert_close(leaf.grad, ref.grad)
+        nonleaf = x.clone().requires_grad_() * 1.0
+        fastattn.cross_entropy(nonleaf, t, inplace_backward=True)
+        assert not torch.equal(nonleaf.detach(), x), "a non-leaf should lend its memory"
+
+
+def test_switches_must_be_bools():
+    calls = {
+        "inplace_backward": lambda v: fastattn.cross_entropy(X.clone().requires_grad_() * 1, T,
+                                                             inplace_backward=v),
+        "return_entropy": lambda v: fastattn.token_logprobs(X, T, return_entropy=v),
+        "return_entropy ": lambda v: fastattn.linear_token_logprobs(H, W, T, return_entropy=v),
+    }
+    for name, call in calls.items():
+        for bad in ("False", 0, 1, None):
+            with pytest.raises(TypeError, match=f"{name.strip()} must be a bool"):
+                call(bad)
+        call(False)
+
+
+def test_sparse_inputs_are_named():
+    with pytest.raises(TypeError, match="input must be a dense .strided. tensor"):
+        fastattn.cross_entropy(X.to_sparse(), T)
+    with pytest.raises(TypeError, match="target must be a dense"):
+        fastattn.cross_entropy(X, T.to_sparse())
+    with pytest.raises(TypeError, match="weight must be a dense"):
+        fastattn.linear_cross_entropy(H, W.to_sparse(), T)
+
+
+def test_integral_chunk_sizes_are_taken_like_python_ints():
+    """As ignore_index: numpy integers for chunk_size."""
+    import numpy as np
+    import torch.nn.functional as F
+    torch.testing.assert_close(fastattn.linear_cross_entropy(H, W, T, chunk_size=np.int64(2)),
+                               F.cross_entropy(H @ W.t(), T))
+    for bad in (0, -1, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            fastattn.linear_cross_entropy(H, W, T, chunk_size=bad)

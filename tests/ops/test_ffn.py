@@ -169,7 +169,8 @@ def test_bad_inputs_give_clear_errors():
     x, w1, b1, w2, b2, w3, _ = _tensors((4, 8), 8, 16, 8, torch.float32, "cpu", True)
     with pytest.raises(ValueError, match="unknown activation"):
         fastattn.mlp(x, w1, b1, w2, b2, activation="tanh")
-    with pytest.raises(ValueError, match="w1 must be"):
+    with pytest.raises(ValueError, match=r"x's features \(8, shape \(4, 8\)\) do not match "
+                                         r"w1's in_features \(16, shape \(8, 16\)"):
         fastattn.mlp(x, w1.t(), b1, w2, b2)
     with pytest.raises(ValueError, match="w2 must be"):
         fastattn.mlp(x, w1, b1, w2[:, :5], b2)
@@ -190,6 +191,14 @@ def test_bad_inputs_give_clear_errors():
         fastattn.swiglu(x, None, w3, w2)
     with pytest.raises(ValueError, match="at least 1 dimension"):
         fastattn.mlp(torch.tensor(1.0), w1, b1, w2, b2)
+    # an input of the wrong width is named as such, with both shapes (not "w1 must be ...")
+    with pytest.raises(ValueError, match=r"x's features \(7, shape \(4, 7\)\) do not match "
+                                         r"w1's in_features \(8,"):
+        fastattn.mlp(x[:, :7], w1, b1, w2, b2)
+    with pytest.raises(ValueError, match=r"x's features \(7, .* w_gate's in_features \(8,"):
+        fastattn.nn.SwiGLU(8, 16)(x[:, :7])
+    with pytest.raises(TypeError, match="x must be a dense"):
+        fastattn.mlp(x.to_sparse(), w1, b1, w2, b2)
 
 
 @GPU

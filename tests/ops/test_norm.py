@@ -248,6 +248,10 @@ def test_bad_arguments():
          "out_dtype must be None or one of"),
         (lambda: fastattn.layer_norm(x, 6, torch.ones(6, device="meta")), ValueError,
          "weight must be on input's device"),
+        (lambda: fastattn.layer_norm(x.to_sparse(), 6), TypeError,
+         "input must be a dense .strided. tensor, got layout torch.sparse_coo"),
+        (lambda: fastattn.rms_norm(x, 6, residual=x.to_sparse()), TypeError,
+         "residual must be a dense"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):

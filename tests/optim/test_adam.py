@@ -237,6 +237,56 @@ def test_constructor_errors():
         fastattn.optim.Adam(p, moment_dtype=torch.float16)
 
 
+def test_hyperparameters_the_kernels_cannot_use_are_refused_up_front():
+    """Non-finite eps or weight_decay, and values of the wrong type, get an error naming them
+    at construction, when a group is added, and at a step for a group edited since, before that
+    step changes anything (the step counts included)."""
+    p = [torch.zeros(2, requires_grad=True)]
+    inf = float("inf")
+    for kwargs, error, match in [
+            (dict(eps=inf), ValueError, "invalid eps inf"),
+            (dict(eps=float("nan")), ValueError, "invalid eps nan"),
+            (dict(weight_decay=inf), ValueError, "invalid weight_decay inf"),
+            (dict(lr=inf), ValueError, "invalid learning rate inf"),
+            (dict(lr="0.1"), TypeError, "learning rate must be a real number, got str"),
+            (dict(lr=None), TypeError, "learning rate must be a real number, got NoneType"),
+            (dict(betas=0.9), ValueError, r"betas must be a pair \(beta1, beta2\), got 0.9"),
+            (dict(betas=(0.9, "0.99")), TypeError, "beta parameter at index 1 must be a real")]:
+        with pytest.raises(error, match=match):
+            fastattn.optim.AdamW(p, **kwargs)
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"invalid weight_decay inf in param_groups\[1\]"):
+        fastattn.optim.AdamW([{"params": [a]}, {"params": [b], "weight_decay": inf}])
+    opt = fastattn.optim.AdamW([{"params": [a]}, {"params": [b]}], lr=0.1)
+    opt.param_groups[1]["eps"] = inf
+    a.grad, b.grad = torch.ones(3), torch.ones(4)
+    with pytest.raises(ValueError, match=r"invalid eps inf in param_groups\[1\]"):
+        opt.step()
+    assert torch.equal(a, torch.zeros(3)) and not opt.state       # nothing stepped
+    opt.param_groups[1]["eps"] = 1e-8
+    opt.step()
+    ref_a, ref_b = (torch.zeros(n, requires_grad=True) for n in (3, 4))
+    ref = torch.optim.AdamW([ref_a, ref_b], lr=0.1)
+    ref_a.grad, ref_b.grad = torch.ones(3), torch.ones(4)
+    ref.step()
+    torch.testing.assert_close(a, ref_a)
+    torch.testing.assert_close(b, ref_b)
+    assert opt.state[b]["step"].item() == 1
+
+
+def test_a_parameter_listed_twice_in_a_group_is_refused():
+    """torch.optim warns and steps it twice; one fused call would read and write its memory
+    as two tensors at once."""
+    p, q = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=r"lists the same parameter twice \(at 0 and 2\)"):
+        fastattn.optim.Adam([p, q, p])
+    opt = fastattn.optim.Adam([p])
+    with pytest.raises(ValueError, match="twice"):
+        opt.add_param_group({"params": [q, q]})
+    opt = fastattn.optim.Adam(x for x in (p, q))     # a generator is read once, fully
+    assert opt.param_groups[0]["params"] == [p, q]
+
+
 def test_a_sparse_gradient_fails_the_step_before_any_group_steps():
     first, second = torch.zeros(3, requires_grad=True), torch.zeros(4, requires_grad=True)
     opt = fastattn.optim.AdamW([{"params": [first]}, {"params": [second]}], lr=0.1)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
-from .._args import real_number
+from .._args import dense, flag, real_number
 from . import reference
 
 _PKG = __name__
@@ -290,6 +290,22 @@ def _(q, k_cache, v_cache, cache_seqlens, scale, num_splits):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype))
 
 
+def _decode_setup(ctx, inputs, output):
+    pass
+
+
+def _decode_backward(ctx, dout, dlse):
+    # A formula that refuses, so that the error names the op and the way out (without one,
+    # autograd's message says only that no formula was registered).
+    raise RuntimeError("decode_attention has no backward: it is the inference step of a KV "
+                       "cache (generate()). Train with flash_attention or "
+                       "scaled_dot_product_attention, or call decode_attention under "
+                       "torch.no_grad()")
+
+
+_eager.register_autograd(decode_attention_op, _decode_backward, setup_context=_decode_setup)
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument checks and mask handling (shared by the public functions)
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +317,7 @@ def _check_float(fn: str, **tensors: Tensor) -> None:
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
+        dense(fn, name, t)
         if t.dtype != first.dtype:
             raise TypeError(f"{fn}: {name} must have the dtype of {first_name} ({first.dtype}), "
                             f"got {t.dtype}")
@@ -440,6 +457,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     if isinstance(query, Tensor):
         query, key, value = _autocast.cast(query.device.type, query, key, value)
     _check_float(fn, query=query, key=key, value=value)
+    flag(fn, "is_causal", is_causal)
+    flag(fn, "enable_gqa", enable_gqa)
     if min(query.dim(), key.dim(), value.dim()) < 2:
         raise ValueError(f"{fn}: query, key and value must have rank >= 2 "
                          f"(..., heads, seq, head_dim), got shapes {tuple(query.shape)}, "
@@ -510,6 +529,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
     if isinstance(q, Tensor):
         q, k, v = _autocast.cast(q.device.type, q, k, v)
     _check_qkv4(fn, q, k, v, gqa=True)
+    for name, value in (("causal", causal), ("return_lse", return_lse),
+                        ("deterministic", deterministic)):
+        flag(fn, name, value)
     scale = _check_scale(fn, scale, q.shape[-1])
     dropout_p = _check_dropout(fn, dropout_p)
     try:
@@ -552,6 +574,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                              f"{tuple(t.shape)}")
     _check_qkv4(fn, q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2),
                 v.unsqueeze(0).transpose(1, 2), gqa=True, shown=(q, k, v))
+    flag(fn, "causal", causal)
     for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[0]),
                             ("cu_seqlens_k", cu_seqlens_k, k.shape[0])):
         if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:

@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import math
 import numbers
+import operator
 import os
 from typing import Iterator, Optional, Tuple, Union
 
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
-from .._args import real_number
+from .._args import dense, flag, real_number
 
 _PKG = __name__
 _CUDA_ORDER = ("cuda", "triton")
@@ -64,11 +65,13 @@ def _check_float(fn: str, name: str, t: Tensor) -> None:
     if not t.dtype.is_floating_point:
         raise TypeError(f"{fn}: {name} must be a floating-point tensor "
                         f"(float32, float16, bfloat16 or float64), got {t.dtype}")
+    dense(fn, name, t)
 
 
 def _check_target(fn: str, target: Tensor) -> Tensor:
     if not isinstance(target, Tensor):
         raise TypeError(f"{fn}: target must be a torch.Tensor, got {type(target).__name__}")
+    dense(fn, "target", target)
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
         raise TypeError(f"{fn}: target must hold class indices (an integer tensor), got "
                         f"{target.dtype}; class-probability targets are not supported")
@@ -369,6 +372,15 @@ class _CrossEntropyInplace(torch.autograd.Function):
         return _scaled(grad, _grad_scale(ctx, grad_loss)), None, None, None, None, None, None
 
 
+def _a_leaf_or_a_view_of_one(t: Tensor) -> bool:
+    """Whether ``t`` is a leaf that requires grad (a parameter, say) or a view of one: writing
+    the gradient into its memory would lose the leaf's values, which autograd refuses for
+    in-place ops (the inplace_backward op writes from inside its Function, past that check).
+    (Without reading storage pointers, which torch.compile cannot trace.)"""
+    base = t._base if t._base is not None else t
+    return base.is_leaf and base.requires_grad
+
+
 def _rows_view(x: Tensor) -> Tensor:
     """(N, C, d1, ...) or (N, C) or (C,) -> (R, C) with a contiguous class dimension."""
     if x.dim() == 1:
@@ -395,7 +407,9 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         z_loss: adds ``z_loss * logsumexp(logits)**2`` to each non-ignored token's loss (PaLM);
             with ``"mean"`` it is divided by the same denominator as the rest.
         inplace_backward: let the gradient overwrite ``input``'s memory (saves one logits-sized
-            buffer). Only for callers that never read ``input`` again.
+            buffer). Only for callers that never read ``input`` again. A leaf tensor (a
+            parameter, or one created with ``requires_grad=True``) or a view of one is never
+            overwritten (autograd forbids writing into those): it takes the out-of-place path.
 
     One kernel pass computes the loss and, when a gradient will be needed, the gradient too; the
     backward is a scale by ``grad_output`` (skipped when it is 1). Under ``torch.no_grad`` (or for
@@ -407,6 +421,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     """
     fn = "cross_entropy"
     _check_float(fn, "input", input)
+    flag(fn, "inplace_backward", inplace_backward)
     target = _check_target(fn, target)
     ignore_index = _check_options(fn, reduction, label_smoothing, ignore_index)
     if not 0 <= real_number(fn, "z_loss", z_loss) < math.inf:
@@ -436,7 +451,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     # rows that share memory (an expand()ed input) cannot each receive their own gradient:
     # those take the out-of-place path (inplace_backward permits reuse; it does not demand it)
     disjoint_rows = logits.shape[0] <= 1 or logits.stride(0) >= logits.shape[1]
-    if need_grad and inplace_backward and disjoint_rows:
+    if need_grad and inplace_backward and disjoint_rows and not _a_leaf_or_a_view_of_one(input):
         loss = _in_target_shape(target.shape, _CrossEntropyInplace.apply, logits, rows_target,
                                 weight, ignore_index, float(label_smoothing), float(z_loss),
                                 reduction)
@@ -907,11 +922,18 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
         raise ValueError(f"{fn}: weight has 0 rows (vocab size 0)")
     x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
     n_tokens = x2.shape[0]
+    chunk_size_arg = chunk_size
     if chunk_size is None:
         default = default_vocab_chunk_size if by_vocab else default_chunk_size
         chunk_size = default(n_tokens, weight.shape[1], weight.shape[0], weight.device.type)
-    elif not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    else:
+        try:
+            chunk_size = None if isinstance(chunk_size, bool) else operator.index(chunk_size)
+        except TypeError:
+            chunk_size = None
+        if chunk_size is None or chunk_size < 1:
+            raise ValueError(f"{fn}: chunk_size must be a positive int or None, got "
+                             f"{chunk_size_arg!r}")
     extent = weight.shape[0] if by_vocab else n_tokens
     return x2, target.reshape(-1).contiguous(), max(1, min(chunk_size, max(extent, 1)))
 
@@ -948,6 +970,10 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     ``lse - z_target`` of two such numbers, so its absolute error is about ``ulp(lse)``
     (token chunks subtract relative to each row's max, which matters only for logits far from
     0, such as a common offset of 1e4).
+
+    As with ``cross_entropy``, where the forward computed the gradients a backward scales them
+    in place, so a second backward through the same graph (``retain_graph=True``) raises
+    autograd's in-place error; compute the loss again instead.
     """
     fn = "linear_cross_entropy"
     ignore_index = _check_options(fn, reduction, label_smoothing, ignore_index)
@@ -1061,6 +1087,7 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
     target = _check_target(fn, target)
     ignore_index = _check_options(fn, "none", 0.0, ignore_index)  # per token
     inv_t = _check_temperature(fn, temperature)
+    flag(fn, "return_entropy", return_entropy)
     if logits.dim() < 1:
         raise ValueError(f"{fn}: logits must have at least 1 dimension (..., vocab), got a "
                          f"0-dimensional tensor")
@@ -1215,6 +1242,7 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     fn = "linear_token_logprobs"
     ignore_index = _check_options(fn, "none", 0.0, ignore_index)  # per token
     inv_t = _check_temperature(fn, temperature)
+    flag(fn, "return_entropy", return_entropy)
     by_vocab = check_chunk_over(fn, chunk_over)
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
         hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
+from .._args import dense
 from . import reference
 from .reference import ACTIVATIONS
 
@@ -227,6 +228,7 @@ def _check(fn: str, x: Tensor, activation: str, weights: dict, biases: dict) -> 
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{fn}: x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    dense(fn, "x", x)
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dimension (..., features), got a scalar")
     if activation not in ACTIVATIONS:
@@ -236,6 +238,10 @@ def _check(fn: str, x: Tensor, activation: str, weights: dict, biases: dict) -> 
         if not isinstance(w, Tensor):
             raise TypeError(f"{fn}: {name} must be a tensor, got {type(w).__name__}")
         in_features = x.shape[-1] if source == "x" else weights[source][0].shape[0]
+        if source == "x" and w.dim() == 2 and w.shape[1] != in_features:
+            raise ValueError(f"{fn}: x's features ({in_features}, shape {tuple(x.shape)}) do "
+                             f"not match {name}'s in_features ({w.shape[1]}, shape "
+                             f"{tuple(w.shape)}; nn.Linear layout (out_features, in_features))")
         if w.dim() != 2 or w.shape[1] != in_features:
             raise ValueError(f"{fn}: {name} must be (out_features, {in_features}) (nn.Linear "
                              f"layout), got shape {tuple(w.shape)}")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
+from .._args import dense
 from . import reference
 
 _PKG = __name__
@@ -218,6 +219,7 @@ def _check(fn: str, x, normalized_shape, weight, bias, residual, eps, out_dtype)
     """The normalized shape as a tuple, after checking every argument."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"{fn}: input must be a floating-point tensor, got {_describe(x)}")
+    dense(fn, "input", x)
     shape = _normalized(fn, normalized_shape)
     if not shape or math.prod(shape) < 1:
         raise ValueError(f"{fn}: normalized_shape must name at least one feature, got {shape}")
@@ -241,6 +243,7 @@ def _check(fn: str, x, normalized_shape, weight, bias, residual, eps, out_dtype)
         if not isinstance(residual, Tensor) or not residual.is_floating_point():
             raise TypeError(f"{fn}: residual must be a floating-point tensor or None, got "
                             f"{_describe(residual)}")
+        dense(fn, "residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"{fn}: residual must have input's shape {tuple(x.shape)}, got "
                              f"{tuple(residual.shape)}")
