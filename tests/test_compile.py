@@ -240,6 +240,82 @@ def test_compile_ffn_fullgraph_matches_eager():
         torch.testing.assert_close(a, e)
 
 
+def test_compile_transposed_weights_and_inputs_match_eager():
+    """Weights stored transposed (GPT-2's Conv1D layout) and a transposed fp16 norm input: the
+    ops' fake kernels must give the strides of their real outputs (contiguous gradients), which
+    inductor checks when it runs the compiled graph (empty_like(weight) in a fake gave the
+    weight's transposed strides: an AssertionError there, eager and aot_eager being fine)."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 8, generator=g, requires_grad=True)
+    w1 = torch.randn(8, 12, generator=g).t().requires_grad_()
+    w2 = torch.randn(12, 8, generator=g).t().requires_grad_()
+    w3 = torch.randn(8, 12, generator=g).t().requires_grad_()
+    W = torch.randn(8, 33, generator=g).t().requires_grad_()
+    t = torch.randint(0, 33, (6,), generator=g)
+    xn = torch.randn(24, 5, generator=g).half().t().requires_grad_()
+
+    def fn(x, w1, w2, w3, W, xn):
+        return (fastattn.mlp(x, w1, None, w2).sum() + fastattn.swiglu(x, w1, w3, w2).sum()
+                + fastattn.linear_cross_entropy(x, W, t)
+                + fastattn.linear_cross_entropy(x, W, t, chunk_over="vocab", chunk_size=16)
+                + fastattn.linear_token_logprobs(x, W, t).sum()
+                + fastattn.rms_norm(xn, 24, out_dtype=torch.float32).square().sum())
+    leaves = (x, w1, w2, w3, W, xn)
+    eager = fn(*leaves)
+    grads = torch.autograd.grad(eager, leaves)
+    compiled = torch.compile(fn, fullgraph=True)(*leaves)     # inductor
+    cgrads = torch.autograd.grad(compiled, leaves)
+    torch.testing.assert_close(compiled, eager)
+    for a, e in zip(cgrads, grads):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.skipif(torch.__version__ < "2.5", reason="torch 2.4's dynamo writes a guard it "
+                    "cannot evaluate under dynamic=True (name 'FloatTrueDiv' is not defined): "
+                    "every call recompiles, whatever the op")
+def test_varlen_max_seqlen_stays_symbolic_under_dynamic_compile():
+    """Packed batches change max_seqlen every step: compiled with dynamic=True, one graph
+    serves them (operator.index on it specialized the graph to each value, and fullgraph hit
+    the recompile limit at the ninth length)."""
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["frames"]     # (not cleared by reset())
+    compiled_before = frames["ok"]
+    fn = torch.compile(lambda q, cu, m: fastattn.varlen_attention(q, q, q, cu, cu, m, m,
+                                                                  causal=True),
+                       fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(7)
+    for m in range(3, 14):
+        q = torch.randn(m + 2, 2, 8, generator=g)
+        cu = torch.tensor([0, 2, m + 2], dtype=torch.int32)
+        torch.testing.assert_close(
+            fn(q, cu, m), fastattn.varlen_attention(q, q, q, cu, cu, m, m, causal=True))
+    assert frames["ok"] - compiled_before <= 3, dict(frames)
+
+
+@pytest.mark.skipif(not hasattr(torch, "export") or torch.__version__ < "2.5",
+                    reason="non-strict torch.export (the default) arrived in torch 2.5")
+def test_export_with_a_dynamic_token_dimension():
+    """The wrappers keep a symbolic token count symbolic (x.shape[:-1].numel() made it a
+    constant outside dynamo: non-strict export refused the dynamic dimension)."""
+    from torch.export import Dim, export
+    g = torch.Generator().manual_seed(8)
+    w1, w3 = torch.randn(24, 16, generator=g), torch.randn(24, 16, generator=g)
+    w2, W = torch.randn(16, 24, generator=g), torch.randn(37, 16, generator=g)
+
+    class M(torch.nn.Module):
+        def forward(self, x, t):
+            h = fastattn.mlp(x, w1, None, w2) + fastattn.swiglu(x, w1, w3, w2)
+            return (fastattn.linear_cross_entropy(h, W, t)
+                    + fastattn.linear_token_logprobs(h, W, t).sum())
+
+    T = Dim("T", min=2, max=64)
+    x, t = torch.randn(2, 10, 16, generator=g), torch.randint(0, 37, (2, 10), generator=g)
+    ep = export(M(), (x, t), dynamic_shapes={"x": {1: T}, "t": {1: T}})
+    x2, t2 = torch.randn(2, 13, 16, generator=g), torch.randint(0, 37, (2, 13), generator=g)
+    torch.testing.assert_close(ep.module()(x2, t2), M()(x2, t2))
+
+
 def test_compile_norm_fullgraph_matches_eager():
     """The norms with the residual add and a bf16 output, compiled with the eager glue around
     them (what a compiled GPT block does)."""
@@ -338,25 +414,36 @@ def test_compile_decode_and_multihead_attention_fullgraph_match_eager():
 
 
 @pytest.mark.skipif(not LIST_MUTATION_COMPILES, reason=f"torch {torch.__version__} cannot compile a step")
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_compile_optimizer_step_and_clip_fullgraph_match_torch(amsgrad):
-    """A compiled fastattn step and clip give torch.optim's eager numbers."""
+@pytest.mark.parametrize("amsgrad,tensor_lr", [(False, False), (True, False), (False, True)])
+def test_compile_optimizer_step_and_clip_fullgraph_match_torch(amsgrad, tensor_lr):
+    """A compiled fastattn step and clip give torch.optim's eager numbers, over enough steps
+    that a step recompiling each time would pass torch's recompile limit (8; fullgraph makes
+    that an error): the compiled step is traced a bounded number of times, also when a
+    parameter skips a step (its class of equal step counts splits) and rejoins."""
     torch._dynamo.reset()
     import fastattn.optim
 
     g = torch.Generator().manual_seed(3)
     ps = [torch.randn(5, 3, generator=g, requires_grad=True), torch.randn(7, generator=g, requires_grad=True)]
     ref = [p.detach().clone().requires_grad_() for p in ps]
-    opt = fastattn.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
+    opt = fastattn.optim.AdamW(ps, lr=torch.tensor(1e-2) if tensor_lr else 1e-2,
+                               weight_decay=0.1, amsgrad=amsgrad)
     ref_opt = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
     step = torch.compile(opt.step, fullgraph=True)
     clip = torch.compile(lambda: fastattn.optim.clip_grad_norm_(ps, 0.5), fullgraph=True)
-    for _ in range(3):
+    frames = torch._dynamo.utils.counters["frames"]     # (not cleared by reset())
+    compiled_before = frames["ok"]
+    for i in range(14):
         for p, r in zip(ps, ref):
             grad = torch.randn(p.shape, generator=g)
             p.grad, r.grad = grad.clone(), grad.clone()
-        torch.testing.assert_close(clip(), torch.nn.utils.clip_grad_norm_(ref, 0.5))
+        if i == 6:        # the second parameter sits this step out
+            ps[1].grad = ref[1].grad = None
+        else:
+            torch.testing.assert_close(clip(), torch.nn.utils.clip_grad_norm_(ref, 0.5))
         step()
         ref_opt.step()
     for p, r in zip(ps, ref):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+    assert opt.state[ps[0]]["step"].item() == 14 and opt.state[ps[1]]["step"].item() == 13
+    assert frames["ok"] - compiled_before <= 8, dict(frames)

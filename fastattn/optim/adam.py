@@ -51,11 +51,12 @@ def _is_dtensor(t) -> bool:
 
 
 def _check_hyperparameters(name: str, lr, betas, eps, weight_decay, where: str = "",
-                           read_device_lr: bool = False) -> None:
+                           read_tensors: bool = False) -> None:
     """A clear error for a value the kernels cannot step with: at construction, and for every
     group before a step changes anything (a group edited since, or added with its own values).
-    ``lr`` as a tensor on an accelerator is read only if ``read_device_lr`` (at construction:
-    at each step that read would cost a sync)."""
+    The values of ``lr`` and ``betas`` given as tensors are read only if ``read_tensors`` (at
+    construction: at each step a read would sync with the device, and under torch.compile it
+    would be data-dependent control flow)."""
     def number(what, value, finite=True):
         if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
                 hasattr(value, "__float__") and not isinstance(value, (str, bytes, complex))):
@@ -71,8 +72,7 @@ def _check_hyperparameters(name: str, lr, betas, eps, weight_decay, where: str =
         if lr.numel() != 1:
             raise ValueError(f"{name}: lr as a Tensor must have one element, got shape "
                              f"{tuple(lr.shape)}{where}")
-        readable = lr.device.type == "cpu" or (read_device_lr and lr.device.type != "meta")
-        if readable and not 0.0 <= float(lr) < math.inf:
+        if read_tensors and lr.device.type != "meta" and not 0.0 <= float(lr) < math.inf:
             raise ValueError(f"{name}: invalid learning rate {float(lr)}{where} (expected a "
                              f"finite number >= 0)")
     else:
@@ -82,7 +82,9 @@ def _check_hyperparameters(name: str, lr, betas, eps, weight_decay, where: str =
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
         raise ValueError(f"{name}: betas{where} must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if isinstance(beta, Tensor) and beta.numel() == 1 and beta.device.type == "cpu":
+        if isinstance(beta, Tensor) and beta.numel() == 1:
+            if not read_tensors or beta.device.type == "meta":
+                continue
             beta = float(beta)
         if not 0.0 <= number(f"beta parameter at index {i}", beta) < 1.0:
             raise ValueError(f"{name}: invalid beta parameter at index {i}: {beta}{where} "
@@ -111,7 +113,7 @@ class Adam(torch.optim.Optimizer):
                  fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
                  master_weights: bool = False, moment_dtype: torch.dtype = torch.float32):
         name = type(self).__name__
-        _check_hyperparameters(name, lr, betas, eps, weight_decay, read_device_lr=True)
+        _check_hyperparameters(name, lr, betas, eps, weight_decay, read_tensors=True)
         if differentiable:
             raise NotImplementedError(f"{name}: differentiable=True is not supported by the "
                                       "fused kernels; use torch.optim")
@@ -129,10 +131,13 @@ class Adam(torch.optim.Optimizer):
         super().__init__(params, defaults)
         # Parameters whose step counts are known to be equal share a key, so a step needs no
         # device-to-host read to group them: ("v", n) for a count read from the device (state
-        # creation or loading), and a fresh integer for each bucket after each step — params
-        # that stepped together (or were skipped together by GradScaler) stay together, and
-        # different histories never merge.
+        # creation or loading), and an integer for a class of params that stepped together (or
+        # were skipped together by GradScaler). A class that steps whole keeps its integer, so
+        # the keys are the same from step to step (torch.compile guards on them: a key that
+        # changed every step recompiled the step every time); a part of a class that steps
+        # without the rest gets a fresh integer, and different histories never merge.
         self._step_keys: dict[Tensor, Any] = {}
+        self._key_sizes: dict[Any, int] = {}   # parameters per key
         self._fresh_key = [0]  # in a list: dynamo (torch 2.5) cannot trace an int attribute's +=
         # parameters whose loaded master copy is checked against them at their next step
         self._check_master: set = set()
@@ -157,12 +162,16 @@ class Adam(torch.optim.Optimizer):
             _check_hyperparameters(type(self).__name__, merged["lr"], merged["betas"],
                                    merged["eps"], merged["weight_decay"],
                                    f" in param_groups[{len(self.param_groups)}]",
-                                   read_device_lr=True)
+                                   read_tensors=True)
         super().add_param_group(param_group)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_step_keys", {})
+        if "_key_sizes" not in self.__dict__:    # pickled before the sizes were kept
+            self._key_sizes = {}
+            for key in self._step_keys.values():
+                self._key_sizes[key] = self._key_sizes.get(key, 0) + 1
         fresh = self.__dict__.get("_fresh_key", 0)  # an int before
         self._fresh_key = fresh if isinstance(fresh, list) else [fresh]
         self.__dict__.setdefault("_check_master", set())
@@ -189,7 +198,7 @@ class Adam(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=moment, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                    memory_format=torch.contiguous_format)
-            self._step_keys[p] = ("v", 0)
+            self._set_key(p, ("v", 0))
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                        memory_format=torch.contiguous_format)
@@ -201,7 +210,7 @@ class Adam(torch.optim.Optimizer):
                     torch.float32, memory_format=torch.contiguous_format, copy=True)
         self._check_master.discard(p)
         if p not in self._step_keys:  # loaded state: read its count once
-            self._step_keys[p] = ("v", int(state["step"].item()))
+            self._set_key(p, ("v", int(state["step"].item())))
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -229,7 +238,7 @@ class Adam(torch.optim.Optimizer):
                          _moment_dtype(group) if p.dtype in _PARAM_DTYPES else p.dtype)
                 state[key] = value.to(device=p.device, dtype=dtype,
                                       memory_format=torch.contiguous_format, copy=True)
-            self._step_keys.pop(p, None)
+            self._set_key(p, None)
             self._check_master.add(p)
 
     # -- step --------------------------------------------------------------------------------
@@ -344,11 +353,29 @@ class Adam(torch.optim.Optimizer):
            maximize=bool(group["maximize"]))
         self._stepped_together(params)
 
+    def _set_key(self, p: Tensor, key) -> None:
+        """p's step-count key (None: forget it), keeping the count of params per key."""
+        old = self._step_keys.pop(p, None)
+        if old is not None:
+            left = self._key_sizes[old] - 1
+            if left:
+                self._key_sizes[old] = left
+            else:
+                del self._key_sizes[old]
+        if key is not None:
+            self._step_keys[p] = key
+            self._key_sizes[key] = self._key_sizes.get(key, 0) + 1
+
     def _stepped_together(self, params: list) -> None:
-        """params took this step together: one fresh bucket key (their step counts are equal)."""
+        """params took this step together (their step counts are equal): they keep their
+        integer key if they are all of its class, else they get a fresh one."""
+        key = self._step_keys[params[0]]
+        if (isinstance(key, int) and self._key_sizes.get(key) == len(params)
+                and all(self._step_keys[p] == key for p in params)):
+            return
         self._fresh_key[0] += 1
         for p in params:
-            self._step_keys[p] = self._fresh_key[0]
+            self._set_key(p, self._fresh_key[0])
 
 
 class AdamW(Adam):

@@ -594,13 +594,16 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                             ("max_seqlen_k", max_seqlen_k, k.shape[0])):
         if isinstance(mx, bool):
             raise TypeError(f"{fn}: {name} must be an int, got bool")
-        try:
-            mx = operator.index(mx)
-        except TypeError:
-            raise TypeError(f"{fn}: {name} must be an int, got {type(mx).__name__}") from None
+        # (an int, symbolic under torch.compile, is taken as it is: index() would specialize
+        # the compiled graph to its value, one compile per length)
+        if not isinstance(mx, (int, torch.SymInt)):
+            try:
+                mx = operator.index(mx)
+            except TypeError:
+                raise TypeError(f"{fn}: {name} must be an int, got {type(mx).__name__}") from None
         if mx < 0:
             raise ValueError(f"{fn}: {name} must be >= 0, got {mx}")
-        maxes.append(min(mx, total))
+        maxes.append(min(mx, total))   # (a guard mx <= total, not one per value)
     max_seqlen_q, max_seqlen_k = maxes
     # Cheap on the CPU; on a GPU it would cost a sync (callers own the values there), and in
     # a compiled graph it would be data-dependent control flow.
@@ -631,8 +634,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     ``cache_seqlens`` int32 ``(B,)``: the valid cache positions of each sequence, counting the
     Sq new tokens (already written to the cache), so Sq <= L_b <= S_max. New token i of sequence
     b sees positions ``j <= L_b - Sq + i``. ``num_splits`` 0 picks the split count from the
-    device. On the CPU out-of-range lengths raise; on a GPU checking them would cost a sync, so
-    the kernels clamp them to [0, S_max] (they never read outside the cache).
+    device. On the CPU out-of-range lengths raise; on a GPU checking them would cost a sync,
+    and under torch.compile it would be data-dependent control flow, so there the kernels
+    clamp them to [0, S_max] (they never read outside the cache).
     """
     fn = "decode_attention"
     if isinstance(q, Tensor):

@@ -554,7 +554,7 @@ def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int
     d loss / d logits in place; then dx[s:e] = dlogits @ W, dW += dlogits^T x, db += sum."""
     n_tokens = x.shape[0]
     want_db = bias is not None and (want_dx or want_dw)
-    dx = torch.empty_like(x) if want_dx else None
+    dx = x.new_empty(x.shape) if want_dx else None    # contiguous, as the fakes say
     acc = _acc_dtype(weight.dtype)
     dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_dw else None
     db = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_db else None
@@ -684,8 +684,8 @@ def _vocab_pass2(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
     acc = _acc_dtype(x.dtype)
     want_db = bias is not None and (want_dx or want_dw)
     dx_acc = torch.zeros(x.shape, dtype=acc, device=x.device) if want_dx else None
-    dw = torch.empty_like(weight) if want_dw else None
-    db = torch.empty_like(bias) if want_db else None
+    dw = weight.new_empty(weight.shape) if want_dw else None   # contiguous, as the fakes say
+    db = bias.new_empty(bias.shape) if want_db else None
     scale = row_scale.to(acc).contiguous()
     for v0, v1, logits in _vocab_chunks(x, weight, bias, chunk):
         w_chunk = weight[v0:v1]
@@ -793,9 +793,9 @@ def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_s
     if recompute:
         want_dx = want_dw = False
     want_db = bias is not None and (want_dx or want_dw)
-    return (loss, torch.empty_like(x) if want_dx else x.new_empty(0),
-            torch.empty_like(weight) if want_dw else x.new_empty(0),
-            torch.empty_like(bias) if want_db else x.new_empty(0), lse)
+    return (loss, x.new_empty(x.shape) if want_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if want_dw else x.new_empty(0),
+            bias.new_empty(bias.shape) if want_db else x.new_empty(0), lse)
 
 
 @_eager.custom_op("fastattn::linear_cross_entropy_bwd", mutates_args=(),
@@ -835,9 +835,9 @@ def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, targ
 def _(grad_loss, x, weight, target, bias, lse, ignore_index, label_smoothing, chunk_size, want_dx,
       want_dw):
     want_db = bias is not None and (want_dx or want_dw)
-    return (torch.empty_like(x) if want_dx else x.new_empty(0),
-            torch.empty_like(weight) if want_dw else x.new_empty(0),
-            torch.empty_like(bias) if want_db else x.new_empty(0))
+    return (x.new_empty(x.shape) if want_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if want_dw else x.new_empty(0),
+            bias.new_empty(bias.shape) if want_db else x.new_empty(0))
 
 
 def _lce_setup_context(ctx, inputs, output):
@@ -920,7 +920,7 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
     _check_same_device(fn, input=x, weight=weight, target=target, bias=bias)
     if weight.shape[0] == 0:
         raise ValueError(f"{fn}: weight has 0 rows (vocab size 0)")
-    x2 = x.reshape(x.shape[:-1].numel(), x.shape[-1])
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])   # (math.prod: a symbolic size stays one)
     n_tokens = x2.shape[0]
     chunk_size_arg = chunk_size
     if chunk_size is None:
@@ -1184,9 +1184,9 @@ def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor]
 def _(grad_logp, grad_entropy, x, weight, target, bias, lse, entropy, ignore_index,
       inv_temperature, chunk_size, by_vocab, want_dx, want_dw):
     want_db = bias is not None and (want_dx or want_dw)
-    return (torch.empty_like(x) if want_dx else x.new_empty(0),
-            torch.empty_like(weight) if want_dw else x.new_empty(0),
-            torch.empty_like(bias) if want_db else x.new_empty(0))
+    return (x.new_empty(x.shape) if want_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if want_dw else x.new_empty(0),
+            bias.new_empty(bias.shape) if want_db else x.new_empty(0))
 
 
 def _ltlp_setup_context(ctx, inputs, output):

@@ -16,6 +16,7 @@ on 2-D inputs (the public functions flatten leading dimensions).
 
 # No `from __future__ import annotations` here: torch 2.4's custom_op reads the annotations
 # of the functions it registers and rejects them as strings.
+import math
 from typing import Optional
 
 import torch
@@ -101,8 +102,10 @@ def mlp_bwd(dout: Tensor, x: Tensor, w1: Tensor, h: Tensor, w2: Tensor, activati
 
 @mlp_bwd.register_fake
 def _(dout, x, w1, h, w2, activation, has_b1, has_b2):
-    return (torch.empty_like(x), torch.empty_like(w1),
-            w1.new_empty(w1.shape[0]) if has_b1 else dout.new_empty(0), torch.empty_like(w2),
+    # contiguous, as the matmuls that make them (empty_like would copy a transposed x's or
+    # weight's strides, and inductor checks the real outputs against these)
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape),
+            w1.new_empty(w1.shape[0]) if has_b1 else dout.new_empty(0), w2.new_empty(w2.shape),
             w2.new_empty(w2.shape[0]) if has_b2 else dout.new_empty(0))
 
 
@@ -190,9 +193,9 @@ def swiglu_bwd(dout: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Te
 def _(dout, x, w_gate, w_up, w_down, g, u, activation, has_b_gate, has_b_up, has_b_down):
     def bias(flag, w):
         return w.new_empty(w.shape[0]) if flag else dout.new_empty(0)
-    return (torch.empty_like(x), torch.empty_like(w_gate), torch.empty_like(w_up),
-            torch.empty_like(w_down), bias(has_b_gate, w_gate), bias(has_b_up, w_up),
-            bias(has_b_down, w_down))
+    return (x.new_empty(x.shape), w_gate.new_empty(w_gate.shape), w_up.new_empty(w_up.shape),
+            w_down.new_empty(w_down.shape), bias(has_b_gate, w_gate), bias(has_b_up, w_up),
+            bias(has_b_down, w_down))    # contiguous, as in mlp_bwd's fake
 
 
 def _swiglu_setup(ctx, inputs, output):
@@ -269,7 +272,7 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Te
     _check("mlp", x, activation, {"w1": (w1, "x"), "w2": (w2, "w1")},
            {"b1": (b1, w1), "b2": (b2, w2)})
     lead = x.shape[:-1]
-    out, _ = _eager.call(mlp_fwd, x.reshape(lead.numel(), x.shape[-1]), w1, b1, w2, b2, activation)
+    out, _ = _eager.call(mlp_fwd, x.reshape(math.prod(lead), x.shape[-1]), w1, b1, w2, b2, activation)
     return out.view(*lead, w2.shape[0])
 
 
@@ -291,6 +294,6 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, *, activatio
         raise ValueError(f"swiglu: w_up must have w_gate's shape {tuple(w_gate.shape)}, got "
                          f"{tuple(w_up.shape)}")
     lead = x.shape[:-1]
-    out, _, _ = _eager.call(swiglu_fwd, x.reshape(lead.numel(), x.shape[-1]), w_gate, w_up,
+    out, _, _ = _eager.call(swiglu_fwd, x.reshape(math.prod(lead), x.shape[-1]), w_gate, w_up,
                             w_down, b_gate, b_up, b_down, activation)
     return out.view(*lead, w_down.shape[0])

@@ -77,7 +77,10 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 def _cpu_fwd(mod, x, residual, weight, bias, eps, rms, out_dtype):
     s_dtype = _sum_dtype(x, residual)
     if not _exact_in(out_dtype, s_dtype):  # y rounded in s_dtype first would round twice
-        return reference.norm_fwd(x, residual, weight, bias, eps, rms, out_dtype)
+        # (rows made contiguous first: elementwise ops would give a transposed x's strides to
+        # y and s, and the op promises, as its fake says, contiguous outputs)
+        return reference.norm_fwd(x.contiguous(), None if residual is None else
+                                  residual.contiguous(), weight, bias, eps, rms, out_dtype)
     acc = reference.acc_dtype(s_dtype)
     y, s, mean, rstd = mod.norm_fwd(_as(x, s_dtype), _as(residual, s_dtype), _as(weight, acc),
                                     _as(bias, acc), eps, rms)
@@ -86,8 +89,9 @@ def _cpu_fwd(mod, x, residual, weight, bias, eps, rms, out_dtype):
 
 def _cpu_bwd(mod, dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db, dx_dtype):
     if not _exact_in(dy.dtype, s.dtype):   # dy would be rounded on the way in
-        return reference.norm_bwd(dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db,
-                                  dx_dtype)
+        return reference.norm_bwd(dy.contiguous(), None if dsum is None else dsum.contiguous(),
+                                  s.contiguous(), weight, mean, rstd, rms, want_dw, want_db,
+                                  dx_dtype)      # (contiguous: as in _cpu_fwd)
     ds, dw, db = mod.norm_bwd(_as(dy, s.dtype), _as(dsum, s.dtype), _as(s, s.dtype),
                               _as(weight, reference.acc_dtype(s.dtype)), mean, rstd, rms, want_dw,
                               want_db)

@@ -77,5 +77,5 @@ def norm_bwd(dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optional[Ten
         ds = ds + dsum.to(acc)
     dw = (d * xhat).sum(0) if want_dw else z.new_empty(0)   # distinct tensors: a custom op's
     db = d.sum(0) if want_db else z.new_empty(0)             # outputs may not alias each other
-    dx = ds.to(dx_dtype, copy=True) if dx_dtype is not None else z.new_empty(0)
+    dx = ds.to(dx_dtype, copy=True) if dx_dtype is not None else s.new_empty(0)
     return ds.to(s.dtype), dx, dw, db
