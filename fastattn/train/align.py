@@ -816,6 +816,7 @@ def _check_ranges(args: argparse.Namespace, stage: str) -> None:
         ("k", lambda v: v >= 2, ">= 2 (a pair needs two samples)"),
         ("checkpoint_every", lambda v: v >= 0, ">= 0"), ("stop_after", lambda v: v >= 1, ">= 1"),
         ("grad_accum", lambda v: v >= 1, ">= 1"),
+        ("seed", lambda v: 0 <= v < 2 ** 32, "in [0, 2**32 - 1]"),
         ("n_train", lambda v: v >= 1, ">= 1"), ("n_pairs", lambda v: v >= 1, ">= 1"),
         ("n_eval", lambda v: v >= 1, ">= 1"), ("eval_every", lambda v: v >= 0, ">= 0"),
         ("ppo_epochs", lambda v: v >= 1, ">= 1"),
@@ -830,6 +831,9 @@ def _check_ranges(args: argparse.Namespace, stage: str) -> None:
     if stage == "rm":
         rules += [("holdout", lambda v: 0 < v < 1, "in (0, 1)"),
                   ("center_rewards", lambda v: finite(v) and v >= 0, "a finite number >= 0")]
+    if args.min_lr is not None and args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine schedule "
+                         f"decays from --lr down to --min-lr")
     for name, ok, what in rules:
         value = getattr(args, name, None)
         if value is not None and not ok(value):
@@ -874,6 +878,14 @@ def _check_stage_resume(rck: dict, path: Path, args, stage: str, init_path: Path
         raise CheckpointError(f"--resume {path}: --init {init_path} has changed since the run "
                               "started from it (its pairs, reference and starting weights "
                               "would not be the run's); restore it, or start the stage again")
+    rm_given = getattr(args, "reward_model", None)
+    if stage == "ppo" and rm_given is not None and rck.get("reward_model_fingerprint"):
+        rm_file = ckpt_file(rm_given)
+        if rm_file.is_file() and checkpoint_fingerprint(rm_file) != rck["reward_model_fingerprint"]:
+            raise CheckpointError(f"--resume {path}: --reward-model {rm_given} is not the reward "
+                                  f"model the run started with (its rewards, and so the run's "
+                                  f"next steps, would differ); restore it, or start the stage "
+                                  f"again")
     skip = set(_STAGE_RESUME_FREE) | set(_RESUME_WARNS)
     keeps = [k for k in rck.get("args", {}) if k not in skip]
     for warning in check_resume_args(rck, path, args, keeps=keeps):
@@ -961,6 +973,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         rm_model, rm_head, rm_path = _load_reward_model(args.reward_model, cfg, corpus_info,
                                                         args.backend,
                                                         device)
+        rm_fingerprint = checkpoint_fingerprint(rm_path)
     opt = model.configure_optimizer(args.lr, args.weight_decay)
     params = list(model.parameters())
     if head is not None:
@@ -977,8 +990,6 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     rng = random.Random(f"{stage}/{args.seed}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    if args.overwrite and new_run:  # every check passed: the old run's files go now
-        clear_out_dir(out)
     # log.jsonl is opened when the first step starts (records before it wait in `pending`): a
     # run that fails in its setup (no preference pairs, a resume that does not fit) leaves no
     # log behind to block its folder, and a resume that fails keeps its log as it was.
@@ -1125,7 +1136,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             "trained": trained, "torch": str(torch.__version__),
             **({} if head is None else {HEAD_KEYS[stage]: {k: v.detach().cpu() for k, v in
                                                            head.state_dict().items()}}),
-            **({"reward_model": str(rm_path)} if stage == "ppo" else {}),
+            **({"reward_model": str(rm_path), "reward_model_fingerprint": rm_fingerprint}
+               if stage == "ppo" else {}),
             # what --resume needs beyond the weights to take exactly the next step
             "resume": {"opt_steps": opt_steps, "tokens_seen": tokens_seen,
                        "train_s": train_s_before + time.perf_counter() - run_t0,
@@ -1177,6 +1189,10 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         return dpo_step(model, batch, ref_c[idx], ref_r[idx], args.beta, update, phases,
                         rpo_alpha=args.rpo_alpha)
 
+    # --overwrite: the old run's files go now, when every check has passed and the setup
+    # (preference pairs, reference log-probs) has succeeded, just before the first write
+    if args.overwrite and new_run:
+        clear_out_dir(out)
     log_f = open_run_log(out / "log.jsonl", start if resume_ck is not None else None)
     for record in pending:
         log(record)

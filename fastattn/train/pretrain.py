@@ -41,7 +41,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -438,22 +438,57 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends (main thread only), then reach the handler
+    they would have reached: a checkpoint being written is finished first. (A kill at the wrong
+    moment there lost a new run's only checkpoint: the closing write runs after the training
+    loop's own handler is gone.) Signals ignored by whoever started us stay ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list = []
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler in (signal.SIG_IGN, None):   # ignored, or installed outside Python
+            continue
+        old[sig] = handler
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    for signum in dict.fromkeys(held):      # (once each, in arrival order)
+        signal.raise_signal(signum)
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader sees
-    the old checkpoint or the new one, never a partial file."""
+    the old checkpoint or the new one, never a partial file. SIGINT/SIGTERM arriving meanwhile
+    take effect once it is written; a failed write (a full disk) is an OSError that says the
+    previous checkpoint is unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with _signals_held():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(payload, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(e, (OSError, RuntimeError)):  # torch.save's writer: RuntimeError
+                kept = ("the previous checkpoint is unchanged" if path.exists()
+                        else "there was no previous checkpoint")
+                raise OSError(f"could not write the checkpoint {path} ({str(e).splitlines()[0]}"
+                              f"{'' if isinstance(e, OSError) else '; a full disk?'}); "
+                              f"{kept}") from e
+            raise
     with contextlib.suppress(OSError):      # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -465,14 +500,26 @@ def save_checkpoint(path: Path, payload: dict) -> None:
 RUN_FILES = (CKPT_NAME, "summary.json", "log.jsonl", "loss.png")   # a run's files
 
 
+def _empty_file(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size == 0
+    except OSError:
+        return False
+
+
 def check_out_dir(out: Path, overwrite: bool, resumable: bool = False) -> None:
     """Refuse to start a new run in a folder that holds another one, unless ``--overwrite``: a
     second run there would replace its checkpoint, log and summary. ``resumable``: the command
     has ``--resume`` (pretraining), named in the message as the other way on when there is a
     checkpoint to continue."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a file; --out names a folder for the run's files")
     if overwrite:
         return
-    found = [name for name in RUN_FILES if (Path(out) / name).exists()]
+    # (an empty log.jsonl is what a run that failed before its first step leaves: not a run,
+    # and no reason to refuse the corrected command)
+    found = [name for name in RUN_FILES if (Path(out) / name).exists()
+             and not (name == "log.jsonl" and _empty_file(Path(out) / name))]
     if found:
         how = ("--resume continues it, --overwrite replaces it"
                if resumable and CKPT_NAME in found else "--overwrite replaces it")
@@ -519,6 +566,23 @@ def load_checkpoint(path: Path, option: str = "--resume") -> dict:
     if missing or ckpt.get("format") != CKPT_FORMAT:
         raise CheckpointError(f"{option}: {path} is not a fastattn checkpoint (format "
                               f"{CKPT_FORMAT}); missing: {', '.join(missing) or 'format tag'}")
+    # fields that pass the zip checksums yet are not what save_checkpoint writes (a file edited
+    # or written by other code): named here, not a traceback later (some only at the summary)
+    damaged = []
+    if not (isinstance(ckpt["step"], int) and not isinstance(ckpt["step"], bool)
+            and ckpt["step"] >= 0):
+        damaged.append(f"step {ckpt['step']!r} (an int >= 0)")
+    if not (isinstance(ckpt["rng"], list) and ckpt["rng"]):
+        damaged.append("rng (a list of RNG states, one per rank)")
+    history = ckpt.get("history", {})
+    if not (isinstance(history, dict) and all(
+            isinstance(history.get(k, []), list)
+            and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in history.get(k, []))
+            for k in ("train", "eval"))):
+        damaged.append("history (train and eval lists of (step, value) pairs)")
+    if damaged:
+        raise CheckpointError(f"{option}: {path} has damaged fields: {'; '.join(damaged)}. "
+                              f"{retry}")
     return ckpt
 
 
@@ -800,6 +864,11 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.min_lr is not None and args.min_lr > args.lr:
+        raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine schedule "
+                         f"decays from --lr down to --min-lr")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     if args.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} (global) must be a multiple of the "
                          f"world size {dist_info.world_size}")
@@ -836,7 +905,13 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
             if main:
                 print(f"warning: {warning}", file=sys.stderr)
         resume_start(ckpt, ckpt_path, args)
-    # the validation split must hold one sequence: found now, not after the training
+    if args.sample_tokens > 0 and 1 + args.sample_tokens > cfg.max_seq_len:
+        raise ValueError(f"--sample-tokens {args.sample_tokens}: the sample (after its one-token "
+                         f"prompt) must fit in max_seq_len {cfg.max_seq_len}; pass at most "
+                         f"{cfg.max_seq_len - 1}")
+    # each split must hold one sequence: found now (before --overwrite removes anything), not
+    # at the first step or after the training
+    corpus.get_batch("train", 1, T, step=0, seed=args.seed)
     if args.eval_iters > 0:
         corpus.get_batch("val", 1, T, step=0, seed=args.seed)
 

@@ -1006,6 +1006,41 @@ def test_a_stage_resume_refuses_a_replaced_init(chain, tmp_path, capsys):
     assert "has changed since the run started from it" in capsys.readouterr().err
 
 
+def test_a_ppo_resume_refuses_a_replaced_reward_model(chain, tmp_path, capsys):
+    """The rewards decide the next steps: a reward model swapped at its path is an error, as a
+    replaced --init is (before: the run went on against the other model, silently)."""
+    root, common = chain
+    rm = tmp_path / "rm"
+    _copy_checkpoint(_rm_for(root, common), rm)
+    argv = ["ppo", "--init", str(root / "sft"), "--reward-model", str(rm), *common,
+            "--max-steps", "3", "--eval-every", "0", "--batch-size", "2",
+            "--out", str(tmp_path / "run")]
+    assert main([*argv, "--stop-after", "1"]) == 0
+    other = torch.load(rm / "ckpt.pt", weights_only=True)
+    other["reward_head"] = {k: v + 0.5 for k, v in other["reward_head"].items()}
+    from fastattn.train.pretrain import save_checkpoint
+    save_checkpoint(rm / "ckpt.pt", other)
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 2
+    assert "is not the reward model the run started with" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_the_old_run_when_the_setup_fails(chain, tmp_path, monkeypatch, capsys):
+    """--overwrite removes the old run only once the new one's setup has succeeded (the
+    preference pairs exist): a failed attempt leaves the old run as it was."""
+    root, common = chain
+    out = tmp_path / "dpo"
+    argv = ["dpo", "--init", str(root / "sft"), "--out", str(out), *common, "--max-steps", "1",
+            "--k", "4", "--batch-size", "2", "--eval-every", "0"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setattr(align, "build_pairs", lambda *a, **kw: ([], {
+        "pairs": 0, "prompts": 0, "best_of_k_accuracy": 0.0, "sample_accuracy": 0.0}))
+    assert main([*argv, "--overwrite"]) == 2
+    assert "no preference pairs" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_a_stage_that_fails_in_its_setup_leaves_no_log(chain, tmp_path, monkeypatch, capsys):
     """No preference pairs (known only after sampling): the error, and nothing in --out that
     would block the next attempt there."""

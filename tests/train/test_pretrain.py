@@ -12,6 +12,7 @@ Every run here is a 2-layer, d_model 64 model on 32-token windows of the default
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,10 +155,10 @@ def test_a_new_run_does_not_replace_another_in_its_folder(tmp_path, cache, capsy
     assert main(["pretrain", *SMALL, "--cache-dir", cache, "--out", str(out), *common]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert {name: (out / name).read_bytes() for name in before} == before      # untouched
-    # a folder with only a log (a run stopped before its first checkpoint) counts too; there
-    # is nothing to --resume there, so only --overwrite is suggested
+    # a folder with only a log of steps (a run stopped before its first checkpoint) counts
+    # too; there is nothing to --resume there, so only --overwrite is suggested
     (tmp_path / "logonly").mkdir()
-    (tmp_path / "logonly" / "log.jsonl").write_text("")
+    (tmp_path / "logonly" / "log.jsonl").write_text('{"kind": "train", "step": 1}\n')
     with pytest.raises(ValueError, match=r"already holds a run \(log.jsonl\): --overwrite "
                                          r"replaces it, or"):
         _pretrain(tmp_path / "logonly", cache, *common)
@@ -387,6 +388,21 @@ def test_a_damaged_rng_state_is_a_clear_error(tmp_path, cache):
     torch.save(ckpt, out / "ckpt.pt")
     with pytest.raises(CheckpointError, match="its RNG state is damaged"):
         _pretrain(out, cache, "--max-steps", "3", "--eval-iters", "0", "--resume")
+
+
+def test_damaged_fields_of_a_checkpoint_are_named(tmp_path, cache):
+    """Fields that pass the zip checksums but are not what save_checkpoint writes: one error
+    naming them, not a ZeroDivisionError or an IndexError (that one at the summary, after the
+    training)."""
+    out = tmp_path / "run"
+    _pretrain(out, cache, "--max-steps", "2", "--eval-iters", "0")
+    good = torch.load(out / "ckpt.pt", weights_only=True)
+    for field, value, named in [("rng", [], "rng (a list"), ("step", "abc", "step 'abc'"),
+                                ("step", -3, "step -3"),
+                                ("history", {"train": [[1]], "eval": []}, "history")]:
+        torch.save(dict(good, **{field: value}), out / "ckpt.pt")
+        with pytest.raises(CheckpointError, match=r"has damaged fields: " + re.escape(named)):
+            _pretrain(out, cache, "--max-steps", "3", "--eval-iters", "0", "--resume")
 
 
 def test_flipped_bytes_in_a_checkpoint_are_caught(tmp_path, cache):
@@ -625,3 +641,130 @@ def test_resume_takes_a_run_folder_as_init_does(tmp_path, cache):
     _pretrain(out, cache, *common, "--stop-after", "1")
     summary = _pretrain(out, cache, *common, "--resume", str(out))
     assert summary["resumed_from"] == 1 and _losses(out) == _losses(tmp_path / "full")
+
+
+class _SignalWhilePickled:
+    """Sends a signal to this process while torch.save pickles it (mid-write)."""
+
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __reduce__(self):
+        import collections
+        os.kill(os.getpid(), self.signum)
+        return (collections.OrderedDict, ())     # (a type weights_only loading accepts)
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_checkpoint_write_waits_for_the_write(tmp_path, signame):
+    """The closing checkpoint is written after the loop's own handler is gone: a signal that
+    arrived mid-write killed it (a new run then had no checkpoint at all). Now the write
+    finishes, and the signal reaches its handler after it."""
+    import signal
+    from fastattn.train.pretrain import save_checkpoint
+    signum = getattr(signal, signame)
+    path = tmp_path / "ckpt.pt"
+    seen = []
+    old = signal.signal(signum, lambda s, f: seen.append((s, path.exists())))
+    try:
+        save_checkpoint(path, {"format": 1, "step": 3, "w": torch.ones(3),
+                               "poke": _SignalWhilePickled(signum)})
+    finally:
+        signal.signal(signum, old)
+    assert seen == [(signum, True)], "the handler ran once, after the file was in place"
+    assert torch.load(path, weights_only=True)["step"] == 3      # whole
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]     # no temporary file left
+
+
+def test_a_failed_checkpoint_write_says_so_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """A full disk (torch.save's writer raises a RuntimeError): an OSError that names the
+    file, not a traceback from the zip writer; the previous checkpoint and no temp file."""
+    from fastattn.train import pretrain as pt
+    path = tmp_path / "ckpt.pt"
+    pt.save_checkpoint(path, {"format": 1, "step": 1})
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(pt.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write the checkpoint .*ckpt.pt .*a full disk"
+                                      r".*the previous checkpoint is unchanged"):
+        pt.save_checkpoint(path, {"format": 1, "step": 2})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_an_interrupt_outside_the_steps_is_a_message_and_its_exit_status(monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM) while loading or building the corpus: one line and 130 (143), not
+    a KeyboardInterrupt traceback."""
+    import signal
+    from fastattn.train import __main__ as cli
+
+    def interrupted(args):
+        signal.raise_signal(signal.SIGTERM)
+    monkeypatch.setattr(cli, "pretrain", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["pretrain", "--out", "unused"]) == 143
+    assert "SIGTERM: stopped" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before        # put back
+
+    def ctrl_c(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "pretrain", ctrl_c)
+    assert cli.main(["pretrain", "--out", "unused"]) == 130
+    assert "SIGINT: stopped" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(tmp_path, cache):
+    """An empty log.jsonl is what a failed start leaves; the corrected command runs there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.jsonl").write_text("")
+    _pretrain(out, cache, "--max-steps", "1", "--eval-iters", "0")
+    (out / "log.jsonl").write_text("")      # not empty: still a run of its own
+    with pytest.raises(ValueError, match="already holds a run"):
+        _pretrain(out, cache, "--max-steps", "1", "--eval-iters", "0")
+
+
+def test_checks_that_can_fail_run_before_overwrite_removes_anything(tmp_path, cache):
+    """--overwrite replaces a run only after the new one's checks: a train split too short
+    for --seq-len, or a sample longer than the model's context, leaves the old run whole."""
+    out = tmp_path / "run"
+    _pretrain(out, cache, "--max-steps", "1", "--eval-iters", "0")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="--sample-tokens 100000"):
+        _pretrain(out, cache, "--max-steps", "1", "--overwrite", "--sample-tokens", "100000")
+    with pytest.raises(ValueError, match="does not fit in the train split"):
+        _pretrain(out, cache, "--max-steps", "1", "--overwrite", "--eval-iters", "0",
+                  "--seq-len", "100000000", "--set", "max_seq_len=100000001")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_option_errors_name_the_option(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for extra, message in [(["--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
+                           (["--min-lr", "1", "--lr", "0.1"], "--min-lr 1.0 is above --lr 0.1"),
+                           (["--out", str(a_file)], "is a file; --out names a folder")]:
+        argv = ["pretrain", "--out", str(tmp_path / "run"), "--no-progress", *extra]
+        assert main(argv) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert a_file.read_text() == "x"
+
+
+def test_out_of_memory_is_a_message(monkeypatch, capsys):
+    from fastattn.train import __main__ as cli
+
+    def oom(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 40000000000000 bytes.")
+    monkeypatch.setattr(cli, "pretrain", oom)
+    assert cli.main(["pretrain", "--out", "unused"]) == 2
+    assert "error: out of memory" in capsys.readouterr().err
+
+    def bug(args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(cli, "pretrain", bug)
+    with pytest.raises(RuntimeError, match="a bug"):     # anything else keeps its traceback
+        cli.main(["pretrain", "--out", "unused"])
