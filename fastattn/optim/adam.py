@@ -57,13 +57,13 @@ def _check_hyperparameters(name: str, lr, betas, eps, weight_decay, where: str =
     The values of ``lr`` and ``betas`` given as tensors are read only if ``read_tensors`` (at
     construction: at each step a read would sync with the device, and under torch.compile it
     would be data-dependent control flow)."""
-    def number(what, value, finite=True):
+    def number(what, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
                 hasattr(value, "__float__") and not isinstance(value, (str, bytes, complex))):
             raise TypeError(f"{name}: {what}{where} must be a real number, got "
                             f"{type(value).__name__} {value!r}")
         value = float(value)
-        if not (0.0 <= value < math.inf if finite else 0.0 <= value):
+        if not 0.0 <= value < math.inf:
             raise ValueError(f"{name}: invalid {what} {value}{where} (expected a finite number "
                              f">= 0)")
         return value
