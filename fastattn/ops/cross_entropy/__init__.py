@@ -920,7 +920,8 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
     _check_same_device(fn, input=x, weight=weight, target=target, bias=bias)
     if weight.shape[0] == 0:
         raise ValueError(f"{fn}: weight has 0 rows (vocab size 0)")
-    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])   # (math.prod: a symbolic size stays one)
+    # (math.prod, not numel(): a symbolic token count stays symbolic under torch.export)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     n_tokens = x2.shape[0]
     chunk_size_arg = chunk_size
     if chunk_size is None:

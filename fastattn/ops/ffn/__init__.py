@@ -272,7 +272,8 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Te
     _check("mlp", x, activation, {"w1": (w1, "x"), "w2": (w2, "w1")},
            {"b1": (b1, w1), "b2": (b2, w2)})
     lead = x.shape[:-1]
-    out, _ = _eager.call(mlp_fwd, x.reshape(math.prod(lead), x.shape[-1]), w1, b1, w2, b2, activation)
+    out, _ = _eager.call(mlp_fwd, x.reshape(math.prod(lead), x.shape[-1]), w1, b1, w2, b2,
+                         activation)
     return out.view(*lead, w2.shape[0])
 
 
