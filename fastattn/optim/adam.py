@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import _eager
 from ..ops import adam as _adam_op
+from ..ops._args import real_number
 
 _MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -58,11 +59,7 @@ def _check_hyperparameters(name: str, lr, betas, eps, weight_decay, where: str =
     construction: at each step a read would sync with the device, and under torch.compile it
     would be data-dependent control flow)."""
     def number(what, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-                hasattr(value, "__float__") and not isinstance(value, (str, bytes, complex))):
-            raise TypeError(f"{name}: {what}{where} must be a real number, got "
-                            f"{type(value).__name__} {value!r}")
-        value = float(value)
+        value = real_number(name, what + where, value)
         if not 0.0 <= value < math.inf:
             raise ValueError(f"{name}: invalid {what} {value}{where} (expected a finite number "
                              f">= 0)")
@@ -82,10 +79,8 @@ def _check_hyperparameters(name: str, lr, betas, eps, weight_decay, where: str =
     if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__") or len(betas) != 2:
         raise ValueError(f"{name}: betas{where} must be a pair (beta1, beta2), got {betas!r}")
     for i, beta in enumerate(betas):
-        if isinstance(beta, Tensor) and beta.numel() == 1:
-            if not read_tensors or beta.device.type == "meta":
-                continue
-            beta = float(beta)
+        if isinstance(beta, Tensor) and (not read_tensors or beta.device.type == "meta"):
+            continue
         if not 0.0 <= number(f"beta parameter at index {i}", beta) < 1.0:
             raise ValueError(f"{name}: invalid beta parameter at index {i}: {beta}{where} "
                              "(expected 0 <= beta < 1)")

@@ -41,7 +41,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -438,40 +438,16 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait until the block ends (main thread only), then reach the handler
-    they would have reached: a checkpoint being written is finished first. (A kill at the wrong
-    moment there lost a new run's only checkpoint: the closing write runs after the training
-    loop's own handler is gone.) Signals ignored by whoever started us stay ignored."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list = []
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handler = signal.getsignal(sig)
-        if handler in (signal.SIG_IGN, None):   # ignored, or installed outside Python
-            continue
-        old[sig] = handler
-        signal.signal(sig, lambda signum, frame: held.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-    for signum in dict.fromkeys(held):      # (once each, in arrival order)
-        signal.raise_signal(signum)
-
-
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader sees
-    the old checkpoint or the new one, never a partial file. SIGINT/SIGTERM arriving meanwhile
-    take effect once it is written; a failed write (a full disk) is an OSError that says the
-    previous checkpoint is unchanged."""
+    the old checkpoint or the new one, never a partial file. A SIGINT/SIGTERM arriving meanwhile
+    takes effect once it is written, as at the training loop's step ends (a second one at once):
+    the closing checkpoint is written after the loop's handler is gone, and a kill there lost a
+    new run's only checkpoint. A failed write (a full disk) is an OSError that says the previous
+    checkpoint is unchanged."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _signals_held():
+    with _StopOnSignals(enabled=True) as held:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -489,12 +465,14 @@ def save_checkpoint(path: Path, payload: dict) -> None:
                               f"{'' if isinstance(e, OSError) else '; a full disk?'}); "
                               f"{kept}") from e
             raise
-    with contextlib.suppress(OSError):      # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        with contextlib.suppress(OSError):      # make the rename itself durable
+            dfd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+    if held.signum is not None:      # now to its own handler (restored on leaving the block)
+        signal.raise_signal(held.signum)
 
 
 RUN_FILES = (CKPT_NAME, "summary.json", "log.jsonl", "loss.png")   # a run's files

@@ -20,7 +20,6 @@ import contextlib
 import contextvars
 import math
 import numbers
-import operator
 import os
 from typing import Iterator, Optional, Tuple, Union
 
@@ -923,18 +922,14 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
     # (math.prod, not numel(): a symbolic token count stays symbolic under torch.export)
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     n_tokens = x2.shape[0]
-    chunk_size_arg = chunk_size
     if chunk_size is None:
         default = default_vocab_chunk_size if by_vocab else default_chunk_size
         chunk_size = default(n_tokens, weight.shape[1], weight.shape[0], weight.device.type)
+    elif (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+          or chunk_size < 1):     # (numpy integers too, as for ignore_index)
+        raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
     else:
-        try:
-            chunk_size = None if isinstance(chunk_size, bool) else operator.index(chunk_size)
-        except TypeError:
-            chunk_size = None
-        if chunk_size is None or chunk_size < 1:
-            raise ValueError(f"{fn}: chunk_size must be a positive int or None, got "
-                             f"{chunk_size_arg!r}")
+        chunk_size = int(chunk_size)
     extent = weight.shape[0] if by_vocab else n_tokens
     return x2, target.reshape(-1).contiguous(), max(1, min(chunk_size, max(extent, 1)))
 

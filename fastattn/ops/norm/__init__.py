@@ -77,10 +77,7 @@ def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
 def _cpu_fwd(mod, x, residual, weight, bias, eps, rms, out_dtype):
     s_dtype = _sum_dtype(x, residual)
     if not _exact_in(out_dtype, s_dtype):  # y rounded in s_dtype first would round twice
-        # (rows made contiguous first: elementwise ops would give a transposed x's strides to
-        # y and s, and the op promises, as its fake says, contiguous outputs)
-        return reference.norm_fwd(x.contiguous(), None if residual is None else
-                                  residual.contiguous(), weight, bias, eps, rms, out_dtype)
+        return reference.norm_fwd(x, residual, weight, bias, eps, rms, out_dtype)
     acc = reference.acc_dtype(s_dtype)
     y, s, mean, rstd = mod.norm_fwd(_as(x, s_dtype), _as(residual, s_dtype), _as(weight, acc),
                                     _as(bias, acc), eps, rms)
@@ -89,9 +86,8 @@ def _cpu_fwd(mod, x, residual, weight, bias, eps, rms, out_dtype):
 
 def _cpu_bwd(mod, dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db, dx_dtype):
     if not _exact_in(dy.dtype, s.dtype):   # dy would be rounded on the way in
-        return reference.norm_bwd(dy.contiguous(), None if dsum is None else dsum.contiguous(),
-                                  s.contiguous(), weight, mean, rstd, rms, want_dw, want_db,
-                                  dx_dtype)      # (contiguous: as in _cpu_fwd)
+        return reference.norm_bwd(dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db,
+                                  dx_dtype)
     ds, dw, db = mod.norm_bwd(_as(dy, s.dtype), _as(dsum, s.dtype), _as(s, s.dtype),
                               _as(weight, reference.acc_dtype(s.dtype)), mean, rstd, rms, want_dw,
                               want_db)
@@ -110,11 +106,13 @@ def norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
         raise ValueError("norm_fwd: RMSNorm takes no bias (rms=True with a bias tensor)")
     s_dtype = _sum_dtype(x, residual)
     name, impl = _impl("norm", s_dtype, x.device, x.shape[1])
+    # Unit-stride rows for every backend (weight and bias too: the kernels index them so), the
+    # reference fallbacks included: their elementwise ops would give a transposed x's strides
+    # to y and s, where the op (and its fake) promises contiguous outputs.
+    x, residual, weight, bias = (_unit_cols(t) for t in (x, residual, weight, bias))
     if name == "cpu":
         return _cpu_fwd(impl, x, residual, weight, bias, eps, rms, out_dtype)
-    # (weight and bias too: the kernels index them with unit stride)
-    return impl.norm_fwd(_unit_cols(x), _unit_cols(residual), _unit_cols(weight),
-                         _unit_cols(bias), eps, rms, out_dtype)
+    return impl.norm_fwd(x, residual, weight, bias, eps, rms, out_dtype)
 
 
 @norm_fwd.register_fake
@@ -137,10 +135,10 @@ def norm_bwd(dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optional[Ten
     added to an fp32 residual stream), empty without dx_dtype; dw, db over all rows in the
     accumulation dtype, empty when not wanted."""
     name, impl = _impl("norm", s.dtype, s.device, s.shape[1])
+    dy, dsum, s, weight = (_unit_cols(t) for t in (dy, dsum, s, weight))   # (as in norm_fwd)
     if name == "cpu":
         return _cpu_bwd(impl, dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db, dx_dtype)
-    return impl.norm_bwd(_unit_cols(dy), _unit_cols(dsum), _unit_cols(s), _unit_cols(weight),
-                         mean, rstd, rms, want_dw, want_db, dx_dtype)
+    return impl.norm_bwd(dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db, dx_dtype)
 
 
 @norm_bwd.register_fake
