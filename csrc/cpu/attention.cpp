@@ -758,6 +758,14 @@ void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, co
   });
 }
 
+// A (B, H, S, D) tensor stored as (B, S, H, D), the layout of the outputs and gradients of
+// dense attention (see fastattn/ops/attention/__init__.py): a model's
+// out.transpose(1, 2).reshape(B, S, H * D) is then a view, and so are the reshapes that take
+// dq, dk, dv back to a fused QKV projection's output.
+at::Tensor empty_bshd(int64_t B, int64_t H, int64_t S, int64_t D, const at::TensorOptions& opts) {
+  return at::empty({B, S, H, D}, opts).transpose(1, 2);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k,
@@ -768,7 +776,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  double dropout_p, int64_t seed) {
   const Problem pr =
       describe(q, k, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed);
-  at::Tensor out = at::empty({pr.B, pr.H, pr.Sq, pr.D}, q.options());
+  at::Tensor out = empty_bshd(pr.B, pr.H, pr.Sq, pr.D, q.options());
   at::Tensor lse = at::empty({pr.B, pr.H, pr.Sq}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
@@ -788,13 +796,14 @@ namespace cpu {
 
 namespace {
 
-// The backward of either layout: dK, dV have the per-query-head shape `shape` (heads at dim 1,
-// as q), written straight into the outputs, or with GQA into fp32 partials that are summed over
-// each group of kv heads afterwards.
+// The backward of either layout: dK, dV are written straight into the outputs, made by
+// alloc(heads, options) (heads at dim 1, as q), or with GQA into fp32 partials with a head per
+// query head, summed over each group of kv heads into the outputs afterwards.
+template <typename Alloc>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
     const Problem& pr, const char* name, const at::Tensor& dout, const at::Tensor& q,
     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-    at::Tensor dq, std::vector<int64_t> shape) {
+    at::Tensor dq, const Alloc& alloc) {
   const bool grouped = pr.H != pr.Hkv;
   // Few (batch, head) pairs for the threads, and more than one block to split: see backward().
   // The split does 7 block products per tile where the per-head path does 5, so it only pays
@@ -802,8 +811,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
   const bool split =
       7 * pr.B * pr.H < 5 * at::get_num_threads() && (pr.Sk > kBlockN || pr.Sq > kBlockM);
   const auto fp32 = q.options().dtype(at::kFloat);
-  at::Tensor dk = at::empty(shape, grouped ? fp32 : k.options());
-  at::Tensor dv = at::empty(shape, grouped ? fp32 : v.options());
+  at::Tensor dk = alloc(pr.H, grouped ? fp32 : k.options());
+  at::Tensor dv = alloc(pr.H, grouped ? fp32 : v.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd", [&] {
     if constexpr (std::is_same_v<scalar_t, double>) {
       FA_CHECK(false, name, ": float64 runs on the reference backend");
@@ -812,10 +821,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
     }
   });
   if (grouped) {
+    std::vector<int64_t> shape(dk.sizes().begin(), dk.sizes().end());
     shape[1] = pr.Hkv;
     shape.insert(shape.begin() + 2, pr.H / pr.Hkv);
-    dk = dk.view(shape).sum(2).to(k.scalar_type());
-    dv = dv.view(shape).sum(2).to(v.scalar_type());
+    dk = alloc(pr.Hkv, k.options()).copy_(dk.view(shape).sum(2));
+    dv = alloc(pr.Hkv, v.options()).copy_(dv.view(shape).sum(2));
   }
   return {dq, dk, dv};
 }
@@ -830,8 +840,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   const Problem pr =
       describe(q, k, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed);
   return run_backward(pr, "attention_bwd", dout, q, k, v, out, lse,
-                      at::empty({pr.B, pr.H, pr.Sq, pr.D}, q.options()),
-                      {pr.B, pr.H, pr.Sk, pr.D});
+                      empty_bshd(pr.B, pr.H, pr.Sq, pr.D, q.options()),
+                      [&](int64_t heads, const at::TensorOptions& opts) {
+                        return empty_bshd(pr.B, heads, pr.Sk, pr.D, opts);
+                      });
 }
 
 // ---- packed sequences (varlen) ---------------------------------------------------------------
@@ -897,7 +909,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
   const Problem pr = describe_varlen(q, k, cu_seqlens_q, cu_seqlens_k, scale, causal);
   return run_backward(pr, "varlen_attention_bwd", dout, q, k, v, out, lse,
                       at::empty({q.size(0), pr.H, pr.D}, q.options()),
-                      {k.size(0), pr.H, pr.D});
+                      [&](int64_t heads, const at::TensorOptions& opts) {
+                        return at::empty({k.size(0), heads, pr.D}, opts);
+                      });
 }
 
 }  // namespace cpu

@@ -99,6 +99,12 @@ def _fa_params():
     return out
 
 
+def _assert_stored_bshd(name, t):
+    """t (B, H, S, D) lies in memory as (B, S, H, D), as PyTorch's flash attention returns it."""
+    b, h, s, d = t.shape
+    assert t.stride() == (s * h * d, d, h * d, 1), f"{name}: strides {t.stride()} for {tuple(t.shape)}"
+
+
 @pytest.mark.parametrize("device,backend,dtype,case", _fa_params())
 def test_flash_attention_matches_reference(device, backend, dtype, case):
     b, h, hkv, sq, sk, d, causal, window, softcap = case
@@ -111,6 +117,7 @@ def test_flash_attention_matches_reference(device, backend, dtype, case):
     with fastattn.use_backend(backend):
         ours = _grads(lambda q, k, v: fastattn.flash_attention(
             q, k, v, causal=causal, window=window, softcap=softcap), q, k, v, dout)
+    _assert_stored_bshd("out", ours[0])  # (the grads: see test_a_fused_qkv_projection_...)
     exact = _reference(*(x.double() for x in (q, k, v, dout)), **kw)
     if dtype == torch.float32:
         for name, o, e in zip(("out", "dq", "dk", "dv"), ours, exact):
@@ -192,6 +199,39 @@ def test_cpu_varlen_backward_split_by_blocks():
         torch.set_num_threads(saved)
     for name, a, c in zip(("out", "dq", "dk", "dv"), per_head, split):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("device,backend", DENSE_BACKENDS)
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+def test_a_fused_qkv_projection_round_trips_without_copies(device, backend, hkv):
+    # A GPT block: q, k, v are views of one projection, the output goes back to (B, S, H*D).
+    # Out, dq, dk, dv stored (B, S, H, D) make both reshapes views (no activation-sized
+    # copies), and the gradients still agree with the same code through the reference.
+    B, S, H, D = 2, 9, 4, 16
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, S, (H + 2 * hkv) * D, generator=g).to(device)
+    dy = torch.randn(B, S, H * D, generator=g).to(device)
+
+    def block(x, backend):
+        x = x.detach().requires_grad_()
+        q, k, v = x.split((H * D, hkv * D, hkv * D), dim=-1)
+        q, k, v = (t.view(B, S, -1, D).transpose(1, 2) for t in (q, k, v))
+        seen = {}
+        for name, t in (("dq", q), ("dk", k), ("dv", v)):
+            t.register_hook(lambda grad, name=name: seen.__setitem__(name, grad))
+        with fastattn.use_backend(backend):
+            out = fastattn.flash_attention(q, k, v, causal=True)
+        y = out.transpose(1, 2).reshape(B, S, H * D)
+        y.backward(dy)
+        return out, y, seen, x.grad
+
+    out, y, seen, dx = block(x, backend)
+    assert y.data_ptr() == out.data_ptr() and y.is_contiguous(), "the output reshape copied"
+    for name, grad in seen.items():
+        _assert_stored_bshd(name, grad)
+        assert grad.transpose(1, 2).is_contiguous(), name   # ViewBackward's reshape is a view
+    _, _, _, dx_ref = block(x, "reference")
+    torch.testing.assert_close(dx, dx_ref, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("device,backend", FAST_BACKENDS)

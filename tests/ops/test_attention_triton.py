@@ -126,7 +126,9 @@ def _run(q, k, v, dout, bias=None, scale=None, diag=0, wl=-1, wr=-1, softcap=0.0
 
 def _compare(got, ref, dtype):
     out, lse, dq, dk, dv = got
-    assert out.is_contiguous() and dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):  # stored (B, S, H, D)
+        b, h, s, d = t.shape
+        assert t.stride() == (s * h * d, d, h * d, 1), (name, t.stride())
     assert lse.dtype == torch.float32 and out.dtype == dtype and dq.dtype == dtype
     _check("out", out, ref[0], dtype)
     _check_lse(lse, ref[1])

@@ -103,6 +103,25 @@ def _last_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
+# Dense attention returns out, dq, dk and dv as (B, H, S, D) tensors stored as (B, S, H, D), as
+# PyTorch's flash and cuDNN attention do: a model's ``out.transpose(1, 2).reshape(B, S, H * D)``
+# is then a view, and so are the reshapes that autograd applies to dq, dk, dv on their way back
+# to a fused QKV projection (contiguous (B, H, S, D) gradients cost a copy each there: four
+# activation-sized copies per layer and step). The Triton and C++ kernels write this layout;
+# the op's body holds every backend (and the fakes) to it.
+
+def _new_bshd(like: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
+    b, h, s, d = shape
+    return like.new_empty((b, s, h, d), dtype=dtype).transpose(1, 2)
+
+
+def _as_bshd(t: Tensor) -> Tensor:
+    b, h, s, d = t.shape
+    if t.stride() == (s * h * d, d, h * d, 1):
+        return t
+    return _new_bshd(t, t.shape).copy_(t)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dense attention: fastattn::attention_fwd / attention_bwd
 # ---------------------------------------------------------------------------------------------
@@ -116,14 +135,15 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale
     _, impl = _impl("attention", q, _DENSE_DTYPES, _DENSE_CUDA_ORDER)
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch: zeros / -inf by definition
         impl = reference
-    return impl.attention_fwd(q, k, v, bias, scale, diag, window_left, window_right, softcap,
-                              dropout_p, seed)
+    out, lse = impl.attention_fwd(q, k, v, bias, scale, diag, window_left, window_right, softcap,
+                                  dropout_p, seed)
+    return _as_bshd(out), lse
 
 
 @attention_fwd.register_fake
 def _(q, k, v, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed,
       deterministic):
-    return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype)))
+    return (_new_bshd(q, q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype)))
 
 
 @_eager.custom_op("fastattn::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -137,14 +157,15 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     if q.numel() == 0 or k.numel() == 0:
         impl = reference
     with _deterministic(deterministic):
-        return impl.attention_bwd(_last_contiguous(dout), q, k, v, out, lse, bias, scale, diag,
-                                  window_left, window_right, softcap, dropout_p, seed)
+        grads = impl.attention_bwd(_last_contiguous(dout), q, k, v, out, lse, bias, scale, diag,
+                                   window_left, window_right, softcap, dropout_p, seed)
+    return tuple(_as_bshd(g) for g in grads)
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, bias, scale, diag, window_left, window_right, softcap, dropout_p,
       seed, deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return _new_bshd(q, q.shape), _new_bshd(k, k.shape), _new_bshd(v, v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -279,9 +300,10 @@ def decode_attention_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqle
     if name == "triton":
         from . import triton_decode
         return triton_decode.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
-    if name == "cpu":
-        return reference.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits,
-                                    dense_fwd=impl.attention_fwd)
+    if name == "cpu":   # (the dense kernel's out is stored (B, S, H, D); decode's is contiguous)
+        out, lse = reference.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits,
+                                        dense_fwd=impl.attention_fwd)
+        return out.contiguous(), lse
     return reference.decode_fwd(q, k_cache, v_cache, cache_seqlens, scale, num_splits)
 
 

@@ -1222,7 +1222,8 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
     # strided like dq, and the dQ launch is skipped. Otherwise dq itself stands in (never read
     # there; the autotuner's reset may zero it before the dQ kernel writes it whole).
     atomic = _atomic_dq()
-    dq_acc = torch.zeros(dq.shape, dtype=torch.float32, device=dq.device) if atomic else dq
+    dq_acc = (torch.empty_strided(dq.shape, dq.stride(), dtype=torch.float32, device=dq.device).zero_()
+              if atomic else dq)
     q_rows, kv_rows = (q.shape[0], k.shape[0]) if varlen else (sq, sk)
     q_descs = _tma_descriptors(((q, qs, n_heads, q_rows), (dout, dos, n_heads, q_rows)), batch, "BLOCK_M")
     common = (
@@ -1256,6 +1257,13 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
         ), kv_descs, (k, v))  # fmt: skip
 
 
+def _empty_bshd(like: Tensor, shape) -> Tensor:
+    """A (B, H, S, D) tensor of like's dtype and device stored as (B, S, H, D): the layout of
+    dense attention's outputs and gradients (see ops/attention/__init__.py)."""
+    b, h, s, d = shape
+    return torch.empty(b, s, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
 def _bhs(x: Tensor) -> Tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -1278,11 +1286,12 @@ def attention_fwd(
     dropout_p: float,
     seed: int,
 ) -> Tuple[Tensor, Tensor]:
-    """``(out, lse)``: out (B, H, Sq, D) in q's dtype, lse (B, H, Sq) float32."""
+    """``(out, lse)``: out (B, H, Sq, D) in q's dtype, stored as (B, Sq, H, D); lse (B, H, Sq)
+    float32."""
     batch, n_heads, sq, d = q.shape
     n_kv, sk = k.shape[1], k.shape[2]
     assert n_heads % n_kv == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    out = torch.empty(batch, n_heads, sq, d, dtype=q.dtype, device=q.device)
+    out = _empty_bshd(q, q.shape)
     lse = torch.empty(batch, n_heads, sq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
@@ -1311,13 +1320,12 @@ def attention_bwd(
     dropout_p: float,
     seed: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)``, contiguous, in the input dtype; deterministic (unless DQ_MODE is "atomic")."""
+    """``(dq, dk, dv)`` in the input dtype, stored as (B, S, H, D) like out; deterministic
+    (unless FASTATTN_TRITON_DQ is "atomic")."""
     batch, n_heads, sq, d = q.shape
     n_kv, sk = k.shape[1], k.shape[2]
     assert out.stride(-1) == 1 and dout.stride(-1) == 1
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = _empty_bshd(q, q.shape), _empty_bshd(k, k.shape), _empty_bshd(v, v.shape)
     if batch * n_heads * d == 0 or sq == 0 or sk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
