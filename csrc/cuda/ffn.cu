@@ -18,13 +18,18 @@
 // Access: every thread handles 16-byte vectors (4 fp32 or 8 fp16/bf16) in a grid-stride loop,
 // loads and stores with the evict-first hint (nothing is re-read); the < kN leftover elements and
 // tensors whose pointers are not all 16-byte aligned go through the scalar loop. Indices are
-// int64 (T * F can pass 2^31). Launch: 256 threads, at most 8 blocks per SM of work
-// (grid-stride beyond), on the current stream.
+// int64 (T * F can pass 2^31). Launch: 256 threads in one full wave, as many blocks as the
+// device holds at once at the kernel's occupancy (grid-stride beyond), on the current stream.
+// A fixed count of blocks per SM above what fits (these kernels use 21-48 registers, so 5 to 8
+// blocks of 256 fit per SM of 64K registers) would leave the excess as a second wave on a few
+// SMs: with the grid-stride loop's even split of the work, 8 blocks on an SM that holds 6 take
+// two rounds of one block's time, where one full wave takes 1.33.
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -145,7 +150,6 @@ struct Ptrs {
 };
 
 constexpr int kThreads = 256;
-constexpr int kBlocksPerSm = 8;
 
 // Vectors [0, nvec) of kN elements, then the scalar elements [nvec * kN, n).
 template <typename T, Kind K, Act A>
@@ -183,11 +187,25 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-int sm_count() {
-  int device = 0, sms = 0;
+// Blocks of kThreads that `kernel` keeps resident on the current device at once (SMs times
+// blocks per SM), queried once per device and kernel.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cached[kMaxDevices] = {};
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
+  const bool cacheable = device >= 0 && device < kMaxDevices;
+  if (cacheable) {
+    const int64_t known = cached[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t blocks = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
+  if (cacheable) cached[device].store(blocks, std::memory_order_relaxed);
+  return blocks;
 }
 
 template <typename T, Kind K, Act A>
@@ -210,10 +228,10 @@ void launch(const at::Tensor* const (&in)[Arity<K>::kIn],
   }
   const int64_t nvec = aligned ? n / kN : 0;
   const int64_t items = nvec + (n - nvec * kN);
-  const int64_t max_blocks = static_cast<int64_t>(sm_count()) * kBlocksPerSm;
-  const int blocks = static_cast<int>(std::min<int64_t>(max_blocks, (items + kThreads - 1) / kThreads));
-  ffn_elementwise_kernel<T, K, A>
-      <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(pin, pout, n, nvec);
+  const auto kernel = ffn_elementwise_kernel<T, K, A>;
+  const int blocks = static_cast<int>(
+      std::min<int64_t>(resident_blocks(kernel), (items + kThreads - 1) / kThreads));
+  kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(pin, pout, n, nvec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

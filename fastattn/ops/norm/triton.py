@@ -114,12 +114,25 @@ def _warps(block: int) -> int:
     return 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
-def _programs(n: int, device: torch.device) -> int:
-    """Backward programs: 8 per SM (a few rows in flight per SM while the others compute their
-    row sums), at most one per row; few in the interpreter, which runs them one by one."""
+# Backward programs per SM by row block: as many as stay resident together, and no more. The
+# rows are split evenly, so a program beyond what an SM holds runs in a second wave that costs
+# a whole program's time (8 programs on an SM that holds 7 take twice as long as 7). What fits,
+# from `ptxas -v` on the kernel lowered for sm_90a (triton 3.8; tests/tools/triton_aot), 64K
+# registers per SM: block 256: 31-39 registers (12-16 programs of 4 warps fit), 512: 40-48
+# (10-12), 1024: 64-72 (7-8), 2048 (8 warps): 64-103 (2-4), 4096: 102-161 (1-2), 8192
+# (16 warps): 102-127 (1), over layer/RMS norm, bf16/fp32 gradients and every gradient
+# output. The counts keep a margin below that for other Triton releases' allocations.
+_BWD_PROGRAMS_PER_SM = {256: 8, 512: 8, 1024: 6, 2048: 2}
+
+
+def _programs(n: int, device: torch.device, block: int) -> int:
+    """Backward programs: a few per SM (rows in flight while the others compute their row
+    sums; _BWD_PROGRAMS_PER_SM), at most one per row; few in the interpreter, which runs them
+    one by one."""
     if INTERPRET or device.type != "cuda":
         return max(1, min(n, 3))
-    return max(1, min(n, 8 * sm_count(device)))
+    per_sm = _BWD_PROGRAMS_PER_SM.get(block, 8 if block < 256 else 1)
+    return max(1, min(n, per_sm * sm_count(device)))
 
 
 def norm_fwd(x, residual, weight, bias, eps, rms, out_dtype):
@@ -153,14 +166,14 @@ def norm_bwd(dy, dsum, s, weight, mean, rstd, rms, want_dw, want_db, dx_dtype=No
     ds = torch.empty((n, d), dtype=s.dtype, device=s.device)
     dx = torch.empty((n, d), dtype=dx_dtype, device=s.device) if dx_dtype is not None \
         else s.new_empty(0)
-    rows = _cdiv(n, _programs(n, s.device))
+    block = _block(d)
+    rows = _cdiv(n, _programs(n, s.device, block))
     programs = _cdiv(n, rows) if n else 0   # every program gets at least one row
     part = (programs, d) if n else (1, d)
     new = torch.empty if n else torch.zeros  # no rows: zero gradients
     dw_part = new(part, dtype=torch.float32, device=s.device) if want_dw else None
     db_part = new(part, dtype=torch.float32, device=s.device) if want_db else None
     if n:
-        block = _block(d)
         with on_device(s):
             _norm_bwd_kernel[(programs,)](
                 dy, dsum if dsum is not None else dy, s, weight if weight is not None else s,
