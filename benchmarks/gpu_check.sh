@@ -187,7 +187,9 @@ fi
 stamp "gpu tests (FASTATTN_AUTOTUNE=0: one pruned config per shape)"
 # Files in priority order (the kernels changed since the last GPU run first: after 2026-11-30
 # the Triton norms (new), the linear cross-entropy's aligned logits rows, and (2026-12-01) the
-# sync-free trusted targets and training step), one line per test in the log, and each
+# sync-free trusted targets and training step; later on 2026-12-01 attention's (B, S, H, D)
+# outputs and gradients, the norm backward's programs per SM and the CUDA FFN kernels' one-wave
+# grids), one line per test in the log, and each
 # failure's traceback in gpu_test_failures.txt as it happens, so that a run cut off by the time
 # limit still tells what passed, what failed and why.
 gpu_files="tests/ops/test_norm.py tests/ops/test_linear_cross_entropy.py

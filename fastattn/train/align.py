@@ -940,6 +940,13 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         raise CheckpointError(f"{ckpt_path}: vocabulary {cfg.vocab_size} but the rebuilt "
                               f"tokenizer has {corpus.vocab_size}")
     task = _task(args, ckpt)
+    cut = [(flag, len(got), asked) for flag, got, asked in (
+        ("--n-eval", task.eval, task.n_eval), ("--n-pairs", task.pairs, task.n_pairs),
+        ("--n-train", task.train, task.n_train)) if len(got) < asked]
+    if cut:
+        print(f"warning: {task.digits}-digit addition has {len(task.pool)} distinct problems, "
+              f"fewer than the sets ask for: " + ", ".join(
+                  f"{flag} {asked} cut to {got}" for flag, got, asked in cut), file=sys.stderr)
     # "Q:" + a + "+" + b + "=" (4 characters and two operands of up to digits + 1 digits, the
     # longer eval problems'), then the answer
     need = 2 * (task.digits + 1) + 4 + task.max_answer_tokens

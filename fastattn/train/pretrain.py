@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import glob
 import json
 import math
 import os
@@ -438,15 +439,33 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+# When this process started (as this module was imported): a checkpoint's temporary file older
+# than that is an orphan of a process killed mid-write, not one a live process is writing.
+_PROCESS_START = time.time()
+
+
+def _remove_orphaned_temporaries(path: Path) -> None:
+    """Delete the temporary files of ``path`` that a process killed while writing it left
+    behind (SIGKILL, power loss: nothing ran to remove them); each is as large as a checkpoint,
+    and a run restarted after every kill would pile them up. Only files last written before
+    this process started are touched."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and tmp.stat().st_mtime < _PROCESS_START:
+                tmp.unlink()
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader sees
     the old checkpoint or the new one, never a partial file. A SIGINT/SIGTERM arriving meanwhile
     takes effect once it is written, as at the training loop's step ends (a second one at once):
     the closing checkpoint is written after the loop's handler is gone, and a kill there lost a
     new run's only checkpoint. A failed write (a full disk) is an OSError that says the previous
-    checkpoint is unchanged."""
+    checkpoint is unchanged. Temporary files of killed earlier writers are removed first
+    (_remove_orphaned_temporaries)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphaned_temporaries(path)
     with _StopOnSignals(enabled=True) as held:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -871,6 +890,11 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     if main:
         out.mkdir(parents=True, exist_ok=True)
     min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    if args.warmup_steps > args.max_steps and main:
+        last = lr_at(args.max_steps - 1, args.lr, min_lr, args.warmup_steps, args.max_steps)
+        print(f"warning: --warmup-steps {args.warmup_steps} > --max-steps {args.max_steps}: the "
+              f"learning rate rises to {last:.3g} at the last step and never reaches --lr "
+              f"{args.lr:g} (no cosine decay)", file=sys.stderr)
 
     corpus = _build_corpus(args, dist_info)
     cfg = _model_config(args, corpus.vocab_size)

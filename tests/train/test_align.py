@@ -488,6 +488,17 @@ def test_sft_run(chain):
     assert sum(r["kind"] == "train" for r in log) == 250
 
 
+def test_sets_cut_by_a_small_problem_space_are_named(chain, capsys):
+    root, common = chain        # 1 digit: 55 distinct sums; 8 eval, 12 pair prompts, 35 train
+    capsys.readouterr()
+    assert main(["sft", "--init", str(root / "pre"), "--out", str(root / "sft_cut"), *common,
+                 "--max-steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "1-digit addition has 55 distinct problems, fewer than the sets ask for: " \
+           "--n-train 200 cut to 35" in err, err
+    assert "--n-eval" not in err and "--n-pairs" not in err
+
+
 def test_dpo_run(chain):
     root, common = chain
     assert main(["dpo", "--init", str(root / "sft"), "--out", str(root / "dpo"), *common,

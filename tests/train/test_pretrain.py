@@ -380,6 +380,39 @@ def test_a_save_that_fails_midway_leaves_the_old_checkpoint_whole(tmp_path, monk
     assert torch.load(path, weights_only=True)["step"] == 1
 
 
+_KILLED_MIDWAY = """
+import os, signal, sys, torch
+from fastattn.train.pretrain import save_checkpoint
+if sys.argv[2] == "kill":
+    def dies(obj, f):
+        f.write(b"PK\\x03\\x04 half a zip")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    torch.save = dies
+save_checkpoint(sys.argv[1], {"step": 1})
+"""
+
+
+def test_a_writer_killed_midway_leaves_a_temporary_file_the_next_save_removes(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    run = [sys.executable, "-c", _KILLED_MIDWAY, str(path)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    assert subprocess.run(run + ["kill"], env=env).returncode == -9
+    orphans = list(tmp_path.glob(".ckpt.pt.*.tmp"))
+    assert len(orphans) == 1 and not path.exists()
+    # another checkpoint's temporary file and one being written now are not this save's to take
+    other = tmp_path / ".other.pt.x.tmp"
+    other.write_bytes(b"x")
+    os.utime(other, (1, 1))
+    assert subprocess.run(run + ["save"], env=env).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.x.tmp", "ckpt.pt"]
+    from fastattn.train import pretrain
+    live = tmp_path / ".ckpt.pt.live.tmp"
+    live.write_bytes(b"being written")       # newer than this process: a live writer's
+    pretrain.save_checkpoint(path, {"step": 2})
+    assert live.exists() and torch.load(path, weights_only=True)["step"] == 2
+
+
 def test_a_damaged_rng_state_is_a_clear_error(tmp_path, cache):
     out = tmp_path / "run"
     _pretrain(out, cache, "--max-steps", "2", "--eval-iters", "0")
@@ -456,6 +489,15 @@ def test_out_of_range_options_are_refused(tmp_path, cache, flag, value):
     with pytest.raises(ValueError, match=f"^{flag} must be"):
         _pretrain(tmp_path, cache, "--max-steps", "1", flag, value)
     assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_a_warmup_longer_than_the_run_is_named(tmp_path, cache, capsys):
+    _pretrain(tmp_path / "a", cache, "--max-steps", "2", "--warmup-steps", "8", "--eval-iters", "0")
+    err = capsys.readouterr().err
+    # lr_at(1): 3e-3 * 2 / 8 at the last step
+    assert "--warmup-steps 8 > --max-steps 2: the learning rate rises to 0.00075" in err, err
+    _pretrain(tmp_path / "b", cache, "--max-steps", "2", "--warmup-steps", "2", "--eval-iters", "0")
+    assert "--warmup-steps" not in capsys.readouterr().err   # reaches --lr at the last step
 
 
 def test_a_validation_split_shorter_than_a_sequence_is_found_before_training(tmp_path, cache):
