@@ -194,8 +194,8 @@ stamp "gpu tests (FASTATTN_AUTOTUNE=0: one pruned config per shape)"
 # limit still tells what passed, what failed and why.
 gpu_files="tests/ops/test_norm.py tests/ops/test_linear_cross_entropy.py
   tests/ops/test_cross_entropy_errors.py tests/train/test_pretrain.py tests/ops/test_ffn_triton.py
-  tests/ops/test_ffn_kernels.py tests/ops/test_attention_triton.py tests/ops/test_triton_recompiles.py
-  tests/optim tests/ops/test_attention.py tests/ops/test_attention_decode.py tests/models/test_gpt.py
+  tests/ops/test_ffn_kernels.py tests/ops/test_attention_triton.py tests/ops/test_attention.py
+  tests/ops/test_triton_recompiles.py tests/optim tests/ops/test_attention_decode.py tests/models/test_gpt.py
   tests/ops/test_ffn.py tests/nn tests/ops/test_cross_entropy.py tests/ops/test_token_logprobs.py tests"
 # Several workers when pytest-xdist is there (Triton's compiles are CPU-bound); a per-test
 # limit when pytest-timeout is there, so that one hung kernel cannot eat the whole run.

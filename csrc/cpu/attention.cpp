@@ -762,8 +762,10 @@ void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, co
 // dense attention (see fastattn/ops/attention/__init__.py): a model's
 // out.transpose(1, 2).reshape(B, S, H * D) is then a view, and so are the reshapes that take
 // dq, dk, dv back to a fused QKV projection's output.
+// (empty_strided, not a transposed view: an autograd output that is a view refuses in-place
+// changes to it or its reshape.)
 at::Tensor empty_bshd(int64_t B, int64_t H, int64_t S, int64_t D, const at::TensorOptions& opts) {
-  return at::empty({B, S, H, D}, opts).transpose(1, 2);
+  return at::empty_strided({B, H, S, D}, {S * H * D, D, H * D, 1}, opts);
 }
 
 }  // namespace

@@ -187,10 +187,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Blocks of kThreads that `kernel` keeps resident on the current device at once (SMs times
-// blocks per SM), queried once per device and kernel.
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel) {
+// Blocks of kThreads that ffn_elementwise_kernel<T, K, A> keeps resident on the current device
+// at once (SMs times blocks per SM), queried once per device and kernel (the template arguments
+// make the cache one per kernel: the kernels' function-pointer types do not name A).
+template <typename T, Kind K, Act A>
+int64_t resident_blocks() {
   constexpr int kMaxDevices = 64;
   static std::atomic<int64_t> cached[kMaxDevices] = {};
   int device = 0;
@@ -202,7 +203,8 @@ int64_t resident_blocks(Kernel kernel) {
   }
   int sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, ffn_elementwise_kernel<T, K, A>, kThreads, 0));
   const int64_t blocks = static_cast<int64_t>(std::max(sms, 1)) * std::max(per_sm, 1);
   if (cacheable) cached[device].store(blocks, std::memory_order_relaxed);
   return blocks;
@@ -228,10 +230,10 @@ void launch(const at::Tensor* const (&in)[Arity<K>::kIn],
   }
   const int64_t nvec = aligned ? n / kN : 0;
   const int64_t items = nvec + (n - nvec * kN);
-  const auto kernel = ffn_elementwise_kernel<T, K, A>;
   const int blocks = static_cast<int>(
-      std::min<int64_t>(resident_blocks(kernel), (items + kThreads - 1) / kThreads));
-  kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(pin, pout, n, nvec);
+      std::min<int64_t>(resident_blocks<T, K, A>(), (items + kThreads - 1) / kThreads));
+  ffn_elementwise_kernel<T, K, A>
+      <<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(pin, pout, n, nvec);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

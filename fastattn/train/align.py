@@ -740,6 +740,27 @@ def _stage_problems(stage: str, task: tasks.AdditionTask) -> list:
     return task.train if stage == "sft" else task.pairs
 
 
+def _warn_short_sets(task: tasks.AdditionTask) -> None:
+    """Name the sets that came out smaller than asked, and why: a problem space too small for
+    them (few digits), or, for the pair prompts, problems of this draw that the init
+    checkpoint's lineage trained or was evaluated on (see _task)."""
+    cut = [(flag, len(got), asked) for flag, got, asked in (
+        ("--n-eval", task.eval, task.n_eval), ("--n-pairs", task.pairs, task.n_pairs),
+        ("--n-train", task.train, task.n_train)) if len(got) < asked]
+    if not cut:
+        return
+    space = 10 ** task.digits
+    distinct = space * (space + 1) // 2
+    if len(task.pool) == distinct:      # every problem drawn: the space is the limit
+        why = (f"{task.digits}-digit addition has {distinct} distinct problems, fewer than the "
+               f"sets ask for")
+    else:
+        why = ("the other problems drawn for this task were trained on or held out by the init "
+               "checkpoint's lineage")
+    print("warning: " + ", ".join(f"{flag} {asked} cut to {got}" for flag, got, asked in cut)
+          + f": {why}", file=sys.stderr)
+
+
 def _task(args, ckpt: dict) -> tasks.AdditionTask:
     saved = ckpt.get("task") or {}
     kw = {"digits": args.digits, "n_train": args.n_train, "n_pairs": args.n_pairs,
@@ -940,13 +961,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         raise CheckpointError(f"{ckpt_path}: vocabulary {cfg.vocab_size} but the rebuilt "
                               f"tokenizer has {corpus.vocab_size}")
     task = _task(args, ckpt)
-    cut = [(flag, len(got), asked) for flag, got, asked in (
-        ("--n-eval", task.eval, task.n_eval), ("--n-pairs", task.pairs, task.n_pairs),
-        ("--n-train", task.train, task.n_train)) if len(got) < asked]
-    if cut:
-        print(f"warning: {task.digits}-digit addition has {len(task.pool)} distinct problems, "
-              f"fewer than the sets ask for: " + ", ".join(
-                  f"{flag} {asked} cut to {got}" for flag, got, asked in cut), file=sys.stderr)
+    _warn_short_sets(task)
     # "Q:" + a + "+" + b + "=" (4 characters and two operands of up to digits + 1 digits, the
     # longer eval problems'), then the answer
     need = 2 * (task.digits + 1) + 4 + task.max_answer_tokens

@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import random
+import re
 import resource
 import signal
 import statistics
@@ -449,9 +450,12 @@ def _remove_orphaned_temporaries(path: Path) -> None:
     behind (SIGKILL, power loss: nothing ran to remove them); each is as large as a checkpoint,
     and a run restarted after every kill would pile them up. Only files last written before
     this process started are touched."""
+    # mkstemp(prefix=".NAME.", suffix=".tmp") names: 8 characters of [a-z0-9_] between
+    ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         with contextlib.suppress(OSError):
-            if tmp.is_file() and tmp.stat().st_mtime < _PROCESS_START:
+            if (ours.fullmatch(tmp.name) and tmp.is_file()
+                    and tmp.stat().st_mtime < _PROCESS_START):
                 tmp.unlink()
 
 

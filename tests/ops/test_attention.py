@@ -234,6 +234,23 @@ def test_a_fused_qkv_projection_round_trips_without_copies(device, backend, hkv)
     torch.testing.assert_close(dx, dx_ref, rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("device,backend", DENSE_BACKENDS)
+def test_the_output_takes_in_place_changes(device, backend):
+    # Stored (B, S, H, D) but not a view: an autograd output that is a view (of a transposed
+    # buffer) refuses in-place ops on it and on its reshape, such as F.dropout(inplace=True),
+    # which PyTorch's attention allows; changing it before backward is then caught at backward
+    # (it is saved), as with PyTorch's flash attention.
+    B, S, H, D = 2, 5, 3, 16
+    q, k, v = (torch.randn(B, H, S, D, device=device, requires_grad=True) for _ in range(3))
+    with fastattn.use_backend(backend):
+        out = fastattn.flash_attention(q, k, v, causal=True)
+    assert out._base is None
+    y = out.transpose(1, 2).reshape(B, S, H * D)
+    torch.nn.functional.dropout(y, 0.5, training=True, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("device,backend", FAST_BACKENDS)
 def test_lse_and_fully_masked_rows(device, backend):
     # Sq > Sk, bottom-right causal: queries 0..Sq-Sk-1 see no key.

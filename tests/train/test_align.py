@@ -494,9 +494,21 @@ def test_sets_cut_by_a_small_problem_space_are_named(chain, capsys):
     assert main(["sft", "--init", str(root / "pre"), "--out", str(root / "sft_cut"), *common,
                  "--max-steps", "1"]) == 0
     err = capsys.readouterr().err
-    assert "1-digit addition has 55 distinct problems, fewer than the sets ask for: " \
-           "--n-train 200 cut to 35" in err, err
+    assert "warning: --n-train 200 cut to 35: 1-digit addition has 55 distinct problems, " \
+           "fewer than the sets ask for" in err, err
     assert "--n-eval" not in err and "--n-pairs" not in err
+
+
+def test_pair_prompts_cut_by_the_lineage_say_so(capsys):
+    from fastattn.train.align import _warn_short_sets
+    task = tasks.AdditionTask(digits=2, n_train=20, n_pairs=30, n_eval=10)   # 60 of 5050 drawn
+    task.pairs = task.pairs[:7]          # as _task leaves them when the lineage used the rest
+    _warn_short_sets(task)
+    assert capsys.readouterr().err == (
+        "warning: --n-pairs 30 cut to 7: the other problems drawn for this task were trained "
+        "on or held out by the init checkpoint's lineage\n")
+    _warn_short_sets(tasks.AdditionTask(digits=2, n_train=20, n_pairs=30, n_eval=10))
+    assert capsys.readouterr().err == ""
 
 
 def test_dpo_run(chain):

@@ -400,14 +400,17 @@ def test_a_writer_killed_midway_leaves_a_temporary_file_the_next_save_removes(tm
     assert subprocess.run(run + ["kill"], env=env).returncode == -9
     orphans = list(tmp_path.glob(".ckpt.pt.*.tmp"))
     assert len(orphans) == 1 and not path.exists()
-    # another checkpoint's temporary file and one being written now are not this save's to take
-    other = tmp_path / ".other.pt.x.tmp"
-    other.write_bytes(b"x")
-    os.utime(other, (1, 1))
+    # other checkpoints' temporary files (ckpt.pt.bak's too) and one being written now are not
+    # this save's to take
+    others = [tmp_path / ".other.pt.abcd1234.tmp", tmp_path / ".ckpt.pt.bak.abcd1234.tmp"]
+    for other in others:
+        other.write_bytes(b"x")
+        os.utime(other, (1, 1))
     assert subprocess.run(run + ["save"], env=env).returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.x.tmp", "ckpt.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [p.name for p in others] + ["ckpt.pt"])
     from fastattn.train import pretrain
-    live = tmp_path / ".ckpt.pt.live.tmp"
+    live = tmp_path / ".ckpt.pt.live_123.tmp"
     live.write_bytes(b"being written")       # newer than this process: a live writer's
     pretrain.save_checkpoint(path, {"step": 2})
     assert live.exists() and torch.load(path, weights_only=True)["step"] == 2

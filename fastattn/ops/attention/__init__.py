@@ -110,14 +110,19 @@ def _last_contiguous(x: Tensor) -> Tensor:
 # activation-sized copies per layer and step). The Triton and C++ kernels write this layout;
 # the op's body holds every backend (and the fakes) to it.
 
-def _new_bshd(like: Tensor, shape, dtype: Optional[torch.dtype] = None) -> Tensor:
+def _bshd_strides(shape) -> tuple:
     b, h, s, d = shape
-    return like.new_empty((b, s, h, d), dtype=dtype).transpose(1, 2)
+    return (s * h * d, d, h * d, 1)
+
+
+def _new_bshd(like: Tensor, shape) -> Tensor:
+    # empty_strided, not empty((b, s, h, d)).transpose(1, 2): a view as an autograd.Function's
+    # output would refuse every in-place change to it (or to its reshape) at once
+    return like.new_empty_strided(tuple(shape), _bshd_strides(shape))
 
 
 def _as_bshd(t: Tensor) -> Tensor:
-    b, h, s, d = t.shape
-    if t.stride() == (s * h * d, d, h * d, 1):
+    if t.stride() == _bshd_strides(t.shape):
         return t
     return _new_bshd(t, t.shape).copy_(t)
 

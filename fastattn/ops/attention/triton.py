@@ -1261,7 +1261,8 @@ def _empty_bshd(like: Tensor, shape) -> Tensor:
     """A (B, H, S, D) tensor of like's dtype and device stored as (B, S, H, D): the layout of
     dense attention's outputs and gradients (see ops/attention/__init__.py)."""
     b, h, s, d = shape
-    return torch.empty(b, s, h, d, dtype=like.dtype, device=like.device).transpose(1, 2)
+    return torch.empty_strided((b, h, s, d), (s * h * d, d, h * d, 1), dtype=like.dtype,
+                               device=like.device)   # (not a transposed view: see _new_bshd)
 
 
 def _bhs(x: Tensor) -> Tuple[int, int, int]:
