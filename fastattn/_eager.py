@@ -135,6 +135,25 @@ def first_order(public_name: str) -> Callable[[Callable], Callable]:
     return wrap
 
 
+def no_double_backward(op: Callable, public_name: str, instead: str) -> None:
+    """Gives a backward op (norm_bwd, mlp_bwd, ...) a formula that refuses, with a message
+    naming the public function and what to use instead: differentiating its gradients again
+    (double backward) otherwise failed with the dispatcher's "no autograd formula was
+    registered" for an op the user never called. The first-order path is unchanged: call()
+    runs the op directly when nothing requires grad."""
+    message = (f"{public_name}: its gradient cannot be differentiated again (double backward, "
+               f"as through autograd.grad(..., create_graph=True), is not supported); use "
+               f"{instead} where second derivatives are needed")
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(message)
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    op.register_autograd(refuse, setup_context=setup_context)
+
+
 def keep_anchors(ctx, *tensors) -> None:
     """For ``first_order``, in setup_context: a one-element copy of each differentiable input,
     with the input's autograd history but not its memory (as_strided saves the geometry only)."""
@@ -268,8 +287,9 @@ def _check_no_tangents(name: str, args: tuple) -> None:
     if any(_forward_ad.unpack_dual(t).tangent is not None for t in _tensors(args)):
         raise NotImplementedError(
             f"{name}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not "
-            f"supported; its tangents would be dropped. Use reverse mode (backward, "
-            f"torch.func.vjp / jacrev), or PyTorch's own functions for this computation")
+            f"supported; its tangents would be dropped. Use reverse mode (loss.backward(), "
+            f"torch.autograd.grad: torch.func's grad / vjp / jacrev do not run through custom "
+            f"ops' autograd either), or PyTorch's own functions for this computation")
 
 
 def call(op: Callable, *args):

@@ -322,3 +322,32 @@ def test_in_place_step_on_a_saved_parameter_is_caught():
                     1e-8, 0.0, True, False, False, None, None)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+_SECOND_ORDER = {
+    "layer_norm": lambda x: fastattn.layer_norm(x, 16),
+    "rms_norm": lambda x: fastattn.rms_norm(x, 16, residual=x.detach()),
+    "mlp": lambda x: fastattn.mlp(x, torch.randn(40, 16), torch.randn(40), torch.randn(16, 40)),
+    "swiglu": lambda x: fastattn.swiglu(x, torch.randn(40, 16), torch.randn(40, 16),
+                                        torch.randn(16, 40)),
+    "flash_attention": lambda x: fastattn.flash_attention(*(x.view(1, 2, 3, 8),) * 3, causal=True),
+    "varlen_attention": lambda x: fastattn.varlen_attention(
+        *(x.view(6, 1, 8),) * 3, torch.tensor([0, 2, 6], dtype=torch.int32),
+        torch.tensor([0, 2, 6], dtype=torch.int32), 4, 4),
+    "token_logprobs": lambda x: fastattn.token_logprobs(x, torch.tensor([1, 2, 3])),
+    "linear_token_logprobs": lambda x: fastattn.linear_token_logprobs(
+        x, torch.randn(20, 16), torch.tensor([1, 2, 3])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SECOND_ORDER))
+def test_double_backward_is_refused_by_name(name):
+    """Differentiating these ops' gradients again is not supported: it must say so, naming
+    the function called (not a backward op the user never called), with what to use instead."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, requires_grad=True)
+    out = _SECOND_ORDER[name](x)
+    out = out[0] if isinstance(out, tuple) else out
+    g, = torch.autograd.grad(out.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=f"{name}.*cannot be differentiated again.*use "):
+        g.sum().backward()

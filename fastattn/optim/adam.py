@@ -133,6 +133,11 @@ class Adam(torch.optim.Optimizer):
         # without the rest gets a fresh integer, and different histories never merge.
         self._step_keys: dict[Tensor, Any] = {}
         self._key_sizes: dict[Any, int] = {}   # parameters per key
+        # (step tensor, its version) as the last step left them, per parameter: a count that a
+        # user replaced or changed in place since (opt.state[p] = {...}, a reset of the moments)
+        # is read again instead of being trusted to equal its class's (eager only: a compiled
+        # step reads no versions)
+        self._step_seen: dict[Tensor, tuple] = {}
         self._fresh_key = [0]  # in a list: dynamo (torch 2.5) cannot trace an int attribute's +=
         # parameters whose loaded master copy is checked against them at their next step
         self._check_master: set = set()
@@ -170,6 +175,7 @@ class Adam(torch.optim.Optimizer):
         fresh = self.__dict__.get("_fresh_key", 0)  # an int before
         self._fresh_key = fresh if isinstance(fresh, list) else [fresh]
         self.__dict__.setdefault("_check_master", set())
+        self._step_seen = {}     # (copies hold other tensors: every count is read again)
         self._fill_group_defaults()
         for p, st in self.state.items():  # torch < 1.12 kept the step count as a number
             if "step" in st and not isinstance(st["step"], Tensor):
@@ -194,6 +200,7 @@ class Adam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                    memory_format=torch.contiguous_format)
             self._set_key(p, ("v", 0))
+            self._seen(p)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                        memory_format=torch.contiguous_format)
@@ -204,9 +211,20 @@ class Adam(torch.optim.Optimizer):
                 state["master_param"] = p.detach().to(
                     torch.float32, memory_format=torch.contiguous_format, copy=True)
         self._check_master.discard(p)
-        if p not in self._step_keys:  # loaded state: read its count once
-            self._set_key(p, ("v", int(state["step"].item())))
+        step = state["step"]
+        if p in self._step_keys and not _eager._is_compiling():
+            seen = self._step_seen.get(p)
+            if seen is None or seen[0] is not step or seen[1] != step._version:
+                self._set_key(p, None)    # changed outside the optimizer: read it again
+        if p not in self._step_keys:  # loaded (or changed) state: read its count once
+            self._set_key(p, ("v", int(step.item())))
+            self._seen(p)
         return state
+
+    def _seen(self, p: Tensor) -> None:
+        if not _eager._is_compiling():
+            step = self.state[p]["step"]
+            self._step_seen[p] = (step, step._version)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a fastattn or torch.optim Adam/AdamW state dict.
@@ -214,9 +232,22 @@ class Adam(torch.optim.Optimizer):
         torch's loader casts every state tensor to its parameter's dtype; fp32 moments and
         master weights of low-precision parameters are restored at full precision after it.
         """
+        # torch's pre-hooks first, as its loader runs them, so that the state restored below
+        # is what they returned; then its loader without them (they ran once)
+        pre_hooks = getattr(self, "_optimizer_load_state_dict_pre_hooks", None)
+        for hook in list((pre_hooks or {}).values()):
+            returned = hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
         originals = {pid: dict(s) for pid, s in state_dict["state"].items()}
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        super().load_state_dict(state_dict)
+        if pre_hooks:
+            self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            if pre_hooks:
+                self._optimizer_load_state_dict_pre_hooks = pre_hooks
         self._fill_group_defaults()
         params = [p for g in self.param_groups for p in g["params"]]
         groups = {p: g for g in self.param_groups for p in g["params"]}
@@ -364,6 +395,8 @@ class Adam(torch.optim.Optimizer):
     def _stepped_together(self, params: list) -> None:
         """params took this step together (their step counts are equal): they keep their
         integer key if they are all of its class, else they get a fresh one."""
+        for p in params:
+            self._seen(p)
         key = self._step_keys[params[0]]
         if (isinstance(key, int) and self._key_sizes.get(key) == len(params)
                 and all(self._step_keys[p] == key for p in params)):

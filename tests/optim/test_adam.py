@@ -446,6 +446,60 @@ def test_params_with_different_histories_never_share_a_step_count():
     torch.testing.assert_close(b, rb, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("change", ["replace", "zero in place", "delete"])
+def test_a_step_count_changed_outside_the_optimizer_is_read_again(change):
+    """Resetting one parameter's state mid-training (say after re-initialising a layer) must
+    not change the others' bias correction: equal counts are remembered, not re-read, so a
+    count replaced or changed in place since the last step has to be noticed."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    ra, rb = (p.detach().clone().requires_grad_() for p in (a, b))
+    ours = fastattn.optim.AdamW([a, b], lr=0.1)
+    ref = torch.optim.AdamW([ra, rb], lr=0.1, foreach=False)
+    for i in range(6):
+        for opt, x, y in ((ours, a, b), (ref, ra, rb)):
+            opt.zero_grad()
+            ((x * (i + 1)).sum() + (y ** 2).sum()).backward()
+            opt.step()
+            if i == 2:
+                if change == "replace":
+                    opt.state[x] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros(4),
+                                    "exp_avg_sq": torch.zeros(4)}
+                elif change == "zero in place":
+                    for v in opt.state[x].values():
+                        v.zero_()
+                else:
+                    del opt.state[x]
+    assert ours.state[a]["step"].item() == 3 and ours.state[b]["step"].item() == 6
+    torch.testing.assert_close(a, ra, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(b, rb, rtol=1e-6, atol=1e-7)
+
+
+def test_load_state_dict_keeps_what_its_pre_hooks_return():
+    if not hasattr(torch.optim.Optimizer, "register_load_state_dict_pre_hook"):
+        pytest.skip("this torch has no optimizer load_state_dict hooks")
+    results = []
+    for cls in (fastattn.optim.AdamW, torch.optim.AdamW):
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = cls([p])
+        p.grad = torch.ones(3)
+        opt.step()
+
+        def hook(optimizer, sd):
+            sd = copy.deepcopy(sd)
+            for st in sd["state"].values():
+                st["exp_avg"].zero_()
+                st["step"].fill_(100.0)
+            sd["param_groups"][0]["lr"] = 0.5
+            return sd
+        opt.register_load_state_dict_pre_hook(hook)
+        opt.load_state_dict(opt.state_dict())
+        st = opt.state[p]
+        results.append((st["step"].item(), st["exp_avg"].abs().sum().item(),
+                        opt.param_groups[0]["lr"]))
+    assert results[0] == results[1] == (100.0, 0.0, 0.5)
+
+
 def test_grad_scaler_leaves_the_grads_unscaled_like_torch():
     """After scaler.step the grads are unscaled, as torch.optim leaves them (its unscale_, or the
     fused kernels' write-back); a skipped step leaves them non-finite, as torch does."""

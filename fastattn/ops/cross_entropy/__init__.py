@@ -1056,6 +1056,8 @@ def _tlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
 
 
 _eager.register_autograd(_token_logprobs_fwd, _tlp_backward, setup_context=_tlp_setup_context)
+_eager.no_double_backward(_token_logprobs_bwd, "fastattn.token_logprobs",
+                          "torch.log_softmax and gather")
 
 
 def _check_temperature(fn: str, temperature: float) -> float:
@@ -1215,6 +1217,8 @@ def _ltlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
 
 _eager.register_autograd(_linear_token_logprobs_fwd, _ltlp_backward,
                          setup_context=_ltlp_setup_context)
+_eager.no_double_backward(_linear_token_logprobs_bwd, "fastattn.linear_token_logprobs",
+                          "torch.nn.functional.linear, log_softmax and gather")
 
 
 def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,

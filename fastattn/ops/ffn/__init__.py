@@ -128,6 +128,7 @@ def _mlp_backward(ctx, dout, dh_unused):
 
 
 _eager.register_autograd(mlp_fwd, _mlp_backward, setup_context=_mlp_setup)
+_eager.no_double_backward(mlp_bwd, "fastattn.mlp", "torch's own linear layers and activation")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +221,7 @@ def _swiglu_backward(ctx, dout, dg_unused, du_unused):
 
 
 _eager.register_autograd(swiglu_fwd, _swiglu_backward, setup_context=_swiglu_setup)
+_eager.no_double_backward(swiglu_bwd, "fastattn.swiglu", "torch's own linear layers and activation")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -191,6 +191,8 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 _eager.register_autograd(norm_fwd, _norm_backward, setup_context=_norm_setup)
+_eager.no_double_backward(norm_bwd, "fastattn.layer_norm / rms_norm",
+                          "torch.nn.functional.layer_norm / rms_norm")
 
 
 # ---------------------------------------------------------------------------------------------
