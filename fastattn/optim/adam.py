@@ -232,9 +232,11 @@ class Adam(torch.optim.Optimizer):
         torch's loader casts every state tensor to its parameter's dtype; fp32 moments and
         master weights of low-precision parameters are restored at full precision after it.
         """
-        # torch's pre-hooks first, as its loader runs them, so that the state restored below
-        # is what they returned; then its loader without them (they ran once)
+        # torch's hooks run around the whole load, as its loader runs them: the pre-hooks
+        # before the state restored below is taken, the post-hooks after it is restored (the
+        # loader itself runs without them)
         pre_hooks = getattr(self, "_optimizer_load_state_dict_pre_hooks", None)
+        post_hooks = getattr(self, "_optimizer_load_state_dict_post_hooks", None)
         for hook in list((pre_hooks or {}).values()):
             returned = hook(self, state_dict)
             if returned is not None:
@@ -243,11 +245,21 @@ class Adam(torch.optim.Optimizer):
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         if pre_hooks:
             self._optimizer_load_state_dict_pre_hooks = type(pre_hooks)()
+        if post_hooks:
+            self._optimizer_load_state_dict_post_hooks = type(post_hooks)()
         try:
             super().load_state_dict(state_dict)
         finally:
             if pre_hooks:
                 self._optimizer_load_state_dict_pre_hooks = pre_hooks
+            if post_hooks:
+                self._optimizer_load_state_dict_post_hooks = post_hooks
+        self._restore_loaded_state(originals, saved_ids)
+        for hook in list((post_hooks or {}).values()):
+            hook(self)
+
+    def _restore_loaded_state(self, originals: dict, saved_ids: list) -> None:
+        """The state tensors as saved (torch's loader cast them to the parameters' dtypes)."""
         self._fill_group_defaults()
         params = [p for g in self.param_groups for p in g["params"]]
         groups = {p: g for g in self.param_groups for p in g["params"]}

@@ -475,7 +475,7 @@ def test_a_step_count_changed_outside_the_optimizer_is_read_again(change):
     torch.testing.assert_close(b, rb, rtol=1e-6, atol=1e-7)
 
 
-def test_load_state_dict_keeps_what_its_pre_hooks_return():
+def test_load_state_dict_keeps_what_its_hooks_do():
     if not hasattr(torch.optim.Optimizer, "register_load_state_dict_pre_hook"):
         pytest.skip("this torch has no optimizer load_state_dict hooks")
     results = []
@@ -492,12 +492,16 @@ def test_load_state_dict_keeps_what_its_pre_hooks_return():
                 st["step"].fill_(100.0)
             sd["param_groups"][0]["lr"] = 0.5
             return sd
+        def post_hook(optimizer):
+            for st in optimizer.state.values():
+                st["exp_avg_sq"].fill_(4.0)
         opt.register_load_state_dict_pre_hook(hook)
+        opt.register_load_state_dict_post_hook(post_hook)
         opt.load_state_dict(opt.state_dict())
         st = opt.state[p]
         results.append((st["step"].item(), st["exp_avg"].abs().sum().item(),
-                        opt.param_groups[0]["lr"]))
-    assert results[0] == results[1] == (100.0, 0.0, 0.5)
+                        st["exp_avg_sq"].sum().item(), opt.param_groups[0]["lr"]))
+    assert results[0] == results[1] == (100.0, 0.0, 12.0, 0.5)
 
 
 def test_grad_scaler_leaves_the_grads_unscaled_like_torch():
