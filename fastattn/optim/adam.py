@@ -133,11 +133,15 @@ class Adam(torch.optim.Optimizer):
         # without the rest gets a fresh integer, and different histories never merge.
         self._step_keys: dict[Tensor, Any] = {}
         self._key_sizes: dict[Any, int] = {}   # parameters per key
-        # (step tensor, its version) as the last step left them, per parameter: a count that a
-        # user replaced or changed in place since (opt.state[p] = {...}, a reset of the moments)
-        # is read again instead of being trusted to equal its class's (eager only: a compiled
-        # step reads no versions)
+        # (step tensor, its version) as the last eager step left them, per parameter: a count
+        # that a user replaced or changed in place since (opt.state[p] = {...}, a reset of the
+        # moments) is read again instead of being trusted to equal its class's. A compiled step
+        # reads no versions; it sets _compiled_since[0], and the next eager step takes the
+        # versions as they are (the compiled steps' own increments) without reading counts.
+        # Not seen: changes made between compiled steps, and writes that bypass the version
+        # counter (through .data, or numpy).
         self._step_seen: dict[Tensor, tuple] = {}
+        self._compiled_since = [False]
         self._fresh_key = [0]  # in a list: dynamo (torch 2.5) cannot trace an int attribute's +=
         # parameters whose loaded master copy is checked against them at their next step
         self._check_master: set = set()
@@ -176,6 +180,7 @@ class Adam(torch.optim.Optimizer):
         self._fresh_key = fresh if isinstance(fresh, list) else [fresh]
         self.__dict__.setdefault("_check_master", set())
         self._step_seen = {}     # (copies hold other tensors: every count is read again)
+        self._compiled_since = [False]
         self._fill_group_defaults()
         for p, st in self.state.items():  # torch < 1.12 kept the step count as a number
             if "step" in st and not isinstance(st["step"], Tensor):
@@ -191,7 +196,9 @@ class Adam(torch.optim.Optimizer):
 
     # -- state -------------------------------------------------------------------------------
 
-    def _init_state(self, p: Tensor, group: dict) -> dict:
+    def _init_state(self, p: Tensor, group: dict, check: bool = False) -> dict:
+        """p's state, created if missing. ``check`` (eager steps): a step count changed outside
+        the optimizer since its last step loses its key, and is read again."""
         state = self.state[p]
         moment = _moment_dtype(group) if p.dtype in _PARAM_DTYPES else p.dtype
         if "step" not in state:
@@ -200,7 +207,8 @@ class Adam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                    memory_format=torch.contiguous_format)
             self._set_key(p, ("v", 0))
-            self._seen(p)
+            if check:
+                self._step_seen[p] = (state["step"], state["step"]._version)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                        memory_format=torch.contiguous_format)
@@ -212,19 +220,18 @@ class Adam(torch.optim.Optimizer):
                     torch.float32, memory_format=torch.contiguous_format, copy=True)
         self._check_master.discard(p)
         step = state["step"]
-        if p in self._step_keys and not _eager._is_compiling():
+        if check and p in self._step_keys:
             seen = self._step_seen.get(p)
             if seen is None or seen[0] is not step or seen[1] != step._version:
                 self._set_key(p, None)    # changed outside the optimizer: read it again
         if p not in self._step_keys:  # loaded (or changed) state: read its count once
+            if step.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError(
+                    f"{type(self).__name__}: a parameter's step count was loaded or changed "
+                    f"outside the optimizer, and reading it is not possible during CUDA graph "
+                    f"capture; take one step outside the capture first")
             self._set_key(p, ("v", int(step.item())))
-            self._seen(p)
         return state
-
-    def _seen(self, p: Tensor) -> None:
-        if not _eager._is_compiling():
-            step = self.state[p]["step"]
-            self._step_seen[p] = (step, step._version)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a fastattn or torch.optim Adam/AdamW state dict.
@@ -237,6 +244,7 @@ class Adam(torch.optim.Optimizer):
         # loader itself runs without them)
         pre_hooks = getattr(self, "_optimizer_load_state_dict_pre_hooks", None)
         post_hooks = getattr(self, "_optimizer_load_state_dict_post_hooks", None)
+        state_dict = state_dict.copy()      # (as torch's loader: the hooks get a copy)
         for hook in list((pre_hooks or {}).values()):
             returned = hook(self, state_dict)
             if returned is not None:
@@ -296,8 +304,18 @@ class Adam(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{name} does not support sparse gradients")
+        compiling = _eager._is_compiling()
+        if compiling:
+            self._compiled_since[0] = True
+        elif self._compiled_since[0]:
+            # after compiled steps, whose increments moved every version: take them as seen
+            self._compiled_since[0] = False
+            for p, state in self.state.items():
+                step = state.get("step") if p in self._step_keys else None
+                if isinstance(step, Tensor):
+                    self._step_seen[p] = (step, step._version)
         for group in self.param_groups:
-            self._step_group(group, grad_scale, found_inf)
+            self._step_group(group, grad_scale, found_inf, not compiling)
         return loss
 
     @staticmethod
@@ -309,7 +327,7 @@ class Adam(torch.optim.Optimizer):
         return t.to_local() if _is_dtensor(t) else t
 
     def _step_group(self, group: dict, grad_scale: Optional[Tensor],
-                    found_inf: Optional[Tensor]) -> None:
+                    found_inf: Optional[Tensor], eager: bool = False) -> None:
         buckets: dict[tuple, list] = {}
         others: dict[torch.device, list] = {}
         for p in group["params"]:
@@ -318,7 +336,7 @@ class Adam(torch.optim.Optimizer):
             if p.dtype not in _PARAM_DTYPES:  # float64, complex
                 others.setdefault(p.device, []).append(p)
                 continue
-            state = self._init_state(p, group)
+            state = self._init_state(p, group, eager)
             key = (p.device, p.dtype, "master_param" in state, self._step_keys[p])
             buckets.setdefault(key, []).append(p)
         beta1, beta2 = group["betas"]
@@ -360,12 +378,13 @@ class Adam(torch.optim.Optimizer):
                 torch._foreach_mul_(grads, factor)
             if inf is not None:  # a skipped step does not count
                 torch._foreach_sub_(steps, [inf] * len(steps))
-            self._stepped_together(params)
+            self._stepped_together(params, steps if eager else None)
         for device, params in others.items():
-            self._step_with_torch(group, device, params, grad_scale, found_inf)
+            self._step_with_torch(group, device, params, grad_scale, found_inf, eager)
 
     def _step_with_torch(self, group: dict, device: torch.device, params: list,
-                         grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+                         grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                         eager: bool = False) -> None:
         """float64 / complex parameters on one device: torch.optim's single-tensor Adam(W)
         (torch computes them in their own dtype, complex ones through view_as_real). That
         implementation takes no GradScaler arguments, so the scaler's part is done here: a
@@ -378,7 +397,7 @@ class Adam(torch.optim.Optimizer):
             inv = grad_scale.to(device=device, dtype=torch.float32).reciprocal()
             for g in grads:
                 g.mul_(inv)
-        states = [self._init_state(p, group) for p in params]
+        states = [self._init_state(p, group, eager) for p in params]
         beta1, beta2 = group["betas"]
         fn = _torch_adamw.adamw if group["decoupled_weight_decay"] else _torch_adam.adam
         fn(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
@@ -389,7 +408,7 @@ class Adam(torch.optim.Optimizer):
            beta1=float(beta1), beta2=float(beta2), lr=group["lr"],
            weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
            maximize=bool(group["maximize"]))
-        self._stepped_together(params)
+        self._stepped_together(params, [s["step"] for s in states] if eager else None)
 
     def _set_key(self, p: Tensor, key) -> None:
         """p's step-count key (None: forget it), keeping the count of params per key."""
@@ -404,11 +423,13 @@ class Adam(torch.optim.Optimizer):
             self._step_keys[p] = key
             self._key_sizes[key] = self._key_sizes.get(key, 0) + 1
 
-    def _stepped_together(self, params: list) -> None:
+    def _stepped_together(self, params: list, steps: Optional[list] = None) -> None:
         """params took this step together (their step counts are equal): they keep their
-        integer key if they are all of its class, else they get a fresh one."""
-        for p in params:
-            self._seen(p)
+        integer key if they are all of its class, else they get a fresh one. ``steps`` (eager
+        steps): their step tensors, whose versions are recorded as seen."""
+        if steps is not None:
+            for p, step in zip(params, steps):
+                self._step_seen[p] = (step, step._version)
         key = self._step_keys[params[0]]
         if (isinstance(key, int) and self._key_sizes.get(key) == len(params)
                 and all(self._step_keys[p] == key for p in params)):

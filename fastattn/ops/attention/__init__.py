@@ -195,7 +195,10 @@ def _attention_backward(ctx, dout, dlse):
 
 _eager.register_autograd(attention_fwd, _attention_backward, setup_context=_attention_setup)
 _eager.no_double_backward(attention_bwd, "fastattn.flash_attention / scaled_dot_product_attention",
-                          "torch.nn.functional.scaled_dot_product_attention")
+                          "softmax(q k^T * scale) v in plain torch ops (or "
+                          "torch.nn.functional.scaled_dot_product_attention under "
+                          "torch.nn.attention.sdpa_kernel(SDPBackend.MATH): its fused "
+                          "kernels have no double backward either)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +265,7 @@ def _varlen_backward(ctx, dout, dlse):
 
 _eager.register_autograd(varlen_attention_fwd, _varlen_backward, setup_context=_varlen_setup)
 _eager.no_double_backward(varlen_attention_bwd, "fastattn.varlen_attention",
-                          "torch.nn.functional.scaled_dot_product_attention per sequence")
+                          "softmax(q k^T * scale) v per sequence in plain torch ops")
 
 
 # ---------------------------------------------------------------------------------------------
