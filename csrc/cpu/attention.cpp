@@ -759,7 +759,7 @@ void backward(const Problem& pr, const at::Tensor& dout, const at::Tensor& q, co
 }
 
 // A (B, H, S, D) tensor stored as (B, S, H, D), the layout of the outputs and gradients of
-// dense attention (see fastattn/ops/attention/__init__.py): a model's
+// dense attention (the contract in fastattn/ops/attention/reference.py): a model's
 // out.transpose(1, 2).reshape(B, S, H * D) is then a view, and so are the reshapes that take
 // dq, dk, dv back to a fused QKV projection's output.
 // (empty_strided, not a transposed view: an autograd output that is a view refuses in-place

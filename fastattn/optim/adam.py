@@ -207,8 +207,11 @@ class Adam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                    memory_format=torch.contiguous_format)
             self._set_key(p, ("v", 0))
-            if check:
-                self._step_seen[p] = (state["step"], state["step"]._version)
+        elif check and p in self._step_keys:
+            step = state["step"]
+            seen = self._step_seen.get(p)
+            if seen is None or seen[0] is not step or seen[1] != step._version:
+                self._set_key(p, None)    # changed outside the optimizer: read it again
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=moment,
                                                        memory_format=torch.contiguous_format)
@@ -219,12 +222,8 @@ class Adam(torch.optim.Optimizer):
                 state["master_param"] = p.detach().to(
                     torch.float32, memory_format=torch.contiguous_format, copy=True)
         self._check_master.discard(p)
-        step = state["step"]
-        if check and p in self._step_keys:
-            seen = self._step_seen.get(p)
-            if seen is None or seen[0] is not step or seen[1] != step._version:
-                self._set_key(p, None)    # changed outside the optimizer: read it again
         if p not in self._step_keys:  # loaded (or changed) state: read its count once
+            step = state["step"]
             if step.is_cuda and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError(
                     f"{type(self).__name__}: a parameter's step count was loaded or changed "

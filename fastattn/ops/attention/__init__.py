@@ -103,28 +103,12 @@ def _last_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-# Dense attention returns out, dq, dk and dv as (B, H, S, D) tensors stored as (B, S, H, D), as
-# PyTorch's flash and cuDNN attention do: a model's ``out.transpose(1, 2).reshape(B, S, H * D)``
-# is then a view, and so are the reshapes that autograd applies to dq, dk, dv on their way back
-# to a fused QKV projection (contiguous (B, H, S, D) gradients cost a copy each there: four
-# activation-sized copies per layer and step). The Triton and C++ kernels write this layout;
-# the op's body holds every backend (and the fakes) to it.
-
-def _bshd_strides(shape) -> tuple:
-    b, h, s, d = shape
-    return (s * h * d, d, h * d, 1)
-
-
-def _new_bshd(like: Tensor, shape) -> Tensor:
-    # empty_strided, not empty((b, s, h, d)).transpose(1, 2): a view as an autograd.Function's
-    # output would refuse every in-place change to it (or to its reshape) at once
-    return like.new_empty_strided(tuple(shape), _bshd_strides(shape))
-
-
 def _as_bshd(t: Tensor) -> Tensor:
-    if t.stride() == _bshd_strides(t.shape):
+    """t in the dense op's output layout (reference.py's contract): itself when a kernel wrote
+    it so, else a copy."""
+    if t.stride() == reference.bshd_strides(t.shape):
         return t
-    return _new_bshd(t, t.shape).copy_(t)
+    return reference.empty_bshd(t, t.shape).copy_(t)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +132,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale
 @attention_fwd.register_fake
 def _(q, k, v, bias, scale, diag, window_left, window_right, softcap, dropout_p, seed,
       deterministic):
-    return (_new_bshd(q, q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype)))
+    return (reference.empty_bshd(q, q.shape),
+            q.new_empty(q.shape[:3], dtype=_lse_dtype(q.dtype)))
 
 
 @_eager.custom_op("fastattn::attention_bwd", mutates_args=(), device_types=("cpu", "cuda"))
@@ -170,7 +155,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, bias, scale, diag, window_left, window_right, softcap, dropout_p,
       seed, deterministic):
-    return _new_bshd(q, q.shape), _new_bshd(k, k.shape), _new_bshd(v, v.shape)
+    return tuple(reference.empty_bshd(t, t.shape) for t in (q, k, v))
 
 
 def _attention_setup(ctx, inputs, output):

@@ -32,6 +32,11 @@ Backward, with ``P~ = P * keep / (1 - p_drop)`` (P itself without dropout)::
           (softmax Jacobian: d lse_i / d s_ij = p_ij)
     dS *= 1 - tanh^2(raw / softcap)                        if softcap (d/dx c*tanh(x/c))
     dQ = scale * dS K;  dK = scale * dS^T Q   (summed over the query heads of a kv group)
+
+Layout: the dense op returns out, dQ, dK, dV stored as (B, S, H, D) (``empty_bshd``), as
+PyTorch's flash and cuDNN attention do, so that a model's ``out.transpose(1, 2).reshape(B, S,
+H * D)`` and autograd's way back into a fused QKV projection are views. The Triton and C++
+kernels write it; the front door copies any other layout into it (this module's outputs).
 """
 
 from __future__ import annotations
@@ -139,6 +144,19 @@ def _dropped(p: Tensor, seed: int, dropout_p: float) -> Tensor:
     b, h, sq, sk = p.shape
     keep = dropout_keep(seed, b, h, sq, sk, dropout_p, p.device)
     return p * keep / (1.0 - dropout_p)
+
+
+def bshd_strides(shape) -> tuple:
+    """Strides of a (B, H, S, D) tensor stored as (B, S, H, D)."""
+    b, h, s, d = shape
+    return (s * h * d, d, h * d, 1)
+
+
+def empty_bshd(like: Tensor, shape) -> Tensor:
+    """An uninitialised (B, H, S, D) tensor of like's dtype and device, stored as (B, S, H, D).
+    empty_strided, not a transposed view: an autograd output that is a view refuses every
+    in-place change to it (or to its reshape)."""
+    return like.new_empty_strided(tuple(shape), bshd_strides(shape))
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, diag: int,

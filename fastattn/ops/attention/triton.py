@@ -44,6 +44,7 @@ from .._triton_common import INTERPRET, CachedAutotune, TensorDescriptor, TmaSwi
 from .._triton_common import cdiv as _cdiv, next_power_of_2 as _next_power_of_2
 from .._triton_common import on_device as _on_device
 from .._triton_common import tanh as _tanh
+from .reference import empty_bshd as _empty_bshd
 
 # FASTATTN_AUTOTUNE=0 runs the first config the shape pruning keeps instead of timing them all:
 # for test runs, where every new shape would otherwise cost a round of compiles.
@@ -1255,14 +1256,6 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
             *qs, *ks, *vs, *dos, *dqs, *_bias_strides(bias), *ls,
             n_heads, n_heads // n_kv, sq, sk, *common, **_blocks(dict(flags, USE_TMA=use_tma)),
         ), kv_descs, (k, v))  # fmt: skip
-
-
-def _empty_bshd(like: Tensor, shape) -> Tensor:
-    """A (B, H, S, D) tensor of like's dtype and device stored as (B, S, H, D): the layout of
-    dense attention's outputs and gradients (see ops/attention/__init__.py)."""
-    b, h, s, d = shape
-    return torch.empty_strided((b, h, s, d), (s * h * d, d, h * d, 1), dtype=like.dtype,
-                               device=like.device)   # (not a transposed view: see _new_bshd)
 
 
 def _bhs(x: Tensor) -> Tuple[int, int, int]:
