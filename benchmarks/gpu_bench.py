@@ -298,8 +298,9 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
 
     impls = {}
     # Module settings of fastattn's Triton attention per row (none: the defaults); the variants
-    # are the pointer-load kernels where the default takes the TMA path ("no TMA",
-    # FASTATTN_TRITON_TMA=0) and dQ by atomics in the dK/dV kernel (FASTATTN_TRITON_DQ=atomic).
+    # are the pointer-load kernels where the default takes the TMA path (its backward): "no
+    # TMA", FASTATTN_TRITON_TMA=0; the TMA path in the forward as well: "TMA forward",
+    # FASTATTN_TRITON_TMA=1; and dQ by atomics in the dK/dV kernel (FASTATTN_TRITON_DQ=atomic).
     settings = {}
     fastattn_fn = lambda q, k, v, causal: (  # noqa: E731
         fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal))
@@ -307,6 +308,8 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
         if fa_triton.TMA.enabled(torch.empty(1, device=DEVICE)):
             impls["fastattn[triton, no TMA]"] = fastattn_fn
             settings["fastattn[triton, no TMA]"] = [(fa_triton.TMA, "mode", "0")]
+            impls["fastattn[triton, TMA forward]"] = fastattn_fn
+            settings["fastattn[triton, TMA forward]"] = [(fa_triton.TMA, "mode", "1")]
         impls["fastattn[triton, atomic dQ]"] = fastattn_fn
         settings["fastattn[triton, atomic dQ]"] = [(fa_triton, "DQ_MODE", "atomic")]
     elif others:
@@ -712,13 +715,21 @@ def main() -> int:
     env = environment()
     # The Hopper (TMA) paths of the Triton kernels' default rows: "on", "off" (not this GPU,
     # triton or FASTATTN_TRITON_TMA), or "failed" when a TMA build failed during the run and
-    # later rows fell back to pointer loads (see the warnings above).
+    # later rows fell back to pointer loads (see the warnings above); the attention forward
+    # takes it only when forced (FASTATTN_TRITON_TMA=1).
     try:
         from fastattn.ops.attention import triton as fa_triton
         from fastattn.ops.ffn import triton as ffn_triton
         probe = torch.empty(1, device=DEVICE)
-        env["triton_tma"] = {name: "failed" if mod.TMA.failed else "on" if mod.TMA.enabled(probe) else "off"
-                             for name, mod in (("attention", fa_triton), ("ffn", ffn_triton))}
+
+        def tma_state(mod, auto=True):
+            return "failed" if mod.TMA.failed else "on" if mod.TMA.enabled(probe, auto) else "off"
+
+        env["triton_tma"] = {
+            "attention backward": tma_state(fa_triton),
+            "attention forward": tma_state(fa_triton, fa_triton._FORWARD_TMA_IN_AUTO),
+            "ffn": tma_state(ffn_triton),
+        }
     except Exception as error:  # the results must be written whatever this says
         env["triton_tma"] = f"unknown ({type(error).__name__})"
     env["copy_GBps"] = round(copy.rate, 1)

@@ -63,7 +63,9 @@ class TmaSwitch:
     """Whether one op family's kernels load their operands through TMA descriptors.
 
     mode (FASTATTN_TRITON_TMA): "auto" (default) on NVIDIA GPUs of compute capability 9.0 and
-    newer, "0" never, "1" also under TRITON_INTERPRET (how the CPU tests check the path).
+    newer, for the launches whose kernels measured faster with it (``enabled(x, auto=False)``
+    marks one that did not); "0" never; "1" for every launch, also under TRITON_INTERPRET
+    (how the CPU tests check the path).
     A triton that cannot build a TMA variant on the device (its compiler raises) turns the
     path off for the process with a warning, once the same launch has worked without it.
     """
@@ -75,10 +77,13 @@ class TmaSwitch:
         self.mode = os.environ.get("FASTATTN_TRITON_TMA", "auto")
         self.failed = False
 
-    def enabled(self, x: torch.Tensor) -> bool:
+    def enabled(self, x: torch.Tensor, auto: bool = True) -> bool:
+        """Whether a launch on x takes the path; ``auto=False``: only when forced ("1")."""
         if self.mode not in self.MODES:
             raise ValueError(f"FASTATTN_TRITON_TMA must be one of {self.MODES}, got {self.mode!r}")
         if TensorDescriptor is None or self.mode == "0" or self.failed:
+            return False
+        if self.mode == "auto" and not auto:
             return False
         if INTERPRET:
             return self.mode == "1"

@@ -5,6 +5,7 @@ tiles, so Sq = 97 gives seven tiles per row and exercises the edge/interior spli
 """
 
 import math
+import types
 
 import pytest
 import torch
@@ -435,6 +436,35 @@ def test_tma_path_matches_naive(tma, case):
     got = _run(q, k, v, dout, **kw)
     assert tma == [True, True, True], "a launch did not take the TMA path"
     _compare(got, naive(q, k, v, dout, **kw), dtype)
+
+
+@needs_tma
+def test_auto_takes_tma_only_where_it_measured_faster(monkeypatch):
+    """FASTATTN_TRITON_TMA=auto on a Hopper GPU: the backward's launches ask for the path, the
+    forward's does not (_FORWARD_TMA_IN_AUTO); "1" forces it everywhere, "0" nowhere. The GPU
+    is simulated for the switch (a CUDA-looking tensor on a compute capability 9.0 device,
+    outside the interpreter); the launches are real."""
+    from fastattn.ops import _triton_common
+
+    monkeypatch.setattr(_triton_common, "INTERPRET", False)
+    monkeypatch.setattr(_triton_common, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(fa_triton.TMA, "failed", False)
+    hopper = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    for mode, want in (("auto", [True, False]), ("1", [True, True]), ("0", [False, False])):
+        monkeypatch.setattr(fa_triton.TMA, "mode", mode)
+        assert [fa_triton.TMA.enabled(hopper, auto) for auto in (True, False)] == want, mode
+
+    monkeypatch.setattr(fa_triton.TMA, "mode", "auto")
+    asked, plan = [], fa_triton._tma_descriptors
+
+    def spy(operands, n_b, block, auto=True):
+        asked.append(auto)
+        return plan(operands, n_b, block, auto)
+
+    monkeypatch.setattr(fa_triton, "_tma_descriptors", spy)
+    q = torch.randn(1, 2, 17, 16, device=DEVICE)
+    _run(q, q, q, torch.randn_like(q))
+    assert asked == [False, True, True] and not fa_triton._FORWARD_TMA_IN_AUTO
 
 
 @GPU

@@ -1136,7 +1136,7 @@ def _bias_strides(bias: Optional[Tensor]) -> Tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------
 #
 # On sm_90+ the interior tiles of each inner loop (K/V in the forward and dQ kernels, Q/dO in
-# the dK/dV kernel) are fetched by the Tensor Memory Accelerator through a host-side tensor
+# the dK/dV kernel; the forward's only when forced, see _FORWARD_TMA_IN_AUTO) are fetched by the Tensor Memory Accelerator through a host-side tensor
 # descriptor: one instruction per tile instead of per-thread address arithmetic, and the
 # tile lands in shared memory in the layout the wgmma instructions read. Edge tiles (partial
 # or masked) keep the masked pointer loads, so a descriptor never reads outside the
@@ -1168,10 +1168,19 @@ def _tma_descriptor(x: Tensor, strides: Tuple[int, int, int], n_b: int, n_h: int
     return TensorDescriptor(x, [rows, ss], [ss, 1], [block, d])
 
 
-def _tma_descriptors(operands, n_b: int, block: str):
+# Which launches take the path under FASTATTN_TRITON_TMA=auto: the backward's two kernels, not
+# the forward, which streams K/V through pointer loads there. Side by side on an H200
+# (benchmarks/results/gpu-h200-2026-11-29-2140, head dim 128, seq 4096, bf16, autotuned) the
+# forward ran at 448 TFLOP/s with TMA and 464 with pointer loads, the backward (fwd+bwd - fwd)
+# at 393 and 361; the sessions around it agree on the forward (469 before the path existed,
+# 451 with it). FASTATTN_TRITON_TMA=1 puts the forward on it too (gpu_bench's "TMA forward" row).
+_FORWARD_TMA_IN_AUTO = False
+
+
+def _tma_descriptors(operands, n_b: int, block: str, auto: bool = True):
     """Descriptors for every (tensor, strides, heads, rows) of operands, or None unless all
-    of them qualify."""
-    if not TMA.enabled(operands[0][0]):
+    of them qualify (``auto``: see TmaSwitch.enabled)."""
+    if not TMA.enabled(operands[0][0], auto):
         return None
     rows = _INTERPRET_BLOCKS[block] if INTERPRET else 64  # the autotuner's pre_hook sets it
     descs = tuple(_tma_descriptor(x, st, n_b, n_h, n_rows, rows) for x, st, n_h, n_rows in operands)
@@ -1185,7 +1194,8 @@ def _forward(q, k, v, bias, out, lse, cu_q, cu_k, qs, ks, vs, os_, ls, batch, n_
     wide = 2 * (sq + sk) + abs(diag) + 1
     grid = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     kv_rows = k.shape[0] if varlen else sk
-    descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N")
+    descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N",
+                             _FORWARD_TMA_IN_AUTO)
 
     def launch(kv, use_tma):
         _fwd_kernel[grid](
