@@ -85,6 +85,22 @@ def test_many_tensors_and_missing_grads(device, backend):
     _check(device, backend, params, 1.0, INF)
 
 
+@pytest.mark.parametrize("device,backend", [p for p in ALL_BACKENDS if p.values != ("cpu", "triton")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_more_tensors_than_a_launch_takes(device, backend, dtype):
+    # The CUDA kernels take up to 128 whole tensors a launch, a block per 65536-element chunk:
+    # 140 tensors, multi-chunk ones on both sides of the 128th, so that the second launch starts
+    # inside the list and the blocks' tensor lookup meets chunks 0 to 3 of several tensors.
+    # (Not the Triton kernel under the interpreter, 45 s here: its own chunk table has
+    # test_triton_chunk_table_covers_every_element_once.)
+    sizes = [(int(n),) for n in range(1, 600, 3)][:140]
+    for i in (0, 126, 127, 128, 139):
+        sizes[i] = (3 * 2**16 + 5 + i,)
+    params = _params(device, dtype, sizes, seed=11)
+    _check(device, backend, params, 1.0, 2.0)
+    _check(device, backend, _params(device, dtype, sizes, seed=12), 1.0, INF)
+
+
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_mixed_dtypes_are_grouped(device, backend):
     params = (_params(device, torch.float32, [(17,), (33,)], seed=5)
