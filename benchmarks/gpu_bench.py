@@ -309,7 +309,10 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
             impls["fastattn[triton, no TMA]"] = fastattn_fn
             settings["fastattn[triton, no TMA]"] = [(fa_triton.TMA, "mode", "0")]
             impls["fastattn[triton, TMA forward]"] = fastattn_fn
-            settings["fastattn[triton, TMA forward]"] = [(fa_triton.TMA, "mode", "1")]
+            # (a failed build of the forward's TMA variant turns the path off for the
+            # process: the row's end puts the flag back for the backward of the later rows)
+            settings["fastattn[triton, TMA forward]"] = [(fa_triton.TMA, "mode", "1"),
+                                                          (fa_triton.TMA, "failed", False)]
         impls["fastattn[triton, atomic dQ]"] = fastattn_fn
         settings["fastattn[triton, atomic dQ]"] = [(fa_triton, "DQ_MODE", "atomic")]
     elif others:

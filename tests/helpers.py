@@ -45,8 +45,8 @@ def forced_tma(monkeypatch, module, planner, record, device):
     taken = []
     plan = getattr(module, planner)
 
-    def spy(*args):
-        result = plan(*args)
+    def spy(*args, **kwargs):
+        result = plan(*args, **kwargs)
         taken.append(record(result))
         return result
 

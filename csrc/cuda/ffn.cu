@@ -13,16 +13,16 @@
 //   Phi in gelu: normcdff (<= 5 ulp) for float32 results; 0.5 (1 + erff(x / sqrt 2)) alone would
 //             cancel to 0 for x << 0, where gelu(x) = x Phi(x) is still a normal float. normcdff
 //             is not cheap, though: sm_90a SASS of the vector loop has 64 instructions an element
-//             for the gelu forward (bf16), which makes that kernel instruction-bound on an H200
-//             (50M elements: ~96 us at 4 x 32 lanes a clock on 132 SMs, against ~45 us for its
-//             200 MB), so fp16/bf16 results take 0.5 + 0.5 erff(x / sqrt 2) where x >= -3 and
-//             normcdff below: 40 instructions an element when every x >= -3 (the backward 83
+//             for the gelu forward (bf16), twice what its bytes allow on an H200 (50M elements:
+//             ~96 us of instructions against ~45 us for its 200 MB). fp16/bf16 results take
+//             0.5 + 0.5 erff(x / sqrt 2) where x >= -3 and normcdff below: 40 instructions an
+//             element when every x >= -3 (~61 us, still above the bytes' time; the backward 83
 //             -> 59; python -m tests.tools.cuda_sass_loop, and the results file
 //             benchmarks/results/sass-ffn-gelu-sm90a-2026-12-01.txt). There the absolute error
-//             of Phi is ~1e-7 (erff's 2 ulp of a value < 1, and the rounding of x / sqrt 2), at
-//             most 1e-4 of Phi(-3) = 1.35e-3 and so under a fifth of fp16's half ulp (4.9e-4),
-//             bf16's being 8x wider; a warp runs the normcdff branch only when a lane's x < -3
-//             (0.13% of N(0, 1)).
+//             of Phi is ~6e-8 (half of erff's 2 ulp of a value < 1, and the rounding of
+//             x / sqrt 2), ~4.4e-5 of Phi(-3) = 1.35e-3: under a fifth of fp16's half ulp
+//             (2.4e-4 to 4.9e-4 relative), bf16's being 8x wider. A warp runs the normcdff
+//             branch only when a lane's x < -3 (0.13% of N(0, 1)).
 // exp(-x^2/2) takes x^2 as hi + lo (lo = fma(x, x, -hi)): expf(-hi/2) (1 - lo/2), so the
 // rounding of x^2 (16 ulp of the result at |x| ~ 10) does not reach it.
 //

@@ -102,7 +102,7 @@ __device__ __forceinline__ uint32_t mag_bits(float x) { return __float_as_uint(x
 template <typename T, bool kInf>
 __global__ void __launch_bounds__(kThreads)
     partials_kernel(const __grid_constant__ TensorBatch batch, float* __restrict__ partials,
-                    int64_t first_block) {
+                    int64_t partial_offset) {
   using dev::Pack16;
   constexpr int kN = Pack16<T>::kN;
   const Chunk c = find_chunk(batch);
@@ -146,10 +146,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t smem_u[kThreads / dev::kWarpSize];
   if (kInf) {
     const uint32_t m = dev::block_allreduce(mx, UMaxOp{}, 0u, smem_u);
-    if (threadIdx.x == 0) partials[first_block + blockIdx.x] = __uint_as_float(m);
+    if (threadIdx.x == 0) partials[partial_offset + blockIdx.x] = __uint_as_float(m);
   } else {
     const float s = dev::block_allreduce_sum(sum, smem_f);
-    if (threadIdx.x == 0) partials[first_block + blockIdx.x] = s;
+    if (threadIdx.x == 0) partials[partial_offset + blockIdx.x] = s;
   }
 }
 
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Packs the non-empty `tensors` into batches of whole tensors, calling launch(batch, nblocks,
-// first_block) for each (first_block: the blocks of the earlier batches, where this one's
+// partial_offset) for each (partial_offset: the blocks of the earlier batches, where this one's
 // partials start). Returns the total number of chunks.
 template <typename Launch>
 int64_t for_each_batch(const std::vector<at::Tensor>& tensors, Launch launch) {

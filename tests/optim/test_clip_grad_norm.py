@@ -85,7 +85,8 @@ def test_many_tensors_and_missing_grads(device, backend):
     _check(device, backend, params, 1.0, INF)
 
 
-@pytest.mark.parametrize("device,backend", [p for p in ALL_BACKENDS if p.values != ("cpu", "triton")])
+@pytest.mark.parametrize("device,backend",
+                         [p for p in ALL_BACKENDS if p.values != ("cpu", "triton")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_more_tensors_than_a_launch_takes(device, backend, dtype):
     # The CUDA kernels take up to 128 whole tensors a launch, a block per 65536-element chunk:

@@ -1136,11 +1136,11 @@ def _bias_strides(bias: Optional[Tensor]) -> Tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------
 #
 # On sm_90+ the interior tiles of each inner loop (K/V in the forward and dQ kernels, Q/dO in
-# the dK/dV kernel; the forward's only when forced, see _FORWARD_TMA_IN_AUTO) are fetched by the Tensor Memory Accelerator through a host-side tensor
-# descriptor: one instruction per tile instead of per-thread address arithmetic, and the
-# tile lands in shared memory in the layout the wgmma instructions read. Edge tiles (partial
-# or masked) keep the masked pointer loads, so a descriptor never reads outside the
-# sequence, whatever the layout.
+# the dK/dV kernel; the forward's only when forced, see _FORWARD_TMA_IN_AUTO) are fetched by
+# the Tensor Memory Accelerator through a host-side tensor descriptor: one instruction per
+# tile instead of per-thread address arithmetic, and the tile lands in shared memory in the
+# layout the wgmma instructions read. Edge tiles (partial or masked) keep the masked pointer
+# loads, so a descriptor never reads outside the sequence, whatever the layout.
 #
 # A (B, H, S, D) operand with strides (sb, sh, ss, 1) is described as a 2-D matrix with rows
 # of ss elements; (b, h) starts at row (b*sb + h*sh) // ss, column (b*sb + h*sh) % ss. That
