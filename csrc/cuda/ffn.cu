@@ -15,14 +15,16 @@
 //             is not cheap, though: sm_90a SASS of the vector loop has 64 instructions an element
 //             for the gelu forward (bf16), twice what its bytes allow on an H200 (50M elements:
 //             ~96 us of instructions against ~45 us for its 200 MB). fp16/bf16 results take
-//             0.5 + 0.5 erff(x / sqrt 2) where x >= -3 and normcdff below: 40 instructions an
-//             element when every x >= -3 (~61 us, still above the bytes' time; the backward 83
-//             -> 59; python -m tests.tools.cuda_sass_loop, and the results file
+//             0.5 + 0.5 erff(x / sqrt 2) where x >= -3 and normcdff below (kErfFrom, kTwoPass):
+//             30 instructions an element in that forward when every x >= -3, ~45 us, level
+//             with its bytes; the backward 83 -> 59 (python -m tests.tools.cuda_sass_loop, and
 //             benchmarks/results/sass-ffn-gelu-sm90a-2026-12-01.txt). There the absolute error
 //             of Phi is ~6e-8 (half of erff's 2 ulp of a value < 1, and the rounding of
 //             x / sqrt 2), ~4.4e-5 of Phi(-3) = 1.35e-3: under a fifth of fp16's half ulp
-//             (2.4e-4 to 4.9e-4 relative), bf16's being 8x wider. A warp runs the normcdff
-//             branch only when a lane's x < -3 (0.13% of N(0, 1)).
+//             (2.4e-4 to 4.9e-4 relative), bf16's being 8x wider. A warp runs normcdff only
+//             when one of its lanes has an x < -3 (0.13% of N(0, 1) values): for that element
+//             in the backward kernels, for the vector's elements below -3 after the erff pass
+//             in the forward ones.
 // exp(-x^2/2) takes x^2 as hi + lo (lo = fma(x, x, -hi)): expf(-hi/2) (1 - lo/2), so the
 // rounding of x^2 (16 ulp of the result at |x| ~ 10) does not reach it.
 //
@@ -77,21 +79,32 @@ __device__ __forceinline__ float sigmoid(float x, float& one_minus) {
   return s;
 }
 
-// Phi(x) = P(N(0, 1) <= x) for a result of type T (see the header for the two ways).
-template <typename T>
+// Where fp16/bf16 gelu takes Phi from erff (see the header): x >= kErfFrom.
+constexpr float kErfFrom = -3.0f;
+
+// How Phi is taken: normcdff (kExact); 0.5 + 0.5 erff(x / sqrt 2), right for x >= kErfFrom only
+// (kErf, the first of two passes); or either, by whether x >= kErfFrom (kBranch). fp32
+// results take normcdff whatever is asked.
+enum class Cdf { kExact, kErf, kBranch };
+
+// Phi(x) = P(N(0, 1) <= x) for a result of type T.
+template <typename T, Cdf C>
 __device__ __forceinline__ float normal_cdf(float x) {
-  if constexpr (sizeof(T) == 2) {
-    constexpr float kSqrtHalf = 0.707106781186547524f;
-    if (x >= -3.0f) return fmaf(0.5f, erff(x * kSqrtHalf), 0.5f);  // NaN: not >= -3
+  constexpr float kSqrtHalf = 0.707106781186547524f;
+  if constexpr (sizeof(T) == 2 && C == Cdf::kErf) {
+    return fmaf(0.5f, erff(x * kSqrtHalf), 0.5f);
+  } else if constexpr (sizeof(T) == 2 && C == Cdf::kBranch) {
+    return x >= kErfFrom ? fmaf(0.5f, erff(x * kSqrtHalf), 0.5f) : normcdff(x);  // NaN: normcdff
+  } else {
+    return normcdff(x);
   }
-  return normcdff(x);
 }
 
-// act(x), and d = act'(x) when With_grad, for a result of type T.
-template <typename T, Act A, bool With_grad>
+// act(x), and d = act'(x) when With_grad, for a result of type T (C: see normal_cdf).
+template <typename T, Act A, bool With_grad, Cdf C>
 __device__ __forceinline__ float activation(float x, float& d) {
   if constexpr (A == Act::kGelu) {
-    const float cdf = normal_cdf<T>(x);
+    const float cdf = normal_cdf<T, C>(x);
     if constexpr (With_grad) {
       constexpr float kInvSqrt2Pi = 0.398942280401432678f;
       const float x2 = x * x;
@@ -145,20 +158,36 @@ struct Arity<Kind::kGluBwd> {  // dm, g, u -> dg, du, m
   static constexpr int kIn = 3, kOut = 3;
 };
 
+// The forward kernels of fp16/bf16 gelu run two passes over a vector: every element with Phi
+// from erff, then, only if one of them is below kErfFrom (or NaN), those elements again with
+// normcdff. Branching per element keeps the work between the branches apart: 40 instructions
+// an element in the bf16 act_fwd against 30, 43 against 33 in glu_fwd (sm_90a SASS,
+// tests/tools/cuda_sass_loop). The backward kernels branch per element: two passes hold every
+// element's results and inputs at once, 62 registers instead of 40 for act_bwd (4 blocks of 256
+// an SM instead of 6) and 80 instead of 48 for glu_bwd, too few loads in flight for kernels
+// that move 8-12 B an element.
 template <typename T, Kind K, Act A>
+constexpr bool kTwoPass = A == Act::kGelu && sizeof(T) == 2 &&
+                          (K == Kind::kActFwd || K == Kind::kGluFwd);
+
+// The activation's input among a kind's inputs: h (act_*) or g (glu_*).
+template <Kind K>
+constexpr int kActInput = (K == Kind::kActBwd || K == Kind::kGluBwd) ? 1 : 0;
+
+template <typename T, Kind K, Act A, Cdf C>
 __device__ __forceinline__ void apply(const float (&in)[Arity<K>::kIn],
                                       float (&out)[Arity<K>::kOut]) {
   float d;
   if constexpr (K == Kind::kActFwd) {
-    out[0] = activation<T, A, false>(in[0], d);
+    out[0] = activation<T, A, false, C>(in[0], d);
   } else if constexpr (K == Kind::kActBwd) {
-    const float a = activation<T, A, true>(in[1], d);
+    const float a = activation<T, A, true, C>(in[1], d);
     out[0] = in[0] * d;
     out[1] = a;
   } else if constexpr (K == Kind::kGluFwd) {
-    out[0] = activation<T, A, false>(in[0], d) * in[1];
+    out[0] = activation<T, A, false, C>(in[0], d) * in[1];
   } else {
-    const float a = activation<T, A, true>(in[1], d);
+    const float a = activation<T, A, true, C>(in[1], d);
     out[0] = in[0] * in[2] * d;
     out[1] = in[0] * a;
     out[2] = a * in[2];
@@ -191,9 +220,26 @@ __global__ void __launch_bounds__(kThreads)
       float xi[kIn], yi[kOut];
 #pragma unroll
       for (int j = 0; j < kIn; ++j) xi[j] = x[j][e];
-      apply<T, K, A>(xi, yi);
+      apply<T, K, A, kTwoPass<T, K, A> ? Cdf::kErf : Cdf::kBranch>(xi, yi);
 #pragma unroll
       for (int j = 0; j < kOut; ++j) y[j][e] = yi[j];
+    }
+    if constexpr (kTwoPass<T, K, A>) {
+      bool again = false;  // an element below kErfFrom, or NaN (not >=)
+#pragma unroll
+      for (int e = 0; e < kN; ++e) again |= !(x[kActInput<K>][e] >= kErfFrom);
+      if (again) {
+#pragma unroll
+        for (int e = 0; e < kN; ++e) {
+          if (x[kActInput<K>][e] >= kErfFrom) continue;
+          float xi[kIn], yi[kOut];
+#pragma unroll
+          for (int j = 0; j < kIn; ++j) xi[j] = x[j][e];
+          apply<T, K, A, Cdf::kExact>(xi, yi);
+#pragma unroll
+          for (int j = 0; j < kOut; ++j) y[j][e] = yi[j];
+        }
+      }
     }
 #pragma unroll
     for (int j = 0; j < kOut; ++j) st16_stream(out.p[j] + v * kN, Pack16<T>::pack(y[j]));
@@ -202,7 +248,7 @@ __global__ void __launch_bounds__(kThreads)
     float xi[kIn], yi[kOut];
 #pragma unroll
     for (int j = 0; j < kIn; ++j) xi[j] = to_float(in.p[j][i]);
-    apply<T, K, A>(xi, yi);
+    apply<T, K, A, Cdf::kBranch>(xi, yi);
 #pragma unroll
     for (int j = 0; j < kOut; ++j) out.p[j][i] = from_float<T>(yi[j]);
   }

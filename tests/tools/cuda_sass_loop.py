@@ -1,14 +1,14 @@
 """Instructions per element in the vector loop of the CUDA FFN elementwise kernels, read off
 their SASS (no GPU needed): nvcc compiles csrc/cuda/ffn.cu to a cubin, cuobjdump disassembles
 it, and for each chosen kernel this counts the main loop's instructions (the loop that ends
-with the back branch after its last 128-bit store) and those a pass takes when no lane branches
-to a slow path (the blocks a forward ``@!P BRA`` jumps to, up to the ``BSYNC`` that closes
-them: gelu's normcdff below x = -3). Divided by the vector's elements: the number to weigh
-against bytes moved (an H200 issues ~7 lane instructions per byte of HBM bandwidth).
+with the back branch after its last 128-bit store) and those of its shortest pass, the one no
+lane's slow path lengthens (gelu's normcdff below x = -3). Divided by the vector's elements:
+the number to weigh against bytes moved (an H200 issues ~7 lane instructions per byte of HBM
+bandwidth).
 
 Why it exists: a bandwidth-bound kernel whose math costs more instructions than its bytes
 allow is slower than its traffic says; the gelu kernels were (csrc/cuda/ffn.cu's header).
-A static count: it assumes straight-line code in the fast path, which holds for these kernels.
+A static count of issued instructions (predicated-off ones included), not a timing.
 
 Usage: python -m tests.tools.cuda_sass_loop [--source csrc/cuda/ffn.cu] [--arch sm_90a]
        [--kernels 'bfloat16.*Kind.0.*Act.0' ...]   (regexes on the demangled-ish names)
@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DEFAULT = {
     "bf16 gelu act_fwd": r"bfloat16LNS0_4KindE0ELNS0_3ActE0E",
     "bf16 gelu act_bwd": r"bfloat16LNS0_4KindE1ELNS0_3ActE0E",
+    "bf16 gelu glu_fwd": r"bfloat16LNS0_4KindE2ELNS0_3ActE0E",
+    "bf16 gelu glu_bwd": r"bfloat16LNS0_4KindE3ELNS0_3ActE0E",
     "fp32 gelu act_fwd": r"kernelIfLNS0_4KindE0ELNS0_3ActE0E",
     "bf16 silu glu_fwd": r"bfloat16LNS0_4KindE2ELNS0_3ActE4E",
     "bf16 silu glu_bwd": r"bfloat16LNS0_4KindE3ELNS0_3ActE4E",
@@ -74,20 +76,36 @@ def functions(sass: str) -> dict:
 
 
 def loop_counts(ins: list) -> tuple:
-    """(instructions in the vector loop, those of a pass that takes no slow branch)."""
+    """(instructions in the vector loop, those of its shortest pass): the loop runs from the
+    target of the back branch after the last 128-bit store to that branch; its shortest pass
+    from start to back branch (a breadth-first walk, either way at each conditional branch) is
+    the one no lane's slow path lengthens (gelu's normcdff, a division's special cases)."""
     store = max(a for a, t in ins if re.search(r"STG\.E\S*\.128", t))
     back = next((a, t) for a, t in ins if a > store and (m := re.search(r"BRA 0x([0-9a-f]+)", t))
                 and int(m.group(1), 16) < a)
     lo, hi = int(re.search(r"BRA 0x([0-9a-f]+)", back[1]).group(1), 16), back[0]
     loop = [(a, t) for a, t in ins if lo <= a <= hi]
-    slow = 0
-    for a, t in loop:
-        m = re.match(r"@!?P\d BRA 0x([0-9a-f]+)", t)
-        if m and a < int(m.group(1), 16) < hi:
-            start = int(m.group(1), 16)
-            end = min((b for b, u in loop if b > start and u.startswith("BSYNC")), default=hi)
-            slow += sum(1 for b, _ in loop if start <= b < end)
-    return len(loop), len(loop) - slow
+    addrs = [a for a, _ in loop]
+    nxt = dict(zip(addrs, addrs[1:]))
+    steps, frontier = {lo: 1}, [lo]
+    while frontier and hi not in steps:
+        following = []
+        for a in frontier:
+            text = dict(loop)[a]
+            target = re.search(r"BRA (?:!?U?P\d, )?0x([0-9a-f]+)", text)
+            succ = []
+            if target:
+                succ.append(int(target.group(1), 16))
+                if text.startswith("@"):  # conditional: it may fall through too
+                    succ.append(nxt.get(a))
+            elif not text.startswith("EXIT"):
+                succ.append(nxt.get(a))
+            for b in succ:
+                if b is not None and lo <= b <= hi and b not in steps:
+                    steps[b] = steps[a] + 1
+                    following.append(b)
+        frontier = following
+    return len(loop), steps[hi]
 
 
 def main(argv=None) -> int:
@@ -100,7 +118,7 @@ def main(argv=None) -> int:
     wanted = {k: k for k in args.kernels} if args.kernels else DEFAULT
     funcs = functions(disassemble(args.source, args.arch))
     print(f"# {os.path.relpath(args.source, ROOT)}, {args.arch}: the vector loop's instructions "
-          "(static), and a pass with no slow branch, per element")
+          "(static), and its shortest pass (no slow branch), per element")
     for label, pattern in wanted.items():
         names = [n for n in funcs if re.search(pattern, n)]
         if not names:
@@ -108,7 +126,8 @@ def main(argv=None) -> int:
             continue
         total, fast = loop_counts(funcs[names[0]])
         per = ELEMENTS.get(label.split()[0], 8)
-        print(f"{label}: loop {total}, fast pass {fast} = {fast / per:.1f} an element ({per} a vector)")
+        print(f"{label}: loop {total}, shortest pass {fast} = {fast / per:.1f} an element "
+              f"({per} a vector)")
     return 0
 
 
