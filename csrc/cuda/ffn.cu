@@ -14,17 +14,17 @@
 //             cancel to 0 for x << 0, where gelu(x) = x Phi(x) is still a normal float. normcdff
 //             is not cheap, though: sm_90a SASS of the vector loop has 64 instructions an element
 //             for the gelu forward (bf16), twice what its bytes allow on an H200 (50M elements:
-//             ~96 us of instructions against ~45 us for its 200 MB). fp16/bf16 results take
+//             ~96 us of instructions against ~42 us for its 200 MB). fp16/bf16 results take
 //             0.5 + 0.5 erff(x / sqrt 2) where x >= -3 and normcdff below (kErfFrom, kTwoPass):
-//             30 instructions an element in that forward when every x >= -3, ~45 us, level
-//             with its bytes; the backward 83 -> 59 (python -m tests.tools.cuda_sass_loop, and
+//             30 instructions an element in that forward when every x >= -3 (~34 on average
+//             for N(0, 1) inputs: ~51 us against the bytes' 42); the backward 83 -> 59,
+//             GeGLU's forward 66 -> 43 (python -m tests.tools.cuda_sass_loop, and
 //             benchmarks/results/sass-ffn-gelu-sm90a-2026-12-01.txt). There the absolute error
 //             of Phi is ~6e-8 (half of erff's 2 ulp of a value < 1, and the rounding of
 //             x / sqrt 2), ~4.4e-5 of Phi(-3) = 1.35e-3: under a fifth of fp16's half ulp
 //             (2.4e-4 to 4.9e-4 relative), bf16's being 8x wider. A warp runs normcdff only
-//             when one of its lanes has an x < -3 (0.13% of N(0, 1) values): for that element
-//             in the backward kernels, for the vector's elements below -3 after the erff pass
-//             in the forward ones.
+//             when one of its lanes has an x < -3 (0.13% of N(0, 1) values) or a NaN: for that
+//             element, or in act_fwd for the vector's such elements after the erff pass.
 // exp(-x^2/2) takes x^2 as hi + lo (lo = fma(x, x, -hi)): expf(-hi/2) (1 - lo/2), so the
 // rounding of x^2 (16 ulp of the result at |x| ~ 10) does not reach it.
 //
@@ -158,17 +158,18 @@ struct Arity<Kind::kGluBwd> {  // dm, g, u -> dg, du, m
   static constexpr int kIn = 3, kOut = 3;
 };
 
-// The forward kernels of fp16/bf16 gelu run two passes over a vector: every element with Phi
-// from erff, then, only if one of them is below kErfFrom (or NaN), those elements again with
-// normcdff. Branching per element keeps the work between the branches apart: 40 instructions
-// an element in the bf16 act_fwd against 30, 43 against 33 in glu_fwd (sm_90a SASS,
-// tests/tools/cuda_sass_loop). The backward kernels branch per element: two passes hold every
-// element's results and inputs at once, 62 registers instead of 40 for act_bwd (4 blocks of 256
-// an SM instead of 6) and 80 instead of 48 for glu_bwd, too few loads in flight for kernels
-// that move 8-12 B an element.
+// act_fwd of fp16/bf16 gelu runs two passes over a vector: every element with Phi from erff,
+// then, only if one of them is below kErfFrom or NaN, those elements again with normcdff.
+// Branching per element keeps the work between the branches apart: 40 instructions an element
+// against 30 (sm_90a SASS, tests/tools/cuda_sass_loop); with a warp entering the second pass
+// whenever one of its 256 elements is below -3 (~29% of warps for N(0, 1) values, 28
+// instructions) and running normcdff for ~4% of its positions, ~34 on average. The other
+// kernels branch per element: two passes hold every element's results and inputs at once
+// (glu_fwd: 40 registers instead of 30, 6 blocks of 256 an SM instead of 8, and ptxas then
+// issues u's load ~140 instructions after g's; act_bwd 62 instead of 40, glu_bwd 80 instead
+// of 48), too few loads in flight for kernels that move 6-12 B an element.
 template <typename T, Kind K, Act A>
-constexpr bool kTwoPass = A == Act::kGelu && sizeof(T) == 2 &&
-                          (K == Kind::kActFwd || K == Kind::kGluFwd);
+constexpr bool kTwoPass = A == Act::kGelu && sizeof(T) == 2 && K == Kind::kActFwd;
 
 // The activation's input among a kind's inputs: h (act_*) or g (glu_*).
 template <Kind K>

@@ -95,8 +95,8 @@ def _check_sweep(mod, device, act, dtype):
 def _check_nonfinite(mod, device, act, dtype):
     """NaN propagates like torch; +-inf give torch's float64 values (derivatives at inf are
     checked for relu / relu2 only: torch's autograd gives NaN for the others)."""
-    vals = [float("nan"), float("inf"), -float("inf"), 0.0, 1.0, -1.0, float("nan")]
-    x = torch.tensor(vals, dtype=dtype).view(1, -1)
+    vals = [float("nan"), float("inf"), -float("inf"), 0.0, 1.0, -1.0, float("nan")] * 3
+    x = torch.tensor(vals, dtype=dtype).view(1, -1)   # 21: vectors, then a scalar tail
     da = torch.full_like(x, 0.75)
     a_ref, d_ref = _ref(act, x)
     dh, a = mod.act_bwd(da.to(device), x.to(device), act)
@@ -111,6 +111,40 @@ def _check_nonfinite(mod, device, act, dtype):
     assert torch.isnan(m.cpu()[nan]).all() and torch.isnan(du.cpu()[nan]).all()
     if act != "relu":  # torch's relu backward passes the gradient through at NaN
         assert torch.isnan(dg.cpu()[nan]).all()
+
+
+def _check_gelu_below_minus_3(mod, device):
+    """bf16 gelu where x < -3, which CUDA computes with normcdff (the erff form of Phi would be
+    4% off at -5 and 0 from -6 on: atol=0 sees it, the sweeps' 1e-7 does not), in every position
+    of an 8-element vector, with all of a vector's elements below -3, mixed, and in the scalar
+    tail. bf16 only: fp16 results this small are subnormal, their rounding coarser than rtol.
+    Down to -7: below that the C++ kernel's Phi loses its relative accuracy (gelu(-9) = -1e-18
+    comes out 0), an absolute error under 1e-16."""
+    vectors = []
+    for i in range(8):   # one element below -3 at position i
+        vectors.append([1.0] * i + [-5.5] + [1.0] * (7 - i))
+    vectors.append([-5.0, -5.5, -6.0, -6.5, -7.0, -4.0, -3.5, -3.0078125])
+    vectors.append([-6.0, 0.5, -3.0, -7.0, 2.0, -0.0, -5.5, 1.0])
+    tail = [-6.0, -7.0, 1.0, -6.5, -5.5]
+    x = torch.tensor(sum(vectors, []) + tail, dtype=torch.bfloat16).view(1, -1)
+    u = torch.full_like(x, 1.5)
+    da = torch.full_like(x, 0.75)
+    a_ref, d_ref = _ref("gelu", x)
+    tol = dict(rtol=8e-3, atol=0.0)
+    xd, ud, dad = x.to(device), u.to(device), da.to(device)
+
+    def close(got, want, what):
+        torch.testing.assert_close(got.cpu().double(), want, msg=lambda m: f"{what}: {m}", **tol)
+
+    close(mod.act_fwd(xd, "gelu"), a_ref, "act_fwd")
+    dh, a = mod.act_bwd(dad, xd, "gelu")
+    close(a, a_ref, "act_bwd a")
+    close(dh, 0.75 * d_ref, "act_bwd dh")
+    close(mod.glu_fwd(xd, ud, "gelu"), 1.5 * a_ref, "glu_fwd m")
+    dg, du, m = mod.glu_bwd(dad, xd, ud, "gelu")
+    close(m, 1.5 * a_ref, "glu_bwd m")
+    close(du, 0.75 * a_ref, "glu_bwd du")
+    close(dg, 0.75 * 1.5 * d_ref, "glu_bwd dg")
 
 
 # ---- CPU ---------------------------------------------------------------------------------------
@@ -137,6 +171,10 @@ def test_cpu_sweep(cpu_mod, act, dtype):
 @pytest.mark.parametrize("act", list(ACTS))
 def test_cpu_nonfinite(cpu_mod, act, dtype):
     _check_nonfinite(cpu_mod, "cpu", act, dtype)
+
+
+def test_cpu_gelu_below_minus_3(cpu_mod):
+    _check_gelu_below_minus_3(cpu_mod, "cpu")
 
 
 def test_cpu_relu_derivative_at_zero(cpu_mod):
@@ -262,6 +300,11 @@ def test_cuda_sweep(cuda_mod, act, dtype):
 @pytest.mark.parametrize("act", list(ACTS))
 def test_cuda_nonfinite(cuda_mod, act, dtype):
     _check_nonfinite(cuda_mod, "cuda", act, dtype)
+
+
+@pytest.mark.gpu
+def test_cuda_gelu_below_minus_3(cuda_mod):
+    _check_gelu_below_minus_3(cuda_mod, "cuda")
 
 
 @pytest.mark.gpu

@@ -2,7 +2,8 @@
 their SASS (no GPU needed): nvcc compiles csrc/cuda/ffn.cu to a cubin, cuobjdump disassembles
 it, and for each chosen kernel this counts the main loop's instructions (the loop that ends
 with the back branch after its last 128-bit store) and those of its shortest pass, the one no
-lane's slow path lengthens (gelu's normcdff below x = -3). Divided by the vector's elements:
+lane's slow path lengthens (gelu's normcdff below x = -3; a path through an unconditional
+CALL, a division's special cases, counts as slow). Divided by the vector's elements:
 the number to weigh against bytes moved (an H200 issues ~7 lane instructions per byte of HBM
 bandwidth).
 
@@ -79,11 +80,13 @@ def loop_counts(ins: list) -> tuple:
     """(instructions in the vector loop, those of its shortest pass): the loop runs from the
     target of the back branch after the last 128-bit store to that branch; its shortest pass
     from start to back branch (a breadth-first walk, either way at each conditional branch) is
-    the one no lane's slow path lengthens (gelu's normcdff, a division's special cases)."""
+    the one no lane's slow path lengthens (gelu's normcdff; a path through an unconditional
+    CALL, a division's special cases, is left out)."""
+    branch = re.compile(r"BRA (?:!?U?P\d, )?0x([0-9a-f]+)")   # @P0 BRA 0x.., @P0 BRA !P2, 0x..
     store = max(a for a, t in ins if re.search(r"STG\.E\S*\.128", t))
-    back = next((a, t) for a, t in ins if a > store and (m := re.search(r"BRA 0x([0-9a-f]+)", t))
+    back = next((a, t) for a, t in ins if a > store and (m := branch.search(t))
                 and int(m.group(1), 16) < a)
-    lo, hi = int(re.search(r"BRA 0x([0-9a-f]+)", back[1]).group(1), 16), back[0]
+    lo, hi = int(branch.search(back[1]).group(1), 16), back[0]
     loop = [(a, t) for a, t in ins if lo <= a <= hi]
     addrs = [a for a, _ in loop]
     nxt = dict(zip(addrs, addrs[1:]))
@@ -92,12 +95,14 @@ def loop_counts(ins: list) -> tuple:
         following = []
         for a in frontier:
             text = dict(loop)[a]
-            target = re.search(r"BRA (?:!?U?P\d, )?0x([0-9a-f]+)", text)
+            target = branch.search(text)
             succ = []
             if target:
                 succ.append(int(target.group(1), 16))
                 if text.startswith("@"):  # conditional: it may fall through too
                     succ.append(nxt.get(a))
+            elif text.startswith("CALL"):  # a subroutine (a slow path's): not the fast pass
+                pass
             elif not text.startswith("EXIT"):
                 succ.append(nxt.get(a))
             for b in succ:
