@@ -292,8 +292,8 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
     ``shapes`` lists (head dim, seq len), each run causal and not; FlexAttention only at the
     shapes in ``flex`` (each shape and grad mode is a fresh compile, ~20 s); ``others=False``
     times FlexAttention alone (the fastattn and SDPA rows of those shapes come from an earlier
-    call, so that its compiles do not hold up the other ops); ``variants=True`` times only
-    fastattn's alternative kernels (see below), for rows next to its default's."""
+    call, so that its compiles do not hold up the other ops); ``variants=True`` times fastattn's
+    alternative kernels (see below) and its default beside them."""
     from fastattn.ops.attention import triton as fa_triton
 
     impls = {}
@@ -305,6 +305,9 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
     fastattn_fn = lambda q, k, v, causal: (  # noqa: E731
         fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal))
     if variants:
+        # the default again, next to its variants (at a shape the main group may not time, and
+        # timed moments before them)
+        impls["fastattn[triton]"] = fastattn_fn
         if fa_triton.TMA.enabled(torch.empty(1, device=DEVICE)):
             impls["fastattn[triton, no TMA]"] = fastattn_fn
             settings["fastattn[triton, no TMA]"] = [(fa_triton.TMA, "mode", "0")]
@@ -684,8 +687,9 @@ def main() -> int:
         # cross-entropy, AdamW or clipping number came back
         ("ffn", lambda: ffn_cases(results, deadline, tokens=16384 // scale)),
         ("norm", lambda: norm_cases(results, tokens=16384 // scale)),
-        # fastattn's alternative attention kernels at the headline shape, beside its default
-        ("attention_variants", lambda: attention_cases(results, deadline, [(128, 4096)],
+        # fastattn's alternative attention kernels at the headline shape, beside its default,
+        # and at gpt2-124m's head dim and length (the TMA-forward choice was measured at 128 only)
+        ("attention_variants", lambda: attention_cases(results, deadline, [(128, 4096), (64, 1024)],
                                                        tokens=16384 // scale, variants=True)),
         ("ffn_variants", lambda: ffn_cases(results, deadline, tokens=16384 // scale, variants=True)),
         ("ffn_gemm", lambda: gemm_cases(results, deadline, tokens=16384 // scale)),
