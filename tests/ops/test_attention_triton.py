@@ -443,16 +443,17 @@ def test_auto_takes_tma_only_where_it_measured_faster(monkeypatch):
     """FASTATTN_TRITON_TMA=auto on a Hopper GPU: the backward's launches ask for the path, the
     forward's does not (_FORWARD_TMA_IN_AUTO); "1" forces it everywhere, "0" nowhere. The GPU
     is simulated for the switch (a CUDA-looking tensor on a compute capability 9.0 device,
-    outside the interpreter); the launches are real."""
+    outside the interpreter); the launches after it are real, on this machine's device."""
     from fastattn.ops import _triton_common
 
-    monkeypatch.setattr(_triton_common, "INTERPRET", False)
-    monkeypatch.setattr(_triton_common, "_capability", lambda index: (9, 0))
     monkeypatch.setattr(fa_triton.TMA, "failed", False)
     hopper = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
-    for mode, want in (("auto", [True, False]), ("1", [True, True]), ("0", [False, False])):
-        monkeypatch.setattr(fa_triton.TMA, "mode", mode)
-        assert [fa_triton.TMA.enabled(hopper, auto) for auto in (True, False)] == want, mode
+    with monkeypatch.context() as m:   # the simulated device, for the switch alone
+        m.setattr(_triton_common, "INTERPRET", False)
+        m.setattr(_triton_common, "_capability", lambda index: (9, 0))
+        for mode, want in (("auto", [True, False]), ("1", [True, True]), ("0", [False, False])):
+            m.setattr(fa_triton.TMA, "mode", mode)
+            assert [fa_triton.TMA.enabled(hopper, auto) for auto in (True, False)] == want, mode
 
     monkeypatch.setattr(fa_triton.TMA, "mode", "auto")
     monkeypatch.setattr(fa_triton, "DQ_MODE", "kernel")   # the backward's two launches
