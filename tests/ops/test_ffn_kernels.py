@@ -20,8 +20,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (1, 17), (97, 130), (3, 1013)]
 # The results are the float32 math rounded once to the dtype: half an ulp of the dtype plus a
 # few float32 ulp (CUDA's fp16/bf16 gelu adds up to ~5e-5 relative near x = -3, where it takes
-# Phi as 0.5 + 0.5 erf(x / sqrt 2): csrc/cuda/ffn.cu). atol covers results that underflow (and gelu_tanh's float32 z, whose
-# rounding moves sigmoid(z) by ~|z| * 1e-7 relative where the value is already < 1e-4).
+# Phi as 0.5 + 0.5 erf(x / sqrt 2): csrc/cuda/ffn.cu). atol covers results that underflow (and
+# gelu_tanh's float32 z, whose rounding moves sigmoid(z) by ~|z| * 1e-7 relative where the
+# value is already < 1e-4).
 TOL = {
     torch.float32: dict(rtol=1e-6, atol=1e-9),
     torch.float16: dict(rtol=1e-3, atol=1e-7),
