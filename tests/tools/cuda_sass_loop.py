@@ -89,12 +89,12 @@ def loop_counts(ins: list) -> tuple:
     lo, hi = int(branch.search(back[1]).group(1), 16), back[0]
     loop = [(a, t) for a, t in ins if lo <= a <= hi]
     addrs = [a for a, _ in loop]
-    nxt = dict(zip(addrs, addrs[1:]))
+    nxt, text_at = dict(zip(addrs, addrs[1:])), dict(loop)
     steps, frontier = {lo: 1}, [lo]
     while frontier and hi not in steps:
         following = []
         for a in frontier:
-            text = dict(loop)[a]
+            text = text_at[a]
             target = branch.search(text)
             succ = []
             if target:
