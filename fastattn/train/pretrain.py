@@ -1260,8 +1260,12 @@ def _bench_variant(args, corpus, name: str) -> dict:
     peak = peak_since(device, base)
     timed = times[args.warmup:]
     med = statistics.median(timed)
+    # MFU as `pretrain` reports it (module docstring); None where the device's peak is unknown
+    flops_per_token, peak_flops = model.flops_per_token(T), device_peak_flops(device)
     return {"variant": name, "backend": backend, "compile": compile_,
             "step_time_median_s": med, "tokens_per_s": B * T / med,
+            "flops_per_token": flops_per_token, "peak_flops_bf16": peak_flops,
+            "mfu": flops_per_token * B * T / med / peak_flops if peak_flops else None,
             "first_step_s": times[0], "peak_memory_bytes": peak, "losses": losses,
             # host memory freshly mapped per step: under glibc's default malloc, large blocks
             # freed at the end of a step go back to the OS and are faulted in again next step
@@ -1352,6 +1356,8 @@ def _variant_summary(r: dict) -> str:
         parts.append(f"median step {1e3 * r['step_time_median_s']:.1f} ms")
     if "tokens_per_s" in r:
         parts.append(f"{r['tokens_per_s']:,.0f} tokens/s")
+    if r.get("mfu") is not None:
+        parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if "first_step_s" in r:
         parts.append(f"first step {r['first_step_s']:.1f} s")
     if isinstance(r.get("phase_time_median_s"), dict):
@@ -1412,12 +1418,16 @@ def format_bench_table(report: dict) -> str:
     lines.append("")
     w = max([14] + [len(r["variant"]) for r in report["results"]])
     faults = any("page_faults_per_step" in r for r in report["results"])
+    # MFU where the device's bf16 peak is known (CUDA devices of PEAK_BF16_FLOPS)
+    mfu = any(r.get("mfu") is not None for r in report["results"])
     lines += [f"| {'variant':<{w}} | {'median step ms':>14} | {'tokens/s':>10} | "
-              f"{'peak MB':>8} | {'vs base':>8} | {'mem vs base':>12} | {'final loss':>10} |"
+              + (f"{'MFU':>6} | " if mfu else "")
+              + f"{'peak MB':>8} | {'vs base':>8} | {'mem vs base':>12} | {'final loss':>10} |"
               + (f" {'faults/step':>11} |" if faults else ""),
-              "| " + " | ".join(["-" * w, "-" * 13 + ":", "-" * 9 + ":", "-" * 7 + ":",
-                               "-" * 7 + ":", "-" * 11 + ":", "-" * 9 + ":"]
-                              + (["-" * 10 + ":"] if faults else [])) + " |"]
+              "| " + " | ".join(["-" * w, "-" * 13 + ":", "-" * 9 + ":"]
+                               + (["-" * 5 + ":"] if mfu else [])
+                               + ["-" * 7 + ":", "-" * 7 + ":", "-" * 11 + ":", "-" * 9 + ":"]
+                               + (["-" * 10 + ":"] if faults else [])) + " |"]
     for r in report["results"]:
         if "error" in r:
             lines.append(f"| {r['variant']:<{w}} | failed: {r['error'][:200]}")
@@ -1425,10 +1435,12 @@ def format_bench_table(report: dict) -> str:
         mem = r["peak_memory_bytes"]
         mem_ratio = f"{r['memory_vs_baseline']:.2f}x" if "memory_vs_baseline" in r else "-"
         pf = r.get("page_faults_per_step")
+        m = r.get("mfu")
         lines.append(
             f"| {r['variant']:<{w}} | {1e3 * r['step_time_median_s']:>14.1f} | "
             f"{r['tokens_per_s']:>10,.0f} | "
-            f"{'-' if mem is None else f'{mem / 2**20:.0f}':>8} | "
+            + (f"{'-' if m is None else f'{100 * m:.1f}%':>6} | " if mfu else "")
+            + f"{'-' if mem is None else f'{mem / 2**20:.0f}':>8} | "
             f"{r.get('speedup_vs_baseline', float('nan')):>7.2f}x | "
             f"{mem_ratio:>12} | "
             f"{r['losses'][-1]:>10.4f} |"

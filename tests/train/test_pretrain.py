@@ -256,8 +256,11 @@ def test_bench_variants_compile_modes(tmp_path, cache, monkeypatch):
     assert all(BENCH_VARIANTS[n].optional for n in names[1:])
 
 
-def test_bench(tmp_path, cache, capsys):
-    # torch.compile (tens of seconds to compile on 2 cores) is left to the measured CLI run
+def test_bench(tmp_path, cache, capsys, monkeypatch):
+    # torch.compile (tens of seconds to compile on 2 cores) is left to the measured CLI run.
+    # A bf16 peak for this CPU, as a GPU's is known: each row's MFU from its own tokens/s.
+    import fastattn.train.pretrain as pretrain_mod
+    monkeypatch.setattr(pretrain_mod, "device_peak_flops", lambda device: 2.5e9)
     assert main(["bench", *MODEL,
                  "--cache-dir", cache, "--out", str(tmp_path), "--steps", "2", "--warmup", "1",
                  "--variants", "torch eager,fastattn,fastattn (plain norms)",
@@ -271,8 +274,17 @@ def test_bench(tmp_path, cache, capsys):
     for x, y in zip(rows[0]["losses"], rows[1]["losses"]):
         assert x == pytest.approx(y, rel=1e-4)
     assert (tmp_path / "bench.png").stat().st_size > 0
+    from fastattn.models.gpt import GPT, GPTConfig
+    fpt = GPT(GPTConfig(**report["config"])).flops_per_token(report["seq_len"])
+    for r in rows:
+        assert r["flops_per_token"] == fpt and r["peak_flops_bf16"] == 2.5e9
+        assert r["mfu"] == pytest.approx(fpt * r["tokens_per_s"] / 2.5e9, rel=1e-12)
     captured = capsys.readouterr()
     assert "| fastattn" in captured.out
+    header, _, first = format_bench_table(report).splitlines()[-5:-2]
+    assert header.split("|")[4].strip() == "MFU"
+    assert first.split("|")[4].strip() == f"{100 * rows[0]['mfu']:.1f}%"
+    assert f"MFU {100 * rows[1]['mfu']:.1f}%" in captured.err   # the variant's line
     assert "| torch eager" in format_bench_table(report)
     assert report["config"]["vocab_size"] % 64 or "not a multiple of 64" not in captured.out
     report["config"]["vocab_size"] = 44532          # an unaligned vocabulary is pointed out
