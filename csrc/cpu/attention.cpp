@@ -617,24 +617,28 @@ struct BackwardIO {
                 const float* dv_blk) const {
     const HeadRows dkr = head_rows(dk, pr.cu_k, b, h), dvr = head_rows(dv, pr.cu_k, b, h);
     const int64_t D = pr.D;
-    for (int64_t r = 0; r < n; ++r) {
-      if (partial) {
-        std::copy(dk_blk + r * D, dk_blk + (r + 1) * D,
-                  dk.data_ptr<float>() + dkr.offset + (j0 + r) * dkr.ld);
-        std::copy(dv_blk + r * D, dv_blk + (r + 1) * D,
-                  dv.data_ptr<float>() + dvr.offset + (j0 + r) * dvr.ld);
-      } else {
-        store_row(dk.data_ptr<scalar_t>() + dkr.offset + (j0 + r) * dkr.ld, dk_blk + r * D, D, 1.f);
-        store_row(dv.data_ptr<scalar_t>() + dvr.offset + (j0 + r) * dvr.ld, dv_blk + r * D, D, 1.f);
+    // (data_ptr<T>() checks the dtype on each call: once per block, not per row)
+    if (partial) {
+      float* dk0 = dk.data_ptr<float>() + dkr.offset + j0 * dkr.ld;
+      float* dv0 = dv.data_ptr<float>() + dvr.offset + j0 * dvr.ld;
+      for (int64_t r = 0; r < n; ++r) {
+        std::copy(dk_blk + r * D, dk_blk + (r + 1) * D, dk0 + r * dkr.ld);
+        std::copy(dv_blk + r * D, dv_blk + (r + 1) * D, dv0 + r * dvr.ld);
+      }
+    } else {
+      scalar_t* dk0 = dk.data_ptr<scalar_t>() + dkr.offset + j0 * dkr.ld;
+      scalar_t* dv0 = dv.data_ptr<scalar_t>() + dvr.offset + j0 * dvr.ld;
+      for (int64_t r = 0; r < n; ++r) {
+        store_row(dk0 + r * dkr.ld, dk_blk + r * D, D, 1.f);
+        store_row(dv0 + r * dvr.ld, dv_blk + r * D, D, 1.f);
       }
     }
   }
 
   void store_q(int64_t b, int64_t h, int64_t i0, int64_t m, const float* dq_rows) const {
     const HeadRows dqr = head_rows(dq, pr.cu_q, b, h);
-    for (int64_t r = 0; r < m; ++r)
-      store_row(dq.data_ptr<scalar_t>() + dqr.offset + (i0 + r) * dqr.ld, dq_rows + r * pr.D,
-                pr.D, 1.f);
+    scalar_t* dq0 = dq.data_ptr<scalar_t>() + dqr.offset + i0 * dqr.ld;
+    for (int64_t r = 0; r < m; ++r) store_row(dq0 + r * dqr.ld, dq_rows + r * pr.D, pr.D, 1.f);
   }
 
   // dK_j, dV_j of key block [j0, j0 + n) of head g: over the query blocks that see it,
