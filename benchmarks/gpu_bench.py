@@ -642,8 +642,8 @@ def _record(results, case, impl, step, work, unit, graph=False, extra=None):
         torch.cuda.empty_cache()
 
 
-CASE_GROUPS = ("attention", "decode_attention", "cross_entropy", "linear_cross_entropy",
-               "adamw", "clip_grad_norm", "token_logprobs", "ffn", "norm", "attention_variants",
+CASE_GROUPS = ("attention", "decode_attention", "decode_generation", "cross_entropy",
+               "linear_cross_entropy", "adamw", "clip_grad_norm", "token_logprobs", "ffn", "norm", "attention_variants",
                "ffn_variants", "ffn_gemm", "optim_compiled", "flex_attention", "attention_sweep")
 
 
@@ -673,12 +673,12 @@ def main() -> int:
     cases = [  # most important first: a run cut short by the budget still answers the issues
         ("attention", lambda: attention_cases(results, deadline, [(128, 4096)],
                                               tokens=16384 // scale)),
-        # the issue's shape (B 8, 32 query / 8 kv heads, d 128, long caches), then gpt2-124m's
-        # generation in GRPO (8 prompts x 8 samples, 12 heads, d 64, 128 + 128 positions):
-        # which kernel a captured decode step should take where the host's cost does not count
-        ("decode_attention", lambda: (decode_cases(results, deadline),
-                                      decode_cases(results, deadline, batch=64, heads=12,
-                                                   kv_heads=12, d=64, cache_lens=(256,)))),
+        ("decode_attention", lambda: decode_cases(results, deadline)),
+        # gpt2-124m's generation in GRPO (8 prompts x 8 samples, 12 heads, d 64, 128 + 128
+        # positions), eager and from a CUDA graph: which kernel a captured decode step (as
+        # generate() runs it) should take, where the host's cost per call does not count
+        ("decode_generation", lambda: decode_cases(results, deadline, batch=64, heads=12,
+                                                   kv_heads=12, d=64, cache_lens=(256,))),
         ("cross_entropy", lambda: _logits_cases(results, "cross_entropy", fastattn.cross_entropy,
                                                 F.cross_entropy, False, 16384 // scale, 131072)),
         ("linear_cross_entropy", lambda: linear_cross_entropy_cases(results, n=16384 // scale)),

@@ -29,6 +29,8 @@ GROUPS = {
                                                      model_dim=32),
     "decode_attention": lambda r: gpu_bench.decode_cases(r, INF, batch=2, heads=4, kv_heads=2,
                                                          d=32, cache_lens=(48,)),
+    "decode_generation": lambda r: gpu_bench.decode_cases(r, INF, batch=2, heads=4, kv_heads=4,
+                                                          d=32, cache_lens=(48,)),
     "ffn": lambda r: gpu_bench.ffn_cases(r, INF, tokens=24, swiglu=(32, 48), mlp=(16, 40)),
     "norm": lambda r: gpu_bench.norm_cases(r, tokens=24),
     "cross_entropy": lambda r: gpu_bench._logits_cases(

@@ -615,6 +615,7 @@ struct BackwardIO {
   // dK, dV rows [j0, j0 + n) of (b, h) from fp32 blocks of n rows.
   void store_kv(int64_t b, int64_t h, int64_t j0, int64_t n, const float* dk_blk,
                 const float* dv_blk) const {
+    if (n <= 0) return;
     const HeadRows dkr = head_rows(dk, pr.cu_k, b, h), dvr = head_rows(dv, pr.cu_k, b, h);
     const int64_t D = pr.D;
     // (data_ptr<T>() checks the dtype on each call: once per block, not per row)
@@ -636,6 +637,7 @@ struct BackwardIO {
   }
 
   void store_q(int64_t b, int64_t h, int64_t i0, int64_t m, const float* dq_rows) const {
+    if (m <= 0) return;   // (an empty packed sequence: no row, and no pointer past the end)
     const HeadRows dqr = head_rows(dq, pr.cu_q, b, h);
     scalar_t* dq0 = dq.data_ptr<scalar_t>() + dqr.offset + i0 * dqr.ld;
     for (int64_t r = 0; r < m; ++r) store_row(dq0 + r * dqr.ld, dq_rows + r * pr.D, pr.D, 1.f);

@@ -1430,7 +1430,7 @@ def format_bench_table(report: dict) -> str:
                                + (["-" * 10 + ":"] if faults else [])) + " |"]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['variant']:<{w}} | failed: {r['error'][:200]}")
+            lines.append(f"| {r['variant']:<{w}} | failed: {r['error'][:200]} |")
             continue
         mem = r["peak_memory_bytes"]
         mem_ratio = f"{r['memory_vs_baseline']:.2f}x" if "memory_vs_baseline" in r else "-"

@@ -285,6 +285,17 @@ def test_bench(tmp_path, cache, capsys, monkeypatch):
     assert header.split("|")[4].strip() == "MFU"
     assert first.split("|")[4].strip() == f"{100 * rows[0]['mfu']:.1f}%"
     assert f"MFU {100 * rows[1]['mfu']:.1f}%" in captured.err   # the variant's line
+    # no peak for one row: "-" there; for none (a CPU): no column; every line of the table
+    # keeps the header's cells either way
+    def cells(table):
+        return [line.count("|") for line in table.splitlines()[-5:]]
+    report["results"][2]["mfu"] = None
+    table = format_bench_table(report)
+    assert table.splitlines()[-1].split("|")[4].strip() == "-" and len(set(cells(table))) == 1
+    for r in report["results"]:
+        r["mfu"] = None
+    table = format_bench_table(report)
+    assert "MFU" not in table and len(set(cells(table))) == 1
     assert "| torch eager" in format_bench_table(report)
     assert report["config"]["vocab_size"] % 64 or "not a multiple of 64" not in captured.out
     report["config"]["vocab_size"] = 44532          # an unaligned vocabulary is pointed out
