@@ -643,8 +643,9 @@ def _record(results, case, impl, step, work, unit, graph=False, extra=None):
 
 
 CASE_GROUPS = ("attention", "decode_attention", "decode_generation", "cross_entropy",
-               "linear_cross_entropy", "adamw", "clip_grad_norm", "token_logprobs", "ffn", "norm", "attention_variants",
-               "ffn_variants", "ffn_gemm", "optim_compiled", "flex_attention", "attention_sweep")
+               "linear_cross_entropy", "adamw", "clip_grad_norm", "token_logprobs", "ffn", "norm",
+               "attention_variants", "ffn_variants", "ffn_gemm", "optim_compiled", "flex_attention",
+               "attention_sweep")
 
 
 def main() -> int:
