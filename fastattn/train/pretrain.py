@@ -249,6 +249,14 @@ def device_peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
+def mfu(flops_per_token: float, tokens_per_s: Optional[float], peak_flops: Optional[float],
+        world_size: int = 1) -> Optional[float]:
+    """Model FLOPs utilisation (module docstring): None without a known peak or a rate."""
+    if not peak_flops or not tokens_per_s:
+        return None
+    return flops_per_token * tokens_per_s / (peak_flops * world_size)
+
+
 def lr_at(it: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
     """Learning rate of 0-based step ``it``: linear warmup, then cosine decay to ``min_lr``."""
     if it < warmup:
@@ -1053,17 +1061,16 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
             step_faults.append(minor_page_faults() - f0)
             step = it + 1
             tps = tokens_per_step / dt
-            mfu = (flops_per_token * tps / (peak_flops * dist_info.world_size)
-                   if peak_flops else None)
+            step_mfu = mfu(flops_per_token, tps, peak_flops, dist_info.world_size)
             history["train"].append((step, loss_value))
             log({"kind": "train", "step": step, "loss": loss_value, "lr": lr, "step_time_s": dt,
-                 "tokens_per_s": tps, "mfu": mfu})
+                 "tokens_per_s": tps, "mfu": step_mfu})
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {step}")
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss_value:.4f} | {tps:,.0f} tok/s | mfu "
-                                    + ("-" if mfu is None else f"{100 * mfu:.1f}%"))
+                                    + ("-" if step_mfu is None else f"{100 * step_mfu:.1f}%"))
             if args.eval_iters > 0 and args.eval_every > 0 and step % args.eval_every == 0:
                 last_eval = evaluate()
                 history["eval"].append((step, last_eval))
@@ -1146,8 +1153,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                                                   else step_faults) if step_faults else None,
         "allocator_env": allocator_env(),
         "train_time_s": train_s,
-        "mfu": (flops_per_token * tokens_per_s / (peak_flops * dist_info.world_size)
-                if peak_flops and tokens_per_s else None),
+        "mfu": mfu(flops_per_token, tokens_per_s, peak_flops, dist_info.world_size),
         "peak_flops_bf16": peak_flops, "flops_per_token": flops_per_token,
         "val_loss": last_eval,
         **run_summary(opt, clip_grad_norm_, history, device),
@@ -1260,12 +1266,11 @@ def _bench_variant(args, corpus, name: str) -> dict:
     peak = peak_since(device, base)
     timed = times[args.warmup:]
     med = statistics.median(timed)
-    # MFU as `pretrain` reports it (module docstring); None where the device's peak is unknown
     flops_per_token, peak_flops = model.flops_per_token(T), device_peak_flops(device)
     return {"variant": name, "backend": backend, "compile": compile_,
             "step_time_median_s": med, "tokens_per_s": B * T / med,
             "flops_per_token": flops_per_token, "peak_flops_bf16": peak_flops,
-            "mfu": flops_per_token * B * T / med / peak_flops if peak_flops else None,
+            "mfu": mfu(flops_per_token, B * T / med, peak_flops),
             "first_step_s": times[0], "peak_memory_bytes": peak, "losses": losses,
             # host memory freshly mapped per step: under glibc's default malloc, large blocks
             # freed at the end of a step go back to the OS and are faulted in again next step
@@ -1419,13 +1424,13 @@ def format_bench_table(report: dict) -> str:
     w = max([14] + [len(r["variant"]) for r in report["results"]])
     faults = any("page_faults_per_step" in r for r in report["results"])
     # MFU where the device's bf16 peak is known (CUDA devices of PEAK_BF16_FLOPS)
-    mfu = any(r.get("mfu") is not None for r in report["results"])
+    with_mfu = any(r.get("mfu") is not None for r in report["results"])
     lines += [f"| {'variant':<{w}} | {'median step ms':>14} | {'tokens/s':>10} | "
-              + (f"{'MFU':>6} | " if mfu else "")
+              + (f"{'MFU':>6} | " if with_mfu else "")
               + f"{'peak MB':>8} | {'vs base':>8} | {'mem vs base':>12} | {'final loss':>10} |"
               + (f" {'faults/step':>11} |" if faults else ""),
               "| " + " | ".join(["-" * w, "-" * 13 + ":", "-" * 9 + ":"]
-                               + (["-" * 5 + ":"] if mfu else [])
+                               + (["-" * 5 + ":"] if with_mfu else [])
                                + ["-" * 7 + ":", "-" * 7 + ":", "-" * 11 + ":", "-" * 9 + ":"]
                                + (["-" * 10 + ":"] if faults else [])) + " |"]
     for r in report["results"]:
@@ -1439,7 +1444,7 @@ def format_bench_table(report: dict) -> str:
         lines.append(
             f"| {r['variant']:<{w}} | {1e3 * r['step_time_median_s']:>14.1f} | "
             f"{r['tokens_per_s']:>10,.0f} | "
-            + (f"{'-' if m is None else f'{100 * m:.1f}%':>6} | " if mfu else "")
+            + (f"{'-' if m is None else f'{100 * m:.1f}%':>6} | " if with_mfu else "")
             + f"{'-' if mem is None else f'{mem / 2**20:.0f}':>8} | "
             f"{r.get('speedup_vs_baseline', float('nan')):>7.2f}x | "
             f"{mem_ratio:>12} | "
