@@ -4,7 +4,10 @@ GEMMs alone, interleaved rounds in one process, medians.
     python -m benchmarks.ffn_cpu_ceiling [--tokens 2048 --dim 512 --hidden 2048 --rounds 15]
 
 Fusion can only remove what eager spends outside its GEMMs, so eager / GEMMs bounds the speedup
-any fused FFN can reach on this machine.
+any fused FFN can reach with eager's GEMMs (ATen's: MKL). fastattn's CPU backend runs the
+forward and input-gradient GEMMs on oneDNN where that is the faster (fastattn/ops/_cpu_matmul.py):
+the rows "fastattn (ATen GEMMs)" and "GEMMs alone, oneDNN where faster" separate what the
+routing buys from what the fusion does.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import fastattn
+from fastattn.ops import _cpu_matmul
 
 
 def main() -> None:
@@ -41,12 +45,22 @@ def main() -> None:
     def fused():
         fastattn.mlp(x, w1, b1, w2, b2, activation="gelu").backward(dy)
 
+    def fused_aten():
+        with _cpu_matmul.aten_only():
+            fused()
+
     def gemms():  # the two forward addmms and the four backward GEMMs, nothing else
         with torch.no_grad():
             torch.addmm(b1, x, w1.t()), torch.addmm(b2, a, w2.t())
             dy @ w2, dy.t() @ a, h @ w1, h.t() @ x
 
-    fns = {"eager": eager, "fastattn": fused, "GEMMs alone": gemms}
+    def gemms_routed():  # the same six as fastattn's CPU backend routes them
+        with torch.no_grad(), _cpu_matmul.enabled():
+            _cpu_matmul.linear(x, w1, b1), _cpu_matmul.linear(a, w2, b2)
+            _cpu_matmul.mm(dy, w2), dy.t() @ a, _cpu_matmul.mm(h, w1), h.t() @ x
+
+    fns = {"eager": eager, "fastattn": fused, "fastattn (ATen GEMMs)": fused_aten,
+           "GEMMs alone": gemms, "GEMMs alone, oneDNN where faster": gemms_routed}
     for f in fns.values():
         f(), f()
     times = {k: [] for k in fns}
@@ -62,9 +76,13 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"median of {args.rounds} interleaved rounds")
     for k, v in med.items():
-        print(f"  {k:12s} {v:8.1f} ms")
-    print(f"  eager / GEMMs alone {med['eager'] / med['GEMMs alone']:.3f} (the fusion ceiling), "
-          f"eager / fastattn {med['eager'] / med['fastattn']:.3f}")
+        print(f"  {k:34s} {v:8.1f} ms")
+    onednn, why = _cpu_matmul.onednn_status()
+    print(f"  eager / GEMMs alone {med['eager'] / med['GEMMs alone']:.3f} (the fusion ceiling "
+          f"with ATen's GEMMs), eager / fastattn {med['eager'] / med['fastattn']:.3f}, "
+          f"eager / fastattn (ATen GEMMs) {med['eager'] / med['fastattn (ATen GEMMs)']:.3f}; "
+          f"GEMMs alone / routed {med['GEMMs alone'] / med['GEMMs alone, oneDNN where faster']:.3f}"
+          + ("" if onednn else f" (oneDNN not used: {why})"))
 
 
 if __name__ == "__main__":

@@ -135,7 +135,12 @@ def _extension_status(kind: str) -> BackendStatus:
         return BackendStatus(False, str(exc))
     where = getattr(module, "__file__", "?")
     if kind == "cpu":
-        return BackendStatus(True, f"C++ kernels ({where}), {torch.get_num_threads()} threads")
+        from .ops import _cpu_matmul
+        onednn, why = _cpu_matmul.onednn_status()
+        gemms = ("oneDNN for forward and input-gradient GEMMs, ATen's for weight gradients"
+                 if onednn else f"ATen's GEMMs ({why})")
+        return BackendStatus(True, f"C++ kernels ({where}), {torch.get_num_threads()} threads; "
+                                   f"{gemms}")
     return BackendStatus(True, f"CUDA kernels ({where}) on {_cuda_device_name()}")
 
 

@@ -1173,6 +1173,7 @@ class BenchVariant(NamedTuple):
     backend: str
     compile: Optional[str] = None   # a torch.compile mode ("default", "reduce-overhead"), or None
     plain_norms: bool = False       # the fastattn backend with the torch backend's norms
+    aten_gemms: bool = False        # the CPU ops' GEMMs all on ATen (no oneDNN; _cpu_matmul)
     optional: bool = False          # only when asked for by name (--variants)
 
 
@@ -1186,6 +1187,10 @@ BENCH_VARIANTS = {
     # the norms as on the torch backend (a plain add, then nn.LayerNorm / nn.RMSNorm): what the
     # fused norms buy, against the host time of one more custom op per norm
     "fastattn (plain norms)": BenchVariant("fastattn", plain_norms=True, optional=True),
+    # on a CPU, the fused ops' GEMMs all on ATen (MKL) as eager's, not on oneDNN where that
+    # is the faster (fastattn/ops/_cpu_matmul.py): what the routing buys, and what the rest of
+    # fastattn buys without it
+    "fastattn (ATen GEMMs)": BenchVariant("fastattn", aten_gemms=True, optional=True),
     # torch.compile's CUDA graphs (mode "reduce-overhead": forward and backward replayed as
     # graphs, the optimizer eager): the step without the host's per-kernel cost, for both
     # backends alike, where a step is host-bound (gpt2-124m on an H200, 2026-11-30). On a CPU
@@ -1252,13 +1257,16 @@ def _bench_variant(args, corpus, name: str) -> dict:
     model, opt, clip_grad_norm_, base = bench_model(args, cfg, backend, device,
                                                     plain_norms=variant.plain_norms)
     fwd = torch.compile(model, mode=compile_) if compile_ else model
+    from ..ops import _cpu_matmul
+    gemms = _cpu_matmul.aten_only if variant.aten_gemms else contextlib.nullcontext
     times, faults, losses = [], [], []
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         _sync(device)
         f0 = minor_page_faults()
         t0 = time.perf_counter()
-        loss = bench_step(fwd, opt, clip_grad_norm_, x, y, device, args.clip)
+        with gemms():
+            loss = bench_step(fwd, opt, clip_grad_norm_, x, y, device, args.clip)
         losses.append(float(loss.detach()))
         _sync(device)
         times.append(time.perf_counter() - t0)

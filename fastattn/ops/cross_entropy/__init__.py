@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
+from .. import _cpu_matmul
 from .._args import dense, flag, real_number
 
 _PKG = __name__
@@ -45,9 +46,20 @@ _DEVICES = ("cpu", "cuda")
 _SKIP_SCALE_MIN_NUMEL = 1 << 26
 
 
+def _backend(op: str, x: Tensor) -> str:
+    return _backends.select(op, x.device, x.dtype, cuda_order=_CUDA_ORDER, dtypes=_DTYPES)
+
+
 def _kernels(op: str, x: Tensor):
-    name = _backends.select(op, x.device, x.dtype, cuda_order=_CUDA_ORDER, dtypes=_DTYPES)
-    return _backends.implementation(name, _PKG)
+    return _backends.implementation(_backend(op, x), _PKG)
+
+
+def _chunk_kernels(op: str, x: Tensor):
+    """(op's row kernels for x, the context its chunk loops run in): with the "cpu" backend the
+    loops' forward and input-gradient GEMMs take oneDNN where it is the faster (_cpu_matmul);
+    every other backend keeps ATen's."""
+    name = _backend(op, x)
+    return _backends.implementation(name, _PKG), _cpu_matmul.enabled(name == "cpu")
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -531,10 +543,23 @@ def _logits_buffer(like: Tensor, rows: int, cols: int) -> Tensor:
 
 def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """out = x @ weight^T + bias in place (``out``: rows of a _logits_buffer; ATen's GEMMs take
-    its row stride as their leading dimension, no copy)."""
+    its row stride as their leading dimension, no copy), or, where the CPU's oneDNN is the
+    faster GEMM for the product (``_cpu_matmul``), a new contiguous tensor of those values:
+    oneDNN writes no strided ``out``, and a copy into it would cost a pass over the logits."""
+    if _cpu_matmul.takes(x, weight.shape[0]):
+        return _cpu_matmul.linear(x, weight, bias)
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out = a @ b (out: rows of a contiguous tensor): as _linear_into, oneDNN where it is the
+    faster GEMM (then one copy of the product, the size of ``out``, not of the logits)."""
+    if _cpu_matmul.takes(a, b.shape[1]):
+        out.copy_(_cpu_matmul.mm(a, b))
+    else:
+        torch.mm(a, b, out=out)
 
 
 def _token_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int):
@@ -561,11 +586,12 @@ def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int
         xc = x[start:end]
         row_fn(logits, start, end)
         if dx is not None:
-            torch.mm(logits, weight, out=dx[start:end])
+            _mm_into(dx[start:end], logits, weight)
         if dw is not None:
             _addmm_acc(dw, logits.t(), xc)
         if db is not None:
             db.add_(logits.sum(0, dtype=acc))
+        del logits, xc    # (see _token_chunks)
     return (dx if dx is not None else x.new_empty(0),
             dw.to(weight.dtype) if dw is not None else x.new_empty(0),
             db.to(bias.dtype) if db is not None else x.new_empty(0))
@@ -648,6 +674,7 @@ def _vocab_stats(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
         s_t = torch.where(local >= 0, picked * inv_temperature, s_t)
         if z_sum is not None:
             z_sum += logits.sum(1, dtype=acc)
+        del logits    # (see _token_chunks)
     # A target outside [0, V) (unchecked: trusted_targets) lies in no chunk, so s_t would stay
     # 0 and its row's loss read as a finite number: a NaN lse makes the row NaN instead (its
     # loss, log-prob and, through the softmax of pass 2, its gradient), as the row kernels do.
@@ -697,6 +724,7 @@ def _vocab_pass2(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
             torch.mm(logits.t(), x, out=dw[v0:v1])
         if db is not None:
             db[v0:v1] = logits.sum(0, dtype=acc)
+        del logits    # (see _token_chunks)
     return (dx_acc.to(x.dtype) if dx_acc is not None else x.new_empty(0),
             dw if dw is not None else x.new_empty(0),
             db if db is not None else x.new_empty(0))
@@ -737,11 +765,11 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
     divide_after = need_grad and denominator is not None and acc == torch.float64 and not by_vocab
     grad_scale = (denominator.reciprocal() if (need_grad and denominator is not None
                                                and not divide_after) else None)
-    kernels = _kernels(fn, x)
+    kernels, matmuls = _chunk_kernels(fn, x)
     lse_out = x.new_empty(0, dtype=_acc_dtype(x.dtype))
     dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
 
-    with torch.no_grad():
+    with torch.no_grad(), matmuls:
         if by_vocab:
             rows, lse = _vocab_ce_loss(kernels, x, weight, bias, target, valid, chunk_size,
                                        label_smoothing)
@@ -773,6 +801,7 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
             else:
                 for start, end, logits in _token_chunks(x, weight, bias, chunk_size):
                     row_fn(logits, start, end)
+                    del logits    # (see _token_chunks)
     if reduction == "none":
         loss = rows
     else:
@@ -807,10 +836,10 @@ def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, targ
     chunk's logits and scales row r of their gradient by grad_loss[r] ("none": one per token)
     or by grad_loss itself (0-d: "mean" over float16, grad_output / denominator). With ``lse``
     (the forward's, per token) the chunks are of the vocabulary."""
-    kernels = _kernels("linear_cross_entropy", x)
+    kernels, matmuls = _chunk_kernels("linear_cross_entropy", x)
     scale = grad_loss.to(torch.float32)
 
-    with torch.no_grad():
+    with torch.no_grad(), matmuls:
         if lse is not None:
             valid = target != ignore_index
             scale = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
@@ -1114,10 +1143,10 @@ def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: 
     _validate_targets(fn, target, weight.shape[0], ignore_index)
     n_tokens = x.shape[0]
     acc = _acc_dtype(x.dtype)
-    kernels = _kernels(fn, x)
+    kernels, matmuls = _chunk_kernels(fn, x)    # (matmuls: entered once, by one branch)
     if by_vocab:
         valid = target != ignore_index
-        with torch.no_grad():
+        with torch.no_grad(), matmuls:
             s_t, lse, entropy, _ = _vocab_stats(kernels, x, weight, bias, target, valid,
                                                 chunk_size, inv_temperature, with_entropy)
         zero = torch.zeros_like(lse)
@@ -1126,13 +1155,14 @@ def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: 
     logp = torch.zeros(n_tokens, dtype=acc, device=x.device)
     entropy = torch.zeros(n_tokens if with_entropy else 0, dtype=acc, device=x.device)
     lse = torch.zeros(n_tokens, dtype=acc, device=x.device)
-    with torch.no_grad():
+    with torch.no_grad(), matmuls:
         for start, end, logits in _token_chunks(x, weight, bias, chunk_size):
             lp, ent, ls = kernels.token_logprobs_fwd(logits, target[start:end], ignore_index,
                                                      inv_temperature, with_entropy)
             logp[start:end], lse[start:end] = lp, ls
             if with_entropy:
                 entropy[start:end] = ent
+            del logits    # (see _token_chunks)
     return logp, entropy, lse
 
 
@@ -1151,11 +1181,11 @@ def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor]
                                entropy: Tensor, ignore_index: int, inv_temperature: float,
                                chunk_size: int, by_vocab: bool, want_dx: bool,
                                want_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    kernels = _kernels("linear_token_logprobs", x)
+    kernels, matmuls = _chunk_kernels("linear_token_logprobs", x)
     grad_logp = grad_logp.contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
 
-    with torch.no_grad():
+    with torch.no_grad(), matmuls:
         if by_vocab:
             # d logp_r / d s = onehot - p: the slice kernel's row_scale is -grad_logp
             valid = target != ignore_index

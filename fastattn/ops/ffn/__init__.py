@@ -5,10 +5,11 @@ Eager PyTorch keeps the pre-activation h and the activation a = act(h) of an MLP
 g and u) is kept; a (or m) is recomputed in backward in the same pass that applies act', so the
 saved activation memory of the hidden layer halves. The math is in ``reference.py``.
 
-Backends: ``cpu`` and ``cuda`` run ATen's matmuls (MKL / cuBLAS) around fused elementwise
-kernels (bias is folded into the matmul by addmm; act, act' and the GLU product run in one
-vectorised pass each); ``triton`` runs matmul kernels with the activation fused into their
-epilogues; ``reference`` is the same composition in plain PyTorch.
+Backends: ``cpu`` and ``cuda`` run library matmuls around fused elementwise kernels (bias is
+folded into the matmul; act, act' and the GLU product run in one vectorised pass each): cuBLAS
+on the GPU, and on the CPU oneDNN for the forward and input-gradient products and MKL for the
+weight gradients (``ops/_cpu_matmul.py`` says why); ``triton`` runs matmul kernels with the
+activation fused into their epilogues; ``reference`` is the same composition in plain PyTorch.
 
 Custom ops: ``fastattn::mlp_fwd`` / ``mlp_bwd`` and ``fastattn::swiglu_fwd`` / ``swiglu_bwd``
 on 2-D inputs (the public functions flatten leading dimensions).
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
+from .. import _cpu_matmul as matmuls
 from .._args import dense
 from . import reference
 from .reference import ACTIVATIONS
@@ -63,9 +65,10 @@ def mlp_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optiona
         h, a = impl.linear_act(x, w1, b1, activation)
         out, _ = impl.linear_act(a, w2, b2, None)
     else:
-        h = F.linear(x, w1, b1)
-        a = impl.act_fwd(h, activation)
-        out = F.linear(a, w2, b2)
+        with matmuls.enabled(name == "cpu"):
+            h = matmuls.linear(x, w1, b1)
+            a = impl.act_fwd(h, activation)
+            out = matmuls.linear(a, w2, b2)
     return out, h
 
 
@@ -91,11 +94,12 @@ def mlp_bwd(dout: Tensor, x: Tensor, w1: Tensor, h: Tensor, w2: Tensor, activati
         dx = impl.matmul(dh, w1.t())
     else:
         extra = {"overwrite_da": True} if name == "cpu" else {}
-        dh, a = impl.act_bwd(dout @ w2, h, activation, **extra)
-        dw2 = dout.t() @ a
-        del a
-        dw1 = dh.t() @ x
-        dx = dh @ w1
+        with matmuls.enabled(name == "cpu"):
+            dh, a = impl.act_bwd(matmuls.mm(dout, w2), h, activation, **extra)
+            dw2 = dout.t() @ a
+            del a
+            dw1 = dh.t() @ x
+            dx = matmuls.mm(dh, w1)
     return (dx, dw1, _maybe(has_b1, lambda: _colsum(dh), dout), dw2,
             _maybe(has_b2, lambda: _colsum(dout), dout))
 
@@ -150,10 +154,11 @@ def swiglu_fwd(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: 
         g, u, m = impl.linear_glu(x, w_gate, w_up, activation)
         out, _ = impl.linear_act(m, w_down, b_down, None)
         return out, g, u
-    g = F.linear(x, w_gate, b_gate)
-    u = F.linear(x, w_up, b_up)
-    m = _elementwise(name, impl).glu_fwd(g, u, activation)
-    return F.linear(m, w_down, b_down), g, u
+    with matmuls.enabled(name == "cpu"):
+        g = matmuls.linear(x, w_gate, b_gate)
+        u = matmuls.linear(x, w_up, b_up)
+        m = _elementwise(name, impl).glu_fwd(g, u, activation)
+        return matmuls.linear(m, w_down, b_down), g, u
 
 
 @swiglu_fwd.register_fake
@@ -179,12 +184,15 @@ def swiglu_bwd(dout: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Te
         dx = impl.matmul(dg, w_gate.t()) + impl.matmul(du, w_up.t())
     else:
         extra = {"overwrite_dm": True} if name == "cpu" else {}
-        dg, du, m = _elementwise(name, impl).glu_bwd(dout @ w_down, g, u, activation, **extra)
-        dw_down = dout.t() @ m
-        del m
-        dw_gate = dg.t() @ x
-        dw_up = du.t() @ x
-        dx = torch.addmm(dg @ w_gate, du, w_up)
+        with matmuls.enabled(name == "cpu"):
+            dm = matmuls.mm(dout, w_down)
+            dg, du, m = _elementwise(name, impl).glu_bwd(dm, g, u, activation, **extra)
+            del dm    # (on the CPU, dg's memory)
+            dw_down = dout.t() @ m
+            del m
+            dw_gate = dg.t() @ x
+            dw_up = du.t() @ x
+            dx = matmuls.addmm(matmuls.mm(dg, w_gate), du, w_up)
     return (dx, dw_gate, dw_up, dw_down, _maybe(has_b_gate, lambda: _colsum(dg), dout),
             _maybe(has_b_up, lambda: _colsum(du), dout),
             _maybe(has_b_down, lambda: _colsum(dout), dout))
