@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (["benchmarks.ffn_cpu_ceiling", "--block", "swiglu", "--tokens", "16", "--dim", "8",
       "--hidden", "32", "--rounds", "2"],
      ["SwiGLU fwd+bwd 16x8->32", "GEMMs alone / routed"]),
+    (["benchmarks.cpu_gemm_routes", "--tokens", "16", "--rounds", "1", "--shapes", "8:24"],
+     ["| 8 -> 24 | forward x W^T |", "| 8 -> 24 | weight grad dY^T x |"]),
     (["benchmarks.host_overhead", "--calls", "5", "--rounds", "1"],
      ["| decode_attention", "| cross_entropy", "fastattn via dispatcher", "forward+backward",
       "| gpt training step", "plain norms"]),
