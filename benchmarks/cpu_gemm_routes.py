@@ -37,6 +37,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help="D:F pairs, comma-separated")
     args = p.parse_args()
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        raise SystemExit("this torch has no oneDNN linear (mkldnn::_linear_pointwise) to compare")
     lp = torch.ops.mkldnn._linear_pointwise
     T = args.tokens
     print(f"fp32 GEMMs, T = {T} tokens, {torch.get_num_threads()} threads, "

@@ -136,9 +136,12 @@ def _extension_status(kind: str) -> BackendStatus:
     where = getattr(module, "__file__", "?")
     if kind == "cpu":
         from .ops import _cpu_matmul
-        onednn, why = _cpu_matmul.onednn_status()
-        gemms = ("oneDNN for forward and input-gradient GEMMs, ATen's for weight gradients"
-                 if onednn else f"ATen's GEMMs ({why})")
+        try:
+            onednn, why = _cpu_matmul.onednn_status()
+        except ValueError as err:   # a bad FASTATTN_CPU_MATMUL: the GEMM ops raise it
+            onednn, why = False, str(err)
+        gemms = ("the composed ops' fp32 forward and input-gradient GEMMs on oneDNN where it "
+                 "is the faster, the rest on ATen" if onednn else f"ATen's GEMMs ({why})")
         return BackendStatus(True, f"C++ kernels ({where}), {torch.get_num_threads()} threads; "
                                    f"{gemms}")
     return BackendStatus(True, f"CUDA kernels ({where}) on {_cuda_device_name()}")

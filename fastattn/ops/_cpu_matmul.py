@@ -1,19 +1,25 @@
 """The matmuls of fastattn's CPU paths: oneDNN where it is the faster fp32 GEMM, ATen elsewhere.
 
-PyTorch's CPU ``mm`` / ``F.linear`` call MKL's sgemm. The oneDNN inside the same torch wheel
+PyTorch's CPU ``mm`` / ``F.linear`` call MKL's sgemm, which on AMD processors runs its code
+path for non-Intel CPUs. The oneDNN inside the same torch wheel
 (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU backend fuses linear layers
-into) runs its own JIT-generated AVX-512 / AVX2 kernels. On the 2-core AMD EPYC (Zen 4) the
-CI runs on it measured 1.1-1.5x MKL on the two products a layer's forward and input gradient
-make, ``x @ W^T`` and ``dY @ W`` (2048 tokens, 192-2048 features; the numbers, and the command,
-are in the README's FFN section), and slower on the weight gradient ``dY^T @ X``, whose first
-operand it would have to transpose in memory first. So:
+into) runs its own JIT-generated AVX-512 / AVX2 kernels, chosen by the CPU's instruction sets.
+On the 2-core AMD EPYC (Zen 4) the CI runs on it measured 1.13-1.42x MKL on the two products a
+layer's forward and input gradient make, ``x @ W^T`` and ``dY @ W``, at every shape of the
+benchmarks (2048 tokens, 192-2048 features), and 0.56-1.34x on the weight gradient
+``dY^T @ X``, whose first operand it has to transpose in memory first
+(``python -m benchmarks.cpu_gemm_routes``; the numbers are in the README's FFN section). So:
 
-- ``linear(x, w, b)`` = ``x @ w^T + b`` and ``mm(a, b)`` with ``b`` a weight read as (in, out)
-  (``dY @ W``) run on oneDNN when the product is large enough for its per-call overhead (~15 us)
-  not to show (M·N·K >= 2^22), the tensors are fp32, and oneDNN answered a smoke test at first
-  use;
-- everything else (a transposed first operand, small or empty products, other dtypes) runs on
-  ATen, as eager PyTorch would.
+- ``linear(x, w, b)`` = ``x @ w^T + b`` and ``mm(a, b)`` (``dY @ W``, the weight read as
+  (in, out)) run on oneDNN when: the routing is enabled (below), the CPU is an AMD x86-64 one
+  (the only kind measured; ``FASTATTN_CPU_MATMUL=onednn`` takes the route on any CPU), the
+  tensors are fp32 and laid out as oneDNN's optimised kernels take them (the first operand
+  and the bias contiguous, the weight contiguous or the transpose of a contiguous tensor:
+  other strides fall to its reference kernel, hundreds of times slower), the product has at
+  least 2^22 multiply-adds (below that oneDNN's per-call cost, ~15 us, shows), and oneDNN
+  passed a smoke test at first use;
+- everything else (weight gradients, small or empty products, other dtypes and layouts) runs
+  on ATen, as eager PyTorch would.
 
 The routing is on only inside ``with enabled(True)``, which an op's body enters when its
 backend is "cpu" (fastattn's C++ kernels); the reference backend, and any caller outside such
@@ -21,8 +27,9 @@ a block, gets ATen's matmuls throughout.
 
 Both are plain fp32 GEMMs (fp32 products and sums; the last bits differ from MKL's, as any
 two BLAS's do); each library is deterministic run to run, and the choice depends only on the
-shapes, dtypes and ``FASTATTN_CPU_MATMUL``, never on timing, so a run repeats exactly.
-``FASTATTN_CPU_MATMUL=aten`` sends every product to ATen (read at first use).
+CPU, shapes, dtypes, layouts and ``FASTATTN_CPU_MATMUL``, never on timing, so a run repeats
+exactly. ``FASTATTN_CPU_MATMUL``: ``auto`` (the default), ``onednn`` or ``aten`` (every
+product on ATen); read at first use.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import platform
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
 _MIN_MACS = 1 << 22
+_CHOICES = ("auto", "onednn", "aten")
 _state: dict = {}
 _ENABLED = contextvars.ContextVar("fastattn_cpu_matmul_enabled", default=False)
 _ATEN_ONLY = contextvars.ContextVar("fastattn_cpu_matmul_aten_only", default=False)
@@ -55,7 +64,8 @@ def enabled(flag: bool = True) -> Iterator[None]:
 @contextlib.contextmanager
 def aten_only() -> Iterator[None]:
     """Within the block every product takes ATen, as with ``FASTATTN_CPU_MATMUL=aten`` (for a
-    benchmark that measures what the routing buys, side by side in one process)."""
+    benchmark that measures what the routing buys, side by side in one process). It covers
+    what runs inside it: wrap forward and backward alike."""
     token = _ATEN_ONLY.set(True)
     try:
         yield
@@ -63,83 +73,130 @@ def aten_only() -> Iterator[None]:
         _ATEN_ONLY.reset(token)
 
 
+def _choice() -> str:
+    raw = os.environ.get("FASTATTN_CPU_MATMUL", "auto")
+    choice = raw.strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"FASTATTN_CPU_MATMUL must be 'auto' (oneDNN for the products where it "
+                         f"measured faster, on AMD x86-64 CPUs), 'onednn' (those products on "
+                         f"any CPU) or 'aten' (ATen's GEMMs everywhere), got {raw!r}")
+    return choice
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("AuthenticAMD", "GenuineIntel", ...), or "" where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def onednn_status() -> tuple[bool, str]:
-    """(whether the CPU paths use oneDNN, why not when they do not); decided once per process."""
-    if "ok" not in _state:
-        _state["ok"], _state["why"] = _probe()
+    """(whether the CPU paths use oneDNN, why not when they do not); decided once per value of
+    ``FASTATTN_CPU_MATMUL``, which raises ValueError when it is not one of auto, onednn, aten."""
+    choice = _choice()
+    if _state.get("choice") != choice:
+        _state["ok"], _state["why"] = _probe(choice)
+        _state["choice"] = choice
     return _state["ok"], _state["why"]
 
 
-def _probe() -> tuple[bool, str]:
-    choice = os.environ.get("FASTATTN_CPU_MATMUL", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "aten"):
-        raise ValueError(f"FASTATTN_CPU_MATMUL must be 'auto' (oneDNN where it is the faster "
-                         f"GEMM) or 'aten' (ATen's everywhere), got "
-                         f"{os.environ['FASTATTN_CPU_MATMUL']!r}")
+def _probe(choice: str) -> tuple[bool, str]:
     if choice == "aten":
         return False, "FASTATTN_CPU_MATMUL=aten"
+    if choice == "auto":
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return False, (f"oneDNN's GEMMs measured faster than MKL's only on AMD x86-64 "
+                           f"CPUs; this is {platform.machine()} (FASTATTN_CPU_MATMUL=onednn "
+                           f"takes them anyway)")
+        vendor = cpu_vendor()
+        if vendor != "AuthenticAMD":
+            return False, (f"oneDNN's GEMMs measured faster than MKL's only on AMD CPUs; this "
+                           f"one is {vendor or 'of unknown vendor'} (FASTATTN_CPU_MATMUL=onednn "
+                           f"takes them anyway)")
     if not torch.backends.mkldnn.is_available():
         return False, "this torch is built without oneDNN (mkldnn)"
     try:
         op = torch.ops.mkldnn._linear_pointwise
     except (AttributeError, RuntimeError):
         return False, "this torch has no mkldnn::_linear_pointwise op"
-    try:    # the layouts the routes pass: plain, row-padded (a slice) and transposed operands
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(7, 33, generator=gen)
-        w = torch.randn(5, 33, generator=gen)
-        b = torch.randn(5, generator=gen)
-        cases = [(x, w, b), (x[:, :5], w[:, :5], None),
-                 (x[:, :5], w[:, :5].t().contiguous().t(), None)]
-        got = [op(xi, wi, bi, "none", [], "") for xi, wi, bi in cases]
-    except Exception as err:    # a build whose oneDNN cannot run on this CPU
+    # The layouts the routes pass (plain, and a transposed weight), with and without a bias,
+    # against float64; outside any autocast, grad mode or default dtype/device the caller set.
+    try:
+        with torch.autocast("cpu", enabled=False), torch.no_grad():
+            gen = torch.Generator().manual_seed(0)
+            x, w, b = (torch.randn(*shape, generator=gen, dtype=torch.float32, device="cpu")
+                       for shape in ((7, 33), (5, 33), (5,)))
+            w_t = w.t().contiguous().t()
+            for wi, bi in ((w, b), (w_t, None)):
+                got = op(x, wi, bi, "none", [], "")
+                want = x.double() @ wi.double().t() + (0 if bi is None else bi.double())
+                if (got.dtype != torch.float32 or got.shape != want.shape
+                        or not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)):
+                    return False, "mkldnn::_linear_pointwise gave a wrong product in its smoke test"
+    except Exception as err:    # noqa: BLE001 - a build whose oneDNN cannot run on this CPU
         return False, f"mkldnn::_linear_pointwise failed its smoke test: {err}"
-    for (xi, wi, bi), g in zip(cases, got):
-        want = torch.nn.functional.linear(xi, wi, bi)
-        if g.shape != want.shape or not torch.allclose(g, want, rtol=1e-5, atol=1e-5):
-            return False, "mkldnn::_linear_pointwise gave a wrong product in its smoke test"
     return True, ""
 
 
-def takes(a: Tensor, n: int) -> bool:
-    """Whether the (M, K) x (K, n) product with first operand ``a`` goes to oneDNN here (a's
-    rows must be its products' rows: unit stride along K)."""
-    if not _ENABLED.get() or _ATEN_ONLY.get() or a.dim() != 2 or a.stride(-1) != 1:
+def _enabled() -> bool:
+    return _ENABLED.get() and not _ATEN_ONLY.get()
+
+
+def _fits(a: Tensor, n: int) -> bool:
+    """An fp32 CPU (M, K) first operand, contiguous, of a product with n columns that is large
+    enough; and the process takes the route."""
+    if a.dim() != 2 or a.dtype != torch.float32 or a.device.type != "cpu":
         return False
     m, k = a.shape
-    return (a.dtype == torch.float32 and a.device.type == "cpu" and m * n * k >= _MIN_MACS
-            and min(m, n, k) > 0 and torch.backends.mkldnn.enabled and onednn_status()[0])
+    return (m * n * k >= _MIN_MACS and min(m, n, k) > 0 and a.is_contiguous()
+            and torch.backends.mkldnn.enabled and onednn_status()[0])
+
+
+def _weight_layout(w: Tensor) -> bool:
+    """fp32, and contiguous or the transpose of a contiguous tensor (oneDNN's fast kernels)."""
+    return (w.dim() == 2 and w.dtype == torch.float32
+            and (w.is_contiguous() or w.t().is_contiguous()))
+
+
+def routes_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> bool:
+    """Whether ``linear(x, w, b)`` runs on oneDNN here."""
+    return (_enabled() and _weight_layout(w) and _fits(x, w.shape[0])
+            and (b is None or (b.dtype == torch.float32 and b.is_contiguous())))
+
+
+def routes_mm(a: Tensor, b: Tensor) -> bool:
+    """Whether ``mm(a, b)`` runs on oneDNN here."""
+    return _enabled() and _weight_layout(b) and _fits(a, b.shape[1])
 
 
 def _onednn(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """x @ w^T + b on oneDNN; w in nn.Linear layout or a transpose of one (the layouts the
-    smoke test checked)."""
+    """x @ w^T + b on oneDNN (layouts as routes_linear checks)."""
     return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-
-
-def _unit_stride(w: Tensor) -> bool:
-    return w.dim() == 2 and 1 in w.stride()
 
 
 def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     """``x @ w^T + b`` for 2-D x (M, K), w (N, K) (nn.Linear layout), b (N,) or None."""
-    if (takes(x, w.shape[0]) and _unit_stride(w) and w.dtype == torch.float32
-            and (b is None or b.dtype == torch.float32)):
+    if routes_linear(x, w, b):
         return _onednn(x, w, b)
     return torch.nn.functional.linear(x, w, b)
 
 
 def mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` for 2-D a (M, K), b (K, N). oneDNN when a is row-major (its rows the products'
-    rows: forward and input-gradient products), ATen (MKL) when a is a transpose (weight
-    gradients, ``dY^T @ X``), which oneDNN would first copy."""
-    if takes(a, b.shape[1]) and _unit_stride(b) and b.dtype == torch.float32:
+    """``a @ b`` for 2-D a (M, K), b (K, N): oneDNN for a forward or input-gradient product
+    (a contiguous), ATen otherwise (a weight gradient ``dY^T @ X``, whose transposed first
+    operand oneDNN would copy)."""
+    if routes_mm(a, b):
         return _onednn(a, b.t(), None)
     return a @ b
 
 
 def addmm(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """``c + a @ b`` (a new tensor), routed as ``mm``."""
-    if takes(a, b.shape[1]) and _unit_stride(b) and b.dtype == torch.float32:
-        return mm(a, b).add_(c)
+    if routes_mm(a, b):
+        return _onednn(a, b.t(), None).add_(c)
     return torch.addmm(c, a, b)

@@ -62,41 +62,98 @@ def test_mm_and_addmm_route_row_major_products(calls):
     _close(got_t, dy.double().t() @ _rand(256, 96, seed=4).double())
 
 
-@pytest.mark.parametrize("case", ["disabled", "small", "float64", "empty", "strided weight"])
+@pytest.mark.parametrize("case", ["disabled", "small", "float64", "empty", "padded weight",
+                                  "strided bias", "expanded bias", "padded input"])
 def test_other_products_stay_on_aten(calls, case):
-    x, w = _rand(256, 160, seed=1), _rand(192, 160, seed=2)
+    """Products oneDNN's fast kernels do not take (or that are too small to gain) go to ATen,
+    and give ATen's answer: a padded weight would run oneDNN's reference kernel (hundreds of
+    times slower), and a strided bias would be read as if it were contiguous."""
+    x, w, b = _rand(256, 160, seed=1), _rand(192, 160, seed=2), None
     if case == "small":
         x, w = x[:8], w[:8]
     elif case == "float64":
         x, w = x.double(), w.double()
     elif case == "empty":
         x = x[:0]
-    elif case == "strided weight":
-        w = _rand(192, 320, seed=2)[:, ::2]
+    elif case == "padded weight":
+        w = _rand(192, 320, seed=2)[:, :160]
+    elif case == "strided bias":
+        b = _rand(384, seed=3)[::2]
+    elif case == "expanded bias":
+        b = _rand(1, seed=3).expand(192)
+    elif case == "padded input":
+        x = _rand(256, 320, seed=1)[:, :160]
     with _cpu_matmul.enabled(case != "disabled"):
-        got = _cpu_matmul.linear(x, w)
+        got = _cpu_matmul.linear(x, w, b)
+        got_mm = _cpu_matmul.mm(x, w.t()) if b is None else None   # (mm takes no bias)
     assert calls == []
-    torch.testing.assert_close(got, F.linear(x, w))
+    torch.testing.assert_close(got, F.linear(x, w, b))
+    if got_mm is not None:
+        torch.testing.assert_close(got_mm, x @ w.t())
+
+
+@needs_onednn
+def test_transposed_weight_routes(calls):
+    """A weight given as the transpose of a contiguous tensor (lm heads passed as ``W.t()``)
+    is a layout oneDNN's fast kernels take."""
+    x, w_t = _rand(256, 160, seed=1), _rand(160, 192, seed=2).t()
+    with _cpu_matmul.enabled():
+        got = _cpu_matmul.linear(x, w_t)
+    assert calls == [((256, 160), (192, 160))]
+    _close(got, F.linear(x.double(), w_t.double()))
+
+
+def _clear_backend_status():
+    """Forget the cached backend reports (whose "cpu" line holds the GEMM routing's)."""
+    fastattn._backends._status.cache_clear()
+    fastattn._backends._extension_status.cache_clear()
+
+
+def _fresh_status(monkeypatch, choice=None, vendor=None):
+    monkeypatch.setattr(_cpu_matmul, "_state", {})
+    if choice is None:
+        monkeypatch.delenv("FASTATTN_CPU_MATMUL", raising=False)
+    else:
+        monkeypatch.setenv("FASTATTN_CPU_MATMUL", choice)
+    if vendor is not None:
+        monkeypatch.setattr(_cpu_matmul, "cpu_vendor", lambda: vendor)
 
 
 def test_aten_override_and_bad_value(monkeypatch, calls):
-    monkeypatch.setattr(_cpu_matmul, "_state", {})
-    monkeypatch.setenv("FASTATTN_CPU_MATMUL", "aten")
+    _fresh_status(monkeypatch, "aten")
     assert _cpu_matmul.onednn_status() == (False, "FASTATTN_CPU_MATMUL=aten")
     with _cpu_matmul.enabled():
         _cpu_matmul.linear(_rand(256, 160), _rand(192, 160))
     assert calls == []
-    monkeypatch.setattr(_cpu_matmul, "_state", {})
-    monkeypatch.setenv("FASTATTN_CPU_MATMUL", "mkl")
+    _fresh_status(monkeypatch, "mkl")
     with pytest.raises(ValueError, match="FASTATTN_CPU_MATMUL must be 'auto'.*got 'mkl'"):
         _cpu_matmul.onednn_status()
+    # the backend report says so instead of raising; the GEMM ops raise it
+    _clear_backend_status()
+    try:
+        assert "FASTATTN_CPU_MATMUL must be" in fastattn.backends()["cpu"].reason
+        with pytest.raises(ValueError, match="FASTATTN_CPU_MATMUL"), \
+                fastattn.use_backend("cpu"):
+            fastattn.mlp(_rand(300, 96), _rand(200, 96), None, _rand(96, 200), None)
+    finally:
+        _clear_backend_status()
 
 
+@pytest.mark.skipif(_cpu_matmul.cpu_vendor() == "", reason="no /proc/cpuinfo vendor here")
+def test_auto_takes_the_route_only_on_amd(monkeypatch):
+    _fresh_status(monkeypatch, vendor="GenuineIntel")
+    ok, why = _cpu_matmul.onednn_status()
+    assert not ok and "only on AMD CPUs; this one is GenuineIntel" in why
+    if torch.backends.mkldnn.is_available():
+        _fresh_status(monkeypatch, "onednn", vendor="GenuineIntel")
+        assert _cpu_matmul.onednn_status()[0] == hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@needs_onednn
 def test_failed_smoke_test_falls_back(monkeypatch, calls):
     def broken(*args):
         raise RuntimeError("could not create a primitive")
-    monkeypatch.setattr(_cpu_matmul, "_state", {})
-    monkeypatch.delenv("FASTATTN_CPU_MATMUL", raising=False)
+    _fresh_status(monkeypatch)
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken, raising=False)
     ok, why = _cpu_matmul.onednn_status()
     assert not ok and "failed its smoke test: could not create a primitive" in why
@@ -104,6 +161,32 @@ def test_failed_smoke_test_falls_back(monkeypatch, calls):
     with _cpu_matmul.enabled():
         torch.testing.assert_close(_cpu_matmul.linear(x, w), F.linear(x, w))
     assert calls == []
+
+
+@needs_onednn
+@pytest.mark.parametrize("setting", ["autocast", "float64 default dtype"])
+def test_smoke_test_ignores_the_callers_settings(monkeypatch, setting):
+    """The first use may come under autocast or another default dtype: the smoke test runs
+    in fp32 regardless, and passes (it once raised under autocast, for every CPU op)."""
+    _fresh_status(monkeypatch)
+    _clear_backend_status()
+    try:
+        if setting == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert fastattn.backends()["cpu"].available    # (runs the smoke test)
+                assert _cpu_matmul.onednn_status() == (True, "")
+                out = fastattn.mlp(_rand(300, 96), _rand(200, 96), None, _rand(96, 200), None)
+            assert out.dtype == torch.bfloat16
+        else:
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64)
+            try:
+                _cpu_matmul.onednn_status()
+            finally:
+                torch.set_default_dtype(previous)
+        assert _cpu_matmul.onednn_status() == (True, "")
+    finally:
+        _clear_backend_status()
 
 
 # ------------------------------------------------------------------------------------------
@@ -169,39 +252,53 @@ def test_reference_backend_never_takes_onednn(calls):
 
 
 @needs_onednn
-@pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_token_logprobs"])
+@pytest.mark.parametrize("op, reduction", [("linear_cross_entropy", "none"),
+                                           ("linear_cross_entropy", "mean"),
+                                           ("linear_cross_entropy", "sum"),
+                                           ("linear_token_logprobs", None)])
 @pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
-def test_linear_losses_cpu_backend_on_onednn(calls, op, chunk_over):
+def test_linear_losses_cpu_backend_on_onednn(calls, op, reduction, chunk_over):
+    """Loss (or log-probs) and every gradient on the oneDNN route: "mean"/"sum" make the
+    gradients in the forward's pass, "none" and the log-probs recompute the chunks in
+    backward; then a no-grad call (the forward-only loop)."""
     T, H, V = 520, 64, 1100    # chunks of 512 tokens (and one of 8) / of 512 vocabulary columns
     x, w = _rand(T, H, seed=1), _rand(V, H, seed=2) / 8
     b = _rand(V, seed=3) * 0.1
     t = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(4))
     t[::5] = -100
-    g = _rand(T, seed=5) + 0.5
+    g = _rand(T, seed=5) + 0.5 if reduction in ("none", None) else torch.tensor(1.3)
 
     def ours(x, w, b):
         if op == "linear_cross_entropy":
-            return fastattn.linear_cross_entropy(x, w, t, b, reduction="none", chunk_size=512,
-                                                 chunk_over=chunk_over)
+            return fastattn.linear_cross_entropy(x, w, t, b, reduction=reduction,
+                                                 chunk_size=512, chunk_over=chunk_over)
         return fastattn.linear_token_logprobs(x, w, t.clamp(min=0), b, chunk_size=512,
                                               chunk_over=chunk_over)
 
     def ref(x, w, b):
         logits = F.linear(x, w, b)
         if op == "linear_cross_entropy":
-            return F.cross_entropy(logits, t, reduction="none")
+            return F.cross_entropy(logits, t, reduction=reduction)
         return logits.log_softmax(-1).gather(1, t.clamp(min=0)[:, None]).squeeze(1)
     with fastattn.use_backend("cpu"):
         out, grads = _grads(ours, [x, w, b], g)
     want, want_grads = _grads64(ref, [x, w, b], g)
-    assert calls, "no product went to oneDNN"
+    # the logits of the first chunk, on oneDNN (the last, small chunk on ATen)
+    first = ((512, H), (V, H)) if chunk_over == "tokens" else ((T, H), (512, H))
+    assert first in calls, calls
+    if chunk_over == "tokens":     # d x of a 512-token chunk: dlogits @ W
+        assert ((512, V), (H, V)) in calls, calls
     _close(out, want)
     for got, exp in zip(grads, want_grads):
         _close(got, exp)
+    calls.clear()
+    with fastattn.use_backend("cpu"), torch.no_grad():
+        _close(ours(x, w, b), want.detach())
+    assert first in calls, calls
 
 
 @needs_onednn
-def test_aten_only_holds_through_backward(calls):
+def test_aten_only_covers_forward_and_backward(calls):
     x, w1, w2 = _rand(300, 96), _rand(200, 96) / 10, _rand(96, 200) / 14
     with fastattn.use_backend("cpu"), _cpu_matmul.aten_only():
         out, grads = _grads(lambda *t: fastattn.mlp(t[0], t[1], None, t[2], None),

@@ -18,6 +18,7 @@ conventions); this file checks arguments, flattens to rows, computes reductions 
 
 import contextlib
 import contextvars
+import functools
 import math
 import numbers
 import os
@@ -55,11 +56,12 @@ def _kernels(op: str, x: Tensor):
 
 
 def _chunk_kernels(op: str, x: Tensor):
-    """(op's row kernels for x, the context its chunk loops run in): with the "cpu" backend the
-    loops' forward and input-gradient GEMMs take oneDNN where it is the faster (_cpu_matmul);
-    every other backend keeps ATen's."""
+    """(op's row kernels for x, a function giving the context its chunk loops run in): with
+    the "cpu" backend the loops' logits GEMMs, and the input-gradient GEMMs of token chunks,
+    take oneDNN where it is the faster (_cpu_matmul); every other backend keeps ATen's."""
     name = _backend(op, x)
-    return _backends.implementation(name, _PKG), _cpu_matmul.enabled(name == "cpu")
+    return (_backends.implementation(name, _PKG),
+            functools.partial(_cpu_matmul.enabled, name == "cpu"))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -543,20 +545,38 @@ def _logits_buffer(like: Tensor, rows: int, cols: int) -> Tensor:
 
 def _linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """out = x @ weight^T + bias in place (``out``: rows of a _logits_buffer; ATen's GEMMs take
-    its row stride as their leading dimension, no copy), or, where the CPU's oneDNN is the
-    faster GEMM for the product (``_cpu_matmul``), a new contiguous tensor of those values:
-    oneDNN writes no strided ``out``, and a copy into it would cost a pass over the logits."""
-    if _cpu_matmul.takes(x, weight.shape[0]):
-        return _cpu_matmul.linear(x, weight, bias)
+    its row stride as their leading dimension, no copy)."""
     if bias is None:
         return torch.mm(x, weight.t(), out=out)
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
+def _chunk_logits(x: Tensor, weight: Tensor, bias: Optional[Tensor], out) -> Tensor:
+    """One chunk's logits x @ weight^T + bias: where the CPU backend sends the product to
+    oneDNN (``_cpu_matmul``), a new contiguous tensor (oneDNN writes no strided ``out``, and a
+    copy into one would cost a pass over the logits); else written into ``out()``, a view of
+    the loop's one buffer, made on first use."""
+    if _cpu_matmul.routes_linear(x, weight, bias):
+        return _cpu_matmul.linear(x, weight, bias)
+    return _linear_into(out(), x, weight, bias)
+
+
+def _lazy_buffer(like: Tensor, rows: int, cols: int):
+    """A function returning one _logits_buffer(like, rows, cols), allocated at its first call."""
+    held = []
+
+    def get() -> Tensor:
+        if not held:
+            held.append(_logits_buffer(like, rows, cols))
+        return held[0]
+    return get
+
+
 def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out = a @ b (out: rows of a contiguous tensor): as _linear_into, oneDNN where it is the
-    faster GEMM (then one copy of the product, the size of ``out``, not of the logits)."""
-    if _cpu_matmul.takes(a, b.shape[1]):
+    """out = a @ b (out: rows of a contiguous tensor): as in _chunk_logits, oneDNN where the
+    CPU backend routes the product there (then one copy of the product, the size of ``out``,
+    not of the logits)."""
+    if _cpu_matmul.routes_mm(a, b):
         out.copy_(_cpu_matmul.mm(a, b))
     else:
         torch.mm(a, b, out=out)
@@ -564,12 +584,15 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
 
 def _token_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int):
     """(start, end, logits of x[start:end]) per chunk of ``chunk`` rows; the logits share one
-    buffer, overwritten by the next chunk."""
+    buffer, overwritten by the next chunk (or, on oneDNN, are a new tensor each: the loops
+    over chunks drop each one, ``del logits``, before asking for the next, so that the
+    allocator can hand its block to the next chunk instead of mapping fresh pages)."""
     n_tokens = x.shape[0]
-    buf = _logits_buffer(x, min(chunk, n_tokens), weight.shape[0])
+    buf = _lazy_buffer(x, min(chunk, n_tokens), weight.shape[0])
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)
-        yield start, end, _linear_into(buf[:end - start], x[start:end], weight, bias)
+        yield start, end, _chunk_logits(x[start:end], weight, bias,
+                                        lambda: buf()[:end - start])
 
 
 def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
@@ -618,10 +641,10 @@ def _vocab_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int)
     columns, in one buffer (as _token_chunks: the last chunk is usually narrower, and its
     rows stay aligned)."""
     vocab = weight.shape[0]
-    buf = _logits_buffer(x, x.shape[0], min(chunk, vocab))
+    buf = _lazy_buffer(x, x.shape[0], min(chunk, vocab))
     for v0, v1 in _vocab_slices(vocab, chunk):
-        yield v0, v1, _linear_into(buf[:, :v1 - v0], x, weight[v0:v1],
-                                   None if bias is None else bias[v0:v1])
+        yield v0, v1, _chunk_logits(x, weight[v0:v1], None if bias is None else bias[v0:v1],
+                                    lambda: buf()[:, :v1 - v0])
 
 
 def _slice_target(target: Tensor, valid: Tensor, v0: int, v1: int) -> Tensor:
@@ -769,7 +792,7 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
     lse_out = x.new_empty(0, dtype=_acc_dtype(x.dtype))
     dx, dw, db = x.new_empty(0), x.new_empty(0), x.new_empty(0)
 
-    with torch.no_grad(), matmuls:
+    with torch.no_grad(), matmuls():
         if by_vocab:
             rows, lse = _vocab_ce_loss(kernels, x, weight, bias, target, valid, chunk_size,
                                        label_smoothing)
@@ -839,7 +862,7 @@ def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, targ
     kernels, matmuls = _chunk_kernels("linear_cross_entropy", x)
     scale = grad_loss.to(torch.float32)
 
-    with torch.no_grad(), matmuls:
+    with torch.no_grad(), matmuls():
         if lse is not None:
             valid = target != ignore_index
             scale = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
@@ -1143,10 +1166,10 @@ def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: 
     _validate_targets(fn, target, weight.shape[0], ignore_index)
     n_tokens = x.shape[0]
     acc = _acc_dtype(x.dtype)
-    kernels, matmuls = _chunk_kernels(fn, x)    # (matmuls: entered once, by one branch)
+    kernels, matmuls = _chunk_kernels(fn, x)
     if by_vocab:
         valid = target != ignore_index
-        with torch.no_grad(), matmuls:
+        with torch.no_grad(), matmuls():
             s_t, lse, entropy, _ = _vocab_stats(kernels, x, weight, bias, target, valid,
                                                 chunk_size, inv_temperature, with_entropy)
         zero = torch.zeros_like(lse)
@@ -1155,7 +1178,7 @@ def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: 
     logp = torch.zeros(n_tokens, dtype=acc, device=x.device)
     entropy = torch.zeros(n_tokens if with_entropy else 0, dtype=acc, device=x.device)
     lse = torch.zeros(n_tokens, dtype=acc, device=x.device)
-    with torch.no_grad(), matmuls:
+    with torch.no_grad(), matmuls():
         for start, end, logits in _token_chunks(x, weight, bias, chunk_size):
             lp, ent, ls = kernels.token_logprobs_fwd(logits, target[start:end], ignore_index,
                                                      inv_temperature, with_entropy)
@@ -1185,7 +1208,7 @@ def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor]
     grad_logp = grad_logp.contiguous()
     grad_entropy = None if grad_entropy is None else grad_entropy.contiguous()
 
-    with torch.no_grad(), matmuls:
+    with torch.no_grad(), matmuls():
         if by_vocab:
             # d logp_r / d s = onehot - p: the slice kernel's row_scale is -grad_logp
             valid = target != ignore_index
