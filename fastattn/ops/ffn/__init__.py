@@ -21,7 +21,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ... import _autocast, _backends, _eager
