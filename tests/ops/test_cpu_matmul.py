@@ -10,8 +10,16 @@ import fastattn
 from fastattn.ops import _cpu_matmul
 from fastattn.ops.ffn import reference as ffn_ref
 
+_MIN_MACS_IN_USE = _cpu_matmul._MIN_MACS
 needs_onednn = pytest.mark.skipif(not _cpu_matmul.onednn_status()[0],
                                   reason=f"oneDNN not used here: {_cpu_matmul.onednn_status()[1]}")
+
+
+@pytest.fixture(autouse=True)
+def small_threshold(monkeypatch):
+    """Products from 2^20 multiply-adds on take oneDNN here (2^26 in use): the tests' shapes
+    stay small; test_threshold checks the real one."""
+    monkeypatch.setattr(_cpu_matmul, "_MIN_MACS", 1 << 20)
 
 
 @pytest.fixture
@@ -60,6 +68,16 @@ def test_mm_and_addmm_route_row_major_products(calls):
     _close(got, dy.double() @ w.double())
     _close(got_add, c.double() + dy.double() @ w.double())
     _close(got_t, dy.double().t() @ _rand(256, 96, seed=4).double())
+
+
+@needs_onednn
+def test_threshold(monkeypatch):
+    """The products routed in use: 2^26 multiply-adds and up."""
+    monkeypatch.setattr(_cpu_matmul, "_MIN_MACS", _MIN_MACS_IN_USE)
+    assert _MIN_MACS_IN_USE == 1 << 26
+    x, w_below, w_at = torch.empty(1024, 256), torch.empty(255, 256), torch.empty(256, 256)
+    with _cpu_matmul.enabled():
+        assert not _cpu_matmul.routes_linear(x, w_below) and _cpu_matmul.routes_linear(x, w_at)
 
 
 @pytest.mark.parametrize("case", ["disabled", "small", "float64", "empty", "padded weight",
