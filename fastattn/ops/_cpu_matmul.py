@@ -30,7 +30,7 @@ Both are plain fp32 GEMMs (fp32 products and sums; the last bits differ from MKL
 two BLAS's do); each library is deterministic run to run, and the choice depends only on the
 CPU, shapes, dtypes, layouts and ``FASTATTN_CPU_MATMUL``, never on timing, so a run repeats
 exactly. ``FASTATTN_CPU_MATMUL``: ``auto`` (the default), ``onednn`` or ``aten`` (every
-product on ATen); read at first use.
+product on ATen); read at each use (``fastattn.backends()`` keeps its first reading).
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ _ATEN_ONLY = contextvars.ContextVar("fastattn_cpu_matmul_aten_only", default=Fal
 @contextlib.contextmanager
 def enabled(flag: bool = True) -> Iterator[None]:
     """Within the block, the functions below route to oneDNN where it is faster (``flag``) or
-    never (``not flag``)."""
+    never (``not flag``). With ``flag`` a bad ``FASTATTN_CPU_MATMUL`` raises here, whatever the
+    sizes of the products that follow."""
+    if flag:
+        _choice()
     token = _ENABLED.set(bool(flag))
     try:
         yield
@@ -110,6 +113,16 @@ def onednn_status() -> tuple[bool, str]:
     return _state["ok"], _state["why"]
 
 
+def _no_modes():
+    """A context without the caller's dispatch modes (a FakeTensorMode under torch.export or
+    make_fx would make the smoke test fail, and its verdict is kept for the process)."""
+    try:
+        from torch.utils._python_dispatch import _disable_current_modes
+    except ImportError:     # pragma: no cover - every torch from 2.4 on has it
+        return contextlib.nullcontext()
+    return _disable_current_modes()
+
+
 def _probe(choice: str) -> tuple[bool, str]:
     if choice == "aten":
         return False, "FASTATTN_CPU_MATMUL=aten"
@@ -132,7 +145,7 @@ def _probe(choice: str) -> tuple[bool, str]:
     # The layouts the routes pass (plain, and a transposed weight), with and without a bias,
     # against float64; outside any autocast, grad mode or default dtype/device the caller set.
     try:
-        with torch.autocast("cpu", enabled=False), torch.no_grad():
+        with _no_modes(), torch.autocast("cpu", enabled=False), torch.no_grad():
             gen = torch.Generator().manual_seed(0)
             x, w, b = (torch.randn(*shape, generator=gen, dtype=torch.float32, device="cpu")
                        for shape in ((7, 33), (5, 33), (5,)))
@@ -171,7 +184,8 @@ def _weight_layout(w: Tensor) -> bool:
 def routes_linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> bool:
     """Whether ``linear(x, w, b)`` runs on oneDNN here."""
     return (_enabled() and _weight_layout(w) and _fits(x, w.shape[0])
-            and (b is None or (b.dtype == torch.float32 and b.is_contiguous())))
+            and (b is None or (b.dtype == torch.float32 and b.is_contiguous()
+                               and b.shape == (w.shape[0],))))
 
 
 def routes_mm(a: Tensor, b: Tensor) -> bool:
