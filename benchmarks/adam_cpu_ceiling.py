@@ -15,11 +15,11 @@ the drift a shared machine has between rounds; the order within a round rotates.
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 
 import fastattn
+from benchmarks.common import interleaved
 
 
 def _params(n_tensors: int, numel: int, seed: int):
@@ -45,16 +45,7 @@ def main() -> None:
     a, b = torch.randn(n), torch.randn(n)
     fns = {"fastattn": ours.step, "torch fused": fused.step,
            "add_ (bandwidth)": lambda: a.add_(b)}
-    for f in fns.values():
-        f(), f()
-    times = {k: [] for k in fns}
-    order = list(fns)
-    for r in range(args.rounds):
-        for k in order[r % 3:] + order[:r % 3]:  # each op leads a third of the rounds
-            f = fns[k]
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    times = interleaved(fns, args.rounds, rotate=True)  # each op leads a third of the rounds
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     bandwidth = 12 * n / (med["add_ (bandwidth)"] * 1e-3) / 1e9
     ratio = [f / o for f, o in zip(times["torch fused"], times["fastattn"])]

@@ -8,6 +8,7 @@ import math
 import os
 import platform
 import re
+import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -204,6 +205,39 @@ def write(results: list[Result], stem: str, out_dir: Path | None = None) -> tupl
 # reference output's dtype. Loose enough for two correct kernels that round in different orders
 # (one bf16 gradient differs from another by a few of its last bits), tight enough for a wrong
 # mask, scale, index or a skipped term.
+def interleaved(fns: dict, rounds: int, *, before=None, best_of: int = 1,
+                rotate: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns`` (name -> callable), timed in interleaved rounds in
+    one process: every round calls each function once (or ``best_of`` times, keeping the
+    fastest), so drift in a shared machine's speed falls on all of them alike and ratios of
+    medians are fair. ``before()``, if given, runs untimed before each timed call (to clear
+    gradients, say); ``rotate`` changes which function leads each round (a function that
+    always follows another may find the caches or the allocator as the other left them).
+    Each function is called twice untimed first (first-call costs: kernel selection, page
+    faults of new buffers)."""
+    if rounds < 1 or best_of < 1:
+        raise ValueError(f"interleaved: rounds and best_of must be >= 1, got {rounds}, {best_of}")
+    order = list(fns)
+    for name in order:
+        for _ in range(2):
+            if before is not None:
+                before()
+            fns[name]()
+    times = {name: [] for name in order}
+    for r in range(rounds):
+        shift = r % len(order) if rotate else 0
+        for name in order[shift:] + order[:shift]:
+            best = float("inf")
+            for _ in range(best_of):
+                if before is not None:
+                    before()
+                t0 = time.perf_counter()
+                fns[name]()
+                best = min(best, time.perf_counter() - t0)
+            times[name].append(best)
+    return times
+
+
 TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 
 

@@ -12,23 +12,15 @@ process, the median of each row's per-round best of 3 calls; ratio > 1: oneDNN f
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import interleaved
+
 # (D, F): make bench's FFN (512 -> 2048 / 1376, and back) and the tiny GPT's layers
 # (d_model 192: qkv 576, attention projection 192, MLP 768, lm head 8192)
 DEFAULT_SHAPES = "512:2048,2048:512,512:1376,1376:512,192:576,192:192,192:768,768:192,192:8192"
-
-
-def _best(fn, calls=3) -> float:
-    best = float("inf")
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -59,11 +51,8 @@ def main() -> None:
         }
         for name, (aten, onednn) in products.items():
             torch.testing.assert_close(onednn(), aten(), rtol=1e-4, atol=1e-3)
-            times = ([], [])
-            for _ in range(args.rounds):
-                times[0].append(_best(aten))
-                times[1].append(_best(onednn))
-            a, o = (statistics.median(t) * 1e3 for t in times)
+            times = interleaved({"aten": aten, "onednn": onednn}, args.rounds, best_of=3)
+            a, o = (statistics.median(t) * 1e3 for t in times.values())
             print(f"| {D} -> {Fo} | {name} | {a:.2f} | {o:.2f} | {a / o:.2f} |", flush=True)
 
 

@@ -14,12 +14,12 @@ routing buys from what the fusion does.
 import argparse
 import platform
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastattn
+from benchmarks.common import interleaved
 from fastattn.ops import _cpu_matmul
 
 
@@ -87,16 +87,11 @@ def main() -> None:
 
     fns = {"eager": eager, "fastattn": fused, "fastattn (ATen GEMMs)": fused_aten,
            "GEMMs alone": gemms, "GEMMs alone, oneDNN where faster": gemms_routed}
-    for f in fns.values():
-        f(), f()
-    times = {k: [] for k in fns}
-    for _ in range(args.rounds):
-        for k, f in fns.items():
-            for t in (x, *params):
-                t.grad = None
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
+    def clear_grads():
+        for t in (x, *params):
+            t.grad = None
+
+    times = interleaved(fns, args.rounds, before=clear_grads)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"{'GELU MLP' if mlp else 'SwiGLU'} fwd+bwd {T}x{D}->{H} fp32, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "

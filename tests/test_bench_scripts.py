@@ -80,6 +80,32 @@ def test_bench_table_page_faults_and_allocator(tmp_path, monkeypatch):
     assert "page faults 7" in rows[2]
 
 
+def test_interleaved_rounds_order_setup_and_best_of(monkeypatch):
+    """benchmarks.common.interleaved: every round calls each function (rotated on request),
+    runs ``before`` ahead of every call, keeps the fastest of ``best_of`` calls."""
+    from benchmarks import common
+    clock = iter(range(10_000))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: float(next(clock)))
+    calls = []
+    spans = {"a": iter([0, 0, 5, 1, 7, 9, 2, 4]), "b": iter([0, 0, 3, 3, 3, 3, 3, 3])}
+
+    def make(name):
+        def fn():
+            calls.append(name)
+            for _ in range(next(spans[name])):   # each call lasts that many clock ticks + 1
+                next(clock)
+        return fn
+
+    times = common.interleaved({"a": make("a"), "b": make("b")}, 3, best_of=2, rotate=True,
+                               before=lambda: calls.append("-"))
+    timed = [c for c in calls if c != "-"][4:]          # after two untimed warm-up calls each
+    assert timed == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+    assert calls.count("-") == 16                        # before every call, warm-ups included
+    assert times == {"a": [2.0, 8.0, 3.0], "b": [4.0, 4.0, 4.0]}
+    with pytest.raises(ValueError, match="rounds"):
+        common.interleaved({"a": make("a")}, 0)
+
+
 def test_a_case_without_torch_eager_is_compared_with_its_fastest_pytorch_row():
     """Attention against the SDPA backends, GEMMs against cuBLAS: the speedup is against the
     fastest PyTorch implementation measured (a failed one, NaN, never counts)."""
