@@ -21,21 +21,24 @@ OPTIONS = {
 
 def oracle(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
            z_loss=0.0):
-    """float64 PyTorch cross-entropy plus the z-loss term, differentiable."""
+    """float64 PyTorch cross-entropy plus the z-loss term, differentiable: the z-loss is
+    unweighted, and "mean" averages it over the non-ignored tokens (the cross-entropy part over
+    their summed class weight)."""
     x64 = x.detach().to(torch.float64).requires_grad_(x.requires_grad)
     w64 = None if weight is None else weight.to(torch.float64)
     loss = F.cross_entropy(x64, target, w64, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
+    valid = target != ignore_index
+    z = torch.zeros_like(loss)
     if z_loss:
         lse = torch.logsumexp(x64, dim=1 if x64.dim() > 1 else 0)
-        loss = loss + z_loss * lse.square() * (target != ignore_index)
+        z = z_loss * lse.square() * valid
     if reduction == "sum":
-        return x64, loss.sum()
+        return x64, (loss + z).sum()
     if reduction == "mean":
-        valid = target != ignore_index
         denom = valid.sum() if w64 is None else (w64[target.clamp(min=0)] * valid).sum()
-        return x64, loss.sum() / denom
-    return x64, loss
+        return x64, loss.sum() / denom + z.sum() / valid.sum()
+    return x64, loss + z
 
 
 def make_case(rows, classes, dtype, device, options, seed=0):
@@ -85,6 +88,23 @@ def test_float64_on_cpu(backend):
         loss, grad, ref, ref_grad = run_both(x, target, weight, "mean", 0.25, 2e-4)
     assert_close(loss, ref, torch.float64, "loss")
     assert_close(grad, ref_grad, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_uniform_class_weights_change_nothing_with_z_loss(device, backend):
+    """A weighted "mean" is invariant to scaling all class weights (F.cross_entropy's), with
+    the z-loss too: it is averaged over tokens, not over the summed weights."""
+    x, target, _ = make_case(12, 23, torch.float32, device, OPTIONS["zloss+ignore"])
+    results = []
+    with fastattn.use_backend(backend):
+        for weight in (None, torch.full((23,), 10.0, device=device)):
+            xg = x.clone().requires_grad_(True)
+            loss = fastattn.cross_entropy(xg, target, weight, z_loss=0.05, label_smoothing=0.1)
+            loss.backward()
+            results.append((loss.detach(), xg.grad))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)

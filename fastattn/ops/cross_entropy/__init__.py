@@ -246,6 +246,21 @@ def _weight_bound(weight32: Tensor) -> Tensor:
     return torch.where(bound > 0, bound, torch.ones_like(bound))
 
 
+def _z_loss_for_weighted_mean(z_loss: float, denominator: Tensor, target: Tensor,
+                              ignore_index: int) -> float:
+    """The z-loss coefficient the row kernels take for reduction="mean" with class weights.
+
+    The z-loss is a per-token term, not weighted by the target's class: "mean" averages it
+    over the non-ignored tokens while the cross-entropy part is divided by their summed class
+    weight (F.cross_entropy's weighted mean), so that uniform class weights change nothing
+    (Liger-Kernel's convention). The kernels add z_loss * lse^2 to a row and the reduction
+    divides every row by the summed weight W; a coefficient of z_loss * W / n gives the
+    z-loss its divisor n. One device-to-host read, only in this case."""
+    n_valid = (target != ignore_index).sum()
+    weight_sum, n = (float(v) for v in torch.stack([denominator.double(), n_valid.double()]))
+    return z_loss * weight_sum / n if n > 0 else z_loss
+
+
 def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
              label_smoothing: float, z_loss: float, reduction: str,
              grad: Optional[Tensor]) -> Tensor:
@@ -257,6 +272,8 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     denominator = None
     if reduction == "mean":  # sum of the weights of the non-ignored targets, on the device
         denominator = _mean_denominator(target, weight32, ignore_index, acc)
+        if weight32 is not None and z_loss:
+            z_loss = _z_loss_for_weighted_mean(z_loss, denominator, target, ignore_index)
     # Kernels take a float32 scale; float64 logits are scaled after, at float64 precision.
     # float16 gradients keep no 1/denominator at all (backward applies it, _defers_mean).
     deferred = grad is not None and _defers_mean(logits.dtype, reduction)
@@ -417,8 +434,10 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         reduction: ``"mean"`` (divided by the summed weight of non-ignored targets), ``"sum"``
             or ``"none"`` (shape of ``target``).
         label_smoothing: in [0, 1], PyTorch's definition.
-        z_loss: adds ``z_loss * logsumexp(logits)**2`` to each non-ignored token's loss (PaLM);
-            with ``"mean"`` it is divided by the same denominator as the rest.
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` to each non-ignored token's loss (PaLM),
+            not scaled by its class weight; ``"mean"`` averages this term over the non-ignored
+            tokens (and the rest, as ``F.cross_entropy``, over their summed class weight), so
+            uniform class weights change nothing (Liger-Kernel's convention).
         inplace_backward: let the gradient overwrite ``input``'s memory (saves one logits-sized
             buffer). Only for callers that never read ``input`` again. A leaf tensor (a
             parameter, or one created with ``requires_grad=True``) or a view of one is never
