@@ -63,8 +63,30 @@ def _terminated(signum, frame):
     raise KeyboardInterrupt(signum)
 
 
+def given_options(argv: Optional[Sequence[str]]) -> set:
+    """The options the command line gives (argparse dests), whatever their spelling (``--lr
+    1e-3``, ``--lr=1e-3``, an abbreviation): ``argv`` parsed again by a parser whose defaults
+    are all suppressed. A resumed run takes the others from its checkpoint."""
+    parser = build_parser()
+
+    def suppress(p: argparse.ArgumentParser) -> None:
+        p.set_defaults(**{key: argparse.SUPPRESS for key in p._defaults})
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    suppress(sub)
+            else:
+                action.default = argparse.SUPPRESS
+    suppress(parser)
+    given = vars(parser.parse_args(argv))
+    # (set_defaults values come back as the SUPPRESS marker itself)
+    return {key for key, value in given.items()
+            if key != "command" and value is not argparse.SUPPRESS}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.given_options = given_options(argv)
     run = args.run
     del args.run
     # SIGTERM as SIGINT is: an exception (below, a message and exit 143), so that a stop

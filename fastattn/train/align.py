@@ -86,10 +86,11 @@ import torch.nn.functional as F
 from . import tasks
 from .pretrain import (_RESUME_WARNS, CKPT_FORMAT, CKPT_NAME, CheckpointError,
                        TrainingInterrupted, _autocast, _json_args, _rng_state, _seed_all,
-                       _StopOnSignals, check_out_dir, check_resume_args, checkpoint_fingerprint,
-                       clear_out_dir, closing_phase, load_checkpoint, lr_at, open_run_log,
-                       peak_memory_bytes, resolve_device, restore_rng_state, resume_start,
-                       run_summary, save_checkpoint, signal_name)
+                       _StopOnSignals, adopt_checkpoint_options, check_out_dir,
+                       check_resume_args, checkpoint_fingerprint, clear_out_dir, closing_phase,
+                       load_checkpoint, lr_at, open_run_log, peak_memory_bytes, resolve_device,
+                       restore_rng_state, resume_start, run_summary, save_checkpoint,
+                       signal_name)
 
 STAGES = ("sft", "dpo", "grpo", "rm", "ppo")
 HEAD_KEYS = {"rm": "reward_head", "ppo": "value_head"}    # checkpoint key of the scalar head
@@ -907,6 +908,12 @@ def _check_stage_resume(rck: dict, path: Path, args, stage: str, init_path: Path
                                   f"model the run started with (its rewards, and so the run's "
                                   f"next steps, would differ); restore it, or start the stage "
                                   f"again")
+    # `--resume` alone continues the stage as it was started: what the command line does not
+    # give comes from the checkpoint
+    adopted = adopt_checkpoint_options(
+        rck, args, [k for k in rck.get("args", {}) if k not in _STAGE_RESUME_FREE])
+    if adopted:
+        print(f"resuming with the checkpoint's {', '.join(adopted)}", file=sys.stderr)
     skip = set(_STAGE_RESUME_FREE) | set(_RESUME_WARNS)
     keeps = [k for k in rck.get("args", {}) if k not in skip]
     for warning in check_resume_args(rck, path, args, keeps=keeps):

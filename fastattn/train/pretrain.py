@@ -614,6 +614,35 @@ _RESUME_KEEPS = ("seed", "seq_len", "batch_size", "grad_accum")
 _RESUME_WARNS = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "clip")
 
 
+# What a resumed pretraining run takes from its checkpoint when the command line does not give
+# it: `--resume` alone continues the run as it was started (its batches, learning-rate
+# schedule, model and corpus), as an uninterrupted run would have gone on. The schedule is a
+# pure function of the step and these options (lr_at), so they are the scheduler's state.
+_RESUME_ADOPTS = _RESUME_KEEPS + _RESUME_WARNS + ("preset", "overrides", "data", "vocab_size",
+                                                  "backend", "eval_every", "eval_iters")
+
+
+def adopt_checkpoint_options(ckpt: dict, args, keys) -> list:
+    """Sets each option in ``keys`` that the command line did not give (``args.given_options``,
+    set by the CLI) to the checkpoint's value; returns "--name value" for each one changed.
+    A Namespace built in code (no ``given_options``) counts every option as given."""
+    given = getattr(args, "given_options", None)
+    if given is None:
+        return []
+    theirs, adopted = ckpt.get("args", {}), []
+    for key in keys:
+        if key in given or key not in theirs or not hasattr(args, key):
+            continue
+        value = theirs[key]
+        if key == "overrides":      # (JSON stored each (field, value) pair as a list)
+            value = [tuple(pair) for pair in value]
+        if _json_args(argparse.Namespace(v=getattr(args, key))).get("v") != theirs[key]:
+            setattr(args, key, value)
+            adopted.append(" ".join(f"--set {k}={v}" for k, v in value) if key == "overrides"
+                           else f"--{key.replace('_', '-')} {value!r}")
+    return adopted
+
+
 def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str] = None,
                       keeps=_RESUME_KEEPS) -> list:
     """CheckpointError when this run's corpus or the options in ``keeps`` (those that decide
@@ -861,6 +890,20 @@ def pretrain(args: argparse.Namespace) -> dict:
 
 def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     device = resolve_device(args.device, dist_info.local_rank)
+    out = Path(args.out)
+    ckpt = ckpt_path = None
+    if args.resume:
+        ckpt_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
+        if ckpt_path.is_dir():      # a run's folder, as --init takes
+            ckpt_path = ckpt_path / CKPT_NAME
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("stage") is not None:
+            raise CheckpointError(f"--resume {ckpt_path}: a checkpoint of the alignment stage "
+                                  f"{ckpt['stage']!r}, not of a pretraining run; pass a "
+                                  f"pretraining checkpoint, or start a new run in another --out")
+        adopted = adopt_checkpoint_options(ckpt, args, _RESUME_ADOPTS)
+        if adopted and dist_info.main:
+            print(f"resuming with the checkpoint's {', '.join(adopted)}", file=sys.stderr)
     for name in ("max_steps", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -881,17 +924,6 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
     if args.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} (global) must be a multiple of the "
                          f"world size {dist_info.world_size}")
-    out = Path(args.out)
-    ckpt = ckpt_path = None
-    if args.resume:
-        ckpt_path = out / CKPT_NAME if args.resume == "auto" else Path(args.resume)
-        if ckpt_path.is_dir():      # a run's folder, as --init takes
-            ckpt_path = ckpt_path / CKPT_NAME
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("stage") is not None:
-            raise CheckpointError(f"--resume {ckpt_path}: a checkpoint of the alignment stage "
-                                  f"{ckpt['stage']!r}, not of a pretraining run; pass a "
-                                  f"pretraining checkpoint, or start a new run in another --out")
     # A fresh run, or one continued from another folder's checkpoint, is a new run in --out: it
     # must not replace the one there. Every rank looks before the first barrier (in
     # _build_corpus), so all of them refuse together.

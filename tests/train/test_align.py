@@ -919,7 +919,14 @@ def test_stage_resume_is_exact(chain, tmp_path, stage, capsys):
     # a changed sampling option is refused; a changed learning rate is a warning
     assert main([*argv, "--out", str(part), "--resume", "--seed", "5"]) == 2
     assert "differs from the checkpoint's in --seed 5 (checkpoint: 0)" in capsys.readouterr().err
-    assert main([*argv, "--out", str(part), "--resume"]) == 0
+    # `--resume` with only the required options: the rest comes from the checkpoint
+    required = [stage, "--init", str(init), "--no-progress"]
+    if stage == "ppo":
+        required += ["--reward-model", str(_rm_for(root, common))]
+    assert main([*required, "--out", str(part), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming with the checkpoint's" in err and "--max-steps 4" in err, err
+    assert "warning: resuming" not in err, err
     strip = lambda log: [{k: v for k, v in r.items() if k not in ("step_time_s", "phase_s")}
                          for r in log if r["kind"] != "pairs"]                # noqa: E731
     assert strip(_log(part)) == strip(_log(full))

@@ -496,6 +496,37 @@ def test_resume_refuses_other_batches_and_warns_on_other_updates(tmp_path, cache
     assert (out / "summary.json").read_text() == before
 
 
+def test_resume_alone_continues_the_run_with_the_checkpoints_options(tmp_path, cache, capsys):
+    """`pretrain --out DIR --resume` with none of the run's options: the model, corpus,
+    batches and learning-rate schedule come from the checkpoint, and the steps after it are
+    those of the uninterrupted run."""
+    common = ["--max-steps", "5", "--eval-iters", "0", "--seed", "3", "--grad-accum", "2",
+              "--lr", "2e-3", "--warmup-steps", "3", "--clip", "0.5", "--backend", "torch"]
+    _pretrain(tmp_path / "full", cache, *common)
+    out = tmp_path / "run"
+    _pretrain(out, cache, *common, "--stop-after", "2")
+    capsys.readouterr()
+    assert main(["pretrain", "--cache-dir", cache, "--out", str(out), "--resume",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    for adopted in ("--max-steps 5", "--lr 0.002", "--seed 3", "--batch-size 4",
+                    "--backend 'torch'", "--vocab-size 512", "--set n_layer=2 --set d_model=64"):
+        assert adopted in err, (adopted, err)
+    assert "warning: resuming" not in err, err
+    full, resumed = _losses(tmp_path / "full"), _losses(out)
+    assert list(resumed) == [1, 2, 3, 4, 5]
+    assert [resumed[s] for s in (3, 4, 5)] == [full[s] for s in (3, 4, 5)]
+    # an option given on the command line still wins, with the warning it always had
+    out2 = tmp_path / "run2"
+    _pretrain(out2, cache, *common, "--stop-after", "2")
+    capsys.readouterr()
+    assert main(["pretrain", "--cache-dir", cache, "--out", str(out2), "--resume",
+                 "--no-progress", "--max-steps", "6"]) == 0
+    err = capsys.readouterr().err
+    assert "--max-steps 6 (checkpoint: 5)" in err and "--lr 0.002" in err
+    assert list(_losses(out2)) == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_after_a_log_line_cut_short(tmp_path, cache):
     out = tmp_path / "run"
     common = ["--max-steps", "4", "--eval-iters", "0"]
