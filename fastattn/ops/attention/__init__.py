@@ -456,6 +456,24 @@ def _run_dense(q, k, v, bias, scale, diag, window_left, window_right, softcap, d
 # Public functions
 # ---------------------------------------------------------------------------------------------
 
+# F.scaled_dot_product_attention(..., enable_gqa=True) exists from torch 2.5
+_SDPA_HAS_GQA = torch.__version__ >= (2, 5)     # a TorchVersion: PEP 440 comparisons
+
+
+def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """PyTorch's SDPA for the calls the fused kernels do not serve (scaled_dot_product_attention
+    says which); before torch 2.5 (no enable_gqa) the key/value heads are repeated."""
+    if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        if _SDPA_HAS_GQA:
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=True)
+        group = query.shape[-3] // max(key.shape[-3], 1)
+        key, value = (x.repeat_interleave(group, dim=-3) for x in (key, value))
+    return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask,
+                                                            dropout_p, is_causal, scale=scale)
+
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None,
@@ -468,9 +486,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     ``attn_mask`` boolean (True = take part) or additive float, broadcastable to
     ``(..., Hq, L, S)``; ``is_causal`` is top-left aligned (query i sees keys j <= i) and cannot
     be combined with a mask, as in PyTorch. Dropout is applied whenever ``dropout_p > 0``, as in
-    PyTorch (pass ``dropout_p if self.training else 0.0``). Differences: a query row with no
-    visible key returns 0 (PyTorch returns NaN); value's head dim must equal the query's; the
-    mask gets no gradient.
+    PyTorch (pass ``dropout_p if self.training else 0.0``). A query row with no visible key
+    returns 0 (PyTorch returns NaN). Calls outside the fused kernels' range are served by
+    PyTorch's own ``scaled_dot_product_attention`` (as ``fastattn.nn.MultiheadAttention``
+    serves its own such cases), so a drop-in never fails where PyTorch succeeds: a value head
+    dim other than the query's, an ``attn_mask`` that requires grad while grad is enabled (a
+    learned bias: the kernels give none to it), and ``dropout_p=1``.
     """
     fn = "scaled_dot_product_attention"
     if isinstance(query, Tensor):
@@ -484,7 +505,15 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                          f"{tuple(key.shape)}, {tuple(value.shape)}")
     if attn_mask is not None and is_causal:
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as in PyTorch)")
-    dropout_p = _check_dropout(fn, dropout_p)
+    if attn_mask is not None:
+        _check_mask(fn, "attn_mask", attn_mask, query.device)
+    dropout_p = real_number(fn, "dropout_p", dropout_p)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p == 1.0 or value.shape[-1] != query.shape[-1] == key.shape[-1] or (
+            attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()):
+        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                           enable_gqa)
     shapes = tuple(tuple(x.shape) for x in (query, key, value))
     query, key, value = (x if x.dim() > 2 else x.unsqueeze(0) for x in (query, key, value))
     # Dimension -3 is the heads (the batch of a 3-D input); those before it (and without
