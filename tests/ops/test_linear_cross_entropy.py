@@ -114,6 +114,47 @@ def test_vocab_chunks_no_bias_3d_input_partial_grads(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("tokens,vocab", [(1, 1), (1, 17), (6, 17), (3, 50257)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_edge_sizes_match_float64(device, backend, tokens, vocab, chunk_over):
+    """One token, one class, and GPT-2's vocabulary, every reduction."""
+    x, w, b, _ = make(tokens, 16, vocab, device=device)
+    t = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(3)).to(device)
+    if tokens > 2:
+        t[1] = -100
+    with fastattn.use_backend(backend):
+        for reduction in ("mean", "sum", "none"):
+            compare(x, w, b, t, reduction, label_smoothing=0.1, chunk_over=chunk_over)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_non_contiguous_input_and_weight_match_float64(device, backend, chunk_over):
+    """x and the weight as transposed (column-major) views, as a tied embedding's or a
+    sliced activation's may be."""
+    x, w, b, t = make(13, 24, 97, device=device)
+    x_t, w_t = x.t().contiguous().t(), w.t().contiguous().t()
+    assert not x_t.is_contiguous() and not w_t.is_contiguous()
+    with fastattn.use_backend(backend):
+        compare(x_t, w_t, b, t, "mean", chunk_size=5, chunk_over=chunk_over)
+        compare(x[:, 4:20], w[:, 4:20], b, t, "sum", chunk_size=5, chunk_over=chunk_over)
+
+
+@pytest.mark.parametrize("device,backend", [p for p in ALL_BACKENDS if p.id != "cpu-triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_half_precision_within_twice_torchs_error(device, backend, dtype, chunk_over):
+    """fp16 / bf16 inputs against float64, by FlashAttention's rule: at most twice the error
+    of the same PyTorch calls in that dtype."""
+    x, w, b, t = make(13, 24, 97, dtype=dtype, device=device)
+    with fastattn.use_backend(backend):
+        for reduction in ("mean", "none"):
+            compare(x, w, b, t, reduction, label_smoothing=0.1, chunk_size=5, dtype=dtype,
+                    chunk_over=chunk_over, fa_rule=True)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 @pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_rows_ignored(device, backend, chunk_over, reduction):
@@ -378,13 +419,21 @@ def test_default_chunk_follows_the_device(monkeypatch):
     assert asked == [(6, 8, 16, "cpu")] * 2
 
 
-def test_empty_tokens():
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_empty_tokens(chunk_over):
+    """No tokens, as F.cross_entropy: the mean is nan, the sum 0, "none" empty; gradients 0."""
     x, w, b, _ = make(0, 8, 30)
     t = torch.zeros(0, dtype=torch.long)
-    xg = x.requires_grad_()
-    loss = fastattn.linear_cross_entropy(xg, w, t, b, reduction="sum")
-    loss.backward()
-    assert loss.item() == 0 and xg.grad.shape == (0, 8)
+    for reduction in ("mean", "sum", "none"):
+        leaves = [v.clone().requires_grad_() for v in (x, w, b)]
+        loss = fastattn.linear_cross_entropy(*leaves[:2], t, leaves[2], reduction=reduction,
+                                             chunk_over=chunk_over)
+        ref = F.cross_entropy(F.linear(x, w, b), t, reduction=reduction)
+        torch.testing.assert_close(loss, ref, equal_nan=True)
+        loss.sum().backward()
+        assert leaves[0].grad.shape == (0, 8)
+        for v in leaves[1:]:
+            assert torch.equal(v.grad, torch.zeros_like(v))
 
 
 @GPU

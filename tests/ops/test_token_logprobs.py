@@ -53,6 +53,54 @@ def test_matches_float64(device, backend, dtype, vocab, temperature, grads):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("rows,vocab", [(0, 17), (1, 1), (1, 17), (3, 50257)],
+                         ids=lambda v: str(v))
+def test_edge_sizes_match_float64(device, backend, rows, vocab):
+    """No tokens, one token, one class, GPT-2's vocabulary; logits and gradient against
+    float64, and a column-major (non-contiguous) logits view."""
+    logits, target = make((rows,), vocab, torch.float32, device, seed=5)
+    for layout in ("contiguous", "column-major"):
+        x = logits if layout == "contiguous" else logits.t().contiguous().t()
+        leaf = x.clone() if layout == "contiguous" else x.detach().t().clone().t()
+        leaf.requires_grad_()
+        with fastattn.use_backend(backend):
+            logp, ent = fastattn.token_logprobs(leaf, target, temperature=0.9,
+                                                return_entropy=True)
+            (grad,) = torch.autograd.grad(logp.sum() + 0.5 * ent.sum(), leaf)
+        ref_leaf = logits.double().requires_grad_()
+        ref_logp, ref_ent = oracle(ref_leaf, target, 0.9)
+        (ref_grad,) = torch.autograd.grad(ref_logp.sum() + 0.5 * ref_ent.sum(), ref_leaf)
+        assert logp.shape == ent.shape == (rows,) and grad.shape == (rows, vocab)
+        assert_close(logp, ref_logp, torch.float32, f"logp ({layout})", scale=20)
+        assert_close(ent, ref_ent, torch.float32, f"entropy ({layout})", scale=20)
+        assert_close(grad, ref_grad, torch.float32, f"grad ({layout})", scale=10)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("tokens,vocab", [(0, 17), (1, 1), (1, 17), (3, 50257)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_linear_edge_sizes_match_float64(device, backend, tokens, vocab, chunk_over):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(tokens, 16, generator=g).to(device)
+    w = (torch.randn(vocab, 16, generator=g) / 4).to(device)
+    t = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    leaves = [v.clone().requires_grad_() for v in (x, w)]
+    with fastattn.use_backend(backend):
+        logp, ent = fastattn.linear_token_logprobs(*leaves, t, return_entropy=True,
+                                                   chunk_over=chunk_over)
+        ours = torch.autograd.grad(logp.sum() + 0.5 * ent.sum(), leaves)
+    ref_leaves = [v.double().requires_grad_() for v in (x, w)]
+    ref_logp, ref_ent = oracle(F.linear(*ref_leaves), t, 1.0)
+    theirs = torch.autograd.grad(ref_logp.sum() + 0.5 * ref_ent.sum(), ref_leaves)
+    assert logp.shape == (tokens,)
+    assert_close(logp, ref_logp, torch.float32, "logp", scale=20)
+    assert_close(ent, ref_ent, torch.float32, "entropy", scale=20)
+    for name, a, e in zip("xw", ours, theirs):
+        assert_close(a, e, torch.float32, f"grad {name}", scale=10)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 @pytest.mark.parametrize("temperature", [1e-3, 1e-10])
 def test_low_temperature_is_finite_and_nonpositive(device, backend, temperature):
     """s = z / T is huge at a low temperature: the row max must still sit at exactly 0 in exp's
