@@ -81,6 +81,35 @@ def test_need_weights_and_unbatched_are_served():
     torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [dict(add_bias_kv=True), dict(add_zero_attn=True),
+                                     dict(add_bias_kv=True, add_zero_attn=True)],
+                         ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("average_attn_weights", [True, False])
+def test_bias_kv_zero_attn_and_per_head_weights_are_torchs(options, average_attn_weights):
+    """The options served by PyTorch's path give its outputs, weights and gradients (the
+    parameters it adds, bias_k and bias_v, load from its state_dict)."""
+    ours, theirs = _pair(16, 4, "cpu", batch_first=True, **options)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = torch.randn(2, 5, 16)
+    mask = torch.rand(2, 5) < 0.3
+    mask[:, 0] = False
+    for need_weights in (False, True):
+        kw = dict(key_padding_mask=mask, need_weights=need_weights,
+                  average_attn_weights=average_attn_weights)
+        a, b = _run(ours, x, x, x, **kw), _run(theirs, x, x, x, **kw)
+        torch.testing.assert_close(a[0], b[0])
+        for ga, gb in zip(a[1], b[1]):
+            torch.testing.assert_close(ga, gb)
+        assert a[2].keys() == b[2].keys()
+        for name in a[2]:
+            torch.testing.assert_close(a[2][name], b[2][name], msg=name)
+        if need_weights:    # over 5 keys, + 1 for bias_k, + 1 for the zero key
+            keys = 5 + len(options)
+            heads = () if average_attn_weights else (4,)
+            assert a[3].shape == b[3].shape == (2, *heads, 5, keys)
+            torch.testing.assert_close(a[3], b[3])
+
+
 def test_state_dict_names_are_torchs():
     ours, theirs = _pair(16, 2, "cpu", kdim=8, vdim=12, bias=True)
     assert list(ours.state_dict()) == list(theirs.state_dict())

@@ -37,20 +37,30 @@ def _assert_same(a, b):
         torch.testing.assert_close(a[2][name], b[2][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_swiglu_loads_a_llama_mlp(backend):
+# every CPU backend: the C++ kernels, the reference, and Triton's kernels under the interpreter
+BACKENDS = ["cpu", "reference", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_loads_a_llama_mlp(backend, bias):
     torch.manual_seed(0)
     eager = LlamaStyleMLP(40, 97)
-    ours = fastattn.nn.SwiGLU(40, 97)
+    if bias:        # the Llama layout with biases (some fine-tunes add them)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            lin = getattr(eager, name)
+            setattr(eager, name, nn.Linear(lin.in_features, lin.out_features))
+    ours = fastattn.nn.SwiGLU(40, 97, bias=bias)
     ours.load_state_dict(eager.state_dict())          # same names, strict
     x = torch.randn(2, 3, 40)
     with fastattn.use_backend(backend):
         _assert_same(_run(ours, x), _run(eager, x))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("activation,fn", [("gelu", F.gelu), ("relu", F.relu),
-                                           ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"))])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("activation,fn", [
+    ("gelu", F.gelu), ("relu", F.relu), ("gelu_tanh", lambda t: F.gelu(t, approximate="tanh")),
+    ("relu2", lambda t: F.relu(t).square()), ("silu", F.silu)])
 def test_mlp_matches_fc2_act_fc1(backend, activation, fn):
     torch.manual_seed(0)
     ours = fastattn.nn.MLP(40, 97, activation=activation)
