@@ -16,8 +16,9 @@ Outputs under ``--out DIR`` (written by rank 0 only):
     ckpt.pt       the checkpoint (``save_checkpoint``), replaced atomically
 
 MFU = flops_per_token(seq_len) * tokens/s / (bf16 dense peak of the device * world size), with
-flops_per_token = 6 N + 12 L d T (PaLM, appendix B); it is reported only on CUDA devices whose
-peak is in ``PEAK_BF16_FLOPS``.
+flops_per_token = 6 N + 12 L d T (PaLM, appendix B); it is reported on CUDA devices whose
+peak is in ``PEAK_BF16_FLOPS``, and on any device (a CPU) once FASTATTN_PEAK_TFLOPS gives the
+peak to divide by.
 """
 
 from __future__ import annotations
@@ -240,6 +241,19 @@ def _reset_cpu_peak() -> Optional[int]:
 
 
 def device_peak_flops(device: torch.device) -> Optional[float]:
+    """The peak MFU is measured against: FASTATTN_PEAK_TFLOPS (TFLOP/s) where set (a CPU, a
+    GPU missing from PEAK_BF16_FLOPS, or another precision's peak), else the CUDA device's
+    dense bf16 peak from the table, else None (no MFU)."""
+    given = os.environ.get("FASTATTN_PEAK_TFLOPS", "").strip()
+    if given:
+        try:
+            tflops = float(given)
+        except ValueError:
+            tflops = math.nan
+        if not (tflops > 0 and math.isfinite(tflops)):
+            raise ValueError(f"FASTATTN_PEAK_TFLOPS must be a number of TFLOP/s > 0, got "
+                             f"{given!r}")
+        return tflops * 1e12
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

@@ -256,11 +256,23 @@ def test_bench_variants_compile_modes(tmp_path, cache, monkeypatch):
     assert all(BENCH_VARIANTS[n].optional for n in names[1:])
 
 
+def test_peak_flops_for_mfu(monkeypatch):
+    from fastattn.train.pretrain import device_peak_flops
+    monkeypatch.delenv("FASTATTN_PEAK_TFLOPS", raising=False)
+    assert device_peak_flops(torch.device("cpu")) is None        # a CPU's peak is not known
+    monkeypatch.setenv("FASTATTN_PEAK_TFLOPS", " 1.5 ")
+    assert device_peak_flops(torch.device("cpu")) == 1.5e12
+    for bad in ("fast", "0", "-2", "inf", "nan"):
+        monkeypatch.setenv("FASTATTN_PEAK_TFLOPS", bad)
+        with pytest.raises(ValueError, match=f"FASTATTN_PEAK_TFLOPS must be a number of "
+                                             f"TFLOP/s > 0, got '{bad}'"):
+            device_peak_flops(torch.device("cpu"))
+
+
 def test_bench(tmp_path, cache, capsys, monkeypatch):
     # torch.compile (tens of seconds to compile on 2 cores) is left to the measured CLI run.
-    # A bf16 peak for this CPU, as a GPU's is known: each row's MFU from its own tokens/s.
-    import fastattn.train.pretrain as pretrain_mod
-    monkeypatch.setattr(pretrain_mod, "device_peak_flops", lambda device: 2.5e9)
+    # A peak for this CPU, as a GPU's is known: each row's MFU from its own tokens/s.
+    monkeypatch.setenv("FASTATTN_PEAK_TFLOPS", "0.0025")
     assert main(["bench", *MODEL,
                  "--cache-dir", cache, "--out", str(tmp_path), "--steps", "2", "--warmup", "1",
                  "--variants", "torch eager,fastattn,fastattn (plain norms)",
