@@ -141,6 +141,17 @@ def test_non_contiguous_input_and_weight_match_float64(device, backend, chunk_ov
         compare(x[:, 4:20], w[:, 4:20], b, t, "sum", chunk_size=5, chunk_over=chunk_over)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_float64_on_cpu(backend, chunk_over):
+    """float64 stays float64 throughout (the per-token grad_output of "none" included)."""
+    x, w, b, t = make(13, 24, 97, dtype=torch.float64)
+    with fastattn.use_backend(backend):
+        for reduction in ("mean", "sum", "none"):
+            compare(x, w, b, t, reduction, label_smoothing=0.1, chunk_size=5,
+                    dtype=torch.float64, chunk_over=chunk_over)
+
+
 @pytest.mark.parametrize("device,backend", [p for p in ALL_BACKENDS if p.id != "cpu-triton"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])

@@ -896,7 +896,9 @@ def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, targ
                 return
             kernels.cross_entropy_fwd(logits, target[start:end], None, logits, None,
                                       ignore_index, label_smoothing, 0.0)
-            logits.mul_(scale[start:end].unsqueeze(1))
+            # (per-token scales in float32, or float64 for float64 logits: not rounded to fp32)
+            logits.mul_(grad_loss[start:end].to(
+                torch.promote_types(logits.dtype, torch.float32)).unsqueeze(1))
 
         return _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw)
 
