@@ -201,10 +201,6 @@ def write(results: list[Result], stem: str, out_dir: Path | None = None) -> tupl
     return csv_path, png_path
 
 
-# Greatest error, relative to the reference output's greatest magnitude, a row may show, by the
-# reference output's dtype. Loose enough for two correct kernels that round in different orders
-# (one bf16 gradient differs from another by a few of its last bits), tight enough for a wrong
-# mask, scale, index or a skipped term.
 def interleaved(fns: dict, rounds: int, *, before=None, best_of: int = 1,
                 rotate: bool = False) -> dict[str, list[float]]:
     """Seconds per call of each of ``fns`` (name -> callable), timed in interleaved rounds in
@@ -238,6 +234,10 @@ def interleaved(fns: dict, rounds: int, *, before=None, best_of: int = 1,
     return times
 
 
+# Greatest error, relative to the reference output's greatest magnitude, a row may show, by the
+# reference output's dtype. Loose enough for two correct kernels that round in different orders
+# (one bf16 gradient differs from another by a few of its last bits), tight enough for a wrong
+# mask, scale, index or a skipped term.
 TOLERANCE = {torch.bfloat16: 5e-2, torch.float16: 1e-2, torch.float32: 1e-3}
 
 

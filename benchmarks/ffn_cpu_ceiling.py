@@ -87,6 +87,7 @@ def main() -> None:
 
     fns = {"eager": eager, "fastattn": fused, "fastattn (ATen GEMMs)": fused_aten,
            "GEMMs alone": gemms, "GEMMs alone, oneDNN where faster": gemms_routed}
+
     def clear_grads():
         for t in (x, *params):
             t.grad = None

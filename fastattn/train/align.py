@@ -862,6 +862,12 @@ def _check_ranges(args: argparse.Namespace, stage: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be {what}, got {value}")
 
 
+# The options a resumed stage never takes from its checkpoint: this command's own (where and
+# how it runs); every other option the command line does not give is the checkpoint's.
+_STAGE_OWN = ("resume", "stop_after", "overwrite", "out", "init", "device", "cache_dir",
+              "no_progress")
+
+
 # Options a resumed stage may change: how it runs and reports, not which steps it takes. Those
 # of the update rule may change too, with a warning (_RESUME_WARNS, as for pretraining); every
 # other option must equal the checkpoint's.
@@ -908,12 +914,6 @@ def _check_stage_resume(rck: dict, path: Path, args, stage: str, init_path: Path
                                   f"model the run started with (its rewards, and so the run's "
                                   f"next steps, would differ); restore it, or start the stage "
                                   f"again")
-    # `--resume` alone continues the stage as it was started: what the command line does not
-    # give comes from the checkpoint
-    adopted = adopt_checkpoint_options(
-        rck, args, [k for k in rck.get("args", {}) if k not in _STAGE_RESUME_FREE])
-    if adopted:
-        print(f"resuming with the checkpoint's {', '.join(adopted)}", file=sys.stderr)
     skip = set(_STAGE_RESUME_FREE) | set(_RESUME_WARNS)
     keeps = [k for k in rck.get("args", {}) if k not in skip]
     for warning in check_resume_args(rck, path, args, keeps=keeps):
@@ -925,6 +925,18 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     from ..models.gpt import GPT, GPTConfig
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
+    out = Path(args.out)
+    resume_ck = resume_path = None
+    if args.resume:
+        resume_path = out / CKPT_NAME if args.resume == "auto" else ckpt_file(args.resume)
+        resume_ck = load_checkpoint(resume_path, "--resume")
+        if resume_ck.get("stage") == stage:     # (another stage's is refused below)
+            # `--resume` alone continues the stage as it was started: what the command line
+            # does not give comes from the checkpoint, before any option is checked
+            adopted = adopt_checkpoint_options(
+                resume_ck, args, [k for k in resume_ck.get("args", {}) if k not in _STAGE_OWN])
+            if adopted:
+                print(f"resuming with the checkpoint's {', '.join(adopted)}", file=sys.stderr)
     for name in ("max_steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -943,11 +955,8 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         if given is not None and ckpt_file(given).resolve() == written:
             raise ValueError(f"--out {args.out} is the folder of {option} {given}: the run would "
                              f"overwrite the checkpoint it reads; choose another --out")
-    out = Path(args.out)
-    resume_ck, start = None, 0
-    if args.resume:
-        resume_path = out / CKPT_NAME if args.resume == "auto" else ckpt_file(args.resume)
-        resume_ck = load_checkpoint(resume_path, "--resume")
+    start = 0
+    if resume_ck is not None:
         start = _check_stage_resume(resume_ck, resume_path, args, stage, ckpt_path)
     new_run = resume_ck is None or resume_path.resolve() != (out / CKPT_NAME).resolve()
     if new_run:

@@ -195,7 +195,7 @@ def _run_child(args, name: str, out: Path, memory: bool) -> dict:
     fd, result = tempfile.mkstemp(prefix=".bench_", suffix=".json", dir=out)
     os.close(fd)
     env = dict(os.environ)
-    fields = {k: v for k, v in vars(args).items() if k != "run"}
+    fields = {k: v for k, v in vars(args).items() if k not in ("run", "given_options")}
     if memory:
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         fields.update(steps=min(args.steps, 2), warmup=min(args.warmup, 1))

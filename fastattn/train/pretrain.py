@@ -632,8 +632,11 @@ _RESUME_WARNS = ("max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "c
 # it: `--resume` alone continues the run as it was started (its batches, learning-rate
 # schedule, model and corpus), as an uninterrupted run would have gone on. The schedule is a
 # pure function of the step and these options (lr_at), so they are the scheduler's state.
+# This command's own: --compile, --device, --dist, --cache-dir, --sample-tokens, --stop-after,
+# --no-progress, --overwrite (and --out, --resume).
 _RESUME_ADOPTS = _RESUME_KEEPS + _RESUME_WARNS + ("preset", "overrides", "data", "vocab_size",
-                                                  "backend", "eval_every", "eval_iters")
+                                                  "backend", "eval_every", "eval_iters",
+                                                  "checkpoint_every")
 
 
 def adopt_checkpoint_options(ckpt: dict, args, keys) -> list:
@@ -643,7 +646,9 @@ def adopt_checkpoint_options(ckpt: dict, args, keys) -> list:
     given = getattr(args, "given_options", None)
     if given is None:
         return []
-    theirs, adopted = ckpt.get("args", {}), []
+    theirs, adopted = dict(ckpt.get("args", {})), []
+    if theirs.get("data") is not None and ckpt.get("data_path"):
+        theirs["data"] = ckpt["data_path"]      # resolved: from any working folder
     for key in keys:
         if key in given or key not in theirs or not hasattr(args, key):
             continue
@@ -1340,6 +1345,7 @@ def bench(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    device_peak_flops(device)               # a bad FASTATTN_PEAK_TFLOPS: refused before any run
     corpus = _build_corpus(args)            # builds the cache once, before any variant runs
     if args.variant is not None:            # child process of an isolated run
         result = _bench_variant(args, corpus, args.variant)

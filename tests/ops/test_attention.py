@@ -384,6 +384,28 @@ def test_sdpa_serves_what_the_kernels_do_not_through_torch():
         torch.testing.assert_close(got, want)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\], got 1.5"):
         ours(q, k, v, dropout_p=1.5)
+    # the served calls' arguments are checked as the fused path's are
+    with pytest.raises(ValueError, match="scale must be finite, got inf"):
+        ours(q, k, v24, scale=math.inf)
+    with pytest.raises(ValueError, match=r"heads of query \(4\) must be a multiple"):
+        ours(q, k[:, :3], torch.randn(2, 3, 7, 24), enable_gqa=True)
+
+
+def test_sdpa_served_by_torch_before_its_enable_gqa(monkeypatch):
+    """Before torch 2.5 F.scaled_dot_product_attention has no enable_gqa: the served call
+    repeats the key/value heads itself."""
+    import fastattn.ops.attention as attention
+    monkeypatch.setattr(attention, "_SDPA_HAS_GQA", False)
+    q, k, _ = _qkv(2, 4, 2, 5, 7, 16, torch.float32, "cpu")
+    v = torch.randn(2, 2, 7, 24)
+    out, grads = _sdpa_and_grads(fastattn.scaled_dot_product_attention, q, k, v,
+                                 enable_gqa=True)
+    expect, expect_grads = _sdpa_and_grads(F.scaled_dot_product_attention, q,
+                                           k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    torch.testing.assert_close(out, expect)
+    torch.testing.assert_close(grads[0], expect_grads[0])
+    for got, want in zip(grads[1:], expect_grads[1:]):
+        torch.testing.assert_close(got, want.view(2, 2, 2, 7, -1).sum(2))
 
 
 @pytest.mark.parametrize("device,backend", FAST_BACKENDS)

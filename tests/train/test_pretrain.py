@@ -508,6 +508,16 @@ def test_resume_refuses_other_batches_and_warns_on_other_updates(tmp_path, cache
     assert (out / "summary.json").read_text() == before
 
 
+def test_given_options_are_those_on_the_command_line():
+    """What --resume may take from a checkpoint is what argv does not give, in any spelling."""
+    from fastattn.train.__main__ import given_options
+    assert given_options(["pretrain"]) == set()
+    assert given_options(["pretrain", "--lr=1e-3", "--max-st", "5", "--resume",
+                          "--set", "n_layer=2", "--compile"]) == {
+        "lr", "max_steps", "resume", "overrides", "compile"}
+    assert given_options(["sft", "--init", "x", "--batch-size", "4"]) == {"init", "batch_size"}
+
+
 def test_resume_alone_continues_the_run_with_the_checkpoints_options(tmp_path, cache, capsys):
     """`pretrain --out DIR --resume` with none of the run's options: the model, corpus,
     batches and learning-rate schedule come from the checkpoint, and the steps after it are

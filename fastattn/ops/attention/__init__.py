@@ -425,10 +425,6 @@ def _mask_to_bias(fn: str, mask: Tensor, device: torch.device, full: tuple,
     for 3-D and 4-D inputs; with more leading dims, a mask broadcast over only some of them is
     copied at full size by it (as the inputs are)."""
     _check_mask(fn, "attn_mask", mask, device)
-    if mask.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{fn}: an attn_mask that requires grad is not supported (the kernels "
-                         f"give no gradient to it); detach it, or use "
-                         f"torch.nn.functional.scaled_dot_product_attention")
     if mask.dtype == torch.bool:
         bias = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
         bias = bias.masked_fill(~mask, float("-inf"))
@@ -460,18 +456,21 @@ def _run_dense(q, k, v, bias, scale, diag, window_left, window_right, softcap, d
 _SDPA_HAS_GQA = torch.__version__ >= (2, 5)     # a TorchVersion: PEP 440 comparisons
 
 
-def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+def _torch_sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """PyTorch's SDPA for the calls the fused kernels do not serve (scaled_dot_product_attention
     says which); before torch 2.5 (no enable_gqa) the key/value heads are repeated."""
-    if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        hq, hkv = query.shape[-3], key.shape[-3]
+        if hkv == 0 or hq % hkv or value.dim() < 3 or value.shape[-3] != hkv:
+            raise ValueError(f"{fn}: the heads of query ({hq}) must be a multiple of the heads "
+                             f"of key and value, got shapes {tuple(key.shape)} and "
+                             f"{tuple(value.shape)}")
         if _SDPA_HAS_GQA:
             return torch.nn.functional.scaled_dot_product_attention(
                 query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=True)
-        group = query.shape[-3] // max(key.shape[-3], 1)
-        key, value = (x.repeat_interleave(group, dim=-3) for x in (key, value))
+        key, value = (x.repeat_interleave(hq // hkv, dim=-3) for x in (key, value))
     return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask,
                                                             dropout_p, is_causal, scale=scale)
-
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
@@ -487,7 +486,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     ``(..., Hq, L, S)``; ``is_causal`` is top-left aligned (query i sees keys j <= i) and cannot
     be combined with a mask, as in PyTorch. Dropout is applied whenever ``dropout_p > 0``, as in
     PyTorch (pass ``dropout_p if self.training else 0.0``). A query row with no visible key
-    returns 0 (PyTorch returns NaN). Calls outside the fused kernels' range are served by
+    returns 0 (older PyTorch releases return NaN; a call served by PyTorch, below, gives
+    its result). Calls outside the fused kernels' range are served by
     PyTorch's own ``scaled_dot_product_attention`` (as ``fastattn.nn.MultiheadAttention``
     serves its own such cases), so a drop-in never fails where PyTorch succeeds: a value head
     dim other than the query's, an ``attn_mask`` that requires grad while grad is enabled (a
@@ -512,7 +512,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
     if dropout_p == 1.0 or value.shape[-1] != query.shape[-1] == key.shape[-1] or (
             attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()):
-        return _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale,
+        _check_scale(fn, scale, query.shape[-1])
+        return _torch_sdpa(fn, query, key, value, attn_mask, dropout_p, is_causal, scale,
                            enable_gqa)
     shapes = tuple(tuple(x.shape) for x in (query, key, value))
     query, key, value = (x if x.dim() > 2 else x.unsqueeze(0) for x in (query, key, value))

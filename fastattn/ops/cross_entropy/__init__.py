@@ -129,7 +129,9 @@ def trusted_targets(enabled: bool = True) -> Iterator[None]:
     an out-of-range target then gives NaN for its row's loss or log-prob and gradient, no
     error, and the kernels still never read outside the logits. CPU tensors are always checked
     (it costs no synchronisation there). ``FASTATTN_CHECK_TARGETS=0`` does the same for the
-    whole process. Thread- and task-local, like ``fastattn.use_backend``."""
+    whole process. Thread- and task-local, like ``fastattn.use_backend``. (One call still
+    synchronises: ``cross_entropy`` with class weights, ``z_loss`` and ``reduction="mean"``
+    reads the weight sum and token count back to scale the z-loss.)"""
     token = _TRUSTED.set(bool(enabled))
     try:
         yield
@@ -257,7 +259,7 @@ def _z_loss_for_weighted_mean(z_loss: float, denominator: Tensor, target: Tensor
     divides every row by the summed weight W; a coefficient of z_loss * W / n gives the
     z-loss its divisor n. One device-to-host read, only in this case."""
     n_valid = (target != ignore_index).sum()
-    weight_sum, n = (float(v) for v in torch.stack([denominator.double(), n_valid.double()]))
+    weight_sum, n = torch.stack([denominator.double(), n_valid.double()]).tolist()
     return z_loss * weight_sum / n if n > 0 else z_loss
 
 
@@ -437,7 +439,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
         z_loss: adds ``z_loss * logsumexp(logits)**2`` to each non-ignored token's loss (PaLM),
             not scaled by its class weight; ``"mean"`` averages this term over the non-ignored
             tokens (and the rest, as ``F.cross_entropy``, over their summed class weight), so
-            uniform class weights change nothing (Liger-Kernel's convention).
+            uniform class weights change nothing (Liger-Kernel's convention; with class
+            weights that takes one device-to-host read).
         inplace_backward: let the gradient overwrite ``input``'s memory (saves one logits-sized
             buffer). Only for callers that never read ``input`` again. A leaf tensor (a
             parameter, or one created with ``requires_grad=True``) or a view of one is never
