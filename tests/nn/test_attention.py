@@ -197,8 +197,12 @@ def test_a_mask_that_requires_grad_is_served_under_no_grad():
         out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     torch.testing.assert_close(out, want)
-    with pytest.raises(ValueError, match="attn_mask that requires grad"):
-        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    # with grad enabled the bias is learned: PyTorch's SDPA serves the call and gives it its
+    # gradient
+    fastattn.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward()
+    got, bias.grad = bias.grad, None
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias).sum().backward()
+    torch.testing.assert_close(got, bias.grad)
 
 
 @pytest.mark.parametrize("batch_first", [False, True])
