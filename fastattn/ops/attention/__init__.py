@@ -383,10 +383,14 @@ def _check_scale(fn: str, scale: Optional[float], head_dim: int) -> float:
     return scale
 
 
-def _check_dropout(fn: str, dropout_p: float, name: str = "dropout_p") -> float:
+def _check_dropout(fn: str, dropout_p: float, name: str = "dropout_p",
+                   allow_one: bool = False) -> float:
+    """A dropout probability in [0, 1) (the kernels'), or [0, 1] with ``allow_one`` (a caller
+    that serves 1 another way)."""
     dropout_p = real_number(fn, name, dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: {name} must be in [0, 1), got {dropout_p}")
+    if not (0.0 <= dropout_p < 1.0 or (allow_one and dropout_p == 1.0)):
+        interval = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{fn}: {name} must be in {interval}, got {dropout_p}")
     return dropout_p
 
 
@@ -507,9 +511,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
         raise ValueError(f"{fn}: pass either attn_mask or is_causal=True, not both (as in PyTorch)")
     if attn_mask is not None:
         _check_mask(fn, "attn_mask", attn_mask, query.device)
-    dropout_p = real_number(fn, "dropout_p", dropout_p)
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
+    dropout_p = _check_dropout(fn, dropout_p, allow_one=True)
     if dropout_p == 1.0 or value.shape[-1] != query.shape[-1] == key.shape[-1] or (
             attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()):
         _check_scale(fn, scale, query.shape[-1])
