@@ -6,7 +6,7 @@ export MAX_JOBS ?= 2
 # Several pytest/benchmark processes on 2 cores: keep torch from oversubscribing.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: help venv build rebuild test test-oldest test-fast bench demo gpu-check gpu-train-check gpu-wheels gpu-prebuild clean
+.PHONY: help venv build rebuild test test-oldest bench demo gpu-check gpu-train-check gpu-wheels gpu-prebuild clean
 
 help:
 	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~14 min, torch vs fastattn side by side (DEMO_PPO=1: + reward model, PPO)"
@@ -42,8 +42,14 @@ rebuild:
 	rm -f $(BUILT)
 	$(MAKE) build
 
+# One pytest-xdist worker per core (much of the suite is single-threaded Python: the Triton
+# interpreter, the training loops' subprocesses), given one test at a time so that the few long
+# ones (tests/conftest.py starts them first) overlap the rest. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
+PYTEST_PAR = -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+
 test: build
-	$(PY) -m pytest tests -m "not gpu" -q -p no:cacheprovider --durations=25
+	$(PY) -m pytest tests -m "not gpu" -q -p no:cacheprovider $(PYTEST_PAR) --durations=25
 
 # The oldest stack fastattn supports, torch 2.4 with the triton it pins, for the CPU suite
 # (CI runs it after `make test`). It gets its own venv and its own copy of the tracked sources:
@@ -64,7 +70,7 @@ test-oldest: $(OLDEST)/venv/.deps
 	git ls-files -z | xargs -0 cp --parents -t $(OLDEST)/src
 	cd $(OLDEST)/src && FASTATTN_CUDA=0 ../venv/bin/python -m pip install -q --no-build-isolation --no-deps -e .
 	cd $(OLDEST)/src && ../venv/bin/python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-	cd $(OLDEST)/src && ../venv/bin/python -m pytest tests -m "not gpu" -q -p no:cacheprovider $(OLDEST_TESTS)
+	cd $(OLDEST)/src && ../venv/bin/python -m pytest tests -m "not gpu" -q -p no:cacheprovider $(PYTEST_PAR) $(OLDEST_TESTS)
 
 bench: build
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider -o python_files="bench_*.py" \

@@ -19,6 +19,14 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
+    # The few tests marked slow (minutes each: a build, the demo, a compile sweep) run first,
+    # each followed by one quick test: `make test` hands tests to its pytest-xdist workers one
+    # at a time (--maxschedchunk 1), and a worker holds two (the one it runs and the next), so
+    # this gives each worker its own slow test from the start instead of leaving one running
+    # alone at the end, or two queued behind each other on one worker.
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    quick = [item for item in items if not item.get_closest_marker("slow")]
+    items[:] = [x for pair in zip(slow, quick) for x in pair] + slow[len(quick):] + quick[len(slow):]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (make gpu-check)")

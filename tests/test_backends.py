@@ -168,6 +168,7 @@ def test_missing_extension_without_jit_falls_back_with_one_warning():
     assert "ERR backend 'cpu' is not available" in res.stdout
 
 
+@pytest.mark.slow
 def test_missing_extension_is_built_on_first_use(tmp_path):
     """With fastattn._C not importable, the first CPU call compiles csrc/cpu into the cache and
     says so; a later process loads the cached build without saying it builds anything."""

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_demo_fast(tmp_path):
     env = dict(os.environ, DEMO_FAST="1", DEMO_PPO="1", DEMO_OUT=str(tmp_path))
     proc = subprocess.run([sys.executable, "-m", "benchmarks.demo"], cwd=ROOT, env=env,

@@ -15,6 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_gpu(tmp_path, capability=90):
     pytest.importorskip("triton.backends.compiler", reason="triton without its GPU compiler")
     import triton

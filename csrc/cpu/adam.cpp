@@ -38,8 +38,8 @@
 #include "ops.h"
 #include "simd.h"
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cmath>

@@ -4,7 +4,8 @@
 // callable directly, not only through the ops' front doors), then calls the kernel declared in
 // ops.h with the GIL released. Messages name the argument, what was expected and what was given.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
 #include <initializer_list>

@@ -3,7 +3,11 @@
 // the outputs, puts a CUDAGuard on the inputs' device and calls the launcher from ops.h, which
 // launches on the current stream. The GIL is released for the whole call (argument conversion
 // and result conversion happen outside the call_guard, with the GIL held).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <c10/cuda/CUDAGuard.h>
 

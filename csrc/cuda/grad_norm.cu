@@ -29,7 +29,9 @@
 // max_norm) and rewrites its chunk: 8 B per fp32 element.
 // Indexing: chunk offsets are int64 (tensors may exceed 2^31 elements); within a chunk, int.
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
