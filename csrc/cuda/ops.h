@@ -6,7 +6,8 @@
 // Build time: the kernel and binding files include ATen/core/Tensor.h and the ATen/ops/<op>.h of
 // each at:: function they call (torch/csrc/utils/pybind.h for the bindings' tensor casters),
 // never ATen/ATen.h or torch/extension.h, which cost 12 s and 30 s of parsing per file on a
-// 2-core machine: the whole extension builds in about half the time.
+// 2-core machine (with norm.cpp compiled first, the CPU extension's JIT build went from 168 s
+// to 104 s there).
 #pragma once
 
 #include <ATen/core/Tensor.h>
