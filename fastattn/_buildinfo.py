@@ -47,8 +47,8 @@ def sources(kind: str, root: Path | None = None) -> list[str]:
     root = root or csrc_root()
     folder = root / kind
     patterns = ("*.cpp",) if kind == "cpu" else ("*.cpp", "*.cu")
-    found = sorted(p for pat in patterns for p in folder.glob(pat))
-    return [str(p) for p in sorted(found, key=lambda p: p.name not in _SLOWEST[kind])]
+    found = (p for pat in patterns for p in folder.glob(pat))
+    return [str(p) for p in sorted(found, key=lambda p: (p.name not in _SLOWEST[kind], p))]
 
 
 def cuda_home() -> str | None:
