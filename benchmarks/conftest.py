@@ -44,7 +44,7 @@ def measure(benchmark):
         else:
             peak = cpu_peak_mb(lambda: (fn(*args), None)[1])
             # one more call's minor page faults: memory the OS maps and zeroes for it (with
-            # glibc's default malloc, every large tensor it allocates; see the README), out of
+            # glibc's default malloc, every large tensor it allocates; see benchmarks/RESULTS.md), out of
             # the profiler (whose own buffers would fault too)
             args = setup()
             f0 = minor_page_faults()

@@ -112,12 +112,12 @@ def main() -> int:
                   ("page faults per step", _count(base.get("page_faults_per_step")),
                    _count(ours.get("page_faults_per_step")), "")]))
     if (base.get("page_faults_per_step") or 0) > 1000 and not base.get("allocator_env"):
-        # (README, "Reading the CPU numbers")
+        # (benchmarks/RESULTS.md, "Reading the CPU numbers: page faults")
         print("Part of torch's step is page faults: under the C library's default malloc the "
               "large blocks freed\nin a step go back to the OS and are mapped and zeroed again "
               "in the next. MALLOC_TRIM_THRESHOLD_\nand MALLOC_MMAP_THRESHOLD_ (or jemalloc) keep "
-              "them, torch's THP_MEM_ALLOC_ENABLE=1 makes them\nrarer; the README gives the "
-              "ratios with each.", flush=True)
+              "them, torch's THP_MEM_ALLOC_ENABLE=1 makes them\nrarer; benchmarks/RESULTS.md "
+              "gives the ratios with each.", flush=True)
 
     # The addition task's shapes: prompt "Q:ab+cd=" (8 tokens), completion <= 5 tokens.
     task = ["--digits", "2", "--seed", "0", "--no-progress"]

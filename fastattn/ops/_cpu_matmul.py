@@ -8,7 +8,7 @@ On the 2-core AMD EPYC (Zen 4) the CI runs on it measured 1.13-1.42x MKL on the 
 layer's forward and input gradient make, ``x @ W^T`` and ``dY @ W``, at every shape of the
 benchmarks (2048 tokens, 192-2048 features), and 0.56-1.34x on the weight gradient
 ``dY^T @ X``, whose first operand it has to transpose in memory first
-(``python -m benchmarks.cpu_gemm_routes``; the numbers are in the README's FFN section). So:
+(``python -m benchmarks.cpu_gemm_routes``; the numbers are in ``benchmarks/RESULTS.md``, CPU). So:
 
 - ``linear(x, w, b)`` = ``x @ w^T + b`` and ``mm(a, b)`` (``dY @ W``, the weight read as
   (in, out)) run on oneDNN when: the routing is enabled (below), the CPU is an AMD x86-64 one
