@@ -486,11 +486,11 @@ def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 110
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
     blocks = [
-        ("SwiGLU", *swiglu, 3, eager_swiglu, fastattn.swiglu, False),
+        ("SwiGLU", *swiglu, 3, eager_swiglu, fastattn.swiglu, False, _swiglu_gemms),
         ("gelu MLP", *mlp, 2, eager_mlp,
-         lambda x, w1, b1, w2, b2: fastattn.mlp(x, w1, b1, w2, b2), True),
+         lambda x, w1, b1, w2, b2: fastattn.mlp(x, w1, b1, w2, b2), True, _mlp_gemms),
     ]
-    for label, d, f, n_mm, eager, ours, bias in blocks:
+    for label, d, f, n_mm, eager, ours, bias, gemms in blocks:
         if time.time() > deadline:
             print(f"gpu_bench: skipped {label} (budget)")
             continue
@@ -553,7 +553,41 @@ def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 110
                                       results[-1].median_ms - results[-2].median_ms,
                                       2 * fwd_flops, "TFLOP/s",
                                       extra=_difference_check(results[-2:])))
+        eager_row = [r for r in results if r.case == f"{case} fwd+bwd" and r.impl == "torch eager"]
+        if eager_row and eager_row[0].median_ms == eager_row[0].median_ms:
+            try:
+                with torch.no_grad():
+                    ms = bench_ms(lambda: gemms(x, *params, dout))
+                eager_row[0].extra["GEMMs alone ms"] = round(ms, 3)
+                eager_row[0].extra["bound vs eager"] = round(eager_row[0].median_ms / ms, 3)
+                print(f"result: {case}: its GEMMs alone {ms:.3f} ms: a cuBLAS-GEMM FFN can be "
+                      f"at most {eager_row[0].median_ms / ms:.3f}x eager", flush=True)
+            except Exception:  # the rows stand without it
+                traceback.print_exc()
         del x, params, dout, reference
+
+
+# The bound of any FFN built on cuBLAS's GEMMs (eager's, fastattn's CUDA path): the block's
+# matmuls alone, as eager's forward and autograd issue them (torch.mm / addmm, the weight
+# gradient as dY^T X), with the activation and its derivative left out (h stands in for
+# act(h), dh for both d gate and d up) and no bias gradients. eager / this is the most any
+# path that keeps cuBLAS's GEMMs can gain over eager at the shape; its time goes into the eager
+# fwd+bwd row's notes ("GEMMs alone ms", "bound vs eager"), not a row of its own (it
+# computes no FFN, so it has no reference to be checked against).
+def _swiglu_gemms(x, wg, wu, wd, dout):
+    g, u = x @ wg.t(), x @ wu.t()
+    out = g @ wd.t()
+    dwd, dh = dout.t() @ g, dout @ wd
+    dwg, dwu = dh.t() @ x, dh.t() @ x
+    dx = torch.addmm(dh @ wg, dh, wu)
+    return out, dx, dwg, dwu, dwd, u
+
+
+def _mlp_gemms(x, w1, b1, w2, b2, dout):
+    h = torch.addmm(b1, x, w1.t())
+    out = torch.addmm(b2, h, w2.t())
+    dw2, dh = dout.t() @ h, dout @ w2
+    return out, dh @ w1, dh.t() @ x, dw2
 
 
 def _difference_check(rows) -> dict:

@@ -101,6 +101,10 @@ def test_case_group_runs(on_cpu, group, capsys):
     if group == "ffn":    # the activation memory each block keeps for backward, beside its time
         assert all("saved MB" in r.extra for r in results
                    if "fwd+bwd" in r.case and r.median_ms == r.median_ms), results
+        # and eager's bound: its GEMMs alone
+        bounds = [r.extra.get("bound vs eager") for r in results
+                  if "fwd+bwd" in r.case and r.impl == "torch eager"]
+        assert len(bounds) == 2 and all(b == 1.0 for b in bounds), results  # (1 ms / 1 ms here)
     cases = {r.case for r in results}
     timed = {r.case for r in results if r.median_ms == r.median_ms}
     assert cases == timed, f"{group}: cases with no successful row: {sorted(cases - timed)}"
@@ -187,3 +191,26 @@ def test_the_clip_check_passes_torch_and_fastattn_and_catches_a_clip_that_does_n
         params = fresh()
         verdict = common.check(lambda: common.clip_check(fn, params, [p.grad for p in params]))
         assert ("check" in verdict) == (fn is norm_only), (fn, verdict)
+
+
+def test_the_mlp_gemm_bound_issues_the_gemms_of_eagers_backward():
+    """The FFN bound (``_mlp_gemms``) computes the products eager's forward and backward compute
+    for a GELU MLP, with the activation left out: for a block with no activation they are its
+    output and its x and weight gradients. The SwiGLU bound, whose gate and up share dh, has
+    eager's shapes."""
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1, w2, b2 = (torch.randn(*s, generator=g, dtype=torch.float64)
+                         for s in ((7, 5), (11, 5), (11,), (5, 11), (5,)))
+    dout = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    leaves = [t.requires_grad_() for t in (x, w1, w2)]
+    out = F.linear(F.linear(x, w1, b1), w2, b2)
+    out.backward(dout)
+    with torch.no_grad():
+        got = gpu_bench._mlp_gemms(x, w1, b1, w2, b2, dout)
+    for a, b in zip(got, (out, *(t.grad for t in leaves))):
+        torch.testing.assert_close(a, b)
+    wg, wu, wd = (torch.randn(*s, generator=g) for s in ((11, 5), (11, 5), (5, 11)))
+    xs, douts = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    out, dx, dwg, dwu, dwd, _ = gpu_bench._swiglu_gemms(xs, wg, wu, wd, douts)
+    assert [t.shape for t in (out, dx, dwg, dwu, dwd)] == \
+        [xs.shape, xs.shape, wg.shape, wu.shape, wd.shape]
