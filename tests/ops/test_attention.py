@@ -282,6 +282,26 @@ def test_lse_and_fully_masked_rows(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", DENSE_BACKENDS)
+def test_head_dim_1_with_any_stride_there(device, backend):
+    # A head_dim of 1 is passed on uncopied whatever its stride (never used to step), and
+    # .sum().backward() gives dout strides of 0: every kernel must take both.
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(70, generator=g).as_strided((1, 2, 5, 1), (70, 35, 7, 7)).to(device)
+    k, v = (torch.randn(1, 2, 6, 1, generator=g).to(device) for _ in range(2))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with fastattn.use_backend(backend):
+        out = fastattn.flash_attention(*leaves, causal=True)
+        out.sum().backward()
+    exp = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exp_out = torch.nn.functional.scaled_dot_product_attention(
+        *exp, attn_mask=torch.ones(5, 6, dtype=torch.bool, device=device).tril(1))
+    exp_out.sum().backward()
+    torch.testing.assert_close(out.double(), exp_out, rtol=1e-5, atol=1e-5)
+    for t, e in zip(leaves, exp):
+        torch.testing.assert_close(t.grad.double(), e.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", DENSE_BACKENDS)
 def test_nan_input_propagates(device, backend):
     q, k, v = _qkv(1, 2, 2, 17, 17, 16, torch.float32, device)
     q[0, 1, 3, 0] = float("nan")
