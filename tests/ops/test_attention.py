@@ -750,6 +750,11 @@ def test_bad_inputs_give_clear_errors():
         fastattn.flash_attention(q[0], k, v)
     with pytest.raises(ValueError, match="head_dim"):
         fastattn.flash_attention(q, k[..., :8], v[..., :8])
+    # k's head_dim off q's, v's right: the message names k, not v
+    with pytest.raises(ValueError, match=r"k must have q's head_dim 16, got 8"):
+        fastattn.scaled_dot_product_attention(q, k[..., :8], v, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"v must have the shape of k .* value head_dim"):
+        fastattn.flash_attention(q, k, v[..., :8])
     with pytest.raises(TypeError, match="dtype of q"):
         fastattn.flash_attention(q, k.half(), v)
     with pytest.raises(ValueError, match="device"):

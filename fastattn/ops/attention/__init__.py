@@ -357,12 +357,12 @@ def _check_qkv4(fn: str, q: Tensor, k: Tensor, v: Tensor, gqa: bool,
     sq, sk, sv = (tuple(t.shape) for t in (shown or (q, k, v)))
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"{fn}: q, k, v must have one batch size, got shapes {sq}, {sk}, {sv}")
+    if k.shape[3] != q.shape[3]:     # (before k against v: the message names the odd one out)
+        raise ValueError(f"{fn}: k must have q's head_dim {q.shape[3]}, got {k.shape[3]}")
     if k.shape != v.shape:
         raise ValueError(f"{fn}: v must have the shape of k {sk}, got {sv}"
                          + (" (a value head_dim different from the query's is not supported)"
                             if k.shape[:3] == v.shape[:3] else ""))
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"{fn}: k must have q's head_dim {q.shape[3]}, got {k.shape[3]}")
     if q.shape[3] == 0:
         raise ValueError(f"{fn}: head_dim must be at least 1, got shape {sq}")
     hq, hkv = q.shape[1], k.shape[1]
