@@ -55,6 +55,11 @@ H = torch.randn(4, 6)
     (lambda: fastattn.token_logprobs(X, T[:2]), ValueError, "target shape"),
     (lambda: fastattn.token_logprobs(X, torch.tensor([0, 0, 0, 10])), ValueError, "out of range"),
     (lambda: fastattn.linear_token_logprobs(H, W, T, temperature=-1), ValueError, "temperature"),
+    # a reciprocal past float32's range (the kernels' scale): 1e-320's is inf even in float64
+    (lambda: fastattn.token_logprobs(X, T, temperature=1e-320), ValueError,
+     "temperature must be at least 2.94e-39"),
+    (lambda: fastattn.linear_token_logprobs(H, W, T, temperature=1e-40), ValueError,
+     "temperature must be at least 2.94e-39"),
     (lambda: fastattn.cross_entropy(X, T, label_smoothing="a"), TypeError,
      "label_smoothing must be a real number, got str"),
     (lambda: fastattn.cross_entropy(X, T, label_smoothing=None), TypeError,

@@ -199,6 +199,10 @@ def test_bad_inputs_give_clear_errors():
         fastattn.nn.SwiGLU(8, 16)(x[:, :7])
     with pytest.raises(TypeError, match="x must be a dense"):
         fastattn.mlp(x.to_sparse(), w1, b1, w2, b2)
+    with pytest.raises(TypeError, match="w1 must be a dense"):
+        fastattn.mlp(x, w1.to_sparse(), b1, w2, b2)
+    with pytest.raises(TypeError, match="b2 must be a dense"):
+        fastattn.mlp(x, w1, b1, w2, b2.to_sparse())
 
 
 @GPU

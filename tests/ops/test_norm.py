@@ -252,6 +252,8 @@ def test_bad_arguments():
          "input must be a dense .strided. tensor, got layout torch.sparse_coo"),
         (lambda: fastattn.rms_norm(x, 6, residual=x.to_sparse()), TypeError,
          "residual must be a dense"),
+        (lambda: fastattn.layer_norm(x, 6, torch.ones(6).to_sparse()), TypeError,
+         "weight must be a dense"),
     ]
     for call, error, match in cases:
         with pytest.raises(error, match=match):

@@ -1142,7 +1142,14 @@ def _check_temperature(fn: str, temperature: float) -> float:
                         f"{type(temperature).__name__}")
     if not 0 < temperature < math.inf:
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature!r}")
-    return 1.0 / float(temperature)
+    inv = 1.0 / float(temperature)
+    if not inv <= _FP32_MAX:   # the kernels scale the logits by it in float32
+        raise ValueError(f"{fn}: temperature must be at least {1 / _FP32_MAX:.3g} (the logits are "
+                         f"scaled by its reciprocal in float32), got {temperature!r}")
+    return inv
+
+
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,

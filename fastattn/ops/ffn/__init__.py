@@ -249,6 +249,7 @@ def _check(fn: str, x: Tensor, activation: str, weights: dict, biases: dict) -> 
     for name, (w, source) in weights.items():
         if not isinstance(w, Tensor):
             raise TypeError(f"{fn}: {name} must be a tensor, got {type(w).__name__}")
+        dense(fn, name, w)
         in_features = x.shape[-1] if source == "x" else weights[source][0].shape[0]
         if source == "x" and w.dim() == 2 and w.shape[1] != in_features:
             raise ValueError(f"{fn}: x's features ({in_features}, shape {tuple(x.shape)}) do "
@@ -261,6 +262,8 @@ def _check(fn: str, x: Tensor, activation: str, weights: dict, biases: dict) -> 
         if b is not None and (not isinstance(b, Tensor) or b.shape != (w.shape[0],)):
             raise ValueError(f"{fn}: {name} must be a ({w.shape[0]},) tensor or None, got "
                              f"{tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__}")
+        if b is not None:
+            dense(fn, name, b)
     for name, t in [*((n, w) for n, (w, _) in weights.items()),
                     *((n, b) for n, (b, _) in biases.items() if b is not None)]:
         if t.dtype != x.dtype:

@@ -237,6 +237,7 @@ def _check(fn: str, x, normalized_shape, weight, bias, residual, eps, out_dtype)
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{fn}: {name} must be a floating-point tensor or None, got "
                             f"{_describe(t)}")
+        dense(fn, name, t)
         if t.shape != shape:
             raise ValueError(f"{fn}: {name} must have shape normalized_shape {shape}, got "
                              f"{tuple(t.shape)}")
