@@ -70,6 +70,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -442,7 +443,11 @@ FA_INLINE void fwd_rows(const FwdArgs<scalar_t>& a, int64_t begin, int64_t end,
       var = var < 0.0 ? 0.0 : var;  // (NaN stays NaN)
       a.mean[r] = m;
     }
-    const acc rs = static_cast<acc>(1.0 / std::sqrt(var + a.eps));
+    // A variance past the acc type's range (|s - mean| beyond ~1.8e19 in fp32) would give
+    // rstd = 0 and a row of plausible zeros: NaN instead, as F.layer_norm gives. (RMS norm's
+    // zeros there are F.rms_norm's too.)
+    const acc rs = !kRms && std::isinf(var) ? std::numeric_limits<acc>::quiet_NaN()
+                                             : static_cast<acc>(1.0 / std::sqrt(var + a.eps));
     a.rstd[r] = rs;
     if (r + 1 < end) {
       cur = row(r + 1);

@@ -192,6 +192,26 @@ def test_nan_propagates_to_its_row(device, backend):
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_variance_past_fp32_is_nan_not_a_plausible_row(device, backend, dtype):
+    # |s - mean| ~ 7.5e19: the fp32 variance overflows, and rstd = 0 would give a row of zeros
+    # (plus the bias): a finite wrong answer. The row is NaN instead. (torch's own layer_norm
+    # gives NaN without an affine weight and the bias with one, on CPU in 2.14.) RMS norm's
+    # zeros there are F.rms_norm's too.
+    x = torch.randn(3, 24, device=device).to(dtype)
+    x[1, 5] = 1e20
+    w, b = torch.randn(24, device=device).to(dtype), torch.randn(24, device=device).to(dtype)
+    with fastattn.use_backend(backend):
+        ys = [fastattn.layer_norm(x, 24, w, b), fastattn.layer_norm(x, 24)]
+        y_rms = fastattn.rms_norm(x, 24, w)
+    for y, ref in zip(ys, [torch.nn.functional.layer_norm(x, (24,), w, b),
+                           torch.nn.functional.layer_norm(x, (24,))]):
+        assert torch.isnan(y[1]).all()
+        torch.testing.assert_close(y[[0, 2]], ref[[0, 2]])
+    torch.testing.assert_close(y_rms, torch.nn.functional.rms_norm(x, (24,), w))
+
+
 def test_cpu_weight_gradient_independent_of_threads():
     g = torch.Generator().manual_seed(5)
     x, dy = torch.randn(513, 130, generator=g), torch.randn(513, 130, generator=g)

@@ -305,7 +305,10 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]],
     statistics are in float32 (float64 for float64 inputs). ``out_dtype`` is the dtype of
     ``out``; the default is ``F.layer_norm``'s: that of s, or float32 inside ``torch.autocast``
     on CUDA (where layer_norm is on autocast's float32 list). Passing the autocast dtype (bf16)
-    writes what the next matmul reads, with the same rounding as that matmul's own cast. Gradients flow to input, residual, weight and bias.
+    writes what the next matmul reads, with the same rounding as that matmul's own cast.
+    Gradients flow to input, residual, weight and bias. A row whose variance overflows the
+    statistics' dtype (|s - mean| beyond ~1.8e19 in float32) is NaN, not the zeros (plus bias)
+    that rstd = 0 would give.
     """
     return _norm("layer_norm", input, normalized_shape, weight, bias, eps, residual, out_dtype,
                  rms=False)

@@ -48,7 +48,10 @@ def norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
     else:
         mean = z.mean(-1)
         centred = z - mean[:, None]
-        rstd = torch.rsqrt(centred.square().mean(-1) + eps)
+        var = centred.square().mean(-1)
+        # a variance past the acc dtype's range would give rstd 0 and a row of zeros: NaN
+        # instead, as F.layer_norm gives (F.rms_norm gives the zeros, as the branch above)
+        rstd = torch.where(torch.isposinf(var), float("nan"), torch.rsqrt(var + eps))
         xhat = centred * rstd[:, None]
     y = xhat
     if weight is not None:

@@ -49,7 +49,10 @@ def _norm_fwd_kernel(
         mean = tl.sum(z, axis=0) / D
         zc = tl.where(mask, z - mean, 0.0)
         tl.store(Mean + row, mean)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / D + eps)
+    var = tl.sum(zc * zc, axis=0) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    if not RMS:  # a variance past fp32 (|s - mean| > ~1.8e19): NaN as F.layer_norm, not rstd 0
+        rstd = tl.where(var == float("inf"), float("nan"), rstd)
     tl.store(Rstd + row, rstd)
     y = zc * rstd
     if HAS_W:
