@@ -227,15 +227,24 @@ def _runs_on(name: str, device: torch.device) -> str | None:
 
 
 def select(op: str, device: torch.device, dtype: torch.dtype, *,
-           cuda_order: tuple[str, ...], dtypes: Mapping[str, tuple[torch.dtype, ...]]) -> str:
+           cuda_order: tuple[str, ...], dtypes: Mapping[str, tuple[torch.dtype, ...]],
+           dot: bool = False) -> str:
     """The backend that runs ``op`` on ``device``/``dtype`` under the current request.
 
     ``cuda_order`` is the op's preference on CUDA tensors; ``dtypes`` maps each kernel backend to
-    the input dtypes it supports (``reference`` supports all).
+    the input dtypes it supports (``reference`` supports all). ``dot``: the op's Triton kernels
+    multiply matrices of the input dtype (``tl.dot``), which the interpreter cannot do in bf16.
     """
     name = requested()
     if name != "auto":
-        return _check_forced(name, op, device, dtype, dtypes)
+        name = _check_forced(name, op, device, dtype, dtypes)
+        if name == "triton" and dot and dtype == torch.bfloat16 and device.type == "cpu":
+            # (the interpreter multiplies the raw bits: outputs off by 1e9, no error)
+            raise BackendError(f"{op}: backend 'triton' cannot run this op's bfloat16 matrix "
+                               "products in the Triton interpreter (TRITON_INTERPRET=1 on CPU "
+                               "tensors: its bf16 tl.dot gives wrong numbers); use float16 or "
+                               "float32 there, or a CUDA device")
+        return name
     return _auto(device.type, dtype, cuda_order, dtypes)
 
 

@@ -64,7 +64,8 @@ def _prefer_triton_decode(k_cache: Tensor) -> bool:
 
 
 def _impl(op: str, x: Tensor, dtypes, cuda_order) -> tuple[str, object]:
-    name = _backends.select(op, x.device, x.dtype, cuda_order=cuda_order, dtypes=dtypes)
+    name = _backends.select(op, x.device, x.dtype, cuda_order=cuda_order, dtypes=dtypes,
+                            dot=True)
     return name, _backends.implementation(name, _PKG)
 
 

@@ -38,7 +38,8 @@ _CUDA_ORDER = ("cuda", "triton")
 
 
 def _impl(op: str, x: Tensor):
-    name = _backends.select(op, x.device, x.dtype, cuda_order=_CUDA_ORDER, dtypes=_DTYPES)
+    name = _backends.select(op, x.device, x.dtype, cuda_order=_CUDA_ORDER, dtypes=_DTYPES,
+                            dot=True)
     return name, _backends.implementation(name, _PKG)
 
 
