@@ -88,6 +88,31 @@ def test_backend_without_a_kernel_for_the_op_says_which_have_one():
                                 cuda_order=("triton",), dtypes=dtypes) == "reference"
 
 
+@pytest.mark.skipif(not _backends._triton_interpret() or not _backends.status("triton"),
+                    reason="needs triton's interpreter (TRITON_INTERPRET=1, as tests/conftest.py sets)")
+def test_bf16_matrix_products_are_refused_in_the_interpreter():
+    """The interpreter's bf16 tl.dot multiplies raw bits (outputs off by ~1e9, no error): the ops
+    whose Triton kernels multiply bf16 matrices refuse it there; the others run bf16."""
+    q = torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)
+    x, w1, w2 = (torch.randn(*s, dtype=torch.bfloat16) for s in ((3, 8), (16, 8), (8, 16)))
+    with fastattn.use_backend("triton"):
+        for call in (lambda: fastattn.flash_attention(q, q, q),
+                     lambda: fastattn.decode_attention(q[:, :, :1], q, q,
+                                                       torch.tensor([5], dtype=torch.int32)),
+                     lambda: fastattn.mlp(x, w1, None, w2),
+                     lambda: fastattn.swiglu(x, w1, w1, w2)):
+            with pytest.raises(fastattn.BackendError, match="bfloat16 matrix products in the "
+                                                            "Triton interpreter"):
+                call()
+        # no tl.dot in these: bf16 runs (and matches the reference)
+        logits, target = torch.randn(4, 9, dtype=torch.bfloat16), torch.tensor([0, 3, 8, 1])
+        torch.testing.assert_close(fastattn.cross_entropy(logits, target),
+                                   torch.nn.functional.cross_entropy(logits.float(), target).bfloat16())
+        fastattn.layer_norm(x, 8)
+        # fp16 dot kernels run
+        fastattn.flash_attention(q.half(), q.half(), q.half())
+
+
 def _backends_override(name):
     token = _backends._override.set(name)
 
