@@ -818,6 +818,27 @@ def _corpus(args, ckpt: dict):
     return corpus, info
 
 
+def _gpt_config(ckpt: dict, path, what: str):
+    """The GPTConfig a --init / --reward-model checkpoint records, or a CheckpointError that
+    names what this fastattn cannot build from it (a field it does not know: a checkpoint of
+    another version)."""
+    from ..models.gpt import GPTConfig
+    cfg = ckpt.get("config")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{what} {path}: its model config is {type(cfg).__name__}, not a "
+                              f"dict of GPTConfig fields")
+    unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:
+        raise CheckpointError(f"{what} {path}: its model config has fields this fastattn's "
+                              f"GPTConfig does not know ({', '.join(unknown)}): written by "
+                              f"another version?")
+    try:
+        return GPTConfig(**cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what} {path}: its model config is not one this fastattn can "
+                              f"build ({e})") from e
+
+
 def ckpt_file(path) -> Path:
     """The checkpoint a --init / --reward-model / --policy names: a file, or a run's folder."""
     path = Path(path)
@@ -872,7 +893,8 @@ _STAGE_OWN = ("resume", "stop_after", "overwrite", "out", "init", "device", "cac
 # of the update rule may change too, with a warning (_RESUME_WARNS, as for pretraining); every
 # other option must equal the checkpoint's.
 _STAGE_RESUME_FREE = ("resume", "stop_after", "checkpoint_every", "no_progress", "overwrite",
-                      "eval_every", "device", "cache_dir", "out", "init", "backend")
+                      "eval_every", "device", "cache_dir", "out", "init", "backend",
+                      "reward_model")     # (--init and --reward-model: compared by content)
 
 
 def _merge_micro(records: list) -> dict:
@@ -898,18 +920,27 @@ def _check_stage_resume(rck: dict, path: Path, args, stage: str, init_path: Path
     if not isinstance(rck.get("resume"), dict):
         raise CheckpointError(f"--resume {path}: holds no resume state (written by an older "
                               f"fastattn); start the stage again")
-    if Path(str(rck.get("init"))).resolve() != Path(init_path).resolve():
+    # The same --init: the same file, or (where the path is spelled otherwise, relative to
+    # another folder, or the file was moved) the same content, by the fingerprint recorded
+    init_fp = checkpoint_fingerprint(init_path) if Path(init_path).is_file() else None
+    same_path = Path(str(rck.get("init"))).resolve() == Path(init_path).resolve()
+    if not same_path and (init_fp is None or rck.get("init_fingerprint") != init_fp):
         raise CheckpointError(f"--resume {path}: the run started from --init {rck.get('init')}, "
-                              f"this one from {init_path}")
-    if (Path(init_path).is_file()       # (a missing one: load_checkpoint's error, next)
-            and rck.get("init_fingerprint") not in (None, checkpoint_fingerprint(init_path))):
+                              f"this one from {init_path} (another checkpoint)")
+    if init_fp is not None and rck.get("init_fingerprint") not in (None, init_fp):
         raise CheckpointError(f"--resume {path}: --init {init_path} has changed since the run "
                               "started from it (its pairs, reference and starting weights "
                               "would not be the run's); restore it, or start the stage again")
     rm_given = getattr(args, "reward_model", None)
-    if stage == "ppo" and rm_given is not None and rck.get("reward_model_fingerprint"):
-        rm_file = ckpt_file(rm_given)
-        if rm_file.is_file() and checkpoint_fingerprint(rm_file) != rck["reward_model_fingerprint"]:
+    if stage == "ppo" and rm_given is not None:
+        # by content, as --init (a folder, its ckpt.pt, a relative path: one reward model)
+        rm_file, recorded = ckpt_file(rm_given), rck.get("reward_model_fingerprint")
+        if recorded and rm_file.is_file():
+            differs = checkpoint_fingerprint(rm_file) != recorded
+        else:   # (a missing one: its load's error, later)
+            differs = (rck.get("reward_model") is not None and rm_file.is_file()
+                       and ckpt_file(rck["reward_model"]).resolve() != rm_file.resolve())
+        if differs:
             raise CheckpointError(f"--resume {path}: --reward-model {rm_given} is not the reward "
                                   f"model the run started with (its rewards, and so the run's "
                                   f"next steps, would differ); restore it, or start the stage "
@@ -922,7 +953,7 @@ def _check_stage_resume(rck: dict, path: Path, args, stage: str, init_path: Path
 
 
 def run_stage(args: argparse.Namespace, stage: str) -> dict:
-    from ..models.gpt import GPT, GPTConfig
+    from ..models.gpt import GPT
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     out = Path(args.out)
@@ -972,7 +1003,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
                               f"first and pass its --out")
     corpus, corpus_info = _corpus(args, ckpt)
     init_fingerprint = checkpoint_fingerprint(ckpt_path)
-    cfg = GPTConfig(**ckpt["config"])
+    cfg = _gpt_config(ckpt, ckpt_path, "--init")
     if cfg.vocab_size != corpus.vocab_size:
         raise CheckpointError(f"{ckpt_path}: vocabulary {cfg.vocab_size} but the rebuilt "
                               f"tokenizer has {corpus.vocab_size}")
@@ -1169,12 +1200,13 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             "args": args_json,
             "history": {"train": [list(x) for x in history["train"]],
                         "eval": [list(x) for x in history["eval"]]},
-            "corpus": corpus_info, "task": task_json, "init": str(ckpt_path),
+            "corpus": corpus_info, "task": task_json, "init": str(Path(ckpt_path).resolve()),
             "init_fingerprint": init_fingerprint,
             "trained": trained, "torch": str(torch.__version__),
             **({} if head is None else {HEAD_KEYS[stage]: {k: v.detach().cpu() for k, v in
                                                            head.state_dict().items()}}),
-            **({"reward_model": str(rm_path), "reward_model_fingerprint": rm_fingerprint}
+            **({"reward_model": str(Path(rm_path).resolve()),
+                "reward_model_fingerprint": rm_fingerprint}
                if stage == "ppo" else {}),
             # what --resume needs beyond the weights to take exactly the next step
             "resume": {"opt_steps": opt_steps, "tokens_seen": tokens_seen,
@@ -1286,7 +1318,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
             if (args.checkpoint_every > 0 and (it + 1) % args.checkpoint_every == 0
                     and it + 1 < end):
                 checkpoint(it + 1)
-            if stop.signum is not None and it + 1 < end:
+            if stop.signum is not None:     # (in the last step too: the stop is honoured)
                 interrupted = it + 1
                 break
     if interrupted is not None or end < args.max_steps:
@@ -1294,15 +1326,17 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         # (a resumed run's log then holds the evaluations of an uninterrupted run)
         paused = end if interrupted is None else interrupted
         if not (args.checkpoint_every > 0 and paused % args.checkpoint_every == 0
-                and interrupted is not None):
-            checkpoint(paused)
+                and interrupted is not None and paused < end):
+            checkpoint(paused)          # (otherwise the loop has just written it)
         if bar is not None:
             bar.close()
         log_f.close()
         if interrupted is not None:
             raise TrainingInterrupted(f"{signal_name(stop.signum)}: stopped after step "
                                       f"{interrupted}; checkpoint {out / CKPT_NAME} written; "
-                                      "--resume continues the run", stop.signum)
+                                      "--resume " + ("finishes the run (evaluation and summary)"
+                                                     if interrupted == args.max_steps
+                                                     else "continues the run"), stop.signum)
         return {"stage": stage, "steps": paused, "paused": True}
     train_s = train_s_before + time.perf_counter() - run_t0
     if end > start:     # first: a stop in the closing evaluation loses no step
@@ -1564,13 +1598,13 @@ def rm_best_of_k(model, head, candidates: list[dict], eos: int, device,
 def _load_reward_model(path, cfg, corpus_info: dict, backend: str, device):
     """The frozen reward model (trunk and RewardHead) of an rm checkpoint, refused unless it
     reads the policy's tokens: the same vocabulary, built from the same corpus."""
-    from ..models.gpt import GPT, GPTConfig
+    from ..models.gpt import GPT
     path = ckpt_file(path)
     ck = load_checkpoint(path, "--reward-model")
     if HEAD_KEYS["rm"] not in ck:
         raise CheckpointError(f"{path} holds no {HEAD_KEYS['rm']!r} (stage "
                               f"{ck.get('stage')!r}); train one with `fastattn-train rm`")
-    rm_cfg = GPTConfig(**ck["config"])
+    rm_cfg = _gpt_config(ck, path, "--reward-model")
     theirs = ck.get("corpus") or {}
     # the corpus by its content key where both record one (paths may be spelled differently)
     same = ("key", "vocab_size") if theirs.get("key") and corpus_info.get("key") else \

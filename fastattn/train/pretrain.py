@@ -689,6 +689,21 @@ def check_resume_args(ckpt: dict, path: Path, args, data_key: Optional[str] = No
             f"from step {ckpt['step']} on differ from the original run's"]
 
 
+def finished_at(run_dir: Path, step: int) -> bool:
+    """Whether ``run_dir/summary.json`` is that of a run which finished at ``step``: written
+    at the end of a run whose --max-steps was ``step``. Not a summary left by an earlier finish
+    that a longer run then continued, nor pretraining's summary of a --stop-after pause (of a
+    run with a larger --max-steps): after either, a checkpoint at ``step`` still has its
+    closing evaluation and summary to come. An unreadable summary counts as none."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    run_args = summary.get("args") if isinstance(summary, dict) else None
+    return (isinstance(run_args, dict) and summary.get("steps") == step
+            and run_args.get("max_steps") == step)
+
+
 def resume_start(ckpt: dict, path: Path, args) -> int:
     """The step a resumed run continues from; a CheckpointError when --max-steps or
     --stop-after leaves it nothing to train."""
@@ -696,9 +711,9 @@ def resume_start(ckpt: dict, path: Path, args) -> int:
     if args.stop_after is not None and args.stop_after <= start:
         raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, at or past "
                               f"--stop-after {args.stop_after}: nothing to train")
-    if start == args.max_steps and not (Path(path).parent / "summary.json").exists():
-        # stopped after its last step's checkpoint, in the closing evaluation: the resumed run
-        # takes no step, it evaluates and writes the summary
+    if start == args.max_steps and not finished_at(Path(path).parent, start):
+        # stopped after its last step's checkpoint (by a signal in that step, or in the closing
+        # evaluation): the resumed run takes no step, it evaluates and writes the summary
         return start
     if start >= args.max_steps:
         raise CheckpointError(f"--resume {path}: the checkpoint is at step {start}, already at "
@@ -1130,19 +1145,22 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
                     bar.write(f"step {step}: val loss {last_eval:.4f}")
             if args.checkpoint_every > 0 and step % args.checkpoint_every == 0 and step < end:
                 checkpoint(step)
-            if stop.signum is not None and step < end:
+            if stop.signum is not None:     # (in the last step too: the stop is honoured)
                 interrupted = step
                 break
     if interrupted is not None:
-        if not (args.checkpoint_every > 0 and interrupted % args.checkpoint_every == 0):
+        if not (args.checkpoint_every > 0 and interrupted % args.checkpoint_every == 0
+                and interrupted < end):
             checkpoint(interrupted)     # (otherwise the loop has just written it)
         if bar is not None:
             bar.close()
         if log_f is not None:
             log_f.close()
         raise TrainingInterrupted(f"{signal_name(stop.signum)}: stopped after step {interrupted}; "
-                                  f"checkpoint {out / CKPT_NAME} written; --resume continues "
-                                  "the run", stop.signum)
+                                  f"checkpoint {out / CKPT_NAME} written; --resume "
+                                  + ("finishes the run (evaluation and summary)"
+                                     if interrupted == args.max_steps else "continues the run"),
+                                  stop.signum)
     train_s = time.perf_counter() - run_t0
     final_step = max(start, end)
     if end > start:     # first: a stop in the closing evaluation loses no step

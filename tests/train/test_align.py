@@ -970,6 +970,72 @@ def test_sigterm_stops_a_stage_with_a_checkpoint_and_resume_continues(chain, tmp
     assert len(losses[0]) == 5 and losses[0] == losses[1]
 
 
+def test_a_sigterm_in_a_stages_last_step_stops_it(chain, tmp_path, monkeypatch, capsys):
+    """The stop is honoured in the last step too (it was dropped), and --resume finishes the
+    run with the uninterrupted run's losses and evaluation."""
+    import signal
+    root, common = chain
+    argv = ["sft", "--init", str(root / "pre"), *common, "--max-steps", "2", "--eval-every", "0",
+            "--batch-size", "4", "--checkpoint-every", "2"]
+    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
+    real, calls = align.sft_step, []
+
+    def step_then_sigterm(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*a, **kw)
+    monkeypatch.setattr(align, "sft_step", step_then_sigterm)
+    out = tmp_path / "stopped"
+    assert main([*argv, "--out", str(out)]) == 128 + signal.SIGTERM
+    assert "stopped after step 2" in capsys.readouterr().err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    full, resumed = _summary(tmp_path / "full"), _summary(out)
+    assert resumed["steps_this_run"] == 0 and resumed["eval_accuracy"] == full["eval_accuracy"]
+    assert [r["loss"] for r in _log(out) if r["kind"] == "train"] == \
+        [r["loss"] for r in _log(tmp_path / "full") if r["kind"] == "train"]
+
+
+def test_a_stage_resumes_with_its_init_spelled_another_way(chain, tmp_path, monkeypatch):
+    """--init recorded as given (relative) was compared, resolved against the new working
+    folder, with the path of the resumed run: the same checkpoint refused. It is now recorded
+    resolved, and a path spelled otherwise is taken when the file's content is the same."""
+    root, common = chain
+    argv = [*common, "--max-steps", "2", "--eval-every", "0", "--batch-size", "4"]
+    monkeypatch.chdir(root)
+    assert main(["sft", "--init", "pre", *argv, "--out", str(tmp_path / "run"),
+                 "--stop-after", "1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["sft", "--init", str(root / "pre" / "ckpt.pt"), *argv,
+                 "--out", str(tmp_path / "run"), "--resume"]) == 0
+    assert _summary(tmp_path / "run")["steps"] == 2
+    # moved elsewhere, same content: taken; another checkpoint: refused
+    _copy_checkpoint(root / "pre", tmp_path / "moved")
+    assert main(["sft", "--init", str(tmp_path / "moved"), *argv, "--max-steps", "3",
+                 "--out", str(tmp_path / "run"), "--resume"]) == 0
+    with pytest.raises(align.CheckpointError,
+                       match="the run started from --init .*another checkpoint"):
+        align.run_stage(build_parser().parse_args(
+            ["sft", "--init", str(root / "sft"), *argv, "--max-steps", "4",
+             "--out", str(tmp_path / "run"), "--resume"]), "sft")
+
+
+def test_an_init_whose_config_this_version_cannot_build_is_a_clear_error(chain, tmp_path,
+                                                                        capsys):
+    root, common = chain
+    ck = torch.load(root / "pre" / "ckpt.pt", weights_only=True)
+    ck["config"]["rope_theta_v2"] = 1e4
+    (tmp_path / "odd").mkdir()
+    torch.save(ck, tmp_path / "odd" / "ckpt.pt")
+    assert main(["sft", "--init", str(tmp_path / "odd"), *common, "--max-steps", "1",
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "does not know (rope_theta_v2)" in err and "Traceback" not in err
+
+
 def test_a_stop_in_a_stages_closing_evaluation_loses_no_step(chain, tmp_path, monkeypatch,
                                                               capsys):
     """The last step's checkpoint comes before the closing evaluation; --resume then takes no

@@ -656,6 +656,58 @@ def test_a_stop_in_the_closing_evaluation_loses_no_step_and_resume_finishes(tmp_
         _pretrain(out, cache, *common, "--resume")
 
 
+def test_a_continued_run_stopped_in_its_closing_evaluation_finishes_on_resume(tmp_path, cache,
+                                                                             monkeypatch):
+    """A finished run continued with a larger --max-steps and stopped in its closing evaluation:
+    the summary.json left is the earlier finish's, which must not make --resume take the run for
+    finished (it did: "nothing to train", and the summary kept describing the shorter run)."""
+    import fastattn.train.pretrain as P
+    common = ["--eval-iters", "2", "--eval-every", "0"]
+    out = tmp_path / "run"
+    _pretrain(out, cache, *common, "--max-steps", "3")
+    monkeypatch.setattr(P, "closing_phase", stopped_closing_phase(15))
+    with pytest.raises(P.TrainingInterrupted):
+        _pretrain(out, cache, *common, "--max-steps", "4", "--resume")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3       # the old one
+    monkeypatch.undo()
+    resumed = _pretrain(out, cache, *common, "--max-steps", "4", "--resume")
+    assert resumed["steps"] == 4 and resumed["steps_this_run"] == 0
+    assert math.isfinite(resumed["val_loss"])
+    with pytest.raises(CheckpointError, match="nothing to train"):    # finished now
+        _pretrain(out, cache, *common, "--max-steps", "4", "--resume")
+
+
+def test_a_signal_in_the_last_step_stops_the_run_and_resume_finishes_it(tmp_path, cache,
+                                                                        monkeypatch):
+    """SIGTERM during the last step is honoured (it was dropped: the run went on into its
+    closing evaluation), with the checkpoint of that step written even where --checkpoint-every
+    falls on it (the loop leaves the last step's to the end of the run)."""
+    import signal
+
+    import fastattn.train.pretrain as P
+    common = ["--max-steps", "3", "--eval-iters", "2", "--eval-every", "0",
+              "--checkpoint-every", "3"]
+    full = _pretrain(tmp_path / "full", cache, *common)
+    real = P.lr_at
+
+    def lr_then_sigterm(it, *a, **kw):    # called as each step begins
+        if it == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real(it, *a, **kw)
+    monkeypatch.setattr(P, "lr_at", lr_then_sigterm)
+    out = tmp_path / "stopped"
+    with pytest.raises(TrainingInterrupted, match="stopped after step 3.*--resume finishes the "
+                                                  "run"):
+        _pretrain(out, cache, *common)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+    assert not (out / "summary.json").exists()
+    monkeypatch.undo()
+    resumed = _pretrain(out, cache, *common, "--resume")
+    assert resumed["steps_this_run"] == 0 and resumed["val_loss"] == full["val_loss"]
+    assert _losses(out) == _losses(tmp_path / "full")
+
+
 def test_closing_phase_turns_signals_into_a_resumable_stop(tmp_path):
     import signal
     before = signal.getsignal(signal.SIGTERM)
