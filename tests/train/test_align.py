@@ -943,12 +943,17 @@ def test_stage_resume_is_exact(chain, tmp_path, stage, capsys):
     assert "nothing to train" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("max_steps", [5, 2], ids=["mid-run", "last-step"])
 def test_sigterm_stops_a_stage_with_a_checkpoint_and_resume_continues(chain, tmp_path,
-                                                                       monkeypatch, capsys):
+                                                                       monkeypatch, capsys,
+                                                                       max_steps):
+    """SIGTERM during step 2 stops the run when the step ends, with its checkpoint (also where
+    --checkpoint-every falls on it), and --resume gives the uninterrupted run's losses; in the
+    last step too (the stop was dropped there), where --resume takes no step and finishes."""
     import signal
     root, common = chain
-    argv = ["sft", "--init", str(root / "pre"), *common, "--max-steps", "5", "--eval-every", "0",
-            "--batch-size", "4"]
+    argv = ["sft", "--init", str(root / "pre"), *common, "--max-steps", str(max_steps),
+            "--eval-every", "0", "--batch-size", "4", "--checkpoint-every", "2"]
     assert main([*argv, "--out", str(tmp_path / "full")]) == 0
     real, calls = align.sft_step, []
 
@@ -962,41 +967,16 @@ def test_sigterm_stops_a_stage_with_a_checkpoint_and_resume_continues(chain, tmp
     assert main([*argv, "--out", str(out)]) == 128 + signal.SIGTERM
     assert "SIGTERM: stopped after step 2" in capsys.readouterr().err
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+    assert not (out / "summary.json").exists()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL       # handler put back
     monkeypatch.setattr(align, "sft_step", real)
     assert main([*argv, "--out", str(out), "--resume"]) == 0
     losses = [[r["loss"] for r in _log(d) if r["kind"] == "train"]
               for d in (tmp_path / "full", out)]
-    assert len(losses[0]) == 5 and losses[0] == losses[1]
-
-
-def test_a_sigterm_in_a_stages_last_step_stops_it(chain, tmp_path, monkeypatch, capsys):
-    """The stop is honoured in the last step too (it was dropped), and --resume finishes the
-    run with the uninterrupted run's losses and evaluation."""
-    import signal
-    root, common = chain
-    argv = ["sft", "--init", str(root / "pre"), *common, "--max-steps", "2", "--eval-every", "0",
-            "--batch-size", "4", "--checkpoint-every", "2"]
-    assert main([*argv, "--out", str(tmp_path / "full")]) == 0
-    real, calls = align.sft_step, []
-
-    def step_then_sigterm(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return real(*a, **kw)
-    monkeypatch.setattr(align, "sft_step", step_then_sigterm)
-    out = tmp_path / "stopped"
-    assert main([*argv, "--out", str(out)]) == 128 + signal.SIGTERM
-    assert "stopped after step 2" in capsys.readouterr().err
-    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
-    assert not (out / "summary.json").exists()
-    monkeypatch.undo()
-    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    assert len(losses[0]) == max_steps and losses[0] == losses[1]
     full, resumed = _summary(tmp_path / "full"), _summary(out)
-    assert resumed["steps_this_run"] == 0 and resumed["eval_accuracy"] == full["eval_accuracy"]
-    assert [r["loss"] for r in _log(out) if r["kind"] == "train"] == \
-        [r["loss"] for r in _log(tmp_path / "full") if r["kind"] == "train"]
+    assert resumed["steps_this_run"] == max_steps - 2
+    assert resumed["eval_accuracy"] == full["eval_accuracy"]
 
 
 def test_a_stage_resumes_with_its_init_spelled_another_way(chain, tmp_path, monkeypatch):
