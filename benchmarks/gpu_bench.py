@@ -553,7 +553,8 @@ def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 110
                                       results[-1].median_ms - results[-2].median_ms,
                                       2 * fwd_flops, "TFLOP/s",
                                       extra=_difference_check(results[-2:])))
-        eager_row = [r for r in results if r.case == f"{case} fwd+bwd" and r.impl == "torch eager"]
+        eager_row = [r for r in results
+                     if r.case == f"{case} fwd+bwd" and r.impl == "torch eager"]
         if eager_row and eager_row[0].median_ms == eager_row[0].median_ms:
             try:
                 with torch.no_grad():
