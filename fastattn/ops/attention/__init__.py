@@ -101,7 +101,12 @@ def deterministic_requested() -> bool:
 
 
 def _last_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+    """x with a unit stride in its last dimension, as every kernel addresses head_dim: itself,
+    a copy, or for a head_dim of 1 (whose stride, never stepped, may be anything: a strided
+    slice, the stride-0 dout of ``.sum().backward()``) a view with stride 1 there."""
+    if x.stride(-1) == 1:
+        return x
+    return x.squeeze(-1).unsqueeze(-1) if x.shape[-1] == 1 else x.contiguous()
 
 
 def _as_bshd(t: Tensor) -> Tensor:

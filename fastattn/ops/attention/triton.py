@@ -1277,17 +1277,6 @@ def _packed(x: Tensor) -> Tuple[int, int, int]:
     return 0, x.stride(1), x.stride(0)
 
 
-def _unit_last(t: Tensor) -> Tensor:
-    """t with a unit stride in its last dimension, as the kernels address head_dim: itself, or,
-    for a head_dim of 1 (whose stride is never used to step, but may be anything: the op passes
-    such tensors on uncopied, and ``.sum().backward()`` gives dout strides of 0), a view of the
-    same element with stride 1 there."""
-    if t.stride(-1) == 1:
-        return t
-    assert t.shape[-1] == 1, "the op layer makes head_dim contiguous"
-    return t.as_strided(t.shape, (*t.stride()[:-1], 1))
-
-
 def attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -1305,8 +1294,7 @@ def attention_fwd(
     float32."""
     batch, n_heads, sq, d = q.shape
     n_kv, sk = k.shape[1], k.shape[2]
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    assert n_heads % n_kv == 0
+    assert n_heads % n_kv == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     out = _empty_bshd(q, q.shape)
     lse = torch.empty(batch, n_heads, sq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
@@ -1340,7 +1328,7 @@ def attention_bwd(
     (unless FASTATTN_TRITON_DQ is "atomic")."""
     batch, n_heads, sq, d = q.shape
     n_kv, sk = k.shape[1], k.shape[2]
-    q, k, v, out, dout = (_unit_last(t) for t in (q, k, v, out, dout))
+    assert out.stride(-1) == 1 and dout.stride(-1) == 1
     dq, dk, dv = _empty_bshd(q, q.shape), _empty_bshd(k, k.shape), _empty_bshd(v, v.shape)
     if batch * n_heads * d == 0 or sq == 0 or sk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
