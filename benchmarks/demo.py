@@ -209,7 +209,7 @@ def main() -> int:
           "--stage` at the stage's shapes); tokens/s over the pretraining run's steps after the "
           "first (which pays for warm-up), so later steps' warm-up still counts; process peak: "
           "each pretraining run's resident-set high-water mark in its own process (imports "
-          "included; the fastattn run also samples text before it is read); log-prob "
+          "included; read before the fastattn run samples its text); log-prob "
           "peak mem: "
           "peak memory of the log-prob forward/backward phases, fastattn / torch. Summaries, "
           "logs and bench.json files under benchmarks/out/demo/)")

@@ -48,21 +48,24 @@ def bench_ms(fn, rep_ms=400):
     return do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
 
 
-def bench_graph_ms(fn, calls=20, replays=25):
-    """Milliseconds per call of ``fn`` replayed from a CUDA graph of ``calls`` back-to-back calls
-    (median over ``replays``): the device's time alone, without the host's per-call cost, which
+def bench_graph_ms(fns, calls=20, replays=25):
+    """Milliseconds per call replayed from a CUDA graph of ``calls`` back-to-back calls, taking
+    the callables of the list ``fns`` in turn (the same call on copies of its inputs, so that a
+    call does not find the last one's in L2, as do_bench's flush ensures for the eager rows;
+    median over ``replays``): the device's time alone, without the host's per-call cost, which
     is how a decode step runs in a serving loop (and in GPT.generate). Warm-up and capture run on
     a side stream, as graph capture requires."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            fn()
+            for fn in fns:
+                fn()
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin()
         try:
-            for _ in range(calls):
-                fn()
+            for i in range(calls):
+                fns[i % len(fns)]()
         finally:
             graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)
@@ -79,13 +82,30 @@ def bench_graph_ms(fn, calls=20, replays=25):
     return sorted(times)[len(times) // 2]
 
 
-def peak_mb(fn) -> float:
+def peak_mb(fn, grads_of=()) -> float:
+    """MiB: the peak of the bytes allocated during ``fn()`` above those held before it. The
+    ``.grad`` of each tensor in ``grads_of`` (those ``fn`` makes afresh: its steps start by
+    dropping them) is dropped before the base is taken, so that the gradients the call produces
+    count in its peak, as the CPU's profiler counts them (``benchmarks.common.cpu_peak_mb``);
+    left in the base, the call's first act of freeing them would hide as much of its peak."""
+    for t in grads_of:
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _l2_bytes() -> int:
+    """The device's L2 cache in bytes (50 MiB on an H100/H200; 64 MiB where torch does not
+    say)."""
+    if DEVICE == "cuda":
+        size = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0)
+        if size:
+            return size
+    return 64 << 20
 
 
 def copy_bandwidth() -> Result:
@@ -126,7 +146,7 @@ def _logits_cases(results, name, fastattn_fn, eager_fn, weighted, n, v):
         step = make_step(fn)
         _record(results, f"{name} fwd+bwd {n}x{v} {_dt()}", impl, step,
                 3 * x.numel() * x.element_size(), "GB/s",
-                extra=check(lambda: outputs(step, x), reference))
+                extra=check(lambda: outputs(step, x), reference), grads_of=(x,))
     del reference
 
 
@@ -159,7 +179,7 @@ def linear_cross_entropy_cases(results, n=16384, h=4096, v=131072):
     for name, fn in impls.items():
         step = make_step(fn)
         _record(results, case, name, step, 3 * 2 * n * h * v, "TFLOP/s",
-                extra=check(lambda: outputs(step, x, w), reference))
+                extra=check(lambda: outputs(step, x, w), reference), grads_of=(x, w))
     del reference
 
 
@@ -302,8 +322,8 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
     # TMA", FASTATTN_TRITON_TMA=0; the TMA path in the forward as well: "TMA forward",
     # FASTATTN_TRITON_TMA=1; and dQ by atomics in the dK/dV kernel (FASTATTN_TRITON_DQ=atomic).
     settings = {}
-    fastattn_fn = lambda q, k, v, causal: (  # noqa: E731
-        fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal))
+    fastattn_fn = _backend_fn(lambda q, k, v, causal: (
+        fastattn.scaled_dot_product_attention(q, k, v, is_causal=causal)), "triton")
     if variants:
         # the default again, next to its variants (at a shape the main group may not time, and
         # timed moments before them)
@@ -371,7 +391,7 @@ def attention_cases(results, deadline, shapes, tokens=16384, model_dim=2048, fle
                             extra=check(lambda: outputs(fwd), reference[:1]))
                     verdict = check(lambda: outputs(fwd_bwd, q, k, v), reference)
                     _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3.5 * fwd_flops,
-                            "TFLOP/s", extra=verdict)
+                            "TFLOP/s", extra=verdict, grads_of=(q, k, v))
                 finally:
                     for obj, name, value in saved:
                         setattr(obj, name, value)
@@ -397,30 +417,39 @@ def decode_cases(results, deadline, batch=8, heads=32, kv_heads=8, d=128,
         lens = torch.full((batch,), length, dtype=torch.int32, device=DEVICE)
         work = 2 * batch * kv_heads * length * d * 2
         case = f"decode B={batch} H={heads}/{kv_heads} L={length} d={d} {_dt()}"
-        impls = {
-            "fastattn[cuda]": _backend_fn(lambda: fastattn.decode_attention(q, kc, vc, lens), "cuda"),
-            "fastattn[triton]": _backend_fn(lambda: fastattn.decode_attention(q, kc, vc, lens),
-                                            "triton"),
-            "sdpa (repeat kv)": lambda: F.scaled_dot_product_attention(
-                q, kc.repeat_interleave(heads // kv_heads, 1),
-                vc.repeat_interleave(heads // kv_heads, 1)),
+        rep = heads // kv_heads
+        impls = {   # each a function of (q, k cache, v cache)
+            "fastattn[cuda]": _backend_fn(
+                lambda q, kc, vc: fastattn.decode_attention(q, kc, vc, lens), "cuda"),
+            "fastattn[triton]": _backend_fn(
+                lambda q, kc, vc: fastattn.decode_attention(q, kc, vc, lens), "triton"),
+            "sdpa (repeat kv)": lambda q, kc, vc: F.scaled_dot_product_attention(
+                q, kc.repeat_interleave(rep, 1), vc.repeat_interleave(rep, 1)),
         }
         try:  # torch >= 2.5 reads the cache without repeating it
             F.scaled_dot_product_attention(q[:1], kc[:1, :, :16], vc[:1, :, :16], enable_gqa=True)
-            impls["sdpa enable_gqa"] = lambda: F.scaled_dot_product_attention(q, kc, vc,
-                                                                              enable_gqa=True)
+            impls["sdpa enable_gqa"] = lambda q, kc, vc: F.scaled_dot_product_attention(
+                q, kc, vc, enable_gqa=True)
         except TypeError:
             pass
-        reference = outputs(impls["sdpa (repeat kv)"])
-        verdicts = {impl: check(lambda: outputs(fn), reference) for impl, fn in impls.items()}
+        reference = outputs(functools.partial(impls["sdpa (repeat kv)"], q, kc, vc))
+        verdicts = {impl: check(lambda: outputs(functools.partial(fn, q, kc, vc)), reference)
+                    for impl, fn in impls.items()}
         for impl, fn in impls.items():
-            _record(results, case, impl, fn, work, "GB/s", extra=verdicts[impl])
-        # The same calls replayed from a CUDA graph: the kernels' own bandwidth. At these sizes
-        # a call's host time (Python, argument checks, launches) can exceed the kernel's.
-        for impl, fn in impls.items():
-            _record(results, case, f"{impl} (CUDA graph)", fn, work, "GB/s", graph=True,
+            _record(results, case, impl, functools.partial(fn, q, kc, vc), work, "GB/s",
                     extra=verdicts[impl])
-        del q, kc, vc, reference
+        # The same calls replayed from a CUDA graph: the kernels' own bandwidth. At these sizes
+        # a call's host time (Python, argument checks, launches) can exceed the kernel's. A case
+        # of their own: the eager rows' speedups are against an eager baseline, these against a
+        # replayed one (``_baselines`` takes the case's fastest PyTorch row). A cache smaller
+        # than ~4x L2 is replayed from copies, taken in turn, so that every call reads HBM.
+        caches = [(kc, vc)] + [(kc.clone(), vc.clone())
+                               for _ in range(min(19, -(-4 * _l2_bytes() // work) - 1))]
+        for impl, fn in impls.items():
+            _record(results, f"{case} (CUDA graph)", impl, functools.partial(fn, q, kc, vc), work,
+                    "GB/s", graph=[functools.partial(fn, q, k, v) for k, v in caches],
+                    extra=verdicts[impl])
+        del q, kc, vc, reference, caches
 
 
 def norm_cases(results, tokens=16384):
@@ -464,7 +493,8 @@ def norm_cases(results, tokens=16384):
             step = make_step(fn)
             _record(results, f"add + {kind} fwd+bwd {tokens}x{d} {_dt()} (fp32 stream)", impl,
                     step, 28 * tokens * d, "GB/s",
-                    extra=check(lambda: outputs(step, x, branch, w, b), reference))
+                    extra=check(lambda: outputs(step, x, branch, w, b), reference),
+                    grads_of=(x, branch, w) if rms else (x, branch, w, b))
         del reference
 
 
@@ -539,7 +569,7 @@ def ffn_cases(results, deadline, tokens=16384, variants=False, swiglu=(4096, 110
                         extra=check(lambda: outputs(fwd), reference[:1]))
                 verdict = check(lambda: outputs(fwd_bwd, x, *params), reference)
                 _record(results, f"{case} fwd+bwd", impl, fwd_bwd, 3 * fwd_flops, "TFLOP/s",
-                        extra=verdict)
+                        extra=verdict, grads_of=(x, *params))
             finally:
                 ffn_triton.TMA.mode = saved_mode
             if len(results) == n + 2 and results[-1].median_ms == results[-1].median_ms:
@@ -656,14 +686,16 @@ def gemm_cases(results, deadline, tokens=16384, d=4096, f=11008):
     del x, w, dh
 
 
-def _record(results, case, impl, step, work, unit, graph=False, extra=None):
-    """Times ``step`` (``graph``: replayed from a CUDA graph, ``bench_graph_ms``) and appends
-    its row, with ``extra`` (its output check, see ``check``) in its notes; a failure is a row
-    of NaN with the exception's name, and the run goes on."""
+def _record(results, case, impl, step, work, unit, graph=None, extra=None, grads_of=()):
+    """Times ``step`` (``graph``: replayed from a CUDA graph instead, ``bench_graph_ms`` of these
+    callables, ``step`` on copies of its inputs) and appends
+    its row, with ``extra`` (its output check, see ``check``) in its notes, and its peak memory
+    (``peak_mb``: ``grads_of`` lists the tensors whose gradients the step makes); a failure is a
+    row of NaN with the exception's name, and the run goes on."""
     try:
         step()                                   # compile / autotune outside the timing
-        ms = bench_graph_ms(step) if graph else bench_ms(step)
-        mem = peak_mb(step)
+        ms = bench_graph_ms(graph) if graph else bench_ms(step)
+        mem = peak_mb(step, grads_of)
         results.append(Result(case, impl, ms, work, unit, mem, dict(extra or {})))
         r = results[-1]
         verdict = "".join(f", {k} {v:.2g}" if isinstance(v, float) else f", {k} {v}"
@@ -699,6 +731,12 @@ def main() -> int:
         parser.error(f"--cases: unknown {sorted(unknown)}; known: {', '.join(known)}")
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device", file=sys.stderr)
+        return 2
+    if not (triton_status := fastattn.backends()["triton"]):
+        # the rows that take fastattn's default backend (norm, AdamW, linear cross-entropy)
+        # would time the pure-PyTorch reference under fastattn's name
+        print(f"gpu_bench: fastattn's Triton backend is unavailable ({triton_status.reason})",
+              file=sys.stderr)
         return 2
     t0 = time.time()
     scale = 8 if args.quick else 1

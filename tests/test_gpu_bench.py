@@ -64,13 +64,23 @@ def _eager_compile(fn=None, **_):
     return fn if fn is not None else (lambda f: f)
 
 
+def _fake_peak_mb(fn, grads_of=()):
+    """peak_mb's stand-in (no torch.cuda memory stats here): runs the step as peak_mb does and
+    returns for how many of the tensors it was told the step makes gradients the step made them
+    afresh (peak_mb drops them first, so that they count in the peak)."""
+    for t in grads_of:
+        t.grad = None
+    fn()
+    return float(sum(t.grad is not None for t in grads_of))
+
+
 @pytest.fixture
 def on_cpu(monkeypatch):
     monkeypatch.setattr(gpu_bench, "DEVICE", "cpu")
     monkeypatch.setattr(gpu_bench, "DTYPE", torch.float16)
     monkeypatch.setattr(gpu_bench, "bench_ms", lambda fn, rep_ms=400: (fn(), 1.0)[1])
-    monkeypatch.setattr(gpu_bench, "bench_graph_ms", lambda fn: (fn(), 1.0)[1])
-    monkeypatch.setattr(gpu_bench, "peak_mb", lambda fn: 0.0)   # (torch.cuda memory stats)
+    monkeypatch.setattr(gpu_bench, "bench_graph_ms", lambda fns: ([f() for f in fns], 1.0)[1])
+    monkeypatch.setattr(gpu_bench, "peak_mb", _fake_peak_mb)    # (torch.cuda memory stats)
     monkeypatch.setattr(gpu_bench, "_held_after_forward_mb",
                         lambda fn, x, params: (fn(x, *params), 0.0)[1])
     monkeypatch.setattr(torch, "compile", _eager_compile)
@@ -105,6 +115,14 @@ def test_case_group_runs(on_cpu, group, capsys):
         bounds = [r.extra.get("bound vs eager") for r in results
                   if "fwd+bwd" in r.case and r.impl == "torch eager"]
         assert len(bounds) == 2 and all(b == 1.0 for b in bounds), results  # (1 ms / 1 ms here)
+    # a step that makes gradients has them counted in its peak: peak_mb is told which tensors
+    # they belong to (the stub's "peak" is how many of them got one); other steps make none
+    for r in results:
+        if r.median_ms == r.median_ms and r.peak_mb is not None:
+            assert (r.peak_mb > 0) == ("fwd+bwd" in r.case), (r.case, r.impl, r.peak_mb)
+    if group.startswith("decode"):   # replayed rows are compared among themselves only
+        assert {r.case.endswith("(CUDA graph)") for r in results} == {True, False}, results
+        assert not any("graph" in r.impl for r in results), results
     cases = {r.case for r in results}
     timed = {r.case for r in results if r.median_ms == r.median_ms}
     assert cases == timed, f"{group}: cases with no successful row: {sorted(cases - timed)}"

@@ -54,20 +54,38 @@ from .hostmem import allocator_env, describe_allocator, minor_page_faults  # noq
 CKPT_NAME = "ckpt.pt"
 CKPT_FORMAT = "fastattn.pretrain/1"
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched as substrings of
-# torch.cuda.get_device_name() in this order (the more specific name first).
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets. A key's words must all be
+# words of torch.cuda.get_device_name() (split at anything not a letter or digit, any case:
+# "NVIDIA A100-SXM4-80GB" has the word A100, "NVIDIA L40" has L40 but not L4); the first key
+# that matches wins, so a form factor's entry comes before its family's.
 PEAK_BF16_FLOPS: list[tuple[str, float]] = [
     ("B200", 2250e12),
     ("GH200", 989e12),
     ("H200", 989e12),
     ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
     ("H100", 989e12),
+    ("H800 PCIe", 756e12),
     ("H800", 989e12),
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
 ]
+
+
+def _words(name: str) -> set[str]:
+    return set(re.findall(r"[A-Z0-9]+", name.upper()))
+
+
+def table_peak_flops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of the GPU called ``device_name`` in PEAK_BF16_FLOPS, else None."""
+    words = _words(device_name)
+    for key, flops in PEAK_BF16_FLOPS:
+        if _words(key) <= words:
+            return flops
+    return None
 
 
 class CheckpointError(RuntimeError):
@@ -256,11 +274,7 @@ def device_peak_flops(device: torch.device) -> Optional[float]:
         return tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    return None
+    return table_peak_flops(torch.cuda.get_device_name(device))
 
 
 def mfu(flops_per_token: float, tokens_per_s: Optional[float], peak_flops: Optional[float],
@@ -1177,6 +1191,9 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         checkpoint(final_step)      # again, with the evaluation in its history
     if bar is not None:
         bar.close()
+    # the run's closing numbers, peak memory among them, before the sample below: generation
+    # (a KV cache) is not training, and a run with a sample would not compare with one without
+    closing = run_summary(opt, clip_grad_norm_, history, device)
 
     sample = None
     if args.sample_tokens > 0:
@@ -1225,7 +1242,7 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         "mfu": mfu(flops_per_token, tokens_per_s, peak_flops, dist_info.world_size),
         "peak_flops_bf16": peak_flops, "flops_per_token": flops_per_token,
         "val_loss": last_eval,
-        **run_summary(opt, clip_grad_norm_, history, device),
+        **closing,
         "seed": args.seed, "sample": sample, "args": _json_args(args),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -23,7 +23,8 @@ import torch
 from fastattn.train.__main__ import build_parser, main
 from fastattn.train.pretrain import (CheckpointError, PEAK_BF16_FLOPS, TrainingInterrupted,
                                      allocator_env, closing_phase, format_bench_table,
-                                     minor_page_faults, lr_at, pretrain, save_checkpoint)
+                                     minor_page_faults, lr_at, pretrain, save_checkpoint,
+                                     table_peak_flops)
 from tests.helpers import stopped_closing_phase
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,10 +69,36 @@ def test_lr_schedule():
 
 
 def test_peak_table_order():
-    # a name that contains another key must come first (GH200 before H200, L40S before L4)
-    keys = [k for k, _ in PEAK_BF16_FLOPS]
+    # a key whose words include another key's must come first (H100 PCIe before H100)
+    keys = [set(k.split()) for k, _ in PEAK_BF16_FLOPS]
     for i, k in enumerate(keys):
-        assert not any(k in later for later in keys[i + 1:]), k
+        assert not any(k <= later for later in keys[i + 1:]), k
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H200", 989), ("NVIDIA GH200 480GB", 989), ("NVIDIA H100 80GB HBM3", 989),
+    ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H800 PCIe", 756),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA L40S", 362),
+    ("NVIDIA L40", 181), ("NVIDIA L4", 121), ("NVIDIA B200", 2250),
+    ("NVIDIA GeForce RTX 4090", None), ("NVIDIA L20", None), ("Tesla T4", None)])
+def test_peak_of_device_names(name, tflops):
+    # whole words: "L40" is not the L4, "H100 NVL" not an SXM H100 (each with its own peak)
+    peak = table_peak_flops(name)
+    assert (peak and peak / 1e12) == tflops
+
+
+def test_peak_memory_is_read_before_the_sample(tmp_path, cache, monkeypatch):
+    """summary.json's peak is the training's: the closing sample (generation with a KV cache)
+    would count in it for a run that samples and not for one that does not."""
+    from fastattn.models.gpt import GPT
+    from fastattn.train import pretrain as pretrain_mod
+    sampled = []
+    generate = GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: (sampled.append(1),
+                                                                 generate(self, *a, **k))[1])
+    monkeypatch.setattr(pretrain_mod, "peak_memory_bytes", lambda device: 1000 + len(sampled))
+    s = _pretrain(tmp_path / "run", cache, "--max-steps", "2", "--sample-tokens", "4")
+    assert sampled and s["peak_memory_bytes"] == 1000
 
 
 def test_pretrain_outputs(tmp_path, cache, capsys):
