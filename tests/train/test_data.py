@@ -2,6 +2,7 @@
 
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -109,6 +110,23 @@ def test_load_texts_errors(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt.*not UTF-8.*0xe9 at offset 3"):
         load_texts(tmp_path)
+    # an empty path (an unset variable in `--data "$DATA"`) is not the working folder
+    for empty in ("", " "):
+        with pytest.raises(ValueError, match="the data path is empty"):
+            load_texts(empty)
+
+
+def test_linked_folders_and_files_are_read(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.txt").write_text("real text\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "b.txt").write_text("local\n")
+    (data / "c.txt").symlink_to(real / "a.txt")
+    (data / "linked").symlink_to(real, target_is_directory=True)
+    (real / "loop").symlink_to(data, target_is_directory=True)   # a link back up: read once
+    assert load_texts(data) == ["local\n", "real text\n", "real text\n"]   # b, c, linked/a
 
 
 # ---- tokenizer ---------------------------------------------------------------------------------
@@ -260,6 +278,45 @@ def test_cache_is_reused(small, text_dir, tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [small.path.name]
 
 
+def test_changed_data_is_a_new_cache(small, text_dir, tmp_path):
+    (text_dir / "b" / "d.txt").write_text(_doc(4, 97))
+    changed = Corpus.build(text_dir, vocab_size=300, cache_dir=tmp_path / "cache")
+    assert changed.path != small.path
+    assert changed.decode(np.asarray(changed.train).tolist()).count("L4-0 ") == 1
+    assert "L4-0 " not in small.decode(np.asarray(small.train).tolist())
+
+
+def test_the_cache_folder_has_the_umask_permissions(text_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        corpus = Corpus.build(text_dir, vocab_size=300, cache_dir=tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert corpus.path.stat().st_mode & 0o777 == 0o755    # not mkdtemp's 0700
+
+
+def test_a_cache_moved_aside_by_a_concurrent_builder_is_built_again(small, text_dir, tmp_path,
+                                                                   monkeypatch):
+    """Between this build's publishing its cache and loading it, another builder (having found
+    no valid cache at its own first look) moves it aside: this one goes round again instead of
+    failing; the last round finds or builds a valid cache."""
+    cache = tmp_path / "cache2"
+    real_load = Corpus._load
+    loads = []
+
+    def load(path):
+        loads.append(path)
+        if len(loads) == 2:             # the first look after publishing
+            shutil.rmtree(path)         # (the other builder's move aside)
+            return None
+        return real_load(path)
+
+    monkeypatch.setattr(Corpus, "_load", staticmethod(load))
+    corpus = Corpus.build(text_dir, vocab_size=300, cache_dir=cache)
+    np.testing.assert_array_equal(corpus.train, small.train)
+    assert len(loads) == 3 and sorted(p.name for p in cache.iterdir()) == [corpus.path.name]
+
+
 def test_cache_key_depends_on_settings(small, text_dir, tmp_path):
     cache = tmp_path / "cache"
     other_vocab = Corpus.build(text_dir, vocab_size=301, cache_dir=cache)
@@ -319,6 +376,8 @@ def test_build_validates_arguments(text_dir, tmp_path):
         Corpus.build(text_dir, vocab_size=300, cache_dir=tmp_path, val_fraction=0.0)
     with pytest.raises(FileNotFoundError):
         Corpus.build(tmp_path / "nothing", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="cache_dir is empty"):
+        Corpus.build(text_dir, vocab_size=300, cache_dir="")
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
