@@ -9,8 +9,10 @@ amsgrad, ``max_exp_avg_sq``), so a checkpoint of either loads into the other. Ad
 * ``moment_dtype``: ``torch.float32`` (default) or ``torch.bfloat16`` moments.
 * ``torch.amp.GradScaler`` support without a host sync: ``scaler.step(opt)`` hands the scale
   and the inf flag to the kernel, which unscales on the fly and changes nothing (step counts
-  included) when the flag is set. As with torch's optimizers, the gradients are left unscaled
-  after a taken step (scaled, and non-finite, after a skipped one).
+  included) when the flag is set. As with torch's fused optimizers, the gradients are left
+  unscaled after a taken step and as they were, scaled, after a skipped one (torch's
+  foreach and single-tensor ones, which GradScaler unscales beforehand, leave the finite
+  gradients of a skipped step unscaled).
 
 Parameters of any layout are stepped (a parameter that is not contiguous, e.g. channels_last,
 through a contiguous copy). float64 and complex parameters, which the float32 kernels do not
@@ -19,7 +21,8 @@ parameter's dtype as torch keeps them. Checkpoints of older torch releases (inte
 without ``maximize`` and the later options) load like they do into torch.optim. A master copy
 that no longer rounds to its parameter (the parameter was changed outside this optimizer, or
 the checkpoint went through an optimizer without master weights) is re-seeded from the
-parameter at the first step after ``load_state_dict``.
+parameter at the first step after ``load_state_dict``; one that the parameter's group does not
+keep (``master_weights`` off, or a parameter that is not fp16/bf16) is dropped there.
 
 Each step is one ``fastattn::adam_step_`` call per (device, dtype policy, step count) bucket of
 tensors; step counts and learning rates live on the device.
@@ -112,6 +115,10 @@ class Adam(torch.optim.Optimizer):
         if differentiable:
             raise NotImplementedError(f"{name}: differentiable=True is not supported by the "
                                       "fused kernels; use torch.optim")
+        if foreach and fused:
+            raise RuntimeError(f"{name}: `fused` and `foreach` cannot be `True` together "
+                               "(as in torch.optim; both are accepted and ignored here: the "
+                               "step is always fused)")
         if moment_dtype not in _MOMENT_DTYPES:
             raise ValueError(f"{name}: moment_dtype must be torch.float32 or torch.bfloat16, "
                              f"got {moment_dtype}")
@@ -193,6 +200,7 @@ class Adam(torch.optim.Optimizer):
             for key, value in self.defaults.items():
                 if key not in ("lr", "betas", "eps", "weight_decay", "amsgrad"):
                     group.setdefault(key, value)
+            group.setdefault("amsgrad", False)     # (as torch.optim.Adam's __setstate__)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -221,6 +229,11 @@ class Adam(torch.optim.Optimizer):
                                   and not torch.equal(master.to(p.dtype), p.detach())):
                 state["master_param"] = p.detach().to(
                     torch.float32, memory_format=torch.contiguous_format, copy=True)
+        elif "master_param" in state:
+            # a master this group does not keep (master_weights off, or a parameter that is not
+            # fp16/bf16, e.g. loaded from a bf16 run into an fp32 model): the parameter is the
+            # weights, and a step must not go on from the stale copy
+            del state["master_param"]
         self._check_master.discard(p)
         if p not in self._step_keys:  # loaded (or changed) state: read its count once
             step = state["step"]
@@ -346,13 +359,16 @@ class Adam(torch.optim.Optimizer):
             lr = group["lr"]
             if isinstance(lr, Tensor) and lr.device.type == "cpu" and device.type != "cpu":
                 lr = float(lr)      # a CPU read: copying it to the device would sync the host
-            lr = (lr.to(device=device, dtype=torch.float32) if isinstance(lr, Tensor)
+            # (scalars, 0-dim: a (1,)-shaped lr, or GradScaler's (1,) scale and flag, must not
+            # broadcast a 0-dim parameter's update to (1,))
+            lr = (lr.to(device=device, dtype=torch.float32).reshape(()) if isinstance(lr, Tensor)
                   else torch.full((), lr, dtype=torch.float32, device=device))
             inv_scale = inf = None
             if grad_scale is not None:
-                inv_scale = grad_scale.to(device=device, dtype=torch.float32).reciprocal()
+                inv_scale = grad_scale.to(device=device,
+                                          dtype=torch.float32).reshape(()).reciprocal()
             if found_inf is not None:  # GradScaler sums the flags of all devices: 0 or >= 1
-                inf = found_inf.to(device=device).ne(0).to(torch.float32)
+                inf = found_inf.to(device=device).reshape(()).ne(0).to(torch.float32)
             local = self._local
             # the kernels step contiguous tensors (moments and master copies are kept so); a
             # parameter of another layout is stepped through a contiguous copy

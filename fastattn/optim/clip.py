@@ -115,11 +115,18 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
     out_dtype = grads[0].dtype
     for g in grads[1:]:
         out_dtype = torch.promote_types(out_dtype, g.dtype)
+    if math.isinf(p) and any(g.numel() == 0 for g in grads):
+        # (as torch raises, from the norm of that gradient; one kernel would take it as 0)
+        raise RuntimeError(f"{name}: the {'-' if p < 0 else ''}inf norm of an empty gradient "
+                           "is undefined (a parameter with no elements has a grad); "
+                           "leave such parameters out, or use another norm_type")
     groups = _groups(grads)
     norms = [_group_norm(dev, ts, p) for (dev, _), ts in groups.items()]
     if len(norms) == 1:
         total = norms[0]
-    else:
+    elif p == 0:    # each group's "norm" counts its tensors with a nonzero gradient: they add
+        total = torch.stack([n.to(first) for n in norms]).sum()
+    else:           # the norm of the groups' norms (as of the tensors' norms, torch's formula)
         total = torch.linalg.vector_norm(torch.stack([n.to(first) for n in norms]), p)
     total = total.to(out_dtype)
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):

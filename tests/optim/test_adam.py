@@ -235,6 +235,8 @@ def test_constructor_errors():
         fastattn.optim.Adam(p, betas=(0.9, 1.0))
     with pytest.raises(ValueError, match="moment_dtype"):
         fastattn.optim.Adam(p, moment_dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
+        fastattn.optim.AdamW(p, foreach=True, fused=True)     # as torch.optim
 
 
 def test_hyperparameters_the_kernels_cannot_use_are_refused_up_front():
@@ -504,26 +506,45 @@ def test_load_state_dict_keeps_what_its_hooks_do():
     assert results[0] == results[1] == (100.0, 0.0, 12.0, 0.5)
 
 
-def test_grad_scaler_leaves_the_grads_unscaled_like_torch():
+def test_grad_scaler_leaves_the_grads_as_torchs_fused_optimizer_does():
     """After scaler.step the grads are unscaled, as torch.optim leaves them (its unscale_, or the
-    fused kernels' write-back); a skipped step leaves them non-finite, as torch does."""
+    fused kernels' write-back); a skipped step leaves them as they were, scaled, as torch's
+    fused AdamW does (its single-tensor one, unscaled by GradScaler beforehand, leaves the
+    finite ones unscaled: compared for the parameters only). Step 1 overflows in one parameter
+    only, so that the others' gradients are finite and tell the two behaviours apart."""
     ours_p = _params("cpu", sizes=[(5,), (3, 4)])
     ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    fused_p = [p.detach().clone().requires_grad_() for p in ours_p]
     runs = [(fastattn.optim.AdamW(ours_p, lr=1e-2), ours_p),
             (torch.optim.AdamW(ref_p, lr=1e-2, foreach=False), ref_p)]
+    try:
+        runs.append((torch.optim.AdamW(fused_p, lr=1e-2, fused=True), fused_p))
+    except RuntimeError:    # a torch without the fused CPU AdamW
+        fused_p = None
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in runs]
     for step in range(3):
         for (opt, ps), scaler in zip(runs, scalers):
             opt.zero_grad()
-            loss = sum((p * p).sum() for p in ps) * (float("inf") if step == 1 else 1.0)
+            loss = (ps[0] * ps[0]).sum() * (float("inf") if step == 1 else 1.0) + \
+                (ps[1] * ps[1]).sum()
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-        for a, b in zip(ours_p, ref_p):
-            assert torch.isfinite(a.grad).all() == (step != 1)
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0, equal_nan=True)
+        assert torch.isfinite(ours_p[0].grad).all() == (step != 1)
+        assert torch.isfinite(ours_p[1].grad).all()
+        unscaled = 2 * ours_p[1].detach()
+        if step == 1:     # skipped: as the backward left it, scaled by 2^10
+            torch.testing.assert_close(ours_p[1].grad, unscaled * 2.0 ** 10, rtol=1e-6, atol=0)
+            torch.testing.assert_close(ref_p[1].grad, unscaled, rtol=1e-6, atol=0)
+        for i, (a, b) in enumerate(zip(ours_p, ref_p)):
+            if step != 1:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        assert scalers[0].get_scale() == scalers[1].get_scale()
+            if fused_p is not None:
+                torch.testing.assert_close(a.grad, fused_p[i].grad, rtol=1e-6, atol=0,
+                                           equal_nan=True)
+                torch.testing.assert_close(a, fused_p[i], rtol=1e-6, atol=1e-7)
+        assert len({s.get_scale() for s in scalers}) == 1
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "strided_slice"])
@@ -574,6 +595,76 @@ def test_checkpoints_of_older_torch_releases_load():
     for a, b in zip(ours_p, ref_p):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert ours.state[ours_p[0]]["step"].item() == 5
+
+
+@pytest.mark.parametrize("case", ["into an fp32 model", "master_weights off"])
+def test_a_master_copy_the_group_does_not_keep_is_dropped(case):
+    """A master_param in the state of a parameter whose group keeps none (an fp32 parameter,
+    or a group whose master_weights was turned off after loading) must not be stepped from:
+    the parameter is the weights."""
+    params = _params("cpu", dtype=torch.bfloat16, sizes=[(64,)])
+    first = fastattn.optim.AdamW(params, lr=1e-2, master_weights=True)
+    _run(first, params, steps=3)
+    sd = copy.deepcopy(first.state_dict())
+    dtype = torch.float32 if case == "into an fp32 model" else torch.bfloat16
+    q = [torch.zeros(64, dtype=dtype).requires_grad_()]
+    r = [torch.zeros(64, dtype=dtype).requires_grad_()]
+    keep = case == "into an fp32 model"
+    ours = fastattn.optim.AdamW(q, lr=1e-2, master_weights=keep)
+    ours.load_state_dict(copy.deepcopy(sd))
+    # expected: the same checkpoint without the master
+    ref = fastattn.optim.AdamW(r, lr=1e-2, master_weights=keep)
+    ref.load_state_dict({**copy.deepcopy(sd), "state": {0: {
+        k: v for k, v in copy.deepcopy(sd)["state"][0].items() if k != "master_param"}}})
+    for opt in (ours, ref):     # (the loaded groups' options are the checkpoint's)
+        opt.param_groups[0]["master_weights"] = keep
+    _run(ours, q, steps=2, start=3)
+    _run(ref, r, steps=2, start=3)
+    assert q[0].abs().max() < 0.1                 # (the master holds weights of magnitude ~1)
+    assert torch.equal(q[0], r[0])
+    assert "master_param" not in ours.state[q[0]]
+    if case == "into an fp32 model":              # and that is torch's step
+        t = [torch.zeros(64).requires_grad_()]
+        torch_opt = torch.optim.AdamW(t, lr=1e-2, foreach=False)
+        torch_opt.load_state_dict({**copy.deepcopy(sd), "state": {0: {
+            k: v for k, v in copy.deepcopy(sd)["state"][0].items() if k != "master_param"}}})
+        _run(torch_opt, t, steps=2, start=3)
+        torch.testing.assert_close(q[0], t[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+def test_a_one_element_lr_and_a_0_dim_parameter(device, backend):
+    """lr as a (1,)-shaped tensor steps a 0-dim parameter as torch does (no broadcast to (1,))."""
+    ours_p = [torch.tensor(1.0, device=device).requires_grad_(),
+              torch.randn(3, device=device).requires_grad_()]
+    ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
+    ours = fastattn.optim.AdamW(ours_p, lr=torch.tensor([0.1]))
+    ref = torch.optim.AdamW(ref_p, lr=torch.tensor([0.1]), foreach=False)
+    with fastattn.use_backend(backend):
+        _run(ours, ours_p, steps=3)
+    _run(ref, ref_p, steps=3)
+    for a, b in zip(ours_p, ref_p):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b.to(a.device), rtol=1e-6, atol=1e-7)
+    assert ours.state[ours_p[0]]["step"].item() == 3
+
+
+def test_a_checkpoint_without_amsgrad_loads_as_into_torch():
+    first = _params("cpu")
+    opt = torch.optim.Adam(first, lr=1e-2, foreach=False)
+    _run(opt, first, steps=2)
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        del group["amsgrad"]
+    ours_p = [p.detach().clone().requires_grad_() for p in first]
+    ref_p = [p.detach().clone().requires_grad_() for p in first]
+    ours, ref = fastattn.optim.Adam(ours_p), torch.optim.Adam(ref_p, foreach=False)
+    ours.load_state_dict(copy.deepcopy(sd))
+    ref.load_state_dict(copy.deepcopy(sd))
+    _run(ours, ours_p, steps=2, start=2)
+    _run(ref, ref_p, steps=2, start=2)
+    for a, b in zip(ours_p, ref_p):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_a_master_copy_that_no_longer_matches_its_parameter_is_reseeded():

@@ -114,6 +114,31 @@ def test_mixed_dtypes_are_grouped(device, backend):
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("norm_type", [0.0, 1.0, -1.0, -INF], ids=lambda p: f"p{p}")
+def test_mixed_dtypes_every_norm_type(device, backend, norm_type):
+    """Across dtype groups the norms combine by torch's formula, the norm of the per-tensor
+    norms; for p = 0 that counts the tensors with a nonzero gradient, group sizes added."""
+    params = (_params(device, torch.float32, [(17,), (33,)], seed=5)
+              + _params(device, torch.bfloat16, [(40,)], seed=6)
+              + _params(device, torch.float16, [(9,)], seed=7))
+    params[2].grad.zero_()    # (a group that p = 0 does not count, beside one that counts 2)
+    ours = _check(device, backend, params, 1e9, norm_type, norm_tol=torch.bfloat16)
+    if norm_type == 0:
+        assert ours.item() == 3
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
+@pytest.mark.parametrize("norm_type", [INF, -INF], ids=["inf", "-inf"])
+def test_the_inf_norm_of_an_empty_gradient_is_an_error_as_in_torch(device, backend, norm_type):
+    params = _params(device, torch.float32, [(0,), (5,)], seed=3)
+    with pytest.raises(RuntimeError):
+        torch.nn.utils.clip_grad_norm_(_clone(params), 1.0, norm_type)
+    with fastattn.use_backend(backend), pytest.raises(
+            RuntimeError, match="inf norm of an empty gradient is undefined"):
+        fastattn.optim.clip_grad_norm_(params, 1.0, norm_type)
+
+
+@pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_single_tensor_noncontiguous_and_empty(device, backend):
     (p,) = _params(device, torch.float32, [(12, 9)], seed=8)
     _check(device, backend, p, 0.1, 2.0)            # a single Tensor, not a list

@@ -45,7 +45,8 @@ def grad_norm(tensors: List[Tensor], norm_type: float, upcast: bool = True) -> T
         return torch.zeros((), dtype=torch.float32)
     acc = acc_dtype(tensors[0].dtype) if upcast else None
     norms = [torch.linalg.vector_norm(t, norm_type, dtype=acc) for t in tensors]
-    # The norm of the per-tensor norms is the norm of the concatenation, for every p.
+    # torch's formula: the norm of the per-tensor norms. For p != 0 that is the norm of the
+    # concatenation; for p = 0 it counts the tensors that hold a nonzero (not the nonzeros).
     return torch.linalg.vector_norm(torch.stack(norms), norm_type)
 
 
