@@ -142,13 +142,20 @@ def attention_jobs(capability):
 
 
 def ffn_jobs(capability):
-    """The FFN GEMMs at the GPU's largest tiles (the interpreter runs 16 x 16 x 16), and on
-    sm_90+ their TMA variants over every operand layout (A or A^T, B or B^T)."""
+    """The FFN GEMMs at the GPU's largest tiles (the interpreter runs 16 x 16 x 16): the pointer
+    path with each epilogue, and on sm_90+ the TMA path over every operand layout (A or A^T,
+    B or B^T). The layout changes the loads and the epilogue the stores, independently, so each
+    TMA layout compiles with one epilogue (one the ops launch it with: the SwiGLU backward's
+    glu_grad with B^T), and the gate/up kernel, whose operands the forward passes
+    untransposed, with that layout only."""
     jobs = []
     tma = capability >= 90 and TensorDescriptor is not None
     for dt, (bm, bn, bk, warps, stages) in (("bf16", (128, 256, 64, 8, 3)), ("fp32", (128, 128, 32, 8, 3))):
-        for use_tma, a_t, b_t in ((False, False, False),) + (((True, False, False), (True, True, True),
-                                                              (True, False, True), (True, True, False)) if tma else ()):
+        layouts = [(False, False, False, ("act", "glu_grad"), True)]
+        if tma:
+            layouts += [(True, False, False, ("act",), True), (True, True, True, ("act",), False),
+                        (True, False, True, ("glu_grad",), False), (True, True, False, ("act",), False)]
+        for use_tma, a_t, b_t, epilogues, glu in layouts:
             a_desc = f"tensordesc<{dt}[{bk},{bm}]>" if a_t else f"tensordesc<{dt}[{bm},{bk}]>"
             b_desc = f"tensordesc<{dt}[{bk},{bn}]>" if b_t else f"tensordesc<{dt}[{bn},{bk}]>"
             ptrs = {n: "*" + dt for n in ("A", "B", "Bias", "E1", "E2", "O1", "O2", "O3", "BG", "BU", "G", "U",
@@ -156,11 +163,13 @@ def ffn_jobs(capability):
             flags = dict(ACT="silu", HAS_BIAS=True, PRECISION="ieee" if dt == "fp32" else None, USE_TMA=use_tma,
                          A_T=a_t, B_T=b_t, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, EVEN_K=False)
             label = f"{dt} {bm}x{bn}x{bk}" + (f" TMA A{'^T' if a_t else ''} B{'^T' if b_t else ''}" if use_tma else "")
-            for epi in ("act", "glu_grad"):
+            for epi in epilogues:
                 sig = {**ptrs, "ADesc": a_desc if use_tma else "*" + dt, "BDesc": b_desc if use_tma else "*" + dt}
                 jobs.append(dict(module=FFN, kernel="_gemm_kernel", signature=sig, constants=dict(flags, EPI=epi),
                                  options=dict(num_warps=warps, num_stages=stages), capability=capability,
                                  label=f"{label} {epi}"))
+            if not glu:
+                continue
             glu_tiles = dict(flags, EPI="glu", BLOCK_N=min(bn, 128))
             b_glu = b_desc.replace(f"{bn}", f"{glu_tiles['BLOCK_N']}")
             sig = {**ptrs, "ADesc": a_desc if use_tma else "*" + dt,
