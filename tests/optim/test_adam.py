@@ -634,12 +634,14 @@ def test_a_master_copy_the_group_does_not_keep_is_dropped(case):
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_a_one_element_lr_and_a_0_dim_parameter(device, backend):
-    """lr as a (1,)-shaped tensor steps a 0-dim parameter as torch does (no broadcast to (1,))."""
+    """lr as a (1,)-shaped tensor steps a 0-dim parameter as that lr does (no broadcast to
+    (1,))."""
     ours_p = [torch.tensor(1.0, device=device).requires_grad_(),
               torch.randn(3, device=device).requires_grad_()]
     ref_p = [p.detach().clone().requires_grad_() for p in ours_p]
     ours = fastattn.optim.AdamW(ours_p, lr=torch.tensor([0.1]))
-    ref = torch.optim.AdamW(ref_p, lr=torch.tensor([0.1]), foreach=False)
+    # (torch 2.4's own step broadcasts as the reference backend did: its lr is 0-dim)
+    ref = torch.optim.AdamW(ref_p, lr=torch.tensor(0.1), foreach=False)
     with fastattn.use_backend(backend):
         _run(ours, ours_p, steps=3)
     _run(ref, ref_p, steps=3)
