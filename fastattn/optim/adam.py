@@ -409,7 +409,7 @@ class Adam(torch.optim.Optimizer):
             return
         grads = [p.grad for p in params]
         if grad_scale is not None:
-            inv = grad_scale.to(device=device, dtype=torch.float32).reciprocal()
+            inv = grad_scale.to(device=device, dtype=torch.float32).reshape(()).reciprocal()
             for g in grads:
                 g.mul_(inv)
         states = [self._init_state(p, group, eager) for p in params]

@@ -115,8 +115,10 @@ def clip_grad_norm_(parameters: Union[Tensor, Iterable[Tensor]], max_norm: float
     out_dtype = grads[0].dtype
     for g in grads[1:]:
         out_dtype = torch.promote_types(out_dtype, g.dtype)
-    if math.isinf(p) and any(g.numel() == 0 for g in grads):
-        # (as torch raises, from the norm of that gradient; one kernel would take it as 0)
+    if math.isinf(p) and any(g.numel() == 0 and (p < 0 or g.device.type != "cuda")
+                             for g in grads):
+        # as torch raises (from the norm of that gradient), where it does: its CUDA foreach
+        # norm takes an empty tensor's +inf norm as 0, and so do the kernels
         raise RuntimeError(f"{name}: the {'-' if p < 0 else ''}inf norm of an empty gradient "
                            "is undefined (a parameter with no elements has a grad); "
                            "leave such parameters out, or use another norm_type")

@@ -174,7 +174,9 @@ def _text_files(root: pathlib.Path) -> list[pathlib.Path]:
             subfolders[:] = []
             continue
         seen.add(real)
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        # sorted: which of two paths to a linked folder is walked first (and kept) must not
+        # depend on the file system's listing order
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         for name in names:
             p = pathlib.Path(folder) / name
             if not name.startswith(".") and p.suffix.lower() in _TEXT_SUFFIXES and p.is_file():
@@ -471,12 +473,18 @@ class Corpus:
             root.mkdir(parents=True, exist_ok=True)
             _remove_stale_builds(root)
             if final.exists():  # invalid cache: move it aside atomically, then delete it
+                corpus = cls._load(final)   # (unless another builder just published it)
+                if corpus is not None:
+                    return corpus
                 trash = _private_folder(root, ".trash-")
                 try:
                     os.replace(final, trash / "old")
-                except OSError:
-                    pass  # another process removed or replaced it first
-                shutil.rmtree(trash, ignore_errors=True)
+                except OSError as error:
+                    if final.exists():      # not another process's doing: it stays in the way
+                        raise RuntimeError(f"the corpus cache at {final} is invalid and cannot "
+                                           f"be replaced: {error}") from error
+                finally:
+                    shutil.rmtree(trash, ignore_errors=True)
 
             tmp = _private_folder(root, f".build-{final.name[:16]}-")
             try:
@@ -484,7 +492,8 @@ class Corpus:
                 try:
                     os.replace(tmp, final)  # atomic; fails if another builder got there first
                 except OSError:
-                    pass                    # (its cache is loaded next)
+                    if cls._load(final) is None:
+                        raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         corpus = cls._load(final)

@@ -317,6 +317,43 @@ def test_a_cache_moved_aside_by_a_concurrent_builder_is_built_again(small, text_
     assert len(loads) == 3 and sorted(p.name for p in cache.iterdir()) == [corpus.path.name]
 
 
+def test_an_invalid_cache_that_cannot_be_moved_aside_is_reported_not_rebuilt(
+        small, text_dir, tmp_path, monkeypatch):
+    (small.path / "meta.json").write_text("{")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "old":      # moving the broken cache aside
+            raise PermissionError(13, "Permission denied")
+        real_replace(src, dst)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built although the broken cache stays in the way")
+
+    monkeypatch.setattr(D.os, "replace", replace)
+    monkeypatch.setattr(Corpus, "_build_into", staticmethod(no_build))
+    with pytest.raises(RuntimeError, match="is invalid and cannot be replaced: .*Permission"):
+        Corpus.build(text_dir, vocab_size=300, cache_dir=tmp_path / "cache")
+
+
+def test_folder_order_does_not_depend_on_the_listing(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / "sub" / "a.txt").write_text("A\n")
+    (data / "m.txt").write_text("M\n")
+    (data / "alias").symlink_to(data / "sub", target_is_directory=True)
+    real_walk = os.walk
+
+    def walk(top, **kw):    # the listing in reverse order
+        for folder, subfolders, names in real_walk(top, **kw):
+            subfolders.reverse()
+            yield folder, subfolders, names[::-1]
+
+    first = load_texts(data)
+    monkeypatch.setattr(D.os, "walk", walk)
+    assert load_texts(data) == first == ["A\n", "M\n"]    # (alias/a.txt sorts before m.txt)
+
+
 def test_cache_key_depends_on_settings(small, text_dir, tmp_path):
     cache = tmp_path / "cache"
     other_vocab = Corpus.build(text_dir, vocab_size=301, cache_dir=cache)
