@@ -49,8 +49,8 @@ def main() -> None:
     cfg = GPTConfig(**ckpt["config"])
     policy = GPT(cfg, backend="fastattn")
     policy.load_state_dict(ckpt["model"])
-    rm, head, _ = align._load_reward_model(args.reward_model, cfg, corpus_info, "fastattn",
-                                           torch.device("cpu"))
+    rm, head, _, _ = align._load_reward_model(args.reward_model, cfg, corpus_info, "fastattn",
+                                              torch.device("cpu"))
     acc = kl_optimum_accuracy(policy, rm, head, corpus, task.split("eval"), args.samples,
                               betas, args.format_penalty, args.seed,
                               task.max_answer_tokens)

@@ -233,16 +233,20 @@ def hidden_at(model, batch: Batch, rows: torch.Tensor, cols: torch.Tensor) -> to
     return model.hidden_states(batch.ids)[rows, cols]
 
 
-def lm_logprobs(model, h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(M,) log p(target | hidden h (M, d)) under the LM head, at least fp32. fastattn:
-    ``linear_token_logprobs`` (never holds the M x vocab logits); torch: log_softmax + gather
-    over ``F.linear``."""
+def lm_logprobs(model, h: torch.Tensor, target: torch.Tensor,
+                temperature: float = 1.0) -> torch.Tensor:
+    """(M,) log p(target | hidden h (M, d)) under the LM head, the logits divided by
+    ``temperature``, at least fp32. fastattn: ``linear_token_logprobs`` (never holds the
+    M x vocab logits); torch: log_softmax + gather over ``F.linear``."""
     if model.backend == "fastattn":
         import fastattn
-        return fastattn.linear_token_logprobs(h, model.lm_head.weight, target)
+        return fastattn.linear_token_logprobs(h, model.lm_head.weight, target,
+                                              temperature=temperature)
     logits = F.linear(h, model.lm_head.weight)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
@@ -251,12 +255,14 @@ def _scatter(batch: Batch, values: torch.Tensor) -> torch.Tensor:
     return out.index_put((batch.rows, batch.cols), values)
 
 
-def completion_logprobs(model, batch: Batch, value_head=None):
+def completion_logprobs(model, batch: Batch, value_head=None, temperature: float = 1.0):
     """(B, T-1) log-probs of the completion targets (0 elsewhere, like ``batch.mask``). Only the
     completion slots go through the LM head, on both backends. With ``value_head``, also
-    returns the (B, T-1) values ``value_head(h)`` at the same slots (PPO)."""
+    returns the (B, T-1) values ``value_head(h)`` at the same slots (PPO). ``temperature``: of
+    the distribution the completions were sampled from (GRPO, PPO: the policy whose ratio and
+    KL the losses measure is the one that sampled, as in TRL and OpenRLHF)."""
     h = hidden_at(model, batch, batch.rows, batch.cols)
-    logp = _scatter(batch, lm_logprobs(model, h, batch.targets))
+    logp = _scatter(batch, lm_logprobs(model, h, batch.targets, temperature))
     if value_head is None:
         return logp
     return logp, _scatter(batch, value_head(h).squeeze(-1).float())
@@ -333,6 +339,14 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4,
     return centered / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)
 
 
+def _clip_active(ratio: torch.Tensor, adv: torch.Tensor, clip_eps: float) -> torch.Tensor:
+    """1 where the clipped surrogate is the one min() takes (its gradient is then 0: ratio past
+    1 + eps with a positive advantage, below 1 - eps with a negative one), else 0; TRL's
+    clipfrac."""
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
+    return (clipped < ratio * adv).float()
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
               adv: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2,
               beta: float = 0.04) -> tuple[torch.Tensor, dict]:
@@ -347,9 +361,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     loss = -per_seq.mean()
     with torch.no_grad():
         total = mask.sum().clamp_min(1)
-        clipped = ((ratio - 1).abs() > clip_eps).float()
         stats = {"kl": float((kl * mask).sum() / total),
-                 "clip_frac": float((clipped * mask).sum() / total)}
+                 "clip_frac": float((_clip_active(ratio, a, clip_eps) * mask).sum() / total)}
     return loss, stats
 
 
@@ -405,8 +418,7 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
                 * mask).sum() / total
     with torch.no_grad():
         stats = {"pg_loss": float(pg), "vf_loss": float(vf),
-                 "clip_frac": float((((ratio - 1).abs() > clip_eps).float() * mask).sum()
-                                    / total),
+                 "clip_frac": float((_clip_active(ratio, adv, clip_eps) * mask).sum() / total),
                  "vf_clip_frac": float((((values - old_values).abs() > value_clip).float()
                                         * mask).sum() / total)}
     return pg + vf_coef * vf, stats
@@ -478,7 +490,7 @@ def evaluate(model, corpus, task: tasks.AdditionTask) -> dict:
             continue
         comps = sample(model, corpus, problems, 1, temperature=0.0,
                        max_new=task.max_answer_tokens, generator=None)
-        rewards = [tasks.reward(tasks.completion_text(corpus, c[0]), p.answer)
+        rewards = [tasks.score(corpus, c[0], p.answer)
                    for p, c in zip(problems, comps)]
         result[f"{key}_accuracy"] = sum(r == 1.0 for r in rewards) / len(rewards)
         result[f"{key}_reward"] = sum(rewards) / len(rewards)
@@ -591,11 +603,11 @@ def grpo_step(model, ref, prompts: Sequence[Sequence[int]], score, args, *, max_
             starts.append(len(pr))
     batch = make_batch(seqs, starts, eos, device, PAD_MULTIPLE)
     with torch.no_grad(), phases("ref_logprobs"):
-        ref_lp = completion_logprobs(ref, batch)
+        ref_lp = completion_logprobs(ref, batch, temperature=args.temperature)
     stats, lr, old = {}, None, None
     for _ in range(args.ppo_epochs):
         with phases("policy_logprobs"):
-            logp = completion_logprobs(model, batch)
+            logp = completion_logprobs(model, batch, temperature=args.temperature)
             if old is None:
                 old = logp.detach()
             loss, stats = grpo_loss(logp, old, ref_lp, adv, batch.mask, args.clip_eps,
@@ -762,7 +774,28 @@ def _warn_short_sets(task: tasks.AdditionTask) -> None:
           + f": {why}", file=sys.stderr)
 
 
-def _task(args, ckpt: dict) -> tasks.AdditionTask:
+def _check_held_out(task: tasks.AdditionTask, trained: set, whose: str) -> None:
+    """A ValueError if any held-out problem of ``task`` is one ``whose`` lineage trained on."""
+    leaked = sum(p in trained for p in task.eval + task.eval_long)
+    if leaked:
+        raise ValueError(f"{leaked} of the {len(task.eval) + len(task.eval_long)} held-out "
+                         f"problems are problems {whose} or a stage before it trained on; keep "
+                         f"the task options (--digits, --n-train, --n-pairs, --n-eval, "
+                         f"--task-seed) of its lineage")
+
+
+def _disable_dropout(model) -> None:
+    """Dropout off in ``model`` whatever its mode: the residual/MLP/embedding Dropout modules
+    and the attention's dropout probability (its config is left as the checkpoint's)."""
+    from ..models.gpt import CausalSelfAttention
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(m, CausalSelfAttention):
+            m.dropout = 0.0
+
+
+def _task(args, ckpt: dict, stage: Optional[str] = None) -> tasks.AdditionTask:
     saved = ckpt.get("task") or {}
     kw = {"digits": args.digits, "n_train": args.n_train, "n_pairs": args.n_pairs,
           "n_eval": args.n_eval, "seed": args.task_seed}
@@ -777,9 +810,12 @@ def _task(args, ckpt: dict) -> tasks.AdditionTask:
     # lineage trained or was evaluated on out of the new pair prompts, and refuse held-out
     # problems any stage of it trained on (an SFT set, a DPO/GRPO/PPO stage's pair prompts).
     base = tasks.AdditionTask(**{k: saved[k] for k in fields if k in saved})
-    if dataclasses.astuple(base) == dataclasses.astuple(task):
-        return task
     trained = _trained_problems(ckpt)
+    # (a reward model, whose held-out pairs measure it, must not hold out prompts its trunk
+    # trained on: from a DPO/GRPO/PPO init, the pair prompts are cut anew as below)
+    if dataclasses.astuple(base) == dataclasses.astuple(task) and not (
+            stage == "rm" and trained & set(task.pairs)):
+        return task
     leaked = sum(p in trained for p in task.eval + task.eval_long)
     if leaked:
         raise ValueError(f"{leaked} of the {len(task.eval) + len(task.eval_long)} held-out "
@@ -791,7 +827,13 @@ def _task(args, ckpt: dict) -> tasks.AdditionTask:
     # 5050 two-digit sums, every unused problem, rather than a fresh cut that leaves room for a
     # training set this stage does not use).
     seen = trained | set(base.eval) | set(base.eval_long) | set(task.eval)
-    task.pairs = [p for p in task.pool if p not in seen][:task.n_pairs]
+    pool = task.pool
+    if stage == "rm" and dataclasses.astuple(base) == dataclasses.astuple(task):
+        # the same sizes: the pool was drawn for the sets the lineage used; draw on (a longer
+        # draw starts as this one does) so that n_pairs problems are left beside them
+        pool = tasks.AdditionTask(**(dataclasses.asdict(task) |
+                                     {"n_pairs": task.n_pairs + len(seen)})).pool
+    task.pairs = [p for p in pool if p not in seen][:task.n_pairs]
     return task
 
 
@@ -1007,7 +1049,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
     if cfg.vocab_size != corpus.vocab_size:
         raise CheckpointError(f"{ckpt_path}: vocabulary {cfg.vocab_size} but the rebuilt "
                               f"tokenizer has {corpus.vocab_size}")
-    task = _task(args, ckpt)
+    task = _task(args, ckpt, stage)
     _warn_short_sets(task)
     # "Q:" + a + "+" + b + "=" (4 characters and two operands of up to digits + 1 digits, the
     # longer eval problems'), then the answer
@@ -1025,6 +1067,14 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         raise CheckpointError(f"checkpoint {ckpt_path} does not fit its own config: {e}") from e
     ref = None
     if stage in ("dpo", "grpo", "ppo"):
+        # No dropout in a policy compared with its reference (DPO) or with its own old
+        # log-probs (GRPO, PPO, whose samples come from generate(), without dropout): it would
+        # put noise into the ratios and a bias into the KL (TRL's disable_dropout)
+        if cfg.dropout > 0:
+            print(f"{stage}: the checkpoint's dropout {cfg.dropout} is off in this stage (the "
+                  f"policy is compared with its reference and its own earlier log-probs)",
+                  file=sys.stderr)
+        _disable_dropout(model)
         ref = copy.deepcopy(model).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
@@ -1039,9 +1089,9 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
     if stage == "ppo":
-        rm_model, rm_head, rm_path = _load_reward_model(args.reward_model, cfg, corpus_info,
-                                                        args.backend,
-                                                        device)
+        rm_model, rm_head, rm_path, rm_trained = _load_reward_model(
+            args.reward_model, cfg, corpus_info, args.backend, device)
+        _check_held_out(task, rm_trained, f"the reward model {rm_path}")
         rm_fingerprint = checkpoint_fingerprint(rm_path)
     opt = model.configure_optimizer(args.lr, args.weight_decay)
     params = list(model.parameters())
@@ -1287,7 +1337,7 @@ def run_stage(args: argparse.Namespace, stage: str) -> dict:
 
                     def score(comps, probs=probs):
                         return comps, torch.tensor(
-                            [[tasks.reward(tasks.completion_text(corpus, c), p.answer) for c in cs]
+                            [[tasks.score(corpus, c, p.answer) for c in cs]
                              for p, cs in zip(probs, comps)])
 
                     record.update(grpo_step(
@@ -1438,7 +1488,7 @@ def build_pairs(policy, corpus, task: tasks.AdditionTask, k: int, temperature: f
                    max_new=task.max_answer_tokens, generator=generator)
     pairs, best_hits, sample_hits, n = [], 0, 0, 0
     for i, (p, cs) in enumerate(zip(problems, comps)):
-        scores = [tasks.reward(tasks.completion_text(corpus, c), p.answer) for c in cs]
+        scores = [tasks.score(corpus, c, p.answer) for c in cs]
         best_hits += max(scores) == 1.0
         sample_hits += sum(s == 1.0 for s in scores)
         n += len(scores)
@@ -1552,7 +1602,7 @@ def eval_samples(policy, corpus, task: tasks.AdditionTask, k: int, temperature: 
     for p, cs in zip(problems, comps):
         prompt = tasks.encode(corpus, p.prompt)
         out.append({"seqs": [prompt + c for c in cs], "start": len(prompt),
-                    "rewards": [tasks.reward(tasks.completion_text(corpus, c), p.answer)
+                    "rewards": [tasks.score(corpus, c, p.answer)
                                 for c in cs],
                     "malformed": [not tasks.well_formed(c, corpus) for c in cs]})
     return out
@@ -1596,8 +1646,9 @@ def rm_best_of_k(model, head, candidates: list[dict], eos: int, device,
 
 
 def _load_reward_model(path, cfg, corpus_info: dict, backend: str, device):
-    """The frozen reward model (trunk and RewardHead) of an rm checkpoint, refused unless it
-    reads the policy's tokens: the same vocabulary, built from the same corpus."""
+    """The frozen reward model (trunk and RewardHead) of an rm checkpoint, its path, and the
+    problems it (or a stage before it) trained on; refused unless it reads the policy's
+    tokens: the same vocabulary, built from the same corpus."""
     from ..models.gpt import GPT
     path = ckpt_file(path)
     ck = load_checkpoint(path, "--reward-model")
@@ -1631,7 +1682,7 @@ def _load_reward_model(path, cfg, corpus_info: dict, backend: str, device):
         mod.eval()
         for p in mod.parameters():
             p.requires_grad_(False)
-    return rm, head, path
+    return rm, head, path, _trained_problems(ck)
 
 
 def format_floor(score: torch.Tensor, malformed: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -1662,7 +1713,7 @@ def ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, probs, gen
         pr = tasks.encode(corpus, p.prompt)
         seqs.append(pr + cs[0])
         starts.append(len(pr))
-    verifier = torch.tensor([tasks.reward(tasks.completion_text(corpus, cs[0]), p.answer)
+    verifier = torch.tensor([tasks.score(corpus, cs[0], p.answer)
                              for p, cs in zip(probs, comps)])
     batch = make_batch(seqs, starts, eos, device, PAD_MULTIPLE)
     mask = batch.mask
@@ -1670,9 +1721,9 @@ def ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, probs, gen
     last_slot = torch.tensor([len(q) - 2 for q in seqs], device=device)
     with torch.no_grad():
         with phases("old_logprobs"):
-            old, old_v = completion_logprobs(model, batch, head)
+            old, old_v = completion_logprobs(model, batch, head, args.temperature)
         with phases("ref_logprobs"):
-            ref_lp = completion_logprobs(ref, batch)
+            ref_lp = completion_logprobs(ref, batch, temperature=args.temperature)
         with phases("reward_model"):
             score = reward_scores(rm_model, rm_head, batch)
         malformed = torch.tensor([not tasks.well_formed(cs[0], corpus) for cs in comps],
@@ -1689,7 +1740,7 @@ def ppo_step(args, model, head, ref, rm_model, rm_head, corpus, task, probs, gen
     stats, rec = {}, {}
     for _ in range(args.ppo_epochs):
         with phases("policy_logprobs"):
-            logp, values = completion_logprobs(model, batch, head)
+            logp, values = completion_logprobs(model, batch, head, args.temperature)
             loss, stats = ppo_loss(logp, old, adv, values, old_v, ret, mask, args.clip_eps,
                                    args.value_clip, args.vf_coef)
         rec["lr"] = update(loss)

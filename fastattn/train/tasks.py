@@ -59,6 +59,15 @@ def well_formed(ids: Sequence[int], corpus) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def score(corpus, ids, answer: str) -> float:
+    """``reward`` of a completion's token ids: 0.0 without the end-of-text token (an answer cut
+    off by the length limit is not an answer, as ``well_formed`` says too)."""
+    ids = list(ids)
+    if corpus.eos_id not in ids:
+        return 0.0
+    return reward(completion_text(corpus, ids), answer)
+
+
 def reward(completion: str, answer: str) -> float:
     """1.0 if ``completion`` (text before the end-of-text token, surrounding spaces ignored)
     equals ``answer``; else ``PARTIAL_CREDIT`` x the fraction of digits right from the right."""

@@ -8,6 +8,7 @@ pretrain 5 steps -> SFT (held-out greedy accuracy rises from 0) -> DPO and GRPO 
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -40,6 +41,18 @@ def test_reward():
     assert tasks.reward("1936", "936") == pytest.approx(0.1 * 3 / 4)    # extra digit costs
     assert tasks.reward("", "936") == 0.0
     assert tasks.reward("abc", "936") == 0.0
+
+
+def test_score_needs_the_end_of_text_token():
+    class Chars:                       # one id per character; 0 is end-of-text
+        eos_id = 0
+
+        def decode(self, ids):
+            return "".join(chr(i) for i in ids)
+    c, enc = Chars(), (lambda s: [ord(ch) for ch in s])
+    assert tasks.score(c, enc("936") + [0] + enc("7"), "936") == 1.0
+    assert tasks.score(c, enc("926") + [0], "936") == pytest.approx(0.1 * 2 / 3)
+    assert tasks.score(c, enc("936"), "936") == 0.0      # cut off by the length limit
 
 
 def test_well_formed_is_a_format_check_only():
@@ -252,7 +265,9 @@ def test_grpo_loss_clip_and_kl():
     assert new.grad.tolist()[0] == pytest.approx(g[0], abs=1e-14)
     assert new.grad.tolist()[1] == pytest.approx(g[1], abs=1e-14)
     assert new.grad.tolist()[2] == pytest.approx(g[2], abs=1e-14)
-    assert stats["clip_frac"] == pytest.approx(2 / 4)      # tokens 0 of seq 0 and seq 2
+    # where the clip is the term min() takes: token 0 of seq 0 (not seq 2's, whose clipped
+    # bound 0.8 is above its 0.5)
+    assert stats["clip_frac"] == pytest.approx(1 / 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,6 +819,64 @@ def test_later_stage_task_keeps_the_checkpoint_problems_apart():
         align._task(args(n_pairs=250), lineage)
     assert clash not in align._task(args(n_pairs=250), lineage | {"trained": [
         [p.a, p.b] for p in older.train]}).pairs
+
+
+def test_a_reward_model_holds_out_no_prompt_its_trunk_trained_on():
+    """rm from a DPO (GRPO, PPO) checkpoint of the same task: that lineage trained on the pair
+    prompts, so the RM's pairs (whose held-out part measures it) are cut anew from the rest;
+    from an SFT checkpoint they stay the task's. PPO refuses held-out problems its reward
+    model's lineage trained on."""
+    base = tasks.AdditionTask(digits=3, n_train=300, n_pairs=200, n_eval=100)
+    args = argparse.Namespace(digits=None, n_train=None, n_pairs=None, n_eval=None,
+                              task_seed=None)
+    sft = {"task": dataclasses.asdict(base), "stage": "sft",
+           "trained": [[p.a, p.b] for p in base.train]}
+    assert align._task(args, sft, "rm").pairs == base.pairs
+    dpo = sft | {"stage": "dpo", "trained": sft["trained"] + [[p.a, p.b] for p in base.pairs]}
+    assert align._task(args, dpo, "grpo").pairs == base.pairs    # training again: allowed
+    rm = align._task(args, dpo, "rm")
+    assert len(rm.pairs) == 200 and rm.eval == base.eval
+    assert not set(rm.pairs) & (set(base.train) | set(base.pairs) | set(base.eval))
+    align._check_held_out(base, set(base.pairs), "the reward model x")
+    with pytest.raises(ValueError, match="5 of the 200 held-out problems are problems the "
+                                         "reward model x or a stage before it trained on"):
+        align._check_held_out(base, set(base.pairs) | set(base.eval[:5]), "the reward model x")
+
+
+def test_policy_stages_run_without_dropout():
+    cfg = GPTConfig(n_layer=2, n_head=2, d_model=32, vocab_size=64, max_seq_len=16, dropout=0.5)
+    model = GPT(cfg, backend="torch").train()
+    idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model(idx), model(idx))          # dropout on
+    align._disable_dropout(model)
+    out = model(idx)
+    assert torch.equal(out, model(idx)) and torch.equal(out, model.eval()(idx))
+    assert model.config.dropout == 0.5                       # the checkpoint's config kept
+
+
+def test_grpo_log_probs_are_of_the_sampling_temperature(monkeypatch):
+    """The policy, old and reference log-probs are those of the tempered distribution the
+    completions were sampled from (as TRL and OpenRLHF compute them)."""
+    cfg = GPTConfig(n_layer=1, n_head=2, d_model=32, vocab_size=64, max_seq_len=16)
+    torch.manual_seed(0)
+    model, seen = GPT(cfg, backend="torch"), []
+    ref = copy.deepcopy(model).eval()
+    logprobs = align.completion_logprobs
+    monkeypatch.setattr(align, "completion_logprobs", lambda *a, **k: (
+        seen.append(k.get("temperature", a[3] if len(a) > 3 else 1.0)), logprobs(*a, **k))[1])
+    args = argparse.Namespace(group_size=2, temperature=0.7, ppo_epochs=2, clip_eps=0.2,
+                              beta=0.1)
+    align.grpo_step(model, ref, [[1, 2, 3], [4, 5]], lambda comps: (comps, torch.tensor(
+        [[1.0, 0.0], [0.0, 1.0]])), args, max_new=3, eos=0, generator=torch.Generator(),
+        update=lambda loss: 0.0, phases=align.Phases(torch.device("cpu")))
+    assert seen == [0.7] * 3
+    # and a tempered log-prob is the log-softmax of the logits over the temperature
+    h = torch.randn(5, 32)
+    t = torch.randint(0, 64, (5,))
+    want = torch.log_softmax(model.lm_head(h) / 0.7, -1).gather(-1, t[:, None]).squeeze(-1)
+    for backend in ("torch", "fastattn"):
+        got = align.lm_logprobs(model.set_backend(backend), h, t, 0.7)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def _log(path):
