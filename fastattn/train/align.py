@@ -780,8 +780,8 @@ def _check_held_out(task: tasks.AdditionTask, trained: set, whose: str) -> None:
     if leaked:
         raise ValueError(f"{leaked} of the {len(task.eval) + len(task.eval_long)} held-out "
                          f"problems are problems {whose} or a stage before it trained on; keep "
-                         f"the task options (--digits, --n-train, --n-pairs, --n-eval, "
-                         f"--task-seed) of its lineage")
+                         f"the task options of its lineage (--digits, --n-train, --n-pairs, "
+                         f"--n-eval, --task-seed)")
 
 
 def _disable_dropout(model) -> None:
@@ -816,12 +816,7 @@ def _task(args, ckpt: dict, stage: Optional[str] = None) -> tasks.AdditionTask:
     if dataclasses.astuple(base) == dataclasses.astuple(task) and not (
             stage == "rm" and trained & set(task.pairs)):
         return task
-    leaked = sum(p in trained for p in task.eval + task.eval_long)
-    if leaked:
-        raise ValueError(f"{leaked} of the {len(task.eval) + len(task.eval_long)} held-out "
-                         f"problems are problems the init checkpoint or a stage before it "
-                         f"trained on (its task: {saved}); keep its --digits, --n-train, "
-                         f"--n-pairs, --n-eval and --task-seed")
+    _check_held_out(task, trained, "the init checkpoint")
     # The new pair prompts: the first --n-pairs problems of the pool after the held-out set
     # that the lineage neither trained nor was evaluated on (on a small space such as the
     # 5050 two-digit sums, every unused problem, rather than a fresh cut that leaves room for a

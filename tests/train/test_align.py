@@ -43,25 +43,27 @@ def test_reward():
     assert tasks.reward("abc", "936") == 0.0
 
 
-def test_score_needs_the_end_of_text_token():
-    class Chars:                       # one id per character; 0 is end-of-text
-        eos_id = 0
+class _Chars:
+    """A corpus of one id per character; 0 is end-of-text."""
+    eos_id = 0
 
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-    c, enc = Chars(), (lambda s: [ord(ch) for ch in s])
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def _enc(text):
+    return [ord(ch) for ch in text]
+
+
+def test_score_needs_the_end_of_text_token():
+    c, enc = _Chars(), _enc
     assert tasks.score(c, enc("936") + [0] + enc("7"), "936") == 1.0
     assert tasks.score(c, enc("926") + [0], "936") == pytest.approx(0.1 * 2 / 3)
     assert tasks.score(c, enc("936"), "936") == 0.0      # cut off by the length limit
 
 
 def test_well_formed_is_a_format_check_only():
-    class Chars:                       # one id per character; 0 is end-of-text
-        eos_id = 0
-
-        def decode(self, ids):
-            return "".join(chr(i) for i in ids)
-    c, enc = Chars(), (lambda s: [ord(ch) for ch in s])
+    c, enc = _Chars(), _enc
     assert tasks.well_formed(enc("936") + [0], c)
     assert tasks.well_formed(enc("12") + [0] + enc("zz"), c)   # cut at end-of-text
     assert tasks.well_formed(enc(" 7 ") + [0], c)              # spaces ignored, as reward does
