@@ -165,6 +165,12 @@ def linear_cross_entropy_cases(results, n=16384, h=4096, v=131072):
         # two passes over the vocabulary: a fourth GEMM, no float32 (vocab, hidden) buffer
         "fastattn (vocab chunks)": functools.partial(fastattn.linear_cross_entropy,
                                                      chunk_over="vocab"),
+        # token chunks of about n*h/v rows (a chunk of logits the size of x: 512 at the
+        # default shape) whose d weight adds up in itself, in bf16, as Liger-Kernel does: no
+        # float32 (vocab, hidden) buffer, one rounding of d weight per chunk
+        "fastattn (bf16 d weight)": functools.partial(
+            fastattn.linear_cross_entropy, accum_dtype=None,
+            chunk_size=max(1, min(n, -(-n * h // v)))),
         "torch eager": eager,
         "torch.compile": torch.compile(eager),
     }

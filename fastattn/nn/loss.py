@@ -5,7 +5,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.cross_entropy import check_chunk_over, cross_entropy, linear_cross_entropy
+from ..ops.cross_entropy import (check_accum_dtype, check_chunk_over, cross_entropy,
+                                 linear_cross_entropy)
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -47,27 +48,34 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     Called as ``loss_fn(input, weight, target, bias=None)`` with ``input`` ``(..., hidden)`` and
     the output projection's ``weight`` ``(vocab, hidden)`` — typically ``model.lm_head.weight``.
-    The module owns no parameters. See ``fastattn.linear_cross_entropy``.
+    The module owns no parameters. See ``fastattn.linear_cross_entropy`` (``chunk_size``,
+    ``chunk_over`` and ``accum_dtype`` are its keyword arguments of those names).
     """
 
     def __init__(self, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, chunk_size: Optional[int] = None,
-                 chunk_over: str = "tokens") -> None:
+                 chunk_over: str = "tokens",
+                 accum_dtype: Optional[torch.dtype] = torch.float32) -> None:
         super().__init__()
         check_chunk_over("LinearCrossEntropyLoss", chunk_over)
+        if accum_dtype is not None and not isinstance(accum_dtype, torch.dtype):
+            # (a dtype is checked against the weight's at the call)
+            check_accum_dtype("LinearCrossEntropyLoss", accum_dtype)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
         self.chunk_size = chunk_size
         self.chunk_over = chunk_over
+        self.accum_dtype = accum_dtype
 
     def forward(self, input: Tensor, weight: Tensor, target: Tensor,
                 bias: Optional[Tensor] = None) -> Tensor:
         return linear_cross_entropy(input, weight, target, bias, ignore_index=self.ignore_index,
                                     reduction=self.reduction, label_smoothing=self.label_smoothing,
-                                    chunk_size=self.chunk_size, chunk_over=self.chunk_over)
+                                    chunk_size=self.chunk_size, chunk_over=self.chunk_over,
+                                    accum_dtype=self.accum_dtype)
 
     def extra_repr(self) -> str:
         return (f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
                 f"label_smoothing={self.label_smoothing}, chunk_size={self.chunk_size}, "
-                f"chunk_over={self.chunk_over!r}")
+                f"chunk_over={self.chunk_over!r}, accum_dtype={self.accum_dtype}")

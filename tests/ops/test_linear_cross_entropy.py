@@ -233,11 +233,14 @@ class _Outputs(TorchDispatchMode):
 
 @pytest.mark.parametrize("op", ["linear_cross_entropy", "linear_token_logprobs"])
 @pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
-def test_weight_sized_float32_buffers(op, chunk_over):
+@pytest.mark.parametrize("own_dtype", [False, True], ids=["fp32-accum", "own-dtype-accum"])
+def test_weight_sized_float32_buffers(op, chunk_over, own_dtype):
     """bf16 weights (vocab 50 > 12 tokens): "tokens" sums d weight in a float32 (vocab, hidden)
     buffer; "vocab" writes each slice of d weight once, in bf16, and no ATen op in it returns a
-    float32 tensor as large as the weight -- the memory it saves. Every op the forward and
-    backward run (ATen, and the C++ kernels' own allocations) is watched."""
+    float32 tensor as large as the weight -- the memory it saves. With accum_dtype=None
+    (own_dtype) "tokens" sums d weight in itself, with no such buffer either, and "vocab"
+    sums d input in itself, with no float32 buffer as large as the input. Every op the forward
+    and backward run (ATen, and the C++ kernels' own allocations) is watched."""
     import fastattn.ops.cross_entropy as ce
     x, w, b, t = make(12, 16, 50, dtype=torch.bfloat16)
     by_vocab = chunk_over == "vocab"
@@ -246,23 +249,94 @@ def test_weight_sized_float32_buffers(op, chunk_over):
         if op == "linear_cross_entropy":
             fwd = _eager._FUNCTIONS[id(ce._linear_cross_entropy_fwd)][1]
             with _Outputs() as rec:
-                fwd(x, w, t, b, -100, 0.1, "mean", chunk, by_vocab, True, True)
+                fwd(x, w, t, b, -100, 0.1, "mean", chunk, by_vocab, True, True, own_dtype)
         else:
             fwd = _eager._FUNCTIONS[id(ce._linear_token_logprobs_fwd)][1]
             t = t.clamp(min=0)
-            logp, ent, lse = fwd(x, w, t, b, -100, 1.0, True, chunk, by_vocab)
+            logp, ent, lse = fwd(x, w, t, b, -100, 1.0, True, chunk, by_vocab, own_dtype)
             g = torch.randn(12)
             with _Outputs() as rec:
                 # the op's own function: called through the op, the mode would see one op
                 ce._linear_token_logprobs_bwd._init_fn(g, g, x, w, t, b, lse, ent, -100, 1.0,
-                                                       chunk, by_vocab, True, True)
-    big_fp32 = [shape for shape, dtype in rec.seen
-                if dtype == torch.float32 and math.prod(shape) >= w.numel()]
+                                                       chunk, by_vocab, own_dtype, True, True)
+
+    def fp32_at_least(n):
+        return [shape for shape, dtype in rec.seen
+                if dtype == torch.float32 and math.prod(shape) >= n]
     if by_vocab:
-        assert big_fp32 == []
+        assert fp32_at_least(w.numel()) == []
         assert (tuple(w.shape), torch.bfloat16) in rec.seen
+        assert (fp32_at_least(x.numel()) == []) == own_dtype, fp32_at_least(x.numel())
+    elif own_dtype:
+        assert fp32_at_least(w.numel()) == []
     else:
-        assert (50, 16) in big_fp32
+        assert (50, 16) in fp32_at_least(w.numel())
+
+
+@pytest.mark.parametrize("device,backend", [p for p in ALL_BACKENDS if p.id != "cpu-triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk_over", ["tokens", "vocab"])
+def test_accum_in_own_dtype_rounds_once_per_chunk(device, backend, dtype, chunk_over):
+    """accum_dtype=None: the gradient summed over chunks adds up in its own dtype, rounded once
+    per chunk. Against float64 its error is at most (chunks + 1) times that of the same
+    PyTorch calls in ``dtype`` (one rounding in all), and it is not the float32-summed result
+    (the option does something); for float32 weights the option changes nothing, bit for bit."""
+    tokens, vocab = (64, 97) if chunk_over == "tokens" else (24, 160)
+    x, w, b, t = make(tokens, 24, vocab, dtype=dtype, device=device)
+    chunk = 8   # 8 token chunks of 8 rows, or 20 vocabulary chunks of 8 columns
+    n_chunks = math.ceil((tokens if chunk_over == "tokens" else vocab) / chunk)
+    summed = ("w", "b") if chunk_over == "tokens" else ("x",)
+
+    def grads(xx, ww, bb, **kw):
+        leaves = [v.detach().clone().requires_grad_() for v in (xx, ww, bb)]
+        if kw:
+            loss = fastattn.linear_cross_entropy(*leaves[:2], t, leaves[2], reduction="sum",
+                                                 chunk_size=chunk, chunk_over=chunk_over, **kw)
+        else:
+            loss = F.cross_entropy(F.linear(*leaves), t, reduction="sum")
+        loss.backward()
+        return dict(zip("xwb", (v.grad for v in leaves)))
+
+    with fastattn.use_backend(backend):
+        own = grads(x, w, b, accum_dtype=None)
+        same = grads(x, w, b, accum_dtype=dtype)
+        fp32 = grads(x, w, b, accum_dtype=torch.float32)
+    eager = grads(x, w, b)
+    exact = grads(x.double(), w.double(), b.double())
+    for name in "xwb":
+        assert own[name].dtype == dtype and torch.equal(own[name], same[name]), name
+        err = (own[name].double() - exact[name]).abs().max().item()
+        base = (eager[name].double() - exact[name]).abs().max().item()
+        if name in summed:
+            assert err <= (n_chunks + 1) * base, f"{name}: error {err:.3g} vs eager {base:.3g}"
+            assert not torch.equal(own[name], fp32[name]), f"{name}: summed in float32"
+        else:     # not summed over chunks: the same as the default
+            assert torch.equal(own[name], fp32[name]), name
+    x32, w32, b32, _ = make(tokens, 24, vocab, device=device)
+    with fastattn.use_backend(backend):
+        a, b_ = grads(x32, w32, b32, accum_dtype=None), grads(x32, w32, b32,
+                                                                accum_dtype=torch.float32)
+    for name in "xwb":
+        assert torch.equal(a[name], b_[name]), name
+
+
+def test_accum_dtype_is_checked():
+    x, w, b, t = make(4, 8, 10, dtype=torch.bfloat16)
+    for bad in (torch.float16, torch.float64, "float32", 32):
+        for call in (lambda: fastattn.linear_cross_entropy(x, w, t, accum_dtype=bad),
+                     lambda: fastattn.linear_token_logprobs(x, w, t.clamp(min=0),
+                                                            accum_dtype=bad)):
+            with pytest.raises(ValueError, match=r"accum_dtype must be torch.float32, None or "
+                                                 r"torch.bfloat16 \(the weight's\), got"):
+                call()
+    with pytest.raises(ValueError, match="LinearCrossEntropyLoss: accum_dtype must be"):
+        fastattn.nn.LinearCrossEntropyLoss(accum_dtype="bf16")
+    loss_fn = fastattn.nn.LinearCrossEntropyLoss(accum_dtype=torch.bfloat16)
+    assert "accum_dtype=torch.bfloat16" in repr(loss_fn)
+    torch.testing.assert_close(loss_fn(x, w, t),
+                               fastattn.linear_cross_entropy(x, w, t, accum_dtype=None))
+    with pytest.raises(ValueError, match="accum_dtype"):
+        loss_fn(x.float(), w.float(), t)    # bf16 is not these weights' dtype
 
 
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)

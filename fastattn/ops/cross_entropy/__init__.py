@@ -618,13 +618,15 @@ def _token_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int)
 
 
 def _linear_chunks(x: Tensor, weight: Tensor, bias: Optional[Tensor], chunk: int,
-                   row_fn, want_dx: bool, want_dw: bool):
+                   row_fn, want_dx: bool, want_dw: bool, own_dtype: bool = False):
     """Shared loop: logits = x[s:e] @ W^T + b; ``row_fn(logits, s, e)`` may turn them into
-    d loss / d logits in place; then dx[s:e] = dlogits @ W, dW += dlogits^T x, db += sum."""
+    d loss / d logits in place; then dx[s:e] = dlogits @ W, dW += dlogits^T x, db += sum.
+    dW and db add up in float32 (float64 for float64), or with ``own_dtype`` in the weight's
+    own dtype, in place in the gradient itself (see check_accum_dtype)."""
     n_tokens = x.shape[0]
     want_db = bias is not None and (want_dx or want_dw)
     dx = x.new_empty(x.shape) if want_dx else None    # contiguous, as the fakes say
-    acc = _acc_dtype(weight.dtype)
+    acc = weight.dtype if own_dtype else _acc_dtype(weight.dtype)
     dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_dw else None
     db = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want_db else None
     for start, end, logits in _token_chunks(x, weight, bias, chunk):
@@ -744,17 +746,20 @@ def _vocab_pass2(kernels, x: Tensor, weight: Tensor, bias: Optional[Tensor], tar
                  valid: Tensor, lse: Tensor, row_scale: Tensor, chunk: int, want_dx: bool,
                  want_dw: bool, *, target_coef: float, smoothing: float,
                  inv_temperature: float = 1.0, entropy: Optional[Tensor] = None,
-                 grad_entropy: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                 grad_entropy: Optional[Tensor] = None,
+                 own_dtype: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """(dx, dW, db) from whole-vocabulary row statistics, one vocabulary chunk at a time: the
     chunk's logits are recomputed and turned into d loss / d logits in place by the slice
     kernel (cross_entropy_slice_bwd: row_scale, target_coef, smoothing, and the entropy term
     of token_logprobs), then dW[chunk] = dlogits^T x is written once, in its final dtype, by
     one GEMM over all tokens (as eager's weight gradient is, under the same cuBLAS reduction
     settings; no (vocab, hidden) buffer beside dW), db[chunk] = the column sums, and
-    dx += dlogits @ W[chunk] is summed in an fp32 (tokens, hidden) buffer."""
+    dx += dlogits @ W[chunk] is summed in an fp32 (tokens, hidden) buffer (with ``own_dtype``
+    in dx itself, in its dtype)."""
     acc = _acc_dtype(x.dtype)
     want_db = bias is not None and (want_dx or want_dw)
-    dx_acc = torch.zeros(x.shape, dtype=acc, device=x.device) if want_dx else None
+    dx_acc = (torch.zeros(x.shape, dtype=x.dtype if own_dtype else acc, device=x.device)
+              if want_dx else None)
     dw = weight.new_empty(weight.shape) if want_dw else None   # contiguous, as the fakes say
     db = bias.new_empty(bias.shape) if want_db else None
     scale = row_scale.to(acc).contiguous()
@@ -789,13 +794,14 @@ def _lce_recomputes(dtype: torch.dtype, reduction: str, want_dx: bool, want_dw: 
                   device_types=_DEVICES)
 def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                               ignore_index: int, label_smoothing: float, reduction: str,
-                              chunk_size: int, by_vocab: bool, want_dx: bool,
-                              want_dw: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                              chunk_size: int, by_vocab: bool, want_dx: bool, want_dw: bool,
+                              own_dtype: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, dx, dW, db, lse) of cross_entropy(x @ W^T + b, target). For "mean"/"sum" the
     gradients asked for are computed in this same pass; they are empty otherwise ("none", and
     "mean" over float16, recompute the chunks in backward, see _lce_recomputes and
     linear_cross_entropy_bwd). ``by_vocab``: chunks of ``chunk_size`` vocabulary columns (two
-    passes, see _vocab_stats and _vocab_pass2), else of token rows.
+    passes, see _vocab_stats and _vocab_pass2), else of token rows. ``own_dtype``: the gradient
+    summed over chunks adds up in its own dtype (see check_accum_dtype).
     lse (per token) is returned only where backward needs it (by_vocab, recomputing)."""
     fn = "linear_cross_entropy"
     n_tokens = x.shape[0]
@@ -825,7 +831,8 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
                 dx, dw, db = _vocab_pass2(kernels, x, weight, bias, target, valid, lse, scale,
                                           chunk_size, want_dx, want_dw,
                                           target_coef=1.0 - label_smoothing,
-                                          smoothing=label_smoothing / weight.shape[0])
+                                          smoothing=label_smoothing / weight.shape[0],
+                                          own_dtype=own_dtype)
             elif recompute:
                 lse_out = lse
         else:
@@ -838,7 +845,7 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
 
             if need_grad:
                 dx, dw, db = _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx,
-                                            want_dw)
+                                            want_dw, own_dtype)
                 if divide_after:
                     for g in (dx, dw, db):
                         if g.numel():
@@ -858,7 +865,7 @@ def _linear_cross_entropy_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: O
 
 @_linear_cross_entropy_fwd.register_fake
 def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, by_vocab,
-      want_dx, want_dw):
+      want_dx, want_dw, own_dtype):
     acc = _acc_dtype(x.dtype)
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
     recompute = _lce_recomputes(x.dtype, reduction, want_dx, want_dw)
@@ -876,7 +883,7 @@ def _(x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_s
 def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, target: Tensor,
                               bias: Optional[Tensor], lse: Optional[Tensor], ignore_index: int,
                               label_smoothing: float, chunk_size: int, want_dx: bool,
-                              want_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                              want_dw: bool, own_dtype: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward when the forward left the gradients out (_lce_recomputes): recomputes each
     chunk's logits and scales row r of their gradient by grad_loss[r] ("none": one per token)
     or by grad_loss itself (0-d: "mean" over float16, grad_output / denominator). With ``lse``
@@ -890,7 +897,8 @@ def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, targ
             scale = torch.where(valid, grad_loss.to(lse.dtype), torch.zeros_like(lse))
             return _vocab_pass2(kernels, x, weight, bias, target, valid, lse, scale, chunk_size,
                                 want_dx, want_dw, target_coef=1.0 - label_smoothing,
-                                smoothing=label_smoothing / weight.shape[0])
+                                smoothing=label_smoothing / weight.shape[0],
+                                own_dtype=own_dtype)
 
         def row_fn(logits, start, end):
             if scale.dim() == 0:    # the kernel scales before its one rounding to the dtype
@@ -903,12 +911,12 @@ def _linear_cross_entropy_bwd(grad_loss: Tensor, x: Tensor, weight: Tensor, targ
             logits.mul_(grad_loss[start:end].to(
                 torch.promote_types(logits.dtype, torch.float32)).unsqueeze(1))
 
-        return _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw)
+        return _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw, own_dtype)
 
 
 @_linear_cross_entropy_bwd.register_fake
 def _(grad_loss, x, weight, target, bias, lse, ignore_index, label_smoothing, chunk_size, want_dx,
-      want_dw):
+      want_dw, own_dtype):
     want_db = bias is not None and (want_dx or want_dw)
     return (x.new_empty(x.shape) if want_dx else x.new_empty(0),
             weight.new_empty(weight.shape) if want_dw else x.new_empty(0),
@@ -917,14 +925,14 @@ def _(grad_loss, x, weight, target, bias, lse, ignore_index, label_smoothing, ch
 
 def _lce_setup_context(ctx, inputs, output):
     (x, weight, target, bias, ignore_index, label_smoothing, reduction, chunk, by_vocab, want_dx,
-     want_dw) = inputs
+     want_dw, own_dtype) = inputs
     _, dx, dw, db, lse = output
     ctx.mark_non_differentiable(dx, dw, db, lse)
     ctx.set_materialize_grads(False)  # no zero tensors for the gradient outputs
     ctx.reduction, ctx.ignore_index, ctx.label_smoothing, ctx.chunk = (
         reduction, ignore_index, label_smoothing, chunk)
     ctx.want = (want_dx, want_dw)
-    ctx.by_vocab = by_vocab
+    ctx.by_vocab, ctx.own_dtype = by_vocab, own_dtype
     ctx.has_bias = bias is not None
     ctx.backend = _backends.requested()
     ctx.recompute = _lce_recomputes(x.dtype, reduction, want_dx, want_dw)
@@ -942,7 +950,7 @@ def _lce_setup_context(ctx, inputs, output):
 def _lce_backward(ctx, grad_loss, *_unused):
     want_dx, want_dw = ctx.want
     if grad_loss is None:
-        return (None,) * 11
+        return (None,) * 12
     if ctx.recompute:
         x, weight, target, bias, lse = ctx.saved_tensors
         if ctx.reduction == "mean":
@@ -951,11 +959,12 @@ def _lce_backward(ctx, grad_loss, *_unused):
             dx, dw, db = _eager.call(
                 _linear_cross_entropy_bwd, grad_loss, x, weight, target, bias,
                 lse if ctx.by_vocab else None, ctx.ignore_index, ctx.label_smoothing, ctx.chunk,
-                want_dx, want_dw)
+                want_dx, want_dw, ctx.own_dtype)
     else:
         dx, dw, db = (_scaled(g, grad_loss) if g.numel() else g for g in ctx.saved_tensors)
     return (dx if want_dx else None, dw if want_dw else None, None,
-            db if ctx.has_bias and db.numel() else None, None, None, None, None, None, None, None)
+            db if ctx.has_bias and db.numel() else None, None, None, None, None, None, None, None,
+            None)
 
 
 _eager.register_autograd(_linear_cross_entropy_fwd, _lce_backward,
@@ -967,6 +976,22 @@ def check_chunk_over(fn: str, chunk_over: str) -> bool:
     if chunk_over not in ("tokens", "vocab"):
         raise ValueError(f"{fn}: chunk_over must be 'tokens' or 'vocab', got {chunk_over!r}")
     return chunk_over == "vocab"
+
+
+def check_accum_dtype(fn: str, accum_dtype: Optional[torch.dtype],
+                      weight: Optional[Tensor] = None) -> bool:
+    """Whether ``accum_dtype`` asks the gradient that is summed over chunks (d weight and d bias
+    over token chunks, d input over vocabulary chunks) to add up in place in its own dtype
+    (``None``, as Liger-Kernel's default, or the weight's dtype) rather than in a float32
+    buffer (``torch.float32``, the default; float64 stays float64). A clear error otherwise."""
+    if accum_dtype is None:
+        return True
+    if accum_dtype == torch.float32:
+        return False
+    if weight is not None and accum_dtype == weight.dtype:
+        return True
+    own = "" if weight is None else f" or {weight.dtype} (the weight's)"
+    raise ValueError(f"{fn}: accum_dtype must be torch.float32, None{own}, got {accum_dtype!r}")
 
 
 def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
@@ -1013,7 +1038,8 @@ def _check_linear(fn: str, x: Tensor, weight: Tensor, target: Tensor, bias: Opti
 def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
                          bias: Optional[Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0, *,
-                         chunk_size: Optional[int] = None, chunk_over: str = "tokens") -> Tensor:
+                         chunk_size: Optional[int] = None, chunk_over: str = "tokens",
+                         accum_dtype: Optional[torch.dtype] = torch.float32) -> Tensor:
     """``F.cross_entropy(F.linear(input, weight, bias), target, ...)`` without the full logits.
 
     ``input`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``, ``target`` ``input.shape[:-1]``.
@@ -1038,6 +1064,14 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
       buffer beside ``d weight``: its float32 buffer is ``d input``'s ``(tokens, hidden)``.
       The choice for bf16/fp16 weights when the vocabulary is large and memory is short.
 
+    ``accum_dtype=None`` (or the weight's dtype) sums that gradient -- ``d weight`` and ``d bias``
+    over token chunks, ``d input`` over vocabulary chunks -- in itself, in its own bf16/fp16,
+    as Liger-Kernel does by default: no float32 buffer beside it (for a bf16 weight, twice the
+    weight's size saved over token chunks), at the price of one rounding per chunk instead of
+    one in all (n chunks: about sqrt(n) times the rounding error of a float32 sum). Each
+    chunk's own product is still summed in float32 by the matmul. For float32 and float64
+    weights it changes nothing.
+
     The loss and log-sum-exp are float32 numbers either way; over vocabulary chunks the loss is
     ``lse - z_target`` of two such numbers, so its absolute error is about ``ulp(lse)``
     (token chunks subtract relative to each row's max, which matters only for logits far from
@@ -1054,12 +1088,13 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     if autocast:
         input, weight, bias = _autocast.cast(input.device.type, input, weight, bias)
     x2, t2, chunk = _check_linear(fn, input, weight, target, bias, chunk_size, by_vocab)
+    own_dtype = check_accum_dtype(fn, accum_dtype, weight)
     grad_on = torch.is_grad_enabled()
     want_dx = grad_on and input.requires_grad
     want_dw = grad_on and (weight.requires_grad or (bias is not None and bias.requires_grad))
     loss, *_ = _in_target_shape(
         target.shape, _eager.call, _linear_cross_entropy_fwd, x2, weight, t2, bias, ignore_index,
-        float(label_smoothing), reduction, chunk, by_vocab, want_dx, want_dw)
+        float(label_smoothing), reduction, chunk, by_vocab, want_dx, want_dw, own_dtype)
     if not autocast:
         loss = loss.to(input.dtype)
     return loss.reshape(target.shape) if reduction == "none" else loss
@@ -1192,7 +1227,10 @@ def token_logprobs(logits: Tensor, target: Tensor, *, temperature: float = 1.0,
                   device_types=_DEVICES)
 def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: Optional[Tensor],
                                ignore_index: int, inv_temperature: float, with_entropy: bool,
-                               chunk_size: int, by_vocab: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                               chunk_size: int, by_vocab: bool,
+                               own_dtype: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy, lse) per token; ``own_dtype`` is for backward (a gradient summed over
+    chunks adds up in its own dtype, see _check_accum_dtype)."""
     fn = "linear_token_logprobs"
     _validate_targets(fn, target, weight.shape[0], ignore_index)
     n_tokens = x.shape[0]
@@ -1221,7 +1259,8 @@ def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: 
 
 
 @_linear_token_logprobs_fwd.register_fake
-def _(x, weight, target, bias, ignore_index, inv_temperature, with_entropy, chunk_size, by_vocab):
+def _(x, weight, target, bias, ignore_index, inv_temperature, with_entropy, chunk_size, by_vocab,
+      own_dtype):
     acc = _acc_dtype(x.dtype)
     n = x.shape[0]
     return (x.new_empty(n, dtype=acc), x.new_empty(n if with_entropy else 0, dtype=acc),
@@ -1233,7 +1272,7 @@ def _(x, weight, target, bias, ignore_index, inv_temperature, with_entropy, chun
 def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor], x: Tensor,
                                weight: Tensor, target: Tensor, bias: Optional[Tensor], lse: Tensor,
                                entropy: Tensor, ignore_index: int, inv_temperature: float,
-                               chunk_size: int, by_vocab: bool, want_dx: bool,
+                               chunk_size: int, by_vocab: bool, own_dtype: bool, want_dx: bool,
                                want_dw: bool) -> Tuple[Tensor, Tensor, Tensor]:
     kernels, matmuls = _chunk_kernels("linear_token_logprobs", x)
     grad_logp = grad_logp.contiguous()
@@ -1250,7 +1289,7 @@ def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor]
                 want_dw, target_coef=1.0, smoothing=0.0, inv_temperature=inv_temperature,
                 entropy=None if grad_entropy is None else entropy,
                 grad_entropy=None if grad_entropy is None else torch.where(
-                    valid, grad_entropy.to(lse.dtype), zero))
+                    valid, grad_entropy.to(lse.dtype), zero), own_dtype=own_dtype)
 
         def row_fn(logits, start, end):
             kernels.token_logprobs_bwd(
@@ -1259,12 +1298,12 @@ def _linear_token_logprobs_bwd(grad_logp: Tensor, grad_entropy: Optional[Tensor]
                 None if grad_entropy is None else grad_entropy[start:end], logits, ignore_index,
                 inv_temperature)
 
-        return _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw)
+        return _linear_chunks(x, weight, bias, chunk_size, row_fn, want_dx, want_dw, own_dtype)
 
 
 @_linear_token_logprobs_bwd.register_fake
 def _(grad_logp, grad_entropy, x, weight, target, bias, lse, entropy, ignore_index,
-      inv_temperature, chunk_size, by_vocab, want_dx, want_dw):
+      inv_temperature, chunk_size, by_vocab, own_dtype, want_dx, want_dw):
     want_db = bias is not None and (want_dx or want_dw)
     return (x.new_empty(x.shape) if want_dx else x.new_empty(0),
             weight.new_empty(weight.shape) if want_dw else x.new_empty(0),
@@ -1272,11 +1311,11 @@ def _(grad_logp, grad_entropy, x, weight, target, bias, lse, entropy, ignore_ind
 
 
 def _ltlp_setup_context(ctx, inputs, output):
-    x, weight, target, bias, ignore_index, inv_temperature, _, chunk, by_vocab = inputs
+    x, weight, target, bias, ignore_index, inv_temperature, _, chunk, by_vocab, own_dtype = inputs
     _, entropy, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
-    ctx.args = (ignore_index, inv_temperature, chunk, by_vocab)
+    ctx.args = (ignore_index, inv_temperature, chunk, by_vocab, own_dtype)
     ctx.has_bias = bias is not None
     ctx.backend = _backends.requested()
     ctx.save_for_backward(x, weight, target, bias, lse, entropy)
@@ -1287,7 +1326,7 @@ def _ltlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
     want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or (
         ctx.has_bias and ctx.needs_input_grad[3])
     if (grad_logp is None and grad_entropy is None) or not (want_dx or want_dw):
-        return None, None, None, None, None, None, None, None, None
+        return (None,) * 10
     if grad_logp is None:
         grad_logp = torch.zeros_like(lse)
     with _backends.restored(ctx.backend):
@@ -1296,7 +1335,7 @@ def _ltlp_backward(ctx, grad_logp, grad_entropy, _grad_lse):
                                  x, weight, target, bias, lse, entropy, *ctx.args, want_dx,
                                  want_dw)
     return (dx if want_dx else None, dw if ctx.needs_input_grad[1] else None, None,
-            db if ctx.has_bias and db.numel() else None, None, None, None, None, None)
+            db if ctx.has_bias and db.numel() else None, None, None, None, None, None, None)
 
 
 _eager.register_autograd(_linear_token_logprobs_fwd, _ltlp_backward,
@@ -1309,7 +1348,8 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
                           bias: Optional[Tensor] = None, *, temperature: float = 1.0,
                           ignore_index: int = -100, return_entropy: bool = False,
                           chunk_size: Optional[int] = None,
-                          chunk_over: str = "tokens") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+                          chunk_over: str = "tokens", accum_dtype: Optional[torch.dtype] = torch.float32
+                          ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``token_logprobs(F.linear(hidden, weight, bias), target, ...)`` chunk by chunk.
 
     ``hidden`` is ``(..., hidden)``, ``weight`` ``(vocab, hidden)``; neither pass holds more than
@@ -1320,8 +1360,10 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     slice of ``d weight`` written once (one GEMM over all tokens) and only ``d hidden`` summed
     in a float32 ``(tokens, hidden)`` buffer: the same number of matmuls, less memory for
     bf16/fp16 weights when the vocabulary outnumbers the tokens (see ``linear_cross_entropy``;
-    the same ``chunk_size`` defaults). The entropy over vocabulary chunks is merged from the
-    chunks' entropies as a sum of non-negative terms (no cancellation).
+    the same ``chunk_size`` defaults, and the same ``accum_dtype``: ``None`` sums that gradient
+    in itself, in the weight's bf16/fp16, with no float32 buffer). The entropy over vocabulary
+    chunks is merged from the chunks' entropies as a sum of non-negative terms (no
+    cancellation).
     """
     fn = "linear_token_logprobs"
     ignore_index = _check_options(fn, "none", 0.0, ignore_index)  # per token
@@ -1331,8 +1373,9 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, target: Tensor,
     if isinstance(hidden, Tensor):  # the matmul in the autocast dtype; log-probs stay fp32
         hidden, weight, bias = _autocast.cast(hidden.device.type, hidden, weight, bias)
     x2, t2, chunk = _check_linear(fn, hidden, weight, target, bias, chunk_size, by_vocab)
+    own_dtype = check_accum_dtype(fn, accum_dtype, weight)
     logp, entropy, _ = _in_target_shape(target.shape, _eager.call, _linear_token_logprobs_fwd,
                                         x2, weight, t2, bias, ignore_index, inv_t,
-                                        return_entropy, chunk, by_vocab)
+                                        return_entropy, chunk, by_vocab, own_dtype)
     logp = logp.reshape(target.shape)
     return (logp, entropy.reshape(target.shape)) if return_entropy else logp
