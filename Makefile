@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 .PHONY: help venv build rebuild test test-oldest bench demo gpu-check gpu-train-check gpu-wheels gpu-prebuild clean
 
 help:
-	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~14 min, torch vs fastattn side by side (DEMO_PPO=1: + reward model, PPO)"
+	@echo "make demo       pretrain -> SFT -> DPO -> GRPO on the tiny GPT, CPU, ~15 min, torch vs fastattn side by side (DEMO_PPO=1: + reward model, PPO)"
 	@echo "make test       venv + torch + triton + build both extensions + the CPU test suite"
 	@echo "make test-oldest  the CPU test suite again on the oldest supported torch/triton (own venv)"
 	@echo "make bench      CPU benchmarks against PyTorch (CSV + PNG under benchmarks/out/)"

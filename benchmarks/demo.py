@@ -1,4 +1,4 @@
-"""`make demo`: the main job on the embedded default, on the CPU, in about 14 minutes (2 cores).
+"""`make demo`: the main job on the embedded default, on the CPU, in about 15 minutes (2 cores).
 
 pretrain -> SFT -> DPO -> GRPO on the reference GPT (preset "tiny"), no download, no GPU:
 
