@@ -31,7 +31,8 @@ def test_every_kernel_compiles_for_gpu(tmp_path, capability=90):
     # one of each op family at least: the capture must not silently miss a backend
     for name in ("_cross_entropy_fwd_kernel", "_token_logprobs_bwd_kernel", "_cross_entropy_slice_bwd_kernel",
                  "_fwd_kernel", "_bwd_dq_kernel",
-                 "_decode_split_kernel", "_gemm_kernel", "_glu_kernel", "_adam_kernel", "_scale_kernel"):
+                 "_decode_split_kernel", "_gemm_kernel", "_glu_kernel", "_adam_kernel", "_scale_kernel",
+                 "_norm_fwd_kernel", "_norm_bwd_kernel"):
         assert name in kernels, f"{name} was not launched by the capture workload"
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

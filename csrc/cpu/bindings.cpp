@@ -102,7 +102,10 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
   check_logits(logits);
   const int64_t R = logits.size(0), C = logits.size(1);
   check_vector(target, "target", at::kLong, R);
-  if (weight.has_value()) check_vector(*weight, "weight", at::kFloat, C);
+  // class weights in the accumulation dtype: float64 for float64 logits, else float32
+  if (weight.has_value())
+    check_vector(*weight, "weight",
+                 logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat, C);
   if (grad.has_value()) check_grad(*grad, logits);
   if (grad_scale.has_value()) {
     check_cpu(*grad_scale, "grad_scale");
@@ -127,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
                                                                   bool with_entropy) {
   check_logits(logits);
   check_vector(target, "target", at::kLong, logits.size(0));
-  FA_CHECK(std::isfinite(inv_temperature),
-           "fastattn._C: inv_temperature must be finite, got ", inv_temperature);
+  FA_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
+           "fastattn._C: inv_temperature must be finite and > 0, got ", inv_temperature);
   return fastattn::cpu::token_logprobs_fwd(logits, target, ignore_index, inv_temperature,
                                            with_entropy);
 }
@@ -153,8 +156,8 @@ void token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& target, cons
     check_vector(*grad_entropy, "grad_entropy", acc, R);
   }
   check_grad(grad, logits);
-  FA_CHECK(std::isfinite(inv_temperature),
-           "fastattn._C: inv_temperature must be finite, got ", inv_temperature);
+  FA_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0,
+           "fastattn._C: inv_temperature must be finite and > 0, got ", inv_temperature);
   fastattn::cpu::token_logprobs_bwd(logits, target, lse, entropy, grad_logp, grad_entropy, grad,
                                     ignore_index, inv_temperature);
 }
@@ -181,9 +184,9 @@ void cross_entropy_slice_bwd(const at::Tensor& logits, const at::Tensor& target,
     check_vector(*grad_entropy, "grad_entropy", acc, R);
   }
   check_grad(grad, logits);
-  FA_CHECK(std::isfinite(inv_temperature) && std::isfinite(target_coef) &&
+  FA_CHECK(std::isfinite(inv_temperature) && inv_temperature > 0 && std::isfinite(target_coef) &&
                std::isfinite(smoothing),
-           "fastattn._C: inv_temperature, target_coef and smoothing must be finite, got ",
+           "fastattn._C: inv_temperature (> 0), target_coef and smoothing must be finite, got ",
            inv_temperature, ", ", target_coef, ", ", smoothing);
   fastattn::cpu::cross_entropy_slice_bwd(logits, target, lse, entropy, row_scale, grad_entropy,
                                          grad, inv_temperature, target_coef, smoothing);

@@ -199,7 +199,7 @@ struct CeArgs {
   const raw* logits;
   int64_t logits_row_stride;
   const int64_t* target;
-  const float* weight;  // nullptr: all ones
+  const acc* weight;    // nullptr: all ones
   raw* grad;            // nullptr: no gradient
   int64_t grad_row_stride;
   acc* loss;
@@ -247,7 +247,7 @@ FA_ROW_KERNEL void cross_entropy_rows(const CeArgs<scalar_t>& a, int64_t begin, 
     if (eps != 0 && a.weight == nullptr) {
       wz = row_sum<acc>(C, [&](int64_t j) { return E::load(x[j]) - m; });
     } else if (eps != 0) {
-      const float* w = a.weight;
+      const acc* w = a.weight;
       wz = row_sum<acc>(C,
                         [&](int64_t j) { return static_cast<acc>(w[j]) * (E::load(x[j]) - m); });
     }
@@ -545,7 +545,7 @@ at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
         a.logits = raw_ptr<scalar_t>(logits);
         a.logits_row_stride = logits.stride(0);
         a.target = target.data_ptr<int64_t>();
-        a.weight = weight.has_value() ? weight->data_ptr<float>() : nullptr;
+        a.weight = weight.has_value() ? weight->data_ptr<acc>() : nullptr;
         const bool with_grad = grad.has_value();
         a.grad = with_grad ? raw_ptr<scalar_t>(*grad) : nullptr;
         a.grad_row_stride = with_grad ? grad->stride(0) : 0;

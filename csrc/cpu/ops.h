@@ -26,7 +26,8 @@ namespace cpu {
 
 // ---- cross entropy (fastattn/ops/cross_entropy/reference.py) ----------------------------
 // logits (R, C) float32/float16/bfloat16/float64 with stride(1) == 1; target int64 (R,);
-// weight float32 (C,) or none; grad (R, C) in the logits dtype or none (may be logits itself);
+// weight (C,) in the accumulation dtype (float64 for float64 logits, else float32) or none;
+// grad (R, C) in the logits dtype or none (may be logits itself);
 // grad_scale float32 one-element tensor or none. Returns the per-row loss (R,) in acc dtype
 // (float64 for float64 logits, float32 otherwise).
 at::Tensor cross_entropy_fwd(const at::Tensor& logits, const at::Tensor& target,
@@ -141,7 +142,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::
                                                  double dropout_p, int64_t seed);
 
 // dout and out shaped like q, lse (B, H, Sq) float32 contiguous as returned by attention_fwd.
-// Returns (dq, dk, dv), contiguous, in the input dtype. Deterministic for any thread count.
+// Returns (dq, dk, dv), contiguous, in the input dtype. Deterministic for a given thread
+// count; across thread counts dk and dv are bitwise equal, dq may differ in the last bits (the
+// work is split per head or per query block depending on the threads, which orders its sums).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& bias,

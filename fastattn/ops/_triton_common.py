@@ -189,13 +189,16 @@ class CachedAutotune:
 def cast_for(x, ptr):
     # fp32 -> the element type of ptr, round-to-nearest-even as torch's .to() does. For bf16
     # the rounding is done here on the bits (add 0x7fff plus the lowest kept bit, clear the
-    # low half; NaN and inf survive) so that the final cast is exact: the GPU's cvt.rn would
-    # round the same way, but the interpreter truncates fp32 -> bf16.
+    # low half; inf survives) so that the final cast is exact: the GPU's cvt.rn would round
+    # the same way, but the interpreter truncates fp32 -> bf16. NaN becomes the quiet NaN
+    # 0x7fc00000 first: the bit rounding carries a NaN with a full payload, such as the GPU's
+    # canonical 0x7fffffff, into the sign bit (-0.0) and wraps 0xffffffff to +0.0, and the
+    # interpreter's truncation turns a payload in the low half only (0x7f800001) into inf.
     if ptr.dtype.element_ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         bits = (bits >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x != x, float("nan"), bits.to(tl.float32, bitcast=True))
     return x.to(ptr.dtype.element_ty)
 
 

@@ -294,6 +294,23 @@ def test_varlen_equals_per_sequence(dtype, causal, lens_q, lens_k):
     _varlen_case(dtype, causal, lens_q, lens_k)
 
 
+@pytest.mark.parametrize("limit", [4, 5])
+def test_batch_heads_past_the_grid_limit_spread_over_two_axes(monkeypatch, limit):
+    """More (batch, head) pairs than CUDA's 65535 on a grid axis (varlen: 8192 sequences x 8
+    heads) run over axes 1 and 2: here with the limit lowered to 4 (3 x 2 heads on 2 rows of
+    4, two programs idle past the end) and 5 (GQA: 3 x 1 key/value heads in one row), dense
+    GQA with dropout and varlen, forward and backward against the naive reference."""
+    monkeypatch.setattr(fa_triton, "_GRID_YZ_MAX", limit)
+    assert fa_triton._bh_grid(6) == ((4, 2) if limit == 4 else (5, 2))
+    q, k, v, dout = _qkv(3, 2, 1, 17, 20, 16, torch.float32)
+    kw = dict(diag=3, wr=0, dropout_p=0.25, seed=7)
+    _compare(_run(q, k, v, dout, **kw), naive(q, k, v, dout, **kw), torch.float32)
+    _varlen_case(torch.float32, True, (1, 17, 9, 4), (5, 17, 9, 4))
+    monkeypatch.setattr(fa_triton, "_GRID_YZ_MAX", 2)
+    with pytest.raises(ValueError, match="pass the CUDA grid's 2\\^2; split the batch"):
+        fa_triton._bh_grid(5)
+
+
 @pytest.mark.skipif(not fa_triton.INTERPRET, reason="tile shapes are forced in the interpreter only")
 @pytest.mark.parametrize("bm,bn", [(16, 32), (32, 16)])
 def test_unequal_tiles(monkeypatch, bm, bn):

@@ -90,6 +90,28 @@ def test_float64_on_cpu(backend):
     assert_close(grad, ref_grad, torch.float64, "grad")
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_class_weights_stay_float64(backend, reduction):
+    """float64 logits with float64 class weights that float32 cannot hold: loss and gradient
+    equal float64 F.cross_entropy to float64 precision (the weights were rounded to float32
+    on the way to the kernels: 1.6e-10 relative error)."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(9, 31, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    target = torch.randint(0, 31, (9,), generator=g)
+    target[::3] = -100
+    weight = torch.rand(31, generator=g, dtype=torch.float64) + 0.5
+    assert not torch.equal(weight.float().double(), weight)
+    with fastattn.use_backend(backend):
+        loss = fastattn.cross_entropy(x, target, weight, reduction=reduction,
+                                      label_smoothing=0.1)
+    ref = F.cross_entropy(x, target, weight, reduction=reduction, label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref, rtol=1e-13, atol=1e-14)
+    gout = torch.rand(ref.shape, generator=g, dtype=torch.float64) + 0.5
+    torch.testing.assert_close(torch.autograd.grad(loss, x, gout)[0],
+                               torch.autograd.grad(ref, x, gout)[0], rtol=1e-13, atol=1e-14)
+
+
 @pytest.mark.parametrize("device,backend", ALL_BACKENDS)
 def test_uniform_class_weights_change_nothing_with_z_loss(device, backend):
     """A weighted "mean" is invariant to scaling all class weights (F.cross_entropy's), with

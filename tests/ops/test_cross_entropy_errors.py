@@ -114,6 +114,19 @@ def test_direct_kernel_calls_validate_inputs():
         C.cross_entropy_fwd(X, T.int(), None, None, None, -100, 0.0, 0.0)
     with pytest.raises(RuntimeError, match="grad"):
         C.cross_entropy_fwd(X, T, None, torch.empty(4, 9), None, -100, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="weight"):     # float32 logits, float64 weights
+        C.cross_entropy_fwd(X, T, torch.ones(10, dtype=torch.float64), None, None, -100, 0.0, 0.0)
+    # a temperature <= 0 (inv_temperature <= 0): the kernels pivot on the row's max logit,
+    # the max of the scaled scores only for a positive factor (it gave -inf / NaN)
+    t, lse, grad_logp = T.clamp(min=0), torch.zeros(4), torch.ones(4)
+    for inv_t in (-1.0, 0.0):
+        with pytest.raises(RuntimeError, match="inv_temperature must be finite and > 0"):
+            C.token_logprobs_fwd(X, t, -100, inv_t, False)
+        with pytest.raises(RuntimeError, match="inv_temperature must be finite and > 0"):
+            C.token_logprobs_bwd(X, t, lse, None, grad_logp, None, X.clone(), -100, inv_t)
+        with pytest.raises(RuntimeError, match=r"inv_temperature \(> 0\)"):
+            C.cross_entropy_slice_bwd(X, t, lse, None, grad_logp, None, X.clone(), inv_t, 1.0,
+                                      0.0)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])

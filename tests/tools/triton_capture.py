@@ -167,6 +167,19 @@ def workload():
             fastattn.mlp(x_cols, randn(32, 16), None, randn(16, 32), None).sum().backward()
         ffn_triton.TMA.mode = "auto"
 
+        # norms: layer/RMS, with and without weight and bias, a residual, a cast, fp16 rows,
+        # every gradient the backward can be asked for
+        for rms in (False, True):
+            norm = fastattn.rms_norm if rms else fastattn.layer_norm
+            xn, res = randn(6, 40), randn(6, 40)
+            w, b = randn(40), randn(40)
+            extra = {} if rms else dict(bias=b)
+            y, s = norm(xn, 40, w, residual=res, **extra)
+            (y.sum() + s.square().sum()).backward()
+            norm(xn, 40).sum().backward()
+            norm(randn(6, 40, dtype=torch.float16), 40, out_dtype=torch.float32).sum().backward()
+            norm(xn.detach(), 40, w.detach())      # no gradient wanted
+
         # optimizers and clipping: fp32 and bf16 parameters, master weights, amsgrad
         for dtype, kw in ((torch.float32, {}), (torch.bfloat16, dict(master_weights=True)),
                           (torch.float32, dict(amsgrad=True, maximize=True))):

@@ -3,7 +3,8 @@
 The math contract (masking rule, softcap, bias, dropout hash, lse, GQA, varlen) is the shared
 attention spec; reference.py spells it out in PyTorch.
 
-Forward, grid (cdiv(Sq, BLOCK_M), B*H), query tiles launched last first (see _fwd_kernel):
+Forward, grid (cdiv(Sq, BLOCK_M), B*H) (B*H over axes 1 and 2 past 65535: _bh_grid), query
+tiles launched last first (see _fwd_kernel):
 a program keeps one query tile Q_i in registers and streams the visible key/value tiles with
 an online softmax in base 2 (log2(e) is folded into the scale, so every exponential is one
 exp2). It writes out (B, H, Sq, D) and lse (B, H, Sq).
@@ -224,7 +225,29 @@ def _prune(kind):
 # strides of Q, K, V, O and their gradients keep their specialisation (their tiles' loads need
 # it, and with head dims that are multiples of 16 it does not change with the lengths).
 _SHAPE_INTS = ["seqlen_q", "seqlen_k", "diag", "window_left", "window_right", "SQ_BUCKET",
-               "SK_BUCKET", "stride_lb", "stride_lh"]
+               "SK_BUCKET", "stride_lb", "stride_lh", "N_BH"]
+
+# CUDA's limit on grid axes 1 and 2. The (batch, head) pairs (varlen: (sequence, head)) run on
+# axis 1, and where they are more than this (8192 packed sequences x 8 heads) on axes 1 and 2
+# together (_bh_grid, _bh_index): the last row of axis 2 is partly idle.
+_GRID_YZ_MAX = 65535
+
+
+def _bh_grid(n_bh: int) -> Tuple[int, int]:
+    """Grid axes 1 and 2 for n_bh (batch, head) programs: (n_bh, 1), or rows of the limit."""
+    if n_bh <= _GRID_YZ_MAX:
+        return n_bh, 1
+    rows = _cdiv(n_bh, _GRID_YZ_MAX)
+    if rows > _GRID_YZ_MAX:
+        raise ValueError(f"attention: {n_bh} (batch, head) pairs pass the CUDA grid's "
+                         f"{_GRID_YZ_MAX}^2; split the batch")
+    return _GRID_YZ_MAX, rows
+
+
+@triton.jit
+def _bh_index():
+    # The (batch, head) pair of this program over grid axes 1 and 2 (_bh_grid).
+    return tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
 
 _TUNE_KEY = ["BLOCK_D", "SQ_BUCKET", "SK_BUCKET", "HAS_BIAS", "HAS_DROPOUT", "HAS_SOFTCAP", "IS_VARLEN", "USE_TMA"]
 
@@ -514,6 +537,7 @@ def _fwd_kernel(
     stride_lb,
     stride_lh,
     H,
+    N_BH,
     GROUP,
     seqlen_q,
     seqlen_k,
@@ -543,7 +567,9 @@ def _fwd_kernel(
     # starting them first leaves the short ones for the tail of the launch. Tiles of one head
     # stay adjacent in launch order, so its K/V are read from L2 while they run.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = _bh_index()
+    if pid_bh >= N_BH:
+        return
     b = pid_bh // H
     h = pid_bh % H
     q_start, row_q, row_k, seqlen_q, seqlen_k, diag = _sequence(
@@ -622,7 +648,7 @@ def _fwd_kernel(
 # Then dQ = scale dS K and dK = scale dS^T Q (the bias gets no gradient).
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh"])
+@triton.jit(do_not_specialize=["seqlen_q", "stride_lb", "stride_lh", "N_BH"])
 def _bwd_preprocess(
     Out,
     DO,
@@ -637,6 +663,7 @@ def _bwd_preprocess(
     stride_lb,
     stride_lh,
     H,
+    N_BH,
     seqlen_q,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -644,7 +671,9 @@ def _bwd_preprocess(
     BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = _bh_index()
+    if pid_bh >= N_BH:
+        return
     b = pid_bh // H
     h = pid_bh % H
     q_start = 0
@@ -808,6 +837,7 @@ def _bwd_dkdv_kernel(
     stride_lh,
     H,
     HKV,
+    N_BH,
     GROUP,
     seqlen_q,
     seqlen_k,
@@ -835,7 +865,9 @@ def _bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
+    pid_bhk = _bh_index()
+    if pid_bhk >= N_BH:
+        return
     b = pid_bhk // HKV
     hk = pid_bhk % HKV
     q_start, row_q, row_k, seqlen_q, seqlen_k, diag = _sequence(
@@ -1004,6 +1036,7 @@ def _bwd_dq_kernel(
     stride_lb,
     stride_lh,
     H,
+    N_BH,
     GROUP,
     seqlen_q,
     seqlen_k,
@@ -1033,7 +1066,9 @@ def _bwd_dq_kernel(
     # starting them first leaves the short ones for the tail of the launch. Tiles of one head
     # stay adjacent in launch order, so its K/V are read from L2 while they run.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = _bh_index()
+    if pid_bh >= N_BH:
+        return
     b = pid_bh // H
     h = pid_bh % H
     q_start, row_q, row_k, seqlen_q, seqlen_k, diag = _sequence(
@@ -1192,7 +1227,7 @@ def _forward(q, k, v, bias, out, lse, cu_q, cu_k, qs, ks, vs, os_, ls, batch, n_
     d = q.shape[-1]
     threshold, drop_scale, seed_lo, seed_hi = _dropout_args(dropout_p, seed)
     wide = 2 * (sq + sk) + abs(diag) + 1
-    grid = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    grid = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), *_bh_grid(batch * n_heads))  # noqa: E731
     kv_rows = k.shape[0] if varlen else sk
     descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N",
                              _FORWARD_TMA_IN_AUTO)
@@ -1202,7 +1237,7 @@ def _forward(q, k, v, bias, out, lse, cu_q, cu_k, qs, ks, vs, os_, ls, batch, n_
             q, k, v, bias if bias is not None else q, out, lse,
             cu_q if cu_q is not None else lse, cu_k if cu_k is not None else lse, *kv,
             *qs, *ks, *vs, *os_, *_bias_strides(bias), *ls,
-            n_heads, n_heads // n_kv, sq, sk, float(scale), float(softcap), diag,
+            n_heads, batch * n_heads, n_heads // n_kv, sq, sk, float(scale), float(softcap), diag,
             _window(wl, wide), _window(wr, wide), threshold, drop_scale, seed_lo, seed_hi,
             _next_power_of_2(sq), _next_power_of_2(sk),
             **_blocks(dict(
@@ -1245,26 +1280,27 @@ def _backward(dout, q, k, v, out, lse, bias, dq, dk, dv, cu_q, cu_k, qs, ks, vs,
     # the D = 256 tile at 64 fp32 registers per thread.
     pre_block = 16 if INTERPRET else 64
     with _on_device(q):
-        _bwd_preprocess[(_cdiv(sq, pre_block), batch * n_heads)](
-            out, dout, delta, cu_q_arg, *os_, *dos, *ls, n_heads, sq,
+        _bwd_preprocess[(_cdiv(sq, pre_block), *_bh_grid(batch * n_heads))](
+            out, dout, delta, cu_q_arg, *os_, *dos, *ls, n_heads, batch * n_heads, sq,
             HEAD_DIM=d, BLOCK_D=block_d, IS_VARLEN=varlen, BLOCK_M=pre_block,
         )  # fmt: skip
-        grid_kv = lambda meta: (_cdiv(sk, meta["BLOCK_N"]), batch * n_kv)  # noqa: E731
+        grid_kv = lambda meta: (_cdiv(sk, meta["BLOCK_N"]), *_bh_grid(batch * n_kv))  # noqa: E731
         TMA.launch(lambda descs, use_tma: _bwd_dkdv_kernel[grid_kv](
             q, k, v, bias_arg, dout, lse, delta, dk, dv, dq_acc, cu_q_arg, cu_k_arg, *descs,
             *qs, *ks, *vs, *dos, *dks, *dvs, *(dqs if atomic else (0, 0, 0)), *_bias_strides(bias), *ls,
-            n_heads, n_kv, n_heads // n_kv, sq, sk, *common,
+            n_heads, n_kv, batch * n_kv, n_heads // n_kv, sq, sk, *common,
             **_blocks(dict(flags, USE_TMA=use_tma, ATOMIC_DQ=atomic)),
         ), q_descs, (q, dout), (dq_acc,) if atomic else ())  # fmt: skip
         if atomic:
             dq.copy_(dq_acc.mul_(scale))
             return
         kv_descs = _tma_descriptors(((k, ks, n_kv, kv_rows), (v, vs, n_kv, kv_rows)), batch, "BLOCK_N")
-        grid_q = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+        grid_q = lambda meta: (_cdiv(sq, meta["BLOCK_M"]), *_bh_grid(batch * n_heads))  # noqa: E731
         TMA.launch(lambda descs, use_tma: _bwd_dq_kernel[grid_q](
             q, k, v, bias_arg, dout, lse, delta, dq, cu_q_arg, cu_k_arg, *descs,
             *qs, *ks, *vs, *dos, *dqs, *_bias_strides(bias), *ls,
-            n_heads, n_heads // n_kv, sq, sk, *common, **_blocks(dict(flags, USE_TMA=use_tma)),
+            n_heads, batch * n_heads, n_heads // n_kv, sq, sk, *common,
+            **_blocks(dict(flags, USE_TMA=use_tma)),
         ), kv_descs, (k, v))  # fmt: skip
 
 

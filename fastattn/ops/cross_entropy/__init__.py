@@ -270,11 +270,12 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     n_rows, n_classes = logits.shape
     _validate_targets(fn, target, n_classes, ignore_index)
     acc = _acc_dtype(logits.dtype)
-    weight32 = None if weight is None else weight.to(torch.float32).contiguous()
+    # class weights in the accumulation dtype: float64 logits keep float64 weights
+    weight_acc = None if weight is None else weight.to(acc).contiguous()
     denominator = None
     if reduction == "mean":  # sum of the weights of the non-ignored targets, on the device
-        denominator = _mean_denominator(target, weight32, ignore_index, acc)
-        if weight32 is not None and z_loss:
+        denominator = _mean_denominator(target, weight_acc, ignore_index, acc)
+        if weight_acc is not None and z_loss:
             z_loss = _z_loss_for_weighted_mean(z_loss, denominator, target, ignore_index)
     # Kernels take a float32 scale; float64 logits are scaled after, at float64 precision.
     # float16 gradients keep no 1/denominator at all (backward applies it, _defers_mean).
@@ -282,13 +283,13 @@ def _ce_rows(fn: str, logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     fold_scale = (grad is not None and denominator is not None and acc == torch.float32
                   and not deferred)
     grad_scale = denominator.reciprocal() if fold_scale else None
-    if deferred and weight32 is not None:
-        grad_scale = _weight_bound(weight32).reciprocal()
+    if deferred and weight_acc is not None:
+        grad_scale = _weight_bound(weight_acc).reciprocal()
     if n_rows == 0:
         rows = logits.new_zeros(0, dtype=acc)
     else:
         rows = _kernels(fn, logits).cross_entropy_fwd(
-            logits, target, weight32, grad, grad_scale, ignore_index, label_smoothing, z_loss)
+            logits, target, weight_acc, grad, grad_scale, ignore_index, label_smoothing, z_loss)
         if grad is not None and acc == torch.float64 and denominator is not None:
             grad.div_(_nonzero(denominator, target != ignore_index))
     if reduction == "none":
