@@ -18,8 +18,8 @@ import threading
 from typing import Optional, Sequence
 
 from .align import add_align_args, dpo, grpo, ppo, rm, sft
-from .pretrain import (CheckpointError, TrainingInterrupted, add_bench_args, add_pretrain_args,
-                       bench, pretrain, signal_name)
+from .pretrain import (BenchFailed, CheckpointError, TrainingInterrupted, add_bench_args,
+                       add_pretrain_args, bench, pretrain, signal_name)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -111,6 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastattn-train {args.command}: error: {e}: training diverged (try a lower --lr "
               f"or a longer --warmup-steps)", file=sys.stderr)
         return 2
+    except BenchFailed as e:
+        print(f"fastattn-train {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (CheckpointError, ValueError, OSError) as e:
         print(f"fastattn-train {args.command}: error: {e}", file=sys.stderr)
         return 2

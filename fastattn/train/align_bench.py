@@ -205,7 +205,7 @@ def _run_child(args, name: str, out: Path, memory: bool) -> dict:
 
 
 def bench_stage(args) -> dict:
-    from .pretrain import _versions, resolve_device, run_bench_variants
+    from .pretrain import _versions, check_bench_results, resolve_device, run_bench_variants
     check_args(args)
     device = resolve_device(args.device)
     cfg = _config(args)
@@ -263,6 +263,7 @@ def bench_stage(args) -> dict:
     }
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_table(report))
+    check_bench_results(results, f"bench --stage {args.stage}")
     return report
 
 

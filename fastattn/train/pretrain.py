@@ -35,6 +35,7 @@ import platform
 import random
 import re
 import resource
+import secrets
 import signal
 import statistics
 import subprocess
@@ -44,7 +45,7 @@ import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -94,6 +95,20 @@ class CheckpointError(RuntimeError):
 
 class ConfigError(ValueError):
     """Options that cannot run here (no CUDA device, not under torchrun, no FSDP2)."""
+
+
+class BenchFailed(RuntimeError):
+    """A benchmark whose baseline, or every variant, failed: its table is written, and the
+    command exits non-zero (1), so that a script running it sees the failure."""
+
+
+def check_bench_results(results: list, label: str) -> None:
+    """BenchFailed when the baseline (the first variant) or every variant failed."""
+    failed = [r["variant"] for r in results if "error" in r]
+    if results and ("error" in results[0] or len(failed) == len(results)):
+        what = "every variant" if len(failed) == len(results) else f"the baseline {failed[0]!r}"
+        raise BenchFailed(f"{label}: {what} failed (see the table's rows): "
+                          f"{results[0].get('error', '')[:300]}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,6 +399,11 @@ class DistInfo:
 
 def init_distributed(kind: str, device_name: str) -> DistInfo:
     if kind == "none":
+        world = os.environ.get("WORLD_SIZE", "1")
+        if world.isdigit() and int(world) > 1:
+            # every rank would train the whole run alone, all of them into one --out
+            raise ConfigError(f"running under torchrun with WORLD_SIZE={world} but --dist none: "
+                              f"pass --dist ddp or --dist fsdp (or run one process)")
         return DistInfo()
     import torch.distributed as tdist
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR") if k not in os.environ]
@@ -395,6 +415,8 @@ def init_distributed(kind: str, device_name: str) -> DistInfo:
         _fully_shard()      # fail before any work if FSDP2 is missing
     info = DistInfo(kind, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                     int(os.environ["LOCAL_RANK"]))
+    if device_name == "cuda" and not torch.cuda.is_available():   # before NCCL's own words
+        resolve_device(device_name)
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if not tdist.is_initialized():
         tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -495,6 +517,19 @@ def _remove_orphaned_temporaries(path: Path) -> None:
                 tmp.unlink()
 
 
+def _new_temporary(path: Path) -> Tuple[int, str]:
+    """(fd, name) of a new file beside ``path`` named as mkstemp(prefix=".NAME.",
+    suffix=".tmp") names them (see _remove_orphaned_temporaries), but with the mode the umask
+    gives, as every other file of the run: mkstemp's 0600, which the rename keeps, left the
+    checkpoint unreadable to whoever may read the run's folder (--init, --resume)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader sees
     the old checkpoint or the new one, never a partial file. A SIGINT/SIGTERM arriving meanwhile
@@ -507,7 +542,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphaned_temporaries(path)
     with _StopOnSignals(enabled=True) as held:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = _new_temporary(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(payload, f)
@@ -1324,10 +1359,21 @@ def bench_step(model, opt, clip_grad_norm_, x: torch.Tensor, y: torch.Tensor,
 
 
 def peak_since(device: torch.device, base: Optional[int]) -> Optional[int]:
-    """Peak memory above ``base`` (from ``bench_model``) since it was taken."""
+    """Peak memory above ``base`` (from ``bench_model``) since it was taken, or since the last
+    ``restart_peak``."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) - base
-    return peak_memory_bytes(device) - base if base is not None else None
+    # (an RSS may fall below the base: memory freed that was held before the model)
+    return max(0, peak_memory_bytes(device) - base) if base is not None else None
+
+
+def restart_peak(device: torch.device) -> None:
+    """Start the peak that ``peak_since`` reads afresh from the memory in use now (its base
+    stays the one ``bench_model`` took)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_cpu_peak()
 
 
 def _bench_variant(args, corpus, name: str) -> dict:
@@ -1346,9 +1392,15 @@ def _bench_variant(args, corpus, name: str) -> dict:
     from ..ops import _cpu_matmul
     gemms = _cpu_matmul.aten_only if variant.aten_gemms else contextlib.nullcontext
     times, faults, losses = [], [], []
+    warm_peak = 0
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         _sync(device)
+        if i == args.warmup and base is not None:
+            # the timed steps' peak apart: the warm-up's one-time memory (torch.compile's
+            # compilation, autotuning) is not the training step's
+            warm_peak = peak_since(device, base)
+            restart_peak(device)
         f0 = minor_page_faults()
         t0 = time.perf_counter()
         with gemms():
@@ -1365,7 +1417,10 @@ def _bench_variant(args, corpus, name: str) -> dict:
             "step_time_median_s": med, "tokens_per_s": B * T / med,
             "flops_per_token": flops_per_token, "peak_flops_bf16": peak_flops,
             "mfu": mfu(flops_per_token, B * T / med, peak_flops),
-            "first_step_s": times[0], "peak_memory_bytes": peak, "losses": losses,
+            "first_step_s": times[0], "peak_memory_bytes": peak,
+            "peak_memory_with_warmup_bytes": (None if peak is None
+                                              else max(peak, warm_peak or 0)),
+            "losses": losses,
             # host memory freshly mapped per step: under glibc's default malloc, large blocks
             # freed at the end of a step go back to the OS and are faulted in again next step
             "page_faults_per_step": statistics.median(faults[args.warmup:]),
@@ -1380,6 +1435,17 @@ def bench(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    # (the variants run in child processes: their own checks would only become failed rows)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    for name in ("clip", "weight_decay"):
+        value = getattr(args, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     device_peak_flops(device)               # a bad FASTATTN_PEAK_TFLOPS: refused before any run
     corpus = _build_corpus(args)            # builds the cache once, before any variant runs
     if args.variant is not None:            # child process of an isolated run
@@ -1400,11 +1466,13 @@ def bench(args: argparse.Namespace) -> dict:
     results = run_bench_variants(
         names, lambda name: (_bench_child(args, name, out) if isolate
                              else _bench_variant(args, corpus, name)), "bench")
-    memory_how = ("torch.cuda.max_memory_allocated above the allocation before the model"
-                  if device.type == "cuda" else
-                  "rise of the process RSS high-water mark (clear_refs + VmHWM) over the "
-                  "variant, " + ("each variant in its own subprocess" if isolate
-                                 else "all variants in this process"))
+    memory_how = (("torch.cuda.max_memory_allocated above the allocation before the model"
+                   if device.type == "cuda" else
+                   "rise of the process RSS high-water mark (clear_refs + VmHWM) above the "
+                   "RSS before the model, " + ("each variant in its own subprocess" if isolate
+                                               else "all variants in this process"))
+                  + ", over the timed steps (peak_memory_with_warmup_bytes: from the model's "
+                  "creation, the warm-up steps and torch.compile's compilation included)")
     report = {
         "preset": args.preset, "config": dataclasses.asdict(cfg), "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -1419,6 +1487,7 @@ def bench(args: argparse.Namespace) -> dict:
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_bench_table(report))
     _plot_bench(report, out / "bench.png")
+    check_bench_results(results, "bench")
     return report
 
 
@@ -1553,7 +1622,9 @@ def _plot_bench(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     ok = [r for r in report["results"] if "error" not in r]
-    if not ok:
+    if not ok:      # no figure: and none of an earlier run left beside this bench.json
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
         return
     names = [r["variant"] for r in ok]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))

@@ -968,3 +968,89 @@ def test_out_of_memory_is_a_message(monkeypatch, capsys):
     monkeypatch.setattr(cli, "pretrain", bug)
     with pytest.raises(RuntimeError, match="a bug"):     # anything else keeps its traceback
         cli.main(["pretrain", "--out", "unused"])
+
+
+def test_bench_checks_its_options_and_fails_when_its_variants_do(tmp_path, cache, capsys,
+                                                                    monkeypatch):
+    """bench runs its variants in child processes, where a bad option only made failed rows
+    and exit status 0 (and `make gpu-check` reads that status): the options are checked
+    first, and a run whose baseline or every variant failed exits 1, its table written and
+    no figure of an earlier run left beside it."""
+    base = ["bench", *MODEL, "--cache-dir", cache, "--steps", "1", "--warmup", "0",
+            "--isolate", "no"]
+    for extra, message in [(["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                           (["--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
+                           (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+                           (["--clip", "nan"], "--clip must be >= 0, got nan")]:
+        assert main(base + ["--out", str(tmp_path / "a"), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    import fastattn.train.pretrain as pt
+    real = pt._bench_variant
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "bench.png").write_bytes(b"an earlier run's figure")
+
+    def fails(args, corpus, name):
+        raise RuntimeError(f"{name} broke")
+    monkeypatch.setattr(pt, "_bench_variant", fails)
+    assert main(base + ["--out", str(out), "--variants", "torch eager,fastattn"]) == 1
+    err = capsys.readouterr().err
+    assert "bench: every variant failed" in err and "torch eager broke" in err
+    rows = json.loads((out / "bench.json").read_text())["results"]
+    assert [r["error"] for r in rows] == ["RuntimeError: torch eager broke",
+                                          "RuntimeError: fastattn broke"]
+    assert not (out / "bench.png").exists()
+    monkeypatch.setattr(pt, "_bench_variant", lambda args, corpus, name: (
+        fails(args, corpus, name) if name == "torch eager" else real(args, corpus, name)))
+    assert main(base + ["--out", str(out), "--variants", "torch eager,fastattn"]) == 1
+    assert "the baseline 'torch eager' failed" in capsys.readouterr().err
+
+
+def test_bench_memory_is_the_timed_steps_peak(tmp_path, cache, monkeypatch):
+    """The peak of bench's timed steps is taken apart from the warm-up's (torch.compile's
+    compilation, autotuning: one-time memory, not the training step's): the peak restarts
+    after the warm-up steps, from the same base, and the whole run's is kept beside it."""
+    import fastattn.train.pretrain as pt
+    events = []
+    real_restart, real_peak_since = pt.restart_peak, pt.peak_since
+    monkeypatch.setattr(pt, "restart_peak", lambda device: (events.append("restart"),
+                                                            real_restart(device)))
+    monkeypatch.setattr(pt, "peak_since", lambda device, base: (events.append("peak"),
+                                                                real_peak_since(device, base))[1])
+    real_step = pt.bench_step
+    monkeypatch.setattr(pt, "bench_step", lambda *a, **k: (events.append("step"),
+                                                           real_step(*a, **k))[1])
+    assert main(["bench", *MODEL, "--cache-dir", cache, "--out", str(tmp_path), "--steps", "2",
+                 "--warmup", "2", "--variants", "torch eager", "--isolate", "no"]) == 0
+    assert events == ["step", "step", "peak", "restart", "step", "step", "peak"]
+    row = json.loads((tmp_path / "bench.json").read_text())["results"][0]
+    # (in this process the RSS may not rise above what earlier tests left: >= 0)
+    assert row["peak_memory_with_warmup_bytes"] >= row["peak_memory_bytes"] >= 0
+
+
+def test_torchrun_without_dist_and_cuda_without_a_gpu_are_named(monkeypatch):
+    from fastattn.train.pretrain import ConfigError, init_distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="WORLD_SIZE=2 but --dist none: pass --dist ddp"):
+        init_distributed("none", "auto")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_distributed("none", "auto").world_size == 1
+    if not torch.cuda.is_available():
+        for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0",
+                         MASTER_ADDR="127.0.0.1").items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(ConfigError, match="--device cuda: no CUDA device"):
+            init_distributed("ddp", "cuda")
+
+
+def test_checkpoints_get_the_umasks_mode(tmp_path):
+    """As every other file of a run (mkstemp's 0600 kept others from --init / --resume)."""
+    from fastattn.train.pretrain import save_checkpoint
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+        (tmp_path / "other").write_text("x")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "ckpt.pt").stat().st_mode & 0o777
+    assert mode == 0o640 == (tmp_path / "other").stat().st_mode & 0o777
