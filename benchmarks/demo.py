@@ -13,7 +13,7 @@ and GRPO, a side-by-side step benchmark of the torch and fastattn backends at th
 sequence shapes (``fastattn-train bench --stage ...``: time and peak memory per phase). A table
 ends the run. DEMO_STEPS sets the pretraining steps (default 300); DEMO_FAST=1 shortens every
 stage (a smoke run, a minute or two, each benchmark in one process); DEMO_PPO=1 adds two stages
-after GRPO (about 25 minutes more): a reward model on pairs sampled from the SFT policy, and PPO
+after GRPO (50-57 minutes more, measured): a reward model on pairs sampled from the SFT policy, and PPO
 against it (the verifier only logged). Outputs under benchmarks/out/demo/ (DEMO_OUT).
 """
 
@@ -30,7 +30,7 @@ import torch
 
 OUT = Path(os.environ.get("DEMO_OUT", "benchmarks/out/demo"))
 FAST = os.environ.get("DEMO_FAST", "0") == "1"
-PPO = os.environ.get("DEMO_PPO", "0") == "1"       # + reward model and PPO (about 25 minutes)
+PPO = os.environ.get("DEMO_PPO", "0") == "1"       # + reward model and PPO (50-57 minutes)
 VOCAB = int(os.environ.get("DEMO_VOCAB", "512"))     # BPE vocabulary of the pretraining
 
 

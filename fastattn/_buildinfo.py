@@ -17,7 +17,7 @@ CUDA_NAME = "fastattn._cuda"
 # module exports as API_VERSION (csrc/*/bindings.cpp): raise both together whenever a binding
 # changes, so that a module built from older sources (an editable install before a pull) is
 # rebuilt on first use instead of failing at its first changed call.
-API_VERSION = {"cpu": 2, "cuda": 1}
+API_VERSION = {"cpu": 3, "cuda": 1}
 # sm_80 code + its PTX (which the driver JIT-compiles for newer GPUs) and Hopper-specific sm_90a.
 DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
 

@@ -621,7 +621,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastattn C++ CPU kernels (see fastattn/ops/<op>/reference.py for the semantics)";
   // fastattn/_buildinfo.py API_VERSION["cpu"]: raise both when a binding below changes
-  m.attr("API_VERSION") = 2;
+  m.attr("API_VERSION") = 3;
 
   m.def("cross_entropy_fwd", &cross_entropy_fwd,
         "Per-row cross-entropy loss (R,); writes d loss / d logits * grad_scale into grad if "

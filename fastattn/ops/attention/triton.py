@@ -238,9 +238,9 @@ def _bh_grid(n_bh: int) -> Tuple[int, int]:
     if n_bh <= _GRID_YZ_MAX:
         return n_bh, 1
     rows = _cdiv(n_bh, _GRID_YZ_MAX)
-    if rows > _GRID_YZ_MAX:
+    if rows > _GRID_YZ_MAX or n_bh >= 2 ** 31:   # (the kernels index the pairs in int32)
         raise ValueError(f"attention: {n_bh} (batch, head) pairs pass the CUDA grid's "
-                         f"{_GRID_YZ_MAX}^2; split the batch")
+                         f"{_GRID_YZ_MAX}^2 (or 2^31); split the batch")
     return _GRID_YZ_MAX, rows
 
 

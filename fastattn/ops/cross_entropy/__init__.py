@@ -1231,7 +1231,7 @@ def _linear_token_logprobs_fwd(x: Tensor, weight: Tensor, target: Tensor, bias: 
                                chunk_size: int, by_vocab: bool,
                                own_dtype: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """(logp, entropy, lse) per token; ``own_dtype`` is for backward (a gradient summed over
-    chunks adds up in its own dtype, see _check_accum_dtype)."""
+    chunks adds up in its own dtype, see check_accum_dtype)."""
     fn = "linear_token_logprobs"
     _validate_targets(fn, target, weight.shape[0], ignore_index)
     n_tokens = x.shape[0]
