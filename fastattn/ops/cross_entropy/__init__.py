@@ -1071,7 +1071,10 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor,
     weight's size saved over token chunks), at the price of one rounding per chunk instead of
     one in all (n chunks: about sqrt(n) times the rounding error of a float32 sum). Each
     chunk's own product is still summed in float32 by the matmul. For float32 and float64
-    weights it changes nothing.
+    weights it changes nothing. The default ``chunk_size`` is not changed by it (on GPUs its
+    2048-row floor, set by the float32 buffer's traffic, makes a chunk of logits of
+    2048 x vocab); for the least memory pass ``chunk_size`` of about tokens * hidden / vocab
+    rows, as ``make gpu-check``'s row "fastattn (bf16 d weight)" does.
 
     The loss and log-sum-exp are float32 numbers either way; over vocabulary chunks the loss is
     ``lse - z_target`` of two such numbers, so its absolute error is about ``ulp(lse)``
