@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
     (["benchmarks.profile_step", "--preset", "tiny", "--device", "cpu", "--batch-size", "1",
       "--seq-len", "16", "--vocab", "64", "--steps", "1", "--warmup", "1", "--top", "3"],
      ["== torch: tiny", "== fastattn: tiny", "step wall"]),
+    (["benchmarks.attention_logit_precision"],
+     ["| max logit | grad | torch fp32 | cpu | triton |", "| dk |"]),
 ])
 def test_script_runs(args, expect):
     proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,

@@ -397,6 +397,23 @@ class DistInfo:
         return self.rank == 0
 
 
+def _check_step_options(args, at_least_1=(), at_least_0=()) -> None:
+    """The options every training step takes (pretrain and bench): --batch-size >= 1, --lr
+    finite > 0, --clip and --weight-decay >= 0, --seed in uint32; and the named others
+    (``at_least_1``, ``at_least_0``; None passes)."""
+    for name in ("batch_size", *at_least_1):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("clip", "weight_decay", *at_least_0):
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
+
+
 def init_distributed(kind: str, device_name: str) -> DistInfo:
     if kind == "none":
         world = os.environ.get("WORLD_SIZE", "1")
@@ -987,23 +1004,14 @@ def _pretrain(args, dist_info: DistInfo, GPT) -> dict:
         adopted = adopt_checkpoint_options(ckpt, args, _RESUME_ADOPTS)
         if adopted and dist_info.main:
             print(f"resuming with the checkpoint's {', '.join(adopted)}", file=sys.stderr)
-    for name in ("max_steps", "batch_size", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _check_step_options(args, at_least_1=("max_steps", "grad_accum"),
+                        at_least_0=("eval_every", "eval_iters", "checkpoint_every",
+                                    "warmup_steps", "sample_tokens", "min_lr"))
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
-    for name in ("eval_every", "eval_iters", "checkpoint_every", "warmup_steps", "sample_tokens",
-                 "clip", "weight_decay", "min_lr"):
-        value = getattr(args, name)
-        if value is not None and not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
     if args.min_lr is not None and args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}: the cosine schedule "
                          f"decays from --lr down to --min-lr")
-    if not 0 <= args.seed < 2 ** 32:
-        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     if args.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {args.batch_size} (global) must be a multiple of the "
                          f"world size {dist_info.world_size}")
@@ -1418,8 +1426,7 @@ def _bench_variant(args, corpus, name: str) -> dict:
             "flops_per_token": flops_per_token, "peak_flops_bf16": peak_flops,
             "mfu": mfu(flops_per_token, B * T / med, peak_flops),
             "first_step_s": times[0], "peak_memory_bytes": peak,
-            "peak_memory_with_warmup_bytes": (None if peak is None
-                                              else max(peak, warm_peak or 0)),
+            "peak_memory_with_warmup_bytes": None if peak is None else max(peak, warm_peak),
             "losses": losses,
             # host memory freshly mapped per step: under glibc's default malloc, large blocks
             # freed at the end of a step go back to the OS and are faulted in again next step
@@ -1436,16 +1443,7 @@ def bench(args: argparse.Namespace) -> dict:
     if args.steps < 1 or args.warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
     # (the variants run in child processes: their own checks would only become failed rows)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
-    for name in ("clip", "weight_decay"):
-        value = getattr(args, name)
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    if not 0 <= args.seed < 2 ** 32:
-        raise ValueError(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
+    _check_step_options(args)
     device_peak_flops(device)               # a bad FASTATTN_PEAK_TFLOPS: refused before any run
     corpus = _build_corpus(args)            # builds the cache once, before any variant runs
     if args.variant is not None:            # child process of an isolated run
