@@ -291,6 +291,13 @@ class Phases:
         self._high = max(self._high, peak_memory_bytes(self.device))
         return self._high
 
+    def restart_high_water_mark(self) -> None:
+        """Start the high-water mark afresh from the memory in use now (a benchmark's timed
+        steps apart from its warm-up's one-time memory: autotuning, caches)."""
+        from .pretrain import restart_peak
+        restart_peak(self.device)
+        self._high = 0
+
     @contextlib.contextmanager
     def __call__(self, name: str):
         from .pretrain import _reset_cpu_peak, _sync

@@ -26,7 +26,10 @@ process's resident-set high-water mark, measured in a second, shorter run of eac
 its own process with glibc told to return blocks over 64 KiB to the system on free
 (``MALLOC_MMAP_THRESHOLD_``), so that the RSS follows the live tensors (that slows allocation,
 so the times come from the first run, with the default allocator). Times are medians over the
-timed steps; peaks their maximum. Autocast bf16 on CUDA, fp32 on the CPU.
+timed steps; peaks their maximum. The step's peak is the timed steps' too, above the memory in
+use before the model was built (``peak_memory_with_warmup_bytes``: the warm-up steps included,
+with their one-time memory: Triton's autotuning, first-call caches). Autocast bf16 on CUDA, fp32
+on the CPU.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
     """The timed steps of one variant in this process; ``memory``: measure the phases' peaks
     too."""
     from . import align
-    from .pretrain import _autocast, bench_model, peak_since, resolve_device
+    from .pretrain import _autocast, bench_model, resolve_device
     backend = {"torch eager": "torch", "fastattn": "fastattn"}[name]
     device = resolve_device(args.device)
     cfg = _config(args)
@@ -134,7 +137,13 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
         return out, torch.tensor([[rng.random() for _ in cs] for cs in comps])
 
     steps = []
+    warm_peak = 0
     for i in range(args.warmup + args.steps):
+        if i == args.warmup and base is not None:
+            # the timed steps' peak apart: the warm-up's one-time memory (Triton autotuning,
+            # first-call caches) is not the step's
+            warm_peak = _run_peak(phases, device, base, memory)
+            phases.restart_high_water_mark()
         phases.reset()
         with _autocast(device):
             t0 = _now(device)
@@ -166,9 +175,7 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
             steps.append({"step_s": step_s, "faults": faults, "times": dict(phases.times),
                           "peaks": dict(phases.peaks), "loss": rec["loss"],
                           "tokens": rec["tokens"]})
-    # Phases reset the peak counter at every phase: the run's peak is their running maximum.
-    peak = (phases.high_water_mark() - base if memory and base is not None
-            else peak_since(device, base))
+    peak = _run_peak(phases, device, base, memory)
     names = PHASES[args.stage]
     return {"variant": name, "backend": backend, "memory_measured": memory,
             "step_time_median_s": statistics.median(s["step_s"] for s in steps),
@@ -177,8 +184,21 @@ def run_variant(args, name: str, memory: bool = True) -> dict:
             "phase_time_median_s": {n: statistics.median(s["times"].get(n, 0.0) for s in steps)
                                     for n in names},
             "phase_peak_bytes": {n: max(s["peaks"].get(n, 0) for s in steps) for n in names},
-            "peak_memory_bytes": peak, "losses": [s["loss"] for s in steps],
+            "peak_memory_bytes": peak,
+            "peak_memory_with_warmup_bytes": None if peak is None else max(peak, warm_peak),
+            "losses": [s["loss"] for s in steps],
             "tokens_per_step": steps[-1]["tokens"], "params": model.num_params()}
+
+
+def _run_peak(phases, device, base, memory: bool):
+    """The peak above ``base`` since the model was built, or since the last restart. Phases
+    reset the device's peak counter at every phase: with ``memory`` the run's peak is their
+    running maximum."""
+    from .pretrain import peak_since
+    if memory and base is not None:
+        peak = phases.high_water_mark() - base
+        return peak if device.type == "cuda" else max(0, peak)
+    return peak_since(device, base)
 
 
 def _now(device) -> float:
@@ -224,7 +244,9 @@ def bench_stage(args) -> dict:
         r = _run_child(args, name, out, memory=False)
         mem = _run_child(args, name, out, memory=True)
         r.update(phase_peak_bytes=mem["phase_peak_bytes"],
-                 peak_memory_bytes=mem["peak_memory_bytes"], memory_measured=True)
+                 peak_memory_bytes=mem["peak_memory_bytes"],
+                 peak_memory_with_warmup_bytes=mem["peak_memory_with_warmup_bytes"],
+                 memory_measured=True)
         return r
 
     results = run_bench_variants(names, run_one, f"bench --stage {args.stage}")
@@ -307,7 +329,8 @@ def format_table(report: dict) -> str:
                  f"{ratio(ours.get('speedup_vs_baseline')):>7} | "
                  f"{(pb or 0) / 2**20:>15.1f} | {(po or 0) / 2**20:>12.1f} | "
                  f"{ratio(po / pb if pb and po else None):>6} |")
-    lines.append(f"(step MB: the whole run's peak above the memory before the model was built; "
+    lines.append(f"(step MB: the timed steps' peak above the memory before the model was built,"
+                 f" the warm-up's apart (peak_memory_with_warmup_bytes); "
                  f"log-prob phases' peak, fastattn / torch: "
                  f"{ratio(ours.get('logprob_phases_peak_ratio'))})")
     if "page_faults_per_step" in base and "page_faults_per_step" in ours:
